@@ -1,0 +1,83 @@
+"""Operator settings: the ``--config`` file (``schemas/config.schema.json``) merged with flags.
+
+The CLI builds one ``Settings`` value; nothing else reads the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import re
+from typing import Any
+
+import jsonschema
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
+
+from cynchrod import manifests
+from cynchrod.errors import PermanentError
+
+_VALIDATOR = jsonschema.Draft202012Validator(manifests.load_schema("config.schema.json"))
+_OWNER_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")
+#: config-file key -> Settings field
+_FILE_KEYS = {"repo": "repo", "branch": "branch", "path": "path", "state": "state", "interval": "interval",
+              "listen": "listen", "owner": "owner", "publishAddress": "publish_address",
+              "concurrency": "concurrency", "stopTimeout": "stop_timeout"}
+
+
+class ConfigError(PermanentError):
+    code = "invalid_config"
+
+
+def load_file(path: pathlib.Path) -> dict[str, Any]:
+    try:
+        data = YAML(typ="safe").load(path.read_text()) or {}
+    except (OSError, YAMLError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    errors = sorted(_VALIDATOR.iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        where = ".".join(map(str, errors[0].absolute_path)) or "config"
+        raise ConfigError(f"{path}: {where}: {errors[0].message}")
+    return {_FILE_KEYS[k]: v for k, v in data.items() if k in _FILE_KEYS}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    repo: str = ""
+    branch: str = "main"
+    path: str = ""
+    state: pathlib.Path = pathlib.Path("state")
+    interval: float = 30.0
+    listen: str = "127.0.0.1:8080"
+    owner: str = "cynchrod"
+    publish_address: str = "127.0.0.1"
+    concurrency: int = 4
+    stop_timeout: int = 10
+
+    @classmethod
+    def flag_fields(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def build(cls, values: dict[str, Any]) -> Settings:
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        out: dict[str, Any] = {}
+        for key, value in values.items():
+            kind = types[key]
+            try:
+                if kind == "float":
+                    out[key] = float(value)
+                elif kind == "int":
+                    out[key] = int(value)
+                elif kind == "pathlib.Path":
+                    out[key] = pathlib.Path(value)
+                else:
+                    out[key] = str(value)
+            except ValueError as exc:
+                raise ConfigError(f"{key}: {value!r} is not a valid {kind}") from exc
+        settings = cls(**out)
+        if not _OWNER_RE.match(settings.owner):
+            raise ConfigError(f"owner: {settings.owner!r} must be lowercase letters, digits and '-'")
+        if settings.interval <= 0 or settings.concurrency < 1 or settings.stop_timeout < 0:
+            raise ConfigError("interval and concurrency must be positive, stop timeout not negative")
+        return settings

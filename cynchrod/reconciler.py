@@ -1,0 +1,374 @@
+"""The reconciler: one pass is fetch → parse → observe → plan → apply → record.
+
+Called by ``cynchrod sync`` (one pass) and ``cynchrod serve`` (a loop woken by
+the timer, Docker's death events and, later, webhooks and the API). Passes are
+level-based: each re-reads Git and Docker and never trusts a delta.
+
+Safety rules, in the order a pass meets them:
+
+* The source failing (unreachable, branch gone, no ``apps/`` directory) never
+  tears anything down: the pass keeps the last good desired state (from memory,
+  or from the store after a restart) and only repairs.
+* A manifest that fails keeps its app's last good spec running and marks that
+  app ``failed`` with ``file:line: code: message``; other apps are untouched.
+* A permanent failure (``image_not_found``, ``name_conflict`` ...) is not
+  retried until the app's spec changes; temporary ones retry next pass.
+* Self-healing a container that keeps dying backs off exponentially
+  (1 s, 2 s, 4 s ... 5 min), reset once the app stays up for a minute.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+from cynchrod import manifests, planning, runtime, source, specs, store
+from cynchrod.errors import CynchrodError, ManifestError, SourceError
+
+log = logging.getLogger(__name__)
+
+#: Trigger names, as deployment rows record them, strongest first.
+TRIGGERS = ("api", "webhook", "watch", "build", "self-heal", "poll")
+HEAL_BACKOFF_MAX_S = 300.0
+HEAL_RESET_S = 60.0
+
+
+@dataclasses.dataclass
+class AppOutcome:
+    org: str
+    name: str
+    status: str
+    actions: list[str] = dataclasses.field(default_factory=list)
+    error: str | None = None
+
+
+@dataclasses.dataclass
+class PassResult:
+    commit: str | None
+    trigger: str
+    source_error: str | None = None
+    manifest_errors: list[str] = dataclasses.field(default_factory=list)
+    apps: list[AppOutcome] = dataclasses.field(default_factory=list)
+    duration_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.source_error and not self.manifest_errors and all(a.status != store.FAILED for a in self.apps)
+
+
+@dataclasses.dataclass
+class _Heal:
+    count: int = 0
+    last: float = 0.0
+    next_allowed: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    desired: dict[tuple[str, str], specs.AppSpec]
+    manifest_errors: dict[tuple[str, str], ManifestError]
+    #: False when no good commit was read: nothing undeclared is removed then.
+    prune: bool
+    observed: list[planning.Observed]
+    actions: list[planning.Action]
+
+
+class Wakeup:
+    """A coalescing trigger queue: many requests before a pass become one pass."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._pending: set[str] = set()
+
+    def request(self, trigger: str) -> None:
+        with self._cond:
+            self._pending.add(trigger)
+            self._cond.notify_all()
+
+    def request_at(self, delay_s: float, trigger: str) -> None:
+        timer = threading.Timer(max(delay_s, 0.0), self.request, args=(trigger,))
+        timer.daemon = True
+        timer.start()
+
+    def wait(self, timeout: float) -> set[str]:
+        with self._cond:
+            if not self._pending:
+                self._cond.wait(timeout)
+            pending, self._pending = self._pending, set()
+            return pending
+
+
+def strongest(triggers: Iterable[str]) -> str:
+    found = set(triggers)
+    return next((t for t in TRIGGERS if t in found), "poll")
+
+
+class Reconciler:
+    def __init__(self, *, src: source.Source, rt: runtime.DockerRuntime, db: store.Store,
+                 concurrency: int = 4, clock: Callable[[], float] = time.monotonic) -> None:
+        self.source = src
+        self.runtime = rt
+        self.store = db
+        self.concurrency = concurrency
+        self.cache = manifests.Cache()
+        self.wakeup = Wakeup()
+        self._clock = clock
+        self._commit: str | None = None
+        self._desired: manifests.Desired | None = None
+        self._heal: dict[tuple[str, str], _Heal] = {}
+        #: Apps whose spec hash failed permanently: not retried until the hash changes.
+        self._blocked: dict[tuple[str, str], str] = {}
+        self._pass_lock = threading.Lock()
+
+    # -- desired state --------------------------------------------------------
+
+    def _load(self, result: PassResult) -> manifests.Desired | None:
+        """The desired state of the newest good commit, or None when there is none."""
+        try:
+            commit = self.source.fetch()
+        except SourceError as exc:
+            result.source_error = str(exc)
+            try:
+                commit = self.source.resolve()
+            except SourceError:
+                return None
+        result.commit = commit
+        if commit == self._commit and self._desired is not None:
+            return self._desired
+        try:
+            files, refused = self.source.files(commit)
+        except SourceError as exc:
+            result.source_error = str(exc)
+            return None
+        desired = self.cache.load(files, self.source.read)
+        if refused:
+            desired = dataclasses.replace(desired, errors=desired.errors + tuple(refused),
+                                          failed_paths=desired.failed_paths | {e.path for e in refused})
+        self._commit, self._desired = commit, desired
+        return desired
+
+    # -- one pass ---------------------------------------------------------------
+
+    def run_pass(self, trigger: str = "poll") -> PassResult:
+        with self._pass_lock:
+            started = time.perf_counter()
+            result = PassResult(commit=None, trigger=trigger)
+            try:
+                self._run(result)
+            finally:
+                result.duration_s = time.perf_counter() - started
+                self.store.set_meta("last_pass", {
+                    "commit": result.commit, "trigger": trigger, "source_error": result.source_error,
+                    "manifest_errors": result.manifest_errors, "at": store.now(),
+                    "duration_s": round(result.duration_s, 4)})
+            return result
+
+    def preview(self) -> tuple[PassResult, list[planning.Action]]:
+        """What a pass would do now, changing nothing (``cynchrod plan``)."""
+        with self._pass_lock:
+            result = PassResult(commit=None, trigger="plan")
+            plan = self._prepare(result, self.store.live_apps())
+            return result, plan.actions
+
+    def _prepare(self, result: PassResult, live: dict[tuple[str, str], store.App]) -> _Plan:
+        loaded = self._load(result)
+        if loaded is None:
+            # No good commit: repair what the store last knew, prune nothing.
+            desired = {key: spec for key, app in live.items() if (spec := app.spec) is not None}
+            manifest_errors: dict[tuple[str, str], ManifestError] = {}
+            prune = False
+        else:
+            desired = dict(loaded.apps)
+            manifest_errors = self._keep_last_good(loaded, live, desired)
+            result.manifest_errors = [str(e) for e in loaded.errors]
+            prune = True
+        observed = self.runtime.observe()
+        actions = planning.plan(desired, observed)
+        if not prune:
+            actions = [a for a in actions if a.key in desired]
+        return _Plan(desired, manifest_errors, prune, observed, actions)
+
+    def _run(self, result: PassResult) -> None:
+        live = self.store.live_apps()
+        plan = self._prepare(result, live)
+        desired, manifest_errors = plan.desired, plan.manifest_errors
+        by_app: dict[tuple[str, str], list[planning.Action]] = {}
+        for action in plan.actions:
+            by_app.setdefault(action.key, []).append(action)
+        containers: dict[tuple[str, str], list[planning.Observed]] = {}
+        for c in plan.observed:
+            containers.setdefault(c.key, []).append(c)
+
+        work: list[tuple[tuple[str, str], list[planning.Action]]] = []
+        for key in sorted(set(desired) | set(by_app)):
+            spec = desired.get(key)
+            app_actions = by_app.get(key, [])
+            if spec is None:
+                work.append((key, app_actions))
+                continue
+            app = live.get(key) or self.store.ensure_app(spec, commit=result.commit)
+            if key not in manifest_errors:
+                self.store.record_spec(app.id, spec, commit=result.commit)
+            gated = self._gate(app, spec, app_actions, containers.get(key, []))
+            if gated is not None:
+                result.apps.append(gated)
+            elif app_actions:
+                work.append((key, app_actions))
+            else:
+                result.apps.append(self._settle(app, spec, containers.get(key, []), manifest_errors.get(key),
+                                                result))
+        with concurrent.futures.ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            futures = [pool.submit(self._apply_app, key, acts, desired.get(key), live.get(key),
+                                   manifest_errors.get(key), result)
+                       for key, acts in work]
+            result.apps.extend(fut.result() for fut in futures)
+        if plan.prune:
+            for key, app in live.items():
+                if key not in desired and key not in containers:
+                    self.store.mark_removed(app.id)
+        result.apps.sort(key=lambda a: (a.org, a.name))
+
+    def _keep_last_good(self, loaded: manifests.Desired, live: dict[tuple[str, str], store.App],
+                        desired: dict[tuple[str, str], specs.AppSpec]) -> dict[tuple[str, str], ManifestError]:
+        """Put back the last good spec of each app whose file now fails; return their errors."""
+        first_error = {}
+        for err in loaded.errors:
+            first_error.setdefault(err.path, err)
+        failed: dict[tuple[str, str], ManifestError] = {}
+        for key, app in live.items():
+            if app.path in loaded.failed_paths and (spec := app.spec) is not None:
+                if key not in desired:
+                    desired[key] = spec
+                failed[key] = first_error[app.path]
+        return failed
+
+    def _gate(self, app: store.App, spec: specs.AppSpec, actions: list[planning.Action],
+              containers: list[planning.Observed]) -> AppOutcome | None:
+        """An outcome when the app must not be acted on this pass, else None."""
+        key = spec.key
+        if self._blocked.get(key) == spec.hash and actions:
+            return AppOutcome(spec.org, spec.name, store.FAILED, error=app.last_error)
+        if self._blocked.get(key) not in (None, spec.hash):
+            del self._blocked[key]
+        heal = self._heal.setdefault(key, _Heal())
+        now = self._clock()
+        if not actions or app.deployed_hash != spec.hash:
+            if heal.count and now - heal.last >= HEAL_RESET_S:
+                heal.count = 0
+            return None
+        # The spec was deployed and something diverged since: self-healing.
+        if now < heal.next_allowed:
+            wait = heal.next_allowed - now
+            exited = next((c for c in containers if c.state == "exited"), None)
+            why = f"exited with code {exited.exit_code}" if exited is not None else "container is gone"
+            error = f"crash_loop: {why}; restarting in {wait:.0f}s (restart {heal.count + 1})"
+            self.store.update_app(app.id, status=store.FAILED, last_error=error)
+            self.wakeup.request_at(wait, "self-heal")
+            return AppOutcome(spec.org, spec.name, store.FAILED, error=error)
+        heal.count += 1
+        heal.last = now
+        heal.next_allowed = now + (0.0 if heal.count == 1 else min(HEAL_BACKOFF_MAX_S, 2.0 ** (heal.count - 2)))
+        return None
+
+    def _settle(self, app: store.App, spec: specs.AppSpec, containers: list[planning.Observed],
+                manifest_error: ManifestError | None, result: PassResult) -> AppOutcome:
+        """Record the status of an app that needed no action this pass."""
+        if spec.state == "stopped":
+            status = store.STOPPED
+        elif containers and all(c.state == "running" for c in containers):
+            status = store.RUNNING
+        else:
+            status = app.status
+        error = None
+        if manifest_error is not None:
+            status, error = store.FAILED, self._record_manifest_error(app, manifest_error, result)
+        elif app.deployed_hash != spec.hash:
+            # A spec change that needed no container change is still a deployment.
+            done = self.store.start_deployment(app.id, commit=result.commit, trigger=result.trigger,
+                                               spec_hash=spec.hash)
+            self.store.finish_deployment(done, status=status)
+        main = containers[0] if len(containers) == 1 else None
+        fields = {"status": status, "last_error": error, "deployed_hash": spec.hash,
+                  "host_port": main.host_port if main else None,
+                  "container_id": main.id if main else app.container_id}
+        if any(getattr(app, k) != v for k, v in fields.items()):
+            self.store.update_app(app.id, **fields)
+        return AppOutcome(spec.org, spec.name, status, error=error)
+
+    def _record_manifest_error(self, app: store.App, error: ManifestError, result: PassResult) -> str:
+        """One failed deployment per distinct manifest error, not one per pass."""
+        text = str(error)
+        if app.last_error != text:
+            self.store.fail_deployment_now(app.id, commit=result.commit, trigger=result.trigger, spec_hash=None,
+                                           code=error.code, error=text)
+        return text
+
+    def _apply_app(self, key: tuple[str, str], actions: list[planning.Action], spec: specs.AppSpec | None,
+                   app: store.App | None, manifest_error: ManifestError | None, result: PassResult) -> AppOutcome:
+        described = [a.describe() for a in actions]
+        if spec is None:
+            # Declared nowhere any more: remove its containers, soft-delete its row.
+            try:
+                for action in actions:
+                    self.runtime.apply(action)
+            except CynchrodError as exc:
+                log.warning("prune of %s/%s failed: %s", key[0], key[1], exc)
+                return AppOutcome(key[0], key[1], store.FAILED, described, str(exc))
+            if app is not None:
+                self.store.mark_removed(app.id)
+            return AppOutcome(key[0], key[1], store.REMOVED, described)
+        row = self.store.live_apps().get(key)
+        assert row is not None
+        trigger = result.trigger if row.deployed_hash != spec.hash else "self-heal"
+        deployment = self.store.start_deployment(row.id, commit=result.commit, trigger=trigger,
+                                                 spec_hash=spec.hash)
+        container_id: str | None = row.container_id
+        try:
+            for action in actions:
+                log.info("%s", action.describe())
+                served = self.runtime.apply(action)
+                if action.kind != planning.REMOVE and action.service == spec.services[0].name:
+                    container_id = served
+        except CynchrodError as exc:
+            if exc.permanent:
+                self._blocked[key] = spec.hash
+            self.store.finish_deployment(deployment, status=store.FAILED, error_code=exc.code, error=exc.message)
+            self.store.update_app(row.id, status=store.FAILED, last_error=str(exc))
+            return AppOutcome(spec.org, spec.name, store.FAILED, described, str(exc))
+        status = store.STOPPED if spec.state == "stopped" else store.RUNNING
+        self.store.finish_deployment(deployment, status=status)
+        error = self._record_manifest_error(row, manifest_error, result) if manifest_error else None
+        self.store.update_app(row.id, status=store.FAILED if error else status, last_error=error,
+                              deployed_hash=spec.hash, container_id=container_id)
+        return AppOutcome(spec.org, spec.name, store.FAILED if error else status, described, error)
+
+    # -- the daemon loop ----------------------------------------------------------
+
+    def serve(self, *, interval: float, stop: threading.Event) -> None:
+        """Run passes until ``stop`` is set: every ``interval`` s, or at once when woken."""
+        def on_death(app: str, event: str) -> None:
+            log.info("container of %s: %s", app, event)
+            self.wakeup.request("self-heal")
+
+        watcher = threading.Thread(target=self.runtime.watch_deaths, args=(on_death, stop), daemon=True,
+                                   name="docker-events")
+        watcher.start()
+        stopper = threading.Thread(target=lambda: (stop.wait(), self.wakeup.request("stop")), daemon=True)
+        stopper.start()
+        triggers = {"poll"}
+        while not stop.is_set():
+            try:
+                result = self.run_pass(strongest(triggers))
+                log.info("pass %s commit=%s apps=%d failed=%d in %.3fs%s", result.trigger,
+                         (result.commit or "-")[:12], len(result.apps),
+                         sum(a.status == store.FAILED for a in result.apps), result.duration_s,
+                         f" source_error={result.source_error}" if result.source_error else "")
+            except CynchrodError as exc:
+                log.warning("pass failed: %s", exc)
+            except Exception:
+                log.exception("pass crashed")
+            triggers = self.wakeup.wait(interval) or {"poll"}

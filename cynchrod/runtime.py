@@ -1,0 +1,246 @@
+"""The Docker Engine driver (the only module that imports ``docker``).
+
+``observe()`` is one list call filtered by our owner label; ``apply(action)``
+carries out one planner action. Every container we create carries the labels
+below; nothing without our owner label is ever listed, so nothing foreign is
+ever touched.
+
+Recreate is remove-then-create, not rename-and-swap: a published host port
+cannot be bound twice, and with no rename there is no half-renamed state to
+recover. A crash between the two steps leaves the service missing (created
+next pass); a crash between create and start leaves it ``created``, which the
+planner sweeps.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import docker
+import docker.errors
+import requests
+
+from cynchrod import planning, specs
+from cynchrod.errors import PermanentError, RuntimeFailure
+
+log = logging.getLogger(__name__)
+
+LABEL_OWNER = "io.cynchrod.owner"
+LABEL_ORG = "io.cynchrod.org"
+LABEL_APP = "io.cynchrod.app"
+LABEL_SERVICE = "io.cynchrod.service"
+LABEL_HASH = "io.cynchrod.spec-hash"
+LABEL_SPEC = "io.cynchrod.spec"
+LABEL_PATH = "io.cynchrod.path"
+
+PULL_TIMEOUT_S = 300
+#: Per-container log cap: the json-file driver rotates, so no log grows without bound.
+LOG_CONFIG = {"type": "json-file", "config": {"max-size": "10m", "max-file": "3"}}
+_EXIT_RE = re.compile(r"Exited \((-?\d+)\)")
+
+
+def has_registry(image: str) -> bool:
+    """True when the reference names a registry host (``host.tld/...``, ``host:port/...``)."""
+    first, sep, _ = image.partition("/")
+    return bool(sep) and ("." in first or ":" in first or first == "localhost")
+
+
+def _converted(call: Callable[[], Any], what: str) -> Any:
+    try:
+        return call()
+    except docker.errors.NotFound:
+        raise
+    except docker.errors.APIError as exc:
+        if exc.status_code == 409:
+            raise PermanentError(f"{what}: {exc.explanation}", code="name_conflict") from exc
+        raise RuntimeFailure(f"{what}: {exc.explanation or exc}") from exc
+    except (requests.RequestException, docker.errors.DockerException) as exc:
+        raise RuntimeFailure(f"{what}: docker unreachable ({type(exc).__name__})", code="docker_unavailable") from exc
+
+
+class DockerRuntime:
+    """Drives one Docker Engine for one owner (a namespace of labels and names)."""
+
+    def __init__(self, *, owner: str = "cynchrod", publish_address: str = "127.0.0.1",
+                 stop_timeout: int = 10, client: docker.DockerClient | None = None) -> None:
+        self.owner = owner
+        self.publish_address = publish_address
+        self.stop_timeout = stop_timeout
+        self._client = client or docker.DockerClient.from_env(timeout=60)
+        self.api = self._client.api
+
+    def close(self) -> None:
+        self._client.close()
+
+    # -- names and labels -------------------------------------------------
+
+    def container_name(self, org: str, app: str, service: str) -> str:
+        base = f"{self.owner}_{org}_{app}"
+        return base if service == specs.MAIN_SERVICE else f"{base}_{service}"
+
+    def labels(self, spec: specs.AppSpec, service: specs.ServiceSpec) -> dict[str, str]:
+        return {
+            LABEL_OWNER: self.owner,
+            LABEL_ORG: spec.org,
+            LABEL_APP: spec.name,
+            LABEL_SERVICE: service.name,
+            LABEL_HASH: spec.service_hash(service),
+            LABEL_SPEC: service.canonical(restarted_at=spec.restarted_at),
+            LABEL_PATH: spec.path,
+        }
+
+    @property
+    def owner_filter(self) -> dict[str, list[str]]:
+        return {"label": [f"{LABEL_OWNER}={self.owner}"]}
+
+    # -- observing ----------------------------------------------------------
+
+    def observe(self) -> list[planning.Observed]:
+        """Every container we own, from exactly one list call (no inspect, no size)."""
+        rows = _converted(lambda: self.api.containers(all=True, filters=self.owner_filter), "list containers")
+        return [self._observed(row) for row in rows]
+
+    @staticmethod
+    def _observed(row: dict[str, Any]) -> planning.Observed:
+        labels = row.get("Labels") or {}
+        match = _EXIT_RE.search(row.get("Status") or "")
+        public = [p.get("PublicPort") for p in row.get("Ports") or [] if p.get("PublicPort")]
+        return planning.Observed(
+            id=row["Id"],
+            name=(row.get("Names") or ["/?"])[0].lstrip("/"),
+            org=labels.get(LABEL_ORG, ""),
+            app=labels.get(LABEL_APP, ""),
+            service=labels.get(LABEL_SERVICE, specs.MAIN_SERVICE),
+            spec_hash=labels.get(LABEL_HASH, ""),
+            spec_json=labels.get(LABEL_SPEC, ""),
+            state=row.get("State", ""),
+            exit_code=int(match.group(1)) if match else None,
+            host_port=public[0] if public else None,
+        )
+
+    # -- acting -------------------------------------------------------------
+
+    def apply(self, action: planning.Action) -> str | None:
+        """Carry out one action; returns the id of the container now serving, if any."""
+        if action.kind == planning.REMOVE:
+            self._remove(action.container_id)
+            return None
+        if action.kind == planning.STOP:
+            self._ignore_missing(lambda: self.api.stop(action.container_id, timeout=self.stop_timeout), "stop")
+            return action.container_id
+        if action.kind == planning.START:
+            _converted(lambda: self.api.start(action.container_id), "start")
+            return action.container_id
+        if action.kind == planning.RECREATE:
+            self._remove(action.container_id)
+        assert action.spec is not None and action.service_spec is not None
+        return self._create(action.spec, action.service_spec)
+
+    def _ignore_missing(self, call: Callable[[], Any], what: str) -> None:
+        try:
+            _converted(call, what)
+        except docker.errors.NotFound:
+            pass
+
+    def _remove(self, container_id: str | None) -> None:
+        if container_id is None:
+            return
+        self._ignore_missing(lambda: self.api.stop(container_id, timeout=self.stop_timeout), "stop")
+        self._ignore_missing(lambda: self.api.remove_container(container_id, force=True), "remove")
+
+    def _create(self, spec: specs.AppSpec, service: specs.ServiceSpec) -> str:
+        name = self.container_name(spec.org, spec.name, service.name)
+        ports = [service.port] if service.port else None
+        bindings: dict[int, Any] | None = None
+        if service.port:
+            bindings = {service.port: (self.publish_address, service.host_port) if service.host_port
+                        else (self.publish_address,)}
+        host_config = self.api.create_host_config(
+            port_bindings=bindings,
+            nano_cpus=int(service.cpu * 1e9),
+            mem_limit=service.memory * 1024 * 1024,
+            # Equal to the memory limit: no swap on top, so the limit is real.
+            memswap_limit=service.memory * 1024 * 1024,
+            init=True,
+            log_config=LOG_CONFIG,
+        )
+
+        def create() -> dict[str, Any]:
+            result: dict[str, Any] = self.api.create_container(
+                service.image,
+                command=list(service.command) if service.command else None,
+                name=name,
+                environment=dict(service.env),
+                labels=self.labels(spec, service),
+                ports=ports,
+                host_config=host_config,
+            )
+            return result
+
+        try:
+            created = _converted(create, f"create {name}")
+        except docker.errors.ImageNotFound:
+            self._pull(service.image)
+            created = _converted(create, f"create {name}")
+        except docker.errors.NotFound as exc:
+            raise RuntimeFailure(f"create {name}: {exc.explanation}") from exc
+        except PermanentError as exc:
+            if exc.code == "name_conflict":
+                raise PermanentError(
+                    f"a container named {name} exists without cynchrod's labels; it is left alone",
+                    code="name_conflict") from exc
+            raise
+        container_id: str = created["Id"]
+        try:
+            _converted(lambda: self.api.start(container_id), f"start {name}")
+        except docker.errors.NotFound as exc:
+            raise RuntimeFailure(f"start {name}: container vanished") from exc
+        return container_id
+
+    def _pull(self, image: str) -> None:
+        """Pull only references that name a registry; local tags are never pulled."""
+        if not has_registry(image):
+            raise PermanentError(
+                f"image {image} is not present on this host and names no registry; build or load it here",
+                code="image_not_found")
+        repository, _, tag = image.rpartition(":") if ":" in image.rsplit("/", 1)[-1] else (image, "", "latest")
+        puller = docker.APIClient(base_url=self.api.base_url, timeout=PULL_TIMEOUT_S)
+        try:
+            puller.pull(repository, tag=tag)
+        except (docker.errors.APIError, requests.RequestException) as exc:
+            raise PermanentError(f"pull of {image} failed: {type(exc).__name__}", code="image_pull_failed") from exc
+        finally:
+            puller.close()
+
+    # -- events -------------------------------------------------------------
+
+    def watch_deaths(self, on_event: Callable[[str, str], None], stop: threading.Event) -> None:
+        """Call ``on_event(app_key, event)`` for each of our containers that dies.
+
+        Runs until ``stop`` is set; reconnects when the daemon goes away.
+        """
+        while not stop.is_set():
+            try:
+                stream = self.api.events(
+                    filters={"type": "container", "event": ["die", "destroy", "oom"], **self.owner_filter},
+                    decode=True)
+            except (requests.RequestException, docker.errors.DockerException):
+                stop.wait(2)
+                continue
+            closer = threading.Thread(target=lambda s=stream: (stop.wait(), s.close()), daemon=True)
+            closer.start()
+            try:
+                for event in self._events(stream):
+                    attrs = event.get("Actor", {}).get("Attributes", {})
+                    on_event(f"{attrs.get(LABEL_ORG)}/{attrs.get(LABEL_APP)}", event.get("Action", ""))
+            except (requests.RequestException, docker.errors.DockerException, OSError, AttributeError):
+                pass
+            stop.wait(1)
+
+    @staticmethod
+    def _events(stream: Any) -> Iterator[dict[str, Any]]:
+        yield from stream

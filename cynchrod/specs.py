@@ -1,0 +1,107 @@
+"""Frozen values for what a manifest declares: ``AppSpec`` and its ``ServiceSpec`` s.
+
+Built by ``manifests``, read by ``planning`` and the runtime. The spec hash of a
+service is what the runtime stores in a container label to detect drift.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+DEFAULT_ORG = "default"
+DEFAULT_CPU = 1.0
+DEFAULT_MEMORY_MB = 512
+#: The service name of a single-container app (one declared with ``image``).
+MAIN_SERVICE = "main"
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceSpec:
+    """One container of an app, normalised (defaults applied, env sorted)."""
+
+    name: str
+    image: str
+    command: tuple[str, ...] | None = None
+    env: tuple[tuple[str, str], ...] = ()
+    port: int | None = None
+    host_port: int | None = None
+    cpu: float = DEFAULT_CPU
+    memory: int = DEFAULT_MEMORY_MB
+
+    def canonical(self, *, restarted_at: str | None) -> str:
+        """Everything that, when changed, needs a new container, as canonical JSON.
+
+        Stored on the container as a label so ``plan`` can name the changed keys.
+        """
+        body = dataclasses.asdict(self)
+        body["restarted_at"] = restarted_at
+        return json.dumps(body, sort_keys=True, separators=(",", ":"))
+
+    def hash(self, *, restarted_at: str | None) -> str:
+        return hashlib.sha256(self.canonical(restarted_at=restarted_at).encode()).hexdigest()[:16]
+
+
+@dataclasses.dataclass(frozen=True)
+class AppSpec:
+    """One app as declared by one manifest file at one commit."""
+
+    org: str
+    name: str
+    services: tuple[ServiceSpec, ...]
+    domain: str | None = None
+    state: str = "running"
+    restarted_at: str | None = None
+    #: Repository-relative path of the manifest (for errors and commit-backs).
+    path: str = ""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.org, self.name)
+
+    @property
+    def image(self) -> str:
+        return self.services[0].image if len(self.services) == 1 else ""
+
+    @property
+    def port(self) -> int | None:
+        return self.services[0].port if len(self.services) == 1 else None
+
+    def service_hash(self, service: ServiceSpec) -> str:
+        return service.hash(restarted_at=self.restarted_at)
+
+    @property
+    def hash(self) -> str:
+        """Hash of the whole desired state of the app, state included."""
+        parts = [self.state] + [self.service_hash(s) for s in self.services]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> AppSpec:
+        services = tuple(
+            ServiceSpec(
+                name=s["name"],
+                image=s["image"],
+                command=tuple(s["command"]) if s.get("command") is not None else None,
+                env=tuple((k, v) for k, v in s.get("env", ())),
+                port=s.get("port"),
+                host_port=s.get("host_port"),
+                cpu=float(s.get("cpu", DEFAULT_CPU)),
+                memory=int(s.get("memory", DEFAULT_MEMORY_MB)),
+            )
+            for s in data["services"]
+        )
+        return cls(
+            org=data["org"],
+            name=data["name"],
+            services=services,
+            domain=data.get("domain"),
+            state=data.get("state", "running"),
+            restarted_at=data.get("restarted_at"),
+            path=data.get("path", ""),
+        )

@@ -1,0 +1,255 @@
+"""The store: app rows and deployment history in SQLite (WAL) under the state dir.
+
+Written by the reconciler, read by the CLI and the API. It is derived state:
+labels in Docker and commits in Git are the truth, so a lost store is rebuilt
+by the next pass (history aside). App rows are soft-deleted to ``removed`` and
+never erased.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from cynchrod import specs
+
+# Statuses, as the reference names them.
+QUEUED = "queued"
+PENDING = "pending"
+DEPLOYING = "deploying"
+RUNNING = "running"
+STOPPED = "stopped"
+FAILED = "failed"
+REMOVED = "removed"
+APP_STATUSES = (QUEUED, PENDING, DEPLOYING, RUNNING, STOPPED, FAILED, REMOVED)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS apps (
+    id TEXT PRIMARY KEY,
+    org TEXT NOT NULL,
+    name TEXT NOT NULL,
+    image TEXT NOT NULL DEFAULT '',
+    domain TEXT,
+    port INTEGER,
+    host_port INTEGER,
+    status TEXT NOT NULL,
+    container_id TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    last_error TEXT,
+    path TEXT NOT NULL DEFAULT '',
+    "commit" TEXT,
+    spec_json TEXT,
+    deployed_hash TEXT,
+    removed_at TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS apps_live ON apps(org, name) WHERE status != 'removed';
+CREATE TABLE IF NOT EXISTS deployments (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    app_id TEXT NOT NULL REFERENCES apps(id),
+    "commit" TEXT,
+    trigger TEXT NOT NULL,
+    status TEXT NOT NULL,
+    spec_hash TEXT,
+    error_code TEXT,
+    error TEXT,
+    started_at TEXT NOT NULL,
+    finished_at TEXT
+);
+CREATE INDEX IF NOT EXISTS deployments_app ON deployments(app_id, id);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+@dataclasses.dataclass(frozen=True)
+class App:
+    id: str
+    org: str
+    name: str
+    image: str
+    domain: str | None
+    port: int | None
+    host_port: int | None
+    status: str
+    container_id: str | None
+    created_at: str
+    updated_at: str
+    last_error: str | None
+    path: str
+    commit: str | None
+    spec_json: str | None
+    deployed_hash: str | None
+    removed_at: str | None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.org, self.name)
+
+    @property
+    def spec(self) -> specs.AppSpec | None:
+        return specs.AppSpec.from_json(json.loads(self.spec_json)) if self.spec_json else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Deployment:
+    id: int
+    app_id: str
+    commit: str | None
+    trigger: str
+    status: str
+    spec_hash: str | None
+    error_code: str | None
+    error: str | None
+    started_at: str
+    finished_at: str | None
+
+
+class Store:
+    """Thread-safe: one connection, serialised by a lock (writes are tiny)."""
+
+    def __init__(self, path: pathlib.Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.RLock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # -- apps -----------------------------------------------------------------
+
+    def apps(self, *, org: str | None = None, include_removed: bool = True) -> list[App]:
+        sql = "SELECT * FROM apps WHERE 1=1"
+        args: list[Any] = []
+        if org is not None:
+            sql += " AND org = ?"
+            args.append(org)
+        if not include_removed:
+            sql += " AND status != 'removed'"
+        return [App(**dict(r)) for r in self._query(sql + " ORDER BY org, name, created_at", tuple(args))]
+
+    def live_apps(self) -> dict[tuple[str, str], App]:
+        return {a.key: a for a in self.apps(include_removed=False)}
+
+    def app(self, app_id: str) -> App | None:
+        rows = self._query("SELECT * FROM apps WHERE id = ?", (app_id,))
+        return App(**dict(rows[0])) if rows else None
+
+    def ensure_app(self, spec: specs.AppSpec, *, commit: str | None) -> App:
+        """The live row for ``spec``'s org/name, created ``queued`` if new."""
+        with self.transaction() as db:
+            row = db.execute("SELECT * FROM apps WHERE org = ? AND name = ? AND status != 'removed'",
+                             spec.key).fetchone()
+            if row is None:
+                app_id = "app_" + secrets.token_hex(6)
+                stamp = now()
+                db.execute(
+                    "INSERT INTO apps (id, org, name, image, domain, port, status, created_at, updated_at, path,"
+                    ' "commit", spec_json) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)',
+                    (app_id, spec.org, spec.name, spec.image, spec.domain, spec.port, QUEUED, stamp, stamp,
+                     spec.path, commit, json.dumps(spec.to_json())))
+                row = db.execute("SELECT * FROM apps WHERE id = ?", (app_id,)).fetchone()
+        return App(**dict(row))
+
+    def update_app(self, app_id: str, **fields: Any) -> None:
+        if not fields:
+            return
+        fields["updated_at"] = now()
+        cols = ", ".join(f'"{k}" = ?' for k in fields)
+        with self.transaction() as db:
+            db.execute(f"UPDATE apps SET {cols} WHERE id = ?", (*fields.values(), app_id))
+
+    def record_spec(self, app_id: str, spec: specs.AppSpec, *, commit: str | None) -> None:
+        """Remember the last good spec, so a broken edit keeps this one running."""
+        self.update_app(app_id, image=spec.image, domain=spec.domain, port=spec.port, path=spec.path,
+                        commit=commit, spec_json=json.dumps(spec.to_json()))
+
+    def mark_removed(self, app_id: str) -> None:
+        stamp = now()
+        self.update_app(app_id, status=REMOVED, removed_at=stamp, container_id=None, host_port=None)
+
+    # -- deployments --------------------------------------------------------
+
+    def start_deployment(self, app_id: str, *, commit: str | None, trigger: str, spec_hash: str) -> int:
+        with self.transaction() as db:
+            cur = db.execute(
+                'INSERT INTO deployments (app_id, "commit", trigger, status, spec_hash, started_at)'
+                " VALUES (?,?,?,?,?,?)", (app_id, commit, trigger, DEPLOYING, spec_hash, now()))
+            db.execute("UPDATE apps SET status = ?, updated_at = ? WHERE id = ?", (DEPLOYING, now(), app_id))
+            return int(cur.lastrowid or 0)
+
+    def finish_deployment(self, deployment_id: int, *, status: str, error_code: str | None = None,
+                          error: str | None = None) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE deployments SET status = ?, error_code = ?, error = ?, finished_at = ? WHERE id = ?",
+                       (status, error_code, error, now(), deployment_id))
+
+    def fail_deployment_now(self, app_id: str, *, commit: str | None, trigger: str, spec_hash: str | None,
+                            code: str, error: str) -> int:
+        """A deployment that failed before anything was applied (bad manifest, quota)."""
+        stamp = now()
+        with self.transaction() as db:
+            cur = db.execute(
+                'INSERT INTO deployments (app_id, "commit", trigger, status, spec_hash, error_code, error,'
+                " started_at, finished_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                (app_id, commit, trigger, FAILED, spec_hash, code, error, stamp, stamp))
+            return int(cur.lastrowid or 0)
+
+    def deployments(self, app_id: str, *, limit: int = 20) -> list[Deployment]:
+        rows = self._query("SELECT * FROM deployments WHERE app_id = ? ORDER BY id DESC LIMIT ?", (app_id, limit))
+        return [Deployment(**dict(r)) for r in rows]
+
+    def last_deployment(self, app_id: str) -> Deployment | None:
+        found = self.deployments(app_id, limit=1)
+        return found[0] if found else None
+
+    def interrupt_unfinished(self) -> int:
+        """At start-up: a deployment left ``deploying`` by a killed daemon is failed."""
+        with self.transaction() as db:
+            cur = db.execute(
+                "UPDATE deployments SET status = ?, error_code = 'interrupted',"
+                " error = 'the daemon stopped during this deployment; it is retried', finished_at = ?"
+                " WHERE status IN (?, ?, ?)", (FAILED, now(), DEPLOYING, QUEUED, PENDING))
+            return cur.rowcount
+
+    # -- meta -----------------------------------------------------------------
+
+    def set_meta(self, key: str, value: Any) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = ?",
+                       (key, json.dumps(value), json.dumps(value)))
+
+    def meta(self, key: str, default: Any = None) -> Any:
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+        return json.loads(rows[0]["value"]) if rows else default
