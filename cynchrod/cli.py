@@ -84,7 +84,8 @@ class StateLock:
             handle.seek(0)
             holder = handle.read().strip() or "?"
             handle.close()
-            raise StateLocked(f"state directory {self.path.parent} is in use by another cynchrod (pid {holder})")
+            raise StateLocked(
+                f"state directory {self.path.parent} is in use by another cynchrod (pid {holder})") from None
         handle.seek(0)
         handle.truncate()
         handle.write(str(os.getpid()))

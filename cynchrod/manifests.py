@@ -9,6 +9,7 @@ commit whose files did not change parses nothing.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import io
 import json
 import shlex
@@ -57,8 +58,9 @@ def load_schema(name: str) -> dict[str, Any]:
     return result
 
 
-_VALIDATOR = jsonschema.Draft202012Validator(load_schema("app.schema.json"))
-_PROPERTIES = frozenset(_VALIDATOR.schema["properties"])
+_SCHEMA = load_schema("app.schema.json")
+_VALIDATOR = jsonschema.Draft202012Validator(_SCHEMA)
+_PROPERTIES = frozenset(_SCHEMA["properties"])
 
 
 def is_manifest_path(path: str) -> bool:
@@ -81,6 +83,9 @@ def _yaml() -> YAML:
 
 
 def _plain(node: Any) -> Any:
+    """Round-trip nodes to plain JSON-able values (timestamps become ISO strings)."""
+    if isinstance(node, (datetime.date, datetime.datetime)):
+        return node.isoformat()
     if isinstance(node, Mapping):
         return {str(k): _plain(v) for k, v in node.items()}
     if isinstance(node, list):
@@ -115,25 +120,22 @@ def _schema_errors(path: str, doc: CommentedMap, data: dict[str, Any]) -> list[M
             for key in parent:
                 if key in allowed:
                     continue
-                code = "policy_violation" if key in FORBIDDEN_KEYS else "unknown_key"
-                reason = "is not allowed: cynchrod never grants it" if code == "policy_violation" else "is not a known key"
-                errors.append(
-                    ManifestError(f"{'.'.join(map(str, where + [key]))!s} {reason}", code=code, path=path,
-                                  line=_line_of(doc, where + [key]))
-                )
+                forbidden = key in FORBIDDEN_KEYS
+                reason = "is not allowed: cynchrod never grants it" if forbidden else "is not a known key"
+                errors.append(ManifestError(
+                    f"{'.'.join(map(str, [*where, key]))} {reason}",
+                    code="policy_violation" if forbidden else "unknown_key", path=path,
+                    line=_line_of(doc, [*where, key])))
             continue
-        if err.validator == "propertyNames":
-            where = where + [err.instance]
+        if "propertyNames" in err.schema_path:
+            where = [*where, err.instance]
         field = ".".join(map(str, where)) or "manifest"
-        if err.validator == "required":
-            message = err.message.replace("'", "")
-        else:
-            message = f"{field}: {err.message}"
+        message = err.message.replace("'", "") if err.validator == "required" else f"{field}: {err.message}"
         errors.append(
             ManifestError(message, code=_SCHEMA_CODES.get(str(err.validator), "invalid_manifest"), path=path,
                           line=_line_of(doc, where))
         )
-    return errors
+    return sorted(errors, key=lambda e: e.line)
 
 
 def _command(value: Any) -> tuple[str, ...] | None:

@@ -101,14 +101,14 @@ def plan_app(spec: specs.AppSpec | None, containers: Iterable[Observed], key: tu
         if service not in declared:
             for c in group:
                 actions.append(Action(REMOVE, org, app, service, "service no longer declared", spec, c.id))
-    for service in spec.services:
-        want = spec.service_hash(service)
-        group = by_service.get(service.name, [])
+    for svc in spec.services:
+        want = spec.service_hash(svc)
+        group = by_service.get(svc.name, [])
         keep = _best(group, want) if group else None
         for extra in group:
             if extra is not keep:
-                actions.append(Action(REMOVE, org, app, service.name, "duplicate container", spec, extra.id))
-        actions.extend(_plan_service(spec, service, keep, want))
+                actions.append(Action(REMOVE, org, app, svc.name, "duplicate container", spec, extra.id))
+        actions.extend(_plan_service(spec, svc, keep, want))
     return sorted(actions, key=lambda a: (_ORDER[a.kind], a.service))
 
 

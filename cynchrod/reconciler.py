@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 TRIGGERS = ("api", "webhook", "watch", "build", "self-heal", "poll")
 HEAL_BACKOFF_MAX_S = 300.0
 HEAL_RESET_S = 60.0
+#: How long a death event is followed up when Docker's list still shows the container running.
+SUSPECT_S = 10.0
+SUSPECT_RECHECK_S = 0.1
 
 
 @dataclasses.dataclass
@@ -123,6 +126,32 @@ class Reconciler:
         #: Apps whose spec hash failed permanently: not retried until the hash changes.
         self._blocked: dict[tuple[str, str], str] = {}
         self._pass_lock = threading.Lock()
+        #: Containers Docker said died, until a pass has seen them dead (id -> deadline).
+        #: Docker emits ``die`` before its list view is updated, so the pass an
+        #: event triggers can still see the container running: it looks again.
+        self._suspects: dict[str, float] = {}
+        self._suspects_lock = threading.Lock()
+
+    def on_container_event(self, container_id: str, app: str, action: str) -> None:
+        """Docker event callback: a death wakes a self-heal pass."""
+        with self._suspects_lock:
+            if action == "start":
+                self._suspects.pop(container_id, None)
+                return
+            self._suspects[container_id] = self._clock() + SUSPECT_S
+        log.info("container of %s: %s", app, action)
+        self.wakeup.request("self-heal")
+
+    def _follow_up_suspects(self, observed: list[planning.Observed]) -> None:
+        state = {c.id: c.state for c in observed}
+        now = self._clock()
+        with self._suspects_lock:
+            for cid, deadline in list(self._suspects.items()):
+                if state.get(cid) != "running" or now > deadline:
+                    del self._suspects[cid]
+            pending = bool(self._suspects)
+        if pending:
+            self.wakeup.request_at(SUSPECT_RECHECK_S, "self-heal")
 
     # -- desired state --------------------------------------------------------
 
@@ -231,11 +260,12 @@ class Reconciler:
                 if key not in desired and key not in containers:
                     self.store.mark_removed(app.id)
         result.apps.sort(key=lambda a: (a.org, a.name))
+        self._follow_up_suspects(plan.observed)
 
     def _keep_last_good(self, loaded: manifests.Desired, live: dict[tuple[str, str], store.App],
                         desired: dict[tuple[str, str], specs.AppSpec]) -> dict[tuple[str, str], ManifestError]:
         """Put back the last good spec of each app whose file now fails; return their errors."""
-        first_error = {}
+        first_error: dict[str, ManifestError] = {}
         for err in loaded.errors:
             first_error.setdefault(err.path, err)
         failed: dict[tuple[str, str], ManifestError] = {}
@@ -326,13 +356,13 @@ class Reconciler:
         trigger = result.trigger if row.deployed_hash != spec.hash else "self-heal"
         deployment = self.store.start_deployment(row.id, commit=result.commit, trigger=trigger,
                                                  spec_hash=spec.hash)
-        container_id: str | None = row.container_id
+        container_id, host_port = row.container_id, row.host_port
         try:
             for action in actions:
                 log.info("%s", action.describe())
                 served = self.runtime.apply(action)
-                if action.kind != planning.REMOVE and action.service == spec.services[0].name:
-                    container_id = served
+                if served is not None and action.service == spec.services[0].name:
+                    container_id, host_port = served.container_id, served.host_port
         except CynchrodError as exc:
             if exc.permanent:
                 self._blocked[key] = spec.hash
@@ -343,21 +373,21 @@ class Reconciler:
         self.store.finish_deployment(deployment, status=status)
         error = self._record_manifest_error(row, manifest_error, result) if manifest_error else None
         self.store.update_app(row.id, status=store.FAILED if error else status, last_error=error,
-                              deployed_hash=spec.hash, container_id=container_id)
+                              deployed_hash=spec.hash, container_id=container_id, host_port=host_port)
         return AppOutcome(spec.org, spec.name, store.FAILED if error else status, described, error)
 
     # -- the daemon loop ----------------------------------------------------------
 
     def serve(self, *, interval: float, stop: threading.Event) -> None:
         """Run passes until ``stop`` is set: every ``interval`` s, or at once when woken."""
-        def on_death(app: str, event: str) -> None:
-            log.info("container of %s: %s", app, event)
-            self.wakeup.request("self-heal")
-
-        watcher = threading.Thread(target=self.runtime.watch_deaths, args=(on_death, stop), daemon=True,
+        watcher = threading.Thread(target=self.runtime.watch_deaths, args=(self.on_container_event, stop), daemon=True,
                                    name="docker-events")
         watcher.start()
-        stopper = threading.Thread(target=lambda: (stop.wait(), self.wakeup.request("stop")), daemon=True)
+        def wake_on_stop() -> None:
+            stop.wait()
+            self.wakeup.request("stop")
+
+        stopper = threading.Thread(target=wake_on_stop, daemon=True)
         stopper.start()
         triggers = {"poll"}
         while not stop.is_set():

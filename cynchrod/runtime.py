@@ -14,8 +14,12 @@ planner sweeps.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
+import os
 import re
+import signal
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -41,6 +45,25 @@ PULL_TIMEOUT_S = 300
 #: Per-container log cap: the json-file driver rotates, so no log grows without bound.
 LOG_CONFIG = {"type": "json-file", "config": {"max-size": "10m", "max-file": "3"}}
 _EXIT_RE = re.compile(r"Exited \((-?\d+)\)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Served:
+    """The container serving a service after an action, and its bound host port."""
+
+    container_id: str
+    host_port: int | None
+
+
+def crashpoint(name: str) -> None:
+    """Testing hook: ``CYNCHROD_CRASHPOINT=<name>`` SIGKILLs the process here.
+
+    The crash-safety tests use it to kill a real daemon between two Docker
+    calls (``after-create``: created, not started; ``after-remove``: the old
+    container of a recreate is gone, the new one not made yet).
+    """
+    if os.environ.get("CYNCHROD_CRASHPOINT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def has_registry(image: str) -> bool:
@@ -124,27 +147,26 @@ class DockerRuntime:
 
     # -- acting -------------------------------------------------------------
 
-    def apply(self, action: planning.Action) -> str | None:
-        """Carry out one action; returns the id of the container now serving, if any."""
+    def apply(self, action: planning.Action) -> Served | None:
+        """Carry out one action; returns the container now serving, if any."""
         if action.kind == planning.REMOVE:
             self._remove(action.container_id)
             return None
         if action.kind == planning.STOP:
             self._ignore_missing(lambda: self.api.stop(action.container_id, timeout=self.stop_timeout), "stop")
-            return action.container_id
+            return Served(action.container_id or "", None)
         if action.kind == planning.START:
             _converted(lambda: self.api.start(action.container_id), "start")
-            return action.container_id
+            return self._served(action.container_id or "", action.service_spec)
         if action.kind == planning.RECREATE:
             self._remove(action.container_id)
+            crashpoint("after-remove")
         assert action.spec is not None and action.service_spec is not None
         return self._create(action.spec, action.service_spec)
 
     def _ignore_missing(self, call: Callable[[], Any], what: str) -> None:
-        try:
+        with contextlib.suppress(docker.errors.NotFound):
             _converted(call, what)
-        except docker.errors.NotFound:
-            pass
 
     def _remove(self, container_id: str | None) -> None:
         if container_id is None:
@@ -152,7 +174,16 @@ class DockerRuntime:
         self._ignore_missing(lambda: self.api.stop(container_id, timeout=self.stop_timeout), "stop")
         self._ignore_missing(lambda: self.api.remove_container(container_id, force=True), "remove")
 
-    def _create(self, spec: specs.AppSpec, service: specs.ServiceSpec) -> str:
+    def _served(self, container_id: str, service: specs.ServiceSpec | None) -> Served:
+        """The container and, when it publishes a port, the host port Docker bound."""
+        if service is None or not service.port:
+            return Served(container_id, None)
+        if service.host_port:
+            return Served(container_id, service.host_port)
+        bound = _converted(lambda: self.api.port(container_id, service.port), "port") or []
+        return Served(container_id, int(bound[0]["HostPort"]) if bound else None)
+
+    def _create(self, spec: specs.AppSpec, service: specs.ServiceSpec) -> Served:
         name = self.container_name(spec.org, spec.name, service.name)
         ports = [service.port] if service.port else None
         bindings: dict[int, Any] | None = None
@@ -195,11 +226,12 @@ class DockerRuntime:
                     code="name_conflict") from exc
             raise
         container_id: str = created["Id"]
+        crashpoint("after-create")
         try:
             _converted(lambda: self.api.start(container_id), f"start {name}")
         except docker.errors.NotFound as exc:
             raise RuntimeFailure(f"start {name}: container vanished") from exc
-        return container_id
+        return self._served(container_id, service)
 
     def _pull(self, image: str) -> None:
         """Pull only references that name a registry; local tags are never pulled."""
@@ -208,25 +240,27 @@ class DockerRuntime:
                 f"image {image} is not present on this host and names no registry; build or load it here",
                 code="image_not_found")
         repository, _, tag = image.rpartition(":") if ":" in image.rsplit("/", 1)[-1] else (image, "", "latest")
-        puller = docker.APIClient(base_url=self.api.base_url, timeout=PULL_TIMEOUT_S)
+        puller = docker.DockerClient.from_env(timeout=PULL_TIMEOUT_S)  # bounded, apart from the list client
         try:
-            puller.pull(repository, tag=tag)
-        except (docker.errors.APIError, requests.RequestException) as exc:
+            puller.api.pull(repository, tag=tag)
+        except (docker.errors.DockerException, requests.RequestException) as exc:
             raise PermanentError(f"pull of {image} failed: {type(exc).__name__}", code="image_pull_failed") from exc
         finally:
             puller.close()
 
     # -- events -------------------------------------------------------------
 
-    def watch_deaths(self, on_event: Callable[[str, str], None], stop: threading.Event) -> None:
-        """Call ``on_event(app_key, event)`` for each of our containers that dies.
+    def watch_deaths(self, on_event: Callable[[str, str, str], None], stop: threading.Event) -> None:
+        """Call ``on_event(container_id, "org/app", action)`` when one of our containers
+        dies (``die``, ``oom``, ``destroy``) or starts (``start``).
 
         Runs until ``stop`` is set; reconnects when the daemon goes away.
         """
         while not stop.is_set():
             try:
                 stream = self.api.events(
-                    filters={"type": "container", "event": ["die", "destroy", "oom"], **self.owner_filter},
+                    filters={"type": "container", "event": ["die", "destroy", "oom", "start"],
+                             **self.owner_filter},
                     decode=True)
             except (requests.RequestException, docker.errors.DockerException):
                 stop.wait(2)
@@ -236,7 +270,8 @@ class DockerRuntime:
             try:
                 for event in self._events(stream):
                     attrs = event.get("Actor", {}).get("Attributes", {})
-                    on_event(f"{attrs.get(LABEL_ORG)}/{attrs.get(LABEL_APP)}", event.get("Action", ""))
+                    on_event(event.get("id", ""), f"{attrs.get(LABEL_ORG)}/{attrs.get(LABEL_APP)}",
+                             event.get("Action", ""))
             except (requests.RequestException, docker.errors.DockerException, OSError, AttributeError):
                 pass
             stop.wait(1)

@@ -1,0 +1,139 @@
+"""Shared fixtures: real git repositories driven with the git CLI, and (for the
+integration and e2e tests) a real Docker engine with a FROM-scratch busybox image and
+a per-test owner label whose containers are all removed in teardown."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import secrets
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+
+import docker
+import pytest
+
+from cynchrod import reconciler, runtime, source, store
+
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "tester", "GIT_AUTHOR_EMAIL": "tester@localhost",
+    "GIT_COMMITTER_NAME": "tester", "GIT_COMMITTER_EMAIL": "tester@localhost",
+}
+
+
+def git(*args: str, cwd: pathlib.Path) -> str:
+    env = {**os.environ, **GIT_ENV}
+    return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
+
+
+class GitRepo:
+    """A bare repository (what cynchrod follows) and a working clone to push from."""
+
+    def __init__(self, root: pathlib.Path) -> None:
+        self.bare = root / "origin.git"
+        self.work = root / "work"
+        git("init", "-q", "--bare", "-b", "main", str(self.bare), cwd=root)
+        git("clone", "-q", str(self.bare), str(self.work), cwd=root)
+        git("checkout", "-q", "-b", "main", cwd=self.work)
+
+    @property
+    def url(self) -> str:
+        return str(self.bare)
+
+    def push(self, files: dict[str, str | None], message: str = "change") -> str:
+        """Write (or delete, for None) files, commit, push; return the new commit id."""
+        for path, content in files.items():
+            target = self.work / path
+            if content is None:
+                git("rm", "-q", "-r", path, cwd=self.work)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(content)
+                git("add", path, cwd=self.work)
+        git("commit", "-q", "--allow-empty", "-m", message, cwd=self.work)
+        git("push", "-q", "origin", "HEAD:main", cwd=self.work)
+        return git("rev-parse", "HEAD", cwd=self.work).strip()
+
+
+@pytest.fixture
+def repo(tmp_path: pathlib.Path) -> GitRepo:
+    return GitRepo(tmp_path)
+
+TEST_IMAGE = "cynchrod-test/busybox:1"
+TEST_IMAGE_2 = "cynchrod-test/busybox:2"
+TEST_LABEL = "io.cynchrod.test"
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> Iterator[docker.DockerClient]:
+    client = docker.from_env(timeout=60)
+    client.ping()  # no engine is a failure, never a skip
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def images(docker_client: docker.DockerClient) -> Iterator[tuple[str, str]]:
+    """Two local tags of a 2 MB busybox image: nothing is ever pulled."""
+    with tempfile.TemporaryDirectory() as ctx:
+        shutil.copy("/bin/busybox", pathlib.Path(ctx) / "busybox")
+        (pathlib.Path(ctx) / "Dockerfile").write_text(
+            "FROM scratch\nCOPY busybox /bin/busybox\n"
+            'RUN ["/bin/busybox", "--install", "-s", "/bin"]\n'
+            'CMD ["sh", "-c", "sleep 3600"]\n')
+        for tag in (TEST_IMAGE, TEST_IMAGE_2):
+            # Two tags, two distinct image ids (the label differs).
+            subprocess.run(["docker", "build", "-q", "--label", f"{TEST_LABEL}={tag}", "-t", tag, ctx],
+                           check=True, capture_output=True)
+    yield TEST_IMAGE, TEST_IMAGE_2
+    for image in docker_client.images.list(filters={"label": TEST_LABEL}):
+        docker_client.images.remove(image.id, force=True)
+
+
+def remove_owned(client: docker.DockerClient, owner: str) -> None:
+    for c in client.api.containers(all=True, filters={"label": [f"{runtime.LABEL_OWNER}={owner}"]}):
+        client.api.remove_container(c["Id"], force=True)
+
+
+@pytest.fixture
+def owner(docker_client: docker.DockerClient) -> Iterator[str]:
+    """A fresh label namespace: every container the test makes is found and removed by it."""
+    name = "t" + secrets.token_hex(4)
+    yield name
+    remove_owned(docker_client, name)
+    for c in docker_client.api.containers(all=True, filters={"label": [f"{TEST_LABEL}={name}"]}):
+        docker_client.api.remove_container(c["Id"], force=True)
+
+
+class Harness:
+    """A reconciler wired to a real repo, a real engine and a state dir in tmp."""
+
+    def __init__(self, repo_url: str, state: pathlib.Path, owner: str) -> None:
+        self.state = state
+        self.rt = runtime.DockerRuntime(owner=owner, stop_timeout=1)
+        self.db = store.Store(state / "cynchrod.db")
+        self.src = source.Source(repo_url, state_dir=state)
+        self.rec = reconciler.Reconciler(src=self.src, rt=self.rt, db=self.db)
+
+    def sync(self, trigger: str = "poll") -> reconciler.PassResult:
+        return self.rec.run_pass(trigger)
+
+    def containers(self) -> dict[str, dict]:  # type: ignore[type-arg]
+        rows = self.rt.api.containers(all=True, filters=self.rt.owner_filter)
+        return {row["Labels"][runtime.LABEL_APP]: row for row in rows}
+
+    def app(self, name: str, org: str = "default") -> store.App:
+        return self.db.live_apps()[(org, name)]
+
+    def close(self) -> None:
+        self.rt.close()
+        self.db.close()
+
+
+@pytest.fixture
+def harness(repo, owner: str, images, tmp_path: pathlib.Path) -> Iterator[Harness]:  # type: ignore[no-untyped-def]
+    h = Harness(repo.url, tmp_path / "state", owner)
+    yield h
+    h.close()

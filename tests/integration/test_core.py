@@ -1,0 +1,240 @@
+"""Scenarios 1-6 of the core against a real dockerd and real git repositories."""
+
+from __future__ import annotations
+
+import shutil
+
+import docker
+import pytest
+
+from cynchrod import runtime, store
+from tests.conftest import TEST_IMAGE, TEST_IMAGE_2, TEST_LABEL, Harness
+
+
+def manifest(name: str, image: str = TEST_IMAGE, extra: str = "") -> str:
+    return f"name: {name}\nimage: {image}\ncommand: [sleep, '3600']\nmemory: 64\n{extra}"
+
+
+def test_push_creates_and_keeps(repo, harness: Harness) -> None:
+    commit = repo.push({"apps/hello.yaml": manifest("hello")})
+    result = harness.sync()
+    assert result.ok, result
+    assert result.commit == commit
+    containers = harness.containers()
+    assert list(containers) == ["hello"]
+    row = containers["hello"]
+    assert row["State"] == "running"
+    assert row["Names"] == [f"/{harness.rt.owner}_default_hello"]
+    app = harness.app("hello")
+    assert (app.status, app.container_id, app.image, app.commit) == ("running", row["Id"], TEST_IMAGE, commit)
+    [deployment] = harness.db.deployments(app.id)
+    assert (deployment.status, deployment.trigger, deployment.commit) == ("running", "poll", commit)
+
+    again = harness.sync()
+    assert [a.actions for a in again.apps] == [[]]
+    assert harness.containers()["hello"]["Id"] == row["Id"]
+    assert len(harness.db.deployments(app.id)) == 1  # no change, no deployment
+
+
+@pytest.mark.parametrize("change", [
+    {"image": TEST_IMAGE_2},
+    {"extra": "env: {GREETING: bonjour}\n"},
+    {"extra": "port: 8080\n"},
+    {"extra": "cpu: 0.25\n"},
+    {"extra": "memory: 96\n"},
+])
+def test_change_recreates_only_that_app(repo, harness: Harness, change: dict[str, str]) -> None:
+    repo.push({"apps/a.yaml": manifest("a"), "apps/b.yaml": manifest("b")})
+    harness.sync()
+    before = {name: row["Id"] for name, row in harness.containers().items()}
+    image = change.get("image", TEST_IMAGE)
+    extra = change.get("extra", "")
+    if "memory" in extra:
+        text = f"name: a\nimage: {image}\ncommand: [sleep, '3600']\n{extra}"
+    else:
+        text = manifest("a", image, extra)
+    repo.push({"apps/a.yaml": text})
+    result = harness.sync()
+    assert result.ok, result
+    after = harness.containers()
+    assert after["b"]["Id"] == before["b"], "the other app was touched"
+    assert after["a"]["Id"] != before["a"]
+    assert after["a"]["State"] == "running"
+    assert next(a.actions for a in result.apps if a.name == "a")[0].startswith("recreate default/a: changed:")
+    inspect = harness.rt.api.inspect_container(after["a"]["Id"])
+    if "image" in change:
+        assert inspect["Config"]["Image"] == TEST_IMAGE_2
+    if "GREETING" in extra:
+        assert "GREETING=bonjour" in inspect["Config"]["Env"]
+    if "port" in extra:
+        assert inspect["HostConfig"]["PortBindings"]["8080/tcp"][0]["HostIp"] == "127.0.0.1"
+        assert harness.app("a").host_port is not None
+    if "cpu" in extra:
+        assert inspect["HostConfig"]["NanoCpus"] == 250_000_000
+    if "memory" in extra:
+        assert inspect["HostConfig"]["Memory"] == 96 * 1024 * 1024
+        assert inspect["HostConfig"]["MemorySwap"] == 96 * 1024 * 1024
+
+
+def test_command_change_recreates(repo, harness: Harness) -> None:
+    repo.push({"apps/a.yaml": manifest("a")})
+    harness.sync()
+    repo.push({"apps/a.yaml": "name: a\nimage: " + TEST_IMAGE + "\ncommand: sleep 1234\nmemory: 64\n"})
+    result = harness.sync()
+    assert result.apps[0].actions == ["recreate default/a: changed: command"]
+    row = harness.containers()["a"]
+    assert harness.rt.api.inspect_container(row["Id"])["Config"]["Cmd"] == ["sleep", "1234"]
+
+
+def test_limits_are_real_docker_limits(repo, harness: Harness) -> None:
+    repo.push({"apps/a.yaml": f"name: a\nimage: {TEST_IMAGE}\ncommand: [sleep, '3600']\n"})
+    harness.sync()
+    host = harness.rt.api.inspect_container(harness.containers()["a"]["Id"])["HostConfig"]
+    assert (host["NanoCpus"], host["Memory"], host["MemorySwap"]) == (10**9, 512 * 2**20, 512 * 2**20)
+
+
+def test_delete_removes_and_foreign_containers_are_untouched(repo, harness: Harness,
+                                                             docker_client: docker.DockerClient) -> None:
+    foreign = docker_client.api.create_container(TEST_IMAGE, command=["sleep", "3600"],
+                                                 labels={TEST_LABEL: harness.rt.owner})
+    docker_client.api.start(foreign["Id"])
+    repo.push({"apps/a.yaml": manifest("a"), "apps/b.yaml": manifest("b")})
+    harness.sync()
+    a_id = harness.app("a").id
+    repo.push({"apps/a.yaml": None}, "delete a")
+    result = harness.sync()
+    assert result.ok
+    assert list(harness.containers()) == ["b"]
+    assert harness.db.app(a_id).status == store.REMOVED  # type: ignore[union-attr]
+    assert docker_client.api.inspect_container(foreign["Id"])["State"]["Running"] is True
+
+
+def test_unlabelled_container_with_the_apps_name_is_left_alone_and_reported(
+        repo, harness: Harness, docker_client: docker.DockerClient) -> None:
+    squatter = docker_client.api.create_container(
+        TEST_IMAGE, command=["sleep", "3600"], name=harness.rt.container_name("default", "a", "main"),
+        labels={TEST_LABEL: harness.rt.owner})
+    repo.push({"apps/a.yaml": manifest("a")})
+    result = harness.sync()
+    assert not result.ok
+    [outcome] = result.apps
+    assert outcome.status == "failed"
+    assert outcome.error is not None and outcome.error.startswith("name_conflict: a container named")
+    assert "left alone" in outcome.error
+    assert docker_client.api.inspect_container(squatter["Id"])["Id"] == squatter["Id"]
+    deployment = harness.db.last_deployment(harness.app("a").id)
+    assert deployment is not None and deployment.error_code == "name_conflict"
+    # Permanent: not retried every pass until the spec changes.
+    again = harness.sync()
+    assert again.apps[0].status == "failed"
+    assert len(harness.db.deployments(harness.app("a").id)) == 1
+
+
+def test_broken_manifest_fails_that_app_alone(repo, harness: Harness) -> None:
+    repo.push({"apps/a.yaml": manifest("a"), "apps/b.yaml": manifest("b")})
+    harness.sync()
+    before = {name: row["Id"] for name, row in harness.containers().items()}
+    repo.push({"apps/a.yaml": manifest("a", extra="cpu: 99\n")}, "break a")
+    result = harness.sync()
+    assert not result.ok
+    assert result.manifest_errors == ["apps/a.yaml:5: out_of_range: cpu: 99 is greater than the maximum of 8"]
+    a = harness.app("a")
+    assert a.status == "failed"
+    assert a.last_error == result.manifest_errors[0]
+    after = harness.containers()
+    assert {n: r["Id"] for n, r in after.items()} == before  # last good version keeps running
+    assert after["a"]["State"] == "running"
+    assert harness.app("b").status == "running"
+    failed = harness.db.last_deployment(a.id)
+    assert failed is not None and (failed.status, failed.error_code) == ("failed", "out_of_range")
+    # Still broken: no second failed deployment for the same error.
+    harness.sync()
+    assert len(harness.db.deployments(a.id)) == 2
+    # Fixed: the app is running again without its container being touched.
+    repo.push({"apps/a.yaml": manifest("a")}, "fix a")
+    result = harness.sync()
+    assert result.ok
+    assert harness.app("a").status == "running" and harness.app("a").last_error is None
+    assert harness.containers()["a"]["Id"] == before["a"]
+
+
+@pytest.mark.parametrize("breakage", ["unreachable", "empty", "no-branch"])
+def test_bad_source_tears_nothing_down(repo, harness: Harness, breakage: str) -> None:
+    repo.push({"apps/a.yaml": manifest("a"), "apps/b.yaml": manifest("b")})
+    harness.sync()
+    before = {name: row["Id"] for name, row in harness.containers().items()}
+    if breakage == "unreachable":
+        shutil.move(repo.bare, repo.bare.with_suffix(".moved"))
+    elif breakage == "empty":
+        repo.push({"apps": None}, "wipe")
+    else:
+        harness.src.branch = "gone"
+    result = harness.sync()
+    assert not result.ok
+    assert result.source_error is not None
+    code = {"unreachable": "source_unavailable", "empty": "source_empty", "no-branch": "branch_not_found"}[breakage]
+    assert result.source_error.startswith(code + ": ")
+    assert {name: row["Id"] for name, row in harness.containers().items()} == before
+    assert harness.db.meta("last_pass")["source_error"] == result.source_error
+    # Self-healing still works from the last good state while the source is bad.
+    harness.rt.api.remove_container(before["a"], force=True)
+    healed = harness.sync()
+    assert harness.containers()["a"]["State"] == "running"
+    assert healed.source_error is not None
+
+
+def test_self_heal_after_kill_and_rm(repo, harness: Harness) -> None:
+    repo.push({"apps/a.yaml": manifest("a")})
+    harness.sync()
+    first = harness.containers()["a"]["Id"]
+    harness.rt.api.kill(first)
+    result = harness.sync()
+    assert result.apps[0].actions == ["start default/a: exited with code 137"]
+    assert harness.containers()["a"]["Id"] == first
+    assert harness.containers()["a"]["State"] == "running"
+    harness.rt.api.remove_container(first, force=True)
+    result = harness.sync()
+    assert result.apps[0].actions == ["create default/a: missing"]
+    deployments = harness.db.deployments(harness.app("a").id)
+    assert [d.trigger for d in deployments] == ["self-heal", "self-heal", "poll"]
+
+
+def test_missing_local_image_is_never_pulled(repo, harness: Harness) -> None:
+    repo.push({"apps/a.yaml": manifest("a", image="cynchrod-test/absent:1"),
+               "apps/b.yaml": manifest("b", image="127.0.0.1:1/absent:1")})
+    result = harness.sync()
+    errors = {a.name: a.error for a in result.apps}
+    assert errors["a"] is not None and errors["a"].startswith("image_not_found: ")
+    assert errors["b"] is not None and errors["b"].startswith("image_pull_failed: ")
+    assert harness.containers() == {}
+
+
+def test_one_list_call_in_a_noop_pass_over_50_apps(repo, harness: Harness) -> None:
+    repo.push({f"apps/app{i:02d}.yaml": manifest(f"app{i:02d}") for i in range(50)})
+    assert harness.sync().ok
+    requests: list[str] = []
+    harness.rt.api.hooks["response"].append(
+        lambda response, *a, **k: requests.append(f"{response.request.method} {response.request.path_url}"))
+    parses = harness.rec.cache.parses
+    result = harness.sync()
+    assert result.ok and all(a.actions == [] for a in result.apps) and len(result.apps) == 50
+    assert len(requests) == 1, requests
+    assert requests[0].startswith("GET /v1.") and "/containers/json?" in requests[0]
+    assert harness.rec.cache.parses == parses  # nothing re-parsed
+    ids = {n: r["Id"] for n, r in harness.containers().items()}
+    requests.clear()
+    for _ in range(200):
+        assert all(a.actions == [] for a in harness.sync().apps)
+    assert len(requests) == 200  # still one call a pass: no false drift, no recreate
+    assert {n: r["Id"] for n, r in harness.containers().items()} == ids
+
+
+def test_labels_record_ownership(repo, harness: Harness) -> None:
+    repo.push({"apps/a.yaml": manifest("a", extra="env: {X: '1'}\n")})
+    harness.sync()
+    labels = harness.containers()["a"]["Labels"]
+    assert labels[runtime.LABEL_OWNER] == harness.rt.owner
+    assert (labels[runtime.LABEL_ORG], labels[runtime.LABEL_APP], labels[runtime.LABEL_SERVICE]) == (
+        "default", "a", "main")
+    assert len(labels[runtime.LABEL_HASH]) == 16
+    assert labels[runtime.LABEL_PATH] == "apps/a.yaml"

@@ -1,0 +1,123 @@
+"""Schema and semantic validation: exact codes and line numbers."""
+
+from __future__ import annotations
+
+import pytest
+
+from cynchrod import manifests, specs
+
+
+def errors(text: str) -> list[str]:
+    return [str(e) for e in manifests.parse("apps/x.yaml", text.encode()).errors]
+
+
+def test_minimal_manifest_gets_defaults() -> None:
+    result = manifests.parse("apps/x.yaml", b"name: web\nimage: img:1\n")
+    assert result.errors == ()
+    spec = result.spec
+    assert spec is not None
+    assert (spec.org, spec.name, spec.state, spec.path) == ("default", "web", "running", "apps/x.yaml")
+    assert spec.services[0].cpu == 1.0 and spec.services[0].memory == 512
+    assert spec.services[0].command is None
+
+
+def test_full_manifest() -> None:
+    spec = manifests.parse("apps/x.yaml", b"""
+name: web
+org: acme
+image: img:1
+command: sh -c 'echo "hi there"'
+port: 8080
+hostPort: 18080
+domain: web.example.com
+env: {B: 2, A: true, C: text}
+cpu: 0.5
+memory: 64
+state: stopped
+restartedAt: 2026-11-28T10:00:00Z
+""").spec
+    assert spec is not None
+    service = spec.services[0]
+    assert service.command == ("sh", "-c", 'echo "hi there"')
+    assert service.env == (("A", "true"), ("B", "2"), ("C", "text"))
+    assert (service.port, service.host_port, service.cpu, service.memory) == (8080, 18080, 0.5, 64)
+    assert (spec.org, spec.domain, spec.state) == ("acme", "web.example.com", "stopped")
+    assert spec.restarted_at is not None and spec.restarted_at.startswith("2026-11-28")
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("name: web\nimage: i\nbogus: 1\n", ["apps/x.yaml:3: unknown_key: bogus is not a known key"]),
+    ("image: i\n", ["apps/x.yaml:1: missing_key: name is a required property"]),
+    ("name: web\n", ["apps/x.yaml:1: missing_key: image is required (or services)"]),
+    ("name: Web_1\nimage: i\n", ["apps/x.yaml:1: invalid_value: name: 'Web_1' does not match "
+                                 "'^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$'"]),
+    ("name: web\nimage: i\ncpu: 9\n", ["apps/x.yaml:3: out_of_range: cpu: 9 is greater than the maximum of 8"]),
+    ("name: web\nimage: i\ncpu: 0\n",
+     ["apps/x.yaml:3: out_of_range: cpu: 0 is less than or equal to the minimum of 0"]),
+    ("name: web\nimage: i\nmemory: 32\n",
+     ["apps/x.yaml:3: out_of_range: memory: 32 is less than the minimum of 64"]),
+    ("name: web\nimage: i\nmemory: 16385\n",
+     ["apps/x.yaml:3: out_of_range: memory: 16385 is greater than the maximum of 16384"]),
+    ("name: web\nimage: i\nport: '80'\n", ["apps/x.yaml:3: invalid_type: port: '80' is not of type 'integer'"]),
+    ("name: web\nimage: i\nstate: paused\n",
+     ["apps/x.yaml:3: invalid_value: state: 'paused' is not one of ['running', 'stopped']"]),
+    ("name: web\nimage: i\nenv:\n  OK: 1\n  bad-name: 2\n",
+     ["apps/x.yaml:5: invalid_value: env.bad-name: 'bad-name' does not match '^[A-Za-z_][A-Za-z0-9_]*$'"]),
+    ("name: web\nimage: i\nprivileged: true\n",
+     ["apps/x.yaml:3: policy_violation: privileged is not allowed: cynchrod never grants it"]),
+    ("name: web\nimage: i\nhostPort: 18080\n", ["apps/x.yaml:3: invalid_value: hostPort needs port"]),
+    ("# comment\nname: web\nimage: [i\n",
+     ["apps/x.yaml:4: yaml_syntax: expected ',' or ']', but got '<stream end>'"]),
+    ("name: web\nname: other\nimage: i\n",
+     ['apps/x.yaml:2: yaml_syntax: found duplicate key "name" with value "other" (original value: "web")']),
+    ("- name: web\n", ["apps/x.yaml:1: invalid_type: a manifest must be a mapping of keys to values"]),
+    ("name: web\nimage: i\n---\nname: b\n",
+     ["apps/x.yaml:1: invalid_manifest: expected exactly one YAML document, found 2"]),
+    ("a: &x [1]\nb: *x\n", ["apps/x.yaml:2: yaml_alias: YAML aliases are not allowed in manifests"]),
+    ("name: web\nimage: i\nservices: {a: {}}\n",
+     ["apps/x.yaml:3: unsupported: services: multi-service apps are not supported yet"]),
+])
+def test_errors_have_file_line_code_message(text: str, expected: list[str]) -> None:
+    assert errors(text) == expected
+
+
+def test_every_error_is_reported_not_just_the_first() -> None:
+    assert [e.split(": ")[1] for e in errors("name: web\nimage: i\ncpu: 9\nmemory: 1\nfoo: 1\n")] == [
+        "out_of_range", "out_of_range", "unknown_key"]  # in line order
+
+
+def test_oversized_manifest() -> None:
+    big = b"name: web\nimage: i\n# " + b"x" * manifests.MAX_MANIFEST_BYTES
+    assert manifests.parse("apps/x.yaml", big).errors[0].code == "manifest_too_large"
+
+
+def test_billion_laughs_is_refused_fast() -> None:
+    lol = "a: &a [lol,lol,lol,lol,lol,lol,lol,lol,lol]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{','.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8))
+    result = manifests.parse("apps/x.yaml", lol.encode())
+    assert result.errors[0].code == "yaml_alias"
+
+
+def test_cache_parses_each_blob_once_and_reports_duplicates() -> None:
+    blobs = {"1": b"name: a\nimage: i\n", "2": b"name: b\nimage: i\n", "3": b"name: a\nimage: j\n"}
+    reads: list[str] = []
+
+    def read(oid: str) -> bytes:
+        reads.append(oid)
+        return blobs[oid]
+
+    cache = manifests.Cache()
+    desired = cache.load([("apps/a.yaml", "1"), ("apps/b.yaml", "2"), ("apps/c.yaml", "3")], read)
+    assert sorted(desired.apps) == [("default", "a"), ("default", "b")]
+    assert [str(e) for e in desired.errors] == [
+        "apps/c.yaml:1: duplicate_app: app default/a is already declared in apps/a.yaml"]
+    assert desired.failed_paths == {"apps/c.yaml"}
+    again = cache.load([("apps/a.yaml", "1"), ("apps/b.yaml", "2")], read)
+    assert reads == ["1", "2", "3"]  # nothing parsed twice
+    assert sorted(again.apps) == [("default", "a"), ("default", "b")]
+
+
+def test_spec_round_trips_through_json() -> None:
+    spec = manifests.parse("apps/x.yaml", b"name: web\nimage: i\ncommand: [a, b]\nenv: {X: 1}\nport: 80\n").spec
+    assert spec is not None
+    assert specs.AppSpec.from_json(spec.to_json()) == spec
