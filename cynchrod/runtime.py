@@ -158,11 +158,20 @@ class DockerRuntime:
         if action.kind == planning.START:
             _converted(lambda: self.api.start(action.container_id), "start")
             return self._served(action.container_id or "", action.service_spec)
+        assert action.spec is not None and action.service_spec is not None
+        # The image is made sure of before the old container goes, so a bad
+        # tag leaves the running version in place.
+        self._ensure_image(action.service_spec.image)
         if action.kind == planning.RECREATE:
             self._remove(action.container_id)
             crashpoint("after-remove")
-        assert action.spec is not None and action.service_spec is not None
         return self._create(action.spec, action.service_spec)
+
+    def _ensure_image(self, image: str) -> None:
+        try:
+            _converted(lambda: self.api.inspect_image(image), f"inspect image {image}")
+        except docker.errors.NotFound:
+            self._pull(image)
 
     def _ignore_missing(self, call: Callable[[], Any], what: str) -> None:
         with contextlib.suppress(docker.errors.NotFound):
@@ -213,9 +222,6 @@ class DockerRuntime:
             return result
 
         try:
-            created = _converted(create, f"create {name}")
-        except docker.errors.ImageNotFound:
-            self._pull(service.image)
             created = _converted(create, f"create {name}")
         except docker.errors.NotFound as exc:
             raise RuntimeFailure(f"create {name}: {exc.explanation}") from exc

@@ -238,3 +238,15 @@ def test_labels_record_ownership(repo, harness: Harness) -> None:
         "default", "a", "main")
     assert len(labels[runtime.LABEL_HASH]) == 16
     assert labels[runtime.LABEL_PATH] == "apps/a.yaml"
+
+
+def test_missing_image_on_update_keeps_the_running_version(repo, harness: Harness) -> None:
+    repo.push({"apps/a.yaml": manifest("a")})
+    harness.sync()
+    before = harness.containers()["a"]["Id"]
+    repo.push({"apps/a.yaml": manifest("a", image="cynchrod-test/absent:2")})
+    result = harness.sync()
+    assert result.apps[0].status == "failed"
+    assert result.apps[0].error is not None and result.apps[0].error.startswith("image_not_found: ")
+    row = harness.containers()["a"]
+    assert (row["Id"], row["State"]) == (before, "running")
