@@ -12,13 +12,11 @@ import fcntl
 import logging
 import os
 import pathlib
-import signal
 import sys
-import threading
 from collections.abc import Sequence
 from typing import IO, Any
 
-from cynchrod import __version__, config, manifests, reconciler, runtime, source, store
+from cynchrod import __version__, config, daemon, manifests, reconciler, source, store
 from cynchrod.errors import CynchrodError, StateLocked
 
 log = logging.getLogger("cynchrod")
@@ -52,6 +50,17 @@ def parser() -> argparse.ArgumentParser:
     _add_source_flags(sub.add_parser("plan", help="print what a pass would do; change nothing"), daemon=False)
     v = sub.add_parser("validate", help="validate manifest files or a checkout, offline")
     v.add_argument("paths", nargs="+", metavar="PATH")
+    t = sub.add_parser("token", help="API tokens: create, list, revoke")
+    tsub = t.add_subparsers(dest="token_command", required=True)
+    tc = tsub.add_parser("create", help="make a token and print it (only this once)")
+    tc.add_argument("--org", required=True, help="the org the token acts for")
+    tc.add_argument("--admin", action="store_true", help="see and act on every org")
+    tc.add_argument("--name", help="a name for the token (in commit messages and logs)")
+    tl = tsub.add_parser("list", help="list tokens (never their values)")
+    tr = tsub.add_parser("revoke", help="revoke a token by id or name; its open log streams close")
+    tr.add_argument("token", metavar="ID_OR_NAME")
+    for tp in (tc, tl, tr):
+        tp.add_argument("--state", help="state directory (default ./state)")
     return p
 
 
@@ -99,13 +108,7 @@ class StateLock:
 
 
 def build(cfg: config.Settings) -> reconciler.Reconciler:
-    if not cfg.repo:
-        raise CynchrodError("--repo (or CYNCHROD_REPO) is required", code="usage")
-    src = source.Source(cfg.repo, branch=cfg.branch, path=cfg.path, state_dir=cfg.state)
-    rt = runtime.DockerRuntime(owner=cfg.owner, publish_address=cfg.publish_address,
-                               stop_timeout=cfg.stop_timeout)
-    db = store.Store(cfg.state / "cynchrod.db")
-    return reconciler.Reconciler(src=src, rt=rt, db=db, concurrency=cfg.concurrency)
+    return daemon.Daemon.build(cfg).reconciler
 
 
 def print_result(result: reconciler.PassResult, out: IO[str]) -> None:
@@ -150,6 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "validate":
             return cmd_validate(args.paths, out)
+        if args.command == "token":
+            return cmd_token(args, out)
         cfg = settings(args)
         if args.command == "plan":
             rec = build(cfg)
@@ -164,26 +169,42 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print("nothing to do", file=out)
             return 0
         with StateLock(cfg.state):
-            rec = build(cfg)
-            rec.store.interrupt_unfinished()
             if args.command == "sync":
+                rec = build(cfg)
+                rec.store.interrupt_unfinished()
                 result = rec.run_pass("poll")
                 print_result(result, out)
                 return 0 if result.ok else 1
-            return serve(rec, cfg)
+            if not cfg.repo:
+                raise CynchrodError("--repo (or CYNCHROD_REPO) is required", code="usage")
+            log.info("cynchrod %s following %s (branch %s) every %ss, state %s", __version__, cfg.repo,
+                     cfg.branch, cfg.interval, cfg.state)
+            daemon.Server(cfg).run()
+            return 0
     except CynchrodError as exc:
         print(f"cynchrod: {exc}", file=sys.stderr)
         return 2
 
 
-def serve(rec: reconciler.Reconciler, cfg: config.Settings) -> int:
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    log.info("cynchrod %s serving %s (branch %s) every %ss, state %s", __version__, rec.source.url,
-             cfg.branch, cfg.interval, cfg.state)
-    rec.serve(interval=cfg.interval, stop=stop)
-    return 0
+def cmd_token(args: argparse.Namespace, out: IO[str]) -> int:
+    state = pathlib.Path(args.state or _env("state") or "state")
+    db = store.Store(state / "cynchrod.db")
+    try:
+        if args.token_command == "create":
+            if not config.ORG_RE.match(args.org):
+                raise CynchrodError(f"--org {args.org!r} is not a DNS label", code="usage")
+            _, secret = db.create_token(org=args.org, name=args.name or f"{args.org}-token", admin=args.admin)
+            print(secret, file=out)
+        elif args.token_command == "list":
+            for t in db.tokens():
+                print(f"{t.id}\t{t.name}\t{t.org}\t{'admin' if t.admin else '-'}\t{t.created_at}\t"
+                      f"{'revoked ' + t.revoked_at if t.revoked_at else 'live'}", file=out)
+        elif db.revoke_token(args.token) == 0:
+            print(f"cynchrod: not_found: no live token {args.token!r}", file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        db.close()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from cynchrod.errors import PermanentError
 
 _VALIDATOR = jsonschema.Draft202012Validator(manifests.load_schema("config.schema.json"))
 _OWNER_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")
+ORG_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 #: config-file key -> Settings field
 _FILE_KEYS = {"repo": "repo", "branch": "branch", "path": "path", "state": "state", "interval": "interval",
               "listen": "listen", "owner": "owner", "publishAddress": "publish_address",

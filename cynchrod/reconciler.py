@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from cynchrod import manifests, planning, runtime, source, specs, store
+from cynchrod import manifests, metrics, planning, runtime, source, specs, store
 from cynchrod.errors import CynchrodError, ManifestError, SourceError
 
 log = logging.getLogger(__name__)
@@ -112,8 +112,10 @@ def strongest(triggers: Iterable[str]) -> str:
 
 class Reconciler:
     def __init__(self, *, src: source.Source, rt: runtime.DockerRuntime, db: store.Store,
-                 concurrency: int = 4, clock: Callable[[], float] = time.monotonic) -> None:
+                 concurrency: int = 4, clock: Callable[[], float] = time.monotonic,
+                 stats: metrics.Metrics | None = None) -> None:
         self.source = src
+        self.stats = stats or metrics.Metrics()
         self.runtime = rt
         self.store = db
         self.concurrency = concurrency
@@ -188,8 +190,14 @@ class Reconciler:
             result = PassResult(commit=None, trigger=trigger)
             try:
                 self._run(result)
+            except Exception:
+                self.stats.passes.labels(trigger, "error").inc()
+                raise
+            else:
+                self.stats.passes.labels(trigger, "ok" if result.ok else "failed").inc()
             finally:
                 result.duration_s = time.perf_counter() - started
+                self.stats.pass_seconds.observe(result.duration_s)
                 self.store.set_meta("last_pass", {
                     "commit": result.commit, "trigger": trigger, "source_error": result.source_error,
                     "manifest_errors": result.manifest_errors, "at": store.now(),
@@ -258,7 +266,7 @@ class Reconciler:
         if plan.prune:
             for key, app in live.items():
                 if key not in desired and key not in containers:
-                    self.store.mark_removed(app.id)
+                    self.store.remove_app(app.id, commit=result.commit, trigger=result.trigger)
         result.apps.sort(key=lambda a: (a.org, a.name))
         self._follow_up_suspects(plan.observed)
 
@@ -349,10 +357,11 @@ class Reconciler:
                 log.warning("prune of %s/%s failed: %s", key[0], key[1], exc)
                 return AppOutcome(key[0], key[1], store.FAILED, described, str(exc))
             if app is not None:
-                self.store.mark_removed(app.id)
+                self.store.remove_app(app.id, commit=result.commit, trigger=result.trigger)
             return AppOutcome(key[0], key[1], store.REMOVED, described)
         row = self.store.live_apps().get(key)
         assert row is not None
+        action_kind = ""
         trigger = result.trigger if row.deployed_hash != spec.hash else "self-heal"
         deployment = self.store.start_deployment(row.id, commit=result.commit, trigger=trigger,
                                                  spec_hash=spec.hash)
@@ -360,10 +369,13 @@ class Reconciler:
         try:
             for action in actions:
                 log.info("%s", action.describe())
+                action_kind = action.kind
                 served = self.runtime.apply(action)
+                self.stats.actions.labels(action.kind, "ok").inc()
                 if served is not None and action.service == spec.services[0].name:
                     container_id, host_port = served.container_id, served.host_port
         except CynchrodError as exc:
+            self.stats.actions.labels(action_kind, "failed").inc()
             if exc.permanent:
                 self._blocked[key] = spec.hash
             self.store.finish_deployment(deployment, status=store.FAILED, error_code=exc.code, error=exc.message)

@@ -56,14 +56,15 @@ class Served:
 
 
 def crashpoint(name: str) -> None:
-    """Testing hook: ``CYNCHROD_CRASHPOINT=<name>`` SIGKILLs the process here.
+    """Testing hook: ``CYNCHROD_CRASHPOINT=<name>`` SIGKILLs the process group here.
 
-    The crash-safety tests use it to kill a real daemon between two Docker
-    calls (``after-create``: created, not started; ``after-remove``: the old
+    The crash-safety tests use it to kill a real daemon (gunicorn's master and
+    worker alike, started in a session of their own) between two Docker calls
+    (``after-create``: created, not started; ``after-remove``: the old
     container of a recreate is gone, the new one not made yet).
     """
     if os.environ.get("CYNCHROD_CRASHPOINT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
 def has_registry(image: str) -> bool:
@@ -83,6 +84,50 @@ def _converted(call: Callable[[], Any], what: str) -> Any:
         raise RuntimeFailure(f"{what}: {exc.explanation or exc}") from exc
     except (requests.RequestException, docker.errors.DockerException) as exc:
         raise RuntimeFailure(f"{what}: docker unreachable ({type(exc).__name__})", code="docker_unavailable") from exc
+
+
+def split_log_line(line: str) -> tuple[str, str]:
+    """Docker's ``<RFC3339Nano timestamp> <text>`` into its two parts."""
+    stamp, _, text = line.partition(" ")
+    return stamp, text
+
+
+class LogFollower:
+    """A followed log stream on its own connection (no read timeout); ``close()``
+    from another thread ends the iteration."""
+
+    def __init__(self, container_id: str, since: float) -> None:
+        self._client = docker.DockerClient.from_env(timeout=None)
+        try:
+            self._stream = _converted(lambda: self._client.api.logs(
+                container_id, stream=True, follow=True, timestamps=True, since=since), "logs")
+        except BaseException:
+            self._client.close()
+            raise
+        self._closed = False
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        pending = b""
+        try:
+            for chunk in self._stream:
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    yield split_log_line(line.decode("utf-8", "replace"))
+        except (requests.RequestException, docker.errors.DockerException, OSError, AttributeError, ValueError):
+            if not self._closed:
+                raise
+        if pending and not self._closed:
+            yield split_log_line(pending.decode("utf-8", "replace"))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(Exception):
+            self._stream.close()
+        with contextlib.suppress(Exception):
+            self._client.close()
 
 
 class DockerRuntime:
@@ -253,6 +298,26 @@ class DockerRuntime:
             raise PermanentError(f"pull of {image} failed: {type(exc).__name__}", code="image_pull_failed") from exc
         finally:
             puller.close()
+
+    # -- logs ---------------------------------------------------------------
+
+    def app_containers(self, org: str, app: str) -> list[planning.Observed]:
+        """The containers of one app (one list call)."""
+        filters = {"label": [f"{LABEL_OWNER}={self.owner}", f"{LABEL_ORG}={org}", f"{LABEL_APP}={app}"]}
+        rows = _converted(lambda: self.api.containers(all=True, filters=filters), "list containers")
+        return [self._observed(row) for row in rows]
+
+    def log_tail(self, container_id: str, tail: int) -> list[tuple[str, str]]:
+        """The last ``tail`` lines of a container as (timestamp, text): a bounded read."""
+        try:
+            raw = _converted(lambda: self.api.logs(container_id, timestamps=True, tail=tail), "logs")
+        except docker.errors.NotFound:
+            return []
+        return [split_log_line(line) for line in raw.decode("utf-8", "replace").splitlines()]
+
+    def log_follow(self, container_id: str, *, since: float) -> LogFollower:
+        """Lines written from ``since`` on, until the container stops or ``close()``."""
+        return LogFollower(container_id, since)
 
     # -- events -------------------------------------------------------------
 

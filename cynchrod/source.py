@@ -12,6 +12,10 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
+import random
+import threading
+import time
+from collections.abc import Callable
 from urllib.parse import urlparse
 
 import pygit2
@@ -20,19 +24,28 @@ from cynchrod.errors import ManifestError, SourceError
 from cynchrod.manifests import is_manifest_path
 
 APPS_DIR = "apps"
+AUTHOR_NAME = "cynchrod"
+AUTHOR_EMAIL = "cynchrod@localhost"
+PUSH_ATTEMPTS = 6
 _SYMLINK = pygit2.enums.FileMode.LINK
+_PUSH_REF = "refs/cynchrod/push"
 
 
-def _callbacks(url: str) -> pygit2.RemoteCallbacks | None:
+def _credential(url: str) -> pygit2.UserPass | pygit2.Keypair | None:
     """Credentials from the environment; never logged, never stored in the mirror."""
     token = os.environ.get("CYNCHROD_GIT_TOKEN")
     key = os.environ.get("CYNCHROD_GIT_SSH_KEY")
     scheme = urlparse(url).scheme
     if scheme == "https" and token:
-        return pygit2.RemoteCallbacks(credentials=pygit2.UserPass("x-access-token", token))
+        return pygit2.UserPass("x-access-token", token)
     if (scheme == "ssh" or "@" in url.split(":", 1)[0]) and key:
-        return pygit2.RemoteCallbacks(credentials=pygit2.Keypair("git", key + ".pub", key, ""))
+        return pygit2.Keypair("git", key + ".pub", key, "")
     return None
+
+
+def _callbacks(url: str) -> pygit2.RemoteCallbacks | None:
+    credential = _credential(url)
+    return pygit2.RemoteCallbacks(credentials=credential) if credential is not None else None
 
 
 def _normalise(url: str) -> str:
@@ -52,6 +65,8 @@ class Source:
         digest = hashlib.sha256(self.url.encode()).hexdigest()[:16]
         self.mirror = state_dir / "repos" / f"{digest}.git"
         self._repo: pygit2.Repository | None = None
+        # One libgit2 repository object is shared by the reconciler and the API threads.
+        self._lock = threading.RLock()
 
     @property
     def apps_prefix(self) -> str:
@@ -80,20 +95,25 @@ class Source:
 
     def fetch(self) -> str:
         """Fetch and return the branch's commit id. Raises ``SourceError``."""
-        repo = self._open()
-        try:
-            repo.remotes["origin"].fetch(prune=pygit2.enums.FetchPrune.PRUNE, callbacks=_callbacks(self.url))
-        except (pygit2.GitError, KeyError) as exc:
-            raise SourceError(f"cannot fetch {self._safe_url}: {exc}") from exc
-        return self.resolve()
+        with self._lock:
+            repo = self._open()
+            try:
+                repo.remotes["origin"].fetch(prune=pygit2.enums.FetchPrune.PRUNE, callbacks=_callbacks(self.url))
+            except (pygit2.GitError, KeyError) as exc:
+                raise SourceError(f"cannot fetch {self._safe_url}: {exc}") from exc
+            return self.resolve()
 
     def resolve(self) -> str:
         """The branch's commit in the mirror as last fetched, without fetching."""
-        repo = self._open()
-        ref = repo.references.get(f"refs/remotes/origin/{self.branch}")
-        if ref is None:
-            raise SourceError(f"branch {self.branch!r} not found in {self._safe_url}", code="branch_not_found")
-        return str(ref.target)
+        with self._lock:
+            ref = self._open().references.get(self._tracking_ref)
+            if ref is None:
+                raise SourceError(f"branch {self.branch!r} not found in {self._safe_url}", code="branch_not_found")
+            return str(ref.target)
+
+    @property
+    def _tracking_ref(self) -> str:
+        return f"refs/remotes/origin/{self.branch}"
 
     def files(self, commit: str) -> tuple[list[tuple[str, str]], list[ManifestError]]:
         """Manifests under the apps directory at ``commit``, and entries refused.
@@ -101,6 +121,10 @@ class Source:
         Raises ``SourceError`` (code ``source_empty``) when the commit has no
         apps directory at all, so that a wiped repository never prunes apps.
         """
+        with self._lock:
+            return self._files(commit)
+
+    def _files(self, commit: str) -> tuple[list[tuple[str, str]], list[ManifestError]]:
         repo = self._open()
         try:
             tree = repo[commit].peel(pygit2.Tree)
@@ -127,5 +151,87 @@ class Source:
                     found.append((path, str(entry.id)))
 
     def read(self, oid: str) -> bytes:
-        blob = self._open()[oid]
-        return bytes(blob.read_raw())
+        with self._lock:
+            return bytes(self._open()[oid].read_raw())
+
+    # -- writing: imperative calls become commits ---------------------------------
+
+    def commit_edit(self, path: str, edit: Callable[[bytes | None], bytes | None], message: str) -> str | None:
+        """Commit ``edit`` of the file at ``path`` on the branch tip and push it.
+
+        ``edit(old)`` gets the file's bytes (None if absent) and returns the new
+        bytes (None deletes the file); it may raise a ``CynchrodError``. Returns
+        the pushed commit id, or None when the edit changes nothing (no empty
+        commits). When the push is rejected because someone else pushed first,
+        the edit is re-applied on the new tip and pushed again (bounded, with
+        jitter); a push is never forced.
+        """
+        for attempt in range(PUSH_ATTEMPTS):
+            with self._lock:
+                tip = self.fetch()
+                outcome = self._commit_on(tip, path, edit, message)
+                if outcome is None:
+                    return None
+                try:
+                    self._push(outcome)
+                except _Rejected:
+                    pass
+                else:
+                    self._open().references.create(self._tracking_ref, pygit2.Oid(hex=outcome), force=True)
+                    return outcome
+            time.sleep(random.uniform(0.02, 0.1) * (attempt + 1))
+        raise SourceError(f"push to {self._safe_url} rejected {PUSH_ATTEMPTS} times: others keep pushing",
+                          code="push_conflict")
+
+    def _commit_on(self, tip: str, path: str, edit: Callable[[bytes | None], bytes | None], message: str) -> str | None:
+        repo = self._open()
+        commit = repo[tip].peel(pygit2.Commit)
+        try:
+            entry = commit.tree[path]
+            old: bytes | None = bytes(repo[entry.id].read_raw())
+        except KeyError:
+            old = None
+        new = edit(old)
+        if new == old:
+            return None
+        index = pygit2.Index()
+        index.read_tree(commit.tree)
+        if new is None:
+            index.remove(path)
+        else:
+            index.add(pygit2.IndexEntry(path, repo.create_blob(new), pygit2.enums.FileMode.BLOB))
+        tree = index.write_tree(repo)
+        if tree == commit.tree.id:
+            return None
+        author = pygit2.Signature(AUTHOR_NAME, AUTHOR_EMAIL)
+        return str(repo.create_commit(None, author, author, message, tree, [commit.id]))
+
+    def _push(self, commit: str) -> None:
+        repo = self._open()
+        repo.references.create(_PUSH_REF, pygit2.Oid(hex=commit), force=True)
+        callbacks = _PushCallbacks(_credential(self.url))
+        try:
+            repo.remotes["origin"].push([f"{_PUSH_REF}:refs/heads/{self.branch}"], callbacks=callbacks)
+        except pygit2.GitError as exc:
+            text = str(exc)
+            if "non-fast" in text or "fetch first" in text or "rejected" in text:
+                raise _Rejected(text) from exc
+            raise SourceError(f"push to {self._safe_url} failed: {text}", code="push_failed") from exc
+        if callbacks.rejection:
+            if "non-fast" in callbacks.rejection or "fetch first" in callbacks.rejection:
+                raise _Rejected(callbacks.rejection)
+            raise SourceError(f"push to {self._safe_url} rejected: {callbacks.rejection}", code="push_failed")
+
+
+class _Rejected(Exception):
+    """The remote moved on: fetch, re-apply, push again."""
+
+
+class _PushCallbacks(pygit2.RemoteCallbacks):
+    def __init__(self, credential: pygit2.UserPass | pygit2.Keypair | None) -> None:
+        super().__init__(credentials=credential)
+        self.rejection: str | None = None
+
+    def push_update_reference(self, refname: str, message: str | None) -> None:
+        if message:
+            self.rejection = message

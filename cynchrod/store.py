@@ -9,6 +9,7 @@ never erased.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import pathlib
 import secrets
@@ -66,7 +67,17 @@ CREATE TABLE IF NOT EXISTS deployments (
 );
 CREATE INDEX IF NOT EXISTS deployments_app ON deployments(app_id, id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tokens (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    org TEXT NOT NULL,
+    admin INTEGER NOT NULL DEFAULT 0,
+    hash TEXT NOT NULL UNIQUE,
+    created_at TEXT NOT NULL,
+    revoked_at TEXT
+);
 """
+TOKEN_PREFIX = "cyn_"
 
 
 def now() -> str:
@@ -103,6 +114,26 @@ class App:
 
 
 @dataclasses.dataclass(frozen=True)
+class Token:
+    """An API token as stored: never the token itself, only its hash."""
+
+    id: str
+    name: str
+    org: str
+    admin: bool
+    created_at: str
+    revoked_at: str | None
+
+    def sees(self, org: str) -> bool:
+        return self.admin or self.org == org
+
+
+def token_hash(token: str) -> str:
+    # Tokens are 256 random bits, so a fast hash is enough: there is nothing to brute-force.
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
 class Deployment:
     id: int
     app_id: str
@@ -114,6 +145,11 @@ class Deployment:
     error: str | None
     started_at: str
     finished_at: str | None
+
+
+def _token(row: sqlite3.Row) -> Token:
+    return Token(id=row["id"], name=row["name"], org=row["org"], admin=bool(row["admin"]),
+                 created_at=row["created_at"], revoked_at=row["revoked_at"])
 
 
 class Store:
@@ -195,19 +231,44 @@ class Store:
         self.update_app(app_id, image=spec.image, domain=spec.domain, port=spec.port, path=spec.path,
                         commit=commit, spec_json=json.dumps(spec.to_json()))
 
-    def mark_removed(self, app_id: str) -> None:
-        stamp = now()
-        self.update_app(app_id, status=REMOVED, removed_at=stamp, container_id=None, host_port=None)
+    def remove_app(self, app_id: str, *, commit: str | None, trigger: str) -> None:
+        """Soft-delete: the row (and its history) stays, with status ``removed``."""
+        deployment = self.start_deployment(app_id, commit=commit, trigger=trigger, spec_hash="")
+        self.finish_deployment(deployment, status=REMOVED)
+        self.update_app(app_id, status=REMOVED, removed_at=now(), container_id=None, host_port=None)
 
     # -- deployments --------------------------------------------------------
 
-    def start_deployment(self, app_id: str, *, commit: str | None, trigger: str, spec_hash: str) -> int:
+    def queue_deployment(self, app_id: str, *, commit: str, trigger: str) -> int:
+        """A deployment an imperative call asked for; the next pass that acts on the app takes it."""
         with self.transaction() as db:
+            cur = db.execute(
+                'INSERT INTO deployments (app_id, "commit", trigger, status, started_at) VALUES (?,?,?,?,?)',
+                (app_id, commit, trigger, QUEUED, now()))
+            return int(cur.lastrowid or 0)
+
+    def start_deployment(self, app_id: str, *, commit: str | None, trigger: str, spec_hash: str) -> int:
+        """Move the app's queued deployment (if any) to ``deploying``, or open a new one."""
+        with self.transaction() as db:
+            queued = db.execute("SELECT id, trigger FROM deployments WHERE app_id = ? AND status = ?"
+                                " ORDER BY id DESC LIMIT 1", (app_id, QUEUED)).fetchone()
+            db.execute("UPDATE apps SET status = ?, updated_at = ? WHERE id = ?", (DEPLOYING, now(), app_id))
+            if queued is not None:
+                # Older queued rows of the same app are superseded by this deployment.
+                db.execute("UPDATE deployments SET status = ?, error_code = 'superseded', finished_at = ?"
+                           " WHERE app_id = ? AND status = ? AND id != ?",
+                           (FAILED, now(), app_id, QUEUED, queued["id"]))
+                db.execute('UPDATE deployments SET status = ?, spec_hash = ?, "commit" = ?, started_at = ?'
+                           " WHERE id = ?", (DEPLOYING, spec_hash, commit, now(), queued["id"]))
+                return int(queued["id"])
             cur = db.execute(
                 'INSERT INTO deployments (app_id, "commit", trigger, status, spec_hash, started_at)'
                 " VALUES (?,?,?,?,?,?)", (app_id, commit, trigger, DEPLOYING, spec_hash, now()))
-            db.execute("UPDATE apps SET status = ?, updated_at = ? WHERE id = ?", (DEPLOYING, now(), app_id))
             return int(cur.lastrowid or 0)
+
+    def deployment(self, deployment_id: int) -> Deployment | None:
+        rows = self._query("SELECT * FROM deployments WHERE id = ?", (deployment_id,))
+        return Deployment(**dict(rows[0])) if rows else None
 
     def finish_deployment(self, deployment_id: int, *, status: str, error_code: str | None = None,
                           error: str | None = None) -> None:
@@ -240,7 +301,44 @@ class Store:
             cur = db.execute(
                 "UPDATE deployments SET status = ?, error_code = 'interrupted',"
                 " error = 'the daemon stopped during this deployment; it is retried', finished_at = ?"
-                " WHERE status IN (?, ?, ?)", (FAILED, now(), DEPLOYING, QUEUED, PENDING))
+                " WHERE status = ?", (FAILED, now(), DEPLOYING))
+            return cur.rowcount
+
+    # -- tokens ---------------------------------------------------------------
+
+    def create_token(self, *, org: str, name: str, admin: bool = False) -> tuple[Token, str]:
+        """A new token; the secret is returned once and only its hash is kept."""
+        secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        token_id = "tok_" + secrets.token_hex(6)
+        with self.transaction() as db:
+            db.execute("INSERT INTO tokens (id, name, org, admin, hash, created_at) VALUES (?,?,?,?,?,?)",
+                       (token_id, name, org, int(admin), token_hash(secret), now()))
+        token = self.token_by_id(token_id)
+        assert token is not None
+        return token, secret
+
+    def token_by_id(self, token_id: str) -> Token | None:
+        rows = self._query("SELECT id, name, org, admin, created_at, revoked_at FROM tokens WHERE id = ?",
+                           (token_id,))
+        return _token(rows[0]) if rows else None
+
+    def authenticate(self, secret: str) -> Token | None:
+        """The live token whose hash matches, or None."""
+        rows = self._query("SELECT id, name, org, admin, created_at, revoked_at FROM tokens"
+                           " WHERE hash = ? AND revoked_at IS NULL", (token_hash(secret),))
+        return _token(rows[0]) if rows else None
+
+    def is_live_token(self, token_id: str) -> bool:
+        return bool(self._query("SELECT 1 FROM tokens WHERE id = ? AND revoked_at IS NULL", (token_id,)))
+
+    def tokens(self) -> list[Token]:
+        rows = self._query("SELECT id, name, org, admin, created_at, revoked_at FROM tokens ORDER BY created_at")
+        return [_token(r) for r in rows]
+
+    def revoke_token(self, id_or_name: str) -> int:
+        with self.transaction() as db:
+            cur = db.execute("UPDATE tokens SET revoked_at = ? WHERE (id = ? OR name = ?) AND revoked_at IS NULL",
+                             (now(), id_or_name, id_or_name))
             return cur.rowcount
 
     # -- meta -----------------------------------------------------------------

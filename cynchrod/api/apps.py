@@ -1,0 +1,94 @@
+"""``/apps``: list, details, create, and the imperative restart/stop/start/delete."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, request
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
+
+from cynchrod import control, store
+from cynchrod.api import ApiError
+from cynchrod.api.auth import bearer, daemon, visible_app
+
+bp = Blueprint("apps", __name__)
+DEPLOYMENTS_SHOWN = 20
+
+
+def app_json(app: store.App) -> dict[str, Any]:
+    return {
+        "id": app.id, "name": app.name, "org": app.org, "image": app.image, "domain": app.domain,
+        "port": app.port, "host_port": app.host_port, "status": app.status, "container_id": app.container_id,
+        "created_at": app.created_at, "updated_at": app.updated_at, "last_error": app.last_error,
+        "commit": app.commit, "path": app.path,
+    }
+
+
+def deployment_json(d: store.Deployment) -> dict[str, Any]:
+    return {"id": d.id, "app_id": d.app_id, "commit": d.commit, "trigger": d.trigger, "status": d.status,
+            "error_code": d.error_code, "error": d.error, "started_at": d.started_at,
+            "finished_at": d.finished_at}
+
+
+@bp.get("/apps")
+def list_apps() -> Response:
+    token = bearer()
+    include_removed = request.args.get("include_removed", "").lower() in ("1", "true", "yes")
+    apps = daemon().store.apps(org=None if token.admin else token.org, include_removed=include_removed)
+    return jsonify({"apps": [app_json(a) for a in apps]})
+
+
+@bp.get("/apps/<app_id>")
+def get_app(app_id: str) -> Response:
+    app = visible_app(bearer(), app_id)
+    deployments = daemon().store.deployments(app.id, limit=DEPLOYMENTS_SHOWN)
+    return jsonify({"app": app_json(app), "webhook": None,
+                    "deployments": [deployment_json(d) for d in deployments]})
+
+
+def _accepted(result: control.Accepted) -> tuple[Response, int]:
+    body = {"app": app_json(daemon().store.app(result.app.id) or result.app), "action": result.action,
+            "commit": result.commit, "deployment_id": result.deployment_id, "changed": result.commit is not None}
+    return jsonify(body), 202 if result.commit is not None else 200
+
+
+@bp.post("/apps/<app_id>/restart")
+def restart(app_id: str) -> tuple[Response, int]:
+    token = bearer()
+    return _accepted(daemon().control.restart(visible_app(token, app_id), actor=token.name))
+
+
+@bp.post("/apps/<app_id>/stop")
+def stop(app_id: str) -> tuple[Response, int]:
+    token = bearer()
+    return _accepted(daemon().control.stop(visible_app(token, app_id), actor=token.name))
+
+
+@bp.post("/apps/<app_id>/start")
+def start(app_id: str) -> tuple[Response, int]:
+    token = bearer()
+    return _accepted(daemon().control.start(visible_app(token, app_id), actor=token.name))
+
+
+@bp.delete("/apps/<app_id>")
+def delete(app_id: str) -> tuple[Response, int]:
+    token = bearer()
+    return _accepted(daemon().control.delete(visible_app(token, app_id), actor=token.name))
+
+
+@bp.post("/apps")
+def create() -> tuple[Response, int]:
+    token = bearer()
+    raw = request.get_data(cache=False)
+    kind = (request.mimetype or "").lower()
+    try:
+        if kind in ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml"):
+            data = YAML(typ="safe").load(raw.decode("utf-8"))
+        else:
+            data = json.loads(raw or b"null")
+    except (ValueError, YAMLError) as exc:
+        raise ApiError("invalid_body", f"the body is not valid {'YAML' if 'yaml' in kind else 'JSON'}: "
+                       f"{str(exc).splitlines()[0]}") from exc
+    return _accepted(daemon().control.create(data, token=token))

@@ -1,0 +1,37 @@
+"""``/healthz`` (no auth), ``/metrics`` (Prometheus text) and ``/openapi.json``."""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from flask import Blueprint, Response, jsonify
+
+from cynchrod import metrics
+from cynchrod.api.auth import daemon
+
+bp = Blueprint("meta", __name__)
+
+
+@cache
+def openapi() -> dict[str, Any]:
+    document: dict[str, Any] = json.loads(resources.files("cynchrod").joinpath("openapi.json").read_text())
+    return document
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    last = daemon().store.meta("last_pass") or {}
+    return jsonify({"status": "ok", "last_pass": {k: last.get(k) for k in ("at", "commit", "source_error")}})
+
+
+@bp.get("/metrics")
+def metrics_text() -> Response:
+    return Response(daemon().metrics.render(), content_type=metrics.CONTENT_TYPE)
+
+
+@bp.get("/openapi.json")
+def openapi_json() -> Response:
+    return jsonify(openapi())

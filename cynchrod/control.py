@@ -1,0 +1,143 @@
+"""Imperative calls (restart, stop, start, delete, create) recorded as Git commits.
+
+Called by the API (and usable from the CLI). Each call edits the app's manifest
+on the branch tip (``edits``), commits it as ``cynchrod <cynchrod@localhost>``,
+pushes it (``Source.commit_edit`` re-applies on a new tip when someone else
+pushed first), queues a deployment row and wakes the reconciler. Git stays the
+one source of truth: the container change is the next pass applying the commit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import posixpath
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from cynchrod import edits, manifests, source, store
+from cynchrod.errors import PermanentError
+
+DEFAULT_MAX_APPS = 10
+
+
+class NotFound(PermanentError):
+    code = "not_found"
+
+
+class Conflict(PermanentError):
+    code = "conflict"
+
+
+class QuotaExceeded(PermanentError):
+    code = "quota_exceeded"
+
+
+class Forbidden(PermanentError):
+    code = "forbidden"
+
+
+class InvalidManifest(PermanentError):
+    code = "invalid_manifest"
+
+    def __init__(self, message: str, errors: list[str]) -> None:
+        super().__init__(message)
+        self.errors = errors
+
+
+@dataclasses.dataclass(frozen=True)
+class Accepted:
+    """An imperative call that reached the remote (``commit``) or needed no change (None)."""
+
+    app: store.App
+    action: str
+    commit: str | None
+    deployment_id: int | None
+
+
+class Control:
+    def __init__(self, *, src: source.Source, db: store.Store, wake: Callable[[str], None],
+                 max_apps: Callable[[str], int] = lambda org: DEFAULT_MAX_APPS) -> None:
+        self.source = src
+        self.store = db
+        self.wake = wake
+        self.max_apps = max_apps
+        self._create_lock = threading.Lock()
+
+    def _edit(self, app: store.App, action: str, actor: str,
+              edit: Callable[[bytes | None], bytes | None]) -> Accepted:
+        if app.status == store.REMOVED:
+            raise Conflict(f"app {app.org}/{app.name} is removed", code="app_removed")
+        if not app.path:
+            raise Conflict(f"app {app.org}/{app.name} has no manifest in the repository", code="not_in_repo")
+
+        def checked(old: bytes | None) -> bytes | None:
+            if old is None:
+                raise Conflict(f"{app.path} is no longer in the repository", code="not_in_repo")
+            return edit(old)
+
+        commit = self.source.commit_edit(app.path, checked, f"{action} {app.org}/{app.name} (by {actor})")
+        return self._accepted(app, action, commit)
+
+    def _accepted(self, app: store.App, action: str, commit: str | None) -> Accepted:
+        deployment = None
+        if commit is not None:
+            deployment = self.store.queue_deployment(app.id, commit=commit, trigger="api")
+            self.wake("api")
+        return Accepted(app=app, action=action, commit=commit, deployment_id=deployment)
+
+    def restart(self, app: store.App, *, actor: str) -> Accepted:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{time.time_ns() % 10**9:09d}Z"
+        return self._edit(app, "restart", actor, lambda old: edits.set_keys(old or b"", {"restartedAt": stamp}))
+
+    def stop(self, app: store.App, *, actor: str) -> Accepted:
+        return self._edit(app, "stop", actor, lambda old: edits.set_keys(old or b"", {"state": "stopped"}))
+
+    def start(self, app: store.App, *, actor: str) -> Accepted:
+        def edit(old: bytes | None) -> bytes | None:
+            result = manifests.parse(app.path, old or b"")
+            if result.spec is not None and result.spec.state == "running":
+                return old  # already running: no commit
+            return edits.set_keys(old or b"", {"state": "running"})
+
+        return self._edit(app, "start", actor, edit)
+
+    def delete(self, app: store.App, *, actor: str) -> Accepted:
+        return self._edit(app, "delete", actor, lambda old: None)
+
+    def create(self, data: dict[str, Any], *, token: store.Token) -> Accepted:
+        """Commit a new manifest for ``data`` (a manifest as a mapping)."""
+        if not isinstance(data, dict):
+            raise InvalidManifest("the body must be a manifest: a mapping of keys to values", [])
+        data = dict(data)
+        org = data.setdefault("org", token.org)
+        if not token.sees(str(org)):
+            raise Forbidden(f"this token cannot create apps in org {org!r}")
+        name = str(data.get("name", ""))
+        path = posixpath.join(self.source.apps_prefix, str(org), f"{name}.yaml")
+        raw = edits.new_manifest(data, header=f"created through the API by {token.name}")
+        parsed = manifests.parse(path, raw)
+        if parsed.spec is None:
+            errors = [str(e) for e in parsed.errors]
+            raise InvalidManifest("; ".join(errors), errors)
+        spec = parsed.spec
+        with self._create_lock:
+            # Quota and existence are checked and the row made under one lock, so
+            # concurrent creates at the cap leave exactly max_apps apps.
+            live = self.store.live_apps()
+            if spec.key in live:
+                raise Conflict(f"app {spec.org}/{spec.name} exists", code="app_exists")
+            count = sum(1 for org_, _ in live if org_ == spec.org)
+            cap = self.max_apps(spec.org)
+            if count >= cap:
+                raise QuotaExceeded(f"org {spec.org} has {count} apps, its max_apps is {cap}")
+
+            def write(old: bytes | None) -> bytes | None:
+                if old is not None:
+                    raise Conflict(f"{path} already exists in the repository", code="app_exists")
+                return raw
+
+            commit = self.source.commit_edit(path, write, f"create {spec.org}/{spec.name} (by {token.name})")
+            app = self.store.ensure_app(dataclasses.replace(spec, path=path), commit=commit)
+        return self._accepted(app, "create", commit)

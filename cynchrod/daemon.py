@@ -1,0 +1,100 @@
+"""The daemon: the reconciler loop and the API in one process, served by gunicorn.
+
+``cynchrod serve`` holds the state lock in gunicorn's master process and runs
+one ``gthread`` worker. The worker builds the ``Daemon`` (store, source,
+runtime, reconciler, control, metrics) after the fork, starts the reconciler
+thread, and serves the Flask app; each open log WebSocket holds one of its
+threads. SIGTERM stops the worker, which stops the reconciler between passes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from typing import TYPE_CHECKING, Any
+
+from gunicorn.app.base import BaseApplication
+
+from cynchrod import config, control, metrics, reconciler, runtime, source, store
+from cynchrod.errors import PermanentError
+
+if TYPE_CHECKING:
+    from cynchrod.api.auth import Tickets
+
+log = logging.getLogger("cynchrod")
+#: Worker threads: API requests plus the log streams they may hold open.
+THREADS = 32
+
+
+@dataclasses.dataclass
+class Daemon:
+    settings: config.Settings
+    store: store.Store
+    source: source.Source
+    runtime: runtime.DockerRuntime
+    reconciler: reconciler.Reconciler
+    control: control.Control
+    metrics: metrics.Metrics
+    tickets: Tickets
+    stop_event: threading.Event = dataclasses.field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    @classmethod
+    def build(cls, cfg: config.Settings) -> Daemon:
+        if not cfg.repo:
+            raise PermanentError("--repo (or CYNCHROD_REPO) is required", code="usage")
+        db = store.Store(cfg.state / "cynchrod.db")
+        src = source.Source(cfg.repo, branch=cfg.branch, path=cfg.path, state_dir=cfg.state)
+        rt = runtime.DockerRuntime(owner=cfg.owner, publish_address=cfg.publish_address,
+                                   stop_timeout=cfg.stop_timeout)
+        stats = metrics.Metrics(db)
+        rec = reconciler.Reconciler(src=src, rt=rt, db=db, concurrency=cfg.concurrency, stats=stats)
+        ctl = control.Control(src=src, db=db, wake=rec.wakeup.request)
+        from cynchrod.api.auth import Tickets  # flask stays out of the CLI's import path
+
+        return cls(settings=cfg, store=db, source=src, runtime=rt, reconciler=rec, control=ctl, metrics=stats,
+                   tickets=Tickets())
+
+    def start(self) -> None:
+        interrupted = self.store.interrupt_unfinished()
+        if interrupted:
+            log.warning("%d deployment(s) were interrupted by a stop; they are retried", interrupted)
+        self._thread = threading.Thread(target=self.reconciler.serve, name="reconciler",
+                                        kwargs={"interval": self.settings.interval, "stop": self.stop_event})
+        self._thread.start()
+
+    def stop(self, timeout: float = 30) -> None:
+        self.stop_event.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+
+class Server(BaseApplication):  # type: ignore[misc]
+    """gunicorn, configured in code: one gthread worker that owns the daemon."""
+
+    def __init__(self, cfg: config.Settings) -> None:
+        self.settings = cfg
+        self.daemon: Daemon | None = None
+        super().__init__()
+
+    def load_config(self) -> None:
+        options = {
+            "bind": self.settings.listen, "workers": 1, "worker_class": "gthread", "threads": THREADS,
+            "timeout": 60, "graceful_timeout": 5, "accesslog": None, "errorlog": "-", "loglevel": "warning",
+            "proc_name": "cynchrod", "worker_exit": self._worker_exit,
+        }
+        for key, value in options.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Any:
+        from cynchrod.api import create_app
+
+        self.daemon = Daemon.build(self.settings)
+        self.daemon.start()
+        log.info("API listening on http://%s", self.settings.listen)
+        return create_app(self.daemon)
+
+    def _worker_exit(self, server: Any, worker: Any) -> None:
+        if self.daemon is not None:
+            self.daemon.stop()

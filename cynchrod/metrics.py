@@ -1,0 +1,52 @@
+"""Prometheus metrics (prometheus-client), one registry per daemon.
+
+The reconciler and the API report into a ``Metrics``; ``GET /metrics`` renders
+it. App counts by status are read from the store at scrape time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from cynchrod import store
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _AppsByStatus(Collector):
+    def __init__(self, db: store.Store) -> None:
+        self._db = db
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("cynchrod_apps", "Apps by status.", labels=["status"])
+        counts = dict.fromkeys(store.APP_STATUSES, 0)
+        for app in self._db.apps():
+            counts[app.status] = counts.get(app.status, 0) + 1
+        for status, count in counts.items():
+            family.add_metric([status], count)
+        yield family
+
+
+class Metrics:
+    def __init__(self, db: store.Store | None = None) -> None:
+        self.registry = CollectorRegistry()
+        self.passes = Counter("cynchrod_passes", "Reconcile passes.", ["trigger", "result"],
+                              registry=self.registry)
+        self.pass_seconds = Histogram("cynchrod_pass_duration_seconds", "Duration of a reconcile pass.",
+                                      registry=self.registry,
+                                      buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.actions = Counter("cynchrod_actions", "Actions applied, by kind and result.", ["kind", "result"],
+                               registry=self.registry)
+        self.webhooks = Counter("cynchrod_webhook_deliveries", "Webhook deliveries, by provider and result.",
+                                ["provider", "result"], registry=self.registry)
+        self.requests = Counter("cynchrod_api_requests", "API requests, by method and status code.",
+                                ["method", "code"], registry=self.registry)
+        if db is not None:
+            self.registry.register(_AppsByStatus(db))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
