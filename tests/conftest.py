@@ -4,66 +4,24 @@ a per-test owner label whose containers are all removed in teardown."""
 
 from __future__ import annotations
 
-import os
 import pathlib
 import secrets
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import docker
 import pytest
 
 from cynchrod import reconciler, runtime, source, store
-
-GIT_ENV = {
-    "GIT_AUTHOR_NAME": "tester", "GIT_AUTHOR_EMAIL": "tester@localhost",
-    "GIT_COMMITTER_NAME": "tester", "GIT_COMMITTER_EMAIL": "tester@localhost",
-}
-
-
-def git(*args: str, cwd: pathlib.Path) -> str:
-    env = {**os.environ, **GIT_ENV}
-    return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
-
-
-class GitRepo:
-    """A bare repository (what cynchrod follows) and a working clone to push from."""
-
-    def __init__(self, root: pathlib.Path) -> None:
-        self.bare = root / "origin.git"
-        self.work = root / "work"
-        git("init", "-q", "--bare", "-b", "main", str(self.bare), cwd=root)
-        git("clone", "-q", str(self.bare), str(self.work), cwd=root)
-        git("checkout", "-q", "-b", "main", cwd=self.work)
-
-    @property
-    def url(self) -> str:
-        return str(self.bare)
-
-    def push(self, files: dict[str, str | None], message: str = "change") -> str:
-        """Write (or delete, for None) files, commit, push; return the new commit id."""
-        for path, content in files.items():
-            target = self.work / path
-            if content is None:
-                git("rm", "-q", "-r", path, cwd=self.work)
-            else:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_text(content)
-                git("add", path, cwd=self.work)
-        git("commit", "-q", "--allow-empty", "-m", message, cwd=self.work)
-        git("push", "-q", "origin", "HEAD:main", cwd=self.work)
-        return git("rev-parse", "HEAD", cwd=self.work).strip()
+from tests.helpers import TEST_IMAGE, TEST_IMAGE_2, TEST_LABEL, Daemon, GitRepo
 
 
 @pytest.fixture
 def repo(tmp_path: pathlib.Path) -> GitRepo:
     return GitRepo(tmp_path)
 
-TEST_IMAGE = "cynchrod-test/busybox:1"
-TEST_IMAGE_2 = "cynchrod-test/busybox:2"
-TEST_LABEL = "io.cynchrod.test"
 
 
 @pytest.fixture(scope="session")
@@ -137,3 +95,18 @@ def harness(repo, owner: str, images, tmp_path: pathlib.Path) -> Iterator[Harnes
     h = Harness(repo.url, tmp_path / "state", owner)
     yield h
     h.close()
+
+
+@pytest.fixture
+def daemons(repo: GitRepo, owner: str, images: object, tmp_path: pathlib.Path) -> Iterator[Callable[..., Daemon]]:
+    made: list[Daemon] = []
+
+    def make(**kw: object) -> Daemon:
+        d = Daemon(repo, tmp_path / "state", owner, **kw)  # type: ignore[arg-type]
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        if d.proc is not None and d.proc.poll() is None:
+            d.stop()

@@ -6,8 +6,7 @@ import pathlib
 
 import docker
 
-from tests.conftest import TEST_IMAGE, GitRepo
-from tests.e2e.test_daemon import cli, owned
+from tests.helpers import TEST_IMAGE, GitRepo, cli, owned
 
 GOOD = f"name: web\nimage: {TEST_IMAGE}\ncommand: [sleep, '3600']\nmemory: 64\n"
 

@@ -2,85 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import pathlib
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
 
 import docker
 import pytest
 
-from cynchrod import runtime, store
-from tests.conftest import TEST_IMAGE, GitRepo
-
-CLI = [sys.executable, "-m", "cynchrod"]
-
-
-def manifest(name: str, command: str = "[sleep, '3600']", extra: str = "") -> str:
-    return f"name: {name}\nimage: {TEST_IMAGE}\ncommand: {command}\nmemory: 64\n{extra}"
-
-
-def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
-
-
-def wait_for(check: Callable[[], object], timeout: float, what: str) -> float:
-    """Poll ``check`` until truthy; returns the seconds it took (the bound is the assertion)."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if check():
-            return time.monotonic() - start
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-class Daemon:
-    def __init__(self, repo: GitRepo, state: pathlib.Path, owner: str, *, interval: float = 300,
-                 env: dict[str, str] | None = None) -> None:
-        self.log = state.parent / f"daemon-{time.monotonic_ns()}.log"
-        self.args = ["serve", "--repo", repo.url, "--state", str(state), "--owner", owner,
-                     "--interval", str(interval), "--stop-timeout", "1"]
-        self.env = {**os.environ, **(env or {})}
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Daemon:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen([*CLI, *self.args], stdout=out, stderr=subprocess.STDOUT, env=self.env)
-        return self
-
-    def stop(self) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=30)
-
-    def output(self) -> str:
-        return self.log.read_text()
-
-
-@pytest.fixture
-def daemons(repo: GitRepo, owner: str, images: object, tmp_path: pathlib.Path) -> Iterator[Callable[..., Daemon]]:
-    made: list[Daemon] = []
-
-    def make(**kw: object) -> Daemon:
-        d = Daemon(repo, tmp_path / "state", owner, **kw)  # type: ignore[arg-type]
-        made.append(d)
-        return d
-
-    yield make
-    for d in made:
-        if d.proc is not None and d.proc.poll() is None:
-            d.stop()
-
-
-def owned(client: docker.DockerClient, owner: str) -> list[dict]:  # type: ignore[type-arg]
-    rows: list[dict] = client.api.containers(  # type: ignore[type-arg]
-        all=True, filters={"label": [f"{runtime.LABEL_OWNER}={owner}"]})
-    return rows
+from cynchrod import store
+from tests.helpers import GitRepo, cli, manifest, owned, wait_for
 
 
 def test_push_is_applied_within_one_pass(repo: GitRepo, daemons, owner: str,

@@ -8,7 +8,8 @@ import docker
 import pytest
 
 from cynchrod import runtime, store
-from tests.conftest import TEST_IMAGE, TEST_IMAGE_2, TEST_LABEL, Harness
+from tests.conftest import Harness
+from tests.helpers import TEST_IMAGE, TEST_IMAGE_2, TEST_LABEL
 
 
 def manifest(name: str, image: str = TEST_IMAGE, extra: str = "") -> str:

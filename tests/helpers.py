@@ -1,0 +1,121 @@
+"""Helpers for tests that run cynchrod as a user does: CLI processes and daemons."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import docker
+
+from cynchrod import runtime
+
+TEST_IMAGE = "cynchrod-test/busybox:1"
+TEST_IMAGE_2 = "cynchrod-test/busybox:2"
+TEST_LABEL = "io.cynchrod.test"
+
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "tester", "GIT_AUTHOR_EMAIL": "tester@localhost",
+    "GIT_COMMITTER_NAME": "tester", "GIT_COMMITTER_EMAIL": "tester@localhost",
+}
+
+
+def git(*args: str, cwd: pathlib.Path) -> str:
+    env = {**os.environ, **GIT_ENV}
+    return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
+
+
+class GitRepo:
+    """A bare repository (what cynchrod follows) and a working clone to push from."""
+
+    def __init__(self, root: pathlib.Path) -> None:
+        self.bare = root / "origin.git"
+        self.work = root / "work"
+        git("init", "-q", "--bare", "-b", "main", str(self.bare), cwd=root)
+        git("clone", "-q", str(self.bare), str(self.work), cwd=root)
+        git("checkout", "-q", "-b", "main", cwd=self.work)
+
+    @property
+    def url(self) -> str:
+        return str(self.bare)
+
+    def push(self, files: dict[str, str | None], message: str = "change") -> str:
+        """Write (or delete, for None) files, commit, push; return the new commit id."""
+        for path, content in files.items():
+            target = self.work / path
+            if content is None:
+                git("rm", "-q", "-r", path, cwd=self.work)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(content)
+                git("add", path, cwd=self.work)
+        git("commit", "-q", "--allow-empty", "-m", message, cwd=self.work)
+        git("push", "-q", "origin", "HEAD:main", cwd=self.work)
+        return git("rev-parse", "HEAD", cwd=self.work).strip()
+
+
+CLI = [sys.executable, "-m", "cynchrod"]
+
+
+def manifest(name: str, command: str = "[sleep, '3600']", extra: str = "") -> str:
+    return f"name: {name}\nimage: {TEST_IMAGE}\ncommand: {command}\nmemory: 64\n{extra}"
+
+
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def wait_for(check: Callable[[], object], timeout: float, what: str) -> float:
+    """Poll ``check`` until truthy; returns the seconds it took (the bound is the assertion)."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if check():
+            return time.monotonic() - start
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Daemon:
+    def __init__(self, repo: GitRepo, state: pathlib.Path, owner: str, *, interval: float = 300,
+                 env: dict[str, str] | None = None) -> None:
+        self.log = state.parent / f"daemon-{time.monotonic_ns()}.log"
+        self.port = free_port()
+        self.api = f"http://127.0.0.1:{self.port}"
+        self.args = ["serve", "--repo", repo.url, "--state", str(state), "--owner", owner,
+                     "--interval", str(interval), "--stop-timeout", "1", "--listen", f"127.0.0.1:{self.port}"]
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Daemon:
+        with open(self.log, "ab") as out:
+            # A session of its own: the crash hook SIGKILLs the daemon's whole process group.
+            self.proc = subprocess.Popen([*CLI, *self.args], stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                                         start_new_session=True)
+        return self
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=30)
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+
+def owned(client: docker.DockerClient, owner: str) -> list[dict]:  # type: ignore[type-arg]
+    rows: list[dict] = client.api.containers(  # type: ignore[type-arg]
+        all=True, filters={"label": [f"{runtime.LABEL_OWNER}={owner}"]})
+    return rows
