@@ -214,13 +214,18 @@ class Source:
             repo.remotes["origin"].push([f"{_PUSH_REF}:refs/heads/{self.branch}"], callbacks=callbacks)
         except pygit2.GitError as exc:
             text = str(exc)
-            if "non-fast" in text or "fetch first" in text or "rejected" in text:
+            if _moved_on(text):
                 raise _Rejected(text) from exc
             raise SourceError(f"push to {self._safe_url} failed: {text}", code="push_failed") from exc
         if callbacks.rejection:
-            if "non-fast" in callbacks.rejection or "fetch first" in callbacks.rejection:
+            if _moved_on(callbacks.rejection):
                 raise _Rejected(callbacks.rejection)
             raise SourceError(f"push to {self._safe_url} rejected: {callbacks.rejection}", code="push_failed")
+
+
+def _moved_on(message: str) -> bool:
+    """Whether a push failed because the remote branch has commits we have not fetched."""
+    return any(sign in message for sign in ("non-fast", "fetch first", "not present locally", "stale info"))
 
 
 class _Rejected(Exception):

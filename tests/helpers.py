@@ -55,7 +55,15 @@ class GitRepo:
                 target.write_text(content)
                 git("add", path, cwd=self.work)
         git("commit", "-q", "--allow-empty", "-m", message, cwd=self.work)
-        git("push", "-q", "origin", "HEAD:main", cwd=self.work)
+        for attempt in range(10):
+            try:
+                git("push", "-q", "origin", "HEAD:main", cwd=self.work)
+                break
+            except subprocess.CalledProcessError:
+                if attempt == 9:
+                    raise
+                # Someone (the daemon) pushed first: do what a person does, rebase and push again.
+                git("pull", "-q", "--rebase", "origin", "main", cwd=self.work)
         return git("rev-parse", "HEAD", cwd=self.work).strip()
 
 
@@ -93,6 +101,7 @@ class Daemon:
         self.log = state.parent / f"daemon-{time.monotonic_ns()}.log"
         self.port = free_port()
         self.api = f"http://127.0.0.1:{self.port}"
+        self.owner = owner
         self.args = ["serve", "--repo", repo.url, "--state", str(state), "--owner", owner,
                      "--interval", str(interval), "--stop-timeout", "1", "--listen", f"127.0.0.1:{self.port}"]
         self.env = {**os.environ, **(env or {})}

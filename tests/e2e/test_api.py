@@ -1,0 +1,360 @@
+"""The API against a real `cynchrod serve`, a real dockerd and a bare Git repo."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import docker
+import jsonschema
+import pytest
+import requests
+import simple_websocket
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
+
+from cynchrod import source
+from tests.helpers import TEST_IMAGE, Daemon, GitRepo, cli, git, owned, wait_for
+
+OPENAPI = json.loads((pathlib.Path(__file__).resolve().parents[2] / "cynchrod" / "openapi.json").read_text())
+_REGISTRY = Registry().with_resource("urn:openapi", Resource.from_contents(OPENAPI, default_specification=DRAFT202012))
+
+TICKER = "[sh, -c, 'i=0; while true; do i=$((i+1)); echo tick $i; sleep 0.2; done']"
+COMMENTED = f"""# The web app: keep these comments.
+name: web   # its name
+image: "{TEST_IMAGE}"
+command:
+  - sleep
+  - '3600'
+env:
+  GREETING: 'hi'   # quoted on purpose
+memory: 64
+"""
+
+
+def check_schema(path: str, method: str, response: requests.Response) -> None:
+    """Validate a real response against the OpenAPI document."""
+    operation = OPENAPI["paths"][path][method.lower()]
+    spec = operation["responses"][str(response.status_code)]
+    schema = spec["content"]["application/json"]["schema"]
+    ref = schema["$ref"].replace("#", "urn:openapi#", 1) if "$ref" in schema else None
+    validator = jsonschema.Draft202012Validator({"$ref": ref} if ref else schema, registry=_REGISTRY)
+    validator.validate(response.json())
+
+
+@dataclasses.dataclass
+class Api:
+    daemon: Daemon
+    url: str
+    token: str
+    other_token: str
+    admin_token: str
+    repo: GitRepo
+    state: pathlib.Path
+
+    def call(self, method: str, path: str, *, token: str | None = None, check: str | None = None,
+             **kw: Any) -> requests.Response:
+        headers = kw.pop("headers", {})
+        headers.setdefault("Authorization", f"Bearer {token or self.token}")
+        response = requests.request(method, self.url + path, headers=headers, timeout=30, **kw)
+        if check is not None:
+            check_schema(check, method, response)
+        return response
+
+    def app_id(self, name: str) -> str:
+        apps = self.call("GET", "/apps", token=self.admin_token).json()["apps"]
+        return next(a["id"] for a in apps if a["name"] == name)
+
+    def app(self, app_id: str) -> dict[str, Any]:
+        return dict(self.call("GET", f"/apps/{app_id}", token=self.admin_token).json())
+
+    def wait_status(self, app_id: str, status: str, timeout: float = 20) -> float:
+        return wait_for(lambda: self.app(app_id)["app"]["status"] == status, timeout, f"{app_id} to be {status}")
+
+    def fresh_log(self) -> list[str]:
+        clone = self.state.parent / f"clone-{time.monotonic_ns()}"
+        git("clone", "-q", str(self.repo.bare), str(clone), cwd=self.state.parent)
+        return git("log", "--format=%an <%ae>|%s", cwd=clone).splitlines()
+
+    def fresh_file(self, path: str) -> str | None:
+        clone = self.state.parent / f"clone-{time.monotonic_ns()}"
+        git("clone", "-q", str(self.repo.bare), str(clone), cwd=self.state.parent)
+        target = clone / path
+        return target.read_text() if target.exists() else None
+
+
+@pytest.fixture
+def api(repo: GitRepo, daemons: Callable[..., Daemon], tmp_path: pathlib.Path) -> Iterator[Api]:
+    state = tmp_path / "state"
+    tokens = [cli("token", "create", "--org", org, "--name", name, *extra, "--state", str(state)).stdout.strip()
+              for org, name, extra in (("default", "alice", []), ("other", "bob", []), ("ops", "root", ["--admin"]))]
+    repo.push({"apps/web.yaml": COMMENTED,
+               "apps/ticker.yaml": f"name: ticker\nimage: {TEST_IMAGE}\ncommand: {TICKER}\nmemory: 64\n",
+               "apps/theirs.yaml": f"name: theirs\norg: other\nimage: {TEST_IMAGE}\ncommand: [sleep, '3600']\n"})
+    daemon = daemons(interval=300).start()
+    a = Api(daemon, daemon.api, *tokens, repo=repo, state=state)
+    wait_for(lambda: _ok(a), 30, "the API")
+    for name in ("web", "ticker", "theirs"):
+        a.wait_status(a.app_id(name), "running", 30)
+    yield a
+    assert daemon.stop() == 0
+    log = daemon.output()
+    for secret in tokens:
+        assert secret not in log  # no token in any log line
+
+
+def _ok(a: Api) -> bool:
+    try:
+        return len(a.call("GET", "/apps", token=a.admin_token).json()["apps"]) == 3
+    except (requests.RequestException, ValueError, KeyError):
+        return False
+
+
+def curl(a: Api, line: str) -> Any:
+    """Run a line of the reference verbatim, with $API and $TOKEN set."""
+    out = subprocess.run(["bash", "-c", line], env={**os.environ, "API": a.url, "TOKEN": a.token},
+                         capture_output=True, text=True, check=True, timeout=60)
+    return json.loads(out.stdout)
+
+
+def test_reference_curl_lines(api: Api, docker_client: docker.DockerClient) -> None:
+    listed = curl(api, 'curl -s $API/apps -H "authorization: Bearer $TOKEN"')
+    assert sorted(a["name"] for a in listed["apps"]) == ["ticker", "web"]  # org default only
+    for app in listed["apps"]:
+        assert {"id", "name", "image", "domain", "port", "status", "container_id", "created_at"} <= set(app)
+        assert app["status"] == "running"
+    web = next(a for a in listed["apps"] if a["name"] == "web")
+    ticker = next(a for a in listed["apps"] if a["name"] == "ticker")
+
+    details = curl(api, f'curl -s $API/apps/{web["id"]} -H "authorization: Bearer $TOKEN"')
+    assert details["app"]["id"] == web["id"]
+    assert details["deployments"][0]["status"] == "running"
+    assert "webhook" in details
+
+    wait_for(lambda: len(api.call("GET", f"/apps/{ticker['id']}/logs?tail=5").json()["lines"]) == 5, 10, "ticks")
+    logs = curl(api, f'curl -s "$API/apps/{ticker["id"]}/logs?tail=500" -H "authorization: Bearer $TOKEN"')
+    assert logs["tail"] == 500 and 1 <= len(logs["lines"]) <= 500
+    assert all(line["service"] == "main" and line["line"].startswith("tick ") for line in logs["lines"])
+    stamps = [line["timestamp"] for line in logs["lines"]]
+    assert stamps == sorted(stamps)
+
+    before = web["container_id"]
+    restarted = curl(api, f'curl -s -X POST $API/apps/{web["id"]}/restart -H "authorization: Bearer $TOKEN"')
+    assert restarted["action"] == "restart" and restarted["changed"] is True
+    wait_for(lambda: api.app(web["id"])["app"]["container_id"] not in (None, before), 10, "a new container")
+    api.wait_status(web["id"], "running")
+    dep = next(d for d in api.app(web["id"])["deployments"] if d["id"] == restarted["deployment_id"])
+    assert (dep["trigger"], dep["status"], dep["commit"]) == ("api", "running", restarted["commit"])
+
+    stopped = curl(api, f'curl -s -X POST $API/apps/{web["id"]}/stop -H "authorization: Bearer $TOKEN"')
+    assert stopped["action"] == "stop"
+    api.wait_status(web["id"], "stopped")
+    web_container = next(c for c in owned(docker_client, api.daemon.owner) if c["Labels"]["io.cynchrod.app"] == "web")
+    assert web_container["State"] == "exited"
+
+    deleted = curl(api, f'curl -s -X DELETE $API/apps/{web["id"]} -H "authorization: Bearer $TOKEN"')
+    assert deleted["action"] == "delete"
+    api.wait_status(web["id"], "removed")
+    left = sorted(c["Labels"]["io.cynchrod.app"] for c in owned(docker_client, api.daemon.owner))
+    assert left == ["theirs", "ticker"]
+    assert api.app(web["id"])["app"]["status"] == "removed"  # soft-deleted, still queryable
+    assert all(a["name"] != "web" for a in api.call("GET", "/apps").json()["apps"])
+
+
+def test_each_imperative_call_is_one_commit(api: Api, docker_client: docker.DockerClient) -> None:
+    web = api.app_id("web")
+    expected = ["tester <tester@localhost>|change"]
+    for action, status, method in [("stop", "stopped", "POST"), ("start", "running", "POST"),
+                                   ("restart", "running", "POST"), ("", "removed", "DELETE")]:
+        path = f"/apps/{web}/{action}" if action else f"/apps/{web}"
+        response = api.call(method, path, check=f"/apps/{{appId}}/{action}" if action else "/apps/{appId}")
+        assert response.status_code == 202, response.text
+        body = response.json()
+        assert body["commit"] and body["deployment_id"]
+        expected.insert(0, f"cynchrod <cynchrod@localhost>|{action or 'delete'} default/web (by alice)")
+        assert api.fresh_log() == expected
+        api.wait_status(web, status)
+        containers = {c["Labels"]["io.cynchrod.app"]: c["State"] for c in owned(docker_client, api.daemon.owner)}
+        assert containers.get("web") == {"stopped": "exited", "running": "running", "removed": None}[status]
+    # Starting a running app commits nothing: no empty commits.
+    ticker = api.app_id("ticker")
+    response = api.call("POST", f"/apps/{ticker}/start", check="/apps/{appId}/start")
+    assert response.status_code == 200 and response.json()["changed"] is False
+    assert len(api.fresh_log()) == len(expected)
+
+
+def test_comments_survive_a_commit_back(api: Api) -> None:
+    assert api.call("POST", f"/apps/{api.app_id('web')}/stop").status_code == 202
+    assert api.fresh_file("apps/web.yaml") == COMMENTED + "state: stopped\n"
+
+
+def test_commit_back_racing_an_external_push(api: Api) -> None:
+    """Someone pushes while the daemon commits: both changes survive, nothing is forced."""
+    web = api.app_id("web")
+    errors: list[BaseException] = []
+
+    def external() -> None:
+        try:
+            for i in range(8):
+                api.repo.push({f"notes/{i}.txt": f"note {i}\n"}, f"external {i}")
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=external)
+    thread.start()
+    for action in ("stop", "start", "stop", "start"):
+        assert api.call("POST", f"/apps/{web}/{action}").status_code == 202
+    thread.join()
+    assert not errors
+    log = api.fresh_log()
+    assert sum(1 for line in log if line.endswith("default/web (by alice)")) == 4
+    assert sum(1 for line in log if "|external " in line) == 8
+    for i in range(8):
+        assert api.fresh_file(f"notes/{i}.txt") == f"note {i}\n"
+
+
+def test_push_rejected_is_replayed_on_the_new_tip(repo: GitRepo, tmp_path: pathlib.Path) -> None:
+    """The deterministic form of the race: another push lands between our fetch and our push."""
+    repo.push({"apps/a.yaml": "name: a\nimage: x\n"})
+    src = source.Source(repo.url, state_dir=tmp_path / "state")
+    calls: list[bytes | None] = []
+
+    def edit(old: bytes | None) -> bytes | None:
+        calls.append(old)
+        if len(calls) == 1:
+            repo.push({"apps/b.yaml": "name: b\nimage: x\n"}, "someone else")
+        return (old or b"") + b"state: stopped\n"
+
+    commit = src.commit_edit("apps/a.yaml", edit, "stop default/a (by test)")
+    assert commit is not None and len(calls) == 2
+    git("fetch", "-q", cwd=repo.work)
+    log = git("log", "--format=%s", "origin/main", cwd=repo.work)
+    assert log.splitlines()[:2] == ["stop default/a (by test)", "someone else"]
+    assert git("show", "origin/main:apps/a.yaml", cwd=repo.work) == "name: a\nimage: x\nstate: stopped\n"
+    assert git("show", "origin/main:apps/b.yaml", cwd=repo.work) == "name: b\nimage: x\n"
+
+
+def test_org_isolation_on_every_endpoint(api: Api) -> None:
+    theirs = api.app_id("theirs")
+    calls = [("GET", f"/apps/{theirs}"), ("GET", f"/apps/{theirs}/logs"), ("POST", f"/apps/{theirs}/logs/ticket"),
+             ("POST", f"/apps/{theirs}/restart"), ("POST", f"/apps/{theirs}/stop"),
+             ("POST", f"/apps/{theirs}/start"), ("DELETE", f"/apps/{theirs}")]
+    missing = api.call("GET", "/apps/app_000000000000")
+    for method, path in calls:
+        response = api.call(method, path)
+        assert response.status_code == 404, (method, path)
+        assert response.json() == {"error": "not_found", "message": response.json()["message"]}
+        assert response.json()["error"] == missing.json()["error"]
+    ws_url = api.url.replace("http://", "ws://") + f"/apps/{theirs}/logs/stream?token={api.token}"
+    with pytest.raises(simple_websocket.ConnectionClosed) as closed:
+        ws = simple_websocket.Client.connect(ws_url)
+        ws.receive(timeout=5)
+    assert closed.value.reason == 4404
+    # The owner's token does see it; an admin token sees every org.
+    assert api.call("GET", f"/apps/{theirs}", token=api.other_token).status_code == 200
+    assert sorted(a["name"] for a in api.call("GET", "/apps", token=api.admin_token).json()["apps"]) == [
+        "theirs", "ticker", "web"]
+    assert len(api.fresh_log()) == 1  # nothing was committed
+
+
+def test_auth_errors_and_revocation(api: Api) -> None:
+    assert api.call("GET", "/apps", headers={"Authorization": ""}).status_code == 401
+    assert api.call("GET", "/apps", token="cyn_nope").json()["error"] == "unauthorized"
+    assert api.call("GET", "/apps", headers={"AUTHORIZATION": f"bearer {api.token}"}).status_code == 200
+    ticker = api.app_id("ticker")
+    ws = simple_websocket.Client.connect(
+        api.url.replace("http://", "ws://") + f"/apps/{ticker}/logs/stream?token={api.token}")
+    assert json.loads(ws.receive(timeout=5))["line"].startswith("tick ")
+    listed = cli("token", "list", "--state", str(api.state)).stdout
+    assert "alice" in listed and api.token not in listed
+    assert cli("token", "revoke", "alice", "--state", str(api.state)).returncode == 0
+    assert api.call("GET", "/apps").status_code == 401
+    started = time.monotonic()
+    with pytest.raises(simple_websocket.ConnectionClosed) as closed:
+        while time.monotonic() - started < 10:
+            ws.receive(timeout=1)
+    assert closed.value.reason == 4401
+    assert time.monotonic() - started < 5
+
+
+def test_websocket_streams_lines_written_after_connecting(api: Api) -> None:
+    ticker = api.app_id("ticker")
+    ticket = api.call("POST", f"/apps/{ticker}/logs/ticket", check="/apps/{appId}/logs/ticket").json()["ticket"]
+    base = api.url.replace("http://", "ws://") + f"/apps/{ticker}/logs/stream"
+    connected = time.time()
+    ws = simple_websocket.Client.connect(f"{base}?ticket={ticket}")
+    received = [json.loads(ws.receive(timeout=5)) for _ in range(5)]
+    ws.close()
+    numbers = [int(m["line"].split()[1]) for m in received]
+    assert numbers == list(range(numbers[0], numbers[0] + 5))  # in order, none lost
+    validator = jsonschema.Draft202012Validator({"$ref": "urn:openapi#/components/schemas/LogLine"},
+                                                registry=_REGISTRY)
+    for message in received:
+        validator.validate(message)
+        assert message["timestamp"][:19] >= time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(connected - 1))
+    # A ticket is single-use.
+    with pytest.raises(simple_websocket.ConnectionClosed) as closed:
+        again = simple_websocket.Client.connect(f"{base}?ticket={ticket}")
+        again.receive(timeout=5)
+    assert closed.value.reason == 4401
+
+
+def test_tail_bounds_and_validation(api: Api) -> None:
+    ticker = api.app_id("ticker")
+    for bad in ("0", "2001", "abc", "-5", "1.5"):
+        response = api.call("GET", f"/apps/{ticker}/logs?tail={bad}", check="/apps/{appId}/logs")
+        assert (response.status_code, response.json()["error"]) == (400, "invalid_tail")
+    wait_for(lambda: len(api.call("GET", f"/apps/{ticker}/logs?tail=3").json()["lines"]) == 3, 10, "3 lines")
+    default = api.call("GET", f"/apps/{ticker}/logs", check="/apps/{appId}/logs").json()
+    assert default["tail"] == 200
+
+
+def test_create_from_json_and_yaml_and_quota(api: Api) -> None:
+    created = api.call("POST", "/apps", json={"name": "made", "image": TEST_IMAGE, "command": ["sleep", "3600"],
+                                               "memory": 64}, check="/apps")
+    assert created.status_code == 202, created.text
+    body = created.json()
+    assert body["app"]["status"] in ("queued", "deploying", "running")
+    api.wait_status(body["app"]["id"], "running")
+    assert api.fresh_file("apps/default/made.yaml") is not None
+    yaml_body = f"name: yamlmade\nimage: {TEST_IMAGE}\nstate: stopped\n"
+    response = api.call("POST", "/apps", data=yaml_body, headers={"Content-Type": "application/yaml"})
+    assert response.status_code == 202, response.text
+    bad = api.call("POST", "/apps", json={"name": "bad", "image": TEST_IMAGE, "cpu": 99}, check="/apps")
+    assert bad.status_code == 400 and bad.json()["error"] == "invalid_manifest"
+    assert bad.json()["errors"] == ["apps/default/bad.yaml:5: out_of_range: cpu: 99 is greater than the maximum of 8"]
+    dup = api.call("POST", "/apps", json={"name": "made", "image": TEST_IMAGE}, check="/apps")
+    assert (dup.status_code, dup.json()["error"]) == (409, "app_exists")
+    other = api.call("POST", "/apps", json={"name": "x", "org": "other", "image": TEST_IMAGE}, check="/apps")
+    assert (other.status_code, other.json()["error"]) == (403, "forbidden")
+    # default org has web, ticker, made, yamlmade: six more stopped apps reach the cap of 10.
+    for i in range(6):
+        ok = api.call("POST", "/apps", json={"name": f"q{i}", "image": TEST_IMAGE, "state": "stopped"})
+        assert ok.status_code == 202, ok.text
+    over = api.call("POST", "/apps", json={"name": "q6", "image": TEST_IMAGE, "state": "stopped"}, check="/apps")
+    assert (over.status_code, over.json()["error"]) == (403, "quota_exceeded")
+    assert api.call("POST", "/apps", data="{not json", headers={"Content-Type": "application/json"}).json()[
+        "error"] == "invalid_body"
+
+
+def test_meta_endpoints(api: Api) -> None:
+    health = requests.get(api.url + "/healthz", timeout=5)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    check_schema("/healthz", "GET", health)
+    text = requests.get(api.url + "/metrics", timeout=5).text
+    for name in ("cynchrod_passes_total", "cynchrod_pass_duration_seconds_bucket", "cynchrod_actions_total",
+                 'cynchrod_apps{status="running"} 3.0', "cynchrod_api_requests_total"):
+        assert name in text, name
+    document = requests.get(api.url + "/openapi.json", timeout=5).json()
+    assert document["openapi"] == "3.1.0" and document == OPENAPI
+    listed = api.call("GET", "/apps", check="/apps")
+    assert listed.status_code == 200
+    details = api.call("GET", f"/apps/{api.app_id('web')}", check="/apps/{appId}")
+    assert details.status_code == 200
