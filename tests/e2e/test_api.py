@@ -358,3 +358,16 @@ def test_meta_endpoints(api: Api) -> None:
     assert listed.status_code == 200
     details = api.call("GET", f"/apps/{api.app_id('web')}", check="/apps/{appId}")
     assert details.status_code == 200
+
+
+def test_a_commit_that_cannot_be_pushed_fails_and_changes_nothing(api: Api,
+                                                                 docker_client: docker.DockerClient) -> None:
+    web = api.app_id("web")
+    before = api.app(web)
+    api.repo.bare.rename(api.repo.bare.with_suffix(".gone"))
+    response = api.call("POST", f"/apps/{web}/stop")
+    assert (response.status_code, response.json()["error"]) == (503, "source_unavailable")
+    after = api.app(web)
+    assert after["app"]["status"] == "running" and after["deployments"] == before["deployments"]
+    states = {c["Labels"]["io.cynchrod.app"]: c["State"] for c in owned(docker_client, api.daemon.owner)}
+    assert states["web"] == "running"
