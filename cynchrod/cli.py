@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from typing import IO, Any
 
-from cynchrod import __version__, config, daemon, manifests, reconciler, source, store
+from cynchrod import __version__, config, daemon, manifests, reconciler, secrets, source, store
 from cynchrod.errors import CynchrodError, StateLocked
 
 log = logging.getLogger("cynchrod")
@@ -61,6 +61,16 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("token", metavar="ID_OR_NAME")
     for tp in (tc, tl, tr):
         tp.add_argument("--state", help="state directory (default ./state)")
+    sec = sub.add_parser("secret", help="secrets: set (value from stdin), delete, list names")
+    ssub = sec.add_subparsers(dest="secret_command", required=True)
+    ss = ssub.add_parser("set", help="set ORG/NAME to the bytes read from stdin")
+    sd = ssub.add_parser("delete", help="delete ORG/NAME")
+    for sp in (ss, sd):
+        sp.add_argument("ref", metavar="ORG/NAME")
+    sl = ssub.add_parser("list", help="list an org's secret names (never values)")
+    sl.add_argument("org", metavar="ORG")
+    for sp in (ss, sd, sl):
+        sp.add_argument("--state", help="state directory (default ./state)")
     return p
 
 
@@ -155,6 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_validate(args.paths, out)
         if args.command == "token":
             return cmd_token(args, out)
+        if args.command == "secret":
+            return cmd_secret(args, out)
         cfg = settings(args)
         if args.command == "plan":
             rec = build(cfg)
@@ -184,6 +196,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CynchrodError as exc:
         print(f"cynchrod: {exc}", file=sys.stderr)
         return 2
+
+
+def cmd_secret(args: argparse.Namespace, out: IO[str]) -> int:
+    state = pathlib.Path(args.state or _env("state") or "state")
+    db = store.Store(state / "cynchrod.db")
+    try:
+        vault = secrets.Secrets(db, state_dir=state)
+        if args.secret_command == "list":
+            for name, updated in db.secret_names(args.org):
+                print(f"{name}\t{updated}", file=out)
+            return 0
+        org, _, name = args.ref.partition("/")
+        if args.secret_command == "set":
+            vault.set(org, name, sys.stdin.buffer.read())
+            print(f"set {org}/{name}; apps using it are redeployed on the next pass", file=sys.stderr)
+        elif not vault.delete(org, name):
+            print(f"cynchrod: not_found: no secret {org}/{name}", file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        db.close()
 
 
 def cmd_token(args: argparse.Namespace, out: IO[str]) -> int:

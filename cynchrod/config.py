@@ -24,6 +24,7 @@ ORG_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _FILE_KEYS = {"repo": "repo", "branch": "branch", "path": "path", "state": "state", "interval": "interval",
               "listen": "listen", "owner": "owner", "publishAddress": "publish_address",
               "concurrency": "concurrency", "stopTimeout": "stop_timeout"}
+DEFAULT_MAX_APPS = 10
 
 
 class ConfigError(PermanentError):
@@ -39,7 +40,13 @@ def load_file(path: pathlib.Path) -> dict[str, Any]:
     if errors:
         where = ".".join(map(str, errors[0].absolute_path)) or "config"
         raise ConfigError(f"{path}: {where}: {errors[0].message}")
-    return {_FILE_KEYS[k]: v for k, v in data.items() if k in _FILE_KEYS}
+    values = {_FILE_KEYS[k]: v for k, v in data.items() if k in _FILE_KEYS}
+    if "defaults" in data:
+        values["default_max_apps"] = data["defaults"].get("max_apps", DEFAULT_MAX_APPS)
+    if "orgs" in data:
+        values["org_max_apps"] = tuple(sorted((org, o["max_apps"]) for org, o in data["orgs"].items()
+                                              if "max_apps" in o))
+    return values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,10 +61,16 @@ class Settings:
     publish_address: str = "127.0.0.1"
     concurrency: int = 4
     stop_timeout: int = 10
+    default_max_apps: int = DEFAULT_MAX_APPS
+    org_max_apps: tuple[tuple[str, int], ...] = ()
+
+    def max_apps(self, org: str) -> int:
+        """The org's app cap (``orgs.<org>.max_apps``, else ``defaults.max_apps``, else 10)."""
+        return dict(self.org_max_apps).get(org, self.default_max_apps)
 
     @classmethod
     def flag_fields(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
+        return [f.name for f in dataclasses.fields(cls) if f.name != "org_max_apps"]
 
     @classmethod
     def build(cls, values: dict[str, Any]) -> Settings:
@@ -72,6 +85,8 @@ class Settings:
                     out[key] = int(value)
                 elif kind == "pathlib.Path":
                     out[key] = pathlib.Path(value)
+                elif key == "org_max_apps":
+                    out[key] = tuple(value)
                 else:
                     out[key] = str(value)
             except ValueError as exc:

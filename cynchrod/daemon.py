@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from gunicorn.app.base import BaseApplication
 
-from cynchrod import config, control, metrics, reconciler, runtime, source, store
+from cynchrod import config, control, metrics, reconciler, runtime, secrets, source, store
 from cynchrod.errors import PermanentError
 
 if TYPE_CHECKING:
@@ -37,6 +37,7 @@ class Daemon:
     control: control.Control
     metrics: metrics.Metrics
     tickets: Tickets
+    secrets: secrets.Secrets
     stop_event: threading.Event = dataclasses.field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -46,15 +47,17 @@ class Daemon:
             raise PermanentError("--repo (or CYNCHROD_REPO) is required", code="usage")
         db = store.Store(cfg.state / "cynchrod.db")
         src = source.Source(cfg.repo, branch=cfg.branch, path=cfg.path, state_dir=cfg.state)
+        vault = secrets.Secrets(db, state_dir=cfg.state)
         rt = runtime.DockerRuntime(owner=cfg.owner, publish_address=cfg.publish_address,
-                                   stop_timeout=cfg.stop_timeout)
+                                   stop_timeout=cfg.stop_timeout, secrets_dir=vault.staging.resolve())
         stats = metrics.Metrics(db)
-        rec = reconciler.Reconciler(src=src, rt=rt, db=db, concurrency=cfg.concurrency, stats=stats)
-        ctl = control.Control(src=src, db=db, wake=rec.wakeup.request)
+        rec = reconciler.Reconciler(src=src, rt=rt, db=db, concurrency=cfg.concurrency, stats=stats, secrets=vault,
+                                    max_apps=cfg.max_apps)
+        ctl = control.Control(src=src, db=db, wake=rec.wakeup.request, max_apps=cfg.max_apps)
         from cynchrod.api.auth import Tickets  # flask stays out of the CLI's import path
 
         return cls(settings=cfg, store=db, source=src, runtime=rt, reconciler=rec, control=ctl, metrics=stats,
-                   tickets=Tickets())
+                   tickets=Tickets(), secrets=vault)
 
     def start(self) -> None:
         interrupted = self.store.interrupt_unfinished()

@@ -12,6 +12,7 @@ import dataclasses
 import datetime
 import io
 import json
+import re
 import shlex
 from collections.abc import Callable, Iterable, Mapping
 from importlib import resources
@@ -32,7 +33,7 @@ MANIFEST_SUFFIXES = (".yaml", ".yml")
 FORBIDDEN_KEYS = frozenset(
     {
         "privileged", "cap_add", "capAdd", "devices", "network_mode", "networkMode",
-        "pid", "ipc", "security_opt", "securityOpt", "volumes", "binds", "user",
+        "pid", "ipc", "security_opt", "securityOpt", "binds", "mounts", "user", "userns_mode", "cgroup_parent",
     }
 )
 _SCHEMA_CODES = {
@@ -116,7 +117,7 @@ def _schema_errors(path: str, doc: CommentedMap, data: dict[str, Any]) -> list[M
             parent = doc
             for part in where:
                 parent = parent[part]
-            allowed = _PROPERTIES if not where else set()
+            allowed = set(err.schema.get("properties", {})) if isinstance(err.schema, dict) else _PROPERTIES
             for key in parent:
                 if key in allowed:
                     continue
@@ -197,36 +198,126 @@ def parse(path: str, raw: bytes) -> Result:
     return Result(path, _to_spec(path, data))
 
 
+_SERVICE_ONLY_IN_SERVICES = ("image", "command", "port", "hostPort", "volumes", "secrets", "healthcheck")
+_VOLUME_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+
+
 def _semantic_errors(path: str, doc: CommentedMap, data: dict[str, Any]) -> list[ManifestError]:
-    errors = []
+    errors: list[ManifestError] = []
+
+    def err(message: str, code: str, where: list[Any]) -> None:
+        errors.append(ManifestError(message, code=code, path=path, line=_line_of(doc, where)))
+
     if "services" in data:
-        errors.append(ManifestError("services: multi-service apps are not supported yet", code="unsupported",
-                                    path=path, line=_line_of(doc, ["services"])))
-    elif "image" not in data:
-        errors.append(ManifestError("image is required (or services)", code="missing_key", path=path,
-                                    line=_line_of(doc, [])))
-    if "hostPort" in data and "port" not in data:
-        errors.append(ManifestError("hostPort needs port", code="invalid_value", path=path,
-                                    line=_line_of(doc, ["hostPort"])))
-    return errors
+        for key in _SERVICE_ONLY_IN_SERVICES:
+            if key in data:
+                err(f"{key}: set it per service when the app has services", "invalid_value", [key])
+        names = set(data["services"])
+        for name, service in data["services"].items():
+            _check_service(service, ["services", name], err)
+            for dep in service.get("depends_on", []):
+                if dep not in names or dep == name:
+                    err(f"services.{name}.depends_on: {dep!r} is not another service of this app", "invalid_value",
+                        ["services", name, "depends_on"])
+        cycle = _cycle({n: list(s.get("depends_on", [])) for n, s in data["services"].items()})
+        if cycle:
+            err(f"services: depends_on has a cycle: {' -> '.join(cycle)}", "invalid_value", ["services"])
+    else:
+        if "image" not in data:
+            err("image is required (or services)", "missing_key", [])
+        _check_service(data, [], err)
+    return sorted(errors, key=lambda e: e.line)
+
+
+def _check_service(service: dict[str, Any], where: list[Any], err: Callable[[str, str, list[Any]], None]) -> None:
+    prefix = ".".join(map(str, where)) + "." if where else ""
+    if "hostPort" in service and "port" not in service:
+        err(f"{prefix}hostPort needs port", "invalid_value", [*where, "hostPort"])
+    for i, entry in enumerate(service.get("volumes", [])):
+        name, _, rest = entry.partition(":")
+        target, _, mode = rest.partition(":")
+        at = [*where, "volumes", i]
+        if name.startswith(("/", ".", "~")) or "/" in name or "\\" in name:
+            err(f"{prefix}volumes[{i}]: {entry!r} mounts a host path; only named volumes are allowed",
+                "policy_violation", at)
+        elif not _VOLUME_NAME.match(name):
+            err(f"{prefix}volumes[{i}]: {name!r} is not a volume name (lowercase letters, digits, _ . -)",
+                "invalid_value", at)
+        elif not target.startswith("/") or ".." in target.split("/"):
+            err(f"{prefix}volumes[{i}]: the mount path must be absolute, without '..'", "invalid_value", at)
+        elif target.rstrip("/") in ("/var/run/docker.sock", "/run/docker.sock"):
+            err(f"{prefix}volumes[{i}]: the Docker socket is never mounted", "policy_violation", at)
+        elif mode not in ("", "ro", "rw"):
+            err(f"{prefix}volumes[{i}]: mode must be ro or rw, got {mode!r}", "invalid_value", at)
+
+
+def _cycle(graph: dict[str, list[str]]) -> list[str]:
+    """A dependency cycle as a path, or [] (depth-first, deterministic)."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str]:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, [])):
+            if state.get(nxt) == 1:
+                return [*stack[stack.index(nxt):], nxt]
+            if nxt in graph and state.get(nxt) is None and (found := visit(nxt)):
+                return found
+        stack.pop()
+        state[node] = 2
+        return []
+
+    for node in sorted(graph):
+        if state.get(node) is None and (found := visit(node)):
+            return found
+    return []
+
+
+def _health(value: dict[str, Any] | None) -> specs.Healthcheck | None:
+    if value is None:
+        return None
+    test = value["test"]
+    return specs.Healthcheck(
+        test=("CMD-SHELL", test) if isinstance(test, str) else ("CMD", *map(str, test)),
+        interval=float(value.get("interval", 30)), timeout=float(value.get("timeout", 30)),
+        retries=int(value.get("retries", 3)), start_period=float(value.get("start_period", 0)))
+
+
+def _service(name: str, data: dict[str, Any], app: dict[str, Any]) -> specs.ServiceSpec:
+    """A service from its own keys, with the app's cpu, memory and env as defaults."""
+    env = {**(app.get("env") or {}), **(data.get("env") or {})} if data is not app else data.get("env")
+    volumes = []
+    for entry in data.get("volumes", []):
+        vol, _, rest = entry.partition(":")
+        target, _, mode = rest.partition(":")
+        volumes.append(specs.Volume(name=vol, path=target, read_only=mode == "ro"))
+    return specs.ServiceSpec(
+        name=name,
+        image=data["image"],
+        command=_command(data.get("command")),
+        env=_env(env),
+        port=data.get("port"),
+        host_port=data.get("hostPort"),
+        cpu=float(data.get("cpu", app.get("cpu", specs.DEFAULT_CPU))),
+        memory=int(data.get("memory", app.get("memory", specs.DEFAULT_MEMORY_MB))),
+        volumes=tuple(volumes),
+        depends_on=tuple(sorted(data.get("depends_on", []))),
+        healthcheck=_health(data.get("healthcheck")),
+        secrets=tuple(sorted(data.get("secrets", []))),
+    )
 
 
 def _to_spec(path: str, data: dict[str, Any]) -> specs.AppSpec:
-    service = specs.ServiceSpec(
-        name=specs.MAIN_SERVICE,
-        image=data["image"],
-        command=_command(data.get("command")),
-        env=_env(data.get("env")),
-        port=data.get("port"),
-        host_port=data.get("hostPort"),
-        cpu=float(data.get("cpu", specs.DEFAULT_CPU)),
-        memory=int(data.get("memory", specs.DEFAULT_MEMORY_MB)),
-    )
+    if "services" in data:
+        services = tuple(_service(name, svc, data) for name, svc in sorted(data["services"].items()))
+    else:
+        services = (_service(specs.MAIN_SERVICE, data, data),)
     restarted = data.get("restartedAt")
     return specs.AppSpec(
         org=data.get("org", specs.DEFAULT_ORG),
         name=data["name"],
-        services=(service,),
+        services=services,
         domain=data.get("domain"),
         state=data.get("state", "running"),
         restarted_at=None if restarted is None else str(restarted),

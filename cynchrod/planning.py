@@ -109,7 +109,21 @@ def plan_app(spec: specs.AppSpec | None, containers: Iterable[Observed], key: tu
             if extra is not keep:
                 actions.append(Action(REMOVE, org, app, svc.name, "duplicate container", spec, extra.id))
         actions.extend(_plan_service(spec, svc, keep, want))
-    return sorted(actions, key=lambda a: (_ORDER[a.kind], a.service))
+    rank = start_order(spec)
+    return sorted(actions, key=lambda a: (_ORDER[a.kind], rank.get(a.service, -1), a.service))
+
+
+def start_order(spec: specs.AppSpec) -> dict[str, int]:
+    """Each service's place in start order: its ``depends_on`` first, then by name."""
+    deps = {s.name: set(s.depends_on) for s in spec.services}
+    order: dict[str, int] = {}
+    while len(order) < len(deps):
+        ready = sorted(n for n, d in deps.items() if n not in order and d <= set(order))
+        if not ready:  # a cycle (refused by validation): fall back to name order
+            ready = sorted(n for n in deps if n not in order)
+        for name in ready:
+            order[name] = len(order)
+    return order
 
 
 def _plan_service(spec: specs.AppSpec, service: specs.ServiceSpec, c: Observed | None, want: str) -> list[Action]:

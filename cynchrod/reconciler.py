@@ -27,7 +27,8 @@ import time
 from collections.abc import Callable, Iterable
 
 from cynchrod import manifests, metrics, planning, runtime, source, specs, store
-from cynchrod.errors import CynchrodError, ManifestError, SourceError
+from cynchrod import secrets as secrets_mod
+from cynchrod.errors import CynchrodError, ManifestError, PermanentError, SourceError
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,8 @@ class _Plan:
     prune: bool
     observed: list[planning.Observed]
     actions: list[planning.Action]
+    #: Apps not acted on this pass (quota, missing secret): their containers stay as they are.
+    held: dict[tuple[str, str], CynchrodError]
 
 
 class Wakeup:
@@ -110,11 +113,18 @@ def strongest(triggers: Iterable[str]) -> str:
     return next((t for t in TRIGGERS if t in found), "poll")
 
 
+def _quota_refused(app: store.App) -> bool:
+    return app.status == store.FAILED and (app.last_error or "").startswith("quota_exceeded")
+
+
 class Reconciler:
     def __init__(self, *, src: source.Source, rt: runtime.DockerRuntime, db: store.Store,
                  concurrency: int = 4, clock: Callable[[], float] = time.monotonic,
-                 stats: metrics.Metrics | None = None) -> None:
+                 stats: metrics.Metrics | None = None, secrets: secrets_mod.Secrets | None = None,
+                 max_apps: Callable[[str], int] = lambda org: 10) -> None:
         self.source = src
+        self.secrets = secrets
+        self.max_apps = max_apps
         self.stats = stats or metrics.Metrics()
         self.runtime = rt
         self.store = db
@@ -223,11 +233,54 @@ class Reconciler:
             manifest_errors = self._keep_last_good(loaded, live, desired)
             result.manifest_errors = [str(e) for e in loaded.errors]
             prune = True
+        held = self._hold(desired, live, result.commit)
         observed = self.runtime.observe()
         actions = planning.plan(desired, observed)
         if not prune:
             actions = [a for a in actions if a.key in desired]
-        return _Plan(desired, manifest_errors, prune, observed, actions)
+        return _Plan(desired, manifest_errors, prune, observed, [a for a in actions if a.key not in held], held)
+
+    def _hold(self, desired: dict[tuple[str, str], specs.AppSpec], live: dict[tuple[str, str], store.App],
+              commit: str | None) -> dict[tuple[str, str], CynchrodError]:
+        """Fill in secret digests; return the apps that must not be acted on, and why."""
+        held: dict[tuple[str, str], CynchrodError] = {}
+        for key, spec in desired.items():
+            if not spec.secret_names:
+                continue
+            if self.secrets is None:
+                held[key] = secrets_mod.SecretMissing("this daemon has no secret store")
+                continue
+            try:
+                digests = self.secrets.digest(spec)
+            except CynchrodError as exc:
+                held[key] = exc
+                continue
+            desired[key] = dataclasses.replace(spec, services=tuple(
+                dataclasses.replace(s, secret_digest=digests[s.name]) for s in spec.services))
+        held.update(self._over_quota(desired, live, commit))
+        return held
+
+    def _over_quota(self, desired: dict[tuple[str, str], specs.AppSpec], live: dict[tuple[str, str], store.App],
+                    commit: str | None) -> dict[tuple[str, str], CynchrodError]:
+        """New apps past their org's ``max_apps``: first come (by the commit that added
+        their file) first served, ties by name. Apps already admitted are exempt."""
+        by_org: dict[str, list[tuple[str, str]]] = {}
+        for key in desired:
+            by_org.setdefault(key[0], []).append(key)
+        refused: dict[tuple[str, str], CynchrodError] = {}
+        for org, keys in by_org.items():
+            cap = self.max_apps(org)
+            admitted = [k for k in keys if k in live and not _quota_refused(live[k])]
+            new = [k for k in keys if k not in admitted]
+            if len(admitted) + len(new) <= cap:
+                continue
+            age = self.source.introduced(commit, [desired[k].path for k in new]) if commit else {}
+            new.sort(key=lambda k: (-age.get(desired[k].path, 0), k[1]))
+            room = max(cap - len(admitted), 0)
+            for key in new[room:]:
+                refused[key] = PermanentError(
+                    f"org {org} is at its max_apps of {cap}; {key[1]} was not deployed", code="quota_exceeded")
+        return refused
 
     def _run(self, result: PassResult) -> None:
         live = self.store.live_apps()
@@ -250,6 +303,9 @@ class Reconciler:
             app = live.get(key) or self.store.ensure_app(spec, commit=result.commit)
             if key not in manifest_errors:
                 self.store.record_spec(app.id, spec, commit=result.commit)
+            if key in plan.held:
+                result.apps.append(self._refuse(app, plan.held[key], result))
+                continue
             gated = self._gate(app, spec, app_actions, containers.get(key, []))
             if gated is not None:
                 result.apps.append(gated)
@@ -266,6 +322,7 @@ class Reconciler:
         if plan.prune:
             for key, app in live.items():
                 if key not in desired and key not in containers:
+                    self._remove_resources(*key)
                     self.store.remove_app(app.id, commit=result.commit, trigger=result.trigger)
         result.apps.sort(key=lambda a: (a.org, a.name))
         self._follow_up_suspects(plan.observed)
@@ -303,6 +360,8 @@ class Reconciler:
             wait = heal.next_allowed - now
             exited = next((c for c in containers if c.state == "exited"), None)
             why = f"exited with code {exited.exit_code}" if exited is not None else "container is gone"
+            if exited is not None and self.runtime.exit_state(exited.id)[1]:
+                why = f"oom_killed (service {exited.service} exceeded its memory limit)"
             error = f"crash_loop: {why}; restarting in {wait:.0f}s (restart {heal.count + 1})"
             self.store.update_app(app.id, status=store.FAILED, last_error=error)
             self.wakeup.request_at(wait, "self-heal")
@@ -315,13 +374,15 @@ class Reconciler:
     def _settle(self, app: store.App, spec: specs.AppSpec, containers: list[planning.Observed],
                 manifest_error: ManifestError | None, result: PassResult) -> AppOutcome:
         """Record the status of an app that needed no action this pass."""
+        running = {c.service for c in containers if c.state == "running"}
         if spec.state == "stopped":
             status = store.STOPPED
-        elif containers and all(c.state == "running" for c in containers):
+        elif running >= {s.name for s in spec.services}:
             status = store.RUNNING
         else:
             status = app.status
-        error = None
+        # An OOM note stays until the next deployment; other errors clear once in sync.
+        error = app.last_error if (app.last_error or "").startswith("oom_killed") else None
         if manifest_error is not None:
             status, error = store.FAILED, self._record_manifest_error(app, manifest_error, result)
         elif app.deployed_hash != spec.hash:
@@ -329,7 +390,7 @@ class Reconciler:
             done = self.store.start_deployment(app.id, commit=result.commit, trigger=result.trigger,
                                                spec_hash=spec.hash)
             self.store.finish_deployment(done, status=status)
-        main = containers[0] if len(containers) == 1 else None
+        main = next((c for c in containers if c.service == spec.services[0].name), None)
         fields = {"status": status, "last_error": error, "deployed_hash": spec.hash,
                   "host_port": main.host_port if main else None,
                   "container_id": main.id if main else app.container_id}
@@ -337,13 +398,37 @@ class Reconciler:
             self.store.update_app(app.id, **fields)
         return AppOutcome(spec.org, spec.name, status, error=error)
 
-    def _record_manifest_error(self, app: store.App, error: ManifestError, result: PassResult) -> str:
-        """One failed deployment per distinct manifest error, not one per pass."""
+    def _death_note(self, spec: specs.AppSpec, actions: list[planning.Action]) -> tuple[str, str] | None:
+        """Why a container being healed died, when Docker says it was OOM-killed (one inspect)."""
+        for action in actions:
+            if action.container_id and action.kind in (planning.START, planning.RECREATE):
+                _, oom = self.runtime.exit_state(action.container_id)
+                service = action.service_spec
+                if oom and service is not None:
+                    return "oom_killed", (f"service {service.name} of {spec.org}/{spec.name} was killed for "
+                                          f"exceeding its memory limit of {service.memory} MB; restarted")
+        return None
+
+    def _remove_resources(self, org: str, app: str) -> None:
+        """What a deleted app leaves besides containers: network, built images, staged secrets."""
+        self.runtime.remove_app_resources(org, app)
+        if self.secrets is not None:
+            self.secrets.unstage(org, app)
+
+    def _record_manifest_error(self, app: store.App, error: CynchrodError, result: PassResult) -> str:
+        """One failed deployment per distinct error, not one per pass."""
         text = str(error)
         if app.last_error != text:
             self.store.fail_deployment_now(app.id, commit=result.commit, trigger=result.trigger, spec_hash=None,
                                            code=error.code, error=text)
         return text
+
+    def _refuse(self, app: store.App, error: CynchrodError, result: PassResult) -> AppOutcome:
+        """An app held back this pass: recorded as failed, its containers left as they are."""
+        text = self._record_manifest_error(app, error, result)
+        if app.status != store.FAILED or app.last_error != text:
+            self.store.update_app(app.id, status=store.FAILED, last_error=text)
+        return AppOutcome(app.org, app.name, store.FAILED, error=text)
 
     def _apply_app(self, key: tuple[str, str], actions: list[planning.Action], spec: specs.AppSpec | None,
                    app: store.App | None, manifest_error: ManifestError | None, result: PassResult) -> AppOutcome:
@@ -353,6 +438,7 @@ class Reconciler:
             try:
                 for action in actions:
                     self.runtime.apply(action)
+                self._remove_resources(*key)
             except CynchrodError as exc:
                 log.warning("prune of %s/%s failed: %s", key[0], key[1], exc)
                 return AppOutcome(key[0], key[1], store.FAILED, described, str(exc))
@@ -366,7 +452,12 @@ class Reconciler:
         deployment = self.store.start_deployment(row.id, commit=result.commit, trigger=trigger,
                                                  spec_hash=spec.hash)
         container_id, host_port = row.container_id, row.host_port
+        note: tuple[str, str] | None = None
         try:
+            if trigger == "self-heal":
+                note = self._death_note(spec, actions)
+            if spec.secret_names and self.secrets is not None and any(a.kind != planning.STOP for a in actions):
+                self.secrets.stage(spec)
             for action in actions:
                 log.info("%s", action.describe())
                 action_kind = action.kind
@@ -382,11 +473,16 @@ class Reconciler:
             self.store.update_app(row.id, status=store.FAILED, last_error=str(exc))
             return AppOutcome(spec.org, spec.name, store.FAILED, described, str(exc))
         status = store.STOPPED if spec.state == "stopped" else store.RUNNING
-        self.store.finish_deployment(deployment, status=status)
+        self.store.finish_deployment(deployment, status=status, error_code=note[0] if note else None,
+                                     error=note[1] if note else None)
         error = self._record_manifest_error(row, manifest_error, result) if manifest_error else None
-        self.store.update_app(row.id, status=store.FAILED if error else status, last_error=error,
+        if error is not None:
+            status = store.FAILED
+        elif note is not None:
+            error = f"{note[0]}: {note[1]}"  # running again, but say why it had died
+        self.store.update_app(row.id, status=status, last_error=error,
                               deployed_hash=spec.hash, container_id=container_id, host_port=host_port)
-        return AppOutcome(spec.org, spec.name, store.FAILED if error else status, described, error)
+        return AppOutcome(spec.org, spec.name, status, described, error)
 
     # -- the daemon loop ----------------------------------------------------------
 

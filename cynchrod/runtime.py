@@ -18,10 +18,12 @@ import contextlib
 import dataclasses
 import logging
 import os
+import pathlib
 import re
 import signal
 import threading
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import docker
@@ -134,8 +136,11 @@ class DockerRuntime:
     """Drives one Docker Engine for one owner (a namespace of labels and names)."""
 
     def __init__(self, *, owner: str = "cynchrod", publish_address: str = "127.0.0.1",
-                 stop_timeout: int = 10, client: docker.DockerClient | None = None) -> None:
+                 stop_timeout: int = 10, client: docker.DockerClient | None = None,
+                 secrets_dir: pathlib.Path | None = None) -> None:
         self.owner = owner
+        #: Where the reconciler stages secret files (``<org>/<app>/<name>``).
+        self.secrets_dir = secrets_dir
         self.publish_address = publish_address
         self.stop_timeout = stop_timeout
         self._client = client or docker.DockerClient.from_env(timeout=60)
@@ -160,6 +165,15 @@ class DockerRuntime:
             LABEL_SPEC: service.canonical(restarted_at=spec.restarted_at),
             LABEL_PATH: spec.path,
         }
+
+    def network_name(self, org: str, app: str) -> str:
+        return f"{self.owner}_{org}_{app}"
+
+    def volume_name(self, org: str, app: str, volume: str) -> str:
+        return f"{self.owner}_{org}_{app}_{volume}"
+
+    def _app_labels(self, org: str, app: str) -> dict[str, str]:
+        return {LABEL_OWNER: self.owner, LABEL_ORG: org, LABEL_APP: app}
 
     @property
     def owner_filter(self) -> dict[str, list[str]]:
@@ -239,6 +253,16 @@ class DockerRuntime:
 
     def _create(self, spec: specs.AppSpec, service: specs.ServiceSpec) -> Served:
         name = self.container_name(spec.org, spec.name, service.name)
+        network = self._ensure_network(spec) if spec.multi else None
+        binds: dict[str, dict[str, str]] = {}
+        for volume in service.volumes:
+            binds[self._ensure_volume(spec, volume.name)] = {"bind": volume.path,
+                                                             "mode": "ro" if volume.read_only else "rw"}
+        for secret in service.secrets:
+            if self.secrets_dir is None:
+                raise PermanentError("this runtime has no secrets directory", code="secret_missing")
+            staged = self.secrets_dir / spec.org / spec.name / secret
+            binds[str(staged)] = {"bind": f"/run/secrets/{secret}", "mode": "ro"}
         ports = [service.port] if service.port else None
         bindings: dict[int, Any] | None = None
         if service.port:
@@ -252,7 +276,16 @@ class DockerRuntime:
             memswap_limit=service.memory * 1024 * 1024,
             init=True,
             log_config=LOG_CONFIG,
+            binds=binds or None,
+            network_mode=network,
         )
+        networking = (self.api.create_networking_config(
+            {network: self.api.create_endpoint_config(aliases=[service.name])}) if network else None)
+        health = None
+        if service.healthcheck is not None:
+            h = service.healthcheck
+            health = {"test": list(h.test), "interval": int(h.interval * 1e9), "timeout": int(h.timeout * 1e9),
+                      "retries": h.retries, "start_period": int(h.start_period * 1e9)}
 
         def create() -> dict[str, Any]:
             result: dict[str, Any] = self.api.create_container(
@@ -263,6 +296,8 @@ class DockerRuntime:
                 labels=self.labels(spec, service),
                 ports=ports,
                 host_config=host_config,
+                networking_config=networking,
+                healthcheck=health,
             )
             return result
 
@@ -283,6 +318,50 @@ class DockerRuntime:
         except docker.errors.NotFound as exc:
             raise RuntimeFailure(f"start {name}: container vanished") from exc
         return self._served(container_id, service)
+
+    def _ensure_network(self, spec: specs.AppSpec) -> str:
+        """The app's private bridge network, made (with our labels) when missing."""
+        name = self.network_name(spec.org, spec.name)
+        try:
+            _converted(lambda: self.api.inspect_network(name), f"inspect network {name}")
+        except docker.errors.NotFound:
+            try:
+                _converted(lambda: self.api.create_network(name, driver="bridge", check_duplicate=True,
+                                                           labels=self._app_labels(spec.org, spec.name)),
+                           f"create network {name}")
+            except PermanentError:
+                pass  # made concurrently by another service of the app
+        return name
+
+    def _ensure_volume(self, spec: specs.AppSpec, volume: str) -> str:
+        name = self.volume_name(spec.org, spec.name, volume)
+        try:
+            _converted(lambda: self.api.inspect_volume(name), f"inspect volume {name}")
+        except docker.errors.NotFound:
+            _converted(lambda: self.api.create_volume(name, driver="local",
+                                                      labels=self._app_labels(spec.org, spec.name)),
+                       f"create volume {name}")
+        return name
+
+    def exit_state(self, container_id: str) -> tuple[int | None, bool]:
+        """(exit code, OOM-killed) of a stopped container: one inspect, only when one died."""
+        try:
+            state = _converted(lambda: self.api.inspect_container(container_id), "inspect")["State"]
+        except docker.errors.NotFound:
+            return None, False
+        return state.get("ExitCode"), bool(state.get("OOMKilled"))
+
+    def remove_app_resources(self, org: str, app: str) -> None:
+        """After an app's containers are gone: its private network and the images we built for it.
+
+        Named volumes are kept (they hold data); they carry our labels for ``docker volume prune``.
+        """
+        name = self.network_name(org, app)
+        self._ignore_missing(lambda: self.api.remove_network(name), f"remove network {name}")
+        filters = {"label": [f"{LABEL_OWNER}={self.owner}", f"{LABEL_ORG}={org}", f"{LABEL_APP}={app}"]}
+        for image in _converted(lambda: self.api.images(filters=filters), "list images"):
+            image_id: str = image["Id"]
+            self._ignore_missing(partial(self.api.remove_image, image_id, force=True), "remove image")
 
     def _pull(self, image: str) -> None:
         """Pull only references that name a registry; local tags are never pulled."""

@@ -15,7 +15,7 @@ import pathlib
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from urllib.parse import urlparse
 
 import pygit2
@@ -149,6 +149,29 @@ class Source:
                                                  code="policy_violation", path=path, line=1))
                 else:
                     found.append((path, str(entry.id)))
+
+    def introduced(self, commit: str, paths: Iterable[str], *, limit: int = 1000) -> dict[str, int]:
+        """For each path, how many first-parent commits back it was added (larger = earlier).
+
+        Used to admit new apps over an org's quota first-come: the walk stops
+        once every path is absent or after ``limit`` commits.
+        """
+        with self._lock:
+            repo = self._open()
+            pending = set(paths)
+            age = dict.fromkeys(pending, 0)
+            current = repo[commit].peel(pygit2.Commit)
+            depth = 0
+            while pending and depth < limit and current.parents:
+                current = current.parents[0]
+                depth += 1
+                for path in list(pending):
+                    try:
+                        current.tree[path]
+                        age[path] = depth
+                    except KeyError:
+                        pending.discard(path)
+            return age
 
     def read(self, oid: str) -> bytes:
         with self._lock:

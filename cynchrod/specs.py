@@ -19,6 +19,24 @@ MAIN_SERVICE = "main"
 
 
 @dataclasses.dataclass(frozen=True)
+class Volume:
+    """A named volume mounted in a container (host paths are never allowed)."""
+
+    name: str
+    path: str
+    read_only: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Healthcheck:
+    test: tuple[str, ...]
+    interval: float = 30.0
+    timeout: float = 30.0
+    retries: int = 3
+    start_period: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
 class ServiceSpec:
     """One container of an app, normalised (defaults applied, env sorted)."""
 
@@ -30,6 +48,13 @@ class ServiceSpec:
     host_port: int | None = None
     cpu: float = DEFAULT_CPU
     memory: int = DEFAULT_MEMORY_MB
+    volumes: tuple[Volume, ...] = ()
+    depends_on: tuple[str, ...] = ()
+    healthcheck: Healthcheck | None = None
+    secrets: tuple[str, ...] = ()
+    #: Keyed digest of the current values of ``secrets`` (filled by the reconciler,
+    #: never from a manifest): a rotated secret changes the hash and redeploys.
+    secret_digest: str = ""
 
     def canonical(self, *, restarted_at: str | None) -> str:
         """Everything that, when changed, needs a new container, as canonical JSON.
@@ -78,11 +103,26 @@ class AppSpec:
         parts = [self.state] + [self.service_hash(s) for s in self.services]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
+    @property
+    def multi(self) -> bool:
+        """Multi-service apps get a private network; single ones run on the default bridge."""
+        return len(self.services) > 1 or self.services[0].name != MAIN_SERVICE
+
+    @property
+    def secret_names(self) -> frozenset[str]:
+        return frozenset(name for s in self.services for name in s.secrets)
+
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        for service in data["services"]:
+            service["secret_digest"] = ""  # derived each pass; not part of the recorded spec
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> AppSpec:
+        def health(h: dict[str, Any] | None) -> Healthcheck | None:
+            return None if h is None else Healthcheck(**{**h, "test": tuple(h["test"])})
+
         services = tuple(
             ServiceSpec(
                 name=s["name"],
@@ -93,6 +133,10 @@ class AppSpec:
                 host_port=s.get("host_port"),
                 cpu=float(s.get("cpu", DEFAULT_CPU)),
                 memory=int(s.get("memory", DEFAULT_MEMORY_MB)),
+                volumes=tuple(Volume(**v) for v in s.get("volumes", ())),
+                depends_on=tuple(s.get("depends_on", ())),
+                healthcheck=health(s.get("healthcheck")),
+                secrets=tuple(s.get("secrets", ())),
             )
             for s in data["services"]
         )

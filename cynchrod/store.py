@@ -78,6 +78,15 @@ CREATE TABLE IF NOT EXISTS tokens (
 );
 """
 TOKEN_PREFIX = "cyn_"
+SCHEMA += """
+CREATE TABLE IF NOT EXISTS secrets (
+    org TEXT NOT NULL,
+    name TEXT NOT NULL,
+    sealed TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    PRIMARY KEY (org, name)
+);
+"""
 
 
 def now() -> str:
@@ -340,6 +349,26 @@ class Store:
             cur = db.execute("UPDATE tokens SET revoked_at = ? WHERE (id = ? OR name = ?) AND revoked_at IS NULL",
                              (now(), id_or_name, id_or_name))
             return cur.rowcount
+
+    # -- secrets (sealed by ``cynchrod.secrets``; never decrypted here) ------------
+
+    def put_secret(self, org: str, name: str, sealed: str) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT INTO secrets (org, name, sealed, updated_at) VALUES (?,?,?,?)"
+                       " ON CONFLICT(org, name) DO UPDATE SET sealed = excluded.sealed,"
+                       " updated_at = excluded.updated_at", (org, name, sealed, now()))
+
+    def delete_secret(self, org: str, name: str) -> bool:
+        with self.transaction() as db:
+            return db.execute("DELETE FROM secrets WHERE org = ? AND name = ?", (org, name)).rowcount > 0
+
+    def secret(self, org: str, name: str) -> str | None:
+        rows = self._query("SELECT sealed FROM secrets WHERE org = ? AND name = ?", (org, name))
+        return str(rows[0]["sealed"]) if rows else None
+
+    def secret_names(self, org: str) -> list[tuple[str, str]]:
+        rows = self._query("SELECT name, updated_at FROM secrets WHERE org = ? ORDER BY name", (org,))
+        return [(r["name"], r["updated_at"]) for r in rows]
 
     # -- meta -----------------------------------------------------------------
 

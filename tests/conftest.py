@@ -15,6 +15,7 @@ import docker
 import pytest
 
 from cynchrod import reconciler, runtime, source, store
+from cynchrod import secrets as vault
 from tests.helpers import TEST_IMAGE, TEST_IMAGE_2, TEST_LABEL, Daemon, GitRepo
 
 
@@ -51,8 +52,16 @@ def images(docker_client: docker.DockerClient) -> Iterator[tuple[str, str]]:
 
 
 def remove_owned(client: docker.DockerClient, owner: str) -> None:
-    for c in client.api.containers(all=True, filters={"label": [f"{runtime.LABEL_OWNER}={owner}"]}):
-        client.api.remove_container(c["Id"], force=True)
+    """Every container, network, volume and image carrying this owner label."""
+    mine = {"label": [f"{runtime.LABEL_OWNER}={owner}"]}
+    for c in client.api.containers(all=True, filters=mine):
+        client.api.remove_container(c["Id"], force=True, v=True)
+    for n in client.api.networks(filters=mine):
+        client.api.remove_network(n["Id"])
+    for v in client.api.volumes(filters=mine).get("Volumes") or []:
+        client.api.remove_volume(v["Name"], force=True)
+    for i in client.api.images(filters=mine):
+        client.api.remove_image(i["Id"], force=True)
 
 
 @pytest.fixture
@@ -70,10 +79,13 @@ class Harness:
 
     def __init__(self, repo_url: str, state: pathlib.Path, owner: str) -> None:
         self.state = state
-        self.rt = runtime.DockerRuntime(owner=owner, stop_timeout=1)
         self.db = store.Store(state / "cynchrod.db")
+        self.secrets = vault.Secrets(self.db, state_dir=state)
+        self.rt = runtime.DockerRuntime(owner=owner, stop_timeout=1, secrets_dir=self.secrets.staging)
         self.src = source.Source(repo_url, state_dir=state)
-        self.rec = reconciler.Reconciler(src=self.src, rt=self.rt, db=self.db)
+        self.max_apps: dict[str, int] = {}
+        self.rec = reconciler.Reconciler(src=self.src, rt=self.rt, db=self.db, secrets=self.secrets,
+                                         max_apps=lambda org: self.max_apps.get(org, 10))
 
     def sync(self, trigger: str = "poll") -> reconciler.PassResult:
         return self.rec.run_pass(trigger)

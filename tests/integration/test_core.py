@@ -211,6 +211,7 @@ def test_missing_local_image_is_never_pulled(repo, harness: Harness) -> None:
 
 
 def test_one_list_call_in_a_noop_pass_over_50_apps(repo, harness: Harness) -> None:
+    harness.max_apps["default"] = 50
     repo.push({f"apps/app{i:02d}.yaml": manifest(f"app{i:02d}") for i in range(50)})
     assert harness.sync().ok
     requests: list[str] = []

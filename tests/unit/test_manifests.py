@@ -74,8 +74,29 @@ restartedAt: 2026-11-28T10:00:00Z
     ("name: web\nimage: i\n---\nname: b\n",
      ["apps/x.yaml:1: invalid_manifest: expected exactly one YAML document, found 2"]),
     ("a: &x [1]\nb: *x\n", ["apps/x.yaml:2: yaml_alias: YAML aliases are not allowed in manifests"]),
-    ("name: web\nimage: i\nservices: {a: {}}\n",
-     ["apps/x.yaml:3: unsupported: services: multi-service apps are not supported yet"]),
+    ("name: web\nimage: i\nservices: {a: {image: i}}\n",
+     ["apps/x.yaml:2: invalid_value: image: set it per service when the app has services"]),
+    ("name: web\nservices:\n  db:\n    image: i\n    privileged: true\n",
+     ["apps/x.yaml:5: policy_violation: services.db.privileged is not allowed: cynchrod never grants it"]),
+    ("name: web\nservices:\n  db:\n    image: i\n    volumes: [/etc:/data]\n",
+     ["apps/x.yaml:5: policy_violation: services.db.volumes[0]: '/etc:/data' mounts a host path; "
+      "only named volumes are allowed"]),
+    ("name: web\nimage: i\nvolumes:\n  - data:/var/lib/x\n  - ./here:/x\n",
+     ["apps/x.yaml:5: policy_violation: volumes[1]: './here:/x' mounts a host path; only named volumes are allowed"]),
+    ("name: web\nimage: i\nvolumes: ['sock:/var/run/docker.sock']\n",
+     ["apps/x.yaml:3: policy_violation: volumes[0]: the Docker socket is never mounted"]),
+    ("name: web\nimage: i\nvolumes: ['data:../x']\n",
+     ["apps/x.yaml:3: invalid_value: volumes[0]: the mount path must be absolute, without '..'"]),
+    ("name: web\nservices:\n  a: {image: i, depends_on: [b]}\n  b: {image: i, depends_on: [a]}\n",
+     ["apps/x.yaml:2: invalid_value: services: depends_on has a cycle: a -> b -> a"]),
+    ("name: web\nservices:\n  a: {image: i, depends_on: [nope]}\n",
+     ["apps/x.yaml:3: invalid_value: services.a.depends_on: 'nope' is not another service of this app"]),
+    ("name: web\nservices:\n  a: {image: i, cpu: 9}\n",
+     ["apps/x.yaml:3: out_of_range: services.a.cpu: 9 is greater than the maximum of 8"]),
+    ("name: web\nservices:\n  a: {command: [x]}\n",
+     ["apps/x.yaml:3: missing_key: image is a required property"]),
+    ("name: web\nimage: i\nsecrets: [db-password, '../x']\n",
+     ["apps/x.yaml:3: invalid_value: secrets.1: '../x' does not match '^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$'"]),
 ])
 def test_errors_have_file_line_code_message(text: str, expected: list[str]) -> None:
     assert errors(text) == expected
@@ -120,4 +141,34 @@ def test_cache_parses_each_blob_once_and_reports_duplicates() -> None:
 def test_spec_round_trips_through_json() -> None:
     spec = manifests.parse("apps/x.yaml", b"name: web\nimage: i\ncommand: [a, b]\nenv: {X: 1}\nport: 80\n").spec
     assert spec is not None
+    assert specs.AppSpec.from_json(spec.to_json()) == spec
+
+
+def test_multi_service_app() -> None:
+    spec = manifests.parse("apps/x.yaml", b"""
+name: shop
+memory: 128
+env: {LOG: info}
+services:
+  web:
+    image: web:1
+    port: 8080
+    depends_on: [db]
+    env: {LOG: debug, DB: db}
+    healthcheck: {test: wget -q -O- localhost:8080, interval: 5}
+  db:
+    image: db:1
+    memory: 256
+    volumes: [data:/var/lib/db, conf:/etc/db:ro]
+    secrets: [db-password]
+""").spec
+    assert spec is not None and spec.multi
+    db, web = spec.services
+    assert (db.name, web.name) == ("db", "web")
+    assert db.memory == 256 and web.memory == 128 and web.cpu == 1.0
+    assert web.env == (("DB", "db"), ("LOG", "debug")) and db.env == (("LOG", "info"),)
+    assert db.volumes == (specs.Volume("data", "/var/lib/db"), specs.Volume("conf", "/etc/db", True))
+    assert web.depends_on == ("db",) and db.secrets == ("db-password",)
+    assert web.healthcheck == specs.Healthcheck(test=("CMD-SHELL", "wget -q -O- localhost:8080"), interval=5.0)
+    assert spec.secret_names == {"db-password"}
     assert specs.AppSpec.from_json(spec.to_json()) == spec

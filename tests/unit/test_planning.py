@@ -121,3 +121,32 @@ def test_hash_is_stable_and_sensitive() -> None:
     assert app().hash == app().hash
     assert app().hash != app(state="stopped").hash
     assert app().service_hash(app().services[0]) != app(memory=129).service_hash(app(memory=129).services[0])
+
+
+def test_services_start_in_dependency_order_and_change_alone() -> None:
+    db = specs.ServiceSpec(name="db", image="db:1")
+    cache = specs.ServiceSpec(name="cache", image="c:1")
+    web = specs.ServiceSpec(name="web", image="web:1", depends_on=("cache", "db"))
+    shop = specs.AppSpec(org="default", name="shop", services=(web, db, cache))
+    actions = planning.plan({shop.key: shop}, [])
+    assert [(a.kind, a.service) for a in actions] == [("create", "cache"), ("create", "db"), ("create", "web")]
+
+    def observed(spec: specs.AppSpec, service: specs.ServiceSpec) -> planning.Observed:
+        return planning.Observed(id=service.name, name=service.name, org="default", app="shop",
+                                 service=service.name, spec_hash=spec.service_hash(service), state="running",
+                                 spec_json=service.canonical(restarted_at=None))
+
+    running = [observed(shop, s) for s in shop.services]
+    changed = dataclasses.replace(shop, services=(web, dataclasses.replace(db, image="db:2"), cache))
+    assert [(a.kind, a.service, a.reason) for a in planning.plan({shop.key: changed}, running)] == [
+        ("recreate", "db", "changed: image")]
+    fewer = dataclasses.replace(shop, services=(dataclasses.replace(web, depends_on=("db",)), db))
+    assert [(a.kind, a.service) for a in planning.plan({shop.key: fewer}, running)] == [
+        ("remove", "cache"), ("recreate", "web")]
+
+
+def test_secret_rotation_changes_the_hash() -> None:
+    base = app()
+    rotated = dataclasses.replace(base, services=(dataclasses.replace(base.services[0], secret_digest="v2"),))
+    assert kinds(planning.plan({rotated.key: rotated}, [running(base)])) == [("recreate", "web")]
+    assert planning.plan({rotated.key: rotated}, [running(base)])[0].reason == "changed: secret_digest"
