@@ -208,6 +208,7 @@ def cmd_secret(args: argparse.Namespace, out: IO[str]) -> int:
                 print(f"{name}\t{updated}", file=out)
             return 0
         org, _, name = args.ref.partition("/")
+        vault.check_name(org, name)  # before reading stdin
         if args.secret_command == "set":
             vault.set(org, name, sys.stdin.buffer.read())
             print(f"set {org}/{name}; apps using it are redeployed on the next pass", file=sys.stderr)

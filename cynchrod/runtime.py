@@ -325,12 +325,10 @@ class DockerRuntime:
         try:
             _converted(lambda: self.api.inspect_network(name), f"inspect network {name}")
         except docker.errors.NotFound:
-            try:
+            with contextlib.suppress(PermanentError):  # a 409: made concurrently by another service
                 _converted(lambda: self.api.create_network(name, driver="bridge", check_duplicate=True,
                                                            labels=self._app_labels(spec.org, spec.name)),
                            f"create network {name}")
-            except PermanentError:
-                pass  # made concurrently by another service of the app
         return name
 
     def _ensure_volume(self, spec: specs.AppSpec, volume: str) -> str:

@@ -30,7 +30,7 @@ sock = Sock()
 #: HTTP status for each error code the API can answer.
 STATUS = {
     "unauthorized": 401, "not_found": 404, "forbidden": 403, "quota_exceeded": 403,
-    "invalid_tail": 400, "invalid_body": 400, "invalid_manifest": 400,
+    "invalid_tail": 400, "invalid_body": 400, "invalid_manifest": 400, "invalid_secret": 400,
     "app_exists": 409, "app_removed": 409, "not_in_repo": 409, "conflict": 409,
     "too_many_streams": 429, "body_too_large": 413,
     "push_conflict": 503, "push_failed": 502, "source_unavailable": 503, "branch_not_found": 503,
@@ -52,7 +52,7 @@ def error_response(code: str, message: str, status: int | None = None, **extra: 
 
 def create_app(daemon: Any) -> Flask:
     """The Flask app for ``daemon`` (a ``cynchrod.daemon.Daemon``)."""
-    from cynchrod.api import apps, logs, meta
+    from cynchrod.api import apps, logs, meta, secrets
 
     app = Flask("cynchrod")
     app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024
@@ -60,6 +60,7 @@ def create_app(daemon: Any) -> Flask:
     app.register_blueprint(apps.bp)
     app.register_blueprint(logs.bp)
     app.register_blueprint(meta.bp)
+    app.register_blueprint(secrets.bp)
     sock.init_app(app)
 
     @app.errorhandler(CynchrodError)

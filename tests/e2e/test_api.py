@@ -371,3 +371,51 @@ def test_a_commit_that_cannot_be_pushed_fails_and_changes_nothing(api: Api,
     assert after["app"]["status"] == "running" and after["deployments"] == before["deployments"]
     states = {c["Labels"]["io.cynchrod.app"]: c["State"] for c in owned(docker_client, api.daemon.owner)}
     assert states["web"] == "running"
+
+
+def test_secrets_api_sets_and_never_reveals(api: Api) -> None:
+    value = "pa55-w0rd-never-shown"
+    response = api.call("PUT", "/orgs/default/secrets/db-password", data=value.encode(),
+                        check="/orgs/{org}/secrets/{name}")
+    assert response.status_code == 200 and value not in response.text
+    as_json = api.call("PUT", "/orgs/default/secrets/other", json={"value": value}, check="/orgs/{org}/secrets/{name}")
+    assert as_json.status_code == 200
+    listed = api.call("GET", "/orgs/default/secrets", check="/orgs/{org}/secrets")
+    assert [s["name"] for s in listed.json()["secrets"]] == ["db-password", "other"]
+    assert value not in listed.text
+    assert api.call("GET", "/orgs/default/secrets", token=api.other_token).status_code == 404
+    assert api.call("PUT", "/orgs/default/secrets/x", data=b"v", token=api.other_token).status_code == 404
+    bad = api.call("PUT", "/orgs/default/secrets/..%2Fx", data=b"v")
+    assert bad.status_code in (400, 404)
+    # An app that uses it gets it as a file.
+    created = api.call("POST", "/apps", json={"name": "usesecret", "image": TEST_IMAGE, "memory": 64,
+                                               "command": ["sleep", "3600"], "secrets": ["db-password"]})
+    assert created.status_code == 202, created.text
+    api.wait_status(created.json()["app"]["id"], "running")
+    details = api.app(created.json()["app"]["id"])
+    assert value not in json.dumps(details)
+    deleted = api.call("DELETE", "/orgs/default/secrets/other", check="/orgs/{org}/secrets/{name}")
+    assert deleted.status_code == 200
+    assert api.call("DELETE", "/orgs/default/secrets/other").status_code == 404
+    assert value not in api.daemon.output()
+
+
+def test_concurrent_creates_at_the_cap(api: Api) -> None:
+    """20 creates at once with room for 8 (cap 10, web and ticker exist) leave exactly 10 apps."""
+    results: list[int] = []
+    lock = threading.Lock()
+
+    def create(i: int) -> None:
+        response = api.call("POST", "/apps", json={"name": f"c{i:02d}", "image": TEST_IMAGE, "state": "stopped"})
+        with lock:
+            results.append(response.status_code)
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [202] * 8 + [403] * 12
+    apps = api.call("GET", "/apps").json()["apps"]
+    assert len(apps) == 10
+    assert sum(1 for line in api.fresh_log() if line.split("|")[1].startswith("create ")) == 8

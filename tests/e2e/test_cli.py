@@ -77,3 +77,21 @@ def test_bad_config_and_missing_repo(tmp_path: pathlib.Path) -> None:
     assert "invalid_config:" in out.stderr
     out = cli("sync", "--state", str(tmp_path / "s"), env={"CYNCHROD_REPO": ""})
     assert out.returncode == 2 and "usage: --repo" in out.stderr
+
+
+def test_secret_cli_reads_stdin_and_never_prints_values(tmp_path: pathlib.Path) -> None:
+    import subprocess
+    import sys
+
+    state = str(tmp_path / "state")
+    value = b"from-stdin-\x00-binary-ok"
+    done = subprocess.run([sys.executable, "-m", "cynchrod", "secret", "set", "acme/api-key", "--state", state],
+                          input=value, capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    listed = cli("secret", "list", "acme", "--state", state)
+    assert listed.stdout.split("\t")[0] == "api-key"
+    assert b"from-stdin" not in done.stdout + done.stderr and "from-stdin" not in listed.stdout
+    bad = cli("secret", "set", "acme/../x", "--state", state)
+    assert bad.returncode == 2 and "invalid_secret" in bad.stderr
+    assert cli("secret", "delete", "acme/api-key", "--state", state).returncode == 0
+    assert cli("secret", "delete", "acme/api-key", "--state", state).returncode == 1
