@@ -27,7 +27,8 @@ def _env(name: str) -> str | None:
 
 
 def _add_source_flags(p: argparse.ArgumentParser, *, daemon: bool) -> None:
-    p.add_argument("--repo", help="manifests repository: local path, file://, https:// or ssh URL")
+    p.add_argument("--repo", action="append",
+                   help="manifests repository: local path, file://, https:// or ssh URL (repeatable)")
     p.add_argument("--branch", help="branch to follow (default main)")
     p.add_argument("--path", help="directory inside the repository that holds apps/ (default: the root)")
     p.add_argument("--state", help="state directory (default ./state)")
@@ -187,10 +188,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 result = rec.run_pass("poll")
                 print_result(result, out)
                 return 0 if result.ok else 1
-            if not cfg.repo:
+            if not cfg.sources:
                 raise CynchrodError("--repo (or CYNCHROD_REPO) is required", code="usage")
-            log.info("cynchrod %s following %s (branch %s) every %ss, state %s", __version__, cfg.repo,
-                     cfg.branch, cfg.interval, cfg.state)
+            log.info("cynchrod %s following %s every %ss, state %s", __version__,
+                     ", ".join(f"{c.repo} ({c.branch}{', org ' + c.org if c.org else ''})" for c in cfg.sources),
+                     cfg.interval, cfg.state)
             daemon.Server(cfg).run()
             return 0
     except CynchrodError as exc:

@@ -43,10 +43,23 @@ def load_file(path: pathlib.Path) -> dict[str, Any]:
     values = {_FILE_KEYS[k]: v for k, v in data.items() if k in _FILE_KEYS}
     if "defaults" in data:
         values["default_max_apps"] = data["defaults"].get("max_apps", DEFAULT_MAX_APPS)
+    if "sources" in data:
+        values["sources"] = [SourceConfig(repo=c["repo"], branch=c.get("branch", "main"), path=c.get("path", ""),
+                                          org=c.get("org")) for c in data["sources"]]
     if "orgs" in data:
         values["org_max_apps"] = tuple(sorted((org, o["max_apps"]) for org, o in data["orgs"].items()
                                               if "max_apps" in o))
     return values
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceConfig:
+    """One followed repository; ``org`` pins it to one tenant's org."""
+
+    repo: str
+    branch: str = "main"
+    path: str = ""
+    org: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +76,8 @@ class Settings:
     stop_timeout: int = 10
     default_max_apps: int = DEFAULT_MAX_APPS
     org_max_apps: tuple[tuple[str, int], ...] = ()
+    #: Every followed repository: ``--repo`` (repeatable) or the config's ``sources``.
+    sources: tuple[SourceConfig, ...] = ()
 
     def max_apps(self, org: str) -> int:
         """The org's app cap (``orgs.<org>.max_apps``, else ``defaults.max_apps``, else 10)."""
@@ -70,7 +85,7 @@ class Settings:
 
     @classmethod
     def flag_fields(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls) if f.name != "org_max_apps"]
+        return [f.name for f in dataclasses.fields(cls) if f.name not in ("org_max_apps", "sources")]
 
     @classmethod
     def build(cls, values: dict[str, Any]) -> Settings:
@@ -85,13 +100,25 @@ class Settings:
                     out[key] = int(value)
                 elif kind == "pathlib.Path":
                     out[key] = pathlib.Path(value)
-                elif key == "org_max_apps":
+                elif key in ("org_max_apps", "sources"):
                     out[key] = tuple(value)
+                elif key == "repo" and isinstance(value, list):
+                    out[key] = value
                 else:
                     out[key] = str(value)
             except ValueError as exc:
                 raise ConfigError(f"{key}: {value!r} is not a valid {kind}") from exc
+        repos = out.pop("repo", "")
         settings = cls(**out)
+        if not settings.sources:
+            urls = repos if isinstance(repos, list) else [repos] if repos else []
+            settings = dataclasses.replace(settings, sources=tuple(
+                SourceConfig(repo=u, branch=settings.branch, path=settings.path) for u in urls))
+        if settings.sources:
+            settings = dataclasses.replace(settings, repo=settings.sources[0].repo)
+        urls = [(c.repo, c.branch) for c in settings.sources]
+        if len(set(urls)) != len(urls):
+            raise ConfigError("the same repository and branch is listed twice")
         if not _OWNER_RE.match(settings.owner):
             raise ConfigError(f"owner: {settings.owner!r} must be lowercase letters, digits and '-'")
         if settings.interval <= 0 or settings.concurrency < 1 or settings.stop_timeout < 0:

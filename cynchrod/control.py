@@ -13,7 +13,7 @@ import dataclasses
 import posixpath
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from cynchrod import edits, manifests, source, store
@@ -57,9 +57,9 @@ class Accepted:
 
 
 class Control:
-    def __init__(self, *, src: source.Source, db: store.Store, wake: Callable[[str], None],
-                 max_apps: Callable[[str], int] = lambda org: DEFAULT_MAX_APPS) -> None:
-        self.source = src
+    def __init__(self, *, src: source.Source | Sequence[source.Source], db: store.Store,
+                 wake: Callable[[str], None], max_apps: Callable[[str], int] = lambda org: DEFAULT_MAX_APPS) -> None:
+        self.sources = [src] if isinstance(src, source.Source) else list(src)
         self.store = db
         self.wake = wake
         self.max_apps = max_apps
@@ -77,8 +77,21 @@ class Control:
                 raise Conflict(f"{app.path} is no longer in the repository", code="not_in_repo")
             return edit(old)
 
-        commit = self.source.commit_edit(app.path, checked, f"{action} {app.org}/{app.name} (by {actor})")
+        commit = self._source_of(app).commit_edit(app.path, checked,
+                                                  f"{action} {app.org}/{app.name} (by {actor})")
         return self._accepted(app, action, commit)
+
+    def _source_of(self, app: store.App) -> source.Source:
+        """The repository that declares the app (the first one for rows from before sources)."""
+        return next((s for s in self.sources if s.url == app.source), self.sources[0])
+
+    def source_for_org(self, org: str) -> source.Source:
+        """Where a new app of ``org`` is committed: the repository pinned to it, else the first unpinned."""
+        pinned = next((s for s in self.sources if s.org == org), None)
+        target = pinned or next((s for s in self.sources if s.org is None), None)
+        if target is None:
+            raise Forbidden(f"no followed repository accepts apps of org {org!r}")
+        return target
 
     def _accepted(self, app: store.App, action: str, commit: str | None) -> Accepted:
         deployment = None
@@ -115,9 +128,10 @@ class Control:
         if not token.sees(str(org)):
             raise Forbidden(f"this token cannot create apps in org {org!r}")
         name = str(data.get("name", ""))
-        path = posixpath.join(self.source.apps_prefix, str(org), f"{name}.yaml")
+        target = self.source_for_org(str(org))
+        path = posixpath.join(target.apps_prefix, str(org), f"{name}.yaml")
         raw = edits.new_manifest(data, header=f"created through the API by {token.name}")
-        parsed = manifests.parse(path, raw)
+        parsed = manifests.parse(path, raw, org=target.org)
         if parsed.spec is None:
             errors = [str(e) for e in parsed.errors]
             raise InvalidManifest("; ".join(errors), errors)
@@ -138,6 +152,6 @@ class Control:
                     raise Conflict(f"{path} already exists in the repository", code="app_exists")
                 return raw
 
-            commit = self.source.commit_edit(path, write, f"create {spec.org}/{spec.name} (by {token.name})")
-            app = self.store.ensure_app(dataclasses.replace(spec, path=path), commit=commit)
+            commit = target.commit_edit(path, write, f"create {spec.org}/{spec.name} (by {token.name})")
+            app = self.store.ensure_app(dataclasses.replace(spec, path=path, source=target.url), commit=commit)
         return self._accepted(app, "create", commit)

@@ -43,20 +43,21 @@ class Daemon:
 
     @classmethod
     def build(cls, cfg: config.Settings) -> Daemon:
-        if not cfg.repo:
+        if not cfg.sources:
             raise PermanentError("--repo (or CYNCHROD_REPO) is required", code="usage")
         db = store.Store(cfg.state / "cynchrod.db")
-        src = source.Source(cfg.repo, branch=cfg.branch, path=cfg.path, state_dir=cfg.state)
+        srcs = [source.Source(c.repo, branch=c.branch, path=c.path, state_dir=cfg.state, org=c.org)
+                for c in cfg.sources]
         vault = secrets.Secrets(db, state_dir=cfg.state)
         rt = runtime.DockerRuntime(owner=cfg.owner, publish_address=cfg.publish_address,
                                    stop_timeout=cfg.stop_timeout, secrets_dir=vault.staging.resolve())
         stats = metrics.Metrics(db)
-        rec = reconciler.Reconciler(src=src, rt=rt, db=db, concurrency=cfg.concurrency, stats=stats, secrets=vault,
-                                    max_apps=cfg.max_apps)
-        ctl = control.Control(src=src, db=db, wake=rec.wakeup.request, max_apps=cfg.max_apps)
+        rec = reconciler.Reconciler(src=srcs, rt=rt, db=db, concurrency=cfg.concurrency, stats=stats,
+                                    secrets=vault, max_apps=cfg.max_apps)
+        ctl = control.Control(src=srcs, db=db, wake=rec.wakeup.request, max_apps=cfg.max_apps)
         from cynchrod.api.auth import Tickets  # flask stays out of the CLI's import path
 
-        return cls(settings=cfg, store=db, source=src, runtime=rt, reconciler=rec, control=ctl, metrics=stats,
+        return cls(settings=cfg, store=db, source=srcs[0], runtime=rt, reconciler=rec, control=ctl, metrics=stats,
                    tickets=Tickets(), secrets=vault)
 
     def start(self) -> None:

@@ -156,8 +156,12 @@ def _env(value: Mapping[str, Any] | None) -> tuple[tuple[str, str], ...]:
     return tuple(sorted((str(k), text(v)) for k, v in (value or {}).items()))
 
 
-def parse(path: str, raw: bytes) -> Result:
-    """Parse and validate one manifest file. Never raises for bad input."""
+def parse(path: str, raw: bytes, *, org: str | None = None) -> Result:
+    """Parse and validate one manifest file. Never raises for bad input.
+
+    ``org`` pins the file to one org (a tenant's repository): it is the default
+    org, and any other org is refused with ``org_forbidden``.
+    """
 
     def fail(message: str, code: str, line: int = 1) -> Result:
         return Result(path, None, (ManifestError(message, code=code, path=path, line=line),))
@@ -193,6 +197,11 @@ def parse(path: str, raw: bytes) -> Result:
     errors = _schema_errors(path, doc, data)
     if not errors:
         errors = _semantic_errors(path, doc, data)
+    if org is not None:
+        if data.get("org", org) != org:
+            errors.append(ManifestError(f"org: this repository may only declare apps of org {org}",
+                                        code="org_forbidden", path=path, line=_line_of(doc, ["org"])))
+        data.setdefault("org", org)
     if errors:
         return Result(path, None, tuple(errors))
     return Result(path, _to_spec(path, data))
@@ -338,9 +347,10 @@ class Desired:
 class Cache:
     """Parse results keyed by blob id; only ids seen in the last load are kept."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, org: str | None = None) -> None:
         self._results: dict[str, Result] = {}
         self.parses = 0
+        self.org = org
 
     def load(self, files: Iterable[tuple[str, str]], read: Callable[[str], bytes]) -> Desired:
         """``files`` is (path, blob id) pairs; ``read(blob id)`` is called on a miss only."""
@@ -352,7 +362,7 @@ class Cache:
             key = f"{oid}:{path}"
             result = self._results.get(key)
             if result is None:
-                result = parse(path, read(oid))
+                result = parse(path, read(oid), org=self.org)
                 self.parses += 1
             kept[key] = result
             if result.spec is None:

@@ -24,7 +24,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from cynchrod import manifests, metrics, planning, runtime, source, specs, store
 from cynchrod import secrets as secrets_mod
@@ -52,12 +52,22 @@ class AppOutcome:
 
 @dataclasses.dataclass
 class PassResult:
+    #: The commit of the first (primary) source.
     commit: str | None
     trigger: str
-    source_error: str | None = None
     manifest_errors: list[str] = dataclasses.field(default_factory=list)
     apps: list[AppOutcome] = dataclasses.field(default_factory=list)
     duration_s: float = 0.0
+    #: Per source URL, the commit read this pass.
+    commits: dict[str, str] = dataclasses.field(default_factory=dict)
+    source_errors: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def source_error(self) -> str | None:
+        return "; ".join(self.source_errors) or None
+
+    def commit_of(self, spec: specs.AppSpec) -> str | None:
+        return self.commits.get(spec.source, self.commit)
 
     @property
     def ok(self) -> bool:
@@ -75,8 +85,8 @@ class _Heal:
 class _Plan:
     desired: dict[tuple[str, str], specs.AppSpec]
     manifest_errors: dict[tuple[str, str], ManifestError]
-    #: False when no good commit was read: nothing undeclared is removed then.
-    prune: bool
+    #: Sources whose commit was read: only their undeclared apps are removed.
+    prune: frozenset[str]
     observed: list[planning.Observed]
     actions: list[planning.Action]
     #: Apps not acted on this pass (quota, missing secret): their containers stay as they are.
@@ -118,22 +128,25 @@ def _quota_refused(app: store.App) -> bool:
 
 
 class Reconciler:
-    def __init__(self, *, src: source.Source, rt: runtime.DockerRuntime, db: store.Store,
+    def __init__(self, *, src: source.Source | Sequence[source.Source], rt: runtime.DockerRuntime, db: store.Store,
                  concurrency: int = 4, clock: Callable[[], float] = time.monotonic,
                  stats: metrics.Metrics | None = None, secrets: secrets_mod.Secrets | None = None,
                  max_apps: Callable[[str], int] = lambda org: 10) -> None:
-        self.source = src
+        #: The repositories followed; the first is where apps created through the API go
+        #: unless another one is pinned to the app's org.
+        self.sources = [src] if isinstance(src, source.Source) else list(src)
+        self.source = self.sources[0]
         self.secrets = secrets
         self.max_apps = max_apps
         self.stats = stats or metrics.Metrics()
         self.runtime = rt
         self.store = db
         self.concurrency = concurrency
-        self.cache = manifests.Cache()
+        self.caches = {s.url: manifests.Cache(org=s.org) for s in self.sources}
         self.wakeup = Wakeup()
         self._clock = clock
-        self._commit: str | None = None
-        self._desired: manifests.Desired | None = None
+        #: Per source URL: the last commit loaded and what it declared.
+        self._loaded: dict[str, tuple[str, manifests.Desired]] = {}
         self._heal: dict[tuple[str, str], _Heal] = {}
         #: Apps whose spec hash failed permanently: not retried until the hash changes.
         self._blocked: dict[tuple[str, str], str] = {}
@@ -167,29 +180,30 @@ class Reconciler:
 
     # -- desired state --------------------------------------------------------
 
-    def _load(self, result: PassResult) -> manifests.Desired | None:
-        """The desired state of the newest good commit, or None when there is none."""
+    def _load(self, src: source.Source, result: PassResult) -> manifests.Desired | None:
+        """The desired state of the source's newest good commit, or None when there is none."""
         try:
-            commit = self.source.fetch()
+            commit = src.fetch()
         except SourceError as exc:
-            result.source_error = str(exc)
+            result.source_errors.append(str(exc))
             try:
-                commit = self.source.resolve()
+                commit = src.resolve()
             except SourceError:
                 return None
-        result.commit = commit
-        if commit == self._commit and self._desired is not None:
-            return self._desired
+        result.commits[src.url] = commit
+        last = self._loaded.get(src.url)
+        if last is not None and last[0] == commit:
+            return last[1]
         try:
-            files, refused = self.source.files(commit)
+            files, refused = src.files(commit)
         except SourceError as exc:
-            result.source_error = str(exc)
+            result.source_errors.append(str(exc))
             return None
-        desired = self.cache.load(files, self.source.read)
+        desired = self.caches[src.url].load(files, src.read)
         if refused:
             desired = dataclasses.replace(desired, errors=desired.errors + tuple(refused),
                                           failed_paths=desired.failed_paths | {e.path for e in refused})
-        self._commit, self._desired = commit, desired
+        self._loaded[src.url] = (commit, desired)
         return desired
 
     # -- one pass ---------------------------------------------------------------
@@ -222,26 +236,48 @@ class Reconciler:
             return result, plan.actions
 
     def _prepare(self, result: PassResult, live: dict[tuple[str, str], store.App]) -> _Plan:
-        loaded = self._load(result)
-        if loaded is None:
-            # No good commit: repair what the store last knew, prune nothing.
-            desired = {key: spec for key, app in live.items() if (spec := app.spec) is not None}
-            manifest_errors: dict[tuple[str, str], ManifestError] = {}
-            prune = False
-        else:
-            desired = dict(loaded.apps)
-            manifest_errors = self._keep_last_good(loaded, live, desired)
-            result.manifest_errors = [str(e) for e in loaded.errors]
-            prune = True
-        held = self._hold(desired, live, result.commit)
+        desired: dict[tuple[str, str], specs.AppSpec] = {}
+        manifest_errors: dict[tuple[str, str], ManifestError] = {}
+        good: set[str] = set()
+        for src in self.sources:
+            loaded = self._load(src, result)
+            if loaded is None:
+                # No good commit: repair what the store last knew of its apps, prune none of them.
+                for key, app in live.items():
+                    if app.source in (src.url, "") and (spec := app.spec) is not None:
+                        desired.setdefault(key, dataclasses.replace(spec, source=src.url))
+                continue
+            good.add(src.url)
+            apps = {k: dataclasses.replace(v, source=src.url) for k, v in loaded.apps.items()}
+            errors = list(loaded.errors)
+            for key, spec in apps.items():
+                if key in desired:
+                    errors.append(ManifestError(f"app {key[0]}/{key[1]} is already declared by another repository",
+                                                code="duplicate_app", path=spec.path, line=1))
+                else:
+                    desired[key] = spec
+            manifest_errors.update(self._keep_last_good(src.url, loaded, live, desired))
+            result.manifest_errors.extend(str(e) for e in errors)
+        result.commit = result.commits.get(self.source.url)
+        prune = {url for url in good}
+        held = self._hold(desired, live, result)
         observed = self.runtime.observe()
-        actions = planning.plan(desired, observed)
-        if not prune:
-            actions = [a for a in actions if a.key in desired]
-        return _Plan(desired, manifest_errors, prune, observed, [a for a in actions if a.key not in held], held)
+        all_good = len(good) == len(self.sources)
+
+        def may_act(action: planning.Action) -> bool:
+            if action.key in held:
+                return False
+            if action.key in desired:
+                return True
+            # Removing an undeclared app: only when the repository it came from was read.
+            row = live.get(action.key)
+            return all_good if row is None or not row.source else row.source in good
+
+        actions = [a for a in planning.plan(desired, observed) if may_act(a)]
+        return _Plan(desired, manifest_errors, frozenset(prune), observed, actions, held)
 
     def _hold(self, desired: dict[tuple[str, str], specs.AppSpec], live: dict[tuple[str, str], store.App],
-              commit: str | None) -> dict[tuple[str, str], CynchrodError]:
+              result: PassResult) -> dict[tuple[str, str], CynchrodError]:
         """Fill in secret digests; return the apps that must not be acted on, and why."""
         held: dict[tuple[str, str], CynchrodError] = {}
         for key, spec in desired.items():
@@ -257,11 +293,11 @@ class Reconciler:
                 continue
             desired[key] = dataclasses.replace(spec, services=tuple(
                 dataclasses.replace(s, secret_digest=digests[s.name]) for s in spec.services))
-        held.update(self._over_quota(desired, live, commit))
+        held.update(self._over_quota(desired, live, result))
         return held
 
     def _over_quota(self, desired: dict[tuple[str, str], specs.AppSpec], live: dict[tuple[str, str], store.App],
-                    commit: str | None) -> dict[tuple[str, str], CynchrodError]:
+                    result: PassResult) -> dict[tuple[str, str], CynchrodError]:
         """New apps past their org's ``max_apps``: first come (by the commit that added
         their file) first served, ties by name. Apps already admitted are exempt."""
         by_org: dict[str, list[tuple[str, str]]] = {}
@@ -274,8 +310,14 @@ class Reconciler:
             new = [k for k in keys if k not in admitted]
             if len(admitted) + len(new) <= cap:
                 continue
-            age = self.source.introduced(commit, [desired[k].path for k in new]) if commit else {}
-            new.sort(key=lambda k: (-age.get(desired[k].path, 0), k[1]))
+            age: dict[tuple[str, str], int] = {}
+            for src in self.sources:
+                mine = [k for k in new if desired[k].source == src.url]
+                commit = result.commits.get(src.url)
+                if mine and commit:
+                    found = src.introduced(commit, [desired[k].path for k in mine])
+                    age.update({k: found.get(desired[k].path, 0) for k in mine})
+            new.sort(key=lambda k: (-age.get(k, 0), k[1]))
             room = max(cap - len(admitted), 0)
             for key in new[room:]:
                 refused[key] = PermanentError(
@@ -300,9 +342,9 @@ class Reconciler:
             if spec is None:
                 work.append((key, app_actions))
                 continue
-            app = live.get(key) or self.store.ensure_app(spec, commit=result.commit)
+            app = live.get(key) or self.store.ensure_app(spec, commit=result.commit_of(spec))
             if key not in manifest_errors:
-                self.store.record_spec(app.id, spec, commit=result.commit)
+                self.store.record_spec(app, spec, commit=result.commit_of(spec))
             if key in plan.held:
                 result.apps.append(self._refuse(app, plan.held[key], result))
                 continue
@@ -319,15 +361,15 @@ class Reconciler:
                                    manifest_errors.get(key), result)
                        for key, acts in work]
             result.apps.extend(fut.result() for fut in futures)
-        if plan.prune:
-            for key, app in live.items():
+        for key, app in live.items():
+            if app.source in plan.prune or (not app.source and len(plan.prune) == len(self.sources)):
                 if key not in desired and key not in containers:
                     self._remove_resources(*key)
                     self.store.remove_app(app.id, commit=result.commit, trigger=result.trigger)
         result.apps.sort(key=lambda a: (a.org, a.name))
         self._follow_up_suspects(plan.observed)
 
-    def _keep_last_good(self, loaded: manifests.Desired, live: dict[tuple[str, str], store.App],
+    def _keep_last_good(self, url: str, loaded: manifests.Desired, live: dict[tuple[str, str], store.App],
                         desired: dict[tuple[str, str], specs.AppSpec]) -> dict[tuple[str, str], ManifestError]:
         """Put back the last good spec of each app whose file now fails; return their errors."""
         first_error: dict[str, ManifestError] = {}
@@ -335,9 +377,9 @@ class Reconciler:
             first_error.setdefault(err.path, err)
         failed: dict[tuple[str, str], ManifestError] = {}
         for key, app in live.items():
-            if app.path in loaded.failed_paths and (spec := app.spec) is not None:
+            if app.source in (url, "") and app.path in loaded.failed_paths and (spec := app.spec) is not None:
                 if key not in desired:
-                    desired[key] = spec
+                    desired[key] = dataclasses.replace(spec, source=url)
                 failed[key] = first_error[app.path]
         return failed
 
@@ -387,7 +429,7 @@ class Reconciler:
             status, error = store.FAILED, self._record_manifest_error(app, manifest_error, result)
         elif app.deployed_hash != spec.hash:
             # A spec change that needed no container change is still a deployment.
-            done = self.store.start_deployment(app.id, commit=result.commit, trigger=result.trigger,
+            done = self.store.start_deployment(app.id, commit=result.commit_of(spec), trigger=result.trigger,
                                                spec_hash=spec.hash)
             self.store.finish_deployment(done, status=status)
         main = next((c for c in containers if c.service == spec.services[0].name), None)
@@ -449,7 +491,7 @@ class Reconciler:
         assert row is not None
         action_kind = ""
         trigger = result.trigger if row.deployed_hash != spec.hash else "self-heal"
-        deployment = self.store.start_deployment(row.id, commit=result.commit, trigger=trigger,
+        deployment = self.store.start_deployment(row.id, commit=result.commit_of(spec), trigger=trigger,
                                                  spec_hash=spec.hash)
         container_id, host_port = row.container_id, row.host_port
         note: tuple[str, str] | None = None

@@ -58,11 +58,14 @@ def _normalise(url: str) -> str:
 class Source:
     """One branch of one repository, mirrored under ``state/repos``."""
 
-    def __init__(self, url: str, *, branch: str = "main", path: str = "", state_dir: pathlib.Path) -> None:
+    def __init__(self, url: str, *, branch: str = "main", path: str = "", state_dir: pathlib.Path,
+                 org: str | None = None) -> None:
         self.url = _normalise(url)
+        #: When set, this repository may only declare apps of this org.
+        self.org = org
         self.branch = branch
         self.path = path.strip("/")
-        digest = hashlib.sha256(self.url.encode()).hexdigest()[:16]
+        digest = hashlib.sha256(f"{self.url}#{branch}".encode()).hexdigest()[:16]
         self.mirror = state_dir / "repos" / f"{digest}.git"
         self._repo: pygit2.Repository | None = None
         # One libgit2 repository object is shared by the reconciler and the API threads.

@@ -81,6 +81,8 @@ class AppSpec:
     restarted_at: str | None = None
     #: Repository-relative path of the manifest (for errors and commit-backs).
     path: str = ""
+    #: URL of the repository that declares it (several may be followed).
+    source: str = ""
 
     @property
     def key(self) -> tuple[str, str]:
@@ -148,4 +150,5 @@ class AppSpec:
             state=data.get("state", "running"),
             restarted_at=data.get("restarted_at"),
             path=data.get("path", ""),
+            source=data.get("source", ""),
         )

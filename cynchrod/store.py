@@ -50,7 +50,8 @@ CREATE TABLE IF NOT EXISTS apps (
     "commit" TEXT,
     spec_json TEXT,
     deployed_hash TEXT,
-    removed_at TEXT
+    removed_at TEXT,
+    source TEXT NOT NULL DEFAULT ''
 );
 CREATE UNIQUE INDEX IF NOT EXISTS apps_live ON apps(org, name) WHERE status != 'removed';
 CREATE TABLE IF NOT EXISTS deployments (
@@ -112,6 +113,8 @@ class App:
     spec_json: str | None
     deployed_hash: str | None
     removed_at: str | None
+    #: URL of the repository that declares the app.
+    source: str
 
     @property
     def key(self) -> tuple[str, str]:
@@ -173,6 +176,9 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.executescript(SCHEMA)
+            columns = {r["name"] for r in self._db.execute("PRAGMA table_info(apps)")}
+            if "source" not in columns:  # a state dir from before several repositories
+                self._db.execute("ALTER TABLE apps ADD COLUMN source TEXT NOT NULL DEFAULT ''")
 
     def close(self) -> None:
         self._db.close()
@@ -221,9 +227,9 @@ class Store:
                 stamp = now()
                 db.execute(
                     "INSERT INTO apps (id, org, name, image, domain, port, status, created_at, updated_at, path,"
-                    ' "commit", spec_json) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)',
+                    ' "commit", spec_json, source) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)',
                     (app_id, spec.org, spec.name, spec.image, spec.domain, spec.port, QUEUED, stamp, stamp,
-                     spec.path, commit, json.dumps(spec.to_json())))
+                     spec.path, commit, json.dumps(spec.to_json()), spec.source))
                 row = db.execute("SELECT * FROM apps WHERE id = ?", (app_id,)).fetchone()
         return App(**dict(row))
 
@@ -235,10 +241,15 @@ class Store:
         with self.transaction() as db:
             db.execute(f"UPDATE apps SET {cols} WHERE id = ?", (*fields.values(), app_id))
 
-    def record_spec(self, app_id: str, spec: specs.AppSpec, *, commit: str | None) -> None:
-        """Remember the last good spec, so a broken edit keeps this one running."""
-        self.update_app(app_id, image=spec.image, domain=spec.domain, port=spec.port, path=spec.path,
-                        commit=commit, spec_json=json.dumps(spec.to_json()))
+    def record_spec(self, app: App, spec: specs.AppSpec, *, commit: str | None) -> None:
+        """Remember the last good spec, so a broken edit keeps this one running.
+
+        Writes only when something changed: a no-op pass writes nothing.
+        """
+        spec_json = json.dumps(spec.to_json())
+        if (app.spec_json, app.commit, app.source) != (spec_json, commit, spec.source):
+            self.update_app(app.id, image=spec.image, domain=spec.domain, port=spec.port, path=spec.path,
+                            commit=commit, spec_json=spec_json, source=spec.source)
 
     def remove_app(self, app_id: str, *, commit: str | None, trigger: str) -> None:
         """Soft-delete: the row (and its history) stays, with status ``removed``."""

@@ -217,12 +217,12 @@ def test_one_list_call_in_a_noop_pass_over_50_apps(repo, harness: Harness) -> No
     requests: list[str] = []
     harness.rt.api.hooks["response"].append(
         lambda response, *a, **k: requests.append(f"{response.request.method} {response.request.path_url}"))
-    parses = harness.rec.cache.parses
+    parses = harness.rec.caches[harness.src.url].parses
     result = harness.sync()
     assert result.ok and all(a.actions == [] for a in result.apps) and len(result.apps) == 50
     assert len(requests) == 1, requests
     assert requests[0].startswith("GET /v1.") and "/containers/json?" in requests[0]
-    assert harness.rec.cache.parses == parses  # nothing re-parsed
+    assert harness.rec.caches[harness.src.url].parses == parses  # nothing re-parsed
     ids = {n: r["Id"] for n, r in harness.containers().items()}
     requests.clear()
     for _ in range(200):

@@ -1,0 +1,69 @@
+"""Several repositories at once, each optionally pinned to one org."""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+
+from cynchrod import control, reconciler, runtime, source, store
+from tests.helpers import TEST_IMAGE, GitRepo, cli, git
+
+
+def manifest(name: str, extra: str = "") -> str:
+    return f"name: {name}\nimage: {TEST_IMAGE}\ncommand: [sleep, '3600']\nmemory: 64\n{extra}"
+
+
+def test_pinned_repositories(tmp_path: pathlib.Path, owner: str, images: object) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    ops, tenant = GitRepo(tmp_path / "a"), GitRepo(tmp_path / "b")
+    ops.push({"apps/web.yaml": manifest("web"), "apps/dup.yaml": manifest("dup", "org: tenant\n")})
+    tenant.push({"apps/shop.yaml": manifest("shop"), "apps/evil.yaml": manifest("evil", "org: default\n"),
+                 "apps/dup.yaml": manifest("dup")})
+    state = tmp_path / "state"
+    db = store.Store(state / "cynchrod.db")
+    rt = runtime.DockerRuntime(owner=owner, stop_timeout=1)
+    sources = [source.Source(ops.url, state_dir=state), source.Source(tenant.url, state_dir=state, org="tenant")]
+    rec = reconciler.Reconciler(src=sources, rt=rt, db=db)
+    try:
+        result = rec.run_pass()
+        assert sorted(result.manifest_errors) == [
+            "apps/dup.yaml:1: duplicate_app: app tenant/dup is already declared by another repository",
+            "apps/evil.yaml:5: org_forbidden: org: this repository may only declare apps of org tenant",
+        ]
+        live = db.live_apps()
+        assert sorted(live) == [("default", "web"), ("tenant", "dup"), ("tenant", "shop")]
+        assert live[("tenant", "shop")].source == tenant.url and live[("default", "web")].source == ops.url
+        assert live[("tenant", "shop")].commit == result.commits[tenant.url]
+
+        # The tenant's repository goes away: its apps stay, the other repository still applies.
+        shutil.move(tenant.bare, tenant.bare.with_suffix(".gone"))
+        ops.push({"apps/web.yaml": None, "apps/more.yaml": manifest("more")})
+        result = rec.run_pass()
+        assert result.source_error is not None and "source_unavailable" in result.source_error
+        names = sorted(c["Labels"][runtime.LABEL_APP] for c in rt.api.containers(all=True, filters=rt.owner_filter))
+        assert names == ["dup", "more", "shop"]
+
+        # Apps created through the API go to the repository pinned to their org.
+        shutil.move(tenant.bare.with_suffix(".gone"), tenant.bare)
+        ctl = control.Control(src=sources, db=db, wake=lambda trigger: None)
+        token, _ = db.create_token(org="tenant", name="t")
+        accepted = ctl.create({"name": "api-made", "image": TEST_IMAGE}, token=token)
+        assert accepted.app.source == tenant.url
+        git("fetch", "-q", cwd=tenant.work)
+        assert "name: api-made" in git("show", "origin/main:apps/tenant/api-made.yaml", cwd=tenant.work)
+        assert "org: tenant" in git("show", "origin/main:apps/tenant/api-made.yaml", cwd=tenant.work)
+    finally:
+        rt.close()
+        db.close()
+
+
+def test_repeatable_repo_flag(tmp_path: pathlib.Path, owner: str, images: object) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    one, two = GitRepo(tmp_path / "a"), GitRepo(tmp_path / "b")
+    one.push({"apps/x.yaml": manifest("x")})
+    two.push({"apps/y.yaml": manifest("y")})
+    out = cli("sync", "--repo", one.url, "--repo", two.url, "--state", str(tmp_path / "state"), "--owner", owner)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "default/x\trunning" in out.stdout and "default/y\trunning" in out.stdout

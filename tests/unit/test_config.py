@@ -1,0 +1,57 @@
+"""The operator config file and its merge into Settings."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+
+from cynchrod import config
+
+
+def test_sources_and_quotas_from_the_file(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("""
+sources:
+  - repo: /srv/ops.git
+  - repo: https://git.example/tenant.git
+    branch: prod
+    path: deploy
+    org: tenant
+defaults: {max_apps: 5}
+orgs:
+  tenant: {max_apps: 2}
+interval: 10
+""")
+    settings = config.Settings.build(config.load_file(path))
+    assert settings.sources == (
+        config.SourceConfig("/srv/ops.git"),
+        config.SourceConfig("https://git.example/tenant.git", branch="prod", path="deploy", org="tenant"))
+    assert settings.repo == "/srv/ops.git"
+    assert (settings.max_apps("tenant"), settings.max_apps("other"), settings.interval) == (2, 5, 10.0)
+
+
+def test_repeated_repos_become_sources() -> None:
+    settings = config.Settings.build({"repo": ["/a", "/b"], "branch": "dev"})
+    assert [(s.repo, s.branch, s.org) for s in settings.sources] == [("/a", "dev", None), ("/b", "dev", None)]
+    assert config.Settings.build({}).sources == ()
+    assert config.Settings.build({}).max_apps("x") == 10
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("orgs: {Bad_Org: {max_apps: 1}}\n", "orgs"),
+    ("sources: [{branch: main}]\n", "'repo' is a required property"),
+    ("interval: 0\n", "interval"),
+    ("bogus: 1\n", "Additional properties"),
+])
+def test_bad_config_is_refused(tmp_path: pathlib.Path, text: str, fragment: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(config.ConfigError) as caught:
+        config.load_file(path)
+    assert caught.value.code == "invalid_config" and fragment in str(caught.value)
+
+
+def test_the_same_repository_twice_is_refused() -> None:
+    with pytest.raises(config.ConfigError):
+        config.Settings.build({"repo": ["/a", "/a"]})
