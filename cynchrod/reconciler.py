@@ -362,10 +362,11 @@ class Reconciler:
                        for key, acts in work]
             result.apps.extend(fut.result() for fut in futures)
         for key, app in live.items():
-            if app.source in plan.prune or (not app.source and len(plan.prune) == len(self.sources)):
-                if key not in desired and key not in containers:
-                    self._remove_resources(*key)
-                    self.store.remove_app(app.id, commit=result.commit, trigger=result.trigger)
+            read = app.source in plan.prune or (not app.source and len(plan.prune) == len(self.sources))
+            if read and key not in desired and key not in containers:
+                # Declared nowhere and no container left (e.g. a stopped app): soft-delete the row.
+                self._remove_resources(*key)
+                self.store.remove_app(app.id, commit=result.commit, trigger=result.trigger)
         result.apps.sort(key=lambda a: (a.org, a.name))
         self._follow_up_suspects(plan.observed)
 
