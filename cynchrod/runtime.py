@@ -334,7 +334,12 @@ class DockerRuntime:
     def _ensure_volume(self, spec: specs.AppSpec, volume: str) -> str:
         name = self.volume_name(spec.org, spec.name, volume)
         try:
-            _converted(lambda: self.api.inspect_volume(name), f"inspect volume {name}")
+            found = _converted(lambda: self.api.inspect_volume(name), f"inspect volume {name}")
+            # A volume made by someone else, or with driver options (a bind of a host
+            # path hides there), is never mounted.
+            if (found.get("Labels") or {}).get(LABEL_OWNER) != self.owner or found.get("Options"):
+                raise PermanentError(f"volume {name} exists but was not made by cynchrod (or has driver "
+                                     "options); it is not mounted", code="policy_violation")
         except docker.errors.NotFound:
             _converted(lambda: self.api.create_volume(name, driver="local",
                                                       labels=self._app_labels(spec.org, spec.name)),

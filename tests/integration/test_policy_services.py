@@ -217,3 +217,14 @@ def test_secrets_are_encrypted_at_rest(harness: Harness) -> None:
     on_disk = b"".join(p.read_bytes() for p in harness.state.glob("cynchrod.db*"))
     assert sealed.encode() in on_disk  # the sealed form is what is stored ...
     assert value not in on_disk  # ... and the value itself nowhere
+
+
+def test_a_planted_bind_volume_is_never_mounted(repo, harness: Harness, docker_client: docker.DockerClient) -> None:
+    name = harness.rt.volume_name("default", "a", "data")
+    docker_client.api.create_volume(name, driver="local", driver_opts={"type": "none", "o": "bind", "device": "/etc"},
+                                    labels={runtime.LABEL_OWNER: harness.rt.owner})
+    repo.push({"apps/a.yaml": manifest("a", "volumes: ['data:/data']\n")})
+    result = harness.sync()
+    assert result.apps[0].status == "failed"
+    assert result.apps[0].error is not None and result.apps[0].error.startswith("policy_violation: volume ")
+    assert harness.containers() == {}
