@@ -43,6 +43,8 @@ def load_file(path: pathlib.Path) -> dict[str, Any]:
     values = {_FILE_KEYS[k]: v for k, v in data.items() if k in _FILE_KEYS}
     if "defaults" in data:
         values["default_max_apps"] = data["defaults"].get("max_apps", DEFAULT_MAX_APPS)
+    if "webhook" in data:
+        values["webhook_secret"] = data["webhook"].get("secret", "")
     if "sources" in data:
         values["sources"] = [SourceConfig(repo=c["repo"], branch=c.get("branch", "main"), path=c.get("path", ""),
                                           org=c.get("org")) for c in data["sources"]]
@@ -78,6 +80,9 @@ class Settings:
     org_max_apps: tuple[tuple[str, int], ...] = ()
     #: Every followed repository: ``--repo`` (repeatable) or the config's ``sources``.
     sources: tuple[SourceConfig, ...] = ()
+    #: Shared secret of ``POST /webhooks/git`` (config ``webhook.secret`` or
+    #: ``CYNCHROD_WEBHOOK_SECRET``); empty turns the endpoint off.
+    webhook_secret: str = dataclasses.field(default="", repr=False)
 
     def max_apps(self, org: str) -> int:
         """The org's app cap (``orgs.<org>.max_apps``, else ``defaults.max_apps``, else 10)."""

@@ -81,6 +81,12 @@ class _Heal:
     next_allowed: float = 0.0
 
 
+@dataclasses.dataclass
+class _Burst:
+    last: float
+    more: bool = False
+
+
 @dataclasses.dataclass(frozen=True)
 class _Plan:
     desired: dict[tuple[str, str], specs.AppSpec]
@@ -99,6 +105,40 @@ class Wakeup:
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._pending: set[str] = set()
+        self._bursts: dict[str, _Burst] = {}
+
+    def request_debounced(self, trigger: str, quiet_s: float = 1.0) -> None:
+        """Leading and trailing edge: the first request of a burst wakes a pass at once;
+        the rest of the burst becomes one more pass once ``quiet_s`` passes without one."""
+        with self._cond:
+            burst = self._bursts.get(trigger)
+            now = time.monotonic()
+            if burst is None:
+                self._bursts[trigger] = _Burst(last=now)
+                self._pending.add(trigger)
+                self._cond.notify_all()
+                self._schedule_trailing(trigger, quiet_s)
+            else:
+                burst.last, burst.more = now, True
+
+    def _schedule_trailing(self, trigger: str, quiet_s: float) -> None:
+        def check() -> None:
+            with self._cond:
+                burst = self._bursts[trigger]
+                wait = burst.last + quiet_s - time.monotonic()
+                if wait > 0:
+                    timer = threading.Timer(wait, check)
+                    timer.daemon = True
+                    timer.start()
+                    return
+                del self._bursts[trigger]
+                if burst.more:
+                    self._pending.add(trigger)
+                    self._cond.notify_all()
+
+        timer = threading.Timer(quiet_s, check)
+        timer.daemon = True
+        timer.start()
 
     def request(self, trigger: str) -> None:
         with self._cond:

@@ -52,7 +52,7 @@ def error_response(code: str, message: str, status: int | None = None, **extra: 
 
 def create_app(daemon: Any) -> Flask:
     """The Flask app for ``daemon`` (a ``cynchrod.daemon.Daemon``)."""
-    from cynchrod.api import apps, logs, meta, secrets
+    from cynchrod.api import apps, logs, meta, secrets, webhooks
 
     app = Flask("cynchrod")
     app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024
@@ -61,6 +61,7 @@ def create_app(daemon: Any) -> Flask:
     app.register_blueprint(logs.bp)
     app.register_blueprint(meta.bp)
     app.register_blueprint(secrets.bp)
+    app.register_blueprint(webhooks.bp)
     sock.init_app(app)
 
     @app.errorhandler(CynchrodError)

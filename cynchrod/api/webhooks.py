@@ -1,0 +1,85 @@
+"""``POST /webhooks/git``: push events that wake the reconciler at once.
+
+Accepted shapes: GitHub (``X-Hub-Signature-256: sha256=<hmac>``), Gitea and
+Forgejo (``X-Gitea-Signature`` / ``X-Forgejo-Signature``: hex HMAC-SHA256),
+GitLab (``X-Gitlab-Token``: the secret itself) and a generic
+``X-Cynchrod-Signature: sha256=<hmac>``. Every comparison is constant-time
+(``hmac.compare_digest``). Without a configured secret the endpoint does not
+exist (404). The payload only says "something was pushed": which repositories
+to fetch comes from the config, never from the body. The reply comes before
+any fetch; bursts coalesce in the reconciler's wake-up queue.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, request
+
+from cynchrod.api import ApiError
+from cynchrod.api.auth import daemon
+
+bp = Blueprint("webhooks", __name__)
+
+
+def _hmac_ok(secret: str, body: bytes, given: str, *, prefix: str = "") -> bool:
+    expected = prefix + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected.encode(), given.strip().encode())
+
+
+def verify(secret: str, body: bytes) -> str | None:
+    """The provider whose signature header matches, or None."""
+    headers = request.headers
+    if (sig := headers.get("X-Hub-Signature-256")) is not None:
+        return "github" if _hmac_ok(secret, body, sig, prefix="sha256=") else None
+    if (sig := headers.get("X-Gitea-Signature") or headers.get("X-Forgejo-Signature")) is not None:
+        return "gitea" if _hmac_ok(secret, body, sig) else None
+    if (token := headers.get("X-Gitlab-Token")) is not None:
+        return "gitlab" if hmac.compare_digest(secret.encode(), token.encode()) else None
+    if (sig := headers.get("X-Cynchrod-Signature")) is not None:
+        return "generic" if _hmac_ok(secret, body, sig, prefix="sha256=") else None
+    return None
+
+
+def event_kind() -> str:
+    for header in ("X-GitHub-Event", "X-Gitea-Event", "X-Forgejo-Event", "X-Gitlab-Event", "X-Cynchrod-Event"):
+        if (value := request.headers.get(header)) is not None:
+            return value.lower().replace(" hook", "")
+    return "push"
+
+
+def pushed_ref(payload: Any) -> str | None:
+    return payload.get("ref") if isinstance(payload, dict) and isinstance(payload.get("ref"), str) else None
+
+
+@bp.post("/webhooks/git")
+def git_push() -> tuple[Response, int]:
+    d = daemon()
+    secret = d.settings.webhook_secret
+    if not secret:
+        raise ApiError("not_found", "webhooks are off: no webhook secret is configured")
+    body = request.get_data(cache=False)  # capped by MAX_CONTENT_LENGTH: 413 before more is read
+    provider = verify(secret, body)
+    if provider is None:
+        d.metrics.webhooks.labels("unknown", "unauthorized").inc()
+        raise ApiError("unauthorized", "missing or wrong webhook signature")
+    kind = event_kind()
+    if kind == "ping":
+        d.metrics.webhooks.labels(provider, "ping").inc()
+        return jsonify({"ok": True, "event": "ping"}), 200
+    try:
+        payload = json.loads(body or b"{}")
+    except ValueError as exc:
+        d.metrics.webhooks.labels(provider, "bad_payload").inc()
+        raise ApiError("invalid_body", "the payload is not JSON") from exc
+    ref = pushed_ref(payload)
+    followed = {f"refs/heads/{s.branch}" for s in d.reconciler.sources}
+    if ref is not None and ref not in followed:
+        d.metrics.webhooks.labels(provider, "ignored").inc()
+        return jsonify({"ok": True, "ignored": f"{ref} is not a followed branch"}), 202
+    d.reconciler.wakeup.request_debounced("webhook")
+    d.metrics.webhooks.labels(provider, "accepted").inc()
+    return jsonify({"ok": True, "event": kind, "queued": True}), 202
