@@ -147,8 +147,8 @@ def test_a_burst_coalesces(repo: GitRepo, hooked: Daemon) -> None:
 
     def webhook_passes() -> int:
         text = requests.get(hooked.api + "/metrics", timeout=5).text
-        return sum(int(float(v)) for v in re.findall(r'cynchrod_passes_total\{result="\w+",trigger="webhook"\} ([\d.]+)',
-                                                      text))
+        found = re.findall(r'cynchrod_passes_total\{result="\w+",trigger="webhook"\} ([\d.]+)', text)
+        return sum(int(float(v)) for v in found)
 
     wait_for(lambda: webhook_passes() >= 2, 10, "the trailing pass")
     time.sleep(1.5)  # longer than the quiet period: any further pass would show now
