@@ -51,6 +51,10 @@ def parser() -> argparse.ArgumentParser:
     _add_source_flags(sub.add_parser("plan", help="print what a pass would do; change nothing"), daemon=False)
     v = sub.add_parser("validate", help="validate manifest files or a checkout, offline")
     v.add_argument("paths", nargs="+", metavar="PATH")
+    rb = sub.add_parser("rollback", help="commit an app's manifest as of a previous successful deployment")
+    rb.add_argument("app", metavar="APP", help="app id, or ORG/NAME")
+    rb.add_argument("--to", type=int, metavar="DEPLOYMENT_ID", help="default: the previous different one")
+    _add_source_flags(rb, daemon=False)
     t = sub.add_parser("token", help="API tokens: create, list, revoke")
     tsub = t.add_subparsers(dest="token_command", required=True)
     tc = tsub.add_parser("create", help="make a token and print it (only this once)")
@@ -169,6 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "secret":
             return cmd_secret(args, out)
         cfg = settings(args)
+        if args.command == "rollback":
+            return cmd_rollback(args, cfg, out)
         if args.command == "plan":
             rec = build(cfg)
             result, actions = rec.preview()
@@ -198,6 +204,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CynchrodError as exc:
         print(f"cynchrod: {exc}", file=sys.stderr)
         return 2
+
+
+def cmd_rollback(args: argparse.Namespace, cfg: config.Settings, out: IO[str]) -> int:
+    d = daemon.Daemon.build(cfg)
+    app = d.store.app(args.app)
+    if app is None and "/" in args.app:
+        org, _, name = args.app.partition("/")
+        app = d.store.live_apps().get((org, name))
+    if app is None:
+        raise CynchrodError(f"no app {args.app}", code="not_found")
+    for src in d.reconciler.sources:
+        src.fetch()
+    accepted = d.control.rollback(app, actor="cli", deployment_id=args.to)
+    print(accepted.commit or "nothing to change", file=out)
+    return 0
 
 
 def cmd_secret(args: argparse.Namespace, out: IO[str]) -> int:

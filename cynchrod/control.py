@@ -119,6 +119,34 @@ class Control:
     def delete(self, app: store.App, *, actor: str) -> Accepted:
         return self._edit(app, "delete", actor, lambda old: None)
 
+    def rollback(self, app: store.App, *, actor: str, deployment_id: int | None = None) -> Accepted:
+        """Commit the manifest as it was at a previous successful deployment.
+
+        By default: the newest successful deployment whose manifest differs from
+        the one on the branch now (so a failed or broken change is undone too).
+        The file is restored byte for byte.
+        """
+        src = self._source_of(app)
+        done = [d for d in self.store.deployments(app.id, limit=1000)
+                if d.status in (store.RUNNING, store.STOPPED) and d.commit]
+        if deployment_id is not None:
+            target = next((d for d in done if d.id == deployment_id), None)
+            if target is None:
+                raise NotFound(f"no successful deployment {deployment_id} of app {app.id}")
+        else:
+            now = src.file_at(src.fetch(), app.path)
+            target = next((d for d in done if (old := src.file_at(d.commit or "", app.path)) is not None
+                           and old != now), None)
+            if target is None:
+                raise Conflict(f"app {app.org}/{app.name} has no earlier successful deployment to go back to",
+                               code="no_previous_deployment")
+        assert target.commit is not None
+        old = src.file_at(target.commit, app.path)
+        if old is None:
+            raise Conflict(f"{app.path} is not in commit {target.commit[:12]}", code="not_in_repo")
+        return self._edit(app, f"rollback to deployment {target.id} ({target.commit[:12]})", actor,
+                          lambda current: old)
+
     def create(self, data: dict[str, Any], *, token: store.Token) -> Accepted:
         """Commit a new manifest for ``data`` (a manifest as a mapping)."""
         if not isinstance(data, dict):

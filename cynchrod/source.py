@@ -176,6 +176,15 @@ class Source:
                         pending.discard(path)
             return age
 
+    def file_at(self, commit: str, path: str) -> bytes | None:
+        """A file's bytes at a commit already fetched, or None."""
+        with self._lock:
+            try:
+                tree = self._open()[commit].peel(pygit2.Tree)
+                return bytes(self._open()[tree[path].id].read_raw())
+            except (KeyError, ValueError, pygit2.GitError):
+                return None
+
     def read(self, oid: str) -> bytes:
         with self._lock:
             return bytes(self._open()[oid].read_raw())

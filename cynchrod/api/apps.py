@@ -78,6 +78,17 @@ def delete(app_id: str) -> tuple[Response, int]:
     return _accepted(daemon().control.delete(visible_app(token, app_id), actor=token.name))
 
 
+@bp.post("/apps/<app_id>/rollback")
+def rollback(app_id: str) -> tuple[Response, int]:
+    token = bearer()
+    app = visible_app(token, app_id)
+    body = request.get_json(silent=True) if request.content_length else None
+    target = body.get("deployment_id") if isinstance(body, dict) else None
+    if target is not None and not isinstance(target, int):
+        raise ApiError("invalid_body", "deployment_id must be an integer")
+    return _accepted(daemon().control.rollback(app, actor=token.name, deployment_id=target))
+
+
 @bp.post("/apps")
 def create() -> tuple[Response, int]:
     token = bearer()

@@ -419,3 +419,22 @@ def test_concurrent_creates_at_the_cap(api: Api) -> None:
     apps = api.call("GET", "/apps").json()["apps"]
     assert len(apps) == 10
     assert sum(1 for line in api.fresh_log() if line.split("|")[1].startswith("create ")) == 8
+
+
+def test_rollback_restores_the_previous_successful_version(api: Api, docker_client: docker.DockerClient) -> None:
+    web = api.app_id("web")
+    api.repo.push({"apps/web.yaml": COMMENTED.replace(TEST_IMAGE, "cynchrod-test/busybox:2")}, "v2")
+    api.call("POST", f"/apps/{web}/restart")  # wakes a pass; v2 (and the restart) deploy
+    wait_for(lambda: api.app(web)["app"]["image"] == "cynchrod-test/busybox:2", 20, "v2")
+    api.wait_status(web, "running")
+    response = api.call("POST", f"/apps/{web}/rollback", check="/apps/{appId}/rollback")
+    assert response.status_code == 202, response.text
+    assert response.json()["action"].startswith("rollback to deployment ")
+    wait_for(lambda: api.app(web)["app"]["image"] == TEST_IMAGE, 20, "v1 again")
+    api.wait_status(web, "running")
+    container = next(c for c in owned(docker_client, api.daemon.owner) if c["Labels"]["io.cynchrod.app"] == "web")
+    assert docker_client.api.inspect_container(container["Id"])["Config"]["Image"] == TEST_IMAGE
+    assert api.fresh_log()[0].startswith("cynchrod <cynchrod@localhost>|rollback to deployment ")
+    assert api.fresh_file("apps/web.yaml") == COMMENTED  # byte for byte, comments and all
+    unknown = api.call("POST", f"/apps/{web}/rollback", json={"deployment_id": 999999})
+    assert (unknown.status_code, unknown.json()["error"]) == (404, "not_found")

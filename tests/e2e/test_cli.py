@@ -95,3 +95,21 @@ def test_secret_cli_reads_stdin_and_never_prints_values(tmp_path: pathlib.Path) 
     assert bad.returncode == 2 and "invalid_secret" in bad.stderr
     assert cli("secret", "delete", "acme/api-key", "--state", state).returncode == 0
     assert cli("secret", "delete", "acme/api-key", "--state", state).returncode == 1
+
+
+def test_rollback_cli(repo: GitRepo, owner: str, images: object, tmp_path: pathlib.Path,
+                      docker_client: docker.DockerClient) -> None:
+    env = {"CYNCHROD_REPO": repo.url, "CYNCHROD_STATE": str(tmp_path / "state"), "CYNCHROD_OWNER": owner,
+           "CYNCHROD_STOP_TIMEOUT": "1"}
+    repo.push({"apps/web.yaml": GOOD})
+    assert cli("sync", env=env).returncode == 0
+    repo.push({"apps/web.yaml": GOOD.replace("memory: 64", "memory: 80")})
+    assert cli("sync", env=env).returncode == 0
+    rolled = cli("rollback", "default/web", env=env)
+    assert rolled.returncode == 0, rolled.stderr
+    assert len(rolled.stdout.strip()) == 40
+    assert cli("sync", env=env).returncode == 0
+    [row] = owned(docker_client, owner)
+    assert docker_client.api.inspect_container(row["Id"])["HostConfig"]["Memory"] == 64 * 2**20
+    again = cli("rollback", "default/nope", env=env)
+    assert again.returncode == 2 and "not_found" in again.stderr
