@@ -83,6 +83,8 @@ def settings(args: argparse.Namespace) -> config.Settings:
     """Merge flags, CYNCHROD_* variables, the config file and defaults."""
     file_path = args.config or _env("config")
     values: dict[str, Any] = config.load_file(pathlib.Path(file_path)) if file_path else {}
+    if file_path:
+        values["config_path"] = str(file_path)
     for field in config.Settings.flag_fields():
         flag = getattr(args, field, None)
         if flag is not None:
@@ -199,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.info("cynchrod %s following %s every %ss, state %s", __version__,
                      ", ".join(f"{c.repo} ({c.branch}{', org ' + c.org if c.org else ''})" for c in cfg.sources),
                      cfg.interval, cfg.state)
-            daemon.Server(cfg).run()
+            daemon.Server(cfg, rebuild=lambda: settings(args)).run()
             return 0
     except CynchrodError as exc:
         print(f"cynchrod: {exc}", file=sys.stderr)

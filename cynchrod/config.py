@@ -83,6 +83,8 @@ class Settings:
     #: Shared secret of ``POST /webhooks/git`` (config ``webhook.secret`` or
     #: ``CYNCHROD_WEBHOOK_SECRET``); empty turns the endpoint off.
     webhook_secret: str = dataclasses.field(default="", repr=False)
+    #: The ``--config`` file, watched and reloaded by the daemon.
+    config_path: str = ""
 
     def max_apps(self, org: str) -> int:
         """The org's app cap (``orgs.<org>.max_apps``, else ``defaults.max_apps``, else 10)."""
@@ -90,7 +92,7 @@ class Settings:
 
     @classmethod
     def flag_fields(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls) if f.name not in ("org_max_apps", "sources")]
+        return [f.name for f in dataclasses.fields(cls) if f.name not in ("org_max_apps", "sources", "config_path")]
 
     @classmethod
     def build(cls, values: dict[str, Any]) -> Settings:

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import pathlib
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import watchfiles
 from gunicorn.app.base import BaseApplication
 
 from cynchrod import config, control, metrics, reconciler, runtime, secrets, source, store
-from cynchrod.errors import PermanentError
+from cynchrod.errors import CynchrodError, PermanentError
 
 if TYPE_CHECKING:
     from cynchrod.api.auth import Tickets
@@ -39,14 +42,17 @@ class Daemon:
     tickets: Tickets
     secrets: secrets.Secrets
     stop_event: threading.Event = dataclasses.field(default_factory=threading.Event)
+    #: Re-reads flags, environment and the config file (for a reload when the file changes).
+    rebuild: Callable[[], config.Settings] | None = None
     _thread: threading.Thread | None = None
+    _watcher: threading.Thread | None = None
 
     @classmethod
     def build(cls, cfg: config.Settings) -> Daemon:
         if not cfg.sources:
             raise PermanentError("--repo (or CYNCHROD_REPO) is required", code="usage")
         db = store.Store(cfg.state / "cynchrod.db")
-        srcs = [source.Source(c.repo, branch=c.branch, path=c.path, state_dir=cfg.state, org=c.org)
+        srcs = [source.open_source(c.repo, branch=c.branch, path=c.path, state_dir=cfg.state, org=c.org)
                 for c in cfg.sources]
         vault = secrets.Secrets(db, state_dir=cfg.state)
         rt = runtime.DockerRuntime(owner=cfg.owner, publish_address=cfg.publish_address,
@@ -67,18 +73,68 @@ class Daemon:
         self._thread = threading.Thread(target=self.reconciler.serve, name="reconciler",
                                         kwargs={"interval": self.settings.interval, "stop": self.stop_event})
         self._thread.start()
+        if self._watched():
+            self._watcher = threading.Thread(target=self._watch, name="watch", daemon=True)
+            self._watcher.start()
 
     def stop(self, timeout: float = 30) -> None:
         self.stop_event.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        for thread in (self._thread, self._watcher):
+            if thread is not None:
+                thread.join(timeout)
+
+    # -- watching: local working directories and the config file ----------------
+
+    def _watched(self) -> list[pathlib.Path]:
+        dirs = [s.apps_dir for s in self.reconciler.sources if isinstance(s, source.WorkTreeSource)]
+        if self.settings.config_path:
+            dirs.append(pathlib.Path(self.settings.config_path).resolve().parent)
+        return [d for d in dirs if d.is_dir()]
+
+    def _watch(self) -> None:
+        """watchfiles, debounced: a saved manifest wakes a pass; a saved config is reloaded."""
+        config_file = (str(pathlib.Path(self.settings.config_path).resolve())
+                       if self.settings.config_path else None)
+        apps = [str(s.apps_dir) for s in self.reconciler.sources if isinstance(s, source.WorkTreeSource)]
+        try:
+            for changes in watchfiles.watch(*self._watched(), debounce=200, step=50, stop_event=self.stop_event,
+                                            raise_interrupt=False):
+                changed = {path for _, path in changes}
+                if config_file is not None and config_file in changed:
+                    self.reload_config()
+                if any(p.startswith(tuple(apps)) for p in changed):
+                    self.reconciler.wakeup.request("watch")
+        except Exception:
+            log.exception("the file watcher stopped; changes are picked up by the %ss poll",
+                          self.settings.interval)
+
+    def reload_config(self) -> bool:
+        """Apply a changed config file when it is valid; keep the old one (and say why) when not."""
+        if self.rebuild is None:
+            return False
+        try:
+            new = self.rebuild()
+        except CynchrodError as exc:
+            log.error("config not reloaded, the old one stays: %s", exc)
+            self.store.set_meta("config_error", str(exc))
+            return False
+        if new.sources != self.settings.sources or new.state != self.settings.state:
+            log.warning("changes to repositories or the state dir apply after a restart")
+        self.settings = dataclasses.replace(new, sources=self.settings.sources, state=self.settings.state)
+        self.reconciler.max_apps = self.control.max_apps = self.settings.max_apps
+        self.reconciler.interval = self.settings.interval
+        self.store.set_meta("config_error", None)
+        log.info("config reloaded from %s", self.settings.config_path)
+        self.reconciler.wakeup.request("watch")
+        return True
 
 
 class Server(BaseApplication):  # type: ignore[misc]
     """gunicorn, configured in code: one gthread worker that owns the daemon."""
 
-    def __init__(self, cfg: config.Settings) -> None:
+    def __init__(self, cfg: config.Settings, rebuild: Callable[[], config.Settings] | None = None) -> None:
         self.settings = cfg
+        self.rebuild = rebuild
         self.daemon: Daemon | None = None
         super().__init__()
 
@@ -95,6 +151,7 @@ class Server(BaseApplication):  # type: ignore[misc]
         from cynchrod.api import create_app
 
         self.daemon = Daemon.build(self.settings)
+        self.daemon.rebuild = self.rebuild
         self.daemon.start()
         log.info("API listening on http://%s", self.settings.listen)
         return create_app(self.daemon)

@@ -191,6 +191,7 @@ class Reconciler:
         #: Apps whose spec hash failed permanently: not retried until the hash changes.
         self._blocked: dict[tuple[str, str], str] = {}
         self._pass_lock = threading.Lock()
+        self.interval = 30.0
         #: Containers Docker said died, until a pass has seen them dead (id -> deadline).
         #: Docker emits ``die`` before its list view is updated, so the pass an
         #: event triggers can still see the container running: it looks again.
@@ -570,7 +571,11 @@ class Reconciler:
     # -- the daemon loop ----------------------------------------------------------
 
     def serve(self, *, interval: float, stop: threading.Event) -> None:
-        """Run passes until ``stop`` is set: every ``interval`` s, or at once when woken."""
+        """Run passes until ``stop`` is set: every ``interval`` s, or at once when woken.
+
+        ``self.interval`` may be changed while it runs (a reloaded config).
+        """
+        self.interval = interval
         watcher = threading.Thread(target=self.runtime.watch_deaths, args=(self.on_container_event, stop), daemon=True,
                                    name="docker-events")
         watcher.start()
@@ -592,4 +597,4 @@ class Reconciler:
                 log.warning("pass failed: %s", exc)
             except Exception:
                 log.exception("pass crashed")
-            triggers = self.wakeup.wait(interval) or {"poll"}
+            triggers = self.wakeup.wait(self.interval) or {"poll"}

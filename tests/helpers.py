@@ -96,13 +96,13 @@ def free_port() -> int:
 
 
 class Daemon:
-    def __init__(self, repo: GitRepo, state: pathlib.Path, owner: str, *, interval: float = 300,
+    def __init__(self, repo: GitRepo | str, state: pathlib.Path, owner: str, *, interval: float = 300,
                  env: dict[str, str] | None = None) -> None:
         self.log = state.parent / f"daemon-{time.monotonic_ns()}.log"
         self.port = free_port()
         self.api = f"http://127.0.0.1:{self.port}"
         self.owner = owner
-        self.args = ["serve", "--repo", repo.url, "--state", str(state), "--owner", owner,
+        self.args = ["serve", "--repo", repo if isinstance(repo, str) else repo.url, "--state", str(state), "--owner", owner,
                      "--interval", str(interval), "--stop-timeout", "1", "--listen", f"127.0.0.1:{self.port}"]
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None

@@ -67,3 +67,28 @@ def test_repeatable_repo_flag(tmp_path: pathlib.Path, owner: str, images: object
     out = cli("sync", "--repo", one.url, "--repo", two.url, "--state", str(tmp_path / "state"), "--owner", owner)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "default/x\trunning" in out.stdout and "default/y\trunning" in out.stdout
+
+
+def test_worktree_commit_back_touches_one_file(tmp_path: pathlib.Path) -> None:
+    work = tmp_path / "w"
+    (work / "apps").mkdir(parents=True)
+    git("init", "-q", "-b", "main", str(work), cwd=tmp_path)
+    (work / "apps" / "a.yaml").write_text("# mine\nname: a\nimage: x\n")
+    git("add", ".", cwd=work)
+    git("commit", "-q", "-m", "start", cwd=work)
+    (work / "apps" / "b.yaml").write_text("name: b\nimage: x\n")
+    git("add", "apps/b.yaml", cwd=work)  # the user's staged work in progress
+    src = source.open_source(str(work), state_dir=tmp_path / "state")
+    assert isinstance(src, source.WorkTreeSource)
+    first = src.fetch()
+    files, _ = src.files(first)
+    assert [p for p, _ in files] == ["apps/a.yaml", "apps/b.yaml"]
+    assert src.fetch() == first  # nothing changed, same id
+    commit = src.commit_edit("apps/a.yaml", lambda old: (old or b"") + b"state: stopped\n", "stop default/a (by t)")
+    assert commit is not None
+    assert (work / "apps" / "a.yaml").read_text() == "# mine\nname: a\nimage: x\nstate: stopped\n"
+    assert git("log", "-1", "--format=%an|%s", cwd=work).strip() == "cynchrod|stop default/a (by t)"
+    assert git("show", "--name-only", "--format=", "HEAD", cwd=work).split() == ["apps/a.yaml"]
+    status = git("status", "--porcelain", cwd=work)
+    assert "A  apps/b.yaml" in status and "a.yaml" not in status  # b still staged, a clean
+    assert src.fetch() != first
