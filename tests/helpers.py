@@ -102,7 +102,8 @@ class Daemon:
         self.port = free_port()
         self.api = f"http://127.0.0.1:{self.port}"
         self.owner = owner
-        self.args = ["serve", "--repo", repo if isinstance(repo, str) else repo.url, "--state", str(state), "--owner", owner,
+        url = repo if isinstance(repo, str) else repo.url
+        self.args = ["serve", "--repo", url, "--state", str(state), "--owner", owner,
                      "--interval", str(interval), "--stop-timeout", "1", "--listen", f"127.0.0.1:{self.port}"]
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
