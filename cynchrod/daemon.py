@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import watchfiles
 from gunicorn.app.base import BaseApplication
 
-from cynchrod import config, control, metrics, reconciler, runtime, secrets, source, store
+from cynchrod import builds, config, control, metrics, reconciler, runtime, secrets, source, store
 from cynchrod.errors import CynchrodError, PermanentError
 
 if TYPE_CHECKING:
@@ -59,7 +59,8 @@ class Daemon:
                                    stop_timeout=cfg.stop_timeout, secrets_dir=vault.staging.resolve())
         stats = metrics.Metrics(db)
         rec = reconciler.Reconciler(src=srcs, rt=rt, db=db, concurrency=cfg.concurrency, stats=stats,
-                                    secrets=vault, max_apps=cfg.max_apps)
+                                    secrets=vault, max_apps=cfg.max_apps,
+                                    builds=builds.Builds(state_dir=cfg.state, rt=rt))
         ctl = control.Control(src=srcs, db=db, wake=rec.wakeup.request, max_apps=cfg.max_apps)
         from cynchrod.api.auth import Tickets  # flask stays out of the CLI's import path
 

@@ -207,7 +207,7 @@ def parse(path: str, raw: bytes, *, org: str | None = None) -> Result:
     return Result(path, _to_spec(path, data))
 
 
-_SERVICE_ONLY_IN_SERVICES = ("image", "command", "port", "hostPort", "volumes", "secrets", "healthcheck")
+_SERVICE_ONLY_IN_SERVICES = ("image", "build", "command", "port", "hostPort", "volumes", "secrets", "healthcheck")
 _VOLUME_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 
 
@@ -223,6 +223,9 @@ def _semantic_errors(path: str, doc: CommentedMap, data: dict[str, Any]) -> list
                 err(f"{key}: set it per service when the app has services", "invalid_value", [key])
         names = set(data["services"])
         for name, service in data["services"].items():
+            if ("image" in service) == ("build" in service):
+                err(f"services.{name}: give exactly one of image and build", "missing_key" if "image" not in
+                    service else "invalid_value", ["services", name])
             _check_service(service, ["services", name], err)
             for dep in service.get("depends_on", []):
                 if dep not in names or dep == name:
@@ -232,14 +235,21 @@ def _semantic_errors(path: str, doc: CommentedMap, data: dict[str, Any]) -> list
         if cycle:
             err(f"services: depends_on has a cycle: {' -> '.join(cycle)}", "invalid_value", ["services"])
     else:
-        if "image" not in data:
-            err("image is required (or services)", "missing_key", [])
+        if "image" not in data and "build" not in data:
+            err("image is required (or build, or services)", "missing_key", [])
+        elif "image" in data and "build" in data:
+            err("give either image or build, not both", "invalid_value", ["build"])
         _check_service(data, [], err)
     return sorted(errors, key=lambda e: e.line)
 
 
 def _check_service(service: dict[str, Any], where: list[Any], err: Callable[[str, str, list[Any]], None]) -> None:
     prefix = ".".join(map(str, where)) + "." if where else ""
+    for key in ("context", "dockerfile"):
+        value = str((service.get("build") or {}).get(key, ""))
+        if value.startswith(("/", "~")) or ".." in value.replace("\\", "/").split("/"):
+            err(f"{prefix}build.{key}: {value!r} must stay inside the source repository", "policy_violation",
+                [*where, "build", key])
     if "hostPort" in service and "port" not in service:
         err(f"{prefix}hostPort needs port", "invalid_value", [*where, "hostPort"])
     for i, entry in enumerate(service.get("volumes", [])):
@@ -301,9 +311,13 @@ def _service(name: str, data: dict[str, Any], app: dict[str, Any]) -> specs.Serv
         vol, _, rest = entry.partition(":")
         target, _, mode = rest.partition(":")
         volumes.append(specs.Volume(name=vol, path=target, read_only=mode == "ro"))
+    build = data.get("build")
     return specs.ServiceSpec(
         name=name,
-        image=data["image"],
+        image=data.get("image", ""),
+        build=None if build is None else specs.Build(
+            repo=str(build["repo"]), ref=str(build.get("ref", "main")), context=str(build.get("context", ".")),
+            dockerfile=str(build.get("dockerfile", "Dockerfile")), args=_env(build.get("args"))),
         command=_command(data.get("command")),
         env=_env(env),
         port=data.get("port"),

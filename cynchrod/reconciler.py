@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 
+from cynchrod import builds as builds_mod
 from cynchrod import manifests, metrics, planning, runtime, source, specs, store
 from cynchrod import secrets as secrets_mod
 from cynchrod.errors import CynchrodError, ManifestError, PermanentError, SourceError
@@ -171,12 +172,13 @@ class Reconciler:
     def __init__(self, *, src: source.Source | Sequence[source.Source], rt: runtime.DockerRuntime, db: store.Store,
                  concurrency: int = 4, clock: Callable[[], float] = time.monotonic,
                  stats: metrics.Metrics | None = None, secrets: secrets_mod.Secrets | None = None,
-                 max_apps: Callable[[str], int] = lambda org: 10) -> None:
+                 max_apps: Callable[[str], int] = lambda org: 10, builds: builds_mod.Builds | None = None) -> None:
         #: The repositories followed; the first is where apps created through the API go
         #: unless another one is pinned to the app's org.
         self.sources = [src] if isinstance(src, source.Source) else list(src)
         self.source = self.sources[0]
         self.secrets = secrets
+        self.builds = builds
         self.max_apps = max_apps
         self.stats = stats or metrics.Metrics()
         self.runtime = rt
@@ -319,9 +321,20 @@ class Reconciler:
 
     def _hold(self, desired: dict[tuple[str, str], specs.AppSpec], live: dict[tuple[str, str], store.App],
               result: PassResult) -> dict[tuple[str, str], CynchrodError]:
-        """Fill in secret digests; return the apps that must not be acted on, and why."""
+        """Fill in secret digests and built image tags; return the apps that must not be
+        acted on, and why."""
         held: dict[tuple[str, str], CynchrodError] = {}
+        fetched: dict[tuple[str, str], str] = {}
         for key, spec in desired.items():
+            if any(s.build for s in spec.services):
+                if self.builds is None:
+                    held[key] = PermanentError("this daemon does not build images", code="build_failed")
+                    continue
+                try:
+                    desired[key] = spec = self.builds.resolve(spec, fetched)
+                except CynchrodError as exc:
+                    held[key] = exc
+                    continue
             if not spec.secret_names:
                 continue
             if self.secrets is None:
@@ -542,6 +555,8 @@ class Reconciler:
                 note = self._death_note(spec, actions)
             if spec.secret_names and self.secrets is not None and any(a.kind != planning.STOP for a in actions):
                 self.secrets.stage(spec)
+            if self.builds is not None and any(a.kind in (planning.CREATE, planning.RECREATE) for a in actions):
+                self.builds.ensure(spec, deployment_id=deployment)
             for action in actions:
                 log.info("%s", action.describe())
                 action_kind = action.kind
@@ -557,6 +572,8 @@ class Reconciler:
             self.store.update_app(row.id, status=store.FAILED, last_error=str(exc))
             return AppOutcome(spec.org, spec.name, store.FAILED, described, str(exc))
         status = store.STOPPED if spec.state == "stopped" else store.RUNNING
+        if self.builds is not None:
+            self.builds.prune(spec)
         self.store.finish_deployment(deployment, status=status, error_code=note[0] if note else None,
                                      error=note[1] if note else None)
         error = self._record_manifest_error(row, manifest_error, result) if manifest_error else None

@@ -346,6 +346,49 @@ class DockerRuntime:
                        f"create volume {name}")
         return name
 
+    def image_exists(self, image: str) -> bool:
+        try:
+            _converted(lambda: self.api.inspect_image(image), f"inspect image {image}")
+            return True
+        except docker.errors.NotFound:
+            return False
+
+    def build_image(self, context: pathlib.Path, *, dockerfile: str, tag: str, args: dict[str, str],
+                    org: str, app: str, log: Callable[[str], None]) -> None:
+        """docker build, its output streamed to ``log``; raises ``build_failed``."""
+        labels = self._app_labels(org, app)
+        try:
+            for chunk in self.api.build(path=str(context), dockerfile=dockerfile, tag=tag, buildargs=args or None,
+                                        labels=labels, rm=True, forcerm=True, decode=True):
+                if "stream" in chunk:
+                    for line in str(chunk["stream"]).splitlines():
+                        if line.strip():
+                            log(line)
+                if "error" in chunk:
+                    log(str(chunk["error"]).rstrip())
+                    raise PermanentError(str(chunk["error"]).strip(), code="build_failed")
+        except (docker.errors.APIError, docker.errors.BuildError) as exc:
+            log(str(exc))
+            raise PermanentError(str(exc), code="build_failed") from exc
+        except (requests.RequestException, docker.errors.DockerException) as exc:
+            raise RuntimeFailure(f"build: docker unreachable ({type(exc).__name__})",
+                                 code="docker_unavailable") from exc
+
+    def prune_images(self, org: str, app: str, *, keep: int) -> list[str]:
+        """Remove this app's built images but the newest ``keep`` (and any still in use)."""
+        filters = {"label": [f"{LABEL_OWNER}={self.owner}", f"{LABEL_ORG}={org}", f"{LABEL_APP}={app}"]}
+        images = sorted(_converted(lambda: self.api.images(filters=filters), "list images"),
+                        key=lambda i: i.get("Created", 0), reverse=True)
+        removed = []
+        for image in images[keep:]:
+            image_id: str = image["Id"]
+            try:
+                _converted(partial(self.api.remove_image, image_id), "remove image")
+                removed.append(image_id)
+            except (PermanentError, RuntimeFailure, docker.errors.NotFound):
+                pass  # in use by a container, or gone already
+        return removed
+
     def exit_state(self, container_id: str) -> tuple[int | None, bool]:
         """(exit code, OOM-killed) of a stopped container: one inspect, only when one died."""
         try:

@@ -189,6 +189,25 @@ class Source:
         with self._lock:
             return bytes(self._open()[oid].read_raw())
 
+    def export(self, commit: str, dest: pathlib.Path) -> None:
+        """Write the tree of ``commit`` into ``dest`` (a build context). Symlinks are skipped."""
+        with self._lock:
+            repo = self._open()
+
+            def write(tree: pygit2.Tree, into: pathlib.Path) -> None:
+                into.mkdir(parents=True, exist_ok=True)
+                for entry in tree:
+                    name = str(entry.name)
+                    if isinstance(entry, pygit2.Tree):
+                        write(entry, into / name)
+                    elif entry.filemode in (pygit2.enums.FileMode.BLOB, pygit2.enums.FileMode.BLOB_EXECUTABLE):
+                        target = into / name
+                        target.write_bytes(bytes(repo[entry.id].read_raw()))
+                        if entry.filemode == pygit2.enums.FileMode.BLOB_EXECUTABLE:
+                            target.chmod(0o755)
+
+            write(repo[commit].peel(pygit2.Tree), dest)
+
     # -- writing: imperative calls become commits ---------------------------------
 
     def commit_edit(self, path: str, edit: Callable[[bytes | None], bytes | None], message: str) -> str | None:

@@ -37,6 +37,17 @@ class Healthcheck:
 
 
 @dataclasses.dataclass(frozen=True)
+class Build:
+    """Where a repo app's image comes from."""
+
+    repo: str
+    ref: str = "main"
+    context: str = "."
+    dockerfile: str = "Dockerfile"
+    args: tuple[tuple[str, str], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class ServiceSpec:
     """One container of an app, normalised (defaults applied, env sorted)."""
 
@@ -55,6 +66,9 @@ class ServiceSpec:
     #: Keyed digest of the current values of ``secrets`` (filled by the reconciler,
     #: never from a manifest): a rotated secret changes the hash and redeploys.
     secret_digest: str = ""
+    #: For repo apps; ``image`` is then filled by the reconciler with the tag of the
+    #: source commit (``cynchrod/<org>-<app>:<commit>``), so a new commit redeploys.
+    build: Build | None = None
 
     def canonical(self, *, restarted_at: str | None) -> str:
         """Everything that, when changed, needs a new container, as canonical JSON.
@@ -139,6 +153,8 @@ class AppSpec:
                 depends_on=tuple(s.get("depends_on", ())),
                 healthcheck=health(s.get("healthcheck")),
                 secrets=tuple(s.get("secrets", ())),
+                build=Build(**{**s["build"], "args": tuple(tuple(a) for a in s["build"].get("args", ()))})
+                if s.get("build") else None,
             )
             for s in data["services"]
         )

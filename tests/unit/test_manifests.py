@@ -48,7 +48,7 @@ restartedAt: 2026-11-28T10:00:00Z
 @pytest.mark.parametrize("text,expected", [
     ("name: web\nimage: i\nbogus: 1\n", ["apps/x.yaml:3: unknown_key: bogus is not a known key"]),
     ("image: i\n", ["apps/x.yaml:1: missing_key: name is a required property"]),
-    ("name: web\n", ["apps/x.yaml:1: missing_key: image is required (or services)"]),
+    ("name: web\n", ["apps/x.yaml:1: missing_key: image is required (or build, or services)"]),
     ("name: Web_1\nimage: i\n", ["apps/x.yaml:1: invalid_value: name: 'Web_1' does not match "
                                  "'^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$'"]),
     ("name: web\nimage: i\ncpu: 9\n", ["apps/x.yaml:3: out_of_range: cpu: 9 is greater than the maximum of 8"]),
@@ -94,7 +94,11 @@ restartedAt: 2026-11-28T10:00:00Z
     ("name: web\nservices:\n  a: {image: i, cpu: 9}\n",
      ["apps/x.yaml:3: out_of_range: services.a.cpu: 9 is greater than the maximum of 8"]),
     ("name: web\nservices:\n  a: {command: [x]}\n",
-     ["apps/x.yaml:3: missing_key: image is a required property"]),
+     ["apps/x.yaml:3: missing_key: services.a: give exactly one of image and build"]),
+    ("name: web\nbuild: {repo: /src, context: ../..}\n",
+     ["apps/x.yaml:2: policy_violation: build.context: '../..' must stay inside the source repository"]),
+    ("name: web\nimage: i\nbuild: {repo: /src}\n",
+     ["apps/x.yaml:3: invalid_value: give either image or build, not both"]),
     ("name: web\nimage: i\nsecrets: [db-password, '../x']\n",
      ["apps/x.yaml:3: invalid_value: secrets.1: '../x' does not match '^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$'"]),
 ])
@@ -171,4 +175,12 @@ services:
     assert web.depends_on == ("db",) and db.secrets == ("db-password",)
     assert web.healthcheck == specs.Healthcheck(test=("CMD-SHELL", "wget -q -O- localhost:8080"), interval=5.0)
     assert spec.secret_names == {"db-password"}
+    assert specs.AppSpec.from_json(spec.to_json()) == spec
+
+
+def test_repo_app() -> None:
+    spec = manifests.parse("apps/x.yaml", b"name: web\nbuild: {repo: /src/web.git, args: {V: 2}}\nport: 8080\n").spec
+    assert spec is not None
+    service = spec.services[0]
+    assert service.image == "" and service.build == specs.Build(repo="/src/web.git", args=(("V", "2"),))
     assert specs.AppSpec.from_json(spec.to_json()) == spec
