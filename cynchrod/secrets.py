@@ -110,6 +110,16 @@ class Secrets:
             out[service.name] = base64.b32encode(mac.digest()[:10]).decode().lower() if service.secrets else ""
         return out
 
+    def new_app_webhook(self, app_id: str) -> str:
+        """A new webhook secret for a repo app, stored sealed; returned this once only."""
+        secret = "whs_" + base64.urlsafe_b64encode(os.urandom(24)).decode().rstrip("=")
+        self.db.put_app_webhook(app_id, self._fernet.encrypt(secret.encode()).decode())
+        return secret
+
+    def app_webhook(self, app_id: str) -> str | None:
+        sealed = self.db.app_webhook(app_id)
+        return None if sealed is None else self._fernet.decrypt(sealed.encode()).decode()
+
     def app_dir(self, org: str, app: str) -> pathlib.Path:
         return self.staging / org / app
 

@@ -80,6 +80,11 @@ CREATE TABLE IF NOT EXISTS tokens (
 """
 TOKEN_PREFIX = "cyn_"
 SCHEMA += """
+CREATE TABLE IF NOT EXISTS app_webhooks (
+    app_id TEXT PRIMARY KEY REFERENCES apps(id),
+    sealed TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS secrets (
     org TEXT NOT NULL,
     name TEXT NOT NULL,
@@ -380,6 +385,16 @@ class Store:
     def secret_names(self, org: str) -> list[tuple[str, str]]:
         rows = self._query("SELECT name, updated_at FROM secrets WHERE org = ? ORDER BY name", (org,))
         return [(r["name"], r["updated_at"]) for r in rows]
+
+    def put_app_webhook(self, app_id: str, sealed: str) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT INTO app_webhooks (app_id, sealed, created_at) VALUES (?,?,?)"
+                       " ON CONFLICT(app_id) DO UPDATE SET sealed = excluded.sealed, created_at = excluded.created_at",
+                       (app_id, sealed, now()))
+
+    def app_webhook(self, app_id: str) -> str | None:
+        rows = self._query("SELECT sealed FROM app_webhooks WHERE app_id = ?", (app_id,))
+        return str(rows[0]["sealed"]) if rows else None
 
     # -- meta -----------------------------------------------------------------
 

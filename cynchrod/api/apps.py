@@ -40,17 +40,58 @@ def list_apps() -> Response:
     return jsonify({"apps": [app_json(a) for a in apps]})
 
 
+def webhook_json(app: store.App) -> dict[str, Any] | None:
+    """For repo apps: the webhook URL (never its secret) and whether a secret is set."""
+    spec = app.spec
+    if spec is None or not any(s.build for s in spec.services):
+        return None
+    return {"url": f"{request.host_url.rstrip('/')}/webhooks/apps/{app.id}",
+            "configured": daemon().store.app_webhook(app.id) is not None}
+
+
 @bp.get("/apps/<app_id>")
 def get_app(app_id: str) -> Response:
     app = visible_app(bearer(), app_id)
     deployments = daemon().store.deployments(app.id, limit=DEPLOYMENTS_SHOWN)
-    return jsonify({"app": app_json(app), "webhook": None,
+    return jsonify({"app": app_json(app), "webhook": webhook_json(app),
                     "deployments": [deployment_json(d) for d in deployments]})
 
 
-def _accepted(result: control.Accepted) -> tuple[Response, int]:
+@bp.post("/apps/<app_id>/webhook")
+def new_webhook(app_id: str) -> tuple[Response, int]:
+    """Make (or replace) a repo app's webhook secret; it is shown in this answer only."""
+    app = visible_app(bearer(), app_id)
+    hook = webhook_json(app)
+    if hook is None:
+        raise ApiError("not_found", f"app {app_id} is not built from a source repository")
+    secret = daemon().secrets.new_app_webhook(app.id)
+    return jsonify({"url": hook["url"], "secret": secret}), 201
+
+
+@bp.get("/apps/<app_id>/deployments/<int:deployment_id>/log")
+def deployment_log(app_id: str, deployment_id: int) -> Response:
+    """The build output of a deployment (the last ``tail`` lines, bounded)."""
+    app = visible_app(bearer(), app_id)
+    found = daemon().store.deployment(deployment_id)
+    if found is None or found.app_id != app.id:
+        raise ApiError("not_found", f"no deployment {deployment_id} of app {app_id}")
+    raw = request.args.get("tail", "500")
+    if not raw.isdigit() or not 1 <= int(raw) <= 5000:
+        raise ApiError("invalid_tail", "tail must be an integer from 1 to 5000")
+    builder = daemon().reconciler.builds
+    path = builder.log_path(deployment_id) if builder is not None else None
+    lines: list[str] = []
+    if path is not None and path.exists():
+        with open(path, "rb") as log_file:
+            log_file.seek(max(0, path.stat().st_size - 512 * 1024))  # never an unbounded read
+            lines = log_file.read().decode("utf-8", "replace").splitlines()[-int(raw):]
+    return jsonify({"deployment_id": deployment_id, "lines": lines})
+
+
+def _accepted(result: control.Accepted, **extra: Any) -> tuple[Response, int]:
     body = {"app": app_json(daemon().store.app(result.app.id) or result.app), "action": result.action,
-            "commit": result.commit, "deployment_id": result.deployment_id, "changed": result.commit is not None}
+            "commit": result.commit, "deployment_id": result.deployment_id, "changed": result.commit is not None,
+            **extra}
     return jsonify(body), 202 if result.commit is not None else 200
 
 
@@ -102,4 +143,10 @@ def create() -> tuple[Response, int]:
     except (ValueError, YAMLError) as exc:
         raise ApiError("invalid_body", f"the body is not valid {'YAML' if 'yaml' in kind else 'JSON'}: "
                        f"{str(exc).splitlines()[0]}") from exc
-    return _accepted(daemon().control.create(data, token=token))
+    accepted = daemon().control.create(data, token=token)
+    hook = webhook_json(accepted.app)
+    if hook is not None:
+        # A repo app's webhook secret is shown here, once, and never again.
+        hook = {"url": hook["url"], "secret": daemon().secrets.new_app_webhook(accepted.app.id)}
+        return _accepted(accepted, webhook=hook)
+    return _accepted(accepted)

@@ -55,6 +55,36 @@ def pushed_ref(payload: Any) -> str | None:
     return payload.get("ref") if isinstance(payload, dict) and isinstance(payload.get("ref"), str) else None
 
 
+@bp.post("/webhooks/apps/<app_id>")
+def app_push(app_id: str) -> tuple[Response, int]:
+    """A push to a repo app's source repository: rebuild and redeploy that app."""
+    d = daemon()
+    app = d.store.app(app_id)
+    spec = app.spec if app is not None else None
+    builds = [s.build for s in spec.services if s.build] if spec is not None else []
+    secret = d.secrets.app_webhook(app_id) if builds else None
+    if app is None or app.status == "removed" or secret is None:
+        raise ApiError("not_found", f"no webhook for app {app_id}")
+    body = request.get_data(cache=False)
+    provider = verify(secret, body)
+    if provider is None:
+        d.metrics.webhooks.labels("unknown", "unauthorized").inc()
+        raise ApiError("unauthorized", "missing or wrong webhook signature")
+    if event_kind() == "ping":
+        d.metrics.webhooks.labels(provider, "ping").inc()
+        return jsonify({"ok": True, "event": "ping"}), 200
+    try:
+        ref = pushed_ref(json.loads(body or b"{}"))
+    except ValueError as exc:
+        raise ApiError("invalid_body", "the payload is not JSON") from exc
+    if ref is not None and ref not in {f"refs/heads/{b.ref}" for b in builds}:
+        d.metrics.webhooks.labels(provider, "ignored").inc()
+        return jsonify({"ok": True, "ignored": f"{ref} is not the branch this app builds"}), 202
+    d.reconciler.wakeup.request_debounced("build")
+    d.metrics.webhooks.labels(provider, "accepted").inc()
+    return jsonify({"ok": True, "event": "push", "queued": True}), 202
+
+
 @bp.post("/webhooks/git")
 def git_push() -> tuple[Response, int]:
     d = daemon()

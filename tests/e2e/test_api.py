@@ -438,3 +438,50 @@ def test_rollback_restores_the_previous_successful_version(api: Api, docker_clie
     assert api.fresh_file("apps/web.yaml") == COMMENTED  # byte for byte, comments and all
     unknown = api.call("POST", f"/apps/{web}/rollback", json={"deployment_id": 999999})
     assert (unknown.status_code, unknown.json()["error"]) == (404, "not_found")
+
+
+def test_repo_app_webhook_rebuilds(api: Api, tmp_path: pathlib.Path, docker_client: docker.DockerClient) -> None:
+    import hashlib
+    import hmac
+    import shutil
+
+    from tests.integration.test_builds import DOCKERFILE
+
+    (tmp_path / "src").mkdir()
+    src = GitRepo(tmp_path / "src")
+    shutil.copy("/bin/busybox", src.work / "busybox")
+    git("add", "busybox", cwd=src.work)
+    src.push({"Dockerfile": DOCKERFILE, "www/index.html": "v1\n"}, "v1")
+    created = api.call("POST", "/apps", json={"name": "site", "build": {"repo": src.url}, "port": 8080,
+                                               "memory": 64}, check="/apps")
+    assert created.status_code == 202, created.text
+    app_id, secret = created.json()["app"]["id"], created.json()["webhook"]["secret"]
+    assert created.json()["webhook"]["url"].endswith(f"/webhooks/apps/{app_id}")
+    api.wait_status(app_id, "running", 60)
+    details = api.call("GET", f"/apps/{app_id}", check="/apps/{appId}")
+    assert details.json()["webhook"] == {"url": created.json()["webhook"]["url"], "configured": True}
+    assert secret not in details.text
+    first = details.json()["deployments"][0]
+    build_log = api.call("GET", f"/apps/{app_id}/deployments/{first['id']}/log",
+                         check="/apps/{appId}/deployments/{deploymentId}/log")
+    assert any(line.startswith("# built cynchrod/default-site:") for line in build_log.json()["lines"])
+
+    after = src.push({"www/index.html": "v2\n"}, "v2")
+    body = json.dumps({"ref": "refs/heads/main", "after": after}).encode()
+    wrong = requests.post(f"{api.url}/webhooks/apps/{app_id}", data=body, timeout=10,
+                          headers={"X-Hub-Signature-256": "sha256=" + "0" * 64})
+    assert wrong.status_code == 401
+    signature = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    started = time.monotonic()
+    hooked = requests.post(f"{api.url}/webhooks/apps/{app_id}", data=body, timeout=10,
+                           headers={"X-Hub-Signature-256": signature, "X-GitHub-Event": "push"})
+    assert hooked.status_code == 202, hooked.text
+    wait_for(lambda: api.app(app_id)["app"]["image"].endswith(after[:12]), 30, "the rebuilt image")
+    api.wait_status(app_id, "running")
+    assert time.monotonic() - started < 30
+    assert api.app(app_id)["deployments"][0]["trigger"] == "build"
+    port = api.app(app_id)["app"]["host_port"]
+    assert requests.get(f"http://127.0.0.1:{port}/", timeout=5).text == "v2\n"
+    assert secret not in api.daemon.output()
+    # Someone else's app, and an app that is not a repo app, have no webhook.
+    assert requests.post(f"{api.url}/webhooks/apps/{api.app_id('web')}", data=body, timeout=10).status_code == 404
