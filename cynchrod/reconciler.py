@@ -243,6 +243,9 @@ class Reconciler:
             result.source_errors.append(str(exc))
             return None
         desired = self.caches[src.url].load(files, src.read)
+        # Tagged once per commit, so a no-op pass reuses the same spec objects (and their cached hashes).
+        desired = dataclasses.replace(desired, apps={k: dataclasses.replace(v, source=src.url)
+                                                      for k, v in desired.apps.items()})
         if refused:
             desired = dataclasses.replace(desired, errors=desired.errors + tuple(refused),
                                           failed_paths=desired.failed_paths | {e.path for e in refused})
@@ -291,9 +294,8 @@ class Reconciler:
                         desired.setdefault(key, dataclasses.replace(spec, source=src.url))
                 continue
             good.add(src.url)
-            apps = {k: dataclasses.replace(v, source=src.url) for k, v in loaded.apps.items()}
             errors = list(loaded.errors)
-            for key, spec in apps.items():
+            for key, spec in loaded.apps.items():
                 if key in desired:
                     errors.append(ManifestError(f"app {key[0]}/{key[1]} is already declared by another repository",
                                                 code="duplicate_app", path=spec.path, line=1))

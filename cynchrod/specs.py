@@ -7,6 +7,7 @@ service is what the runtime stores in a container label to detect drift.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from typing import Any
@@ -111,13 +112,27 @@ class AppSpec:
         return self.services[0].port if len(self.services) == 1 else None
 
     def service_hash(self, service: ServiceSpec) -> str:
+        # Specs are frozen, so their hashes are computed once per spec object: a no-op
+        # pass over many apps would otherwise spend its time re-serialising them.
+        for i, own in enumerate(self.services):
+            if own is service:
+                return self._service_hashes[i]
         return service.hash(restarted_at=self.restarted_at)
 
-    @property
+    @functools.cached_property
+    def _service_hashes(self) -> tuple[str, ...]:
+        return tuple(s.hash(restarted_at=self.restarted_at) for s in self.services)
+
+    @functools.cached_property
     def hash(self) -> str:
         """Hash of the whole desired state of the app, state included."""
-        parts = [self.state] + [self.service_hash(s) for s in self.services]
+        parts = [self.state, *self._service_hashes]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+    @functools.cached_property
+    def json_text(self) -> str:
+        """``to_json()`` as text, what the store keeps (computed once per spec)."""
+        return json.dumps(self.to_json())
 
     @property
     def multi(self) -> bool:

@@ -234,7 +234,7 @@ class Store:
                     "INSERT INTO apps (id, org, name, image, domain, port, status, created_at, updated_at, path,"
                     ' "commit", spec_json, source) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)',
                     (app_id, spec.org, spec.name, spec.image, spec.domain, spec.port, QUEUED, stamp, stamp,
-                     spec.path, commit, json.dumps(spec.to_json()), spec.source))
+                     spec.path, commit, spec.json_text, spec.source))
                 row = db.execute("SELECT * FROM apps WHERE id = ?", (app_id,)).fetchone()
         return App(**dict(row))
 
@@ -251,7 +251,7 @@ class Store:
 
         Writes only when something changed: a no-op pass writes nothing.
         """
-        spec_json = json.dumps(spec.to_json())
+        spec_json = spec.json_text
         if (app.spec_json, app.commit, app.source) != (spec_json, commit, spec.source):
             self.update_app(app.id, image=spec.image, domain=spec.domain, port=spec.port, path=spec.path,
                             commit=commit, spec_json=spec_json, source=spec.source)

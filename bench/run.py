@@ -1,0 +1,515 @@
+"""cynchrod benchmarks, side by side with docker-compose and the bare Docker SDK.
+
+Run: ``.venv/bin/python bench/run.py [--quick] [--out bench/results.json]`` as root
+on a host with dockerd (``scripts/setup``; ``apt-get install docker-compose wrk``).
+Not part of the test suite. Every scenario makes its own image (FROM scratch +
+Debian's busybox-static) and repositories, measures cynchrod and its peers in the
+same run, reports medians and ratios, and removes everything it made (all
+objects carry the label ``io.cynchrod.bench``). Nothing is pulled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import hashlib
+import hmac
+import json
+import os
+import pathlib
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from typing import Any
+
+import docker
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cynchrod import reconciler, runtime, source, store  # noqa: E402
+
+IMAGE = "cynchrod-bench/busybox:1"
+LABEL = "io.cynchrod.bench"
+CONCURRENCY = 4
+RUN = f"bench{os.getpid()}"  # compose project prefix: unique per run
+SECRET = "bench-webhook-secret-0123456789"
+client = docker.from_env(timeout=300)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def git(*args: str, cwd: pathlib.Path) -> str:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost",
+           "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@localhost"}
+    return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
+
+
+class Repo:
+    def __init__(self, root: pathlib.Path) -> None:
+        self.bare, self.work = root / "origin.git", root / "work"
+        git("init", "-q", "--bare", "-b", "main", str(self.bare), cwd=root)
+        git("clone", "-q", str(self.bare), str(self.work), cwd=root)
+        git("checkout", "-q", "-b", "main", cwd=self.work)
+
+    def push(self, files: dict[str, str | None], message: str = "bench") -> str:
+        for path, text in files.items():
+            target = self.work / path
+            if text is None:
+                git("rm", "-q", path, cwd=self.work)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(text)
+        git("add", "-A", cwd=self.work)
+        git("commit", "-q", "--allow-empty", "-m", message, cwd=self.work)
+        git("push", "-q", "origin", "HEAD:main", cwd=self.work)
+        return git("rev-parse", "HEAD", cwd=self.work).strip()
+
+
+def build_image() -> None:
+    with tempfile.TemporaryDirectory() as ctx:
+        shutil.copy("/bin/busybox", pathlib.Path(ctx) / "busybox")
+        (pathlib.Path(ctx) / "www").mkdir()
+        (pathlib.Path(ctx) / "www" / "index.html").write_text("ok\n")
+        (pathlib.Path(ctx) / "Dockerfile").write_text(
+            'FROM scratch\nCOPY busybox /bin/busybox\nRUN ["/bin/busybox", "--install", "-s", "/bin"]\n'
+            'COPY www /www\nCMD ["sleep", "3600"]\n')
+        subprocess.run(["docker", "build", "-q", "--label", f"{LABEL}=1", "-t", IMAGE, ctx], check=True,
+                       capture_output=True)
+
+
+def cleanup() -> None:
+    rows = client.api.containers(all=True, filters={"label": LABEL})
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda c: client.api.remove_container(c["Id"], force=True), rows))
+    for n in client.api.networks(filters={"label": "com.docker.compose.project"}):
+        if n["Name"].startswith("bench"):
+            try:
+                client.api.remove_network(n["Id"])
+            except docker.errors.APIError as exc:
+                log(f"left network {n['Name']}: {exc.explanation}")
+
+
+def manifest(name: str, *, extra: str = "") -> str:
+    return f"name: {name}\nimage: {IMAGE}\ncommand: [sleep, '3600']\ncpu: 0.1\nmemory: 64\n{extra}"
+
+
+def harness(repo: Repo, state: pathlib.Path, owner: str) -> tuple[reconciler.Reconciler, runtime.DockerRuntime]:
+    rt = runtime.DockerRuntime(owner=owner, stop_timeout=1)
+    rec = reconciler.Reconciler(src=source.Source(str(repo.bare), state_dir=state), rt=rt,
+                                db=store.Store(state / "cynchrod.db"), concurrency=CONCURRENCY,
+                                max_apps=lambda org: 100000)
+    return rec, rt
+
+
+def owner_rows(owner: str) -> list[dict[str, Any]]:
+    return client.api.containers(all=True, filters={"label": [f"{runtime.LABEL_OWNER}={owner}"]})
+
+
+def remove_owner(owner: str) -> None:
+    rows = owner_rows(owner)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda c: client.api.remove_container(c["Id"], force=True), rows))
+
+
+def bare_create_start(names: list[str], *, label: str) -> float:
+    def one(name: str) -> None:
+        host = client.api.create_host_config(nano_cpus=100_000_000, mem_limit=64 * 2**20,
+                                             memswap_limit=64 * 2**20, init=True)
+        cid = client.api.create_container(IMAGE, command=["sleep", "3600"], name=name,
+                                          labels={LABEL: label}, host_config=host)["Id"]
+        client.api.start(cid)
+
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(CONCURRENCY) as pool:
+        list(pool.map(one, names))
+    return time.perf_counter() - started
+
+
+def compose_file(path: pathlib.Path, n: int, project: str) -> None:
+    lines = ["version: '2.4'", "services:"]
+    for i in range(n):
+        lines += [f"  app{i:04d}:", f"    image: {IMAGE}", "    command: [sleep, '3600']", "    init: true",
+                  "    cpus: 0.1", "    mem_limit: 64m", "    memswap_limit: 64m",
+                  f"    labels: {{{LABEL}: '{project}'}}"]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def compose_down(path: pathlib.Path, project: str) -> None:
+    try:
+        compose(path, project, "down", "-t", "0")
+    except subprocess.CalledProcessError as exc:
+        log(f"docker-compose down failed: {exc.stderr[-300:] if exc.stderr else exc}")
+    cleanup()
+
+
+def compose(path: pathlib.Path, project: str, *args: str) -> float:
+    started = time.perf_counter()
+    # docker-compose 1.29 deadlocks when COMPOSE_PARALLEL_LIMIT is below the number of
+    # services (its project- and service-level pools share one limit; seen here at 4
+    # and at its default 64 with 100 services), so it gets one slot per service: more
+    # parallelism than cynchrod's 4, which favours compose.
+    services = path.read_text().count("\n  app")
+    subprocess.run(["docker-compose", "-f", str(path), "-p", project, *args], check=True, capture_output=True,
+                   timeout=1800, env={**os.environ, "COMPOSE_PARALLEL_LIMIT": str(max(services + 1, 64))})
+    return time.perf_counter() - started
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+# -- scenarios --------------------------------------------------------------------
+
+
+def cold_converge(tmp: pathlib.Path, sizes: list[int], repeats: int) -> list[dict[str, Any]]:
+    rows = []
+    for n in sizes:
+        cyn, comp, bare = [], [], []
+        for r in range(repeats if n <= 100 else 1):
+            work = tmp / f"cold-{n}-{r}"
+            work.mkdir()
+            repo = Repo(work)
+            repo.push({f"apps/app{i:04d}.yaml": manifest(f"app{i:04d}") for i in range(n)})
+            owner = f"bench-cold-{n}-{r}"
+            rec, rt = harness(repo, work / "state", owner)  # a fresh state: clone and parse are included
+            started = time.perf_counter()
+            result = rec.run_pass()
+            cyn.append(time.perf_counter() - started)
+            assert result.ok and len(owner_rows(owner)) == n, result.source_error
+            remove_owner(owner)
+            path = work / "docker-compose.yml"
+            compose_file(path, n, f"{RUN}c{n}{r}")
+            comp.append(compose(path, f"{RUN}c{n}{r}", "up", "-d"))
+            compose_down(path, f"{RUN}c{n}{r}")
+            bare.append(bare_create_start([f"bench-bare-{n}-{r}-{i}" for i in range(n)], label=f"bare{n}"))
+            cleanup()
+        rows.append({"scenario": f"cold converge N={n}", "cynchrod_s": median(cyn), "docker_compose_s": median(comp),
+                     "bare_sdk_s": median(bare), "ratio_vs_bare": median(cyn) / median(bare),
+                     "ratio_vs_compose": median(cyn) / median(comp), "runs": len(cyn)})
+        log(f"cold converge N={n}: {rows[-1]}")
+    return rows
+
+
+def noop_pass(tmp: pathlib.Path, n: int, passes: int) -> dict[str, Any]:
+    work = tmp / f"noop-{n}"
+    work.mkdir()
+    repo = Repo(work)
+    owner = f"bench-noop-{n}"
+    # Stopped apps: cynchrod keeps their containers (created, never started), so the
+    # list call returns N rows without N running processes on a 2-core host.
+    repo.push({f"apps/app{i:04d}.yaml": manifest(f"app{i:04d}", extra="state: stopped\n") for i in range(n)})
+    rec, rt = harness(repo, work / "state", owner)
+    rec.run_pass()
+    from cynchrod import manifests
+
+    desired = manifests.Cache().load(*_files(rec))
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda spec: rt.api.create_container(
+            IMAGE, command=["sleep", "3600"], name=rt.container_name(spec.org, spec.name, "main"),
+            labels={**rt.labels(spec, spec.services[0]), LABEL: "noop"}), desired.apps.values()))
+    assert all(not a.actions for a in rec.run_pass().apps)
+    calls: list[str] = []
+    rt.api.hooks["response"].append(lambda resp, *a, **k: calls.append(resp.request.path_url))
+    walls, cpus = [], []
+    for _ in range(passes):
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        result = rec.run_pass()
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - cpu0)
+        assert all(not a.actions for a in result.apps) and len(result.apps) == n
+    calls_per_pass = len(calls) / passes
+    list_calls = []
+    for _ in range(passes):
+        t0 = time.perf_counter()
+        rt.api.containers(all=True, filters=rt.owner_filter)
+        list_calls.append(time.perf_counter() - t0)
+    row = {"scenario": f"no-op pass N={n}", "cynchrod_s": median(walls), "cynchrod_cpu_s": median(cpus),
+           "docker_calls_per_pass": calls_per_pass,
+           "bare_list_call_s": median(list_calls), "ratio_vs_bare_list": median(walls) / median(list_calls),
+           "passes": passes}
+    if n <= 100:
+        path = work / "docker-compose.yml"
+        compose_file(path, n, f"{RUN}n{n}")
+        compose(path, f"{RUN}n{n}", "up", "-d")
+        times = [compose(path, f"{RUN}n{n}", "up", "-d") for _ in range(3)]
+        compose_down(path, f"{RUN}n{n}")
+        row["docker_compose_noop_s"] = median(times)
+        row["ratio_vs_compose"] = median(walls) / median(times)
+    remove_owner(owner)
+    cleanup()
+    log(f"no-op N={n}: {row}")
+    return row
+
+
+def _files(rec: reconciler.Reconciler) -> tuple[list[tuple[str, str]], Any]:
+    src = rec.source
+    files, _ = src.files(src.resolve())
+    return files, src.read
+
+
+def change_one(tmp: pathlib.Path, n: int, repeats: int) -> dict[str, Any]:
+    work = tmp / f"change-{n}"
+    work.mkdir()
+    repo = Repo(work)
+    owner = f"bench-change-{n}"
+    repo.push({f"apps/app{i:04d}.yaml": manifest(f"app{i:04d}") for i in range(n)})
+    rec, rt = harness(repo, work / "state", owner)
+    rec.run_pass()
+    cyn, bare = [], []
+    for r in range(repeats):
+        repo.push({"apps/app0000.yaml": manifest("app0000", extra=f"env: {{REV: '{r}'}}\n")})
+        t0 = time.perf_counter()
+        result = rec.run_pass()
+        cyn.append(time.perf_counter() - t0)
+        assert [a.name for a in result.apps if a.actions] == ["app0000"]
+    for r in range(repeats):
+        name = f"bench-bare-change-{r}"
+        bare_create_start([name], label="change")
+        t0 = time.perf_counter()
+        client.api.stop(name, timeout=1)
+        client.api.remove_container(name, force=True)
+        bare_create_start([name], label="change")
+        bare.append(time.perf_counter() - t0)
+    remove_owner(owner)
+    cleanup()
+    row = {"scenario": f"change one app of {n}", "cynchrod_s": median(cyn), "bare_recreate_s": median(bare),
+           "ratio_vs_bare": median(cyn) / median(bare), "runs": repeats}
+    log(str(row))
+    return row
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Serve:
+    def __init__(self, repo: Repo, state: pathlib.Path, owner: str, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(state.parent / "daemon.log", "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cynchrod", "serve", "--repo", str(repo.bare), "--state", str(state),
+             "--owner", owner, "--interval", "300", "--listen", f"127.0.0.1:{self.port}", "--stop-timeout", "1"],
+            stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+            env={**os.environ, "CYNCHROD_WEBHOOK_SECRET": SECRET, "CYNCHROD_LOG_LEVEL": "WARNING"})
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(self.url + "/healthz", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+
+    def rss_mib(self) -> float:
+        pids = [self.proc.pid] + [int(p) for p in subprocess.run(["pgrep", "-P", str(self.proc.pid)],
+                                                                capture_output=True, text=True).stdout.split()]
+        total = 0
+        for pid in pids:
+            status = pathlib.Path(f"/proc/{pid}/status").read_text()
+            total += int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
+        return total / 1024
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(30)
+        self.log.close()
+
+
+def http_ok(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=0.5) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def wait(check: Any, timeout: float) -> float:
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        if check():
+            return time.perf_counter() - t0
+        time.sleep(0.005)
+    raise RuntimeError("timed out")
+
+
+WEB = "name: {name}\nimage: " + IMAGE + "\ncommand: [httpd, -f, -p, '8080', -h, /www]\nport: 8080\nhostPort: {port}\n" \
+      "memory: 64\nenv: {{REV: '{rev}'}}\n"
+
+
+def push_to_running(tmp: pathlib.Path, pushes: int) -> dict[str, Any]:
+    work = tmp / "push"
+    work.mkdir()
+    repo = Repo(work)
+    owner = "bench-push"
+    port = free_port()
+    repo.push({"apps/web.yaml": WEB.format(name="web", port=port, rev=0)})
+    daemon = Serve(repo, work / "state", owner)
+    wait(lambda: http_ok(port), 30)
+    cyn = []
+    for r in range(1, pushes + 1):
+        after = repo.push({"apps/web.yaml": WEB.format(name="web", port=port, rev=r)})
+        body = json.dumps({"ref": "refs/heads/main", "after": after}).encode()
+        sig = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+        old = owner_rows(owner)[0]["Id"]
+        t0 = time.perf_counter()
+        req = urllib.request.Request(daemon.url + "/webhooks/git", data=body, method="POST",
+                                     headers={"X-Hub-Signature-256": sig, "Content-Type": "application/json"})
+        urllib.request.urlopen(req, timeout=5)
+        wait(lambda: (rows := owner_rows(owner)) and rows[0]["Id"] != old and http_ok(port), 30)
+        cyn.append(time.perf_counter() - t0)
+    daemon.stop()
+    remove_owner(owner)
+    bare = []
+    for r in range(pushes):
+        host = client.api.create_host_config(port_bindings={8080: ("127.0.0.1", port)}, mem_limit=64 * 2**20,
+                                             init=True)
+        t0 = time.perf_counter()
+        cid = client.api.create_container(IMAGE, command=["httpd", "-f", "-p", "8080", "-h", "/www"],
+                                          ports=[8080], labels={LABEL: "push"}, host_config=host)["Id"]
+        client.api.start(cid)
+        wait(lambda: http_ok(port), 30)
+        bare.append(time.perf_counter() - t0)
+        client.api.remove_container(cid, force=True)
+    row = {"scenario": f"push to running ({pushes} pushes)", "cynchrod_p50_s": median(cyn),
+           "cynchrod_p95_s": pct(cyn, 95), "bare_create_start_p50_s": median(bare), "bare_p95_s": pct(bare, 95),
+           "overhead_p50_s": median(cyn) - median(bare)}
+    log(str(row))
+    return row
+
+
+def self_heal(tmp: pathlib.Path, kills: int) -> dict[str, Any]:
+    work = tmp / "heal"
+    work.mkdir()
+    repo = Repo(work)
+    owner = "bench-heal"
+    ports = [free_port() for _ in range(kills)]
+    # One app per kill: each is a first death, so back-off (which starts at the third) is not measured.
+    repo.push({f"apps/w{i}.yaml": WEB.format(name=f"w{i}", port=p, rev=0) for i, p in enumerate(ports)})
+    daemon = Serve(repo, work / "state", owner)
+    wait(lambda: all(http_ok(p) for p in ports), 60)
+    times = []
+    for i, port in enumerate(ports):
+        row = next(c for c in owner_rows(owner) if c["Labels"][runtime.LABEL_APP] == f"w{i}")
+        t0 = time.perf_counter()
+        client.api.kill(row["Id"])
+        wait(lambda: not http_ok(port), 10)
+        wait(lambda: http_ok(port), 30)
+        times.append(time.perf_counter() - t0)
+    daemon.stop()
+    remove_owner(owner)
+    row = {"scenario": f"self-heal after docker kill ({kills} kills)", "cynchrod_p50_s": median(times),
+           "cynchrod_p95_s": pct(times, 95)}
+    log(str(row))
+    return row
+
+
+def api_and_memory(tmp: pathlib.Path, n_api: int, sizes: list[int], seconds: int) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for n in sorted(set(sizes) | {n_api}):
+        work = tmp / f"api-{n}"
+        work.mkdir()
+        repo = Repo(work)
+        owner = f"bench-api-{n}"
+        repo.push({f"apps/app{i:04d}.yaml": manifest(f"app{i:04d}", extra="state: stopped\n") for i in range(n)})
+        state = work / "state"
+        subprocess.run([sys.executable, "-m", "cynchrod", "token", "create", "--org", "default", "--admin",
+                        "--state", str(state)], check=True, capture_output=True, text=True, cwd=ROOT)
+        token = subprocess.run([sys.executable, "-m", "cynchrod", "token", "create", "--org", "default",
+                                "--state", str(state)], check=True, capture_output=True, text=True,
+                               cwd=ROOT).stdout.strip()
+        config = work / "c.yaml"
+        config.write_text(f"defaults: {{max_apps: {n + 10}}}\n")
+        daemon = Serve(repo, state, owner)
+        req = urllib.request.Request(daemon.url + "/apps", headers={"Authorization": f"Bearer {token}"})
+        wait(lambda: len(json.loads(urllib.request.urlopen(req, timeout=5).read())["apps"]) >= min(n, 10), 60)
+        time.sleep(1)
+        if n in sizes:
+            rows.append({"scenario": f"daemon RSS, {n} apps declared", "cynchrod_rss_mib": round(daemon.rss_mib(), 1)})
+            log(str(rows[-1]))
+        if n == n_api and shutil.which("wrk"):
+            idle = _wrk(daemon.url + "/apps", token, seconds)
+            stop = threading.Event()
+
+            def churn() -> None:  # keep passes running: signed webhook deliveries
+                body = b'{"ref": "refs/heads/main"}'
+                sig = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+                while not stop.is_set():
+                    r = urllib.request.Request(daemon.url + "/webhooks/git", data=body, method="POST",
+                                               headers={"X-Hub-Signature-256": sig})
+                    urllib.request.urlopen(r, timeout=5)
+                    time.sleep(0.05)
+
+            t = threading.Thread(target=churn)
+            t.start()
+            busy = _wrk(daemon.url + "/apps", token, seconds)
+            stop.set()
+            t.join()
+            rows.append({"scenario": f"GET /apps, {n} apps, 32 clients", "idle_rps": idle[0], "idle_p99_ms": idle[1],
+                         "during_passes_rps": busy[0], "during_passes_p99_ms": busy[1]})
+            log(str(rows[-1]))
+        daemon.stop()
+        remove_owner(owner)
+    return rows
+
+
+def _wrk(url: str, token: str, seconds: int) -> tuple[float, float]:
+    out = subprocess.run(["wrk", "-t4", "-c32", f"-d{seconds}s", "--latency", "-H", f"Authorization: Bearer {token}",
+                          url], capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    value, unit = re.search(r"99%\s+([\d.]+)(us|ms|s)", out).groups()  # type: ignore[union-attr]
+    p99 = float(value) * {"us": 0.001, "ms": 1, "s": 1000}[unit]
+    return rps, p99
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="smaller N and fewer repeats")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
+    args = parser.parse_args()
+    quick = args.quick
+    build_image()
+    cleanup()
+    results: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"), "host": {"cores": os.cpu_count(), "kernel": platform.release(),
+                                                   "docker": client.version()["Version"],
+                                                   "python": platform.python_version()},
+        "concurrency": CONCURRENCY, "rows": []}
+    with tempfile.TemporaryDirectory(prefix="cynchrod-bench-") as tmpdir:
+        tmp = pathlib.Path(tmpdir)
+        try:
+            rows = results["rows"]
+            rows += cold_converge(tmp, [10, 100] if quick else [10, 100, 300], 1 if quick else 3)
+            rows.append(noop_pass(tmp, 100, 20))
+            rows.append(noop_pass(tmp, 300 if quick else 1000, 20))
+            rows.append(change_one(tmp, 100 if quick else 300, 5))
+            rows.append(push_to_running(tmp, 5 if quick else 20))
+            rows.append(self_heal(tmp, 5 if quick else 10))
+            rows += api_and_memory(tmp, 300, [100, 1000], 5 if quick else 10)
+        finally:
+            cleanup()
+    pathlib.Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    for row in results["rows"]:
+        print(" | ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
