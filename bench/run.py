@@ -483,7 +483,10 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="smaller N and fewer repeats")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
+    parser.add_argument("--only", choices=["cold", "noop", "change", "push", "heal", "api"], action="append",
+                        help="run these scenarios only; their rows replace the same rows in --out")
     args = parser.parse_args()
+    only = set(args.only or ["cold", "noop", "change", "push", "heal", "api"])
     quick = args.quick
     build_image()
     cleanup()
@@ -496,16 +499,32 @@ def main() -> int:
         tmp = pathlib.Path(tmpdir)
         try:
             rows = results["rows"]
-            rows += cold_converge(tmp, [10, 100] if quick else [10, 100, 300], 1 if quick else 3)
-            rows.append(noop_pass(tmp, 100, 20))
-            rows.append(noop_pass(tmp, 300 if quick else 1000, 20))
-            rows.append(change_one(tmp, 100 if quick else 300, 5))
-            rows.append(push_to_running(tmp, 5 if quick else 20))
-            rows.append(self_heal(tmp, 5 if quick else 10))
-            rows += api_and_memory(tmp, 300, [100, 1000], 5 if quick else 10)
+            if "cold" in only:
+                rows += cold_converge(tmp, [10, 100] if quick else [10, 100, 300], 1 if quick else 3)
+            if "noop" in only:
+                rows.append(noop_pass(tmp, 100, 20))
+                rows.append(noop_pass(tmp, 300 if quick else 1000, 20))
+            if "change" in only:
+                rows.append(change_one(tmp, 100 if quick else 300, 5))
+            if "push" in only:
+                rows.append(push_to_running(tmp, 5 if quick else 20))
+            if "heal" in only:
+                rows.append(self_heal(tmp, 5 if quick else 10))
+            if "api" in only:
+                rows += api_and_memory(tmp, 300, [100, 1000], 5 if quick else 10)
         finally:
             cleanup()
-    pathlib.Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    out = pathlib.Path(args.out)
+    if args.only and out.exists():
+        # Keep the other scenarios' rows from the last full run.
+        fresh = {r["scenario"] for r in results["rows"]}
+        previous = json.loads(out.read_text())
+        results["rows"] = [r if r["scenario"] not in fresh else next(x for x in results["rows"]
+                                                                          if x["scenario"] == r["scenario"])
+                           for r in previous["rows"]] + [r for r in results["rows"]
+                                                         if r["scenario"] not in {p["scenario"] for p in previous["rows"]}]
+        results["partial_rerun"] = sorted(only)
+    out.write_text(json.dumps(results, indent=2) + "\n")
     for row in results["rows"]:
         print(" | ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
     return 0

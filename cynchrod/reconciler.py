@@ -544,7 +544,7 @@ class Reconciler:
             if app is not None:
                 self.store.remove_app(app.id, commit=result.commit, trigger=result.trigger)
             return AppOutcome(key[0], key[1], store.REMOVED, described)
-        row = self.store.live_apps().get(key)
+        row = self.store.live_app(*key)
         assert row is not None
         action_kind = ""
         trigger = result.trigger if row.deployed_hash != spec.hash else "self-heal"

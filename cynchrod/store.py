@@ -177,6 +177,9 @@ class Store:
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._lock = threading.RLock()
+        #: Bumped by every write of this process that may change app or deployment rows,
+        #: so readers (the API's list cache) know when what they hold is stale.
+        self.version = 0
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA busy_timeout=5000")
@@ -189,7 +192,7 @@ class Store:
         self._db.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self, *, apps_changed: bool = True) -> Iterator[sqlite3.Connection]:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -198,6 +201,8 @@ class Store:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+            if apps_changed:
+                self.version += 1
 
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         with self._lock:
@@ -217,6 +222,10 @@ class Store:
 
     def live_apps(self) -> dict[tuple[str, str], App]:
         return {a.key: a for a in self.apps(include_removed=False)}
+
+    def live_app(self, org: str, name: str) -> App | None:
+        rows = self._query("SELECT * FROM apps WHERE org = ? AND name = ? AND status != 'removed'", (org, name))
+        return App(**dict(rows[0])) if rows else None
 
     def app(self, app_id: str) -> App | None:
         rows = self._query("SELECT * FROM apps WHERE id = ?", (app_id,))
@@ -399,7 +408,7 @@ class Store:
     # -- meta -----------------------------------------------------------------
 
     def set_meta(self, key: str, value: Any) -> None:
-        with self.transaction() as db:
+        with self.transaction(apps_changed=False) as db:
             db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = ?",
                        (key, json.dumps(value), json.dumps(value)))
 

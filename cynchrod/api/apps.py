@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
@@ -32,12 +33,27 @@ def deployment_json(d: store.Deployment) -> dict[str, Any]:
             "finished_at": d.finished_at}
 
 
+_list_cache: dict[tuple[int, str | None, bool], tuple[int, bytes]] = {}
+_list_lock = threading.Lock()
+
+
 @bp.get("/apps")
 def list_apps() -> Response:
     token = bearer()
     include_removed = request.args.get("include_removed", "").lower() in ("1", "true", "yes")
-    apps = daemon().store.apps(org=None if token.admin else token.org, include_removed=include_removed)
-    return jsonify({"apps": [app_json(a) for a in apps]})
+    org = None if token.admin else token.org
+    db = daemon().store
+    # The body is rebuilt only when the store has changed since: rows are written by
+    # the reconciler and by imperative calls, both in this process.
+    key = (id(db), org, include_removed)
+    version = db.version
+    cached = _list_cache.get(key)
+    if cached is None or cached[0] != version:
+        apps = db.apps(org=org, include_removed=include_removed)
+        body = json.dumps({"apps": [app_json(a) for a in apps]}, separators=(",", ":")).encode()
+        with _list_lock:
+            _list_cache[key] = cached = (version, body)
+    return Response(cached[1], mimetype="application/json")
 
 
 def webhook_json(app: store.App) -> dict[str, Any] | None:
