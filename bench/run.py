@@ -334,8 +334,10 @@ class Serve:
 
 
 def http_ok(port: int) -> bool:
+    # A short timeout: while a container is replaced, docker-proxy may accept a
+    # connection it cannot forward, and a long timeout would be measured as latency.
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=0.5) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=0.05) as r:
             return r.status == 200
     except OSError:
         return False
@@ -373,7 +375,8 @@ def push_to_running(tmp: pathlib.Path, pushes: int) -> dict[str, Any]:
         req = urllib.request.Request(daemon.url + "/webhooks/git", data=body, method="POST",
                                      headers={"X-Hub-Signature-256": sig, "Content-Type": "application/json"})
         urllib.request.urlopen(req, timeout=5)
-        wait(lambda: (rows := owner_rows(owner)) and rows[0]["Id"] != old and http_ok(port), 30)
+        wait(lambda: (rows := owner_rows(owner)) and rows[0]["Id"] != old and rows[0]["State"] == "running"
+             and http_ok(port), 30)
         cyn.append(time.perf_counter() - t0)
     daemon.stop()
     remove_owner(owner)
@@ -419,6 +422,87 @@ def self_heal(tmp: pathlib.Path, kills: int) -> dict[str, Any]:
            "cynchrod_p95_s": pct(times, 95)}
     log(str(row))
     return row
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def logs_throughput(tmp: pathlib.Path, seconds: float) -> list[dict[str, Any]]:
+    import simple_websocket
+
+    work = tmp / "logs"
+    work.mkdir()
+    repo = Repo(work)
+    owner = "bench-logs"
+    flood = "[sh, -c, 'i=0; while true; do echo line $i; i=$((i+1)); done']"
+    slow = "[sh, -c, 'i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.01; done']"
+    repo.push({"apps/flood.yaml": f"name: flood\nimage: {IMAGE}\ncommand: {flood}\nmemory: 64\n",
+               "apps/slow.yaml": f"name: slow\nimage: {IMAGE}\ncommand: {slow}\nmemory: 64\n"})
+    state = work / "state"
+    token = subprocess.run([sys.executable, "-m", "cynchrod", "token", "create", "--org", "default",
+                            "--state", str(state)], check=True, capture_output=True, text=True,
+                           cwd=ROOT).stdout.strip()
+    daemon = Serve(repo, state, owner)
+    req = urllib.request.Request(daemon.url + "/apps", headers={"Authorization": f"Bearer {token}"})
+
+    def ids() -> dict[str, str]:
+        apps = json.loads(urllib.request.urlopen(req, timeout=5).read())["apps"]
+        return {a["name"]: a["id"] for a in apps if a["status"] == "running"}
+
+    wait(lambda: len(ids()) == 2, 60)
+    app_ids = ids()
+    ws_base = daemon.url.replace("http://", "ws://")
+
+    def count_ws(app: str, duration: float) -> int:
+        ws = simple_websocket.Client.connect(f"{ws_base}/apps/{app_ids[app]}/logs/stream?token={token}")
+        n, end = 0, time.perf_counter() + duration
+        while time.perf_counter() < end:
+            if ws.receive(timeout=0.5) is not None:
+                n += 1
+        ws.close()
+        return n
+
+    ours = count_ws("flood", seconds) / seconds
+    flood_id = next(c["Id"] for c in owner_rows(owner) if c["Labels"][runtime.LABEL_APP] == "flood")
+    proc = subprocess.Popen(["docker", "logs", "-f", "--since", "0s", flood_id], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+    n, end = 0, time.perf_counter() + seconds
+    assert proc.stdout is not None
+    for _ in proc.stdout:
+        n += 1
+        if time.perf_counter() >= end:
+            break
+    proc.kill()
+    proc.wait()
+    theirs = n / seconds
+    pids = [daemon.proc.pid] + [int(p) for p in subprocess.run(["pgrep", "-P", str(daemon.proc.pid)],
+                                                                capture_output=True, text=True).stdout.split()]
+    cpu0, t0 = _cpu_seconds(pids), time.perf_counter()
+    time.sleep(seconds)
+    idle_cpu = (_cpu_seconds(pids) - cpu0) / (time.perf_counter() - t0)
+    counts: list[int] = []
+    threads = [threading.Thread(target=lambda: counts.append(count_ws("slow", seconds))) for _ in range(20)]
+    cpu0, t0 = _cpu_seconds(pids), time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    busy_cpu = (_cpu_seconds(pids) - cpu0) / (time.perf_counter() - t0)
+    daemon.stop()
+    remove_owner(owner)
+    rows = [{"scenario": "log stream, one app printing flat out", "cynchrod_ws_lines_per_s": round(ours),
+             "docker_logs_f_lines_per_s": round(theirs), "ratio_vs_docker_logs": ours / theirs},
+            {"scenario": "log stream, 20 followers of a 100 line/s app", "cynchrod_cpu_idle": round(idle_cpu, 3),
+             "cynchrod_cpu_20_followers": round(busy_cpu, 3),
+             "lines_per_follower_per_s": round(median([c / seconds for c in counts]))}]
+    for row in rows:
+        log(str(row))
+    return rows
 
 
 def api_and_memory(tmp: pathlib.Path, n_api: int, sizes: list[int], seconds: int) -> list[dict[str, Any]]:
@@ -483,10 +567,11 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="smaller N and fewer repeats")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
-    parser.add_argument("--only", choices=["cold", "noop", "change", "push", "heal", "api"], action="append",
+    parser.add_argument("--only", choices=["cold", "noop", "change", "push", "heal", "api", "logs"],
+                        action="append",
                         help="run these scenarios only; their rows replace the same rows in --out")
     args = parser.parse_args()
-    only = set(args.only or ["cold", "noop", "change", "push", "heal", "api"])
+    only = set(args.only or ["cold", "noop", "change", "push", "heal", "api", "logs"])
     quick = args.quick
     build_image()
     cleanup()
@@ -512,18 +597,17 @@ def main() -> int:
                 rows.append(self_heal(tmp, 5 if quick else 10))
             if "api" in only:
                 rows += api_and_memory(tmp, 300, [100, 1000], 5 if quick else 10)
+            if "logs" in only:
+                rows += logs_throughput(tmp, 5 if quick else 10)
         finally:
             cleanup()
     out = pathlib.Path(args.out)
     if args.only and out.exists():
-        # Keep the other scenarios' rows from the last full run.
-        fresh = {r["scenario"] for r in results["rows"]}
+        # Keep the other scenarios' rows from the last full run; replace the re-run ones.
         previous = json.loads(out.read_text())
-        results["rows"] = [r if r["scenario"] not in fresh else next(x for x in results["rows"]
-                                                                          if x["scenario"] == r["scenario"])
-                           for r in previous["rows"]] + [r for r in results["rows"]
-                                                         if r["scenario"] not in {p["scenario"] for p in previous["rows"]}]
-        results["partial_rerun"] = sorted(only)
+        fresh = {r["scenario"]: r for r in results["rows"]}
+        results["rows"] = [fresh.pop(r["scenario"], r) for r in previous["rows"]] + list(fresh.values())
+        results["partial_rerun"] = sorted(set(previous.get("partial_rerun", [])) | only)
     out.write_text(json.dumps(results, indent=2) + "\n")
     for row in results["rows"]:
         print(" | ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))

@@ -40,6 +40,10 @@ HEAL_RESET_S = 60.0
 #: How long a death event is followed up when Docker's list still shows the container running.
 SUSPECT_S = 10.0
 SUSPECT_RECHECK_S = 0.1
+#: Webhook bursts: deliveries closer than this coalesce into the pass that the first
+#: one woke plus one more. Short, so that pushes made one after another are each
+#: applied at once rather than held for the trailing pass.
+DEBOUNCE_S = 0.3
 
 
 @dataclasses.dataclass
@@ -108,7 +112,7 @@ class Wakeup:
         self._pending: set[str] = set()
         self._bursts: dict[str, _Burst] = {}
 
-    def request_debounced(self, trigger: str, quiet_s: float = 1.0) -> None:
+    def request_debounced(self, trigger: str, quiet_s: float = DEBOUNCE_S) -> None:
         """Leading and trailing edge: the first request of a burst wakes a pass at once;
         the rest of the burst becomes one more pass once ``quiet_s`` passes without one."""
         with self._cond:
