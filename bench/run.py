@@ -318,13 +318,24 @@ class Serve:
             except OSError:
                 time.sleep(0.1)
 
+    def pids(self) -> list[int]:
+        return [self.proc.pid] + [int(p) for p in subprocess.run(["pgrep", "-P", str(self.proc.pid)],
+                                                                 capture_output=True, text=True).stdout.split()]
+
     def rss_mib(self) -> float:
-        pids = [self.proc.pid] + [int(p) for p in subprocess.run(["pgrep", "-P", str(self.proc.pid)],
-                                                                capture_output=True, text=True).stdout.split()]
+        """VmRSS of gunicorn's master and worker, added: counts their shared pages twice."""
         total = 0
-        for pid in pids:
+        for pid in self.pids():
             status = pathlib.Path(f"/proc/{pid}/status").read_text()
             total += int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
+        return total / 1024
+
+    def pss_mib(self) -> float:
+        """Proportional set size of master and worker: shared pages counted once."""
+        total = 0
+        for pid in self.pids():
+            rollup = pathlib.Path(f"/proc/{pid}/smaps_rollup").read_text()
+            total += int(re.search(r"Pss:\s+(\d+)", rollup).group(1))  # type: ignore[union-attr]
         return total / 1024
 
     def stop(self) -> None:
@@ -526,7 +537,8 @@ def api_and_memory(tmp: pathlib.Path, n_api: int, sizes: list[int], seconds: int
         wait(lambda: len(json.loads(urllib.request.urlopen(req, timeout=5).read())["apps"]) >= min(n, 10), 60)
         time.sleep(1)
         if n in sizes:
-            rows.append({"scenario": f"daemon RSS, {n} apps declared", "cynchrod_rss_mib": round(daemon.rss_mib(), 1)})
+            rows.append({"scenario": f"daemon RSS, {n} apps declared", "cynchrod_rss_mib": round(daemon.rss_mib(), 1),
+                         "cynchrod_pss_mib": round(daemon.pss_mib(), 1)})
             log(str(rows[-1]))
         if n == n_api and shutil.which("wrk"):
             idle = _wrk(daemon.url + "/apps", token, seconds)
