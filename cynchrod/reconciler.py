@@ -43,7 +43,7 @@ SUSPECT_RECHECK_S = 0.1
 #: Webhook bursts: deliveries closer than this coalesce into the pass that the first
 #: one woke plus one more. Short, so that pushes made one after another are each
 #: applied at once rather than held for the trailing pass.
-DEBOUNCE_S = 0.3
+DEBOUNCE_S = 0.5
 
 
 @dataclasses.dataclass
