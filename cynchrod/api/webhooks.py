@@ -55,42 +55,9 @@ def pushed_ref(payload: Any) -> str | None:
     return payload.get("ref") if isinstance(payload, dict) and isinstance(payload.get("ref"), str) else None
 
 
-@bp.post("/webhooks/apps/<app_id>")
-def app_push(app_id: str) -> tuple[Response, int]:
-    """A push to a repo app's source repository: rebuild and redeploy that app."""
+def _deliver(secret: str, branches: set[str], trigger: str, what: str) -> tuple[Response, int]:
+    """The part both endpoints share: verify, answer pings, ignore other branches, wake."""
     d = daemon()
-    app = d.store.app(app_id)
-    spec = app.spec if app is not None else None
-    builds = [s.build for s in spec.services if s.build] if spec is not None else []
-    secret = d.secrets.app_webhook(app_id) if builds else None
-    if app is None or app.status == "removed" or secret is None:
-        raise ApiError("not_found", f"no webhook for app {app_id}")
-    body = request.get_data(cache=False)
-    provider = verify(secret, body)
-    if provider is None:
-        d.metrics.webhooks.labels("unknown", "unauthorized").inc()
-        raise ApiError("unauthorized", "missing or wrong webhook signature")
-    if event_kind() == "ping":
-        d.metrics.webhooks.labels(provider, "ping").inc()
-        return jsonify({"ok": True, "event": "ping"}), 200
-    try:
-        ref = pushed_ref(json.loads(body or b"{}"))
-    except ValueError as exc:
-        raise ApiError("invalid_body", "the payload is not JSON") from exc
-    if ref is not None and ref not in {f"refs/heads/{b.ref}" for b in builds}:
-        d.metrics.webhooks.labels(provider, "ignored").inc()
-        return jsonify({"ok": True, "ignored": f"{ref} is not the branch this app builds"}), 202
-    d.reconciler.wakeup.request_debounced("build")
-    d.metrics.webhooks.labels(provider, "accepted").inc()
-    return jsonify({"ok": True, "event": "push", "queued": True}), 202
-
-
-@bp.post("/webhooks/git")
-def git_push() -> tuple[Response, int]:
-    d = daemon()
-    secret = d.settings.webhook_secret
-    if not secret:
-        raise ApiError("not_found", "webhooks are off: no webhook secret is configured")
     body = request.get_data(cache=False)  # capped by MAX_CONTENT_LENGTH: 413 before more is read
     provider = verify(secret, body)
     if provider is None:
@@ -106,10 +73,32 @@ def git_push() -> tuple[Response, int]:
         d.metrics.webhooks.labels(provider, "bad_payload").inc()
         raise ApiError("invalid_body", "the payload is not JSON") from exc
     ref = pushed_ref(payload)
-    followed = {f"refs/heads/{s.branch}" for s in d.reconciler.sources}
-    if ref is not None and ref not in followed:
+    if ref is not None and ref not in branches:
         d.metrics.webhooks.labels(provider, "ignored").inc()
-        return jsonify({"ok": True, "ignored": f"{ref} is not a followed branch"}), 202
-    d.reconciler.wakeup.request_debounced("webhook")
+        return jsonify({"ok": True, "ignored": f"{ref} is not {what}"}), 202
+    d.reconciler.wakeup.request_debounced(trigger)
     d.metrics.webhooks.labels(provider, "accepted").inc()
     return jsonify({"ok": True, "event": kind, "queued": True}), 202
+
+
+@bp.post("/webhooks/apps/<app_id>")
+def app_push(app_id: str) -> tuple[Response, int]:
+    """A push to a repo app's source repository: rebuild and redeploy that app."""
+    d = daemon()
+    app = d.store.app(app_id)
+    spec = app.spec if app is not None else None
+    builds = [s.build for s in spec.services if s.build] if spec is not None else []
+    secret = d.secrets.app_webhook(app_id) if builds else None
+    if app is None or app.status == "removed" or secret is None:
+        raise ApiError("not_found", f"no webhook for app {app_id}")
+    return _deliver(secret, {f"refs/heads/{b.ref}" for b in builds}, "build", "the branch this app builds")
+
+
+@bp.post("/webhooks/git")
+def git_push() -> tuple[Response, int]:
+    d = daemon()
+    secret = d.settings.webhook_secret
+    if not secret:
+        raise ApiError("not_found", "webhooks are off: no webhook secret is configured")
+    return _deliver(secret, {f"refs/heads/{s.branch}" for s in d.reconciler.sources}, "webhook",
+                    "a followed branch")
