@@ -4,6 +4,7 @@ a per-test owner label whose containers are all removed in teardown."""
 
 from __future__ import annotations
 
+import os
 import pathlib
 import secrets
 import shutil
@@ -47,6 +48,8 @@ def images(docker_client: docker.DockerClient) -> Iterator[tuple[str, str]]:
             subprocess.run(["docker", "build", "-q", "--label", f"{TEST_LABEL}={tag}", "-t", tag, ctx],
                            check=True, capture_output=True)
     yield TEST_IMAGE, TEST_IMAGE_2
+    if os.environ.get("CYNCHROD_KEEP_TEST_IMAGES"):
+        return  # several test sessions share this engine (parallel work trees)
     for image in docker_client.images.list(filters={"label": TEST_LABEL}):
         docker_client.images.remove(image.id, force=True)
 
