@@ -37,6 +37,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cynchrod import reconciler, runtime, source, store  # noqa: E402
+from cynchrod.runtime import local
 
 IMAGE = "cynchrod-bench/busybox:1"
 LABEL = "io.cynchrod.bench"
@@ -105,8 +106,8 @@ def manifest(name: str, *, extra: str = "") -> str:
     return f"name: {name}\nimage: {IMAGE}\ncommand: [sleep, '3600']\ncpu: 0.1\nmemory: 64\n{extra}"
 
 
-def harness(repo: Repo, state: pathlib.Path, owner: str) -> tuple[reconciler.Reconciler, runtime.DockerRuntime]:
-    rt = runtime.DockerRuntime(owner=owner, stop_timeout=1)
+def harness(repo: Repo, state: pathlib.Path, owner: str) -> tuple[reconciler.Reconciler, local.LocalRuntime]:
+    rt = local.LocalRuntime(owner=owner, stop_timeout=1)
     rec = reconciler.Reconciler(src=source.Source(str(repo.bare), state_dir=state), rt=rt,
                                 db=store.Store(state / "cynchrod.db"), concurrency=CONCURRENCY,
                                 max_apps=lambda org: 100000)

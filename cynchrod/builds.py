@@ -1,13 +1,17 @@
-"""Repo apps: images built from their own source repository.
+"""Repo apps: images built from their own source repository, in a queue of their own.
 
 Called by the reconciler. Each pass resolves a build's ``ref`` to a commit
 (a bare mirror under ``state/builds``, fetched once a pass) and names the image
 ``cynchrod/<org>-<app>[-<service>]:<commit12>``, so a new source commit is a
-new spec. When that image is missing, the tree at the commit is exported to a
-temporary build context and built by the engine (one build at a time), its
-output written to ``state/builds/logs/<deployment id>.log``. A failed build
-fails the deployment with the tail of that log; the running version stays.
-After a good deploy, the app's older images are pruned, keeping the last few.
+new spec. ``state(spec)`` says whether the images exist; when one is missing it
+is queued, and the build runs on this module's own worker thread, never inside
+a pass: a slow build holds up nothing else. The tree at the commit is exported to
+a temporary build context and built by the engine (one build at a time), its
+output written to ``state/builds/logs/<deployment id>.log``; when it ends the
+reconciler is woken (``on_done``) and the next pass deploys the image. A failed
+build fails that deployment with the tail of the log, and the running version
+stays until a new source commit. After a good deploy, the app's older images are
+pruned, keeping the last few.
 """
 
 from __future__ import annotations
@@ -17,11 +21,14 @@ import dataclasses
 import hashlib
 import logging
 import pathlib
+import queue
 import tempfile
 import threading
+from collections.abc import Callable
+from typing import Protocol
 
-from cynchrod import runtime, source, specs
-from cynchrod.errors import PermanentError, SourceError
+from cynchrod import source, specs
+from cynchrod.errors import CynchrodError, PermanentError, SourceError
 
 log = logging.getLogger(__name__)
 KEEP_IMAGES = 3
@@ -29,13 +36,43 @@ LOG_TAIL_LINES = 30
 MAX_LOG_BYTES = 4 * 1024 * 1024
 
 
+BUILDING = "building"
+
+
+class Builder(Protocol):
+    """What builds need of a runtime."""
+
+    def image_exists(self, image: str) -> bool: ...
+
+    def build_image(self, context: pathlib.Path, *, dockerfile: str, tag: str, args: dict[str, str],
+                    org: str, app: str, log: Callable[[str], None]) -> None: ...
+
+    def prune_images(self, org: str, app: str, *, keep: int) -> list[str]: ...
+
+
 class Builds:
-    def __init__(self, *, state_dir: pathlib.Path, rt: runtime.DockerRuntime) -> None:
+    def __init__(self, *, state_dir: pathlib.Path, rt: Builder,
+                 open_deployment: Callable[[specs.AppSpec], int] | None = None,
+                 fail_deployment: Callable[[int, CynchrodError], object] | None = None) -> None:
         self.root = state_dir / "builds"
         self.logs = self.root / "logs"
         self.runtime = rt
         self._sources: dict[tuple[str, str], source.Source] = {}
         self._lock = threading.Lock()  # one build at a time on this host
+        #: Called (from the build worker) when a build ends, to wake the reconciler.
+        self.on_done: Callable[[], None] = lambda: None
+        #: Open a deployment row for a build (the reconciler's store), and fail one.
+        self.open_deployment = open_deployment
+        self.fail_deployment = fail_deployment
+        self._state_lock = threading.Condition()
+        #: Per spec hash: the deployment its build runs under, and a failure when it failed.
+        self._deployments: dict[str, int] = {}
+        self._failed: dict[str, CynchrodError] = {}
+        self._queued: set[str] = set()
+        #: Images known to exist (no engine call per pass for them).
+        self._present: set[str] = set()
+        self._queue: queue.Queue[specs.AppSpec | None] = queue.Queue()
+        self._worker: threading.Thread | None = None
 
     def _source(self, build: specs.Build) -> source.Source:
         key = (build.repo, build.ref)
@@ -73,6 +110,76 @@ class Builds:
             services.append(dataclasses.replace(service, image=self.tag(spec, service, fetched[key])))
         return dataclasses.replace(spec, services=tuple(services))
 
+    def _missing(self, spec: specs.AppSpec) -> list[specs.ServiceSpec]:
+        missing = []
+        for service in spec.services:
+            if service.build is None or service.image in self._present:
+                continue
+            if self.runtime.image_exists(service.image):
+                self._present.add(service.image)
+            else:
+                missing.append(service)
+        return missing
+
+    def state(self, spec: specs.AppSpec) -> str | CynchrodError | None:
+        """None when every image of the (resolved) spec exists; ``BUILDING`` while a build
+        is queued or running (one is queued now if needed); the error of a failed build."""
+        with self._state_lock:
+            if spec.hash in self._failed:
+                return self._failed[spec.hash]
+            if spec.hash in self._queued:
+                return BUILDING
+        if not self._missing(spec):
+            return None
+        with self._state_lock:
+            self._queued.add(spec.hash)
+            if self.open_deployment is not None:
+                self._deployments[spec.hash] = self.open_deployment(spec)
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._work, name="builds", daemon=True)
+                self._worker.start()
+        self._queue.put(spec)
+        return BUILDING
+
+    def deployment_of(self, spec: specs.AppSpec) -> int | None:
+        """The deployment the build of this spec ran under (the deploy continues it)."""
+        with self._state_lock:
+            return self._deployments.pop(spec.hash, None)
+
+    def _work(self) -> None:
+        while (spec := self._queue.get()) is not None:
+            deployment = self._deployments.get(spec.hash, 0)
+            try:
+                self.ensure(spec, deployment_id=deployment)
+            except CynchrodError as exc:
+                log.warning("build of %s/%s failed: %s", spec.org, spec.name, exc.message.splitlines()[0])
+                with self._state_lock:
+                    self._failed[spec.hash] = exc
+                    self._deployments.pop(spec.hash, None)
+                if self.fail_deployment is not None and deployment:
+                    self.fail_deployment(deployment, exc)
+            except Exception:
+                log.exception("build of %s/%s crashed", spec.org, spec.name)
+            finally:
+                with self._state_lock:
+                    self._queued.discard(spec.hash)
+                    self._state_lock.notify_all()
+            self.on_done()
+
+    def busy(self) -> bool:
+        with self._state_lock:
+            return bool(self._queued)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Until no build is queued or running (``cynchrod sync`` waits, then deploys)."""
+        with self._state_lock:
+            return self._state_lock.wait_for(lambda: not self._queued, timeout)
+
+    def stop(self) -> None:
+        if self._worker is not None:
+            self._queue.put(None)
+            self._worker.join(1)
+
     def ensure(self, spec: specs.AppSpec, *, deployment_id: int) -> bool:
         """Build every missing image of ``spec``; True when something was built."""
         built = False
@@ -80,6 +187,7 @@ class Builds:
             if service.build is None or self.runtime.image_exists(service.image):
                 continue
             self._build(spec, service, deployment_id)
+            self._present.add(service.image)
             built = True
         return built
 

@@ -39,6 +39,7 @@ def _add_source_flags(p: argparse.ArgumentParser, *, daemon: bool) -> None:
     p.add_argument("--stop-timeout", type=int, help="seconds a container gets to stop (default 10)")
     if daemon:
         p.add_argument("--interval", type=float, help="seconds between passes (default 30)")
+        p.add_argument("--resync", type=float, help="seconds between full relists of the engine (default 300)")
         p.add_argument("--listen", help="API address (default 127.0.0.1:8080)")
 
 
@@ -193,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command == "sync":
                 rec = build(cfg)
                 rec.store.interrupt_unfinished()
-                result = rec.run_pass("poll")
+                result = rec.sync("poll")
                 print_result(result, out)
                 return 0 if result.ok else 1
             if not cfg.sources:

@@ -22,7 +22,7 @@ _OWNER_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")
 ORG_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 #: config-file key -> Settings field
 _FILE_KEYS = {"repo": "repo", "branch": "branch", "path": "path", "state": "state", "interval": "interval",
-              "listen": "listen", "owner": "owner", "publishAddress": "publish_address",
+              "listen": "listen", "owner": "owner", "publishAddress": "publish_address", "resync": "resync",
               "concurrency": "concurrency", "stopTimeout": "stop_timeout"}
 DEFAULT_MAX_APPS = 10
 
@@ -71,6 +71,8 @@ class Settings:
     path: str = ""
     state: pathlib.Path = pathlib.Path("state")
     interval: float = 30.0
+    #: Seconds between full relists of the engine (events keep the view current in between).
+    resync: float = 300.0
     listen: str = "127.0.0.1:8080"
     owner: str = "cynchrod"
     publish_address: str = "127.0.0.1"
@@ -128,6 +130,6 @@ class Settings:
             raise ConfigError("the same repository and branch is listed twice")
         if not _OWNER_RE.match(settings.owner):
             raise ConfigError(f"owner: {settings.owner!r} must be lowercase letters, digits and '-'")
-        if settings.interval <= 0 or settings.concurrency < 1 or settings.stop_timeout < 0:
+        if settings.resync <= 0 or settings.interval <= 0 or settings.concurrency < 1 or settings.stop_timeout < 0:
             raise ConfigError("interval and concurrency must be positive, stop timeout not negative")
         return settings

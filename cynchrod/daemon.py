@@ -21,6 +21,7 @@ from gunicorn.app.base import BaseApplication
 
 from cynchrod import builds, config, control, metrics, reconciler, runtime, secrets, source, store
 from cynchrod.errors import CynchrodError, PermanentError
+from cynchrod.runtime import local
 
 if TYPE_CHECKING:
     from cynchrod.api.auth import Tickets
@@ -35,7 +36,7 @@ class Daemon:
     settings: config.Settings
     store: store.Store
     source: source.Source
-    runtime: runtime.DockerRuntime
+    runtime: runtime.Runtime
     reconciler: reconciler.Reconciler
     control: control.Control
     metrics: metrics.Metrics
@@ -48,18 +49,24 @@ class Daemon:
     _watcher: threading.Thread | None = None
 
     @classmethod
-    def build(cls, cfg: config.Settings) -> Daemon:
+    def build(cls, cfg: config.Settings, *, mirrors: pathlib.Path | None = None) -> Daemon:
+        """Everything a daemon (or one CLI command) needs, wired together.
+
+        ``mirrors``: where the repository mirrors go instead of the state dir, for a
+        command that runs beside a daemon holding the state lock (``plan``, ``rollback``).
+        """
         if not cfg.sources:
             raise PermanentError("--repo (or CYNCHROD_REPO) is required", code="usage")
         db = store.Store(cfg.state / "cynchrod.db")
-        srcs = [source.open_source(c.repo, branch=c.branch, path=c.path, state_dir=cfg.state, org=c.org)
+        srcs = [source.open_source(c.repo, branch=c.branch, path=c.path, state_dir=mirrors or cfg.state, org=c.org)
                 for c in cfg.sources]
         vault = secrets.Secrets(db, state_dir=cfg.state)
-        rt = runtime.DockerRuntime(owner=cfg.owner, publish_address=cfg.publish_address,
-                                   stop_timeout=cfg.stop_timeout, secrets_dir=vault.staging.resolve())
+        rt = local.LocalRuntime(owner=cfg.owner, instance=db.instance_id(), publish_address=cfg.publish_address,
+                                stop_timeout=cfg.stop_timeout, secrets_dir=vault.staging.resolve())
         stats = metrics.Metrics(db)
+
         rec = reconciler.Reconciler(src=srcs, rt=rt, db=db, concurrency=cfg.concurrency, stats=stats,
-                                    secrets=vault, max_apps=cfg.max_apps,
+                                    secrets=vault, max_apps=cfg.max_apps, resync_s=cfg.resync,
                                     builds=builds.Builds(state_dir=cfg.state, rt=rt))
         ctl = control.Control(src=srcs, db=db, wake=rec.wakeup.request, max_apps=cfg.max_apps)
         from cynchrod.api.auth import Tickets  # flask stays out of the CLI's import path

@@ -67,6 +67,18 @@ class RuntimeFailure(TemporaryError):
     code = "runtime_error"
 
 
+class UnitGone(RuntimeFailure):
+    """A unit (or its network) vanished between observing and acting: the next pass sees the truth."""
+
+    code = "unit_gone"
+
+
+class EngineUnavailable(RuntimeFailure):
+    """The engine did not answer (down, socket gone, deadline passed)."""
+
+    code = "docker_unavailable"
+
+
 class StateLocked(PermanentError):
     """Another daemon holds the state directory."""
 

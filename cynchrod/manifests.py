@@ -226,7 +226,8 @@ def _semantic_errors(path: str, doc: CommentedMap, data: dict[str, Any]) -> list
             if ("image" in service) == ("build" in service):
                 err(f"services.{name}: give exactly one of image and build", "missing_key" if "image" not in
                     service else "invalid_value", ["services", name])
-            _check_service(service, ["services", name], err)
+            _check_service(service, ["services", name], err,
+                           replicas=int(service.get("replicas", data.get("replicas", 1))))
             for dep in service.get("depends_on", []):
                 if dep not in names or dep == name:
                     err(f"services.{name}.depends_on: {dep!r} is not another service of this app", "invalid_value",
@@ -239,11 +240,12 @@ def _semantic_errors(path: str, doc: CommentedMap, data: dict[str, Any]) -> list
             err("image is required (or build, or services)", "missing_key", [])
         elif "image" in data and "build" in data:
             err("give either image or build, not both", "invalid_value", ["build"])
-        _check_service(data, [], err)
+        _check_service(data, [], err, replicas=int(data.get("replicas", 1)))
     return sorted(errors, key=lambda e: e.line)
 
 
-def _check_service(service: dict[str, Any], where: list[Any], err: Callable[[str, str, list[Any]], None]) -> None:
+def _check_service(service: dict[str, Any], where: list[Any], err: Callable[[str, str, list[Any]], None],
+                   *, replicas: int) -> None:
     prefix = ".".join(map(str, where)) + "." if where else ""
     for key in ("context", "dockerfile"):
         value = str((service.get("build") or {}).get(key, ""))
@@ -252,6 +254,9 @@ def _check_service(service: dict[str, Any], where: list[Any], err: Callable[[str
                 [*where, "build", key])
     if "hostPort" in service and "port" not in service:
         err(f"{prefix}hostPort needs port", "invalid_value", [*where, "hostPort"])
+    if "hostPort" in service and replicas > 1:
+        err(f"{prefix}hostPort: a host port can be bound by one replica only, and replicas is {replicas}",
+            "host_port_replicas", [*where, "replicas" if "replicas" in service else "hostPort"])
     for i, entry in enumerate(service.get("volumes", [])):
         name, _, rest = entry.partition(":")
         target, _, mode = rest.partition(":")
@@ -328,6 +333,7 @@ def _service(name: str, data: dict[str, Any], app: dict[str, Any]) -> specs.Serv
         depends_on=tuple(sorted(data.get("depends_on", []))),
         healthcheck=_health(data.get("healthcheck")),
         secrets=tuple(sorted(data.get("secrets", []))),
+        replicas=int(data.get("replicas", app.get("replicas", 1))),
     )
 
 
@@ -366,12 +372,19 @@ class Cache:
         self.parses = 0
         self.org = org
 
-    def load(self, files: Iterable[tuple[str, str]], read: Callable[[str], bytes]) -> Desired:
-        """``files`` is (path, blob id) pairs; ``read(blob id)`` is called on a miss only."""
+    def load(self, files: Iterable[tuple[str, str]], read: Callable[[str], bytes], *,
+             incumbents: Mapping[tuple[str, str], str] | None = None) -> Desired:
+        """``files`` is (path, blob id) pairs; ``read(blob id)`` is called on a miss only.
+
+        Two files declaring one org/name: the file the app was deployed from
+        (``incumbents``: key -> path) keeps it, else the first by path; the other is
+        ``duplicate_app``. A newcomer never takes over a running app.
+        """
         kept: dict[str, Result] = {}
         apps: dict[tuple[str, str], specs.AppSpec] = {}
         errors: list[ManifestError] = []
         failed: set[str] = set()
+        claims: dict[tuple[str, str], list[specs.AppSpec]] = {}
         for path, oid in sorted(files):
             key = f"{oid}:{path}"
             result = self._results.get(key)
@@ -383,13 +396,16 @@ class Cache:
                 errors.extend(result.errors)
                 failed.add(path)
                 continue
-            other = apps.get(result.spec.key)
-            if other is not None:
-                errors.append(ManifestError(
-                    f"app {result.spec.org}/{result.spec.name} is already declared in {other.path}",
-                    code="duplicate_app", path=path, line=1))
-                failed.add(path)
-                continue
-            apps[result.spec.key] = result.spec
+            claims.setdefault(result.spec.key, []).append(result.spec)
+        for app_key, found in claims.items():
+            home = (incumbents or {}).get(app_key)
+            winner = next((s for s in found if s.path == home), found[0])
+            apps[app_key] = winner
+            for other in found:
+                if other is not winner:
+                    errors.append(ManifestError(
+                        f"app {other.org}/{other.name} is already declared in {winner.path}",
+                        code="duplicate_app", path=other.path, line=1))
+                    failed.add(other.path)
         self._results = kept
         return Desired(apps=apps, errors=tuple(errors), failed_paths=frozenset(failed))

@@ -1,9 +1,14 @@
 """The planner: a pure function from desired and observed state to actions.
 
-``plan(desired, observed)`` does no I/O; the reconciler feeds it the specs of
-one commit and the containers of one Docker list call, then applies what it
-returns. Each action names the reason a person would want to read in
-``cynchrod plan`` (which keys changed, why a container is removed).
+``plan(desired, observed)`` does no I/O; ``decisions`` feeds it the specs of
+one commit and the units of the runtime's view, and the reconciler applies what
+it returns. Each action names the reason a person would want to read in
+``cynchrod plan`` (which keys changed, why a unit is removed).
+
+The words here are the runtime's (``cynchrod.runtime``): a *unit* is one replica
+of one service of an app, in one of the states below, known by an opaque
+``instance`` id. No engine vocabulary (containers, tasks) appears above the
+runtime.
 """
 
 from __future__ import annotations
@@ -22,27 +27,41 @@ REMOVE = "remove"
 #: Order in which an app's actions are applied: make room before creating.
 _ORDER = {REMOVE: 0, STOP: 1, RECREATE: 2, CREATE: 3, START: 4}
 
+#: Unit states, the same on every runtime.
+RUNNING = "running"
+EXITED = "exited"
+CREATED = "created"
+RESTARTING = "restarting"
+OOM_KILLED = "oom-killed"
+STATES = (RUNNING, EXITED, CREATED, RESTARTING, OOM_KILLED)
+
 
 @dataclasses.dataclass(frozen=True)
-class Observed:
-    """One container carrying our labels, as one list call reports it."""
+class Unit:
+    """One replica of one service of an app, as the runtime observes it."""
 
-    id: str
-    name: str
     org: str
     app: str
     service: str
-    spec_hash: str
-    #: Docker's state word: created, running, paused, restarting, exited, dead, removing.
+    replica: int
+    #: Opaque to everything above the runtime (a container id, a swarm task id ...).
+    instance: str
     state: str
+    spec_hash: str
     #: The spec label (normalised service spec, JSON) for naming changed keys.
     spec_json: str = ""
     exit_code: int | None = None
-    host_port: int | None = None
+    #: The host port the unit is reachable on, when it publishes one.
+    endpoint: int | None = None
+    node: str = ""
 
     @property
     def key(self) -> tuple[str, str]:
         return (self.org, self.app)
+
+    @property
+    def stopped(self) -> bool:
+        return self.state in (EXITED, OOM_KILLED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +73,9 @@ class Action:
     reason: str
     #: The desired app (None when removing an app no commit declares).
     spec: specs.AppSpec | None = None
-    container_id: str | None = None
+    #: The unit acted on (None for a create).
+    unit: Unit | None = None
+    replica: int = 0
 
     @property
     def key(self) -> tuple[str, str]:
@@ -67,8 +88,10 @@ class Action:
         return next((s for s in self.spec.services if s.name == self.service), None)
 
     def describe(self) -> str:
-        return f"{self.kind} {self.org}/{self.app}" + (
-            f" [{self.service}]" if self.service != specs.MAIN_SERVICE else "") + f": {self.reason}"
+        where = self.service if self.service != specs.MAIN_SERVICE else ""
+        if self.replica:
+            where = f"{where}#{self.replica}" if where else f"#{self.replica}"
+        return f"{self.kind} {self.org}/{self.app}" + (f" [{where}]" if where else "") + f": {self.reason}"
 
 
 def changed_keys(old_json: str, spec: specs.AppSpec, service: specs.ServiceSpec) -> list[str]:
@@ -80,37 +103,42 @@ def changed_keys(old_json: str, spec: specs.AppSpec, service: specs.ServiceSpec)
     return sorted(k for k in new if old.get(k) != new[k]) or ["spec"]
 
 
-def _best(containers: list[Observed], want_hash: str) -> Observed:
-    """The container to keep among several for one service: matching and running first."""
-    return sorted(containers, key=lambda c: (c.spec_hash != want_hash, c.state != "running", c.name))[0]
+def _best(units: list[Unit], want_hash: str) -> Unit:
+    """The unit to keep among several for one replica: matching and running first."""
+    return sorted(units, key=lambda u: (u.spec_hash != want_hash, u.state != RUNNING, u.instance))[0]
 
 
-def plan_app(spec: specs.AppSpec | None, containers: Iterable[Observed], key: tuple[str, str]) -> list[Action]:
+def plan_app(spec: specs.AppSpec | None, units: Iterable[Unit], key: tuple[str, str]) -> list[Action]:
     org, app = key
-    by_service: dict[str, list[Observed]] = {}
-    for c in containers:
-        by_service.setdefault(c.service, []).append(c)
+    by_slot: dict[tuple[str, int], list[Unit]] = {}
+    for u in units:
+        by_slot.setdefault((u.service, u.replica), []).append(u)
     actions: list[Action] = []
     if spec is None:
-        for service, group in by_service.items():
-            for c in group:
-                actions.append(Action(REMOVE, org, app, service, "no longer declared", container_id=c.id))
+        for (service, replica), group in sorted(by_slot.items()):
+            actions.extend(Action(REMOVE, org, app, service, "no longer declared", unit=u, replica=replica)
+                           for u in group)
         return actions
     declared = {s.name: s for s in spec.services}
-    for service, group in by_service.items():
-        if service not in declared:
-            for c in group:
-                actions.append(Action(REMOVE, org, app, service, "service no longer declared", spec, c.id))
+    for (service, replica), group in sorted(by_slot.items()):
+        svc = declared.get(service)
+        if svc is None:
+            why = "service no longer declared"
+        elif replica >= svc.replicas:
+            why = f"replica {replica} is over replicas: {svc.replicas}"
+        else:
+            continue
+        actions.extend(Action(REMOVE, org, app, service, why, spec, u, replica) for u in group)
     for svc in spec.services:
         want = spec.service_hash(svc)
-        group = by_service.get(svc.name, [])
-        keep = _best(group, want) if group else None
-        for extra in group:
-            if extra is not keep:
-                actions.append(Action(REMOVE, org, app, svc.name, "duplicate container", spec, extra.id))
-        actions.extend(_plan_service(spec, svc, keep, want))
+        for replica in range(svc.replicas):
+            group = by_slot.get((svc.name, replica), [])
+            keep = _best(group, want) if group else None
+            actions.extend(Action(REMOVE, org, app, svc.name, "duplicate unit", spec, extra, replica)
+                           for extra in group if extra is not keep)
+            actions.extend(_plan_unit(spec, svc, replica, keep, want))
     rank = start_order(spec)
-    return sorted(actions, key=lambda a: (_ORDER[a.kind], rank.get(a.service, -1), a.service))
+    return sorted(actions, key=lambda a: (_ORDER[a.kind], rank.get(a.service, -1), a.service, a.replica))
 
 
 def start_order(spec: specs.AppSpec) -> dict[str, int]:
@@ -126,34 +154,33 @@ def start_order(spec: specs.AppSpec) -> dict[str, int]:
     return order
 
 
-def _plan_service(spec: specs.AppSpec, service: specs.ServiceSpec, c: Observed | None, want: str) -> list[Action]:
+def _plan_unit(spec: specs.AppSpec, service: specs.ServiceSpec, replica: int, u: Unit | None,
+               want: str) -> list[Action]:
     org, app, name = spec.org, spec.name, service.name
     if spec.state == "stopped":
-        if c is not None and c.state in ("running", "restarting", "paused"):
-            return [Action(STOP, org, app, name, "state: stopped", spec, c.id)]
+        if u is not None and u.state in (RUNNING, RESTARTING):
+            return [Action(STOP, org, app, name, "state: stopped", spec, u, replica)]
         return []
-    if c is None:
-        return [Action(CREATE, org, app, name, "missing", spec)]
-    if c.spec_hash != want:
-        keys = ", ".join(changed_keys(c.spec_json, spec, service))
-        return [Action(RECREATE, org, app, name, f"changed: {keys}", spec, c.id)]
-    if c.state == "created":
-        return [Action(RECREATE, org, app, name, "left in created by an interrupted apply", spec, c.id)]
-    if c.state == "dead":
-        return [Action(RECREATE, org, app, name, "container is dead", spec, c.id)]
-    if c.state == "exited":
-        why = f"exited with code {c.exit_code}" if c.exit_code is not None else "exited"
-        return [Action(START, org, app, name, why, spec, c.id)]
+    if u is None:
+        return [Action(CREATE, org, app, name, "missing", spec, None, replica)]
+    if u.spec_hash != want:
+        keys = ", ".join(changed_keys(u.spec_json, spec, service))
+        return [Action(RECREATE, org, app, name, f"changed: {keys}", spec, u, replica)]
+    if u.state == CREATED:
+        return [Action(RECREATE, org, app, name, "left in created by an interrupted apply", spec, u, replica)]
+    if u.state == OOM_KILLED:
+        return [Action(START, org, app, name, "killed for exceeding its memory limit", spec, u, replica)]
+    if u.state == EXITED:
+        why = f"exited with code {u.exit_code}" if u.exit_code is not None else "exited"
+        return [Action(START, org, app, name, why, spec, u, replica)]
     return []
 
 
-def plan(desired: Mapping[tuple[str, str], specs.AppSpec], observed: Iterable[Observed]) -> list[Action]:
+def plan(desired: Mapping[tuple[str, str], specs.AppSpec], observed: Iterable[Unit]) -> list[Action]:
     """Actions that make ``observed`` match ``desired``, grouped by app, apps in name order."""
-    by_app: dict[tuple[str, str], list[Observed]] = {}
-    for c in observed:
-        if c.state == "removing":
-            continue
-        by_app.setdefault(c.key, []).append(c)
+    by_app: dict[tuple[str, str], list[Unit]] = {}
+    for u in observed:
+        by_app.setdefault(u.key, []).append(u)
     actions: list[Action] = []
     for key in sorted(set(desired) | set(by_app)):
         actions.extend(plan_app(desired.get(key), by_app.get(key, []), key))

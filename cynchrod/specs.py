@@ -70,6 +70,9 @@ class ServiceSpec:
     #: For repo apps; ``image`` is then filled by the reconciler with the tag of the
     #: source commit (``cynchrod/<org>-<app>:<commit>``), so a new commit redeploys.
     build: Build | None = None
+    #: How many units run this service. Not part of the hash: a change of count
+    #: adds or removes units, it never remakes the ones that run.
+    replicas: int = 1
 
     def canonical(self, *, restarted_at: str | None) -> str:
         """Everything that, when changed, needs a new container, as canonical JSON.
@@ -77,6 +80,7 @@ class ServiceSpec:
         Stored on the container as a label so ``plan`` can name the changed keys.
         """
         body = dataclasses.asdict(self)
+        del body["replicas"]
         body["restarted_at"] = restarted_at
         return json.dumps(body, sort_keys=True, separators=(",", ":"))
 
@@ -170,6 +174,7 @@ class AppSpec:
                 secrets=tuple(s.get("secrets", ())),
                 build=Build(**{**s["build"], "args": tuple(tuple(a) for a in s["build"].get("args", ()))})
                 if s.get("build") else None,
+                replicas=int(s.get("replicas", 1)),
             )
             for s in data["services"]
         )

@@ -20,17 +20,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from cynchrod import specs
+from cynchrod import planning, specs
+from cynchrod.decisions import APP_STATUSES, DEPLOYING, FAILED, PENDING, QUEUED, REMOVED, RUNNING, STOPPED
 
-# Statuses, as the reference names them.
-QUEUED = "queued"
-PENDING = "pending"
-DEPLOYING = "deploying"
-RUNNING = "running"
-STOPPED = "stopped"
-FAILED = "failed"
-REMOVED = "removed"
-APP_STATUSES = (QUEUED, PENDING, DEPLOYING, RUNNING, STOPPED, FAILED, REMOVED)
+__all__ = ["APP_STATUSES", "DEPLOYING", "FAILED", "PENDING", "QUEUED", "REMOVED", "RUNNING", "STOPPED"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS apps (
@@ -51,7 +44,8 @@ CREATE TABLE IF NOT EXISTS apps (
     spec_json TEXT,
     deployed_hash TEXT,
     removed_at TEXT,
-    source TEXT NOT NULL DEFAULT ''
+    source TEXT NOT NULL DEFAULT '',
+    services_json TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS apps_live ON apps(org, name) WHERE status != 'removed';
 CREATE TABLE IF NOT EXISTS deployments (
@@ -64,7 +58,9 @@ CREATE TABLE IF NOT EXISTS deployments (
     error_code TEXT,
     error TEXT,
     started_at TEXT NOT NULL,
-    finished_at TEXT
+    finished_at TEXT,
+    attempts INTEGER NOT NULL DEFAULT 1,
+    last_seen TEXT
 );
 CREATE INDEX IF NOT EXISTS deployments_app ON deployments(app_id, id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -95,6 +91,24 @@ CREATE TABLE IF NOT EXISTS secrets (
 """
 
 
+def main_service(spec: specs.AppSpec) -> specs.ServiceSpec:
+    """The service an app row shows: the first with a port, else the first."""
+    return next((s for s in spec.services if s.port), spec.services[0])
+
+
+def services_json(spec: specs.AppSpec, units: list[planning.Unit]) -> str:
+    """Each service of an app with its image, port, replicas and the state of each unit."""
+    out = []
+    for s in spec.services:
+        mine = sorted((u for u in units if u.service == s.name), key=lambda u: u.replica)
+        out.append({"name": s.name, "image": s.image, "port": s.port, "host_port": next(
+            (u.endpoint for u in mine if u.endpoint), s.host_port), "replicas": s.replicas,
+                    "running": sum(u.state == planning.RUNNING for u in mine),
+                    "units": [{"replica": u.replica, "state": u.state, "instance": u.instance[:12],
+                               **({"node": u.node} if u.node else {})} for u in mine]})
+    return json.dumps(out, separators=(",", ":"))
+
+
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -120,6 +134,8 @@ class App:
     removed_at: str | None
     #: URL of the repository that declares the app.
     source: str
+    #: Each service's image, port, replicas and unit states (``services_json``), as JSON.
+    services_json: str | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -162,6 +178,9 @@ class Deployment:
     error: str | None
     started_at: str
     finished_at: str | None
+    #: How many times in a row this same failure happened, and when it was last seen.
+    attempts: int = 1
+    last_seen: str | None = None
 
 
 def _token(row: sqlite3.Row) -> Token:
@@ -187,6 +206,12 @@ class Store:
             columns = {r["name"] for r in self._db.execute("PRAGMA table_info(apps)")}
             if "source" not in columns:  # a state dir from before several repositories
                 self._db.execute("ALTER TABLE apps ADD COLUMN source TEXT NOT NULL DEFAULT ''")
+            if "services_json" not in columns:
+                self._db.execute("ALTER TABLE apps ADD COLUMN services_json TEXT")
+            columns = {r["name"] for r in self._db.execute("PRAGMA table_info(deployments)")}
+            if "attempts" not in columns:  # a state dir from before repeated failures were merged
+                self._db.execute("ALTER TABLE deployments ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1")
+                self._db.execute("ALTER TABLE deployments ADD COLUMN last_seen TEXT")
 
     def close(self) -> None:
         self._db.close()
@@ -242,8 +267,8 @@ class Store:
                 db.execute(
                     "INSERT INTO apps (id, org, name, image, domain, port, status, created_at, updated_at, path,"
                     ' "commit", spec_json, source) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)',
-                    (app_id, spec.org, spec.name, spec.image, spec.domain, spec.port, QUEUED, stamp, stamp,
-                     spec.path, commit, spec.json_text, spec.source))
+                    (app_id, spec.org, spec.name, main_service(spec).image, spec.domain, main_service(spec).port,
+                     QUEUED, stamp, stamp, spec.path, commit, spec.json_text, spec.source))
                 row = db.execute("SELECT * FROM apps WHERE id = ?", (app_id,)).fetchone()
         return App(**dict(row))
 
@@ -262,7 +287,8 @@ class Store:
         """
         spec_json = spec.json_text
         if (app.spec_json, app.commit, app.source) != (spec_json, commit, spec.source):
-            self.update_app(app.id, image=spec.image, domain=spec.domain, port=spec.port, path=spec.path,
+            self.update_app(app.id, image=main_service(spec).image, domain=spec.domain, port=main_service(spec).port,
+                            path=spec.path,
                             commit=commit, spec_json=spec_json, source=spec.source)
 
     def remove_app(self, app_id: str, *, commit: str | None, trigger: str) -> None:
@@ -281,9 +307,36 @@ class Store:
                 (app_id, commit, trigger, QUEUED, now()))
             return int(cur.lastrowid or 0)
 
-    def start_deployment(self, app_id: str, *, commit: str | None, trigger: str, spec_hash: str) -> int:
-        """Move the app's queued deployment (if any) to ``deploying``, or open a new one."""
+    def ensure_queued(self, app_id: str, *, commit: str | None, trigger: str) -> int:
+        """The app's queued deployment (one an API call made, or a new one): a pass has
+        decided to act on the app, and a worker has not taken it yet."""
         with self.transaction() as db:
+            queued = db.execute("SELECT id FROM deployments WHERE app_id = ? AND status = ? ORDER BY id DESC"
+                                " LIMIT 1", (app_id, QUEUED)).fetchone()
+            db.execute("UPDATE apps SET status = ?, updated_at = ? WHERE id = ?", (QUEUED, now(), app_id))
+            if queued is not None:
+                return int(queued["id"])
+            cur = db.execute(
+                'INSERT INTO deployments (app_id, "commit", trigger, status, started_at) VALUES (?,?,?,?,?)',
+                (app_id, commit, trigger, QUEUED, now()))
+            return int(cur.lastrowid or 0)
+
+    def start_deployment(self, app_id: str, *, commit: str | None, trigger: str, spec_hash: str,
+                         build_deployment: int | None = None) -> int:
+        """Move the app's queued deployment (if any) to ``deploying``, or open a new one.
+
+        ``build_deployment`` is the deployment a build of this spec ran under: the
+        deploy continues it, so its build log and its result are one row.
+        """
+        with self.transaction() as db:
+            if build_deployment is not None:
+                row = db.execute("SELECT id FROM deployments WHERE id = ? AND app_id = ? AND status IN (?, ?)",
+                                 (build_deployment, app_id, QUEUED, DEPLOYING)).fetchone()
+                if row is not None:
+                    db.execute("UPDATE apps SET status = ?, updated_at = ? WHERE id = ?", (DEPLOYING, now(), app_id))
+                    db.execute("UPDATE deployments SET status = ?, spec_hash = ? WHERE id = ?",
+                               (DEPLOYING, spec_hash, build_deployment))
+                    return build_deployment
             queued = db.execute("SELECT id, trigger FROM deployments WHERE app_id = ? AND status = ?"
                                 " ORDER BY id DESC LIMIT 1", (app_id, QUEUED)).fetchone()
             db.execute("UPDATE apps SET status = ?, updated_at = ? WHERE id = ?", (DEPLOYING, now(), app_id))
@@ -305,16 +358,47 @@ class Store:
         return Deployment(**dict(rows[0])) if rows else None
 
     def finish_deployment(self, deployment_id: int, *, status: str, error_code: str | None = None,
-                          error: str | None = None) -> None:
+                          error: str | None = None, merge: bool = False) -> int:
+        """Close a deployment. With ``merge``, a failure that repeats the app's previous
+        deployment (same spec, code and message) is folded into that row (attempts,
+        last seen) instead of adding one: a loop of retries does not grow the history."""
         with self.transaction() as db:
+            if merge and status == FAILED:
+                mine = db.execute("SELECT app_id, spec_hash FROM deployments WHERE id = ?",
+                                  (deployment_id,)).fetchone()
+                prev = db.execute(
+                    "SELECT id FROM deployments WHERE app_id = ? AND id < ? ORDER BY id DESC LIMIT 1",
+                    (mine["app_id"], deployment_id)).fetchone() if mine is not None else None
+                if prev is not None and db.execute(
+                        "SELECT 1 FROM deployments WHERE id = ? AND status = ? AND error_code IS ? AND error IS ?"
+                        " AND spec_hash IS ?", (prev["id"], FAILED, error_code, error, mine["spec_hash"])).fetchone():
+                    db.execute("DELETE FROM deployments WHERE id = ?", (deployment_id,))
+                    db.execute("UPDATE deployments SET attempts = attempts + 1, last_seen = ? WHERE id = ?",
+                               (now(), prev["id"]))
+                    return int(prev["id"])
             db.execute("UPDATE deployments SET status = ?, error_code = ?, error = ?, finished_at = ? WHERE id = ?",
                        (status, error_code, error, now(), deployment_id))
+            return deployment_id
 
-    def fail_deployment_now(self, app_id: str, *, commit: str | None, trigger: str, spec_hash: str | None,
-                            code: str, error: str) -> int:
-        """A deployment that failed before anything was applied (bad manifest, quota)."""
+    def record_failure(self, app_id: str, *, commit: str | None, trigger: str, spec_hash: str | None,
+                       code: str, error: str) -> int:
+        """A failure found before anything was applied (bad manifest, quota, missing secret):
+        the app's queued deployment takes it, else a new failed row; a repeat of the last
+        failure is folded into it."""
         stamp = now()
         with self.transaction() as db:
+            queued = db.execute("SELECT id FROM deployments WHERE app_id = ? AND status = ? ORDER BY id DESC"
+                                " LIMIT 1", (app_id, QUEUED)).fetchone()
+            if queued is not None:
+                db.execute("UPDATE deployments SET status = ?, spec_hash = ?, error_code = ?, error = ?,"
+                           " finished_at = ? WHERE id = ?", (FAILED, spec_hash, code, error, stamp, queued["id"]))
+                return int(queued["id"])
+            last = db.execute("SELECT id, status, error_code, error FROM deployments WHERE app_id = ?"
+                              " ORDER BY id DESC LIMIT 1", (app_id,)).fetchone()
+            if last is not None and (last["status"], last["error_code"], last["error"]) == (FAILED, code, error):
+                db.execute("UPDATE deployments SET attempts = attempts + 1, last_seen = ? WHERE id = ?",
+                           (stamp, last["id"]))
+                return int(last["id"])
             cur = db.execute(
                 'INSERT INTO deployments (app_id, "commit", trigger, status, spec_hash, error_code, error,'
                 " started_at, finished_at) VALUES (?,?,?,?,?,?,?,?,?)",
@@ -406,6 +490,18 @@ class Store:
         return str(rows[0]["sealed"]) if rows else None
 
     # -- meta -----------------------------------------------------------------
+
+    def instance_id(self) -> str:
+        """This state directory's identity, made once: recorded on every unit it creates."""
+        found = self.meta("instance")
+        if isinstance(found, str) and found:
+            return found
+        with self.transaction(apps_changed=False) as db:
+            db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('instance', ?)",
+                       (json.dumps(secrets.token_hex(8)),))
+        value = self.meta("instance")
+        assert isinstance(value, str)
+        return value
 
     def set_meta(self, key: str, value: Any) -> None:
         with self.transaction(apps_changed=False) as db:

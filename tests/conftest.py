@@ -17,6 +17,7 @@ import pytest
 
 from cynchrod import builds, reconciler, runtime, source, store
 from cynchrod import secrets as vault
+from cynchrod.runtime import local
 from tests.helpers import TEST_IMAGE, TEST_IMAGE_2, TEST_LABEL, Daemon, GitRepo
 
 
@@ -84,7 +85,7 @@ class Harness:
         self.state = state
         self.db = store.Store(state / "cynchrod.db")
         self.secrets = vault.Secrets(self.db, state_dir=state)
-        self.rt = runtime.DockerRuntime(owner=owner, stop_timeout=1, secrets_dir=self.secrets.staging)
+        self.rt = local.LocalRuntime(owner=owner, stop_timeout=1, secrets_dir=self.secrets.staging)
         self.src = source.Source(repo_url, state_dir=state)
         self.max_apps: dict[str, int] = {}
         self.builds = builds.Builds(state_dir=state, rt=self.rt)
@@ -92,7 +93,7 @@ class Harness:
                                          max_apps=lambda org: self.max_apps.get(org, 10), builds=self.builds)
 
     def sync(self, trigger: str = "poll") -> reconciler.PassResult:
-        return self.rec.run_pass(trigger)
+        return self.rec.sync(trigger)
 
     def containers(self) -> dict[str, dict]:  # type: ignore[type-arg]
         rows = self.rt.api.containers(all=True, filters=self.rt.owner_filter)

@@ -1,13 +1,15 @@
 """Logs: a bounded tail over HTTP and a live stream over a WebSocket (flask-sock).
 
-The stream follows every container of the app, one Docker log stream each on
-its own reader thread, into one bounded queue that the socket drains. The
-Docker streams are closed when the client leaves; the socket is closed when
-the containers' streams end or the token is revoked (checked every second).
+Both go through the runtime protocol (``Runtime.tail`` / ``Runtime.follow``), so
+they work the same on every runtime. The stream follows the app through
+restarts and redeploys; it ends when the app is deleted (``1000 app_removed``),
+the token is revoked (checked every second), or the client leaves, and then the
+runtime's followers are closed on this thread: nothing outlives the socket.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import threading
@@ -16,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from flask import Blueprint, Response, jsonify, request
 
-from cynchrod import runtime, store
+from cynchrod import store
 from cynchrod.api import ApiError, sock
 from cynchrod.api.auth import TICKET_TTL_S, bearer, daemon, visible_app
 from cynchrod.errors import CynchrodError
@@ -50,13 +52,8 @@ def _tail() -> int:
 def tail(app_id: str) -> Response:
     app = visible_app(bearer(), app_id)
     n = _tail()
-    rt: runtime.DockerRuntime = daemon().runtime
-    lines: list[dict[str, str]] = []
-    if app.status != store.REMOVED:
-        for c in rt.app_containers(app.org, app.name):
-            lines.extend({"service": c.service, "timestamp": ts, "line": text} for ts, text in rt.log_tail(c.id, n))
-    lines.sort(key=lambda item: item["timestamp"])
-    return jsonify({"app_id": app.id, "tail": n, "lines": lines[-n:]})
+    lines = [] if app.status == store.REMOVED else daemon().runtime.tail(app.org, app.name, n)
+    return jsonify({"app_id": app.id, "tail": n, "lines": [line.to_json() for line in lines]})
 
 
 @bp.post("/apps/<app_id>/logs/ticket")
@@ -98,26 +95,21 @@ def stream(ws: Any, app_id: str) -> None:
 
 
 def _pump(ws: Any, d: Daemon, token: store.Token, app: store.App) -> None:
-    since = time.time()
-    lines: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_LINES)
-    done = threading.Event()
-    followers: list[tuple[str, runtime.LogFollower]] = []
+    ended = threading.Event()
     try:
-        for c in d.runtime.app_containers(app.org, app.name):
-            followers.append((c.service, d.runtime.log_follow(c.id, since=since)))
+        follower = d.runtime.follow(app.org, app.name, since=time.time(), ended=ended)
     except CynchrodError:
-        for _, f in followers:
-            f.close()
         ws.close(1011, "docker_unavailable")
         return
+    lines: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_LINES)
+    done = threading.Event()
 
-    def read(follower: runtime.LogFollower, service: str) -> None:
+    def read() -> None:
         try:
-            for stamp, text in follower:
-                item = {"service": service, "timestamp": stamp, "line": text}
+            for line in follower:
                 while not done.is_set():
                     try:
-                        lines.put(item, timeout=0.5)  # a slow client slows the reader, bounded memory
+                        lines.put(line, timeout=0.5)  # a slow client slows the reader: bounded memory
                         break
                     except queue.Full:
                         continue
@@ -126,27 +118,31 @@ def _pump(ws: Any, d: Daemon, token: store.Token, app: store.App) -> None:
         except CynchrodError:
             pass
         finally:
-            lines.put(_END)
+            with contextlib.suppress(queue.Full):
+                lines.put_nowait(_END)
 
-    readers = [threading.Thread(target=read, args=(f, service), daemon=True) for service, f in followers]
-    for r in readers:
-        r.start()
-    open_streams = len(readers)
+    reader = threading.Thread(target=read, daemon=True, name=f"logs-{app.id}")
+    reader.start()
     last_check = time.monotonic()
     try:
-        while ws.connected and open_streams:
+        while ws.connected:
             try:
                 item = lines.get(timeout=0.5)
             except queue.Empty:
                 item = None
             if item is _END:
-                open_streams -= 1
-            elif item is not None:
-                ws.send(json.dumps(item))
+                break
+            if item is not None:
+                ws.send(json.dumps(item.to_json()))
             if time.monotonic() - last_check >= 1.0:
                 last_check = time.monotonic()
                 if not d.store.is_live_token(token.id):
                     ws.close(CLOSE_UNAUTHORIZED, "token_revoked")
+                    return
+                now = d.store.app(app.id)
+                if now is None or now.status == store.REMOVED:
+                    ended.set()
+                    ws.close(CLOSE_NORMAL, "app_removed")
                     return
         if ws.connected:
             ws.close(CLOSE_NORMAL, "stream_ended")
@@ -154,5 +150,6 @@ def _pump(ws: Any, d: Daemon, token: store.Token, app: store.App) -> None:
         pass
     finally:
         done.set()
-        for _, f in followers:
-            f.close()
+        ended.set()
+        follower.close()
+        reader.join(5)

@@ -6,6 +6,7 @@ import pathlib
 import shutil
 
 from cynchrod import control, reconciler, runtime, source, store
+from cynchrod.runtime import local
 from tests.helpers import TEST_IMAGE, GitRepo, cli, git
 
 
@@ -22,7 +23,7 @@ def test_pinned_repositories(tmp_path: pathlib.Path, owner: str, images: object)
                  "apps/dup.yaml": manifest("dup")})
     state = tmp_path / "state"
     db = store.Store(state / "cynchrod.db")
-    rt = runtime.DockerRuntime(owner=owner, stop_timeout=1)
+    rt = local.LocalRuntime(owner=owner, stop_timeout=1)
     sources = [source.Source(ops.url, state_dir=state), source.Source(tenant.url, state_dir=state, org="tenant")]
     rec = reconciler.Reconciler(src=sources, rt=rt, db=db)
     try:

@@ -19,11 +19,12 @@ def app(**overrides: object) -> specs.AppSpec:
                          **overrides)  # type: ignore[arg-type]
 
 
-def running(spec: specs.AppSpec, *, state: str = "running", cid: str = "c1", **kw: object) -> planning.Observed:
+def running(spec: specs.AppSpec, *, state: str = "running", cid: str = "c1", replica: int = 0,
+            **kw: object) -> planning.Unit:
     service = spec.services[0]
-    return planning.Observed(id=cid, name=f"x_{spec.name}", org=spec.org, app=spec.name, service=service.name,
-                             spec_hash=spec.service_hash(service), state=state,
-                             spec_json=service.canonical(restarted_at=spec.restarted_at), **kw)  # type: ignore[arg-type]
+    return planning.Unit(instance=cid, org=spec.org, app=spec.name, service=service.name, replica=replica,
+                         spec_hash=spec.service_hash(service), state=state,
+                         spec_json=service.canonical(restarted_at=spec.restarted_at), **kw)  # type: ignore[arg-type]
 
 
 def kinds(actions: list[planning.Action]) -> list[tuple[str, str]]:
@@ -59,7 +60,7 @@ def test_recreate_on_each_key(change: dict[str, object], key: str) -> None:
     actions = planning.plan({new.key: new}, [running(old)])
     assert kinds(actions) == [("recreate", "web")]
     assert actions[0].reason == f"changed: {key}"
-    assert actions[0].container_id == "c1"
+    assert actions[0].unit is not None and actions[0].unit.instance == "c1"
 
 
 def test_domain_change_needs_no_container_change() -> None:
@@ -102,19 +103,27 @@ def test_created_container_is_swept_and_remade() -> None:
 
 def test_duplicates_keep_the_best_one() -> None:
     spec = app()
-    stale = dataclasses.replace(running(spec, cid="old"), spec_hash="0" * 16, name="x_web_old")
+    stale = dataclasses.replace(running(spec, cid="old"), spec_hash="0" * 16)
     actions = planning.plan({spec.key: spec}, [stale, running(spec, cid="good")])
-    assert [(a.kind, a.container_id) for a in actions] == [("remove", "old")]
+    assert [(a.kind, a.unit.instance if a.unit else None) for a in actions] == [("remove", "old")]
 
 
-def test_dead_container_is_recreated() -> None:
+def test_oom_killed_unit_is_started_with_its_reason() -> None:
     spec = app()
-    assert kinds(planning.plan({spec.key: spec}, [running(spec, state="dead")])) == [("recreate", "web")]
+    actions = planning.plan({spec.key: spec}, [running(spec, state=planning.OOM_KILLED)])
+    assert [(a.kind, a.reason) for a in actions] == [("start", "killed for exceeding its memory limit")]
 
 
-def test_removing_containers_are_ignored() -> None:
-    spec = app()
-    assert kinds(planning.plan({spec.key: spec}, [running(spec, state="removing")])) == [("create", "web")]
+def test_replicas_are_made_and_trimmed_one_by_one() -> None:
+    three = app(replicas=3)
+    actions = planning.plan({three.key: three}, [running(three)])
+    assert [(a.kind, a.replica) for a in actions] == [("create", 1), ("create", 2)]
+    assert three.hash == app().hash  # a count change never remakes the units that run
+    one = app()
+    actions = planning.plan({one.key: one}, [running(one), running(one, cid="c2", replica=1),
+                                             running(one, cid="c3", replica=2, state="exited")])
+    assert [(a.kind, a.replica, a.reason) for a in actions] == [
+        ("remove", 1, "replica 1 is over replicas: 1"), ("remove", 2, "replica 2 is over replicas: 1")]
 
 
 def test_hash_is_stable_and_sensitive() -> None:
@@ -131,10 +140,10 @@ def test_services_start_in_dependency_order_and_change_alone() -> None:
     actions = planning.plan({shop.key: shop}, [])
     assert [(a.kind, a.service) for a in actions] == [("create", "cache"), ("create", "db"), ("create", "web")]
 
-    def observed(spec: specs.AppSpec, service: specs.ServiceSpec) -> planning.Observed:
-        return planning.Observed(id=service.name, name=service.name, org="default", app="shop",
-                                 service=service.name, spec_hash=spec.service_hash(service), state="running",
-                                 spec_json=service.canonical(restarted_at=None))
+    def observed(spec: specs.AppSpec, service: specs.ServiceSpec) -> planning.Unit:
+        return planning.Unit(instance=service.name, org="default", app="shop", replica=0,
+                             service=service.name, spec_hash=spec.service_hash(service), state="running",
+                             spec_json=service.canonical(restarted_at=None))
 
     running = [observed(shop, s) for s in shop.services]
     changed = dataclasses.replace(shop, services=(web, dataclasses.replace(db, image="db:2"), cache))

@@ -1,0 +1,272 @@
+"""The pure decision core: what each app needs, given everything a pass knows.
+
+Called by the reconciler once per pass (and by ``cynchrod plan``): ``decide`` takes
+the desired specs, the store's rows, the units of the runtime's view, each app's
+back-off memory and the time, and returns one ``Decision`` per app: the actions,
+the status to record, the failure to record, when to look again, whether it is
+pruned. No I/O, no clock, no engine: the reconciler is the shell that fetches the
+inputs and carries the decisions out, and the unit tests (with hypothesis) drive
+this module against the in-memory runtime.
+
+The rules, each written once here:
+
+* **Prune** only what a source that was read no longer declares (``may_prune``):
+  an unreadable, empty or unparsable source never removes anything.
+* **Holds**: an app with a missing secret, a failing or pending build, or a policy
+  refusal is not acted on; its units stay as they are.
+* **Quota**: per org, apps that already have a row keep their place; new ones are
+  admitted oldest commit first up to ``max_apps``; an admitted app is never refused.
+* **Back-off**: every failure backs off (1, 2, 4 ... 300 s), temporary ones
+  included; a permanent failure waits for a new spec. Self-healing a unit that
+  keeps dying backs off the same way (0, 0, 1, 2 ... 300 s), reset after a minute up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+from cynchrod import planning, specs
+from cynchrod.errors import CynchrodError, ManifestError, PermanentError
+
+#: App statuses (the product page's words).
+QUEUED = "queued"
+PENDING = "pending"
+DEPLOYING = "deploying"
+RUNNING = "running"
+STOPPED = "stopped"
+FAILED = "failed"
+REMOVED = "removed"
+APP_STATUSES = (QUEUED, PENDING, DEPLOYING, RUNNING, STOPPED, FAILED, REMOVED)
+
+#: Trigger names, as deployment rows record them, strongest first.
+TRIGGERS = ("api", "rollback", "webhook", "watch", "build", "self-heal", "poll")
+DEFAULT_MAX_APPS = 10
+BACKOFF_MAX_S = 300.0
+HEAL_RESET_S = 60.0
+
+
+class Row(Protocol):
+    """What the decisions read of a stored app row (``store.App``)."""
+
+    @property
+    def status(self) -> str: ...
+    @property
+    def last_error(self) -> str | None: ...
+    @property
+    def deployed_hash(self) -> str | None: ...
+    @property
+    def source(self) -> str: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Backoff:
+    """One app's memory between passes: failures in a row, and self-heals."""
+
+    failures: int = 0
+    #: No new attempt before this time (the clock the reconciler passes in).
+    until: float = 0.0
+    #: A permanent failure of this spec hash: nothing is tried until the hash changes.
+    blocked_hash: str = ""
+    heals: int = 0
+    last_heal: float = -math.inf
+
+
+def delay(count: int) -> float:
+    """1, 2, 4 ... seconds for the ``count``-th failure in a row, capped at five minutes."""
+    return min(BACKOFF_MAX_S, 2.0 ** max(count - 1, 0))
+
+
+def after_failure(memory: Backoff, error: CynchrodError, *, spec_hash: str, now: float) -> Backoff:
+    failures = memory.failures + 1
+    return dataclasses.replace(memory, failures=failures, until=now + delay(failures),
+                               blocked_hash=spec_hash if error.permanent else "")
+
+
+def after_success(memory: Backoff) -> Backoff:
+    return dataclasses.replace(memory, failures=0, until=0.0, blocked_hash="")
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    desired: Mapping[tuple[str, str], specs.AppSpec]
+    rows: Mapping[tuple[str, str], Row]
+    units: Sequence[planning.Unit]
+    now: float
+    trigger: str = "poll"
+    #: Errors of the files that declare an app whose last good spec is kept running.
+    manifest_errors: Mapping[tuple[str, str], Sequence[ManifestError]] = dataclasses.field(default_factory=dict)
+    #: Apps not to act on this pass, and why (secret missing, build failed, policy).
+    holds: Mapping[tuple[str, str], CynchrodError] = dataclasses.field(default_factory=dict)
+    #: Apps waiting for something that is under way (a build): status only.
+    waiting: Mapping[tuple[str, str], str] = dataclasses.field(default_factory=dict)
+    memory: Mapping[tuple[str, str], Backoff] = dataclasses.field(default_factory=dict)
+    #: Sources whose commit was read this pass (only their undeclared apps may go).
+    read: frozenset[str] = frozenset()
+    all_read: bool = True
+    max_apps: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    #: For new apps over a cap: how many commits ago their file appeared (older first).
+    ages: Mapping[tuple[str, str], int] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    key: tuple[str, str]
+    spec: specs.AppSpec | None
+    actions: tuple[planning.Action, ...] = ()
+    #: The status once the actions are done (or now, when there are none).
+    status: str = RUNNING
+    #: ``last_error`` to record (None clears it).
+    error: str | None = None
+    #: A failed deployment to record (deduplicated against the last one by the store).
+    failure: CynchrodError | None = None
+    #: The deployment's trigger ("self-heal" when healing a deployed spec).
+    trigger: str = "poll"
+    #: Record a finished deployment although nothing is acted on (a spec change with no unit change).
+    record: bool = False
+    #: Look at this app again after this many seconds (back-off).
+    retry_in: float | None = None
+    #: Remove the app: carry out the removals, then its resources and its row.
+    prune: bool = False
+    memory: Backoff = Backoff()
+
+    @property
+    def acts(self) -> bool:
+        return bool(self.actions)
+
+
+def may_prune(row_source: str | None, *, read: frozenset[str], all_read: bool) -> bool:
+    """An app declared nowhere may go only if the repository it came from was read."""
+    if not row_source:
+        return all_read
+    return row_source in read
+
+
+def running_status(spec: specs.AppSpec, units: Sequence[planning.Unit], row: Row | None) -> str:
+    if spec.state == "stopped":
+        return STOPPED
+    up = {(u.service, u.replica) for u in units if u.state == planning.RUNNING}
+    want = {(s.name, r) for s in spec.services for r in range(s.replicas)}
+    if want <= up:
+        return RUNNING
+    return row.status if row is not None else QUEUED
+
+
+def manifest_text(errors: Sequence[ManifestError]) -> str:
+    """Every error of a failing file, one per line (the first decides the code)."""
+    return "\n".join(str(e) for e in errors)
+
+
+def quota(inputs: Inputs) -> dict[tuple[str, str], CynchrodError]:
+    """New apps over their org's ``max_apps``, and why; apps that have a row keep their place."""
+    by_org: dict[str, list[tuple[str, str]]] = {}
+    for key in inputs.desired:
+        by_org.setdefault(key[0], []).append(key)
+    refused: dict[tuple[str, str], CynchrodError] = {}
+    for org, keys in by_org.items():
+        cap = inputs.max_apps.get(org, DEFAULT_MAX_APPS)
+        admitted = [k for k in keys if k in inputs.rows and not quota_refused(inputs.rows[k])]
+        new = [k for k in keys if k not in admitted]
+        if len(admitted) + len(new) <= cap:
+            continue
+        new.sort(key=lambda k: (-inputs.ages.get(k, 0), k[1]))
+        for key in new[max(cap - len(admitted), 0):]:
+            refused[key] = PermanentError(
+                f"org {org} is at its max_apps of {cap}; {key[1]} was not deployed", code="quota_exceeded")
+    return refused
+
+
+def over_cap(desired: Mapping[tuple[str, str], specs.AppSpec], rows: Mapping[tuple[str, str], Row],
+             max_apps: Mapping[str, int]) -> set[tuple[str, str]]:
+    """The new apps whose age ``quota`` needs (only orgs over their cap)."""
+    counts: dict[str, int] = {}
+    for org, _ in desired:
+        counts[org] = counts.get(org, 0) + 1
+    return {k for k in desired if counts[k[0]] > max_apps.get(k[0], DEFAULT_MAX_APPS)
+            and (k not in rows or quota_refused(rows[k]))}
+
+
+def quota_refused(row: Row) -> bool:
+    return row.status == FAILED and (row.last_error or "").startswith("quota_exceeded")
+
+
+def decide(inputs: Inputs) -> list[Decision]:
+    """One decision per app that is desired, stored or observed, in name order."""
+    units: dict[tuple[str, str], list[planning.Unit]] = {}
+    for u in inputs.units:
+        units.setdefault(u.key, []).append(u)
+    refused = quota(inputs)
+    out = []
+    for key in sorted(set(inputs.desired) | set(inputs.rows) | set(units)):
+        spec = inputs.desired.get(key)
+        mine = units.get(key, [])
+        memory = inputs.memory.get(key, Backoff())
+        if spec is None:
+            row = inputs.rows.get(key)
+            if may_prune(row.source if row is not None else None, read=inputs.read, all_read=inputs.all_read):
+                actions = tuple(planning.plan_app(None, mine, key))
+                out.append(Decision(key, None, actions, status=REMOVED, prune=True, trigger=inputs.trigger))
+            continue
+        hold = inputs.holds.get(key) or refused.get(key)
+        out.append(_decide_app(inputs, spec, mine, inputs.rows.get(key), memory, hold))
+    return out
+
+
+def _decide_app(inputs: Inputs, spec: specs.AppSpec, units: list[planning.Unit], row: Row | None,
+                memory: Backoff, hold: CynchrodError | None) -> Decision:
+    key, now = spec.key, inputs.now
+    errors = inputs.manifest_errors.get(key, ())
+    manifest_failure = errors[0] if errors else None
+    if hold is not None:
+        return Decision(key, spec, status=FAILED, error=str(hold), failure=hold, trigger=inputs.trigger,
+                        memory=memory)
+    if key in inputs.waiting:
+        return Decision(key, spec, status=DEPLOYING, error=None, trigger="build", memory=memory)
+    if memory.blocked_hash and memory.blocked_hash != spec.hash:
+        memory = after_success(memory)  # a new spec: a permanent failure no longer applies
+    actions = tuple(planning.plan_app(spec, units, key))
+    deployed = row is not None and row.deployed_hash == spec.hash
+    if memory.heals and now - memory.last_heal >= HEAL_RESET_S:
+        memory = dataclasses.replace(memory, heals=0)
+    if not actions:
+        status = running_status(spec, units, row)
+        error = row.last_error if row is not None and (row.last_error or "").startswith("oom_killed") else None
+        if manifest_failure is not None:
+            status, error = FAILED, manifest_text(errors)
+        return Decision(key, spec, status=status, error=error, failure=manifest_failure,
+                        trigger=inputs.trigger, record=not deployed, memory=after_success(memory)
+                        if memory.failures and not memory.blocked_hash else memory)
+    if memory.blocked_hash == spec.hash:
+        return Decision(key, spec, status=FAILED, error=row.last_error if row is not None else None,
+                        trigger=inputs.trigger, memory=memory)
+    if now < memory.until:
+        return Decision(key, spec, status=FAILED, error=row.last_error if row is not None else None,
+                        trigger=inputs.trigger, retry_in=memory.until - now, memory=memory)
+    trigger = inputs.trigger
+    if deployed:
+        # The spec was deployed and something diverged since: self-healing, backed off.
+        trigger = "self-heal"
+        if memory.heals >= 2 and now < memory.last_heal + delay(memory.heals - 1):
+            wait = memory.last_heal + delay(memory.heals - 1) - now
+            why = _death(units)
+            error = f"crash_loop: {why}; restarting in {math.ceil(wait)}s (restart {memory.heals + 1})"
+            return Decision(key, spec, status=FAILED, error=error, trigger=trigger, retry_in=wait, memory=memory)
+        memory = dataclasses.replace(memory, heals=memory.heals + 1, last_heal=now)
+    status = STOPPED if spec.state == "stopped" else RUNNING
+    error = None
+    if manifest_failure is not None:
+        status, error = FAILED, manifest_text(errors)
+    return Decision(key, spec, actions, status=status, error=error, failure=manifest_failure, trigger=trigger,
+                    memory=memory)
+
+
+def _death(units: Sequence[planning.Unit]) -> str:
+    for u in units:
+        if u.state == planning.OOM_KILLED:
+            return f"oom_killed (service {u.service} exceeded its memory limit)"
+    for u in units:
+        if u.state == planning.EXITED:
+            return f"exited with code {u.exit_code}" if u.exit_code is not None else "exited"
+    return "unit is gone"

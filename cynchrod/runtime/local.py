@@ -1,0 +1,617 @@
+"""The one-host driver: the ``Runtime`` protocol on one Docker Engine (imports ``docker``).
+
+Created by the daemon (and ``cynchrod sync``); called by the reconciler's
+workers (``apply``), the view (``list_units``, ``watch``), builds and the API
+(``tail``, ``follow``). Every docker, requests and socket error is converted here
+into the project's error tree; nothing above sees a docker type.
+
+A unit is a container named ``<owner>_<org>_<app>[_<service>][-<replica>]``.
+Recreate is remove-then-create, not rename-and-swap: a published host port
+cannot be bound twice, and with no rename there is no half-renamed state to
+recover. A crash between the two steps leaves the unit missing (created next
+pass); a crash between create and start leaves it ``created``, which the planner
+sweeps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pathlib
+import queue
+import re
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import docker
+import docker.errors
+import requests
+
+from cynchrod import planning, runtime, specs
+from cynchrod.errors import EngineUnavailable, PermanentError, RuntimeFailure, TemporaryError, UnitGone
+
+log = logging.getLogger(__name__)
+
+PULL_TIMEOUT_S = 300
+#: Deadline of one engine call on a request or pass path.
+CALL_TIMEOUT_S = 30
+#: Per-container log cap: the json-file driver rotates, so no log grows without bound.
+LOG_CONFIG = {"type": "json-file", "config": {"max-size": "10m", "max-file": "3"}}
+_EXIT_RE = re.compile(r"Exited \((-?\d+)\)")
+_STATE = {"running": planning.RUNNING, "paused": planning.RUNNING, "restarting": planning.RESTARTING,
+          "exited": planning.EXITED, "created": planning.CREATED, "dead": planning.CREATED}
+T = TypeVar("T")
+
+
+def crashpoint(name: str) -> None:
+    """Testing hook: ``CYNCHROD_CRASHPOINT=<name>`` SIGKILLs the process group here.
+
+    The crash-safety tests use it to kill a real daemon between two engine calls
+    (``after-create``: created, not started; ``after-remove``: the old container
+    of a recreate is gone, the new one not made yet).
+    """
+    if os.environ.get("CYNCHROD_CRASHPOINT") == name:
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+def has_registry(image: str) -> bool:
+    """True when the reference names a registry host (``host.tld/...``, ``host:port/...``)."""
+    first, sep, _ = image.partition("/")
+    return bool(sep) and ("." in first or ":" in first or first == "localhost")
+
+
+def converted(call: Callable[[], T], what: str) -> T:
+    """Run one engine call; every library error leaves as a ``CynchrodError``."""
+    try:
+        return call()
+    except docker.errors.NotFound as exc:
+        raise UnitGone(f"{what}: {exc.explanation or 'not found'}") from exc
+    except docker.errors.APIError as exc:
+        if exc.status_code == 409:
+            raise _Conflict(f"{what}: {exc.explanation}") from exc
+        raise RuntimeFailure(f"{what}: {exc.explanation or exc}") from exc
+    except (requests.RequestException, docker.errors.DockerException, OSError) as exc:
+        raise EngineUnavailable(f"{what}: docker unreachable ({type(exc).__name__})") from exc
+
+
+class _Conflict(RuntimeFailure):
+    """The engine answered 409; the caller looks at why."""
+
+    code = "conflict"
+
+
+def split_log_line(line: str) -> tuple[str, str]:
+    """Docker's ``<RFC3339Nano timestamp> <text>`` into its two parts."""
+    stamp, _, text = line.partition(" ")
+    return stamp, text
+
+
+def _stamp_seconds(stamp: str) -> float:
+    """An RFC 3339 nano timestamp as epoch seconds (for ``since``), or 0 when unreadable."""
+    try:
+        whole, _, frac = stamp.rstrip("Z").partition(".")
+        base = time.mktime(time.strptime(whole, "%Y-%m-%dT%H:%M:%S")) - time.timezone
+        return base + float(f"0.{frac or 0}")
+    except ValueError:
+        return 0.0
+
+
+def fault(step: str, container_id: str, api: Any) -> None:
+    """Testing hook: ``CYNCHROD_FAULT=<kill|remove>@<step>`` hurts the container just
+    before the engine call of ``step`` (``stop``, ``remove``, ``start``, ``port``), as a
+    person or the OOM killer might. The fault-injection tests show each such race is
+    the app's own retried error, never a crashed pass."""
+    spec = os.environ.get("CYNCHROD_FAULT", "")
+    what, _, at = spec.partition("@")
+    if at != step or not container_id:
+        return
+    with contextlib.suppress(Exception):
+        if what == "remove":
+            api.remove_container(container_id, force=True)
+        elif what == "kill":
+            api.kill(container_id)
+
+
+class _EventStream:
+    """The engine's events for our units; ``close()`` from another thread ends it."""
+
+    def __init__(self, rt: LocalRuntime) -> None:
+        self._rt = rt
+        self._client = docker.DockerClient.from_env(timeout=None)
+        self._stream: Any = None
+        self._closed = threading.Event()
+
+    def __iter__(self) -> Iterator[runtime.Event]:
+        try:
+            self._stream = converted(lambda: self._client.api.events(
+                filters={"type": "container", "event": ["start", "die", "oom", "destroy", "pause", "unpause"],
+                         "label": runtime.owner_labels(self._rt.owner)}, decode=True), "events")
+        except RuntimeFailure:
+            self.close()
+            raise
+        if self._closed.is_set():
+            return
+        # Subscribed first, then relisted: nothing between the two is missed.
+        yield runtime.Event(runtime.RELIST)
+        try:
+            for raw in self._stream:
+                event = self._rt.event(raw)
+                if event is not None:
+                    yield event
+        except (requests.RequestException, docker.errors.DockerException, OSError, AttributeError, ValueError):
+            if not self._closed.is_set():
+                raise EngineUnavailable("event stream broke") from None
+
+    def close(self) -> None:
+        self._closed.set()
+        with contextlib.suppress(Exception):
+            if self._stream is not None:
+                self._stream.close()
+        with contextlib.suppress(Exception):
+            self._client.close()
+
+
+class _AppLogs:
+    """An app's live log lines: one reader per running container, re-attached after a
+    restart or a redeploy, until ``ended`` is set (the app was deleted) or ``close()``."""
+
+    QUEUE_LINES = 2000
+    RESCAN_S = 0.5
+
+    def __init__(self, rt: LocalRuntime, org: str, app: str, since: float, ended: threading.Event | None) -> None:
+        self._rt, self._org, self._app = rt, org, app
+        self._since: dict[str, float] = {}
+        self._start = since
+        self._ended = ended or threading.Event()
+        self._closed = threading.Event()
+        self._lines: queue.Queue[runtime.LogLine | str] = queue.Queue(maxsize=self.QUEUE_LINES)
+        self._readers: dict[str, tuple[threading.Thread, Any]] = {}
+        self._lock = threading.Lock()
+        self._client = docker.DockerClient.from_env(timeout=None)
+
+    def _attach(self) -> None:
+        """Follow every running container of the app not followed yet (one list call)."""
+        for unit in self._rt.app_units(self._org, self._app):
+            if unit.state != planning.RUNNING or unit.instance in self._readers:
+                continue
+            since = self._since.get(f"{unit.service}/{unit.replica}", self._start)
+            try:
+                stream = converted(lambda u=unit, s=since: self._client.api.logs(  # type: ignore[misc]
+                    u.instance, stream=True, follow=True, timestamps=True, since=s), "logs")
+            except RuntimeFailure:
+                continue
+            reader = threading.Thread(target=self._read, args=(unit, stream), daemon=True,
+                                      name=f"logs-{self._app}")
+            with self._lock:
+                if self._closed.is_set():
+                    with contextlib.suppress(Exception):
+                        stream.close()
+                    return
+                self._readers[unit.instance] = (reader, stream)
+            reader.start()
+
+    def _read(self, unit: runtime.Unit, stream: Any) -> None:
+        pending = b""
+        slot = f"{unit.service}/{unit.replica}"
+        try:
+            for chunk in stream:
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for raw in lines:
+                    stamp, text = split_log_line(raw.decode("utf-8", "replace"))
+                    self._since[slot] = _stamp_seconds(stamp) + 1e-6
+                    if not self._put(runtime.LogLine(unit.service, stamp, text, unit.replica, unit.node)):
+                        return
+        except (requests.RequestException, docker.errors.DockerException, OSError, AttributeError, ValueError):
+            pass
+        finally:
+            self._put(unit.instance)  # this reader ended
+
+    def _put(self, item: runtime.LogLine | str) -> bool:
+        while not self._closed.is_set():
+            try:
+                self._lines.put(item, timeout=0.5)  # a slow client slows the readers: bounded memory
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator[runtime.LogLine]:
+        next_scan = 0.0
+        while not self._closed.is_set():
+            now = time.monotonic()
+            if now >= next_scan:
+                if self._ended.is_set():
+                    return
+                with contextlib.suppress(TemporaryError):
+                    self._attach()
+                # Re-scan soon while nothing is followed (the app is being restarted), rarely otherwise.
+                next_scan = now + (self.RESCAN_S if not self._readers else 5.0)
+            try:
+                item = self._lines.get(timeout=0.25)
+            except queue.Empty:
+                continue
+            if isinstance(item, str):
+                with self._lock:
+                    self._readers.pop(item, None)
+                next_scan = 0.0 if not self._readers else next_scan
+                continue
+            yield item
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed.set()
+            readers = list(self._readers.values())
+            self._readers.clear()
+        for _, stream in readers:
+            with contextlib.suppress(Exception):
+                stream.close()
+        with contextlib.suppress(Exception):
+            self._client.close()
+        for reader, _ in readers:
+            reader.join(2)
+
+
+class LocalRuntime:
+    """Drives one Docker Engine for one owner and one instance (see ``cynchrod.runtime``)."""
+
+    def __init__(self, *, owner: str = "cynchrod", instance: str = "", publish_address: str = "127.0.0.1",
+                 stop_timeout: int = 10, client: docker.DockerClient | None = None,
+                 secrets_dir: pathlib.Path | None = None) -> None:
+        self.owner = owner
+        self.instance = instance
+        #: Where the reconciler stages secret files (``<org>/<app>/<name>``).
+        self.secrets_dir = secrets_dir
+        self.publish_address = publish_address
+        self.stop_timeout = stop_timeout
+        self._client = client or docker.DockerClient.from_env(timeout=CALL_TIMEOUT_S + stop_timeout)
+        self.api = self._client.api
+        self.calls = 0
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _call(self, call: Callable[[], T], what: str) -> T:
+        self.calls += 1
+        return converted(call, what)
+
+    # -- names and labels -------------------------------------------------
+
+    def container_name(self, org: str, app: str, service: str, replica: int = 0) -> str:
+        base = f"{self.owner}_{org}_{app}"
+        name = base if service == specs.MAIN_SERVICE else f"{base}_{service}"
+        return f"{name}-{replica}" if replica else name
+
+    def network_name(self, org: str, app: str) -> str:
+        return f"{self.owner}_{org}_{app}"
+
+    def volume_name(self, org: str, app: str, volume: str) -> str:
+        return f"{self.owner}_{org}_{app}_{volume}"
+
+    def _app_labels(self, org: str, app: str) -> dict[str, str]:
+        return {runtime.LABEL_OWNER: self.owner, runtime.LABEL_INSTANCE: self.instance,
+                runtime.LABEL_ORG: org, runtime.LABEL_APP: app}
+
+    @property
+    def owner_filter(self) -> dict[str, list[str]]:
+        return {"label": runtime.owner_labels(self.owner)}
+
+    # -- observing ----------------------------------------------------------
+
+    def list_units(self) -> list[runtime.Unit]:
+        """Every unit of this owner and instance, from exactly one list call (no inspect)."""
+        rows = self._call(lambda: self.api.containers(all=True, filters=self.owner_filter), "list containers")
+        return [u for row in rows if (u := self._unit(row)) is not None]
+
+    def app_units(self, org: str, app: str) -> list[runtime.Unit]:
+        """The units of one app (one list call)."""
+        filters = {"label": runtime.app_labels(self.owner, org, app)}
+        rows = self._call(lambda: self.api.containers(all=True, filters=filters), "list containers")
+        return [u for row in rows if (u := self._unit(row)) is not None]
+
+    def _unit(self, row: dict[str, Any]) -> runtime.Unit | None:
+        labels = row.get("Labels") or {}
+        state = _STATE.get(row.get("State", ""))
+        if state is None or not runtime.mine(labels, owner=self.owner, instance=self.instance):
+            return None  # being removed, or another instance's
+        match = _EXIT_RE.search(row.get("Status") or "")
+        public = [p.get("PublicPort") for p in row.get("Ports") or [] if p.get("PublicPort")]
+        return runtime.unit_from_labels(labels, instance=row["Id"], state=state,
+                                        exit_code=int(match.group(1)) if match else None,
+                                        endpoint=public[0] if public else None)
+
+    def event(self, raw: dict[str, Any]) -> runtime.Event | None:
+        """One engine event as ours, or None when it is not about one of our units."""
+        attrs = raw.get("Actor", {}).get("Attributes", {}) or {}
+        if not runtime.mine(attrs, owner=self.owner, instance=self.instance):
+            return None
+        instance = raw.get("id") or raw.get("Actor", {}).get("ID", "")
+        action = raw.get("Action", "")
+        if action == "destroy":
+            return runtime.Event(runtime.GONE, instance)
+        if action == "oom":
+            return runtime.Event(runtime.STATE, instance, oom=True)
+        state = planning.EXITED if action == "die" else planning.RUNNING
+        code = attrs.get("exitCode")
+        unit = runtime.unit_from_labels(attrs, instance=instance, state=state,
+                                        exit_code=int(code) if code and code.lstrip("-").isdigit() else None)
+        return runtime.Event(runtime.STATE, instance, unit)
+
+    def watch(self) -> _EventStream:
+        self.calls += 1
+        return _EventStream(self)
+
+    # -- acting -------------------------------------------------------------
+
+    def apply(self, action: planning.Action) -> list[runtime.Unit]:
+        """Carry out one action; returns the unit now serving, if any."""
+        unit = action.unit
+        if action.kind == planning.REMOVE:
+            assert unit is not None
+            self._remove(unit.instance)
+            return []
+        if action.kind == planning.STOP:
+            assert unit is not None
+            fault("stop", unit.instance, self.api)
+            self._ignore_missing(lambda: self.api.stop(unit.instance, timeout=self.stop_timeout), "stop")
+            return []
+        assert action.spec is not None and action.service_spec is not None
+        if action.kind == planning.START:
+            assert unit is not None
+            fault("start", unit.instance, self.api)
+            self._call(lambda: self.api.start(unit.instance), "start")
+            return [self._served(unit.instance, action.spec, action.service_spec, action.replica)]
+        # The image is made sure of before the old container goes, so a bad
+        # tag leaves the running version in place.
+        self._ensure_image(action.service_spec.image)
+        if action.kind == planning.RECREATE:
+            assert unit is not None
+            self._remove(unit.instance)
+            crashpoint("after-remove")
+        return [self._create(action.spec, action.service_spec, action.replica)]
+
+    def _ensure_image(self, image: str) -> None:
+        if not self.image_exists(image):
+            self._pull(image)
+
+    def _ignore_missing(self, call: Callable[[], Any], what: str) -> None:
+        with contextlib.suppress(UnitGone):
+            self._call(call, what)
+
+    def _remove(self, container_id: str) -> None:
+        fault("remove", container_id, self.api)
+        self._ignore_missing(lambda: self.api.stop(container_id, timeout=self.stop_timeout), "stop")
+        try:
+            self._call(lambda: self.api.remove_container(container_id, force=True), "remove")
+        except UnitGone:
+            pass
+        except _Conflict:
+            pass  # already being removed by the engine
+
+    def _served(self, container_id: str, spec: specs.AppSpec, service: specs.ServiceSpec,
+                replica: int) -> runtime.Unit:
+        """The unit now serving and, when it publishes a port, the host port Docker bound."""
+        endpoint = service.host_port
+        if service.port and not service.host_port:
+            fault("port", container_id, self.api)
+            bound = self._call(lambda: self.api.port(container_id, service.port), "port") or []
+            endpoint = int(bound[0]["HostPort"]) if bound else None
+        labels = runtime.unit_labels(self.owner, self.instance, spec, service, replica)
+        return runtime.unit_from_labels(labels, instance=container_id, state=planning.RUNNING, endpoint=endpoint)
+
+    def _create(self, spec: specs.AppSpec, service: specs.ServiceSpec, replica: int) -> runtime.Unit:
+        name = self.container_name(spec.org, spec.name, service.name, replica)
+        network = self._ensure_network(spec) if spec.multi else None
+        binds: dict[str, dict[str, str]] = {}
+        for volume in service.volumes:
+            binds[self._ensure_volume(spec, volume.name)] = {"bind": volume.path,
+                                                             "mode": "ro" if volume.read_only else "rw"}
+        for secret in service.secrets:
+            if self.secrets_dir is None:
+                raise PermanentError("this runtime has no secrets directory", code="secret_missing")
+            staged = self.secrets_dir / spec.org / spec.name / secret
+            binds[str(staged)] = {"bind": f"/run/secrets/{secret}", "mode": "ro"}
+        ports = [service.port] if service.port else None
+        bindings: dict[int, Any] | None = None
+        if service.port:
+            bindings = {service.port: (self.publish_address, service.host_port) if service.host_port
+                        else (self.publish_address,)}
+        host_config = self.api.create_host_config(
+            port_bindings=bindings,
+            nano_cpus=int(service.cpu * 1e9),
+            mem_limit=service.memory * 1024 * 1024,
+            # Equal to the memory limit: no swap on top, so the limit is real.
+            memswap_limit=service.memory * 1024 * 1024,
+            init=True,
+            log_config=LOG_CONFIG,
+            binds=binds or None,
+            network_mode=network,
+        )
+        networking = (self.api.create_networking_config(
+            {network: self.api.create_endpoint_config(aliases=[service.name])}) if network else None)
+        health = None
+        if service.healthcheck is not None:
+            h = service.healthcheck
+            health = {"test": list(h.test), "interval": int(h.interval * 1e9), "timeout": int(h.timeout * 1e9),
+                      "retries": h.retries, "start_period": int(h.start_period * 1e9)}
+
+        def create() -> dict[str, Any]:
+            result: dict[str, Any] = self.api.create_container(
+                service.image,
+                command=list(service.command) if service.command else None,
+                name=name,
+                environment=dict(service.env),
+                labels=runtime.unit_labels(self.owner, self.instance, spec, service, replica),
+                ports=ports,
+                host_config=host_config,
+                networking_config=networking,
+                healthcheck=health,
+            )
+            return result
+
+        try:
+            created = self._call(create, f"create {name}")
+        except _Conflict as exc:
+            raise self._name_conflict(name) from exc
+        container_id: str = created["Id"]
+        crashpoint("after-create")
+        fault("start", container_id, self.api)
+        self._call(lambda: self.api.start(container_id), f"start {name}")
+        return self._served(container_id, spec, service, replica)
+
+    def _name_conflict(self, name: str) -> Exception:
+        """Why a create found its name taken: our own container on its way out is a
+        temporary error (the engine's removal races the create); anything else is not ours."""
+        try:
+            holder = self._call(lambda: self.api.inspect_container(name), f"inspect {name}")
+        except UnitGone:
+            return TemporaryError(f"{name} was being removed; retrying", code="name_in_use")
+        labels = (holder.get("Config") or {}).get("Labels") or {}
+        if runtime.mine(labels, owner=self.owner, instance=self.instance):
+            return TemporaryError(f"{name} is still held by a container of ours being removed; retrying",
+                                  code="name_in_use")
+        if labels.get(runtime.LABEL_OWNER) == self.owner:
+            return PermanentError(
+                f"a container named {name} belongs to another cynchrod instance with owner {self.owner!r} "
+                f"(instance {labels.get(runtime.LABEL_INSTANCE, '?')[:12]}); it is left alone. Give each daemon "
+                "on one engine its own --owner", code="owner_conflict")
+        return PermanentError(f"a container named {name} exists without cynchrod's labels; it is left alone",
+                              code="name_conflict")
+
+    def _ensure_network(self, spec: specs.AppSpec) -> str:
+        """The app's private bridge network, made (with our labels) when missing."""
+        name = self.network_name(spec.org, spec.name)
+        try:
+            self._call(lambda: self.api.inspect_network(name), f"inspect network {name}")
+        except UnitGone:
+            with contextlib.suppress(_Conflict):  # made concurrently by another service
+                self._call(lambda: self.api.create_network(name, driver="bridge", check_duplicate=True,
+                                                           labels=self._app_labels(spec.org, spec.name)),
+                           f"create network {name}")
+        return name
+
+    def _ensure_volume(self, spec: specs.AppSpec, volume: str) -> str:
+        name = self.volume_name(spec.org, spec.name, volume)
+        try:
+            found = self._call(lambda: self.api.inspect_volume(name), f"inspect volume {name}")
+        except UnitGone:
+            self._call(lambda: self.api.create_volume(name, driver="local",
+                                                      labels=self._app_labels(spec.org, spec.name)),
+                       f"create volume {name}")
+            return name
+        # A volume made by someone else, or with driver options (a bind of a host
+        # path hides there), is never mounted.
+        if (found.get("Labels") or {}).get(runtime.LABEL_OWNER) != self.owner or found.get("Options"):
+            raise PermanentError(f"volume {name} exists but was not made by cynchrod (or has driver "
+                                 "options); it is not mounted", code="policy_violation")
+        return name
+
+    def image_exists(self, image: str) -> bool:
+        try:
+            self._call(lambda: self.api.inspect_image(image), f"inspect image {image}")
+            return True
+        except UnitGone:
+            return False
+
+    def build_image(self, context: pathlib.Path, *, dockerfile: str, tag: str, args: dict[str, str],
+                    org: str, app: str, log: Callable[[str], None]) -> None:
+        """docker build, its output streamed to ``log``; raises ``build_failed``."""
+        labels = self._app_labels(org, app)
+        try:
+            for chunk in self.api.build(path=str(context), dockerfile=dockerfile, tag=tag, buildargs=args or None,
+                                        labels=labels, rm=True, forcerm=True, decode=True):
+                if "stream" in chunk:
+                    for line in str(chunk["stream"]).splitlines():
+                        if line.strip():
+                            log(line)
+                if "error" in chunk:
+                    log(str(chunk["error"]).rstrip())
+                    raise PermanentError(str(chunk["error"]).strip(), code="build_failed")
+        except (docker.errors.APIError, docker.errors.BuildError) as exc:
+            log(str(exc))
+            raise PermanentError(str(exc), code="build_failed") from exc
+        except (requests.RequestException, docker.errors.DockerException, OSError) as exc:
+            raise EngineUnavailable(f"build: docker unreachable ({type(exc).__name__})") from exc
+
+    def _app_images(self, org: str, app: str) -> list[dict[str, Any]]:
+        filters = {"label": runtime.app_labels(self.owner, org, app)}
+        images: list[dict[str, Any]] = self._call(lambda: self.api.images(filters=filters), "list images")
+        return images
+
+    def prune_images(self, org: str, app: str, *, keep: int) -> list[str]:
+        """Remove this app's built images but the newest ``keep`` (and any still in use)."""
+        images = sorted(self._app_images(org, app), key=lambda i: i.get("Created", 0), reverse=True)
+        removed = []
+        for image in images[keep:]:
+            image_id: str = image["Id"]
+            try:
+                self._call(lambda i=image_id: self.api.remove_image(i), "remove image")  # type: ignore[misc]
+                removed.append(image_id)
+            except RuntimeFailure:
+                pass  # in use by a container, or gone already
+        return removed
+
+    def exit_details(self, unit: runtime.Unit) -> tuple[int | None, bool]:
+        """(exit code, OOM-killed) of a stopped unit: one inspect, only when one is healed."""
+        try:
+            state = self._call(lambda: self.api.inspect_container(unit.instance), "inspect")["State"]
+        except RuntimeFailure:
+            return unit.exit_code, unit.state == planning.OOM_KILLED
+        return state.get("ExitCode"), bool(state.get("OOMKilled"))
+
+    def remove_app(self, org: str, app: str) -> None:
+        """After an app's containers are gone: its private network and the images we built for it.
+
+        Named volumes are kept (they hold data); they carry our labels for ``docker volume prune``.
+        """
+        name = self.network_name(org, app)
+        with contextlib.suppress(_Conflict):  # still in use by a container being removed: next pass
+            self._ignore_missing(lambda: self.api.remove_network(name), f"remove network {name}")
+        for image in self._app_images(org, app):
+            image_id: str = image["Id"]
+            self._ignore_missing(lambda i=image_id: self.api.remove_image(i, force=True),  # type: ignore[misc]
+                                 "remove image")
+
+    def _pull(self, image: str) -> None:
+        """Pull only references that name a registry; local tags are never pulled."""
+        if not has_registry(image):
+            raise PermanentError(
+                f"image {image} is not present on this host and names no registry; build or load it here",
+                code="image_not_found")
+        repository, _, tag = image.rpartition(":") if ":" in image.rsplit("/", 1)[-1] else (image, "", "latest")
+        puller = docker.DockerClient.from_env(timeout=PULL_TIMEOUT_S)  # bounded, apart from the list client
+        try:
+            self.calls += 1
+            puller.api.pull(repository, tag=tag)
+        except (docker.errors.DockerException, requests.RequestException, OSError) as exc:
+            raise PermanentError(f"pull of {image} failed: {type(exc).__name__}", code="image_pull_failed") from exc
+        finally:
+            puller.close()
+
+    # -- logs ---------------------------------------------------------------
+
+    def tail(self, org: str, app: str, n: int) -> list[runtime.LogLine]:
+        """The last ``n`` lines of the app's containers, oldest first: bounded reads."""
+        lines: list[runtime.LogLine] = []
+        for unit in self.app_units(org, app):
+            try:
+                raw = self._call(lambda u=unit: self.api.logs(u.instance, timestamps=True, tail=n),  # type: ignore[misc]
+                                 "logs")
+            except UnitGone:
+                continue
+            for text in raw.decode("utf-8", "replace").splitlines():
+                stamp, body = split_log_line(text)
+                lines.append(runtime.LogLine(unit.service, stamp, body, unit.replica, unit.node))
+        lines.sort(key=lambda line: line.timestamp)
+        return lines[-n:]
+
+    def follow(self, org: str, app: str, *, since: float, ended: threading.Event | None = None) -> _AppLogs:
+        return _AppLogs(self, org, app, since, ended)
+
+
+#: The name the rest of the project knew it by.
+DockerRuntime = LocalRuntime

@@ -1,0 +1,172 @@
+"""The event-fed view of the engine (the informer pattern of controller-runtime).
+
+Owned by the reconciler; read by every pass (``snapshot``) and updated by three
+writers: a full relist (at start-up, after every event-stream reconnect, and when
+``resync_s`` has passed), the engine's events in between (one thread, ``run``),
+and the results of the reconciler's own actions (``put`` / ``drop``). A pass with
+nothing to do therefore costs no engine call, and a death updates the view
+itself before it wakes the pass, so the pass never sees a stale ``running``.
+
+Without the event thread (``cynchrod sync``, tests that drive passes by hand) the
+view is not *live* and every snapshot relists: one list call, as before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+from cynchrod import planning, runtime
+from cynchrod.errors import CynchrodError
+
+log = logging.getLogger(__name__)
+RESYNC_S = 300.0
+RECONNECT_S = 1.0
+
+
+class View:
+    def __init__(self, rt: runtime.Runtime, *, resync_s: float = RESYNC_S,
+                 on_change: Callable[[runtime.Event], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.runtime = rt
+        self.resync_s = resync_s
+        self.on_change = on_change or (lambda event: None)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._units: dict[str, runtime.Unit] = {}
+        self._oom: set[str] = set()
+        self._listed_at: float | None = None
+        self._live = False
+        self._stream: runtime.EventStream | None = None
+        self._stopping = threading.Event()
+        self.relists = 0
+        #: Event sequence, and the last sequence that touched each instance: a relist
+        #: keeps what events said about an instance after the list call started.
+        self._seq = 0
+        self._touched: dict[str, int] = {}
+        #: Why the engine could not be watched, while it cannot (for /healthz).
+        self.error: str | None = None
+
+    # -- reads ----------------------------------------------------------------
+
+    def snapshot(self) -> list[runtime.Unit]:
+        """The units now, relisting only when the view is not live or a resync is due."""
+        with self._lock:
+            due = (not self._live or self._listed_at is None
+                   or self._clock() - self._listed_at >= self.resync_s)
+        if due:
+            self.relist()
+        with self._lock:
+            return list(self._units.values())
+
+    def app_units(self, org: str, app: str) -> list[runtime.Unit]:
+        with self._lock:
+            return [u for u in self._units.values() if u.org == org and u.app == app]
+
+    # -- writers --------------------------------------------------------------
+
+    def relist(self) -> None:
+        with self._lock:
+            started = self._seq
+        units = self.runtime.list_units()  # raises: the pass fails, the view stays as it was
+        with self._lock:
+            fresh: dict[str, runtime.Unit] = {}
+            newer = {i for i, seq in self._touched.items() if seq > started}
+            for u in units:
+                if u.instance in newer:
+                    continue
+                old = self._units.get(u.instance)
+                if u.state == planning.EXITED and u.instance in self._oom:
+                    u = dataclasses.replace(u, state=planning.OOM_KILLED)
+                if u.endpoint is None and old is not None:
+                    u = dataclasses.replace(u, endpoint=old.endpoint)
+                fresh[u.instance] = u
+            for instance in newer:
+                if instance in self._units:
+                    fresh[instance] = self._units[instance]
+            self._units = fresh
+            self._touched.clear()
+            self._oom &= set(fresh)
+            self._listed_at = self._clock()
+            self.relists += 1
+
+    def put(self, units: Iterable[runtime.Unit]) -> None:
+        """What an action left serving."""
+        with self._lock:
+            self._seq += 1
+            for u in units:
+                self._units[u.instance] = u
+                self._oom.discard(u.instance)
+                self._touched[u.instance] = self._seq
+
+    def drop(self, instances: Iterable[str]) -> None:
+        """Units an action removed."""
+        with self._lock:
+            self._seq += 1
+            for instance in instances:
+                self._units.pop(instance, None)
+                self._touched[instance] = self._seq
+
+    def apply_event(self, event: runtime.Event) -> None:
+        if event.kind == runtime.RELIST:
+            self.relist()
+            self.on_change(event)
+            return
+        with self._lock:
+            self._seq += 1
+            self._touched[event.instance] = self._seq
+            old = self._units.get(event.instance)
+            if event.kind == runtime.GONE:
+                self._units.pop(event.instance, None)
+                self._oom.discard(event.instance)
+            elif event.oom:
+                self._oom.add(event.instance)
+                if old is not None and old.state == planning.EXITED:
+                    self._units[event.instance] = dataclasses.replace(old, state=planning.OOM_KILLED)
+            elif event.unit is not None:
+                unit = event.unit
+                if unit.state == planning.RUNNING:
+                    self._oom.discard(event.instance)
+                elif event.instance in self._oom:
+                    unit = dataclasses.replace(unit, state=planning.OOM_KILLED)
+                if old is not None:
+                    unit = dataclasses.replace(unit, endpoint=old.endpoint, node=old.node or unit.node)
+                self._units[event.instance] = unit
+        self.on_change(event)
+
+    # -- the event thread -------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Follow the engine's events until ``stop``; reconnect (and relist) after a break."""
+        self._stopping = stop
+        while not stop.is_set():
+            stream = self.runtime.watch()
+            self._stream = stream
+            try:
+                for event in stream:
+                    if stop.is_set():
+                        break
+                    self.apply_event(event)
+                    if event.kind == runtime.RELIST:
+                        with self._lock:
+                            self._live = True
+                        self.error = None
+            except CynchrodError as exc:
+                if not stop.is_set():
+                    self.error = str(exc)
+                    log.warning("engine events: %s; reconnecting", exc)
+            finally:
+                with self._lock:
+                    self._live = False
+                stream.close()
+                self._stream = None
+            stop.wait(RECONNECT_S)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        stream = self._stream
+        if stream is not None:
+            stream.close()
