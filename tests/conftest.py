@@ -10,6 +10,8 @@ import secrets
 import shutil
 import subprocess
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterator
 
 import docker
@@ -88,9 +90,20 @@ class Harness:
         self.rt = local.LocalRuntime(owner=owner, stop_timeout=1, secrets_dir=self.secrets.staging)
         self.src = source.Source(repo_url, state_dir=state)
         self.max_apps: dict[str, int] = {}
+        self._events: threading.Thread | None = None
         self.builds = builds.Builds(state_dir=state, rt=self.rt)
         self.rec = reconciler.Reconciler(src=self.src, rt=self.rt, db=self.db, secrets=self.secrets,
                                          max_apps=lambda org: self.max_apps.get(org, 10), builds=self.builds)
+
+    def watch(self) -> None:
+        """Feed the reconciler's view from the engine's events (as the daemon does)."""
+        self._stop = threading.Event()
+        self._events = threading.Thread(target=self.rec.view.run, args=(self._stop,), daemon=True)
+        self._events.start()
+        deadline = time.monotonic() + 10
+        while not self.rec.view._live:
+            assert time.monotonic() < deadline, "the view never went live"
+            time.sleep(0.01)
 
     def sync(self, trigger: str = "poll") -> reconciler.PassResult:
         return self.rec.sync(trigger)
@@ -103,6 +116,10 @@ class Harness:
         return self.db.live_apps()[(org, name)]
 
     def close(self) -> None:
+        if self._events is not None:
+            self._stop.set()
+            self.rec.view.stop()
+            self._events.join(5)
         self.rt.close()
         self.db.close()
 

@@ -615,3 +615,7 @@ class LocalRuntime:
 
 #: The name the rest of the project knew it by.
 DockerRuntime = LocalRuntime
+
+
+def _conforms(rt: LocalRuntime) -> runtime.Runtime:
+    return rt  # mypy checks that the driver is a Runtime

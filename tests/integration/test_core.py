@@ -210,25 +210,42 @@ def test_missing_local_image_is_never_pulled(repo, harness: Harness) -> None:
     assert harness.containers() == {}
 
 
-def test_one_list_call_in_a_noop_pass_over_50_apps(repo, harness: Harness) -> None:
+def test_noop_passes_make_no_engine_call_and_a_resync_one_list(repo, harness: Harness) -> None:
     harness.max_apps["default"] = 50
     repo.push({f"apps/app{i:02d}.yaml": manifest(f"app{i:02d}") for i in range(50)})
     assert harness.sync().ok
+    harness.watch()  # the view now follows the engine's events, as in the daemon
     requests: list[str] = []
     harness.rt.api.hooks["response"].append(
         lambda response, *a, **k: requests.append(f"{response.request.method} {response.request.path_url}"))
     parses = harness.rec.caches[harness.src.url].parses
     result = harness.sync()
     assert result.ok and all(a.actions == [] for a in result.apps) and len(result.apps) == 50
-    assert len(requests) == 1, requests
-    assert requests[0].startswith("GET /v1.") and "/containers/json?" in requests[0]
+    assert requests == []
     assert harness.rec.caches[harness.src.url].parses == parses  # nothing re-parsed
     ids = {n: r["Id"] for n, r in harness.containers().items()}
     requests.clear()
     for _ in range(200):
         assert all(a.actions == [] for a in harness.sync().apps)
-    assert len(requests) == 200  # still one call a pass: no false drift, no recreate
+    assert requests == []  # no false drift, no recreate, no engine call
+    harness.rec.view.resync_s = 0  # a resync is due: one list call, still nothing to do
+    assert all(a.actions == [] for a in harness.sync().apps)
+    assert len(requests) == 1 and "/containers/json?" in requests[0], requests
     assert {n: r["Id"] for n, r in harness.containers().items()} == ids
+
+
+def test_a_death_is_seen_by_the_pass_it_wakes(repo, harness: Harness) -> None:
+    """The event updates the view itself: the pass it wakes never sees a stale ``running``."""
+    repo.push({"apps/a.yaml": manifest("a")})
+    assert harness.sync().ok
+    harness.watch()
+    for _ in range(2):  # a third death in a row would be backed off (crash loop)
+        harness.rec.wakeup.wait(0)  # drop what start-up queued
+        harness.rt.api.kill(harness.containers()["a"]["Id"])
+        assert harness.rec.wakeup.wait(10) == {"self-heal"}
+        [outcome] = harness.sync("self-heal").apps
+        assert [a.split(":")[0] for a in outcome.actions] == ["start default/a"], outcome
+        assert harness.containers()["a"]["State"] == "running"
 
 
 def test_labels_record_ownership(repo, harness: Harness) -> None:

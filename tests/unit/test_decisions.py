@@ -1,0 +1,164 @@
+"""The decision core against the in-memory runtime: no Docker, no clock, property tests."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cynchrod import decisions, planning, specs
+from cynchrod.errors import PermanentError, RuntimeFailure
+from cynchrod.runtime.memory import MemoryRuntime
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    status: str = decisions.RUNNING
+    last_error: str | None = None
+    deployed_hash: str | None = None
+    source: str = "repo"
+
+
+def service(name: str, image: str, replicas: int) -> specs.ServiceSpec:
+    return specs.ServiceSpec(name=name, image=image, memory=64, replicas=replicas)
+
+
+@st.composite
+def apps(draw: Any) -> dict[tuple[str, str], specs.AppSpec]:
+    out = {}
+    for i in range(draw(st.integers(0, 5))):
+        names = draw(st.sampled_from([("main",), ("web", "db"), ("a", "b", "c")]))
+        services = tuple(service(n, draw(st.sampled_from(["img:1", "img:2"])), draw(st.integers(1, 3)))
+                         for n in names)
+        spec = specs.AppSpec(org=draw(st.sampled_from(["o1", "o2"])), name=f"app{i}", services=services,
+                             state=draw(st.sampled_from(["running", "running", "stopped"])), source="repo")
+        out[spec.key] = spec
+    return out
+
+
+@st.composite
+def world(draw: Any) -> tuple[dict[tuple[str, str], specs.AppSpec], MemoryRuntime]:
+    """Desired apps, and an engine holding some of them in any state (stale, dead, extra, foreign)."""
+    desired = draw(apps())
+    rt = MemoryRuntime()
+    n = 0
+    for spec in desired.values():
+        for svc in spec.services:
+            for replica in range(draw(st.integers(0, svc.replicas + 1))):
+                n += 1
+                rt.units[f"u{n}"] = planning.Unit(
+                    org=spec.org, app=spec.name, service=svc.name, replica=replica, instance=f"u{n}",
+                    state=draw(st.sampled_from(planning.STATES)),
+                    spec_hash=draw(st.sampled_from([spec.service_hash(svc), "stale"])))
+    for i in range(draw(st.integers(0, 2))):  # units of apps no commit declares any more
+        rt.units[f"gone{i}"] = planning.Unit(org="o1", app=f"old{i}", service="main", replica=0,
+                                             instance=f"gone{i}", state=planning.RUNNING, spec_hash="x")
+    return desired, rt
+
+
+def execute(plan: list[decisions.Decision], rt: MemoryRuntime) -> None:
+    for d in plan:
+        for action in d.actions:
+            rt.apply(action)
+
+
+def inputs(desired: dict[tuple[str, str], specs.AppSpec], rt: MemoryRuntime, **kw: Any) -> decisions.Inputs:
+    kw.setdefault("rows", {k: Row() for k in desired})
+    kw.setdefault("max_apps", {"o1": 100, "o2": 100})
+    return decisions.Inputs(desired=desired, units=rt.list_units(), now=1000.0, read=frozenset({"repo"}), **kw)
+
+
+@settings(max_examples=300, deadline=None)
+@given(world())
+def test_deciding_again_after_applying_finds_nothing_to_do(w: Any) -> None:
+    desired, rt = w
+    execute(decisions.decide(inputs(desired, rt)), rt)
+    again = decisions.decide(inputs(desired, rt))
+    assert [a.describe() for d in again for a in d.actions] == []
+    restarting = {u.key for u in rt.units.values() if u.state == planning.RESTARTING}
+    for d in again:
+        if d.spec is not None and d.key not in restarting:  # the engine is restarting it: left alone
+            assert d.status == (decisions.STOPPED if d.spec.state == "stopped" else decisions.RUNNING)
+    # Every declared replica runs (or is being restarted by the engine), once.
+    up = (planning.RUNNING, planning.RESTARTING)
+    running = sorted((u.key, u.service, u.replica) for u in rt.units.values() if u.state in up)
+    want = sorted((s.key, svc.name, r) for s in desired.values() if s.state == "running"
+                  for svc in s.services for r in range(svc.replicas))
+    assert running == want
+
+
+@settings(max_examples=200, deadline=None)
+@given(world())
+def test_a_source_error_never_prunes(w: Any) -> None:
+    desired, rt = w
+    rows = {k: Row() for k in desired} | {("o1", "old0"): Row(), ("o1", "old1"): Row()}
+    unread = inputs({}, rt, rows=rows)  # the repository could not be read: nothing desired
+    unread = dataclasses.replace(unread, read=frozenset(), all_read=False)
+    assert [d for d in decisions.decide(unread) if d.prune or any(a.kind == "remove" for a in d.actions)] == []
+    read = dataclasses.replace(unread, read=frozenset({"repo"}), all_read=True)
+    assert {d.key for d in decisions.decide(read) if d.prune} == set(rows) | {u.key for u in rt.units.values()}
+
+
+@settings(max_examples=200, deadline=None)
+@given(apps(), st.integers(0, 4), st.data())
+def test_an_admitted_app_is_never_refused_by_quota(desired: Any, cap: int, data: Any) -> None:
+    admitted = set(data.draw(st.sets(st.sampled_from(sorted(desired)))) if desired else set())
+    rows = {k: Row() for k in admitted}
+    plan = decisions.decide(inputs(desired, MemoryRuntime(), rows=rows, max_apps={"o1": cap, "o2": cap}))
+    refused = {d.key for d in plan if d.failure is not None and d.failure.code == "quota_exceeded"}
+    assert not refused & admitted
+    for org in ("o1", "o2"):
+        mine = [k for k in desired if k[0] == org]
+        room = max(cap - len([k for k in admitted if k[0] == org]), 0)
+        assert len([k for k in mine if k not in refused]) == len([k for k in mine if k in admitted]) + min(
+            room, len([k for k in mine if k not in admitted]))
+
+
+def test_every_failure_backs_off_and_a_permanent_one_waits_for_a_new_spec() -> None:
+    spec = specs.AppSpec(org="o1", name="a", services=(service("main", "img:1", 1),), source="repo")
+    rt = MemoryRuntime()
+    memory = decisions.Backoff()
+    now = 1000.0
+    waits = []
+    for _ in range(4):
+        [d] = decisions.decide(dataclasses.replace(inputs({spec.key: spec}, rt), memory={spec.key: memory},
+                                                   now=now))
+        assert d.actions and d.retry_in is None
+        memory = decisions.after_failure(d.memory, RuntimeFailure("port is taken"), spec_hash=spec.hash, now=now)
+        [held] = decisions.decide(dataclasses.replace(inputs({spec.key: spec}, rt), memory={spec.key: memory},
+                                                      now=now))
+        assert not held.actions and held.retry_in is not None
+        waits.append(held.retry_in)
+        now += held.retry_in
+    assert waits == [1.0, 2.0, 4.0, 8.0]
+    blocked = decisions.after_failure(decisions.Backoff(), PermanentError("no"), spec_hash=spec.hash, now=now)
+    [d] = decisions.decide(dataclasses.replace(inputs({spec.key: spec}, rt), memory={spec.key: blocked},
+                                               now=now + 10_000))
+    assert not d.actions and d.status == decisions.FAILED
+    changed = dataclasses.replace(spec, services=(service("main", "img:2", 1),))
+    [d] = decisions.decide(dataclasses.replace(inputs({changed.key: changed}, rt), memory={spec.key: blocked},
+                                               now=now + 10_000))
+    assert d.actions
+
+
+def test_self_heal_backs_off_0_0_1_2_4() -> None:
+    spec = specs.AppSpec(org="o1", name="a", services=(service("main", "img:1", 1),), source="repo")
+    rt = MemoryRuntime()
+    rt.units["x"] = planning.Unit(org="o1", app="a", service="main", replica=0, instance="x",
+                                  state=planning.EXITED, spec_hash=spec.service_hash(spec.services[0]), exit_code=3)
+    rows = {spec.key: Row(deployed_hash=spec.hash)}
+    memory, now, gaps, last = decisions.Backoff(), 0.0, [], 0.0
+    while len(gaps) < 5:
+        [d] = decisions.decide(dataclasses.replace(inputs({spec.key: spec}, rt, rows=rows),
+                                                   memory={spec.key: memory}, now=now))
+        if d.actions:
+            assert d.trigger == "self-heal"
+            gaps.append(now - last)
+            last, memory = now, d.memory
+            now += 0.0
+        else:
+            assert d.error is not None and d.error.startswith("crash_loop: exited with code 3")
+            now += d.retry_in or 0
+    assert gaps == [0.0, 0.0, 1.0, 2.0, 4.0]
