@@ -57,9 +57,9 @@ class Accepted:
 
 
 class Control:
-    def __init__(self, *, src: source.Source | Sequence[source.Source], db: store.Store,
+    def __init__(self, *, src: source.Followed | Sequence[source.Followed], db: store.Store,
                  wake: Callable[[str], None], max_apps: Callable[[str], int] = lambda org: DEFAULT_MAX_APPS) -> None:
-        self.sources = [src] if isinstance(src, source.Source) else list(src)
+        self.sources = [src] if isinstance(src, source.Followed) else list(src)
         self.store = db
         self.wake = wake
         self.max_apps = max_apps
@@ -81,11 +81,11 @@ class Control:
                                                   f"{action} {app.org}/{app.name} (by {actor})")
         return self._accepted(app, action, commit)
 
-    def _source_of(self, app: store.App) -> source.Source:
+    def _source_of(self, app: store.App) -> source.Followed:
         """The repository that declares the app (the first one for rows from before sources)."""
         return next((s for s in self.sources if s.url == app.source), self.sources[0])
 
-    def source_for_org(self, org: str) -> source.Source:
+    def source_for_org(self, org: str) -> source.Followed:
         """Where a new app of ``org`` is committed: the repository pinned to it, else the first unpinned."""
         pinned = next((s for s in self.sources if s.org == org), None)
         target = pinned or next((s for s in self.sources if s.org is None), None)

@@ -35,7 +35,7 @@ THREADS = 32
 class Daemon:
     settings: config.Settings
     store: store.Store
-    source: source.Source
+    source: source.Followed
     runtime: runtime.Runtime
     reconciler: reconciler.Reconciler
     control: control.Control

@@ -188,14 +188,14 @@ class _Desired:
 
 
 class Reconciler:
-    def __init__(self, *, src: source.Source | Sequence[source.Source], rt: runtime.Runtime, db: store.Store,
+    def __init__(self, *, src: source.Followed | Sequence[source.Followed], rt: runtime.Runtime, db: store.Store,
                  concurrency: int = 4, clock: Callable[[], float] = time.monotonic,
                  stats: metrics.Metrics | None = None, secrets: secrets_mod.Secrets | None = None,
                  max_apps: Callable[[str], int] = lambda org: decisions.DEFAULT_MAX_APPS,
                  builds: builds_mod.Builds | None = None, resync_s: float = view.RESYNC_S) -> None:
         #: The repositories followed; the first is where apps created through the API go
         #: unless another one is pinned to the app's org.
-        self.sources = [src] if isinstance(src, source.Source) else list(src)
+        self.sources = [src] if isinstance(src, source.Followed) else list(src)
         self.source = self.sources[0]
         self.secrets = secrets
         self.builds = builds
@@ -237,7 +237,7 @@ class Reconciler:
 
     # -- desired state --------------------------------------------------------
 
-    def _load(self, src: source.Source, result: PassResult) -> manifests.Desired | None:
+    def _load(self, src: source.Followed, result: PassResult) -> manifests.Desired | None:
         """The desired state of the source's newest good commit, or None when there is none."""
         try:
             commit = src.fetch()

@@ -9,6 +9,7 @@ every blob it has already parsed.
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import os
 import pathlib
@@ -55,7 +56,46 @@ def _normalise(url: str) -> str:
     return str(pathlib.Path(url).expanduser().resolve())
 
 
-class Source:
+class Followed(abc.ABC):
+    """What the reconciler and the imperative calls need of a followed repository.
+
+    Two kinds: ``Source`` (a Git mirror under ``state/repos``) and ``WorkTreeSource``
+    (a local working directory read from disk). Neither inherits the other's
+    machinery, so nothing half-initialised can be called on the wrong one.
+    """
+
+    url: str
+    org: str | None
+    branch: str
+    path: str
+
+    @property
+    def apps_prefix(self) -> str:
+        return f"{self.path}/{APPS_DIR}" if self.path else APPS_DIR
+
+    @abc.abstractmethod
+    def fetch(self) -> str: ...
+
+    @abc.abstractmethod
+    def resolve(self) -> str: ...
+
+    @abc.abstractmethod
+    def files(self, commit: str) -> tuple[list[tuple[str, str]], list[ManifestError]]: ...
+
+    @abc.abstractmethod
+    def read(self, oid: str) -> bytes: ...
+
+    @abc.abstractmethod
+    def introduced(self, commit: str, paths: Iterable[str], *, limit: int = 1000) -> dict[str, int]: ...
+
+    @abc.abstractmethod
+    def file_at(self, commit: str, path: str) -> bytes | None: ...
+
+    @abc.abstractmethod
+    def commit_edit(self, path: str, edit: Callable[[bytes | None], bytes | None], message: str) -> str | None: ...
+
+
+class Source(Followed):
     """One branch of one repository, mirrored under ``state/repos``."""
 
     def __init__(self, url: str, *, branch: str = "main", path: str = "", state_dir: pathlib.Path,
@@ -70,10 +110,6 @@ class Source:
         self._repo: pygit2.Repository | None = None
         # One libgit2 repository object is shared by the reconciler and the API threads.
         self._lock = threading.RLock()
-
-    @property
-    def apps_prefix(self) -> str:
-        return f"{self.path}/{APPS_DIR}" if self.path else APPS_DIR
 
     def _open(self) -> pygit2.Repository:
         if self._repo is None:
@@ -296,7 +332,7 @@ class _PushCallbacks(pygit2.RemoteCallbacks):
             self.rejection = message
 
 
-class WorkTreeSource(Source):
+class WorkTreeSource(Followed):
     """A local working directory, read as it is on disk (saved, not committed).
 
     Chosen when ``--repo`` is a local directory with a work tree (not a bare
@@ -434,7 +470,7 @@ class WorkTreeSource(Source):
 
 
 def open_source(url: str, *, branch: str = "main", path: str = "", state_dir: pathlib.Path,
-                org: str | None = None) -> Source:
+                org: str | None = None) -> Followed:
     """A working directory is read from disk (and watched); anything else is mirrored from Git."""
     local = pathlib.Path(url).expanduser()
     if "://" not in url and local.is_dir() and (local / ".git").exists():

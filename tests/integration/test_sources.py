@@ -93,3 +93,20 @@ def test_worktree_commit_back_touches_one_file(tmp_path: pathlib.Path) -> None:
     status = git("status", "--porcelain", cwd=work)
     assert "A  apps/b.yaml" in status and "a.yaml" not in status  # b still staged, a clean
     assert src.fetch() != first
+
+
+def test_a_worktree_source_is_whole_on_its_own(tmp_path: pathlib.Path) -> None:
+    """It used to inherit the mirror's methods without its state (``_open``, ``export``,
+    ``_push`` raised AttributeError). Now each kind is complete and nothing is inherited."""
+    (tmp_path / "w").mkdir()
+    work = GitRepo(tmp_path / "w").work
+    (work / "apps").mkdir()
+    (work / "apps" / "a.yaml").write_text(manifest("a"))
+    followed = source.open_source(str(work), state_dir=tmp_path / "state")
+    assert isinstance(followed, source.WorkTreeSource) and not isinstance(followed, source.Source)
+    for name in ("_open", "export", "_push", "mirror"):
+        assert not hasattr(followed, name), name
+    commit = followed.fetch()
+    assert [path for path, _ in followed.files(commit)[0]] == ["apps/a.yaml"]
+    assert followed.commit_edit("apps/a.yaml", lambda old: (old or b"") + b"cpu: 0.5\n", "edit") is not None
+    assert followed.fetch() != commit
