@@ -120,7 +120,7 @@ async function poll() {
       if (!STATUSES.includes(app.status)) continue;
       const row = document.getElementById("row-" + app.id);
       if (row) updateRow(row, app);
-      else if (table.dataset.rowsUrl) unknown = true;
+      else if (table.dataset.rowsUrl && app.status !== "removed") unknown = true;  // a new app: fetch the rows
       document.querySelectorAll(`.page-badge[data-status-of="${app.id}"]`).forEach((b) => {
         if (b.textContent !== app.status) setBadge(b, app.status);
       });
@@ -242,7 +242,8 @@ function logView() {
       const scheme = location.protocol === "https:" ? "wss:" : "ws:";
       const ws = new WebSocket(`${scheme}//${location.host}${root.dataset.streamPath}?ticket=${encodeURIComponent(ticket)}`);
       ws.onopen = () => { state.textContent = "live"; root.dataset.live = "1"; };
-      ws.onmessage = (event) => add(JSON.parse(event.data));
+      let streamed = 0;
+      ws.onmessage = (event) => { root.dataset.streamed = String(++streamed); add(JSON.parse(event.data)); };
       ws.onclose = (event) => {
         root.dataset.live = "0";
         if (event.code === 4401) { state.textContent = "signed out"; window.location.assign("/signin"); return; }
