@@ -107,7 +107,13 @@ def secret_key(state_dir: pathlib.Path) -> bytes:
     return key
 
 
+def when(stamp: str | None) -> str:
+    """``2026-11-29T16:50:17Z`` as ``2026-11-29 16:50:17`` (the store's times are UTC)."""
+    return (stamp or "").replace("T", " ").removesuffix("Z")
+
+
 def init_app(app: Flask, state_dir: pathlib.Path) -> None:
+    app.jinja_env.filters["when"] = when
     app.secret_key = secret_key(state_dir)
     app.session_interface = _Sessions()
     app.config.update(SESSION_COOKIE_NAME="cynchrod_session", SESSION_COOKIE_HTTPONLY=True,

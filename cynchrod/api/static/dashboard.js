@@ -78,7 +78,7 @@ function updateRow(row, app) {
   const badge = row.querySelector('[data-field="status"]');
   if (badge.textContent !== app.status) setBadge(badge, app.status);
   const error = row.querySelector('[data-field="last_error"]');
-  if (error.textContent !== (app.last_error || "")) error.textContent = app.last_error || "";
+  if (error.textContent !== (app.last_error || "")) error.textContent = error.title = app.last_error || "";
   const dep = row.querySelector('[data-field="deployment"]');
   const d = app.deployment;
   const key = d ? `${d.id}|${d.status}` : "";
@@ -88,7 +88,8 @@ function updateRow(row, app) {
     if (d) {
       const time = document.createElement("time");
       time.dateTime = d.at;
-      time.textContent = d.at;
+      time.title = "UTC";
+      time.textContent = d.at.replace("T", " ").replace(/Z$/, "");
       const code = document.createElement("code");
       code.textContent = d.commit;
       dep.append(time, ` · ${d.trigger} · `, code);
