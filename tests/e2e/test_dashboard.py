@@ -419,6 +419,12 @@ def test_script_in_env_logs_and_errors_stays_text(site: Site, page: Page, docker
     site.wake()
     wait_for(lambda: "<script>" in str(site.apps()["default/xss"]["last_error"]), 20, "the manifest error")
     sign_in(page, site, site.tokens["alice"])
+    # As the server wrote them (before the script touches anything): escaped, never markup.
+    escaped = "&lt;script&gt;window.__pwned=1&lt;/script&gt;"
+    for path in ("/", f"/ui/apps/{site.app_id('xss')}"):
+        html = page.request.get(site.url + path).text()
+        assert escaped in html and XSS not in html, path
+        assert "script-src 'self'" in page.request.get(site.url + path).headers["content-security-policy"]
     xss_row = row(page, "xss")
     expect(xss_row.locator('[data-field="last_error"]')).to_contain_text(XSS)
     xss_row.get_by_role("link", name="xss", exact=True).click()
