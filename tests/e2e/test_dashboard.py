@@ -41,6 +41,12 @@ XSS_COMMAND = f"""
   - "while true; do echo '{XSS_LINE}'; sleep 0.3; done"
 """
 TICKER = "[sh, -c, 'i=0; while true; do i=$((i+1)); echo tick $i; sleep 0.2; done']"
+DUO = f"""name: duo
+memory: 64
+services:
+  alpha: {{image: '{TEST_IMAGE}', command: [sh, -c, 'while true; do echo from-alpha; sleep 0.5; done']}}
+  beta: {{image: '{TEST_IMAGE}', command: [sh, -c, 'while true; do echo from-beta; sleep 0.5; done']}}
+"""
 
 
 def app(name: str, *, org: str = "default", command: str = "[sleep, '3600']", extra: str = "") -> str:
@@ -102,11 +108,12 @@ def site(tmp_path_factory: pytest.TempPathFactory, docker_client: docker.DockerC
                "apps/doomed.yaml": app("doomed"),
                "apps/cfg.yaml": app("cfg", extra="env: {LEVEL: one}\n"),
                "apps/xss.yaml": app("xss", command=XSS_COMMAND, extra=f"env: {{NOTE: '{XSS}'}}\n"),
+               "apps/duo.yaml": DUO,
                "apps/theirs.yaml": app("theirs", org="other")})
     daemon = Daemon(repo, state, owner, interval=300, env={"CYNCHROD_WEBHOOK_SECRET": WEBHOOK_SECRET}).start()
     s = Site(daemon, daemon.api, repo, state, owner, tokens)
     try:
-        wait_for(lambda: _all_running(s, 6), 60, "six apps running")
+        wait_for(lambda: _all_running(s, 7), 60, "seven apps running")
         yield s
     finally:
         assert daemon.stop() == 0
@@ -216,6 +223,7 @@ def test_sign_in_bad_good_and_the_landing_page(site: Site, page: Page) -> None:
     sign_in(page, site, site.tokens["alice"])
     assert page.url == site.url + "/"  # the apps list is where a sign-in lands
     expect(page.get_by_role("heading", name="Apps")).to_be_visible()
+    assert (site.state / "dashboard.key").stat().st_mode & 0o777 == 0o600
     cookie = next(c for c in page.context.cookies() if c["name"] == "cynchrod_session")
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and not cookie["secure"]  # plain http here
     assert site.tokens["alice"] not in cookie["value"]  # the cookie carries the token's id, not the token
@@ -243,8 +251,8 @@ def test_revoked_token_ends_the_session_at_once(site: Site, page: Page) -> None:
 
 def test_list_shows_this_orgs_apps_and_statuses(site: Site, page: Page) -> None:
     sign_in(page, site, site.tokens["alice"])
-    names = page.locator("#rows tr th[scope=row]").all_inner_texts()
-    assert sorted(names) == ["cfg", "doomed", "ticker", "web", "xss"]  # not bob's "theirs"
+    # Not bob's "theirs"; rows in name order.
+    expect(page.locator("#rows tr th[scope=row]")).to_have_text(["cfg", "doomed", "duo", "ticker", "web", "xss"])
     web = row(page, "web")
     expect(web.locator(".badge")).to_have_text("running")  # a word, not only a colour
     expect(web).to_contain_text(TEST_IMAGE)
@@ -273,7 +281,7 @@ def test_admin_sees_every_org_with_a_filter(site: Site, page: Page) -> None:
     expect(row(page, "theirs")).to_be_visible()
     page.get_by_label("Org").select_option("other")
     page.wait_for_url(re.compile(r"org=other"))
-    assert page.locator("#rows tr th[scope=row]").all_inner_texts() == ["theirs"]
+    expect(page.locator("#rows tr th[scope=row]")).to_have_text(["theirs"])
 
 
 def test_stop_start_restart_are_commits_and_the_badge_follows(site: Site, page: Page,
@@ -350,6 +358,15 @@ def test_logs_show_lines_written_after_opening(site: Site, page: Page, docker_cl
     page.get_by_label("Follow").check()
     page.get_by_role("searchbox", name="Filter").fill(marker)
     expect(page.locator("#lines tr:visible")).to_have_count(1)
+
+
+def test_logs_of_a_multi_service_app_name_the_service(site: Site, page: Page) -> None:
+    sign_in(page, site, site.tokens["alice"])
+    row(page, "duo").get_by_role("link", name="Logs").click()
+    expect(page.get_by_role("columnheader", name="Service")).to_be_visible()
+    for service in ("alpha", "beta"):
+        line = page.locator("#lines tr", has_text=f"from-{service}").last
+        expect(line.locator("td.svc")).to_have_text(service, timeout=10000)
 
 
 FLOOD = """() => new Promise((done) => {
