@@ -303,13 +303,15 @@ def free_port() -> int:
 
 
 class Serve:
-    def __init__(self, repo: Repo, state: pathlib.Path, owner: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, repo: Repo, state: pathlib.Path, owner: str, env: dict[str, str] | None = None,
+                 args: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(state.parent / "daemon.log", "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cynchrod", "serve", "--repo", str(repo.bare), "--state", str(state),
-             "--owner", owner, "--interval", "300", "--listen", f"127.0.0.1:{self.port}", "--stop-timeout", "1"],
+             "--owner", owner, "--interval", "300", "--listen", f"127.0.0.1:{self.port}", "--stop-timeout", "1",
+             *args],
             stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
             env={**os.environ, "CYNCHROD_WEBHOOK_SECRET": SECRET, "CYNCHROD_LOG_LEVEL": "WARNING"})
         for _ in range(300):
@@ -576,15 +578,93 @@ def _wrk(url: str, token: str, seconds: int) -> tuple[float, float]:
     return rps, p99
 
 
+def dashboard_page(tmp: pathlib.Path, n: int, requests_n: int, seconds: float) -> dict[str, Any]:
+    """The dashboard's apps page for n apps, signed in as an admin: server-side render time (the page's
+    Server-Timing header) when the store has not changed since the last render and the first render
+    after it has; beside it GET /apps (JSON) for the same apps; and the passes that 5 browsers polling
+    the list for ``seconds`` add (the list reads the store only)."""
+    import http.cookiejar
+    import urllib.parse
+
+    work = tmp / f"dash-{n}"
+    work.mkdir()
+    repo = Repo(work)
+    owner = f"bench-dash-{n}"
+    repo.push({f"apps/app{i:04d}.yaml": manifest(f"app{i:04d}", extra="state: stopped\n") for i in range(n)})
+    state = work / "state"
+    token = subprocess.run([sys.executable, "-m", "cynchrod", "token", "create", "--org", "default", "--admin",
+                            "--state", str(state)], check=True, capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    config = work / "c.yaml"
+    config.write_text(f"defaults: {{max_apps: {n + 10}}}\n")
+    daemon = Serve(repo, state, owner, args=("--config", str(config)))
+    api = urllib.request.Request(daemon.url + "/apps", headers={"Authorization": f"Bearer {token}"})
+
+    def settled() -> bool:
+        apps = json.loads(urllib.request.urlopen(api, timeout=5).read())["apps"]
+        return len(apps) == n and all(a["status"] == "stopped" for a in apps)
+
+    wait(settled, 120)
+    browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+    page = browser.open(daemon.url + "/signin", timeout=5).read().decode()
+    csrf = re.search(r'name="csrf-token" content="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+    browser.open(daemon.url + "/signin", data=urllib.parse.urlencode({"token": token, "csrf_token": csrf}).encode(),
+                 timeout=5).read()
+
+    def render() -> tuple[float, float, int]:
+        t0 = time.perf_counter()
+        with browser.open(daemon.url + "/", timeout=10) as r:
+            body = r.read()
+            timing = r.headers["Server-Timing"]
+        wall = (time.perf_counter() - t0) * 1000
+        assert body.count(b'<tr id="row-') == n, "not every app is on the page"
+        return float(timing.split("dur=")[1]), wall, len(body)
+
+    first, _, size = render()  # the store changed since the daemon started: the rows are built
+    renders = [render() for _ in range(requests_n)]
+    server = [r[0] for r in renders]
+    api_ms = []
+    for _ in range(requests_n):
+        t0 = time.perf_counter()
+        urllib.request.urlopen(api, timeout=10).read()
+        api_ms.append((time.perf_counter() - t0) * 1000)
+
+    def passes() -> float:
+        text = urllib.request.urlopen(daemon.url + "/metrics", timeout=5).read().decode()
+        return sum(float(v) for v in re.findall(r"^cynchrod_passes_total\{[^}]*\} ([\d.e+]+)$", text, re.M))
+
+    before = passes()
+    stop = time.monotonic() + seconds
+
+    def poller() -> None:
+        while time.monotonic() < stop:
+            browser.open(daemon.url + "/ui/apps.json", timeout=10).read()
+            time.sleep(2)
+
+    threads = [threading.Thread(target=poller) for _ in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    added = passes() - before
+    daemon.stop()
+    remove_owner(owner)
+    row = {"scenario": f"dashboard apps page, {n} apps", "cynchrod_render_p50_ms": round(median(server), 2),
+           "cynchrod_render_p95_ms": round(pct(server, 95), 2), "cynchrod_first_render_ms": round(first, 2),
+           "page_kib": round(size / 1024, 1), "get_apps_json_p50_ms": round(median(api_ms), 2),
+           "passes_added_by_5_pollers": added}
+    log(str(row))
+    return row
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="smaller N and fewer repeats")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
-    parser.add_argument("--only", choices=["cold", "noop", "change", "push", "heal", "api", "logs"],
+    parser.add_argument("--only", choices=["cold", "noop", "change", "push", "heal", "api", "logs", "dash"],
                         action="append",
                         help="run these scenarios only; their rows replace the same rows in --out")
     args = parser.parse_args()
-    only = set(args.only or ["cold", "noop", "change", "push", "heal", "api", "logs"])
+    only = set(args.only or ["cold", "noop", "change", "push", "heal", "api", "logs", "dash"])
     quick = args.quick
     build_image()
     cleanup()
@@ -612,6 +692,8 @@ def main() -> int:
                 rows += api_and_memory(tmp, 300, [100, 1000], 5 if quick else 10)
             if "logs" in only:
                 rows += logs_throughput(tmp, 5 if quick else 10)
+            if "dash" in only:
+                rows.append(dashboard_page(tmp, 300, 20 if quick else 100, 6 if quick else 20))
         finally:
             cleanup()
     out = pathlib.Path(args.out)

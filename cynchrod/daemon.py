@@ -19,16 +19,41 @@ from typing import TYPE_CHECKING, Any
 import watchfiles
 from gunicorn.app.base import BaseApplication
 
-from cynchrod import builds, config, control, metrics, reconciler, runtime, secrets, source, store
+from cynchrod import builds, config, control, metrics, planning, reconciler, runtime, secrets, source, store
 from cynchrod.errors import CynchrodError, PermanentError
 from cynchrod.runtime import local
 
 if TYPE_CHECKING:
     from cynchrod.api.auth import Tickets
+    from cynchrod.store import App
 
 log = logging.getLogger("cynchrod")
 #: Worker threads: API requests plus the log streams they may hold open.
 THREADS = 32
+#: How long a dashboard page waits for ``Daemon.preview`` (it queues behind a running pass).
+PREVIEW_WAIT_S = 3.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """One running instance (replica) of one service of an app, for the dashboard."""
+
+    service: str
+    instance: str
+    state: str
+    host_port: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Change:
+    """One thing the next pass would do to an app; ``running``/``next`` are the
+    service's normalised spec (JSON) before and after, empty when there is none."""
+
+    kind: str
+    service: str
+    reason: str
+    running: str
+    next: str
 
 
 @dataclasses.dataclass
@@ -47,6 +72,8 @@ class Daemon:
     rebuild: Callable[[], config.Settings] | None = None
     _thread: threading.Thread | None = None
     _watcher: threading.Thread | None = None
+    #: One preview at a time: page loads during a long pass must not pile up behind it.
+    _previewing: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     @classmethod
     def build(cls, cfg: config.Settings, *, mirrors: pathlib.Path | None = None) -> Daemon:
@@ -135,6 +162,58 @@ class Daemon:
         log.info("config reloaded from %s", self.settings.config_path)
         self.reconciler.wakeup.request("watch")
         return True
+
+
+    # -- read-only views for the dashboard (the seams to rewire to a new core) -----
+
+    def app_units(self, org: str, name: str) -> list[Unit]:
+        """The app's containers as the engine reports them now (one list call)."""
+        return [Unit(service=c.service, instance=c.id[:12], state=c.state, host_port=c.host_port)
+                for c in sorted(self.runtime.app_containers(org, name), key=lambda c: (c.service, c.name))]
+
+    def log_tail(self, org: str, name: str, lines: int) -> list[tuple[str, str, str]]:
+        """The last ``lines`` log lines of all the app's containers as (service, timestamp, text)."""
+        found = [(c.service, stamp, text) for c in self.runtime.app_containers(org, name)
+                 for stamp, text in self.runtime.log_tail(c.id, lines)]
+        return sorted(found, key=lambda item: item[1])[-lines:]
+
+    def manifest(self, app: App) -> bytes | None:
+        """The app's manifest as committed (at the commit its row last recorded)."""
+        src = next((s for s in self.reconciler.sources if s.url == app.source), self.source)
+        return src.file_at(app.commit, app.path) if app.commit and app.path else None
+
+    def preview(self, org: str, name: str, *, wait_s: float = PREVIEW_WAIT_S) -> list[Change] | None:
+        """What the next pass would do to this app, changing nothing; None when that
+        cannot be known within ``wait_s`` (a pass is running, or another preview is)."""
+        if not self._previewing.acquire(blocking=False):
+            return None
+        found: list[list[Change]] = []
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                _, actions = self.reconciler.preview()
+                mine = [a for a in actions if a.key == (org, name)]
+                running = {c.id: c.spec_json for c in self.runtime.app_containers(org, name)} if mine else {}
+                found.append([Change(kind=a.kind, service=a.service, reason=a.reason,
+                                     running=running.get(a.container_id or "", ""), next=_next_spec(a))
+                              for a in mine])
+            except CynchrodError as exc:
+                log.warning("preview of %s/%s failed: %s", org, name, exc)
+            finally:
+                self._previewing.release()
+                done.set()
+
+        threading.Thread(target=run, name="preview", daemon=True).start()
+        done.wait(wait_s)
+        return found[0] if found else None
+
+
+def _next_spec(action: planning.Action) -> str:
+    service = action.service_spec
+    if action.kind == planning.REMOVE or action.spec is None or service is None:
+        return ""
+    return service.canonical(restarted_at=action.spec.restarted_at)
 
 
 class Server(BaseApplication):  # type: ignore[misc]

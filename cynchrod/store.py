@@ -413,6 +413,16 @@ class Store:
         found = self.deployments(app_id, limit=1)
         return found[0] if found else None
 
+    def last_deployments(self, *, org: str | None = None) -> dict[str, Deployment]:
+        """The newest deployment of every app (of ``org``), in one query: app id -> deployment."""
+        sql = ("SELECT d.* FROM deployments d JOIN (SELECT app_id, MAX(id) AS id FROM deployments GROUP BY app_id) m"
+               " ON d.id = m.id")
+        args: tuple[Any, ...] = ()
+        if org is not None:
+            sql += " JOIN apps a ON a.id = d.app_id WHERE a.org = ?"
+            args = (org,)
+        return {r["app_id"]: Deployment(**dict(r)) for r in self._query(sql, args)}
+
     def interrupt_unfinished(self) -> int:
         """At start-up: a deployment left ``deploying`` by a killed daemon is failed."""
         with self.transaction() as db:
@@ -444,6 +454,12 @@ class Store:
         """The live token whose hash matches, or None."""
         rows = self._query("SELECT id, name, org, admin, created_at, revoked_at FROM tokens"
                            " WHERE hash = ? AND revoked_at IS NULL", (token_hash(secret),))
+        return _token(rows[0]) if rows else None
+
+    def find_token(self, secret: str) -> Token | None:
+        """The token whose hash matches, revoked or not (to say why a sign-in failed)."""
+        rows = self._query("SELECT id, name, org, admin, created_at, revoked_at FROM tokens WHERE hash = ?",
+                           (token_hash(secret),))
         return _token(rows[0]) if rows else None
 
     def is_live_token(self, token_id: str) -> bool:

@@ -2,7 +2,8 @@
 
 ``create_app(daemon)`` builds the Flask app over a running ``Daemon``: the
 ``apps`` blueprint (REST and imperative calls), ``logs`` (tail, tickets and
-the WebSocket stream) and ``meta`` (health, metrics, OpenAPI). Views read the
+the WebSocket stream), ``meta`` (health, metrics, OpenAPI) and ``dashboard``
+(the pages at ``/`` and ``/ui/``, signed in with a session cookie). Views read the
 store and commit through ``control``; they never wait on Docker for longer
 than the client timeout of one bounded call.
 
@@ -52,7 +53,7 @@ def error_response(code: str, message: str, status: int | None = None, **extra: 
 
 def create_app(daemon: Any) -> Flask:
     """The Flask app for ``daemon`` (a ``cynchrod.daemon.Daemon``)."""
-    from cynchrod.api import apps, logs, meta, secrets, webhooks
+    from cynchrod.api import apps, dashboard, logs, meta, secrets, webhooks
 
     app = Flask("cynchrod")
     app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024
@@ -62,6 +63,7 @@ def create_app(daemon: Any) -> Flask:
     app.register_blueprint(meta.bp)
     app.register_blueprint(secrets.bp)
     app.register_blueprint(webhooks.bp)
+    dashboard.init_app(app, daemon.settings.state)
     sock.init_app(app)
 
     @app.errorhandler(CynchrodError)

@@ -94,14 +94,18 @@ def deployment_log(app_id: str, deployment_id: int) -> Response:
     raw = request.args.get("tail", "500")
     if not raw.isdigit() or not 1 <= int(raw) <= 5000:
         raise ApiError("invalid_tail", "tail must be an integer from 1 to 5000")
+    return jsonify({"deployment_id": deployment_id, "lines": build_log(deployment_id, int(raw)) or []})
+
+
+def build_log(deployment_id: int, tail: int) -> list[str] | None:
+    """The last ``tail`` lines of a deployment's build output; None when it built nothing."""
     builder = daemon().reconciler.builds
     path = builder.log_path(deployment_id) if builder is not None else None
-    lines: list[str] = []
-    if path is not None and path.exists():
-        with open(path, "rb") as log_file:
-            log_file.seek(max(0, path.stat().st_size - 512 * 1024))  # never an unbounded read
-            lines = log_file.read().decode("utf-8", "replace").splitlines()[-int(raw):]
-    return jsonify({"deployment_id": deployment_id, "lines": lines})
+    if path is None or not path.exists():
+        return None
+    with open(path, "rb") as log_file:
+        log_file.seek(max(0, path.stat().st_size - 512 * 1024))  # never an unbounded read
+        return log_file.read().decode("utf-8", "replace").splitlines()[-tail:]
 
 
 def _accepted(result: control.Accepted, **extra: Any) -> tuple[Response, int]:
