@@ -167,15 +167,14 @@ class Daemon:
     # -- read-only views for the dashboard (the seams to rewire to a new core) -----
 
     def app_units(self, org: str, name: str) -> list[Unit]:
-        """The app's containers as the engine reports them now (one list call)."""
-        return [Unit(service=c.service, instance=c.id[:12], state=c.state, host_port=c.host_port)
-                for c in sorted(self.runtime.app_containers(org, name), key=lambda c: (c.service, c.name))]
+        """The app's units as the reconciler's view holds them (no engine call)."""
+        return [Unit(service=u.service if not u.replica else f"{u.service}#{u.replica}", instance=u.instance[:12],
+                     state=u.state, host_port=u.endpoint)
+                for u in sorted(self.reconciler.view.app_units(org, name), key=lambda u: (u.service, u.replica))]
 
     def log_tail(self, org: str, name: str, lines: int) -> list[tuple[str, str, str]]:
-        """The last ``lines`` log lines of all the app's containers as (service, timestamp, text)."""
-        found = [(c.service, stamp, text) for c in self.runtime.app_containers(org, name)
-                 for stamp, text in self.runtime.log_tail(c.id, lines)]
-        return sorted(found, key=lambda item: item[1])[-lines:]
+        """The last ``lines`` log lines of all the app's units as (service, timestamp, text)."""
+        return [(line.service, line.timestamp, line.line) for line in self.runtime.tail(org, name, lines)]
 
     def manifest(self, app: App) -> bytes | None:
         """The app's manifest as committed (at the commit its row last recorded)."""
@@ -194,9 +193,8 @@ class Daemon:
             try:
                 _, actions = self.reconciler.preview()
                 mine = [a for a in actions if a.key == (org, name)]
-                running = {c.id: c.spec_json for c in self.runtime.app_containers(org, name)} if mine else {}
                 found.append([Change(kind=a.kind, service=a.service, reason=a.reason,
-                                     running=running.get(a.container_id or "", ""), next=_next_spec(a))
+                                     running=a.unit.spec_json if a.unit is not None else "", next=_next_spec(a))
                               for a in mine])
             except CynchrodError as exc:
                 log.warning("preview of %s/%s failed: %s", org, name, exc)
