@@ -14,17 +14,17 @@ import jsonschema
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
-from cynchrod import manifests
+from cynchrod import decisions, manifests, specs
 from cynchrod.errors import PermanentError
 
 _VALIDATOR = jsonschema.Draft202012Validator(manifests.load_schema("config.schema.json"))
 _OWNER_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")
-ORG_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+ORG_RE = specs.NAME_RE
 #: config-file key -> Settings field
 _FILE_KEYS = {"repo": "repo", "branch": "branch", "path": "path", "state": "state", "interval": "interval",
               "listen": "listen", "owner": "owner", "publishAddress": "publish_address", "resync": "resync",
               "concurrency": "concurrency", "stopTimeout": "stop_timeout"}
-DEFAULT_MAX_APPS = 10
+DEFAULT_MAX_APPS = decisions.DEFAULT_MAX_APPS
 
 
 class ConfigError(PermanentError):

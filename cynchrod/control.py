@@ -16,10 +16,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from cynchrod import edits, manifests, source, store
+from cynchrod import decisions, edits, manifests, source, store
 from cynchrod.errors import PermanentError
-
-DEFAULT_MAX_APPS = 10
 
 
 class NotFound(PermanentError):
@@ -58,7 +56,8 @@ class Accepted:
 
 class Control:
     def __init__(self, *, src: source.Followed | Sequence[source.Followed], db: store.Store,
-                 wake: Callable[[str], None], max_apps: Callable[[str], int] = lambda org: DEFAULT_MAX_APPS) -> None:
+                 wake: Callable[[str], None],
+                 max_apps: Callable[[str], int] = lambda org: decisions.DEFAULT_MAX_APPS) -> None:
         self.sources = [src] if isinstance(src, source.Followed) else list(src)
         self.store = db
         self.wake = wake
@@ -170,7 +169,7 @@ class Control:
             live = self.store.live_apps()
             if spec.key in live:
                 raise Conflict(f"app {spec.org}/{spec.name} exists", code="app_exists")
-            count = sum(1 for org_, _ in live if org_ == spec.org)
+            count = decisions.admitted(live, spec.org)
             cap = self.max_apps(spec.org)
             if count >= cap:
                 raise QuotaExceeded(f"org {spec.org} has {count} apps, its max_apps is {cap}")

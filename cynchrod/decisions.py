@@ -188,6 +188,12 @@ def over_cap(desired: Mapping[tuple[str, str], specs.AppSpec], rows: Mapping[tup
             and (k not in rows or quota_refused(rows[k]))}
 
 
+def admitted(rows: Mapping[tuple[str, str], Row], org: str) -> int:
+    """How many apps of ``org`` hold a place under its cap (the one quota count, used by
+    the passes and by ``POST /apps`` alike): a row refused for quota holds none."""
+    return sum(1 for (o, _), row in rows.items() if o == org and not quota_refused(row))
+
+
 def quota_refused(row: Row) -> bool:
     return row.status == FAILED and (row.last_error or "").startswith("quota_exceeded")
 

@@ -70,7 +70,7 @@ class Secrets:
     def check_name(org: str, name: str) -> None:
         if not NAME_RE.match(name):
             raise SecretError(f"secret name {name!r} must be letters, digits, '_' or '-' (at most 64)")
-        if not re.match(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", org):
+        if not specs.NAME_RE.match(org):
             raise SecretError(f"org {org!r} is not a DNS label")
 
     def set(self, org: str, name: str, value: bytes) -> None:

@@ -10,9 +10,14 @@ import dataclasses
 import functools
 import hashlib
 import json
+import re
 from typing import Any
 
 DEFAULT_ORG = "default"
+#: An org or app name: a DNS label. The one home of the rule; ``schemas/app.schema.json``
+#: carries the same pattern (a unit test keeps them equal) for editors.
+NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+NAME_RE = re.compile(NAME_PATTERN)
 DEFAULT_CPU = 1.0
 DEFAULT_MEMORY_MB = 512
 #: The service name of a single-container app (one declared with ``image``).

@@ -162,3 +162,19 @@ def test_self_heal_backs_off_0_0_1_2_4() -> None:
             assert d.error is not None and d.error.startswith("crash_loop: exited with code 3")
             now += d.retry_in or 0
     assert gaps == [0.0, 0.0, 1.0, 2.0, 4.0]
+
+
+def test_one_home_for_names_and_caps() -> None:
+    import json
+    import pathlib
+
+    from cynchrod import config, control
+
+    schema = json.loads((pathlib.Path(__file__).parents[2] / "schemas" / "app.schema.json").read_text())
+    assert schema["properties"]["org"]["pattern"] == specs.NAME_PATTERN
+    assert schema["properties"]["name"]["pattern"] == specs.NAME_PATTERN
+    assert config.DEFAULT_MAX_APPS == decisions.DEFAULT_MAX_APPS == config.Settings().max_apps("x")
+    assert not hasattr(control, "DEFAULT_MAX_APPS")
+    # A row refused for quota holds no place, for the API's count as for the passes'.
+    rows = {("o", "a"): Row(), ("o", "b"): Row(status="failed", last_error="quota_exceeded: full")}
+    assert decisions.admitted(rows, "o") == 1
