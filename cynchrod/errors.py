@@ -79,6 +79,19 @@ class EngineUnavailable(RuntimeFailure):
     code = "docker_unavailable"
 
 
+class StateUnwritable(TemporaryError):
+    """The state directory cannot be written (disk full, read-only): passes still heal,
+    nothing new is recorded until it can be."""
+
+    code = "state_unwritable"
+
+
+class StoreError(PermanentError):
+    """The store failed in a way a retry will not fix (a corrupt database)."""
+
+    code = "store_error"
+
+
 class StateLocked(PermanentError):
     """Another daemon holds the state directory."""
 

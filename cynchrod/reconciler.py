@@ -27,14 +27,16 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
 
 from cynchrod import builds as builds_mod
 from cynchrod import decisions, manifests, metrics, planning, runtime, source, specs, store, view
 from cynchrod import secrets as secrets_mod
 from cynchrod.decisions import TRIGGERS
-from cynchrod.errors import CynchrodError, ManifestError, PermanentError, SourceError
+from cynchrod.errors import CynchrodError, ManifestError, PermanentError, SourceError, StateUnwritable
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Webhook bursts: deliveries closer than this coalesce into the pass that the first
 #: one woke plus one more. Short, so that pushes made one after another are each
@@ -218,6 +220,8 @@ class Reconciler:
         self.last_crash: str | None = None
         #: Called with (done, total, what) while a pass acts (``cynchrod sync`` shows it).
         self.progress: Callable[[int, int, str], None] | None = None
+        #: Why the store could not be written, while it cannot (for /healthz).
+        self.state_error: str | None = None
         if builds is not None:
             builds.on_done = lambda: self.wakeup.request("build")
             builds.open_deployment = self._open_build
@@ -367,7 +371,7 @@ class Reconciler:
                 result.duration_s = time.perf_counter() - started
                 self.last_pass_at = time.monotonic()
                 self.stats.pass_seconds.observe(result.duration_s)
-                self._note_pass(result)
+                self._book(lambda: self._note_pass(result))
             return result
 
     def sync(self, trigger: str = "poll", *, build_timeout: float = 1800) -> PassResult:
@@ -399,13 +403,14 @@ class Reconciler:
         acting = [d for d in plan if d.acts or d.prune]
         for d in plan:
             if not (d.acts or d.prune):
-                result.apps.append(self._settle(d, live.get(d.key), result))
+                settled = self._book(lambda d=d: self._settle(d, live.get(d.key), result))  # type: ignore[misc]
+                result.apps.append(settled or AppOutcome(d.key[0], d.key[1], d.status, error=d.error))
         done = 0
 
         def run(d: decisions.Decision) -> AppOutcome:
             nonlocal done
             outcome = (self._prune(d, live.get(d.key), result) if d.prune
-                       else self._apply(d, result, built.get(d.key)))
+                       else self._apply(d, result, built.get(d.key), live.get(d.key)))
             done += 1
             if self.progress is not None:
                 self.progress(done, len(acting), f"{d.key[0]}/{d.key[1]}: {outcome.status}")
@@ -417,15 +422,27 @@ class Reconciler:
                 # Queued until a worker takes it (then deploying): what the API shows meanwhile.
                 # A repo app's deploy continues the deployment its build ran under.
                 built[d.key] = self.builds.deployment_of(d.spec) if self.builds is not None else None
-                row = self._row(d.spec, result)
-                if built[d.key] is None:
-                    self.store.ensure_queued(row.id, commit=result.commit_of(d.spec), trigger=d.trigger)
+                row = self._book(lambda d=d: self._row(d.spec, result))  # type: ignore[misc]
+                if built[d.key] is None and row is not None:
+                    self._book(lambda r=row, d=d: self.store.ensure_queued(  # type: ignore[misc]
+                        r.id, commit=result.commit_of(d.spec), trigger=d.trigger))
         if acting:
             with concurrent.futures.ThreadPoolExecutor(max_workers=self.concurrency) as pool:
                 result.apps.extend(pool.map(run, acting))
         result.apps.sort(key=lambda a: (a.org, a.name))
 
     # -- carrying out decisions -------------------------------------------------
+
+    def _book(self, fn: Callable[[], T]) -> T | None:
+        """A store write that may fail when the state dir is full or read-only: healing
+        goes on without it (it needs no write); the failure shows on /healthz."""
+        try:
+            return fn()
+        except StateUnwritable as exc:
+            if self.state_error is None:
+                log.error("%s; apps are still healed, nothing new is recorded", exc)
+            self.state_error = str(exc)
+            return None
 
     def _remember(self, key: tuple[str, str], memory: decisions.Backoff) -> None:
         if memory == decisions.Backoff():
@@ -506,7 +523,7 @@ class Reconciler:
             return AppOutcome(org, name, decisions.FAILED, described, str(exc))
         if row is not None:
             log.info("removed %s/%s: no longer declared by %s", org, name, row.source or "the repository")
-            self.store.remove_app(row.id, commit=result.commit, trigger=result.trigger)
+            self._book(lambda: self.store.remove_app(row.id, commit=result.commit, trigger=result.trigger))
         self._memory.pop(d.key, None)
         return AppOutcome(org, name, decisions.REMOVED, described)
 
@@ -528,14 +545,16 @@ class Reconciler:
                                       f"exceeding its memory limit of {service.memory} MB; restarted")
         return None
 
-    def _apply(self, d: decisions.Decision, result: PassResult, build_deployment: int | None) -> AppOutcome:
+    def _apply(self, d: decisions.Decision, result: PassResult, build_deployment: int | None,
+               live: store.App | None) -> AppOutcome:
         spec = d.spec
         assert spec is not None
         org, name = d.key
         described = [a.describe() for a in d.actions]
-        row = self._row(spec, result)
-        deployment = self.store.start_deployment(row.id, commit=result.commit_of(spec), trigger=d.trigger,
-                                                 spec_hash=spec.hash, build_deployment=build_deployment)
+        row = self._book(lambda: self._row(spec, result)) or live
+        deployment = None if row is None else self._book(lambda: self.store.start_deployment(
+            row.id, commit=result.commit_of(spec), trigger=d.trigger, spec_hash=spec.hash,
+            build_deployment=build_deployment))
         note: tuple[str, str] | None = None
         kind = ""
         try:
@@ -561,25 +580,36 @@ class Reconciler:
                 self.wakeup.request_at(memory.until - self._clock(), "self-heal")
             log.warning("%s/%s failed (%s, attempt %d): %s", org, name, "waits for a new commit" if exc.permanent
                         else f"retry in {decisions.delay(memory.failures):.0f}s", memory.failures, exc)
-            self.store.finish_deployment(deployment, status=decisions.FAILED, error_code=exc.code,
-                                         error=exc.message, merge=True)
-            self.store.update_app(row.id, status=decisions.FAILED, last_error=str(exc),
-                                  **self._unit_fields(spec, row))
+            failed = exc
+            if deployment is not None:
+                self._book(lambda: self.store.finish_deployment(
+                    deployment, status=decisions.FAILED, error_code=failed.code, error=failed.message, merge=True))
+            if row is not None:
+                self._book(lambda: self.store.update_app(row.id, status=decisions.FAILED, last_error=str(failed),
+                                                         **self._unit_fields(spec, row)))
             return AppOutcome(org, name, decisions.FAILED, described, str(exc))
         self._remember(d.key, decisions.after_success(d.memory))
         if self.builds is not None:
             self.builds.prune(spec)
-        self.store.finish_deployment(deployment, status=d.status if d.status != decisions.FAILED
-                                     else decisions.RUNNING, error_code=note[0] if note else None,
-                                     error=note[1] if note else None)
         error = d.error
-        if d.failure is not None and row.last_error != error:
-            self._record_failure(row, d, result)
         if error is None and note is not None:
             error = f"{note[0]}: {note[1]}"  # running again, but say why it had died
+        if row is not None:
+            self._book(lambda: self._record_applied(d, row, deployment, note, result, error))
+        return AppOutcome(org, name, d.status, described, error)
+
+    def _record_applied(self, d: decisions.Decision, row: store.App, deployment: int | None,
+                        note: tuple[str, str] | None, result: PassResult, error: str | None) -> None:
+        spec = d.spec
+        assert spec is not None
+        if deployment is not None:
+            self.store.finish_deployment(deployment, status=d.status if d.status != decisions.FAILED
+                                         else decisions.RUNNING, error_code=note[0] if note else None,
+                                         error=note[1] if note else None)
+        if d.failure is not None and row.last_error != d.error:
+            self._record_failure(row, d, result)
         self.store.update_app(row.id, status=d.status, last_error=error, deployed_hash=spec.hash,
                               **self._unit_fields(spec, row))
-        return AppOutcome(org, name, d.status, described, error)
 
     # -- the daemon loop ----------------------------------------------------------
 

@@ -8,6 +8,7 @@ never erased.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -22,6 +23,7 @@ from typing import Any
 
 from cynchrod import planning, specs
 from cynchrod.decisions import APP_STATUSES, DEPLOYING, FAILED, PENDING, QUEUED, REMOVED, RUNNING, STOPPED
+from cynchrod.errors import StateUnwritable, StoreError, TemporaryError
 
 __all__ = ["APP_STATUSES", "DEPLOYING", "FAILED", "PENDING", "QUEUED", "REMOVED", "RUNNING", "STOPPED"]
 
@@ -89,6 +91,28 @@ CREATE TABLE IF NOT EXISTS secrets (
     PRIMARY KEY (org, name)
 );
 """
+
+
+#: When a write last failed for want of room or permission (monotonic seconds; /healthz reads it).
+write_failed_at: float | None = None
+
+
+@contextmanager
+def _converted() -> Iterator[None]:
+    """sqlite3's errors as ours: no room or no permission is ``state_unwritable``."""
+    global write_failed_at
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        text = str(exc).lower()
+        if "locked" in text or "busy" in text:
+            raise TemporaryError(f"store busy: {exc}", code="store_busy") from exc
+        if any(w in text for w in ("full", "readonly", "read-only", "disk i/o", "unable to open")):
+            write_failed_at = time.monotonic()
+            raise StateUnwritable(f"the state directory cannot be written: {exc}") from exc
+        raise StoreError(f"store: {exc}") from exc
+    except sqlite3.Error as exc:
+        raise StoreError(f"store: {exc}") from exc
 
 
 def main_service(spec: specs.AppSpec) -> specs.ServiceSpec:
@@ -218,19 +242,20 @@ class Store:
 
     @contextmanager
     def transaction(self, *, apps_changed: bool = True) -> Iterator[sqlite3.Connection]:
-        with self._lock:
+        with self._lock, _converted():
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
             except BaseException:
-                self._db.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
             if apps_changed:
                 self.version += 1
 
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-        with self._lock:
+        with self._lock, _converted():
             return self._db.execute(sql, args).fetchall()
 
     # -- apps -----------------------------------------------------------------
