@@ -25,6 +25,21 @@ def test_push_is_applied_within_one_pass(repo: GitRepo, daemons, owner: str,
     assert daemon.stop() == 0
 
 
+def test_a_push_into_a_local_bare_repo_runs_within_2s(repo: GitRepo, daemons, owner: str,
+                                                     docker_client: docker.DockerClient) -> None:
+    """No webhook, a 300 s timer: the watched refs of the local repository are what wake the pass."""
+    repo.push({"apps/.keep": ""})
+    daemon = daemons(interval=300).start()
+    wait_for(lambda: "pass poll" in daemon.output(), 30, "the first pass")
+    repo.push({"apps/hello.yaml": manifest("hello")})
+    took = wait_for(lambda: [c["State"] for c in owned(docker_client, owner)] == ["running"], 10,
+                    "the pushed app to run")
+    print(f"push-to-running {took:.2f}s")
+    assert took < 2, f"push-to-running took {took:.2f}s"
+    assert "pass watch" in daemon.output()
+    assert daemon.stop() == 0
+
+
 def test_self_heal_comes_from_docker_events(repo: GitRepo, daemons, owner: str,
                                             docker_client: docker.DockerClient) -> None:
     repo.push({"apps/a.yaml": manifest("a")})
