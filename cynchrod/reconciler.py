@@ -198,6 +198,8 @@ class Reconciler:
         self._blocked: dict[tuple[str, str], str] = {}
         self._pass_lock = threading.Lock()
         self.interval = 30.0
+        #: Called as (done, total, what was just done) after each app a pass acts on (``cynchrod sync``).
+        self.progress: Callable[[int, int, str], None] | None = None
         #: Containers Docker said died, until a pass has seen them dead (id -> deadline).
         #: Docker emits ``die`` before its list view is updated, so the pass an
         #: event triggers can still see the container running: it looks again.
@@ -420,7 +422,10 @@ class Reconciler:
             futures = [pool.submit(self._apply_app, key, acts, desired.get(key), live.get(key),
                                    manifest_errors.get(key), result)
                        for key, acts in work]
-            result.apps.extend(fut.result() for fut in futures)
+            for done, fut in enumerate(concurrent.futures.as_completed(futures), 1):
+                result.apps.append(outcome := fut.result())  # sorted below
+                if self.progress is not None:
+                    self.progress(done, len(futures), "; ".join(outcome.actions) or f"{outcome.org}/{outcome.name}")
         for key, app in live.items():
             read = app.source in plan.prune or (not app.source and len(plan.prune) == len(self.sources))
             if read and key not in desired and key not in containers:
