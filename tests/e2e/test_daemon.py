@@ -112,3 +112,24 @@ def test_sigkill_mid_apply_converges_to_one_container(repo: GitRepo, daemons, ow
     deployments = db.deployments(db.live_apps()[("default", "a")].id)
     assert all(d.status != "deploying" for d in deployments)
     assert [d.error_code for d in deployments if d.status == "failed"] == ["interrupted"]
+
+
+def test_a_failing_test_shows_the_daemon_log(tmp_path: pathlib.Path) -> None:
+    """The conftest hook, run on an inner test that fails after its daemon wrote a line."""
+    import subprocess
+    import sys
+
+    inner = tmp_path / "test_inner.py"
+    inner.write_text(
+        "import pathlib\n"
+        "from tests.helpers import Daemon\n\n"
+        "def test_inner(tmp_path):\n"
+        "    d = Daemon('/nowhere', tmp_path / 'state', 'tinner')\n"
+        "    d.log.write_text('the line that explains it\\n')\n"
+        "    assert False\n")
+    root = pathlib.Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.conftest",
+                          "--rootdir", str(tmp_path), str(inner)], cwd=root, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 1, out.stdout
+    assert "cynchrod serve log" in out.stdout and "the line that explains it" in out.stdout
