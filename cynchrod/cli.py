@@ -246,8 +246,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "secret":
             return cmd_secret(args, out)
         cfg = settings(args)
-        for src in cfg.sources:
-            check_repo(src.repo)
+        if args.command != "serve" or not (cfg.state / "cynchrod.db").exists():
+            # A daemon that has run keeps serving its last good state through an outage of
+            # its repository; a first start (or a one-shot command) on a typo is refused.
+            for src in cfg.sources:
+                check_repo(src.repo)
         if args.command == "rollback":
             existing_state(cfg.state)
             return cmd_rollback(args, cfg, out)

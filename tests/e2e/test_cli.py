@@ -130,6 +130,8 @@ def test_mistakes_get_a_sentence_and_create_nothing(tmp_path: pathlib.Path) -> N
     planned = run("plan", "--repo", str(tmp_path / "nonexistent"))
     assert planned.returncode == 2 and "nothing to do" not in planned.stdout
     assert "no such directory; give the path of a Git repository" in planned.stderr
+    served = run("serve", "--repo", str(tmp_path / "nonexistent"), "--state", str(tmp_path / "fresh"))
+    assert served.returncode == 2 and "no such directory" in served.stderr  # a first start on a typo
     (tmp_path / "plain").mkdir()
     assert "is not a Git repository" in run("plan", "--repo", str(tmp_path / "plain")).stderr
     listed = run("token", "list")  # outside any project: ./state does not exist
