@@ -8,75 +8,141 @@ is ``CYNCHROD_STATE``); precedence is flag, then environment, then the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fcntl
 import logging
 import os
 import pathlib
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from typing import IO, Any
 
-from cynchrod import __version__, config, daemon, manifests, reconciler, secrets, source, store
+from cynchrod import __version__, client, config, daemon, manifests, reconciler, secrets, source, store
 from cynchrod.errors import CynchrodError, StateLocked
 
 log = logging.getLogger("cynchrod")
 
 
 def _env(name: str) -> str | None:
-    return os.environ.get("CYNCHROD_" + name.upper().replace("-", "_"))
+    return os.environ.get(_env_name(name))
 
 
-def _add_source_flags(p: argparse.ArgumentParser, *, daemon: bool) -> None:
-    p.add_argument("--repo", action="append",
-                   help="manifests repository: local path, file://, https:// or ssh URL (repeatable)")
-    p.add_argument("--branch", help="branch to follow (default main)")
-    p.add_argument("--path", help="directory inside the repository that holds apps/ (default: the root)")
-    p.add_argument("--state", help="state directory (default ./state)")
-    p.add_argument("--config", help="operator config file (YAML)")
-    p.add_argument("--owner", help="label namespace of the containers this daemon owns (default cynchrod)")
-    p.add_argument("--publish-address", help="host address ports are published on (default 127.0.0.1)")
-    p.add_argument("--concurrency", type=int, help="apps applied at once (default 4)")
-    p.add_argument("--stop-timeout", type=int, help="seconds a container gets to stop (default 10)")
-    if daemon:
-        p.add_argument("--interval", type=float, help="seconds between passes (default 30)")
-        p.add_argument("--resync", type=float, help="seconds between full relists of the engine (default 300)")
-        p.add_argument("--listen", help="API address (default 127.0.0.1:8080)")
+def _env_name(dest: str) -> str:
+    return "CYNCHROD_" + dest.upper().replace("-", "_")
+
+
+def _flag(p: argparse.ArgumentParser, *names: str, help: str, from_env: bool = True, **kw: Any) -> None:
+    """A flag whose help names its ``CYNCHROD_*`` variable.
+
+    ``from_env``: the variable is its default here. Settings flags leave that to
+    ``settings()`` (flag, then variable, then the config file, then the default).
+    """
+    dest = kw.get("dest") or names[-1].lstrip("-").replace("-", "_")
+    var = _env_name(dest)
+    if from_env and (raw := os.environ.get(var)) is not None:
+        kw["default"] = raw.lower() in ("1", "true", "yes", "on") if kw.get("action") == "store_true" else raw
+    p.add_argument(*names, help=f"{help} [{var}]", **kw)
+
+
+def _settings_flags(p: argparse.ArgumentParser, *names: str) -> None:
+    """The daemon's settings flags that ``p`` uses, in a fixed order."""
+    flags: dict[str, tuple[str, dict[str, Any]]] = {
+        "repo": ("manifests repository: local path, file://, https:// or ssh URL (repeatable)",
+                 {"action": "append", "metavar": "URL_OR_PATH"}),
+        "branch": ("branch to follow (default main)", {"metavar": "NAME"}),
+        "path": ("directory inside the repository that holds apps/ (default: the root)", {"metavar": "DIR"}),
+        "state": ("state directory (default ./state)", {"metavar": "DIR"}),
+        "config": ("operator config file (YAML)", {"metavar": "FILE"}),
+        "owner": ("label namespace of the containers this daemon owns (default cynchrod)", {"metavar": "NAME"}),
+        "publish-address": ("host address ports are published on (default 127.0.0.1)", {"metavar": "IP"}),
+        "concurrency": ("apps applied at once (default 4)", {"type": int, "metavar": "N"}),
+        "stop-timeout": ("seconds a container gets to stop (default 10)", {"type": int, "metavar": "SECONDS"}),
+        "interval": ("seconds between passes (default 30)", {"type": float, "metavar": "SECONDS"}),
+        "resync": ("seconds between full relists of the engine (default 300)", {"type": float, "metavar": "SECONDS"}),
+        "listen": ("API address (default 127.0.0.1:8080)", {"metavar": "HOST:PORT"}),
+    }
+    for name in names:
+        text, kw = flags[name]
+        _flag(p, f"--{name}", help=text, from_env=False, **kw)
+
+
+_SOURCE = ("repo", "branch", "path", "state", "config")
+_APPLY = ("owner", "publish-address", "concurrency", "stop-timeout")
+
+
+def _client_flags(p: argparse.ArgumentParser) -> None:
+    _flag(p, "--api", metavar="URL", help=f"the daemon's API URL (default {client.DEFAULT_API})")
+    _flag(p, "--token", metavar="TOKEN", help="API token (cynchrod token create prints one)")
+    _flag(p, "-o", "--output", choices=("table", "json"), default="table", help="output format")
+
+
+def _sub(sub: Any, name: str, text: str) -> argparse.ArgumentParser:
+    """A subcommand with a one-line description (in the list and atop its own --help)."""
+    p: argparse.ArgumentParser = sub.add_parser(name, help=text, description=text)
+    return p
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cynchrod", description="GitOps reconciler for Docker hosts.")
+    p = argparse.ArgumentParser(
+        prog="cynchrod", description="GitOps reconciler for Docker hosts.",
+        epilog="Every flag also reads the CYNCHROD_* variable shown in brackets; a flag wins over it. "
+               "`cynchrod COMMAND --help` shows a command's own flags.")
     p.add_argument("--version", action="version", version=f"cynchrod {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
-    _add_source_flags(sub.add_parser("serve", help="run the daemon"), daemon=True)
-    _add_source_flags(sub.add_parser("sync", help="run one pass and print a summary"), daemon=False)
-    _add_source_flags(sub.add_parser("plan", help="print what a pass would do; change nothing"), daemon=False)
-    v = sub.add_parser("validate", help="validate manifest files or a checkout, offline")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _settings_flags(_sub(sub, "serve", "run the daemon: reconcile every interval and serve the API"),
+                    *_SOURCE, *_APPLY, "interval", "resync", "listen")
+    _settings_flags(_sub(sub, "sync", "run one pass now, showing progress, and print a summary"), *_SOURCE, *_APPLY)
+    _settings_flags(_sub(sub, "plan", "print what a pass would do, with reasons; change nothing"),
+                    *_SOURCE, "owner", "publish-address")
+    v = _sub(sub, "validate", "validate manifest files or a checkout, offline")
     v.add_argument("paths", nargs="+", metavar="PATH")
-    rb = sub.add_parser("rollback", help="commit an app's manifest as of a previous successful deployment")
+    rb = _sub(sub, "rollback", "commit an app's manifest as of a previous successful deployment")
     rb.add_argument("app", metavar="APP", help="app id, or ORG/NAME")
-    rb.add_argument("--to", type=int, metavar="DEPLOYMENT_ID", help="default: the previous different one")
-    _add_source_flags(rb, daemon=False)
-    t = sub.add_parser("token", help="API tokens: create, list, revoke")
-    tsub = t.add_subparsers(dest="token_command", required=True)
-    tc = tsub.add_parser("create", help="make a token and print it (only this once)")
-    tc.add_argument("--org", required=True, help="the org the token acts for")
-    tc.add_argument("--admin", action="store_true", help="see and act on every org")
-    tc.add_argument("--name", help="a name for the token (in commit messages and logs)")
-    tl = tsub.add_parser("list", help="list tokens (never their values)")
-    tr = tsub.add_parser("revoke", help="revoke a token by id or name; its open log streams close")
+    _flag(rb, "--to", type=int, metavar="DEPLOYMENT_ID",
+          help="the deployment to go back to (default: the last that ran and differs)")
+    _settings_flags(rb, *_SOURCE)
+
+    ls = _sub(sub, "apps", "list apps: id, status, image, ports, last error")
+    _flag(ls, "--all", action="store_true", help="include removed apps")
+    _client_flags(ls)
+    for name, text in (("status", "an app's details and its last deployments"),
+                       ("deployments", "an app's deployment history (last 20)"),
+                       ("restart", "recreate an app's containers (commits restartedAt)"),
+                       ("stop", "stop an app (commits state: stopped)"),
+                       ("start", "start a stopped app (commits state: running)"),
+                       ("delete", "delete an app (commits the removal of its manifest)")):
+        c = _sub(sub, name, text)
+        c.add_argument("app", metavar="APP", help="ORG/NAME or app id")
+        _client_flags(c)
+    lg = _sub(sub, "logs", "print an app's last log lines; -f follows new ones")
+    lg.add_argument("app", metavar="APP", help="ORG/NAME or app id")
+    _flag(lg, "--tail", type=int, default=200, metavar="N", help="lines to print first, 1-2000 (default 200)")
+    _flag(lg, "-f", "--follow", action="store_true", help="keep printing new lines until Ctrl-C")
+    _client_flags(lg)
+
+    t = _sub(sub, "token", "API tokens: create, list, revoke")
+    tsub = t.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    tc = _sub(tsub, "create", "make a token and print it (only this once)")
+    _flag(tc, "--org", required="CYNCHROD_ORG" not in os.environ, help="the org the token acts for")
+    _flag(tc, "--admin", action="store_true", help="see and act on every org")
+    _flag(tc, "--name", help="a name for the token (in commit messages and logs)")
+    tl = _sub(tsub, "list", "list tokens (never their values)")
+    tr = _sub(tsub, "revoke", "revoke a token by id or name; its open log streams close")
     tr.add_argument("token", metavar="ID_OR_NAME")
     for tp in (tc, tl, tr):
-        tp.add_argument("--state", help="state directory (default ./state)")
-    sec = sub.add_parser("secret", help="secrets: set (value from stdin), delete, list names")
-    ssub = sec.add_subparsers(dest="secret_command", required=True)
-    ss = ssub.add_parser("set", help="set ORG/NAME to the bytes read from stdin")
-    sd = ssub.add_parser("delete", help="delete ORG/NAME")
+        _settings_flags(tp, "state")
+    sec = _sub(sub, "secret", "secrets: set (value from stdin), delete, list names")
+    ssub = sec.add_subparsers(dest="secret_command", required=True, metavar="ACTION")
+    ss = _sub(ssub, "set", "set ORG/NAME to the bytes read from stdin")
+    sd = _sub(ssub, "delete", "delete ORG/NAME")
     for sp in (ss, sd):
         sp.add_argument("ref", metavar="ORG/NAME")
-    sl = ssub.add_parser("list", help="list an org's secret names (never values)")
+    sl = _sub(ssub, "list", "list an org's secret names (never values)")
     sl.add_argument("org", metavar="ORG")
     for sp in (ss, sd, sl):
-        sp.add_argument("--state", help="state directory (default ./state)")
+        _settings_flags(sp, "state")
     return p
 
 
@@ -163,6 +229,9 @@ def cmd_validate(paths: Sequence[str], out: IO[str]) -> int:
     return 1 if desired.errors else 0
 
 
+CLIENT_COMMANDS = ("apps", "status", "deployments", "logs", "restart", "stop", "start", "delete")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=os.environ.get("CYNCHROD_LOG_LEVEL", "INFO"),
@@ -171,30 +240,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "validate":
             return cmd_validate(args.paths, out)
+        if args.command in CLIENT_COMMANDS:
+            return cmd_client(args, out)
         if args.command == "token":
             return cmd_token(args, out)
         if args.command == "secret":
             return cmd_secret(args, out)
         cfg = settings(args)
+        if args.command != "serve" or not (cfg.state / "cynchrod.db").exists():
+            # A daemon that has run keeps serving its last good state through an outage of
+            # its repository; a first start (or a one-shot command) on a typo is refused.
+            for src in cfg.sources:
+                check_repo(src.repo)
         if args.command == "rollback":
+            existing_state(cfg.state)
             return cmd_rollback(args, cfg, out)
         if args.command == "plan":
-            rec = build(cfg)
-            result, actions = rec.preview()
-            if result.source_error:
-                print(f"source error: {result.source_error}", file=out)
-            for err in result.manifest_errors:
-                print(err, file=out)
-            for action in actions:
-                print(action.describe(), file=out)
-            if not actions:
-                print("nothing to do", file=out)
-            return 0
+            return cmd_plan(cfg, out)
         with StateLock(cfg.state):
             if args.command == "sync":
                 rec = build(cfg)
                 rec.store.interrupt_unfinished()
+                rec.progress = Progress(sys.stderr)
                 result = rec.sync("poll")
+                rec.progress.done()
                 print_result(result, out)
                 return 0 if result.ok else 1
             if not cfg.sources:
@@ -204,9 +273,100 @@ def main(argv: Sequence[str] | None = None) -> int:
                      cfg.interval, cfg.state)
             daemon.Server(cfg, rebuild=lambda: settings(args)).run()
             return 0
+    except client.ClientError as exc:
+        print(f"cynchrod: {exc}", file=sys.stderr)
+        return 1
     except CynchrodError as exc:
         print(f"cynchrod: {exc}", file=sys.stderr)
         return 2
+
+
+def check_repo(url: str) -> None:
+    """A local ``--repo`` that is not there (or not a Git repository) is a usage error, said plainly."""
+    if "://" in url and not url.startswith("file://"):
+        return
+    if ":" in url and "@" in url.split(":", 1)[0]:
+        return  # git@host:path
+    path = pathlib.Path(url.removeprefix("file://")).expanduser()
+    if not path.exists():
+        raise CynchrodError(f"--repo {url}: no such directory; give the path of a Git repository "
+                            "(bare or a clone) or an https:// or ssh URL", code="usage")
+    if not ((path / "HEAD").is_file() or (path / ".git").exists()):
+        raise CynchrodError(f"--repo {url}: {path} is not a Git repository (no .git or HEAD in it)", code="usage")
+
+
+def existing_state(state: pathlib.Path) -> pathlib.Path:
+    """A state directory a command reads: it must be there (a typo never creates one)."""
+    if not (state / "cynchrod.db").is_file():
+        raise CynchrodError(f"no state directory at {state} (no cynchrod.db in it): pass --state DIR or set "
+                            "CYNCHROD_STATE to the daemon's; `cynchrod serve` or `token create` makes one",
+                            code="usage")
+    return state
+
+
+def cmd_plan(cfg: config.Settings, out: IO[str]) -> int:
+    """What a pass would do. A state dir that is not there yet is not created (a temporary one is used)."""
+    with tempfile.TemporaryDirectory(prefix="cynchrod-plan-") as scratch:
+        if not cfg.state.exists():
+            cfg = dataclasses.replace(cfg, state=pathlib.Path(scratch))
+        rec = build(cfg)
+        result, actions = rec.preview()
+        rec.store.close()
+    if result.source_error:
+        print(f"cynchrod: source error: {result.source_error}", file=sys.stderr)
+    for err in result.manifest_errors:
+        print(err, file=out)
+    for action in actions:
+        print(action.describe(), file=out)
+    if result.source_error:
+        return 1  # never "nothing to do" when the repository could not be read
+    if not actions:
+        print("nothing to do", file=out)
+    return 0
+
+
+class Progress:
+    """``cynchrod sync`` progress: one redrawn line on a terminal, plain lines otherwise."""
+
+    def __init__(self, out: IO[str]) -> None:
+        self.out = out
+        self.tty = out.isatty()
+        self._drawn = False
+
+    def __call__(self, done: int, total: int, current: str) -> None:
+        text = f"[{done}/{total}] {current}"
+        if self.tty:
+            width = shutil.get_terminal_size().columns - 1
+            self.out.write("\r\x1b[K" + text[:width])
+            self._drawn = True
+        else:
+            self.out.write(text + "\n")
+        self.out.flush()
+
+    def done(self) -> None:
+        """Clear the redrawn line, so the summary starts on a clean one."""
+        if self._drawn:
+            self.out.write("\r\x1b[K")
+            self.out.flush()
+
+
+def cmd_client(args: argparse.Namespace, out: IO[str]) -> int:
+    token = args.token
+    if not token:
+        raise CynchrodError("no API token: pass --token or set CYNCHROD_TOKEN "
+                            "(`cynchrod token create --org ORG` prints one)", code="usage")
+    api = client.Client(args.api or client.DEFAULT_API, token)
+    if args.command == "apps":
+        return client.apps(api, output=args.output, include_removed=args.all, out=out)
+    if args.command == "status":
+        return client.status(api, args.app, output=args.output, out=out)
+    if args.command == "deployments":
+        return client.deployments(api, args.app, output=args.output, out=out)
+    if args.command == "logs":
+        if not 1 <= args.tail <= 2000:
+            raise CynchrodError(f"--tail {args.tail}: give a number of lines from 1 to 2000", code="usage")
+        return client.logs(api, args.app, tail=args.tail, follow=args.follow, output=args.output, out=out)
+    return client.act(api, args.command, args.app, output=args.output, out=out)
 
 
 def cmd_rollback(args: argparse.Namespace, cfg: config.Settings, out: IO[str]) -> int:
@@ -224,8 +384,25 @@ def cmd_rollback(args: argparse.Namespace, cfg: config.Settings, out: IO[str]) -
     return 0
 
 
+def _state_arg(args: argparse.Namespace) -> pathlib.Path:
+    return pathlib.Path(args.state or _env("state") or "state")
+
+
 def cmd_secret(args: argparse.Namespace, out: IO[str]) -> int:
-    state = pathlib.Path(args.state or _env("state") or "state")
+    state = _state_arg(args)
+    if args.secret_command in ("set", "delete"):
+        org, slash, name = args.ref.partition("/")
+        if not slash or not org or not name:
+            raise CynchrodError(f"{args.ref!r}: give the secret as ORG/NAME, e.g. default/db-password", code="usage")
+        secrets.Secrets.check_name(org, name)  # before reading stdin
+    # Secrets live beside the daemon's key: a mistyped --state never makes a new dir and key.
+    existing_state(state)
+    value = b""
+    if args.secret_command == "set":
+        value = sys.stdin.buffer.read()
+        if not value:
+            raise CynchrodError("no value on stdin; pipe it in, e.g. printf %s \"$VALUE\" | "
+                                f"cynchrod secret set {args.ref}", code="usage")
     db = store.Store(state / "cynchrod.db")
     try:
         vault = secrets.Secrets(db, state_dir=state)
@@ -233,10 +410,8 @@ def cmd_secret(args: argparse.Namespace, out: IO[str]) -> int:
             for name, updated in db.secret_names(args.org):
                 print(f"{name}\t{updated}", file=out)
             return 0
-        org, _, name = args.ref.partition("/")
-        vault.check_name(org, name)  # before reading stdin
         if args.secret_command == "set":
-            vault.set(org, name, sys.stdin.buffer.read())
+            vault.set(org, name, value)
             print(f"set {org}/{name}; apps using it are redeployed on the next pass", file=sys.stderr)
         elif not vault.delete(org, name):
             print(f"cynchrod: not_found: no secret {org}/{name}", file=sys.stderr)
@@ -247,12 +422,15 @@ def cmd_secret(args: argparse.Namespace, out: IO[str]) -> int:
 
 
 def cmd_token(args: argparse.Namespace, out: IO[str]) -> int:
-    state = pathlib.Path(args.state or _env("state") or "state")
+    state = _state_arg(args)
+    if args.token_command == "create":
+        if not config.ORG_RE.match(args.org):
+            raise CynchrodError(f"--org {args.org!r} is not a DNS label", code="usage")
+    else:
+        existing_state(state)  # list and revoke read: never create a state dir
     db = store.Store(state / "cynchrod.db")
     try:
         if args.token_command == "create":
-            if not config.ORG_RE.match(args.org):
-                raise CynchrodError(f"--org {args.org!r} is not a DNS label", code="usage")
             _, secret = db.create_token(org=args.org, name=args.name or f"{args.org}-token", admin=args.admin)
             print(secret, file=out)
         elif args.token_command == "list":

@@ -44,6 +44,17 @@ class InvalidManifest(PermanentError):
         self.errors = errors
 
 
+def _runs(path: str, raw: bytes) -> bool:
+    """Whether a manifest is valid and declares a running app (not ``state: stopped``)."""
+    parsed = manifests.parse(path, raw)
+    return parsed.spec is not None and parsed.spec.state == "running"
+
+
+def _spec_hash(path: str, raw: bytes | None) -> str | None:
+    parsed = manifests.parse(path, raw) if raw is not None else None
+    return parsed.spec.hash if parsed is not None and parsed.spec is not None else None
+
+
 @dataclasses.dataclass(frozen=True)
 class Accepted:
     """An imperative call that reached the remote (``commit``) or needed no change (None)."""
@@ -65,7 +76,7 @@ class Control:
         self._create_lock = threading.Lock()
 
     def _edit(self, app: store.App, action: str, actor: str,
-              edit: Callable[[bytes | None], bytes | None]) -> Accepted:
+              edit: Callable[[bytes | None], bytes | None], *, trigger: str = "api") -> Accepted:
         if app.status == store.REMOVED:
             raise Conflict(f"app {app.org}/{app.name} is removed", code="app_removed")
         if not app.path:
@@ -78,7 +89,7 @@ class Control:
 
         commit = self._source_of(app).commit_edit(app.path, checked,
                                                   f"{action} {app.org}/{app.name} (by {actor})")
-        return self._accepted(app, action, commit)
+        return self._accepted(app, action, commit, trigger=trigger)
 
     def _source_of(self, app: store.App) -> source.Followed:
         """The repository that declares the app (the first one for rows from before sources)."""
@@ -92,16 +103,27 @@ class Control:
             raise Forbidden(f"no followed repository accepts apps of org {org!r}")
         return target
 
-    def _accepted(self, app: store.App, action: str, commit: str | None) -> Accepted:
+    def _accepted(self, app: store.App, action: str, commit: str | None, *, trigger: str = "api") -> Accepted:
         deployment = None
         if commit is not None:
-            deployment = self.store.queue_deployment(app.id, commit=commit, trigger="api")
+            deployment = self.store.queue_deployment(app.id, commit=commit, trigger=trigger)
             self.wake("api")
         return Accepted(app=app, action=action, commit=commit, deployment_id=deployment)
 
     def restart(self, app: store.App, *, actor: str) -> Accepted:
+        """Recreate a running app's containers. A stopped app is refused (``app_stopped``):
+        a restart must not undo a stop that is recorded in Git; ``start`` is the call for that."""
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{time.time_ns() % 10**9:09d}Z"
-        return self._edit(app, "restart", actor, lambda old: edits.set_keys(old or b"", {"restartedAt": stamp}))
+
+        def edit(old: bytes | None) -> bytes | None:
+            parsed = manifests.parse(app.path, old or b"")
+            if parsed.spec is not None and parsed.spec.state == "stopped":
+                raise Conflict(f"app {app.org}/{app.name} is stopped (state: stopped); start it instead: "
+                               f"POST /apps/{app.id}/start or cynchrod start {app.org}/{app.name}",
+                               code="app_stopped")
+            return edits.set_keys(old or b"", {"restartedAt": stamp})
+
+        return self._edit(app, "restart", actor, edit)
 
     def stop(self, app: store.App, *, actor: str) -> Accepted:
         return self._edit(app, "stop", actor, lambda old: edits.set_keys(old or b"", {"state": "stopped"}))
@@ -121,9 +143,12 @@ class Control:
     def rollback(self, app: store.App, *, actor: str, deployment_id: int | None = None) -> Accepted:
         """Commit the manifest as it was at a previous successful deployment.
 
-        By default: the newest successful deployment whose manifest differs from
-        the one on the branch now (so a failed or broken change is undone too).
-        The file is restored byte for byte.
+        By default: the newest deployment that ended ``running`` (never one whose
+        manifest said ``state: stopped``) with a manifest whose app differs from the
+        one on the branch now (compared as parsed specs, so comments or an explicit
+        default do not count), so a failed or broken change is undone too.
+        ``deployment_id`` may name any successful one (running or stopped).
+        The file is restored byte for byte; the deployment's trigger is ``rollback``.
         """
         src = self._source_of(app)
         done = [d for d in self.store.deployments(app.id, limit=1000)
@@ -133,9 +158,10 @@ class Control:
             if target is None:
                 raise NotFound(f"no successful deployment {deployment_id} of app {app.id}")
         else:
-            now = src.file_at(src.fetch(), app.path)
-            target = next((d for d in done if (old := src.file_at(d.commit or "", app.path)) is not None
-                           and old != now), None)
+            now = _spec_hash(app.path, src.file_at(src.fetch(), app.path))
+            target = next((d for d in done if d.status == store.RUNNING
+                           and (old := src.file_at(d.commit or "", app.path)) is not None
+                           and _runs(app.path, old) and _spec_hash(app.path, old) != now), None)
             if target is None:
                 raise Conflict(f"app {app.org}/{app.name} has no earlier successful deployment to go back to",
                                code="no_previous_deployment")
@@ -144,10 +170,15 @@ class Control:
         if old is None:
             raise Conflict(f"{app.path} is not in commit {target.commit[:12]}", code="not_in_repo")
         return self._edit(app, f"rollback to deployment {target.id} ({target.commit[:12]})", actor,
-                          lambda current: old)
+                          lambda current: old, trigger="rollback")
 
-    def create(self, data: dict[str, Any], *, token: store.Token) -> Accepted:
-        """Commit a new manifest for ``data`` (a manifest as a mapping)."""
+    def create(self, data: dict[str, Any], *, token: store.Token, body: bytes | None = None) -> Accepted:
+        """Commit a new manifest for ``data`` (a manifest as a mapping).
+
+        ``body`` is the request body ``data`` was read from (JSON or YAML): errors
+        then point at its lines (``body:LINE: code: message``), not at the lines
+        of the file that would have been generated.
+        """
         if not isinstance(data, dict):
             raise InvalidManifest("the body must be a manifest: a mapping of keys to values", [])
         data = dict(data)
@@ -160,7 +191,14 @@ class Control:
         raw = edits.new_manifest(data, header=f"created through the API by {token.name}")
         parsed = manifests.parse(path, raw, org=target.org)
         if parsed.spec is None:
-            errors = [str(e) for e in parsed.errors]
+            found = parsed.errors
+            if body is not None:
+                # JSON is YAML too, so the body parses with its own line numbers; a body
+                # YAML reads differently from JSON (tabs, duplicate keys) keeps the file's.
+                own = manifests.parse("body", body, org=target.org).errors
+                if own and not any(e.code == "yaml_syntax" for e in own):
+                    found = own
+            errors = [str(e) for e in found]
             raise InvalidManifest("; ".join(errors), errors)
         spec = parsed.spec
         with self._create_lock:

@@ -122,22 +122,35 @@ class Daemon:
 
     def _watched(self) -> list[pathlib.Path]:
         dirs = [s.apps_dir for s in self.reconciler.sources if isinstance(s, source.WorkTreeSource)]
+        dirs += [g for s in self.reconciler.sources if (g := local_git_dir(s)) is not None]
         if self.settings.config_path:
             dirs.append(pathlib.Path(self.settings.config_path).resolve().parent)
         return [d for d in dirs if d.is_dir()]
 
     def _watch(self) -> None:
-        """watchfiles, debounced: a saved manifest wakes a pass; a saved config is reloaded."""
+        """watchfiles, debounced: a saved manifest or a push into a local repository
+        (its refs move) wakes a pass; a saved config is reloaded."""
         config_file = (str(pathlib.Path(self.settings.config_path).resolve())
                        if self.settings.config_path else None)
         apps = [str(s.apps_dir) for s in self.reconciler.sources if isinstance(s, source.WorkTreeSource)]
+        git_dirs = tuple(f"{g}/" for s in self.reconciler.sources if (g := local_git_dir(s)) is not None)
+        plain = watchfiles.DefaultFilter()
+
+        def wanted(change: watchfiles.Change, path: str) -> bool:
+            git_dir = next((g for g in git_dirs if path.startswith(g)), None)
+            if git_dir is None:
+                return bool(plain(change, path))
+            # Inside a repository only the refs matter: objects are written before a ref moves.
+            rel = path[len(git_dir):]
+            return rel.startswith(("refs/", "reftable/")) or rel == "packed-refs"
+
         try:
-            for changes in watchfiles.watch(*self._watched(), debounce=200, step=50, stop_event=self.stop_event,
-                                            raise_interrupt=False):
+            for changes in watchfiles.watch(*self._watched(), watch_filter=wanted, debounce=200, step=50,
+                                            stop_event=self.stop_event, raise_interrupt=False):
                 changed = {path for _, path in changes}
                 if config_file is not None and config_file in changed:
                     self.reload_config()
-                if any(p.startswith(tuple(apps)) for p in changed):
+                if any(p.startswith((*apps, *git_dirs)) for p in changed):
                     self.reconciler.wakeup.request("watch")
         except Exception:
             log.exception("the file watcher stopped; changes are picked up by the %ss poll",
@@ -212,6 +225,23 @@ def _next_spec(action: planning.Action) -> str:
     if action.kind == planning.REMOVE or action.spec is None or service is None:
         return ""
     return service.canonical(restarted_at=action.spec.restarted_at)
+
+
+def local_git_dir(src: source.Followed) -> pathlib.Path | None:
+    """The git directory of a repository on this machine (bare or not) that ``src`` mirrors, else None.
+
+    Its refs are watched, so a ``git push`` into it is applied at once without a webhook.
+    """
+    if isinstance(src, source.WorkTreeSource):
+        return None  # its files on disk are watched instead
+    url = src.url.removeprefix("file://")
+    if "://" in url or not url.startswith("/"):
+        return None
+    root = pathlib.Path(url)
+    for candidate in (root, root / ".git"):
+        if (candidate / "HEAD").is_file() and (candidate / "refs").is_dir():
+            return candidate.resolve()
+    return None
 
 
 class Server(BaseApplication):  # type: ignore[misc]

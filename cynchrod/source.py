@@ -25,6 +25,8 @@ from cynchrod.errors import ManifestError, SourceError
 from cynchrod.manifests import is_manifest_path
 
 APPS_DIR = "apps"
+#: Committed into an emptied apps/ so that deleting the last app is applied.
+KEEP_FILE = ".keep"
 AUTHOR_NAME = "cynchrod"
 AUTHOR_EMAIL = "cynchrod@localhost"
 PUSH_ATTEMPTS = 6
@@ -288,6 +290,11 @@ class Source(Followed):
         index.read_tree(commit.tree)
         if new is None:
             index.remove(path)
+            prefix = self.apps_prefix + "/"
+            if path.startswith(prefix) and not any(e.path.startswith(prefix) for e in index):
+                # Removing the last app: keep an empty apps/, or the commit would read as
+                # "no apps/ directory" (source_empty), which prunes nothing by design.
+                index.add(pygit2.IndexEntry(prefix + KEEP_FILE, repo.create_blob(b""), pygit2.enums.FileMode.BLOB))
         else:
             index.add(pygit2.IndexEntry(path, repo.create_blob(new), pygit2.enums.FileMode.BLOB))
         tree = index.write_tree(repo)

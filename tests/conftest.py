@@ -22,6 +22,27 @@ from cynchrod import secrets as vault
 from cynchrod.runtime import local
 from tests.helpers import TEST_IMAGE, TEST_IMAGE_2, TEST_LABEL, Daemon, GitRepo
 
+#: The end of a daemon's log shown under a failing test.
+DAEMON_LOG_SHOWN = 20_000
+
+
+@pytest.fixture(autouse=True)
+def _daemons_of_this_test() -> None:
+    Daemon.made.clear()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> pytest.TestReport:
+    """A test that fails shows the log of every daemon it started (the daemon is where the why is)."""
+    report: pytest.TestReport = yield
+    if report.failed:
+        for daemon in Daemon.made:
+            if daemon.log.exists():
+                text = daemon.log.read_text(errors="replace")
+                report.sections.append((f"cynchrod serve log {daemon.log} ({report.when})",
+                                        text[-DAEMON_LOG_SHOWN:]))
+    return report
+
 
 @pytest.fixture
 def repo(tmp_path: pathlib.Path) -> GitRepo:

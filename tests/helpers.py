@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import ClassVar
 
 import docker
 
@@ -96,8 +97,14 @@ def free_port() -> int:
 
 
 class Daemon:
+    """``cynchrod serve`` as a process. Every daemon a test made is listed in ``made``, so that
+    a failing test shows their logs (see ``pytest_runtest_makereport`` in conftest)."""
+
+    made: ClassVar[list[Daemon]] = []
+
     def __init__(self, repo: GitRepo | str, state: pathlib.Path, owner: str, *, interval: float = 300,
                  env: dict[str, str] | None = None) -> None:
+        Daemon.made.append(self)
         self.log = state.parent / f"daemon-{time.monotonic_ns()}.log"
         self.port = free_port()
         self.api = f"http://127.0.0.1:{self.port}"

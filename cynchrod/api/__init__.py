@@ -33,6 +33,7 @@ STATUS = {
     "unauthorized": 401, "not_found": 404, "forbidden": 403, "quota_exceeded": 403,
     "invalid_tail": 400, "invalid_body": 400, "invalid_manifest": 400, "invalid_secret": 400,
     "app_exists": 409, "app_removed": 409, "not_in_repo": 409, "conflict": 409, "no_previous_deployment": 409,
+    "app_stopped": 409,
     "too_many_streams": 429, "body_too_large": 413,
     "push_conflict": 503, "push_failed": 502, "source_unavailable": 503, "branch_not_found": 503,
     "docker_unavailable": 503, "runtime_error": 502,

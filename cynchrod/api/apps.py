@@ -67,7 +67,23 @@ def webhook_json(app: store.App) -> dict[str, Any] | None:
 
 @bp.get("/apps/<app_id>")
 def get_app(app_id: str) -> Response:
-    app = visible_app(bearer(), app_id)
+    return _details(visible_app(bearer(), app_id))
+
+
+@bp.get("/apps/by-name/<org>/<name>")
+def get_app_by_name(org: str, name: str) -> Response:
+    """The same answer as ``GET /apps/<appId>`` for ``org/name``: the live app, else the newest removed one."""
+    token = bearer()
+    db = daemon().store
+    app = db.live_app(org, name) if token.sees(org) else None
+    if app is None and token.sees(org):
+        app = next((a for a in reversed(db.apps(org=org)) if a.name == name), None)
+    if app is None:
+        raise ApiError("not_found", f"no app {org}/{name}")
+    return _details(app)
+
+
+def _details(app: store.App) -> Response:
     deployments = daemon().store.deployments(app.id, limit=DEPLOYMENTS_SHOWN)
     return jsonify({"app": app_json(app), "webhook": webhook_json(app),
                     "deployments": [deployment_json(d) for d in deployments]})
@@ -109,9 +125,16 @@ def build_log(deployment_id: int, tail: int) -> list[str] | None:
 
 
 def _accepted(result: control.Accepted, **extra: Any) -> tuple[Response, int]:
-    body = {"app": app_json(daemon().store.app(result.app.id) or result.app), "action": result.action,
-            "commit": result.commit, "deployment_id": result.deployment_id, "changed": result.commit is not None,
-            **extra}
+    db = daemon().store
+    app = app_json(db.app(result.app.id) or result.app)
+    if result.deployment_id is not None:
+        # The state the call leads to, not the one from before it: the queued deployment's
+        # (until the reconciler finishes it; then the row has the outcome).
+        deployment = db.deployment(result.deployment_id)
+        if deployment is not None and deployment.status in (store.QUEUED, store.DEPLOYING):
+            app["status"] = deployment.status
+    body = {"app": app, "action": result.action, "commit": result.commit, "deployment_id": result.deployment_id,
+            "changed": result.commit is not None, **extra}
     return jsonify(body), 202 if result.commit is not None else 200
 
 
@@ -163,7 +186,7 @@ def create() -> tuple[Response, int]:
     except (ValueError, YAMLError) as exc:
         raise ApiError("invalid_body", f"the body is not valid {'YAML' if 'yaml' in kind else 'JSON'}: "
                        f"{str(exc).splitlines()[0]}") from exc
-    accepted = daemon().control.create(data, token=token)
+    accepted = daemon().control.create(data, token=token, body=raw)
     hook = webhook_json(accepted.app)
     if hook is not None:
         # A repo app's webhook secret is shown here, once, and never again.

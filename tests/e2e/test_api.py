@@ -329,7 +329,15 @@ def test_create_from_json_and_yaml_and_quota(api: Api) -> None:
     assert response.status_code == 202, response.text
     bad = api.call("POST", "/apps", json={"name": "bad", "image": TEST_IMAGE, "cpu": 99}, check="/apps")
     assert bad.status_code == 400 and bad.json()["error"] == "invalid_manifest"
-    assert bad.json()["errors"] == ["apps/default/bad.yaml:5: out_of_range: cpu: 99 is greater than the maximum of 8"]
+    assert bad.json()["errors"] == ["body:1: out_of_range: cpu: 99 is greater than the maximum of 8"]
+    # The lines are the body's as sent, JSON or YAML, not the generated file's.
+    pretty = json.dumps({"name": "bad", "image": TEST_IMAGE, "cpu": 99, "memory": 1}, indent=2)
+    bad = api.call("POST", "/apps", data=pretty, headers={"Content-Type": "application/json"})
+    assert bad.json()["errors"] == ["body:4: out_of_range: cpu: 99 is greater than the maximum of 8",
+                                    "body:5: out_of_range: memory: 1 is less than the minimum of 64"]
+    bad = api.call("POST", "/apps", data=f"# mine\nname: bad\n\nimage: {TEST_IMAGE}\nbogus: 1\n",
+                   headers={"Content-Type": "application/yaml"})
+    assert bad.json()["errors"] == ["body:5: unknown_key: bogus is not a known key"]
     dup = api.call("POST", "/apps", json={"name": "made", "image": TEST_IMAGE}, check="/apps")
     assert (dup.status_code, dup.json()["error"]) == (409, "app_exists")
     other = api.call("POST", "/apps", json={"name": "x", "org": "other", "image": TEST_IMAGE}, check="/apps")
@@ -485,3 +493,71 @@ def test_repo_app_webhook_rebuilds(api: Api, tmp_path: pathlib.Path, docker_clie
     assert secret not in api.daemon.output()
     # Someone else's app, and an app that is not a repo app, have no webhook.
     assert requests.post(f"{api.url}/webhooks/apps/{api.app_id('web')}", data=body, timeout=10).status_code == 404
+
+
+def test_replies_show_the_state_the_call_leads_to(api: Api) -> None:
+    web = api.app_id("web")
+    stopped = api.call("POST", f"/apps/{web}/stop", check="/apps/{appId}/stop").json()
+    assert stopped["app"]["status"] in ("queued", "deploying"), stopped  # not the "running" from before
+    deployment = next(d for d in api.app(web)["deployments"] if d["id"] == stopped["deployment_id"])
+    assert deployment["trigger"] == "api"
+    api.wait_status(web, "stopped")
+    # Restarting a stopped app would silently undo nothing: it is refused, pointing at start.
+    refused = api.call("POST", f"/apps/{web}/restart", check="/apps/{appId}/restart")
+    assert (refused.status_code, refused.json()["error"]) == (409, "app_stopped")
+    assert f"/apps/{web}/start" in refused.json()["message"] and "cynchrod start default/web" in refused.json()[
+        "message"]
+    assert api.fresh_log()[0].endswith("|stop default/web (by alice)")  # nothing committed
+    started = api.call("POST", f"/apps/{web}/start", check="/apps/{appId}/start").json()
+    assert started["app"]["status"] in ("queued", "deploying") and started["deployment_id"]
+    api.wait_status(web, "running")
+    restarted = api.call("POST", f"/apps/{web}/restart", check="/apps/{appId}/restart")
+    assert restarted.status_code == 202 and restarted.json()["app"]["status"] in ("queued", "deploying")
+
+
+def test_rollback_skips_a_stopped_manifest(api: Api) -> None:
+    """v2, stop, start, rollback: the default target is the last manifest that ran and differs (v1),
+    never the stopped one (which is the newest that differs byte for byte)."""
+    web = api.app_id("web")
+    api.repo.push({"apps/web.yaml": COMMENTED.replace(TEST_IMAGE, "cynchrod-test/busybox:2")}, "v2")
+    api.call("POST", f"/apps/{web}/restart")  # wakes a pass; v2 (and the restart) deploy
+    wait_for(lambda: api.app(web)["app"]["image"] == "cynchrod-test/busybox:2", 20, "v2")
+    for action, status in (("stop", "stopped"), ("start", "running")):
+        assert api.call("POST", f"/apps/{web}/{action}").status_code == 202
+        api.wait_status(web, status)
+    response = api.call("POST", f"/apps/{web}/rollback", check="/apps/{appId}/rollback")
+    assert response.status_code == 202, response.text
+    assert api.fresh_file("apps/web.yaml") == COMMENTED  # the first version, which ran
+    wait_for(lambda: next(d for d in api.app(web)["deployments"] if d["id"] == response.json()["deployment_id"])[
+        "status"] == "running", 20, "the rollback to run")
+    details = api.call("GET", f"/apps/{web}", check="/apps/{appId}").json()
+    assert (details["app"]["status"], details["app"]["image"]) == ("running", TEST_IMAGE)
+    assert details["deployments"][0]["trigger"] == "rollback"
+    # Nothing else ran: going back again finds v2+restart, not the stopped manifest.
+    again = api.call("POST", f"/apps/{web}/rollback")
+    assert again.status_code == 202 and "state: stopped" not in (api.fresh_file("apps/web.yaml") or "")
+
+
+def test_lookup_by_org_and_name(api: Api) -> None:
+    web = api.app_id("web")
+    found = api.call("GET", "/apps/by-name/default/web", check="/apps/by-name/{org}/{name}")
+    assert found.status_code == 200 and found.json()["app"]["id"] == web
+    assert found.json()["deployments"] == api.call("GET", f"/apps/{web}").json()["deployments"]
+    for path in ("/apps/by-name/other/theirs", "/apps/by-name/default/nope"):
+        missing = api.call("GET", path, check="/apps/by-name/{org}/{name}")
+        assert (missing.status_code, missing.json()["error"]) == (404, "not_found")
+    assert api.call("GET", "/apps/by-name/other/theirs", token=api.other_token).status_code == 200
+    assert api.call("DELETE", f"/apps/{web}").status_code == 202
+    api.wait_status(web, "removed")
+    gone = api.call("GET", "/apps/by-name/default/web").json()
+    assert (gone["app"]["id"], gone["app"]["status"]) == (web, "removed")
+
+
+def test_deleting_the_last_app_is_applied(api: Api, docker_client: docker.DockerClient) -> None:
+    ids = [api.app_id(name) for name in ("web", "ticker", "theirs")]
+    for app_id in ids:
+        assert api.call("DELETE", f"/apps/{app_id}", token=api.admin_token).status_code == 202
+    assert api.fresh_file("apps/.keep") == ""  # apps/ stays, so the last removal is not "source_empty"
+    for app_id in ids:
+        api.wait_status(app_id, "removed")
+    assert owned(docker_client, api.daemon.owner) == []

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pathlib
 
 import docker
+import pytest
 
+from cynchrod.cli import main
 from tests.helpers import TEST_IMAGE, GitRepo, cli, owned
 
 GOOD = f"name: web\nimage: {TEST_IMAGE}\ncommand: [sleep, '3600']\nmemory: 64\n"
@@ -84,6 +86,7 @@ def test_secret_cli_reads_stdin_and_never_prints_values(tmp_path: pathlib.Path) 
     import sys
 
     state = str(tmp_path / "state")
+    assert cli("token", "create", "--org", "acme", "--state", state).returncode == 0  # makes the state dir
     value = b"from-stdin-\x00-binary-ok"
     done = subprocess.run([sys.executable, "-m", "cynchrod", "secret", "set", "acme/api-key", "--state", state],
                           input=value, capture_output=True, timeout=60)
@@ -113,3 +116,77 @@ def test_rollback_cli(repo: GitRepo, owner: str, images: object, tmp_path: pathl
     assert docker_client.api.inspect_container(row["Id"])["HostConfig"]["Memory"] == 64 * 2**20
     again = cli("rollback", "default/nope", env=env)
     assert again.returncode == 2 and "not_found" in again.stderr
+
+
+def test_mistakes_get_a_sentence_and_create_nothing(tmp_path: pathlib.Path) -> None:
+    import subprocess
+    import sys
+
+    def run(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[str]:
+        done = subprocess.run([sys.executable, "-m", "cynchrod", *args], input=stdin, capture_output=True,
+                              timeout=60, cwd=tmp_path)
+        return subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode(), done.stderr.decode())
+
+    planned = run("plan", "--repo", str(tmp_path / "nonexistent"))
+    assert planned.returncode == 2 and "nothing to do" not in planned.stdout
+    assert "no such directory; give the path of a Git repository" in planned.stderr
+    served = run("serve", "--repo", str(tmp_path / "nonexistent"), "--state", str(tmp_path / "fresh"))
+    assert served.returncode == 2 and "no such directory" in served.stderr  # a first start on a typo
+    (tmp_path / "plain").mkdir()
+    assert "is not a Git repository" in run("plan", "--repo", str(tmp_path / "plain")).stderr
+    listed = run("token", "list")  # outside any project: ./state does not exist
+    assert listed.returncode == 2 and "no state directory at state" in listed.stderr
+    assert run("token", "revoke", "x").returncode == 2
+    typo = run("secret", "set", "default/x", "--state", str(tmp_path / "typo"))
+    assert typo.returncode == 2 and "no state directory" in typo.stderr
+    assert run("secret", "list", "default", "--state", str(tmp_path / "typo")).returncode == 2
+    nosl = run("secret", "set", "nosl")
+    assert nosl.returncode == 2 and "give the secret as ORG/NAME, e.g. default/db-password" in nosl.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain"]  # no ./state, no typo/
+    state = tmp_path / "state"
+    assert run("token", "create", "--org", "default", "--state", str(state)).returncode == 0
+    empty = run("secret", "set", "default/x", "--state", str(state))
+    assert empty.returncode == 2 and "no value on stdin" in empty.stderr
+    assert run("secret", "list", "default", "--state", str(state)).stdout == ""  # no empty secret stored
+
+
+def test_help_shows_each_command_its_own_flags_and_variables(capsys: pytest.CaptureFixture[str]) -> None:
+    def cli_help(*args: str) -> str:  # in-process: the parser is all there is to it
+        with pytest.raises(SystemExit):
+            main([*args])
+        return capsys.readouterr().out
+
+    top = " ".join(cli_help("--help").split())
+    for command in ("serve", "sync", "plan", "validate", "rollback", "apps", "status", "logs", "deployments",
+                    "restart", "stop", "start", "delete", "token", "secret", "token create", "secret set"):
+        description = cli_help(*command.split(), "--help").split("\n\n")[1].strip()
+        assert "\n" not in description and len(description) > 10, command  # one line, under the usage
+        assert description in top or command.startswith(("token ", "secret ")), command
+    plan = cli_help("plan", "--help")
+    assert "--repo" in plan and "[CYNCHROD_REPO]" in plan and "[CYNCHROD_STATE]" in plan
+    assert "--listen" not in plan and "--interval" not in plan and "--concurrency" not in plan
+    serve = cli_help("serve", "--help")
+    assert "[CYNCHROD_LISTEN]" in serve and "[CYNCHROD_INTERVAL]" in serve
+    logs = cli_help("logs", "--help")
+    assert "--repo" not in logs and "[CYNCHROD_API]" in logs and "[CYNCHROD_TOKEN]" in logs
+    token = cli_help("token", "list", "--help")
+    assert "--state DIR" in token and "[CYNCHROD_STATE]" in token and "--repo" not in token
+    for command in (["serve"], ["sync"], ["plan"], ["apps"], ["logs"], ["rollback"], ["token", "create"],
+                    ["secret", "set"]):
+        text = cli_help(*command, "--help")
+        flags = [line for line in text.splitlines() if line.lstrip().startswith("-") and "--help" not in line]
+        described = text.count("[CYNCHROD_")
+        assert flags and described == len({f.split()[0] for f in flags}), (command, text)
+
+
+def test_sync_shows_progress(repo: GitRepo, owner: str, images: object, tmp_path: pathlib.Path) -> None:
+    repo.push({f"apps/a{i}.yaml": GOOD.replace("web", f"a{i}") for i in range(3)})
+    env = {"CYNCHROD_REPO": repo.url, "CYNCHROD_STATE": str(tmp_path / "state"), "CYNCHROD_OWNER": owner,
+           "CYNCHROD_STOP_TIMEOUT": "1"}
+    synced = cli("sync", env=env)
+    assert synced.returncode == 0, synced.stderr
+    progress = [line for line in synced.stderr.splitlines() if line.startswith("[")]
+    assert [line.split()[0] for line in progress] == ["[1/3]", "[2/3]", "[3/3]"]  # plain lines: not a terminal
+    assert sorted(line.split(" ", 1)[1] for line in progress) == [
+        f"create default/a{i}: missing" for i in range(3)]
+    assert "\r" not in synced.stderr

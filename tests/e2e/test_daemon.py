@@ -25,6 +25,21 @@ def test_push_is_applied_within_one_pass(repo: GitRepo, daemons, owner: str,
     assert daemon.stop() == 0
 
 
+def test_a_push_into_a_local_bare_repo_runs_within_2s(repo: GitRepo, daemons, owner: str,
+                                                     docker_client: docker.DockerClient) -> None:
+    """No webhook, a 300 s timer: the watched refs of the local repository are what wake the pass."""
+    repo.push({"apps/.keep": ""})
+    daemon = daemons(interval=300).start()
+    wait_for(lambda: "pass poll" in daemon.output(), 30, "the first pass")
+    repo.push({"apps/hello.yaml": manifest("hello")})
+    took = wait_for(lambda: [c["State"] for c in owned(docker_client, owner)] == ["running"], 10,
+                    "the pushed app to run")
+    print(f"push-to-running {took:.2f}s")
+    assert took < 2, f"push-to-running took {took:.2f}s"
+    assert "pass watch" in daemon.output()
+    assert daemon.stop() == 0
+
+
 def test_self_heal_comes_from_docker_events(repo: GitRepo, daemons, owner: str,
                                             docker_client: docker.DockerClient) -> None:
     repo.push({"apps/a.yaml": manifest("a")})
@@ -97,3 +112,24 @@ def test_sigkill_mid_apply_converges_to_one_container(repo: GitRepo, daemons, ow
     deployments = db.deployments(db.live_apps()[("default", "a")].id)
     assert all(d.status != "deploying" for d in deployments)
     assert [d.error_code for d in deployments if d.status == "failed"] == ["interrupted"]
+
+
+def test_a_failing_test_shows_the_daemon_log(tmp_path: pathlib.Path) -> None:
+    """The conftest hook, run on an inner test that fails after its daemon wrote a line."""
+    import subprocess
+    import sys
+
+    inner = tmp_path / "test_inner.py"
+    inner.write_text(
+        "import pathlib\n"
+        "from tests.helpers import Daemon\n\n"
+        "def test_inner(tmp_path):\n"
+        "    d = Daemon('/nowhere', tmp_path / 'state', 'tinner')\n"
+        "    d.log.write_text('the line that explains it\\n')\n"
+        "    assert False\n")
+    root = pathlib.Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.conftest",
+                          "--rootdir", str(tmp_path), str(inner)], cwd=root, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 1, out.stdout
+    assert "cynchrod serve log" in out.stdout and "the line that explains it" in out.stdout

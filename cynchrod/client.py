@@ -1,0 +1,226 @@
+"""The API client behind ``cynchrod apps|status|logs|deployments|restart|stop|start|delete``.
+
+Called by ``cli`` only. It talks to a running daemon over HTTP (urllib) and, for
+``logs -f``, a WebSocket (simple-websocket, which flask-sock already brings).
+``APP`` is ``ORG/NAME`` (looked up with ``GET /apps/by-name/ORG/NAME``) or an
+app id. Output is an aligned table, or with ``-o json`` the API's JSON as is.
+API errors are raised as ``ClientError`` with the API's stable code.
+"""
+
+from __future__ import annotations
+
+import calendar
+import json
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Sequence
+from typing import IO, Any
+
+from cynchrod.errors import CynchrodError
+
+DEFAULT_API = "http://127.0.0.1:8080"
+TIMEOUT_S = 30.0
+#: WebSocket close codes that mean the stream ended on purpose (1000), or why it was refused.
+_CLOSE_REASONS = {4401: "unauthorized", 4404: "not_found", 4429: "too_many_streams"}
+
+
+class ClientError(CynchrodError):
+    """An error answer of the API (its code and message), or the API out of reach."""
+
+
+class Client:
+    def __init__(self, api: str, token: str, *, timeout: float = TIMEOUT_S) -> None:
+        self.api = api.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+
+    def call(self, method: str, path: str, *, body: Any = None) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.api + path, data=data, method=method, headers={
+            "Authorization": f"Bearer {self.token}", "Accept": "application/json",
+            **({"Content-Type": "application/json"} if data is not None else {})})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            try:
+                answer = json.loads(exc.read())
+                code, message = str(answer["error"]), str(answer["message"])
+            except (ValueError, KeyError, TypeError):
+                code, message = "http_error", f"{exc.code} {exc.reason}"
+            raise ClientError(message, code=code) from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ClientError(f"cannot reach the API at {self.api} ({reason}); is `cynchrod serve` running? "
+                              "Set --api or CYNCHROD_API", code="api_unreachable") from None
+
+    def details(self, ref: str) -> dict[str, Any]:
+        """``{"app", "webhook", "deployments"}`` of ``ORG/NAME`` or an app id."""
+        if "/" in ref:
+            org, _, name = ref.partition("/")
+            path = f"/apps/by-name/{urllib.parse.quote(org, safe='')}/{urllib.parse.quote(name, safe='')}"
+        else:
+            path = f"/apps/{urllib.parse.quote(ref, safe='')}"
+        found: dict[str, Any] = self.call("GET", path)
+        return found
+
+
+# -- output -----------------------------------------------------------------------
+
+
+def table(rows: Sequence[Sequence[object]], headers: Sequence[str], out: IO[str]) -> None:
+    """Columns padded to their widest cell, two spaces apart."""
+    cells = [[str(h) for h in headers], *[["-" if c in (None, "") else str(c) for c in row] for row in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip(), file=out)
+
+
+def age(stamp: str | None, now: float | None = None) -> str:
+    """``2026-11-29T16:43:13Z`` as ``5s``, ``3m``, ``2h``, ``4d``."""
+    if not stamp:
+        return "-"
+    try:
+        then = calendar.timegm(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        return stamp
+    seconds = max(0, int((now if now is not None else time.time()) - then))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _ports(app: dict[str, Any]) -> str:
+    if app.get("port") is None:
+        return ""
+    return f"{app['host_port']}->{app['port']}" if app.get("host_port") else str(app["port"])
+
+
+def _error(text: str | None, width: int = 60) -> str:
+    line = (text or "").splitlines()[0] if text else ""
+    return line if len(line) <= width else line[:width - 1] + "…"
+
+
+def _dump(data: Any, out: IO[str]) -> None:
+    print(json.dumps(data, indent=2), file=out)
+
+
+# -- commands -----------------------------------------------------------------------
+
+
+def apps(client: Client, *, output: str, include_removed: bool, out: IO[str]) -> int:
+    listed = client.call("GET", "/apps" + ("?include_removed=1" if include_removed else ""))
+    if output == "json":
+        _dump(listed, out)
+        return 0
+    rows = [(a["id"], f"{a['org']}/{a['name']}", a["status"], a.get("image"), _ports(a), age(a.get("updated_at")),
+             _error(a.get("last_error"))) for a in listed["apps"]]
+    table(rows, ("ID", "APP", "STATUS", "IMAGE", "PORTS", "UPDATED", "LAST ERROR"), out)
+    return 0
+
+
+def _deployment_rows(deployments: Sequence[dict[str, Any]]) -> list[tuple[object, ...]]:
+    return [(d["id"], d["status"], d["trigger"], (d.get("commit") or "")[:12], age(d.get("started_at")),
+             d.get("error_code"), _error(d.get("error"))) for d in deployments]
+
+
+_DEPLOYMENT_HEADERS = ("ID", "STATUS", "TRIGGER", "COMMIT", "STARTED", "CODE", "ERROR")
+
+
+def status(client: Client, ref: str, *, output: str, out: IO[str]) -> int:
+    found = client.details(ref)
+    if output == "json":
+        _dump(found, out)
+        return 0
+    app = found["app"]
+    fields = [("app", f"{app['org']}/{app['name']}"), ("id", app["id"]), ("status", app["status"]),
+              ("image", app.get("image")), ("ports", _ports(app)), ("domain", app.get("domain")),
+              ("container", (app.get("container_id") or "")[:12]), ("commit", (app.get("commit") or "")[:12]),
+              ("path", app.get("path")), ("updated", f"{app.get('updated_at')} ({age(app.get('updated_at'))} ago)"),
+              ("last error", app.get("last_error"))]
+    if found.get("webhook"):
+        fields.append(("webhook", found["webhook"]["url"]))
+    width = max(len(k) for k, _ in fields)
+    for key, value in fields:
+        print(f"{key + ':':<{width + 1}} {value if value not in (None, '') else '-'}", file=out)
+    if found["deployments"]:
+        print("", file=out)
+        table(_deployment_rows(found["deployments"][:5]), _DEPLOYMENT_HEADERS, out)
+    return 0
+
+
+def deployments(client: Client, ref: str, *, output: str, out: IO[str]) -> int:
+    found = client.details(ref)
+    if output == "json":
+        _dump(found["deployments"], out)
+        return 0
+    table(_deployment_rows(found["deployments"]), _DEPLOYMENT_HEADERS, out)
+    return 0
+
+
+def act(client: Client, action: str, ref: str, *, output: str, out: IO[str]) -> int:
+    """restart, stop, start or delete: the commit is made by the daemon; print what was queued."""
+    app = client.details(ref)["app"]
+    method, path = ("DELETE", f"/apps/{app['id']}") if action == "delete" else ("POST", f"/apps/{app['id']}/{action}")
+    reply = client.call(method, path)
+    if output == "json":
+        _dump(reply, out)
+    elif reply["changed"]:
+        print(f"{action} {app['org']}/{app['name']}: commit {reply['commit'][:12]}, deployment "
+              f"{reply['deployment_id']} {reply['app']['status']}", file=out)
+    else:
+        print(f"{action} {app['org']}/{app['name']}: nothing to change (status {reply['app']['status']})", file=out)
+    return 0
+
+
+def _print_line(line: dict[str, Any], *, output: str, services: bool, out: IO[str]) -> None:
+    if output == "json":
+        print(json.dumps(line), file=out)
+    else:
+        print(f"{line['service']} | {line['line']}" if services else line["line"], file=out)
+    out.flush()
+
+
+def logs(client: Client, ref: str, *, tail: int, follow: bool, output: str, out: IO[str]) -> int:
+    """The last ``tail`` lines; with ``follow``, then every new line until the stream ends or Ctrl-C.
+
+    For ``follow`` the stream is opened before the tail is read, so no line falls
+    between them; lines that are in both are printed once.
+    """
+    app = client.details(ref)["app"]
+    ws = None
+    if follow:
+        import simple_websocket  # only ``logs -f`` needs it
+
+        ticket = client.call("POST", f"/apps/{app['id']}/logs/ticket")["ticket"]
+        url = client.api.replace("http://", "ws://", 1).replace("https://", "wss://", 1)
+        ws = simple_websocket.Client.connect(f"{url}/apps/{app['id']}/logs/stream?ticket={ticket}")
+    try:
+        lines = client.call("GET", f"/apps/{app['id']}/logs?tail={tail}")["lines"]
+        services = len({line["service"] for line in lines}) > 1 or any(line["service"] != "main" for line in lines)
+        seen = {(line["timestamp"], line["service"], line["line"]) for line in lines}
+        for line in lines:
+            _print_line(line, output=output, services=services, out=out)
+        if ws is None:
+            return 0
+        newest = max((line["timestamp"] for line in lines), default="")
+        while True:
+            try:
+                message = ws.receive()
+            except simple_websocket.ConnectionClosed as closed:
+                if closed.reason in _CLOSE_REASONS:
+                    raise ClientError(f"the log stream was closed: {closed.message or ''}".strip(),
+                                      code=_CLOSE_REASONS[closed.reason]) from None
+                return 0
+            line = json.loads(message)
+            if line["timestamp"] <= newest and (line["timestamp"], line["service"], line["line"]) in seen:
+                continue
+            _print_line(line, output=output, services=services or line["service"] != "main", out=out)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if ws is not None:
+            ws.close()
