@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import pathlib
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -101,6 +103,8 @@ class Daemon:
         return cls(settings=cfg, store=db, source=srcs[0], runtime=rt, reconciler=rec, control=ctl, metrics=stats,
                    tickets=Tickets(), secrets=vault)
 
+    _started_at: float = dataclasses.field(default_factory=time.monotonic)
+
     def start(self) -> None:
         interrupted = self.store.interrupt_unfinished()
         if interrupted:
@@ -111,6 +115,32 @@ class Daemon:
         if self._watched():
             self._watcher = threading.Thread(target=self._watch, name="watch", daemon=True)
             self._watcher.start()
+
+    def health(self) -> list[dict[str, str]]:
+        """What stops this daemon from doing its job now, as (code, message) pairs; [] when healthy.
+
+        Cheap enough for every probe: the view's event-stream state, the reconciler's
+        last pass, and one small write in the state dir (a full disk fails it).
+        """
+        problems = []
+        rec = self.reconciler
+        if rec.view.error is not None:
+            problems.append({"code": "docker_unavailable", "message": rec.view.error})
+        if rec.last_crash is not None:
+            problems.append({"code": "pass_crashed", "message": rec.last_crash})
+        stale = 3 * rec.interval
+        since = time.monotonic() - (rec.last_pass_at if rec.last_pass_at is not None else self._started_at)
+        if since > stale:
+            problems.append({"code": "passes_stalled",
+                             "message": f"no pass has finished for {since:.0f}s (3 intervals is {stale:.0f}s)"})
+        # A byte written and synced decides: when it goes through, earlier store write
+        # failures are over (the next write will tell otherwise).
+        unwritable = _unwritable(self.settings.state)
+        if unwritable:
+            problems.append({"code": "state_unwritable", "message": unwritable})
+        else:
+            store.write_failed_at = rec.state_error = None
+        return problems
 
     def stop(self, timeout: float = 30) -> None:
         self.stop_event.set()
@@ -241,6 +271,20 @@ def local_git_dir(src: source.Followed) -> pathlib.Path | None:
     for candidate in (root, root / ".git"):
         if (candidate / "HEAD").is_file() and (candidate / "refs").is_dir():
             return candidate.resolve()
+    return None
+
+
+def _unwritable(state: pathlib.Path) -> str | None:
+    """Why nothing can be written in the state dir now (a byte written and synced), else None."""
+    probe = state / ".healthz"
+    try:
+        with open(probe, "wb") as out:
+            out.write(b"1")
+            out.flush()
+            os.fsync(out.fileno())
+        probe.unlink()
+    except OSError as exc:
+        return f"the state directory {state} cannot be written: {exc.strerror or exc}"
     return None
 
 

@@ -158,6 +158,9 @@ class View:
                 if not stop.is_set():
                     self.error = str(exc)
                     log.warning("engine events: %s; reconnecting", exc)
+            except Exception as exc:  # this thread must outlive any one bad event
+                self.error = f"{type(exc).__name__}: {exc}"
+                log.exception("engine events crashed; reconnecting")
             finally:
                 with self._lock:
                     self._live = False

@@ -22,9 +22,13 @@ def openapi() -> dict[str, Any]:
 
 
 @bp.get("/healthz")
-def healthz() -> Response:
-    last = daemon().store.meta("last_pass") or {}
-    return jsonify({"status": "ok", "last_pass": {k: last.get(k) for k in ("at", "commit", "source_error")}})
+def healthz() -> tuple[Response, int]:
+    d = daemon()
+    last = d.store.meta("last_pass") or {}
+    problems = d.health()
+    body = {"status": "unhealthy" if problems else "ok", "problems": problems,
+            "last_pass": {k: last.get(k) for k in ("at", "commit", "source_error")}}
+    return jsonify(body), 503 if problems else 200
 
 
 @bp.get("/metrics")

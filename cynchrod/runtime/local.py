@@ -37,6 +37,7 @@ from cynchrod.errors import EngineUnavailable, PermanentError, RuntimeFailure, T
 log = logging.getLogger(__name__)
 
 PULL_TIMEOUT_S = 300
+API_VERSION = "1.41"
 #: Deadline of one engine call on a request or pass path.
 CALL_TIMEOUT_S = 30
 #: Per-container log cap: the json-file driver rotates, so no log grows without bound.
@@ -121,12 +122,13 @@ class _EventStream:
 
     def __init__(self, rt: LocalRuntime) -> None:
         self._rt = rt
-        self._client = docker.DockerClient.from_env(timeout=None)
+        self._client: Any = None
         self._stream: Any = None
         self._closed = threading.Event()
 
     def __iter__(self) -> Iterator[runtime.Event]:
         try:
+            self._client = rt_client(self._rt, timeout=None)
             self._stream = converted(lambda: self._client.api.events(
                 filters={"type": "container", "event": ["start", "die", "oom", "destroy", "pause", "unpause"],
                          "label": runtime.owner_labels(self._rt.owner)}, decode=True), "events")
@@ -152,7 +154,15 @@ class _EventStream:
             if self._stream is not None:
                 self._stream.close()
         with contextlib.suppress(Exception):
-            self._client.close()
+            if self._client is not None:
+                self._client.close()
+
+
+def rt_client(rt: LocalRuntime, *, timeout: float | None) -> docker.DockerClient:
+    """Another connection to the same engine (streams need their own, with no read
+    timeout); the API version is the one already negotiated, so making it asks nothing."""
+    return converted(lambda: docker.DockerClient.from_env(version=rt.api.api_version, timeout=timeout),
+                     "connect")
 
 
 class _AppLogs:
@@ -171,7 +181,7 @@ class _AppLogs:
         self._lines: queue.Queue[runtime.LogLine | str] = queue.Queue(maxsize=self.QUEUE_LINES)
         self._readers: dict[str, tuple[threading.Thread, Any]] = {}
         self._lock = threading.Lock()
-        self._client = docker.DockerClient.from_env(timeout=None)
+        self._client = rt_client(rt, timeout=None)
 
     def _attach(self) -> None:
         """Follow every running container of the app not followed yet (one list call)."""
@@ -268,7 +278,10 @@ class LocalRuntime:
         self.secrets_dir = secrets_dir
         self.publish_address = publish_address
         self.stop_timeout = stop_timeout
-        self._client = client or docker.DockerClient.from_env(timeout=CALL_TIMEOUT_S + stop_timeout)
+        # The API version is pinned (every engine since 20.10 speaks it): making a client
+        # asks the engine nothing, so a daemon starts while Docker is down.
+        self._client = client or docker.DockerClient.from_env(version=API_VERSION,
+                                                              timeout=CALL_TIMEOUT_S + stop_timeout)
         self.api = self._client.api
         self.calls = 0
 
@@ -583,7 +596,7 @@ class LocalRuntime:
                 f"image {image} is not present on this host and names no registry; build or load it here",
                 code="image_not_found")
         repository, _, tag = image.rpartition(":") if ":" in image.rsplit("/", 1)[-1] else (image, "", "latest")
-        puller = docker.DockerClient.from_env(timeout=PULL_TIMEOUT_S)  # bounded, apart from the list client
+        puller = rt_client(self, timeout=PULL_TIMEOUT_S)  # bounded, apart from the list client
         try:
             self.calls += 1
             puller.api.pull(repository, tag=tag)

@@ -1,0 +1,81 @@
+"""/healthz tells the truth, and a daemon keeps healing through the faults it reports.
+
+Real daemon, dockerd and git; the faults are real too: a proxy on the Docker socket
+that goes away, and a state dir on a small tmpfs that fills up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import pathlib
+import subprocess
+import urllib.error
+import urllib.request
+
+import docker
+
+from tests.helpers import GitRepo, manifest, owned, wait_for
+from tests.reliability.dockerproxy import DockerProxy
+
+
+def health(api: str) -> tuple[int, list[str]]:
+    try:
+        with urllib.request.urlopen(f"{api}/healthz", timeout=5) as response:
+            return response.status, [p["code"] for p in json.load(response)["problems"]]
+    except urllib.error.HTTPError as exc:
+        return exc.code, [p["code"] for p in json.load(exc)["problems"]]
+    except OSError:
+        return 0, ["no answer"]
+
+
+def running(client: docker.DockerClient, owner: str) -> bool:
+    return [c["State"] for c in owned(client, owner)] == ["running"]
+
+
+def test_healthz_says_when_docker_is_unreachable_and_recovers(repo: GitRepo, daemons, owner: str,
+                                                              tmp_path: pathlib.Path,
+                                                              docker_client: docker.DockerClient) -> None:
+    proxy = DockerProxy(tmp_path / "docker.sock")
+    try:
+        repo.push({"apps/a.yaml": manifest("a")})
+        daemon = daemons(interval=2, env={"DOCKER_HOST": f"unix://{proxy.path}"}).start()
+        wait_for(lambda: running(docker_client, owner), 30, "a to run")
+        wait_for(lambda: health(daemon.api) == (200, []), 15, "healthy")
+        proxy.down()
+        wait_for(lambda: "docker_unavailable" in health(daemon.api)[1], 15, "docker_unavailable on /healthz")
+        assert health(daemon.api)[0] == 503
+        proxy.up()
+        wait_for(lambda: health(daemon.api) == (200, []), 15, "healthy again")
+        [unit] = owned(docker_client, owner)
+        docker_client.api.kill(unit["Id"])  # the event stream is back: a death heals at once
+        wait_for(lambda: running(docker_client, owner), 10, "a to be healed")
+        assert daemon.stop() == 0
+    finally:
+        proxy.close()
+
+
+def test_a_full_state_dir_is_reported_and_apps_still_heal(repo: GitRepo, daemons, owner: str,
+                                                         tmp_path: pathlib.Path,
+                                                         docker_client: docker.DockerClient) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(state)], check=True)
+    try:
+        repo.push({"apps/a.yaml": manifest("a")})
+        daemon = daemons(interval=300).start()
+        wait_for(lambda: running(docker_client, owner), 30, "a to run")
+        wait_for(lambda: health(daemon.api) == (200, []), 15, "healthy")
+        subprocess.run(["dd", "if=/dev/zero", f"of={state / 'fill'}", "bs=1M"], capture_output=True)
+        status, problems = health(daemon.api)
+        assert status == 503 and "state_unwritable" in problems, problems
+        for _ in range(2):
+            [unit] = owned(docker_client, owner)
+            docker_client.api.kill(unit["Id"])
+            wait_for(lambda: running(docker_client, owner), 10, "a to be healed on a full disk")
+        (state / "fill").unlink()
+        wait_for(lambda: health(daemon.api) == (200, []), 70, "healthy once there is room")
+        assert daemon.stop() == 0
+    finally:  # lazily: the daemons fixture stops a daemon still holding files there after this
+        with contextlib.suppress(subprocess.CalledProcessError):
+            subprocess.run(["umount", "-l", str(state)], check=True)
