@@ -385,8 +385,8 @@ class Store:
     def finish_deployment(self, deployment_id: int, *, status: str, error_code: str | None = None,
                           error: str | None = None, merge: bool = False) -> int:
         """Close a deployment. With ``merge``, a failure that repeats the app's previous
-        deployment (same spec, code and message) is folded into that row (attempts,
-        last seen) instead of adding one: a loop of retries does not grow the history."""
+        deployment (same spec and code) is folded into that row (attempts, last seen,
+        newest message) instead of adding one: a loop of retries does not grow the history."""
         with self.transaction() as db:
             if merge and status == FAILED:
                 mine = db.execute("SELECT app_id, spec_hash FROM deployments WHERE id = ?",
@@ -395,11 +395,12 @@ class Store:
                     "SELECT id FROM deployments WHERE app_id = ? AND id < ? ORDER BY id DESC LIMIT 1",
                     (mine["app_id"], deployment_id)).fetchone() if mine is not None else None
                 if prev is not None and db.execute(
-                        "SELECT 1 FROM deployments WHERE id = ? AND status = ? AND error_code IS ? AND error IS ?"
-                        " AND spec_hash IS ?", (prev["id"], FAILED, error_code, error, mine["spec_hash"])).fetchone():
+                        "SELECT 1 FROM deployments WHERE id = ? AND status = ? AND error_code IS ? AND spec_hash IS ?",
+                        (prev["id"], FAILED, error_code, mine["spec_hash"])).fetchone():
+                    # The same failure again (messages may differ in ids): one row, counted, newest message.
                     db.execute("DELETE FROM deployments WHERE id = ?", (deployment_id,))
-                    db.execute("UPDATE deployments SET attempts = attempts + 1, last_seen = ? WHERE id = ?",
-                               (now(), prev["id"]))
+                    db.execute("UPDATE deployments SET attempts = attempts + 1, last_seen = ?, error = ? WHERE id = ?",
+                               (now(), error, prev["id"]))
                     return int(prev["id"])
             db.execute("UPDATE deployments SET status = ?, error_code = ?, error = ?, finished_at = ? WHERE id = ?",
                        (status, error_code, error, now(), deployment_id))

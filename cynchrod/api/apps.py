@@ -24,13 +24,14 @@ def app_json(app: store.App) -> dict[str, Any]:
         "port": app.port, "host_port": app.host_port, "status": app.status, "container_id": app.container_id,
         "created_at": app.created_at, "updated_at": app.updated_at, "last_error": app.last_error,
         "commit": app.commit, "path": app.path,
+        "services": json.loads(app.services_json) if app.services_json else [],
     }
 
 
 def deployment_json(d: store.Deployment) -> dict[str, Any]:
     return {"id": d.id, "app_id": d.app_id, "commit": d.commit, "trigger": d.trigger, "status": d.status,
             "error_code": d.error_code, "error": d.error, "started_at": d.started_at,
-            "finished_at": d.finished_at}
+            "finished_at": d.finished_at, "attempts": d.attempts, "last_seen": d.last_seen}
 
 
 _list_cache: dict[tuple[int, str | None, bool], tuple[int, bytes]] = {}

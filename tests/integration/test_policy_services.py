@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -35,6 +36,7 @@ services:
   web:
     image: {TEST_IMAGE}
     command: {SLEEP}
+    port: 8080
     depends_on: [db]
     cpu: 0.5
     memory: 96
@@ -58,6 +60,13 @@ def test_per_service_limits_and_private_network(repo, harness: Harness, docker_c
     assert web_host["NetworkMode"] == network
     labels = docker_client.api.inspect_network(network)["Labels"]
     assert labels[runtime.LABEL_OWNER] == harness.rt.owner and labels[runtime.LABEL_APP] == "shop"
+    # The row shows the main service (the first with a port) and every service's units.
+    shop = harness.app("shop")
+    web_port = int(web["Ports"][0]["PublicPort"])
+    assert (shop.image, shop.port, shop.host_port, shop.container_id) == (TEST_IMAGE, 8080, web_port, web["Id"])
+    services = {s["name"]: s for s in json.loads(shop.services_json or "[]")}
+    assert services["web"]["host_port"] == web_port and services["db"]["port"] is None
+    assert [u["state"] for s in services.values() for u in s["units"]] == ["running", "running"]
     # The web service reaches the db service by its name over the private network.
     wait_for(lambda: run(docker_client, web["Id"], "wget", "-q", "-O-", "http://db:8080/ping") == "pong\n", 10,
              "web to reach db")
