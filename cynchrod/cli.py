@@ -305,11 +305,12 @@ def existing_state(state: pathlib.Path) -> pathlib.Path:
 
 
 def cmd_plan(cfg: config.Settings, out: IO[str]) -> int:
-    """What a pass would do. A state dir that is not there yet is not created (a temporary one is used)."""
+    """What a pass would do. A state dir that is not there yet is not created (a temporary one is used),
+    and the repositories are fetched into a scratch copy: a daemon may be using the state dir's mirrors."""
     with tempfile.TemporaryDirectory(prefix="cynchrod-plan-") as scratch:
         if not cfg.state.exists():
             cfg = dataclasses.replace(cfg, state=pathlib.Path(scratch))
-        rec = build(cfg)
+        rec = daemon.Daemon.build(cfg, mirrors=pathlib.Path(scratch)).reconciler
         result, actions = rec.preview()
         rec.store.close()
     if result.source_error:
@@ -370,7 +371,12 @@ def cmd_client(args: argparse.Namespace, out: IO[str]) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace, cfg: config.Settings, out: IO[str]) -> int:
-    d = daemon.Daemon.build(cfg)
+    # A scratch copy of the mirrors: the daemon holding the state lock fetches into its own.
+    with tempfile.TemporaryDirectory(prefix="cynchrod-rollback-") as scratch:
+        return _rollback(args, daemon.Daemon.build(cfg, mirrors=pathlib.Path(scratch)), out)
+
+
+def _rollback(args: argparse.Namespace, d: daemon.Daemon, out: IO[str]) -> int:
     app = d.store.app(args.app)
     if app is None and "/" in args.app:
         org, _, name = args.app.partition("/")

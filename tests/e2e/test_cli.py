@@ -8,7 +8,7 @@ import docker
 import pytest
 
 from cynchrod.cli import main
-from tests.helpers import TEST_IMAGE, GitRepo, cli, owned
+from tests.helpers import TEST_IMAGE, GitRepo, cli, owned, wait_for
 
 GOOD = f"name: web\nimage: {TEST_IMAGE}\ncommand: [sleep, '3600']\nmemory: 64\n"
 
@@ -190,3 +190,21 @@ def test_sync_shows_progress(repo: GitRepo, owner: str, images: object, tmp_path
     assert sorted(line.split(" ", 1)[1] for line in progress) == [
         f"create default/a{i}: missing" for i in range(3)]
     assert "\r" not in synced.stderr
+
+
+def test_plan_and_rollback_beside_a_running_daemon_leave_its_mirrors_alone(repo: GitRepo, daemons, owner: str,
+                                                                          tmp_path: pathlib.Path) -> None:
+    repo.push({"apps/web.yaml": GOOD})
+    daemon = daemons(interval=300).start()
+    state = tmp_path / "state"
+    wait_for(lambda: "pass poll" in daemon.output(), 30, "the first pass")
+
+    def mirrors() -> dict[str, int]:
+        return {str(p): p.stat().st_mtime_ns for p in (state / "repos").rglob("*")}
+
+    before = mirrors()
+    env = {"CYNCHROD_REPO": repo.url, "CYNCHROD_STATE": str(state), "CYNCHROD_OWNER": owner}
+    planned = cli("plan", env=env)
+    assert planned.returncode == 0 and planned.stdout == "nothing to do\n", planned
+    assert mirrors() == before  # fetched into a scratch copy, not into the daemon's mirror
+    assert daemon.stop() == 0
