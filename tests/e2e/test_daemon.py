@@ -133,3 +133,38 @@ def test_a_failing_test_shows_the_daemon_log(tmp_path: pathlib.Path) -> None:
                          timeout=120)
     assert out.returncode == 1, out.stdout
     assert "cynchrod serve log" in out.stdout and "the line that explains it" in out.stdout
+
+
+def test_a_slow_build_holds_up_no_other_app(repo: GitRepo, daemons, owner: str, tmp_path: pathlib.Path,
+                                           docker_client: docker.DockerClient) -> None:
+    """Builds run on their own worker, never inside a pass: while a 60 s build runs,
+    another app's killed container is healed at once."""
+    import shutil
+
+    from cynchrod import runtime
+    from tests.helpers import git
+
+    (tmp_path / "src").mkdir()
+    src = GitRepo(tmp_path / "src")
+    shutil.copy("/bin/busybox", src.work / "busybox")
+    git("add", "busybox", cwd=src.work)
+    src.push({"Dockerfile": 'FROM scratch\nCOPY busybox /bin/busybox\nRUN ["/bin/busybox", "sleep", "60"]\n'})
+    repo.push({"apps/a.yaml": manifest("a"),
+               "apps/slow.yaml": f"name: slow\nbuild: {{repo: {src.url}}}\nmemory: 64\n"})
+    daemon = daemons(interval=300).start()
+
+    def a_running() -> bool:
+        return [c["State"] for c in owned(docker_client, owner)
+                if c["Labels"][runtime.LABEL_APP] == "a"] == ["running"]
+
+    wait_for(a_running, 30, "a to run")
+    logs = tmp_path / "state" / "builds" / "logs"
+    wait_for(lambda: '"sleep", "60"]\n ---> Running in' in "".join(p.read_text() for p in logs.glob("*")),
+             30, "the slow build to be running")
+    for _ in range(2):
+        [a] = [c for c in owned(docker_client, owner) if c["Labels"][runtime.LABEL_APP] == "a"]
+        docker_client.api.kill(a["Id"])
+        took = wait_for(a_running, 10, "a to be healed during the build")
+        assert took < 2, took
+    assert "slow" not in {c["Labels"][runtime.LABEL_APP] for c in owned(docker_client, owner)}
+    assert daemon.stop() == 0
