@@ -224,8 +224,14 @@ def noop_pass(tmp: pathlib.Path, n: int, passes: int) -> dict[str, Any]:
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda spec: rt.api.create_container(
             IMAGE, command=["sleep", "3600"], name=rt.container_name(spec.org, spec.name, "main"),
-            labels={**rt.labels(spec, spec.services[0]), LABEL: "noop"}), desired.apps.values()))
+            labels={**runtime.unit_labels(rt.owner, rt.instance, spec, spec.services[0], 0), LABEL: "noop"}),
+            desired.apps.values()))
     assert all(not a.actions for a in rec.run_pass().apps)
+    # The daemon's view follows the engine's events: a no-op pass then makes no engine call.
+    stop = threading.Event()
+    events = threading.Thread(target=rec.view.run, args=(stop,), daemon=True)
+    events.start()
+    wait(lambda: rec.view._live, 30)
     calls: list[str] = []
     rt.api.hooks["response"].append(lambda resp, *a, **k: calls.append(resp.request.path_url))
     walls, cpus = [], []
@@ -236,6 +242,9 @@ def noop_pass(tmp: pathlib.Path, n: int, passes: int) -> dict[str, Any]:
         cpus.append(time.process_time() - cpu0)
         assert all(not a.actions for a in result.apps) and len(result.apps) == n
     calls_per_pass = len(calls) / passes
+    stop.set()
+    rec.view.stop()
+    events.join(5)
     list_calls = []
     for _ in range(passes):
         t0 = time.perf_counter()

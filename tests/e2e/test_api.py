@@ -555,3 +555,28 @@ def test_deleting_the_last_app_is_applied(api: Api, docker_client: docker.Docker
     for app_id in ids:
         api.wait_status(app_id, "removed")
     assert owned(docker_client, api.daemon.owner) == []
+
+
+def test_the_live_stream_follows_the_app_through_a_restart(api: Api) -> None:
+    """It used to end with ``1000 stream_ended`` when the container stopped; now it
+    follows the app to its new container and ends only when the app is deleted."""
+    ticker = api.app_id("ticker")
+    ticket = api.call("POST", f"/apps/{ticker}/logs/ticket").json()["ticket"]
+    ws = simple_websocket.Client.connect(
+        api.url.replace("http://", "ws://") + f"/apps/{ticker}/logs/stream?ticket={ticket}")
+    try:
+        json.loads(ws.receive(timeout=10))
+        before = api.call("GET", f"/apps/{ticker}").json()["app"]["container_id"]
+        assert api.call("POST", f"/apps/{ticker}/restart").status_code == 202
+        wait_for(lambda: api.call("GET", f"/apps/{ticker}").json()["app"]["container_id"] != before, 30,
+                 "the restart to make a new container")
+        restarted = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            line = json.loads(ws.receive(timeout=5))
+            if line["timestamp"][:19] > restarted:
+                break  # a line from the new container, on the same stream
+        else:
+            raise AssertionError("no line from the restarted container")
+    finally:
+        ws.close()

@@ -152,6 +152,14 @@ def test_broken_manifest_fails_that_app_alone(repo, harness: Harness) -> None:
     harness.sync()
     assert len(harness.db.deployments(a.id)) == 2
     # Fixed: the app is running again without its container being touched.
+    # Two mistakes in one file: the app and its deployment carry both, not just the first.
+    repo.push({"apps/a.yaml": manifest("a", extra="cpu: 99\nmemory_mb: 1\n")}, "break a twice")
+    result = harness.sync()
+    a = harness.app("a")
+    assert a.last_error is not None and a.last_error.splitlines() == result.manifest_errors
+    assert len(result.manifest_errors) == 2 and "cpu: 99" in a.last_error and "memory_mb" in a.last_error
+    failed = harness.db.last_deployment(a.id)
+    assert failed is not None and failed.error == a.last_error
     repo.push({"apps/a.yaml": manifest("a")}, "fix a")
     result = harness.sync()
     assert result.ok
