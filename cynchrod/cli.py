@@ -37,6 +37,13 @@ def _add_source_flags(p: argparse.ArgumentParser, *, daemon: bool) -> None:
     p.add_argument("--publish-address", help="host address ports are published on (default 127.0.0.1)")
     p.add_argument("--concurrency", type=int, help="apps applied at once (default 4)")
     p.add_argument("--stop-timeout", type=int, help="seconds a container gets to stop (default 10)")
+    p.add_argument("--edge", help="Caddy's admin API URL, e.g. http://127.0.0.1:2019: route each app's domain")
+    p.add_argument("--edge-listen", help="address of the edge's plain-HTTP server (default :80)")
+    p.add_argument("--edge-tls-listen", help="address of the edge's HTTPS server (default: none)")
+    p.add_argument("--edge-ready-timeout", type=float,
+                   help="seconds a zero-downtime deploy waits for the new container (default 60)")
+    p.add_argument("--edge-drain", type=float,
+                   help="seconds the old container keeps serving after the switch (default 2)")
     if daemon:
         p.add_argument("--interval", type=float, help="seconds between passes (default 30)")
         p.add_argument("--resync", type=float, help="seconds between full relists of the engine (default 300)")
@@ -125,8 +132,11 @@ class StateLock:
             self._file.close()
 
 
-def build(cfg: config.Settings) -> reconciler.Reconciler:
-    return daemon.Daemon.build(cfg).reconciler
+def build(cfg: config.Settings, *, recover: bool = False) -> reconciler.Reconciler:
+    d = daemon.Daemon.build(cfg)
+    if recover:
+        d.recover()
+    return d.reconciler
 
 
 def print_result(result: reconciler.PassResult, out: IO[str]) -> None:
@@ -192,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         with StateLock(cfg.state):
             if args.command == "sync":
-                rec = build(cfg)
+                rec = build(cfg, recover=True)
                 rec.store.interrupt_unfinished()
                 result = rec.sync("poll")
                 print_result(result, out)
