@@ -188,17 +188,24 @@ class Edge:
         if have is not None:
             self._request("PATCH", f"/id/{server_id}", want)
             return True
-        # Not there (or its @id was edited away): create it at the deepest path that
-        # exists, without touching anything beside it.
-        nested: dict[str, Any] = want
-        for path, key in (("apps/http/servers", name), ("apps/http", "servers"), ("apps", "http"), ("", "apps")):
-            found = self._request("GET", f"/config/{path}")
-            if found is not None or path == "":
-                self._request("POST", f"/config/{path}/{key}" if path else "/config/", nested
-                              if path else {key: nested})
-                return True
-            nested = {key: nested}
-        return True  # pragma: no cover - the loop always returns
+        # Not there (or its @id was edited away): create it under the deepest object of
+        # apps.http.servers that exists, without touching anything beside it.
+        config = self._request("GET", "/config/")
+        path: list[str] = []
+        node = config
+        for key in ("apps", "http", "servers"):
+            if not isinstance(node, dict) or not isinstance(node.get(key), dict):
+                break
+            node, path = node[key], [*path, key]
+        value: Any = want
+        for key in reversed(["apps", "http", "servers", name][len(path) + 1:]):
+            value = {key: value}
+        target = "/".join([*path, ["apps", "http", "servers", name][len(path)]])
+        if config is None:
+            self._request("POST", "/config/", {"apps": value})
+        else:
+            self._request("POST", f"/config/{target}", value)
+        return True
 
     def _remove(self, server_id: str) -> None:
         if self._request("GET", f"/id/{server_id}") is not None:

@@ -136,7 +136,7 @@ def daemons(repo: GitRepo, owner: str, images: object, tmp_path: pathlib.Path) -
 class Caddy:
     """A real Caddy (Debian's), its admin API and listeners on free local ports."""
 
-    def __init__(self, root: pathlib.Path) -> None:
+    def __init__(self, root: pathlib.Path, *, apps: dict[str, object] | None = None) -> None:
         self.admin_port, self.port, self.tls_port, self.other_port = (free_port() for _ in range(4))
         self.admin = f"http://127.0.0.1:{self.admin_port}"
         self.log = root / "caddy.log"
@@ -151,6 +151,8 @@ class Caddy:
                     "routes": [{"handle": [{"handler": "static_response", "body": "not cynchrod's"}]}]}}},
             },
         }
+        if apps is not None:
+            self.base["apps"] = apps
         config = root / "caddy.json"
         config.write_text(json.dumps(self.base))
         env = {**os.environ, "HOME": str(root), "XDG_DATA_HOME": str(root / "xdg-data"),

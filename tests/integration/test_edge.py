@@ -239,3 +239,21 @@ def test_an_unreachable_edge_never_stops_a_pass(repo: GitRepo, edged: Harness, c
     result = edged.sync()  # start-first, the switch fails: the deploy still goes through
     assert result.ok, result
     assert len(edged.rt.api.containers(filters=edged.rt.owner_filter)) == 1
+
+
+@pytest.mark.parametrize("apps", [{}, {"pki": {"certificate_authorities": {"local": {"install_trust": False}}}}])
+def test_the_edge_server_is_made_in_a_caddy_with_no_http_app(repo: GitRepo, harness: Harness,
+                                                              tmp_path: pathlib.Path, apps: dict[str, object]) -> None:
+    root = tmp_path / "bare-caddy"
+    root.mkdir()
+    bare = Caddy(root, apps=apps)
+    try:
+        front = edge.Edge(bare.admin, listen=f"127.0.0.1:{bare.port}", owner=harness.rt.owner)
+        harness.rec.edge = front
+        repo.push({"apps/b.yaml": web("b", "v1", domain="b.localhost")})
+        assert harness.sync().ok
+        assert bare.fetch("b.localhost") == (200, "v1\n")
+        assert bare.get("/config/apps/pki") == apps.get("pki")
+        front.close()
+    finally:
+        bare.stop()
