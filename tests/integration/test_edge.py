@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import pathlib
 import socket
 import ssl
@@ -15,7 +14,7 @@ import pytest
 
 from cynchrod import edge, runtime
 from tests.conftest import Caddy, Harness
-from tests.helpers import TEST_IMAGE, GitRepo
+from tests.helpers import TEST_IMAGE, GitRepo, free_port
 
 SERVE = "[sh, -c, 'mkdir -p /w && echo \"$VERSION\" > /w/index.html && exec httpd -f -p 8080 -h /w']"
 
@@ -101,8 +100,7 @@ def redeploys(repo: GitRepo, h: Harness, caddy: Caddy, name: str, domain: str, c
 
 
 def test_five_redeploys_through_the_edge_drop_nothing_and_stop_first_does(
-        repo: GitRepo, edged: Harness, caddy: Caddy, tmp_path: pathlib.Path) -> None:
-    from tests.helpers import free_port
+        repo: GitRepo, edged: Harness, caddy: Caddy) -> None:
 
     repo.push({"apps/zd.yaml": web("zd", "v1", domain="zd.localhost"),
                "apps/sf.yaml": web("sf", "v1", domain="sf.localhost", host_port=free_port())})
@@ -121,9 +119,6 @@ def test_five_redeploys_through_the_edge_drop_nothing_and_stop_first_does(
     port = edged.app("sf").host_port
     assert port
     stop_first = redeploys(repo, edged, caddy, "sf", "sf.localhost", 5, host_port=port)
-    (tmp_path.parent / "edge-bench.json").write_text(json.dumps({
-        "edge_failed_per_redeploy": len(zero.failed) / 5, "edge_requests": len(zero.results),
-        "stop_first_failed_per_redeploy": len(stop_first.failed) / 5, "stop_first_requests": len(stop_first.results)}))
     print(f"\nfailed requests per redeploy: edge {len(zero.failed) / 5:g} of {len(zero.results)}, "
           f"stop-first {len(stop_first.failed) / 5:g} of {len(stop_first.results)}")
     assert len(stop_first.failed) > 0
