@@ -14,6 +14,7 @@ import argparse
 import concurrent.futures
 import hashlib
 import hmac
+import http.client
 import json
 import os
 import pathlib
@@ -36,7 +37,7 @@ import docker
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cynchrod import reconciler, runtime, source, store  # noqa: E402
+from cynchrod import edge, reconciler, runtime, source, store  # noqa: E402
 from cynchrod.runtime import local
 
 IMAGE = "cynchrod-bench/busybox:1"
@@ -661,19 +662,94 @@ def dashboard_page(tmp: pathlib.Path, n: int, requests_n: int, seconds: float) -
            "cynchrod_render_p95_ms": round(pct(server, 95), 2), "cynchrod_first_render_ms": round(first, 2),
            "page_kib": round(size / 1024, 1), "get_apps_json_p50_ms": round(median(api_ms), 2),
            "passes_added_by_5_pollers": added}
+EDGE_WEB = "name: {name}\nimage: " + IMAGE + "\ncommand: [httpd, -f, -p, '8080', -h, /www]\nport: 8080\n" \
+    "domain: {name}.localhost\nmemory: 64\nenv: {{REV: '{rev}'}}\n{extra}"
+
+
+def edge_redeploys(tmp: pathlib.Path, redeploys: int) -> dict[str, Any]:
+    """Requests failed per redeploy through a real Caddy: start-first (no host port) vs stop-first
+    (a host port), same engine, same edge, same client: one request after another, fresh connections."""
+    work = tmp / "edge"
+    work.mkdir()
+    admin_port, edge_port = free_port(), free_port()
+    config = work / "caddy.json"
+    config.write_text(json.dumps({"admin": {"listen": f"127.0.0.1:{admin_port}", "config": {"persist": False}},
+                                  "storage": {"module": "file_system", "root": str(work / "caddy")}}))
+    caddy = subprocess.Popen(["caddy", "run", "--config", str(config)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env={**os.environ, "HOME": str(work)})
+    owner = "bench-edge"
+    try:
+        wait(lambda: _admin_up(admin_port), 15)
+        repo = Repo(work)
+        state = work / "state"
+        front = edge.Edge(f"http://127.0.0.1:{admin_port}", listen=f"127.0.0.1:{edge_port}", owner=owner)
+        rt = local.LocalRuntime(owner=owner, stop_timeout=1, edge=front, ready_timeout=30, drain=1.0)
+        rec = reconciler.Reconciler(src=source.Source(str(repo.bare), state_dir=state), rt=rt,
+                                    db=store.Store(state / "cynchrod.db"), concurrency=CONCURRENCY, edge=front)
+        host_port = free_port()
+        apps = {"zd": "", "sf": f"hostPort: {host_port}\n"}
+        repo.push({f"apps/{n}.yaml": EDGE_WEB.format(name=n, rev=0, extra=x) for n, x in apps.items()})
+        rec.run_pass()
+        row: dict[str, Any] = {"scenario": f"redeploy through the edge ({redeploys} redeploys each)"}
+        for name, extra in apps.items():
+            failed, sent, took = 0, 0, []
+            stop = threading.Event()
+
+            def client(host: str = f"{name}.localhost", stop: threading.Event = stop) -> None:
+                nonlocal failed, sent
+                while not stop.is_set():
+                    conn = http.client.HTTPConnection("127.0.0.1", edge_port, timeout=5)
+                    try:
+                        conn.request("GET", "/", headers={"Host": host})
+                        ok = conn.getresponse().status == 200
+                    except (OSError, http.client.HTTPException):
+                        ok = False
+                    finally:
+                        conn.close()
+                    sent += 1
+                    failed += not ok
+
+            thread = threading.Thread(target=client)
+            thread.start()
+            for r in range(1, redeploys + 1):
+                repo.push({f"apps/{name}.yaml": EDGE_WEB.format(name=name, rev=r, extra=extra)})
+                t0 = time.perf_counter()
+                result = rec.run_pass()
+                took.append(time.perf_counter() - t0)
+                assert result.ok, result
+            stop.set()
+            thread.join()
+            key = "cynchrod_edge" if name == "zd" else "stop_first"
+            row[f"{key}_failed_per_redeploy"] = failed / redeploys
+            row[f"{key}_requests"] = sent
+            row[f"{key}_redeploy_p50_s"] = median(took)
+        front.close()
+        rt.close()
+    finally:
+        remove_owner(owner)
+        caddy.kill()
+        caddy.wait()
     log(str(row))
     return row
+
+
+def _admin_up(port: int) -> bool:
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/config/", timeout=1).close()
+        return True
+    except OSError:
+        return False
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="smaller N and fewer repeats")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
-    parser.add_argument("--only", choices=["cold", "noop", "change", "push", "heal", "api", "logs", "dash"],
+    parser.add_argument("--only", choices=["cold", "noop", "change", "push", "heal", "api", "logs", "dash", "edge"],
                         action="append",
                         help="run these scenarios only; their rows replace the same rows in --out")
     args = parser.parse_args()
-    only = set(args.only or ["cold", "noop", "change", "push", "heal", "api", "logs", "dash"])
+    only = set(args.only or ["cold", "noop", "change", "push", "heal", "api", "logs", "dash", "edge"])
     quick = args.quick
     build_image()
     cleanup()
@@ -703,6 +779,8 @@ def main() -> int:
                 rows += logs_throughput(tmp, 5 if quick else 10)
             if "dash" in only:
                 rows.append(dashboard_page(tmp, 300, 20 if quick else 100, 6 if quick else 20))
+            if "edge" in only:
+                rows.append(edge_redeploys(tmp, 5 if quick else 10))
         finally:
             cleanup()
     out = pathlib.Path(args.out)

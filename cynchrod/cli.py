@@ -61,6 +61,13 @@ def _settings_flags(p: argparse.ArgumentParser, *names: str) -> None:
         "stop-timeout": ("seconds a container gets to stop (default 10)", {"type": int, "metavar": "SECONDS"}),
         "interval": ("seconds between passes (default 30)", {"type": float, "metavar": "SECONDS"}),
         "resync": ("seconds between full relists of the engine (default 300)", {"type": float, "metavar": "SECONDS"}),
+        "edge": ("Caddy's admin API URL, e.g. http://127.0.0.1:2019: route each app's domain", {"metavar": "URL"}),
+        "edge-listen": ("address of the edge's plain-HTTP server (default :80)", {"metavar": "ADDRESS"}),
+        "edge-tls-listen": ("address of the edge's HTTPS server (default: none)", {"metavar": "ADDRESS"}),
+        "edge-ready-timeout": ("seconds a zero-downtime deploy waits for the new container (default 60)",
+                               {"type": float, "metavar": "SECONDS"}),
+        "edge-drain": ("seconds the old container keeps serving after the switch (default 2)",
+                       {"type": float, "metavar": "SECONDS"}),
         "listen": ("API address (default 127.0.0.1:8080)", {"metavar": "HOST:PORT"}),
     }
     for name in names:
@@ -69,7 +76,8 @@ def _settings_flags(p: argparse.ArgumentParser, *names: str) -> None:
 
 
 _SOURCE = ("repo", "branch", "path", "state", "config")
-_APPLY = ("owner", "publish-address", "concurrency", "stop-timeout")
+_APPLY = ("owner", "publish-address", "concurrency", "stop-timeout", "edge", "edge-listen", "edge-tls-listen",
+          "edge-ready-timeout", "edge-drain")
 
 
 def _client_flags(p: argparse.ArgumentParser) -> None:
@@ -191,8 +199,11 @@ class StateLock:
             self._file.close()
 
 
-def build(cfg: config.Settings) -> reconciler.Reconciler:
-    return daemon.Daemon.build(cfg).reconciler
+def build(cfg: config.Settings, *, recover: bool = False) -> reconciler.Reconciler:
+    d = daemon.Daemon.build(cfg)
+    if recover:
+        d.recover()
+    return d.reconciler
 
 
 def print_result(result: reconciler.PassResult, out: IO[str]) -> None:
@@ -259,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_plan(cfg, out)
         with StateLock(cfg.state):
             if args.command == "sync":
-                rec = build(cfg)
+                rec = build(cfg, recover=True)
                 rec.store.interrupt_unfinished()
                 rec.progress = Progress(sys.stderr)
                 result = rec.sync("poll")

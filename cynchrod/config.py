@@ -45,6 +45,12 @@ def load_file(path: pathlib.Path) -> dict[str, Any]:
         values["default_max_apps"] = data["defaults"].get("max_apps", DEFAULT_MAX_APPS)
     if "webhook" in data:
         values["webhook_secret"] = data["webhook"].get("secret", "")
+    if "edge" in data:
+        edge = data["edge"]
+        for key, field in (("admin", "edge"), ("listen", "edge_listen"), ("tlsListen", "edge_tls_listen"),
+                           ("readyTimeout", "edge_ready_timeout"), ("drain", "edge_drain")):
+            if key in edge:
+                values[field] = edge[key]
     if "sources" in data:
         values["sources"] = [SourceConfig(repo=c["repo"], branch=c.get("branch", "main"), path=c.get("path", ""),
                                           org=c.get("org")) for c in data["sources"]]
@@ -85,6 +91,16 @@ class Settings:
     #: Shared secret of ``POST /webhooks/git`` (config ``webhook.secret`` or
     #: ``CYNCHROD_WEBHOOK_SECRET``); empty turns the endpoint off.
     webhook_secret: str = dataclasses.field(default="", repr=False)
+    #: Caddy's admin API (``--edge http://127.0.0.1:2019``); empty: no edge, ``domain`` is informational.
+    edge: str = ""
+    #: Where the edge's plain-HTTP server listens (``--edge-listen``).
+    edge_listen: str = ":80"
+    #: Where the edge's HTTPS server listens (``--edge-tls-listen``); empty: none.
+    edge_tls_listen: str = ""
+    #: Seconds a zero-downtime deploy waits for the new unit to be ready.
+    edge_ready_timeout: float = 60.0
+    #: Seconds the old unit keeps running after the route moved (in-flight requests finish).
+    edge_drain: float = 2.0
     #: The ``--config`` file, watched and reloaded by the daemon.
     config_path: str = ""
 
@@ -130,6 +146,11 @@ class Settings:
             raise ConfigError("the same repository and branch is listed twice")
         if not _OWNER_RE.match(settings.owner):
             raise ConfigError(f"owner: {settings.owner!r} must be lowercase letters, digits and '-'")
+        if settings.edge and not settings.edge.startswith(("http://", "https://")):
+            raise ConfigError(f"edge: {settings.edge!r} must be the URL of Caddy's admin API, "
+                              "e.g. http://127.0.0.1:2019")
+        if settings.edge_ready_timeout <= 0 or settings.edge_drain < 0:
+            raise ConfigError("edge ready timeout must be positive, drain not negative")
         if settings.resync <= 0 or settings.interval <= 0 or settings.concurrency < 1 or settings.stop_timeout < 0:
             raise ConfigError("interval and concurrency must be positive, stop timeout not negative")
         return settings

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import watchfiles
 from gunicorn.app.base import BaseApplication
 
-from cynchrod import builds, config, control, metrics, planning, reconciler, runtime, secrets, source, store
+from cynchrod import builds, config, control, edge, metrics, planning, reconciler, runtime, secrets, source, store
 from cynchrod.errors import CynchrodError, PermanentError
 from cynchrod.runtime import local
 
@@ -90,13 +90,16 @@ class Daemon:
         srcs = [source.open_source(c.repo, branch=c.branch, path=c.path, state_dir=mirrors or cfg.state, org=c.org)
                 for c in cfg.sources]
         vault = secrets.Secrets(db, state_dir=cfg.state)
+        front = edge.Edge(cfg.edge, listen=cfg.edge_listen, tls_listen=cfg.edge_tls_listen, owner=cfg.owner,
+                          upstream_host=edge.upstream_host(cfg.publish_address)) if cfg.edge else None
         rt = local.LocalRuntime(owner=cfg.owner, instance=db.instance_id(), publish_address=cfg.publish_address,
-                                stop_timeout=cfg.stop_timeout, secrets_dir=vault.staging.resolve())
+                                stop_timeout=cfg.stop_timeout, secrets_dir=vault.staging.resolve(), edge=front,
+                                ready_timeout=cfg.edge_ready_timeout, drain=cfg.edge_drain)
         stats = metrics.Metrics(db)
 
         rec = reconciler.Reconciler(src=srcs, rt=rt, db=db, concurrency=cfg.concurrency, stats=stats,
                                     secrets=vault, max_apps=cfg.max_apps, resync_s=cfg.resync,
-                                    builds=builds.Builds(state_dir=cfg.state, rt=rt))
+                                    builds=builds.Builds(state_dir=cfg.state, rt=rt), edge=front)
         ctl = control.Control(src=srcs, db=db, wake=rec.wakeup.request, max_apps=cfg.max_apps)
         from cynchrod.api.auth import Tickets  # flask stays out of the CLI's import path
 
@@ -105,7 +108,16 @@ class Daemon:
 
     _started_at: float = dataclasses.field(default_factory=time.monotonic)
 
+    def recover(self) -> None:
+        """Before the first pass: finish or undo a zero-downtime swap a crash interrupted."""
+        if isinstance(self.runtime, local.LocalRuntime):
+            try:
+                self.runtime.recover_swaps()
+            except CynchrodError as exc:
+                log.warning("interrupted swaps not checked (%s); the passes converge them", exc)
+
     def start(self) -> None:
+        self.recover()
         interrupted = self.store.interrupt_unfinished()
         if interrupted:
             log.warning("%d deployment(s) were interrupted by a stop; they are retried", interrupted)

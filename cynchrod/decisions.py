@@ -16,6 +16,8 @@ The rules, each written once here:
   refusal is not acted on; its units stay as they are.
 * **Quota**: per org, apps that already have a row keep their place; new ones are
   admitted oldest commit first up to ``max_apps``; an admitted app is never refused.
+* **Domains**: a domain is one app's, across orgs: the app that holds it keeps it,
+  a second claim is held with ``domain_taken``.
 * **Back-off**: every failure backs off (1, 2, 4 ... 300 s), temporary ones
   included; a permanent failure waits for a new spec. Self-healing a unit that
   keeps dying backs off the same way (0, 0, 1, 2 ... 300 s), reset after a minute up.
@@ -59,6 +61,10 @@ class Row(Protocol):
     def deployed_hash(self) -> str | None: ...
     @property
     def source(self) -> str: ...
+    @property
+    def domain(self) -> str | None: ...
+    @property
+    def created_at(self) -> str: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,12 +204,44 @@ def quota_refused(row: Row) -> bool:
     return row.status == FAILED and (row.last_error or "").startswith("quota_exceeded")
 
 
+def domain_refused(row: Row) -> bool:
+    return row.status == FAILED and (row.last_error or "").startswith("domain_taken")
+
+
+def domains(inputs: Inputs) -> dict[tuple[str, str], CynchrodError]:
+    """Apps that claim a domain another app holds (any org), and why: first come keeps it.
+
+    The holder is an app whose row already has the domain and was not refused it
+    (the oldest row, if several); else, among new claims, the first by org/name.
+    """
+    claims: dict[str, list[tuple[str, str]]] = {}
+    for key, spec in inputs.desired.items():
+        if spec.domain:
+            claims.setdefault(spec.domain.lower(), []).append(key)
+    refused: dict[tuple[str, str], CynchrodError] = {}
+    for domain, keys in claims.items():
+        if len(keys) < 2:
+            continue
+
+        def incumbent(k: tuple[str, str], domain: str = domain) -> bool:
+            row = inputs.rows.get(k)
+            return row is not None and (row.domain or "").lower() == domain and not domain_refused(row) \
+                and not quota_refused(row)
+
+        holder = min(keys, key=lambda k: (not incumbent(k), inputs.rows[k].created_at if incumbent(k) else "", k))
+        for key in keys:
+            if key != holder:
+                refused[key] = PermanentError(f"domain {domain} belongs to app {holder[0]}/{holder[1]}; "
+                                              f"{key[1]} was not deployed", code="domain_taken")
+    return refused
+
+
 def decide(inputs: Inputs) -> list[Decision]:
     """One decision per app that is desired, stored or observed, in name order."""
     units: dict[tuple[str, str], list[planning.Unit]] = {}
     for u in inputs.units:
         units.setdefault(u.key, []).append(u)
-    refused = quota(inputs)
+    refused = {**domains(inputs), **quota(inputs)}
     out = []
     for key in sorted(set(inputs.desired) | set(inputs.rows) | set(units)):
         spec = inputs.desired.get(key)

@@ -241,6 +241,13 @@ def _semantic_errors(path: str, doc: CommentedMap, data: dict[str, Any]) -> list
         elif "image" in data and "build" in data:
             err("give either image or build, not both", "invalid_value", ["build"])
         _check_service(data, [], err, replicas=int(data.get("replicas", 1)))
+    if "domain" in data:
+        with_port = [n for n, s in data["services"].items() if "port" in s] if "services" in data else \
+            (["main"] if "port" in data else [])
+        if len(with_port) != 1:
+            err("domain: the app needs exactly one port to route the domain to" + (
+                f" (services with a port: {', '.join(sorted(with_port))})" if with_port else ""),
+                "invalid_value", ["domain"])
     return sorted(errors, key=lambda e: e.line)
 
 

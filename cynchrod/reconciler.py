@@ -31,6 +31,7 @@ from typing import TypeVar
 
 from cynchrod import builds as builds_mod
 from cynchrod import decisions, manifests, metrics, planning, runtime, source, specs, store, view
+from cynchrod import edge as edge_mod
 from cynchrod import secrets as secrets_mod
 from cynchrod.decisions import TRIGGERS
 from cynchrod.errors import CynchrodError, ManifestError, PermanentError, SourceError, StateUnwritable
@@ -194,7 +195,8 @@ class Reconciler:
                  concurrency: int = 4, clock: Callable[[], float] = time.monotonic,
                  stats: metrics.Metrics | None = None, secrets: secrets_mod.Secrets | None = None,
                  max_apps: Callable[[str], int] = lambda org: decisions.DEFAULT_MAX_APPS,
-                 builds: builds_mod.Builds | None = None, resync_s: float = view.RESYNC_S) -> None:
+                 builds: builds_mod.Builds | None = None, resync_s: float = view.RESYNC_S,
+                 edge: edge_mod.Edge | None = None) -> None:
         #: The repositories followed; the first is where apps created through the API go
         #: unless another one is pinned to the app's org.
         self.sources = [src] if isinstance(src, source.Followed) else list(src)
@@ -204,6 +206,8 @@ class Reconciler:
         self.max_apps = max_apps
         self.stats = stats or metrics.Metrics()
         self.runtime = rt
+        #: Routes each app's domain (re-asserted before and after each pass acts).
+        self.edge = edge
         self.store = db
         self.concurrency = concurrency
         self.caches = {s.url: manifests.Cache(org=s.org) for s in self.sources}
@@ -400,6 +404,7 @@ class Reconciler:
         live = self.store.live_apps()
         inputs = self._inputs(result, live)
         plan = decisions.decide(inputs)
+        self._sync_edge(inputs, plan)
         acting = [d for d in plan if d.acts or d.prune]
         for d in plan:
             if not (d.acts or d.prune):
@@ -429,7 +434,19 @@ class Reconciler:
         if acting:
             with concurrent.futures.ThreadPoolExecutor(max_workers=self.concurrency) as pool:
                 result.apps.extend(pool.map(run, acting))
+            self._sync_edge(inputs, plan)
         result.apps.sort(key=lambda a: (a.org, a.name))
+
+    def _sync_edge(self, inputs: decisions.Inputs, plan: Sequence[decisions.Decision]) -> None:
+        """The edge's routes for the desired apps and the units now running; drift is put back.
+        An unreachable edge is logged and retried next pass: it never stops a pass."""
+        if self.edge is None:
+            return
+        taken = [d.key for d in plan if d.failure is not None and d.failure.code == "domain_taken"]
+        try:
+            self.edge.sync(edge_mod.routes(inputs.desired, self.view.snapshot(), taken))
+        except CynchrodError as exc:
+            log.warning("edge: %s; retried next pass", exc)
 
     # -- carrying out decisions -------------------------------------------------
 

@@ -4,6 +4,8 @@ a per-test owner label whose containers are all removed in teardown."""
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import pathlib
 import secrets
@@ -12,7 +14,9 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import docker
 import pytest
@@ -20,7 +24,7 @@ import pytest
 from cynchrod import builds, reconciler, runtime, source, store
 from cynchrod import secrets as vault
 from cynchrod.runtime import local
-from tests.helpers import TEST_IMAGE, TEST_IMAGE_2, TEST_LABEL, Daemon, GitRepo
+from tests.helpers import TEST_IMAGE, TEST_IMAGE_2, TEST_LABEL, Daemon, GitRepo, free_port, wait_for
 
 #: The end of a daemon's log shown under a failing test.
 DAEMON_LOG_SHOWN = 20_000
@@ -165,3 +169,72 @@ def daemons(repo: GitRepo, owner: str, images: object, tmp_path: pathlib.Path) -
     for d in made:
         if d.proc is not None and d.proc.poll() is None:
             d.stop()
+
+
+class Caddy:
+    """A real Caddy (Debian's), its admin API and listeners on free local ports."""
+
+    def __init__(self, root: pathlib.Path, *, apps: dict[str, object] | None = None) -> None:
+        self.admin_port, self.port, self.tls_port, self.other_port = (free_port() for _ in range(4))
+        self.admin = f"http://127.0.0.1:{self.admin_port}"
+        self.log = root / "caddy.log"
+        #: Someone else's part of Caddy's config, which cynchrod must leave alone.
+        self.base: dict[str, object] = {
+            "admin": {"listen": f"127.0.0.1:{self.admin_port}", "config": {"persist": False}},
+            "storage": {"module": "file_system", "root": str(root / "data")},
+            "apps": {
+                "pki": {"certificate_authorities": {"local": {"install_trust": False}}},
+                "http": {"servers": {"other": {
+                    "listen": [f"127.0.0.1:{self.other_port}"], "automatic_https": {"disable": True},
+                    "routes": [{"handle": [{"handler": "static_response", "body": "not cynchrod's"}]}]}}},
+            },
+        }
+        if apps is not None:
+            self.base["apps"] = apps
+        config = root / "caddy.json"
+        config.write_text(json.dumps(self.base))
+        env = {**os.environ, "HOME": str(root), "XDG_DATA_HOME": str(root / "xdg-data"),
+               "XDG_CONFIG_HOME": str(root / "xdg-config")}
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(["caddy", "run", "--config", str(config)], stdout=out,
+                                         stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
+        wait_for(self._up, 15, "caddy's admin API")
+
+    def _up(self) -> bool:
+        assert self.proc.poll() is None, self.log.read_text()
+        try:
+            return self.get("/config/") is not None
+        except OSError:
+            return False
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(f"{self.admin}{path}", timeout=5) as response:
+            return json.loads(response.read() or b"null")
+
+    def call(self, method: str, path: str, body: object) -> None:
+        request = urllib.request.Request(f"{self.admin}{path}", method=method, data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(request, timeout=5).close()
+
+    def fetch(self, host: str, *, port: int | None = None, timeout: float = 5) -> tuple[int, str]:
+        """One request through the edge on a fresh connection: (status, body)."""
+        conn = http.client.HTTPConnection("127.0.0.1", port or self.port, timeout=timeout)
+        try:
+            conn.request("GET", "/", headers={"Host": host})
+            response = conn.getresponse()
+            return response.status, response.read().decode()
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def caddy(tmp_path: pathlib.Path) -> Iterator[Caddy]:
+    root = tmp_path / "caddy"
+    root.mkdir()
+    c = Caddy(root)
+    yield c
+    c.stop()

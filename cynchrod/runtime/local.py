@@ -11,17 +11,32 @@ cannot be bound twice, and with no rename there is no half-renamed state to
 recover. A crash between the two steps leaves the unit missing (created next
 pass); a crash between create and start leaves it ``created``, which the planner
 sweeps.
+
+**Zero downtime.** With an edge (``edge.Edge``), the unit an app's ``domain``
+routes to is recreated start-first when it has no ``hostPort``: the new
+container starts beside the old one under the alternate name (``<name>.b``,
+and back), labelled with its generation (``io.cynchrod.generation``, a clock
+reading) and the domain; once ready (its healthcheck, else its port accepts TCP
+connections on its container address) the route is switched, the old container
+drains for ``drain`` seconds, then is stopped and removed. A new container that
+is never ready is removed and the deployment fails ``not_ready`` with its last
+log lines; the old one never stopped serving. A daemon killed midway leaves two
+containers in one slot: ``recover_swaps`` (run at start-up, before the first
+pass) keeps the newest one if it is ready (switching the route to it), else the
+older one, and removes the other.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import pathlib
 import queue
 import re
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +46,7 @@ import docker
 import docker.errors
 import requests
 
+from cynchrod import edge as edge_mod
 from cynchrod import planning, runtime, specs
 from cynchrod.errors import EngineUnavailable, PermanentError, RuntimeFailure, TemporaryError, UnitGone
 
@@ -42,6 +58,13 @@ API_VERSION = "1.41"
 CALL_TIMEOUT_S = 30
 #: Per-container log cap: the json-file driver rotates, so no log grows without bound.
 LOG_CONFIG = {"type": "json-file", "config": {"max-size": "10m", "max-file": "3"}}
+#: Labels of a start-first container: its generation (newest wins after a crash) and domain.
+LABEL_GENERATION = "io.cynchrod.generation"
+LABEL_DOMAIN = "io.cynchrod.domain"
+#: The alternate name of a start-first container is ``<name>`` + this (and back).
+ALT_SUFFIX = ".b"
+#: Lines of a never-ready container's log in its ``not_ready`` error.
+NOT_READY_LINES = 20
 _EXIT_RE = re.compile(r"Exited \((-?\d+)\)")
 _STATE = {"running": planning.RUNNING, "paused": planning.RUNNING, "restarting": planning.RESTARTING,
           "exited": planning.EXITED, "created": planning.CREATED, "dead": planning.CREATED}
@@ -271,8 +294,13 @@ class LocalRuntime:
 
     def __init__(self, *, owner: str = "cynchrod", instance: str = "", publish_address: str = "127.0.0.1",
                  stop_timeout: int = 10, client: docker.DockerClient | None = None,
-                 secrets_dir: pathlib.Path | None = None) -> None:
+                 secrets_dir: pathlib.Path | None = None, edge: edge_mod.Edge | None = None,
+                 ready_timeout: float = 60.0, drain: float = 2.0) -> None:
         self.owner = owner
+        #: Routes domains; with it, a domain's unit without a host port is recreated start-first.
+        self.edge = edge
+        self.ready_timeout = ready_timeout
+        self.drain = drain
         self.instance = instance
         #: Where the reconciler stages secret files (``<org>/<app>/<name>``).
         self.secrets_dir = secrets_dir
@@ -383,9 +411,153 @@ class LocalRuntime:
         self._ensure_image(action.service_spec.image)
         if action.kind == planning.RECREATE:
             assert unit is not None
+            if self.start_first(action.spec, action.service_spec, unit):
+                return [self._swap(action.spec, action.service_spec, action.replica, unit)]
             self._remove(unit.instance)
             crashpoint("after-remove")
         return [self._create(action.spec, action.service_spec, action.replica)]
+
+    # -- zero downtime: start-first recreate ----------------------------------
+
+    def start_first(self, spec: specs.AppSpec, service: specs.ServiceSpec, old: runtime.Unit) -> bool:
+        """Recreate beside the old unit: an edge routes this service's domain, no host port
+        is bound (it cannot be bound twice), and the old unit is serving."""
+        routed = edge_mod.routed_service(spec)
+        return (self.edge is not None and bool(spec.domain) and routed is not None and routed.name == service.name
+                and not service.host_port and old.state == planning.RUNNING and spec.state != "stopped")
+
+    def _swap(self, spec: specs.AppSpec, service: specs.ServiceSpec, replica: int,
+              old: runtime.Unit) -> runtime.Unit:
+        """Start the new container beside ``old``, wait until ready, switch the route, drain, remove ``old``."""
+        assert spec.domain is not None and service.port is not None
+        base = self.container_name(spec.org, spec.name, service.name, replica)
+        old_name = str(self._call(lambda: self.api.inspect_container(old.instance), "inspect")["Name"]).lstrip("/")
+        name = base if old_name != base else base + ALT_SUFFIX
+        extra = {LABEL_GENERATION: str(time.time_ns()), LABEL_DOMAIN: spec.domain.lower()}
+        new = self._create(spec, service, replica, name=name, extra_labels=extra, point="swap-")
+        crashpoint("swap-after-start")
+        failure = self._wait_ready(new.instance, service)
+        if failure is not None:
+            lines = self._last_lines(new.instance)
+            self._remove(new.instance)
+            raise PermanentError(f"the new container of {spec.org}/{spec.name} was not ready within "
+                                 f"{self.ready_timeout:g}s ({failure}); the old one keeps serving. Last log "
+                                 "lines:\n" + "\n".join(lines), code="not_ready")
+        crashpoint("swap-ready")
+        assert new.endpoint is not None
+        self._switch(spec.domain, old.endpoint, new.endpoint, spec.org, spec.name)
+        crashpoint("swap-after-switch")
+        time.sleep(self.drain)
+        self._remove(old.instance)
+        crashpoint("swap-after-remove-old")
+        return new
+
+    def _switch(self, domain: str, old: int | None, new: int, org: str, app: str) -> None:
+        if self.edge is None:
+            return
+        try:
+            self.edge.switch(domain, old, new, org=org, app=app)
+        except edge_mod.EdgeUnavailable as exc:
+            # The edge serves nothing now anyway; the pass re-asserts the route once it answers.
+            log.warning("%s/%s: the route could not be switched (%s); the next pass re-asserts it",
+                        org, app, exc)
+
+    def _wait_ready(self, container_id: str, service: specs.ServiceSpec) -> str | None:
+        """None once the container is ready, else why not (it exited, unhealthy, timed out)."""
+        deadline = time.monotonic() + self.ready_timeout
+        while True:
+            failure, ready = self._readiness(container_id, service)
+            if ready or failure is not None:
+                return failure
+            if time.monotonic() >= deadline:
+                return "timed out" + (" waiting for its healthcheck" if service.healthcheck else
+                                      f" waiting for port {service.port} to accept connections")
+            time.sleep(0.1)  # a readiness poll of the engine and the port, bounded by the deadline
+
+    def _readiness(self, container_id: str, service: specs.ServiceSpec) -> tuple[str | None, bool]:
+        """(why it can never be ready, ready now): one inspect, and a TCP connect when there is no healthcheck."""
+        try:
+            info = self._call(lambda: self.api.inspect_container(container_id), "inspect")
+        except UnitGone:
+            return "it was removed", False
+        state = info.get("State") or {}
+        if not state.get("Running"):
+            return f"it exited with code {state.get('ExitCode')}", False
+        if service.healthcheck is not None:
+            health = (state.get("Health") or {}).get("Status")
+            if health == "unhealthy":
+                return "its healthcheck reports unhealthy", False
+            return None, health == "healthy"
+        networks = (info.get("NetworkSettings") or {}).get("Networks") or {}
+        addresses = [n.get("IPAddress") for n in networks.values() if n.get("IPAddress")]
+        if not addresses:
+            return None, False
+        try:
+            # The container's own address: the host port's proxy accepts before the app listens.
+            with socket.create_connection((addresses[0], service.port or 0), timeout=0.5):
+                return None, True
+        except OSError:
+            return None, False
+
+    def _last_lines(self, container_id: str) -> list[str]:
+        try:
+            raw = self._call(lambda: self.api.logs(container_id, tail=NOT_READY_LINES), "logs")
+        except RuntimeFailure:
+            return []
+        return [line for line in raw.decode("utf-8", "replace").splitlines()]
+
+    def recover_swaps(self) -> int:
+        """After a crash mid-swap: one container per slot again, the route on the one kept.
+
+        The newest (by generation) is kept when it is running and ready now, and the
+        route switched to it; else the older one is kept. Returns how many were removed.
+        """
+        rows = self._call(lambda: self.api.containers(all=True, filters=self.owner_filter), "list containers")
+        slots: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
+        for row in rows:
+            labels = row.get("Labels") or {}
+            if not runtime.mine(labels, owner=self.owner, instance=self.instance):
+                continue
+            slot = (labels.get(runtime.LABEL_ORG, ""), labels.get(runtime.LABEL_APP, ""),
+                    labels.get(runtime.LABEL_SERVICE, ""), labels.get(runtime.LABEL_REPLICA, "0"))
+            slots.setdefault(slot, []).append(row)
+        removed = 0
+        for (org, app, _, _), group in sorted(slots.items()):
+            if len(group) < 2 or not any(LABEL_GENERATION in (r.get("Labels") or {}) for r in group):
+                continue
+            group.sort(key=lambda r: int((r.get("Labels") or {}).get(LABEL_GENERATION, "0") or 0))
+            newest, olds = group[-1], group[:-1]
+            labels = newest.get("Labels") or {}
+            unit = self._unit(newest)
+            service = self._service_of(labels)
+            ready = (unit is not None and unit.state == planning.RUNNING and service is not None
+                     and self._readiness(newest["Id"], service)[1])
+            keep, drop = (newest, olds) if ready else (olds[-1], [newest, *olds[:-1]])
+            kept = self._unit(keep)
+            domain = labels.get(LABEL_DOMAIN, "")
+            if domain and kept is not None and kept.endpoint:
+                for other in drop:
+                    gone = self._unit(other)
+                    self._switch(domain, gone.endpoint if gone else None, kept.endpoint, org, app)
+                if ready:
+                    time.sleep(self.drain)
+            log.warning("%s/%s: a swap was interrupted; kept the %s container, removing %d", org, app,
+                        "new" if ready else "old", len(drop))
+            for other in drop:
+                self._remove(other["Id"])
+                removed += 1
+        return removed
+
+    @staticmethod
+    def _service_of(labels: dict[str, str]) -> specs.ServiceSpec | None:
+        """The service spec a container was made from (its spec label), for its readiness check."""
+        try:
+            body = json.loads(labels.get(runtime.LABEL_SPEC, ""))
+            health = body.get("healthcheck")
+            return specs.ServiceSpec(name=body["name"], image=body["image"], port=body.get("port"),
+                                     healthcheck=specs.Healthcheck(test=tuple(health["test"])) if health else None)
+        except (ValueError, KeyError, TypeError):
+            return None
 
     def _ensure_image(self, image: str) -> None:
         if not self.image_exists(image):
@@ -416,8 +588,9 @@ class LocalRuntime:
         labels = runtime.unit_labels(self.owner, self.instance, spec, service, replica)
         return runtime.unit_from_labels(labels, instance=container_id, state=planning.RUNNING, endpoint=endpoint)
 
-    def _create(self, spec: specs.AppSpec, service: specs.ServiceSpec, replica: int) -> runtime.Unit:
-        name = self.container_name(spec.org, spec.name, service.name, replica)
+    def _create(self, spec: specs.AppSpec, service: specs.ServiceSpec, replica: int, *, name: str = "",
+                extra_labels: dict[str, str] | None = None, point: str = "") -> runtime.Unit:
+        name = name or self.container_name(spec.org, spec.name, service.name, replica)
         network = self._ensure_network(spec) if spec.multi else None
         binds: dict[str, dict[str, str]] = {}
         for volume in service.volumes:
@@ -458,7 +631,8 @@ class LocalRuntime:
                 command=list(service.command) if service.command else None,
                 name=name,
                 environment=dict(service.env),
-                labels=runtime.unit_labels(self.owner, self.instance, spec, service, replica),
+                labels={**runtime.unit_labels(self.owner, self.instance, spec, service, replica),
+                        **(extra_labels or {})},
                 ports=ports,
                 host_config=host_config,
                 networking_config=networking,
@@ -471,7 +645,7 @@ class LocalRuntime:
         except _Conflict as exc:
             raise self._name_conflict(name) from exc
         container_id: str = created["Id"]
-        crashpoint("after-create")
+        crashpoint(f"{point}after-create")
         fault("start", container_id, self.api)
         self._call(lambda: self.api.start(container_id), f"start {name}")
         return self._served(container_id, spec, service, replica)

@@ -1,0 +1,254 @@
+"""Domains through a real Caddy (admin API), zero-downtime redeploys on a real dockerd."""
+
+from __future__ import annotations
+
+import pathlib
+import socket
+import ssl
+import threading
+import urllib.error
+from collections.abc import Iterator
+
+import docker
+import pytest
+
+from cynchrod import edge, runtime
+from tests.conftest import Caddy, Harness
+from tests.helpers import TEST_IMAGE, GitRepo, free_port
+
+SERVE = "[sh, -c, 'mkdir -p /w && echo \"$VERSION\" > /w/index.html && exec httpd -f -p 8080 -h /w']"
+
+
+def web(name: str, version: str, *, domain: str = "", org: str = "", host_port: int = 0,
+        command: str = SERVE, state: str = "") -> str:
+    text = f"name: {name}\nimage: {TEST_IMAGE}\ncommand: {command}\nport: 8080\nmemory: 64\n" \
+           f"env: {{VERSION: {version}}}\n"
+    if domain:
+        text += f"domain: {domain}\n"
+    if org:
+        text += f"org: {org}\n"
+    if host_port:
+        text += f"hostPort: {host_port}\n"
+    if state:
+        text += f"state: {state}\n"
+    return text
+
+
+@pytest.fixture
+def edged(harness: Harness, caddy: Caddy) -> Iterator[Harness]:
+    """The harness with an edge: the runtime recreates start-first, the passes sync routes."""
+    front = edge.Edge(caddy.admin, listen=f"127.0.0.1:{caddy.port}", tls_listen=f"127.0.0.1:{caddy.tls_port}",
+                      owner=harness.rt.owner)
+    harness.rt.edge, harness.rt.ready_timeout, harness.rt.drain = front, 10.0, 0.5
+    harness.rec.edge = front
+    yield harness
+    front.close()
+
+
+class Client:
+    """Sends requests through the edge, one after another without pause, until stopped."""
+
+    def __init__(self, caddy: Caddy, host: str) -> None:
+        self.caddy, self.host = caddy, host
+        self.results: list[tuple[int, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.results.append(self.caddy.fetch(self.host, timeout=5))
+            except (OSError, http_errors()) as exc:
+                self.results.append((0, f"{type(exc).__name__}: {exc}"))
+
+    def __enter__(self) -> Client:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    @property
+    def failed(self) -> list[tuple[int, str]]:
+        return [r for r in self.results if r[0] != 200]
+
+    @property
+    def versions(self) -> list[str]:
+        """The versions answered, in order, each once."""
+        seen: list[str] = []
+        for status, body in self.results:
+            if status == 200 and (not seen or seen[-1] != body.strip()):
+                seen.append(body.strip())
+        return seen
+
+
+def http_errors() -> type[Exception]:
+    import http.client
+    return http.client.HTTPException
+
+
+def redeploys(repo: GitRepo, h: Harness, caddy: Caddy, name: str, domain: str, count: int,
+              host_port: int = 0) -> Client:
+    with Client(caddy, domain) as client:
+        for i in range(2, 2 + count):
+            repo.push({f"apps/{name}.yaml": web(name, f"v{i}", domain=domain, host_port=host_port)})
+            result = h.sync()
+            assert result.ok, result
+    assert len(client.results) > 50 * count, len(client.results)
+    return client
+
+
+def test_five_redeploys_through_the_edge_drop_nothing_and_stop_first_does(
+        repo: GitRepo, edged: Harness, caddy: Caddy) -> None:
+
+    repo.push({"apps/zd.yaml": web("zd", "v1", domain="zd.localhost"),
+               "apps/sf.yaml": web("sf", "v1", domain="sf.localhost", host_port=free_port())})
+    assert edged.sync().ok
+    assert caddy.fetch("zd.localhost") == (200, "v1\n")
+    assert caddy.fetch("sf.localhost") == (200, "v1\n")
+
+    zero = redeploys(repo, edged, caddy, "zd", "zd.localhost", 5)
+    assert zero.failed == [], zero.failed[:5]
+    assert zero.versions == ["v1", "v2", "v3", "v4", "v5", "v6"]
+    names = [row["Names"][0] for row in edged.rt.api.containers(filters=edged.rt.owner_filter)
+             if row["Labels"][runtime.LABEL_APP] == "zd"]
+    assert len(names) == 1  # one serving version, the old ones gone
+
+    # The comparison, same engine and edge: a host port forces stop-first.
+    port = edged.app("sf").host_port
+    assert port
+    stop_first = redeploys(repo, edged, caddy, "sf", "sf.localhost", 5, host_port=port)
+    print(f"\nfailed requests per redeploy: edge {len(zero.failed) / 5:g} of {len(zero.results)}, "
+          f"stop-first {len(stop_first.failed) / 5:g} of {len(stop_first.results)}")
+    assert len(stop_first.failed) > 0
+
+
+def test_a_new_version_never_ready_keeps_the_old_one_serving(repo: GitRepo, edged: Harness, caddy: Caddy) -> None:
+    edged.rt.ready_timeout = 3.0
+    repo.push({"apps/nr.yaml": web("nr", "v1", domain="nr.localhost")})
+    assert edged.sync().ok
+    old = edged.containers()["nr"]["Id"]
+    broken = "[sh, -c, 'echo booting v2; echo no listener here >&2; exec sleep 3600']"
+    with Client(caddy, "nr.localhost") as client:
+        repo.push({"apps/nr.yaml": web("nr", "v2", domain="nr.localhost", command=broken)})
+        result = edged.sync()
+    assert not result.ok
+    assert client.failed == [] and client.versions == ["v1"] and len(client.results) > 50
+    app = edged.app("nr")
+    assert app.status == "failed"
+    last = edged.db.last_deployment(app.id)
+    assert last is not None and last.status == "failed" and last.error_code == "not_ready"
+    assert last.error is not None and "booting v2" in last.error and "no listener here" in last.error
+    rows = edged.rt.api.containers(all=True, filters=edged.rt.owner_filter)
+    assert [r["Id"] for r in rows] == [old]  # the never-ready container is gone
+    assert caddy.fetch("nr.localhost") == (200, "v1\n")
+
+
+def test_a_domain_belongs_to_the_first_app_across_orgs(repo: GitRepo, edged: Harness, caddy: Caddy) -> None:
+    repo.push({"apps/first.yaml": web("shop", "acme", domain="shop.localhost", org="acme")})
+    assert edged.sync().ok
+    repo.push({"apps/second.yaml": web("shop", "beta", domain="SHOP.localhost", org="beta")})
+    result = edged.sync()
+    assert not result.ok
+    taken = edged.app("shop", org="beta")
+    assert taken.status == "failed" and (taken.last_error or "").startswith(
+        "domain_taken: domain shop.localhost belongs to app acme/shop")
+    last = edged.db.last_deployment(taken.id)
+    assert last is not None and last.error_code == "domain_taken"
+    assert [r["Labels"][runtime.LABEL_ORG] for r in edged.rt.api.containers(filters=edged.rt.owner_filter)] \
+        == ["acme"]
+    assert caddy.fetch("shop.localhost") == (200, "acme\n")
+    again = edged.sync()  # first come keeps it on every pass
+    assert edged.app("shop", org="beta").status == "failed" and not again.ok
+    # The holder goes: the domain is free for the other claim.
+    repo.push({"apps/first.yaml": None})
+    assert edged.sync().ok
+    assert caddy.fetch("shop.localhost") == (200, "beta\n")
+
+
+def test_stop_answers_503_and_delete_removes_the_route(repo: GitRepo, edged: Harness, caddy: Caddy) -> None:
+    repo.push({"apps/st.yaml": web("st", "v1", domain="st.localhost")})
+    assert edged.sync().ok
+    route_id = edged.rec.edge.route_id("st.localhost")  # type: ignore[union-attr]
+    assert caddy.get(f"/id/{route_id}")["handle"][0]["handler"] == "reverse_proxy"
+    repo.push({"apps/st.yaml": web("st", "v1", domain="st.localhost", state="stopped")})
+    assert edged.sync().ok
+    status, body = caddy.fetch("st.localhost")
+    assert (status, body) == (503, "st.localhost: app default/st is stopped\n")
+    repo.push({"apps/.keep": "", "apps/st.yaml": None})
+    assert edged.sync().ok
+    with pytest.raises(urllib.error.HTTPError) as gone:
+        caddy.get(f"/id/{route_id}")
+    assert gone.value.code == 404
+    assert caddy.fetch("st.localhost")[0] == 404
+    server = caddy.get(f"/id/{edged.rt.owner}-edge")
+    assert [r for r in server["routes"] if "match" in r] == []
+
+
+def test_a_hand_edited_route_is_put_back_and_the_rest_of_caddy_is_left_alone(
+        repo: GitRepo, edged: Harness, caddy: Caddy, docker_client: docker.DockerClient) -> None:
+    repo.push({"apps/he.yaml": web("he", "v1", domain="he.localhost")})
+    assert edged.sync().ok
+    route_id = edged.rec.edge.route_id("he.localhost")  # type: ignore[union-attr]
+    good = caddy.get(f"/id/{route_id}")
+    caddy.call("PATCH", f"/id/{route_id}/handle/0/upstreams", [{"dial": "127.0.0.1:1"}])
+    assert caddy.fetch("he.localhost")[0] == 502
+    writes = edged.rec.edge.writes  # type: ignore[union-attr]
+    edged.sync()
+    assert caddy.get(f"/id/{route_id}") == good
+    assert caddy.fetch("he.localhost") == (200, "v1\n")
+    assert edged.rec.edge.writes > writes  # type: ignore[union-attr]
+    writes = edged.rec.edge.writes  # type: ignore[union-attr]
+    edged.sync()
+    assert edged.rec.edge.writes == writes  # type: ignore[union-attr]  # in sync: reads only
+    config = caddy.get("/config/")
+    assert config["apps"]["http"]["servers"]["other"] == caddy.base["apps"]["http"]["servers"]["other"]  # type: ignore[index]
+    assert config["apps"]["pki"] == caddy.base["apps"]["pki"]  # type: ignore[index]
+    assert caddy.fetch("anything", port=caddy.other_port) == (200, "not cynchrod's")
+
+
+def test_https_through_the_edge_with_caddys_internal_ca(repo: GitRepo, edged: Harness, caddy: Caddy) -> None:
+    repo.push({"apps/tls.yaml": web("tls", "secure", domain="tls.localhost")})
+    assert edged.sync().ok
+    root = caddy.get("/pki/ca/local")["root_certificate"]
+    context = ssl.create_default_context(cadata=root)
+    with socket.create_connection(("127.0.0.1", caddy.tls_port), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname="tls.localhost") as tls:
+        issuer = dict(x[0] for x in tls.getpeercert()["issuer"])  # type: ignore[index, misc]
+        tls.sendall(b"GET / HTTP/1.1\r\nHost: tls.localhost\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := tls.recv(4096):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"secure\n"), answer
+    assert "Caddy Local Authority" in issuer["commonName"]
+
+
+def test_an_unreachable_edge_never_stops_a_pass(repo: GitRepo, edged: Harness, caddy: Caddy) -> None:
+    caddy.stop()
+    repo.push({"apps/down.yaml": web("down", "v1", domain="down.localhost")})
+    result = edged.sync()
+    assert result.ok, result
+    assert edged.containers()["down"]["State"] == "running"
+    repo.push({"apps/down.yaml": web("down", "v2", domain="down.localhost")})
+    result = edged.sync()  # start-first, the switch fails: the deploy still goes through
+    assert result.ok, result
+    assert len(edged.rt.api.containers(filters=edged.rt.owner_filter)) == 1
+
+
+@pytest.mark.parametrize("apps", [{}, {"pki": {"certificate_authorities": {"local": {"install_trust": False}}}}])
+def test_the_edge_server_is_made_in_a_caddy_with_no_http_app(repo: GitRepo, harness: Harness,
+                                                              tmp_path: pathlib.Path, apps: dict[str, object]) -> None:
+    root = tmp_path / "bare-caddy"
+    root.mkdir()
+    bare = Caddy(root, apps=apps)
+    try:
+        front = edge.Edge(bare.admin, listen=f"127.0.0.1:{bare.port}", owner=harness.rt.owner)
+        harness.rec.edge = front
+        repo.push({"apps/b.yaml": web("b", "v1", domain="b.localhost")})
+        assert harness.sync().ok
+        assert bare.fetch("b.localhost") == (200, "v1\n")
+        assert bare.get("/config/apps/pki") == apps.get("pki")
+        front.close()
+    finally:
+        bare.stop()

@@ -1,0 +1,114 @@
+"""The pure parts of domains and the edge: manifests, config, the domain_taken rule, wanted routes."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import pytest
+
+from cynchrod import config, decisions, edge, manifests, planning, specs
+
+
+def spec(name: str, org: str = "default", domain: str | None = "a.example.com", port: int | None = 8080,
+         state: str = "running") -> specs.AppSpec:
+    service = specs.ServiceSpec(name=specs.MAIN_SERVICE, image="img:1", port=port)
+    return specs.AppSpec(org=org, name=name, services=(service,), domain=domain, state=state)
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    domain: str | None
+    created_at: str
+    status: str = "running"
+    last_error: str | None = None
+    deployed_hash: str | None = None
+    source: str = ""
+
+
+def inputs(desired: list[specs.AppSpec], rows: dict[tuple[str, str], Row] | None = None) -> decisions.Inputs:
+    return decisions.Inputs(desired={s.key: s for s in desired}, rows=rows or {}, units=[], now=0.0)
+
+
+@pytest.mark.parametrize("domain,ok", [
+    ("hello.localhost", True), ("a-b.example.com", True), ("x", True), ("Shop.Example.COM", True),
+    ("a..b", False), ("-a.example", False), ("a-.example", False), ("a_b.example", False),
+    ("a" * 64 + ".example", False), ("exa mple.com", False), ("https://a.example", False),
+])
+def test_domain_is_a_hostname(domain: str, ok: bool) -> None:
+    result = manifests.parse("apps/x.yaml", f"name: x\nimage: i\nport: 80\ndomain: '{domain}'\n".encode())
+    assert (result.spec is not None) is ok, result.errors
+    if not ok:
+        assert result.errors[0].code == "invalid_value"
+
+
+def test_a_domain_needs_exactly_one_port() -> None:
+    none = manifests.parse("apps/x.yaml", b"name: x\nimage: i\ndomain: x.example\n")
+    assert [e.code for e in none.errors] == ["invalid_value"] and "needs exactly one port" in str(none.errors[0])
+    two = manifests.parse("apps/x.yaml", b"name: x\ndomain: x.example\nservices:\n  a: {image: i, port: 1}\n"
+                                         b"  b: {image: i, port: 2}\n")
+    assert "services with a port: a, b" in str(two.errors[0])
+    one = manifests.parse("apps/x.yaml", b"name: x\ndomain: x.example\nservices:\n  a: {image: i, port: 1}\n"
+                                         b"  db: {image: i}\n")
+    assert one.spec is not None and edge.routed_service(one.spec) == one.spec.services[0]
+
+
+def test_edge_settings_from_the_file_and_flags(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("edge: {admin: 'http://127.0.0.1:2019', listen: '127.0.0.1:8081', tlsListen: ':8443', "
+                    "readyTimeout: 5, drain: 0.5}\n")
+    settings = config.Settings.build(config.load_file(path))
+    assert (settings.edge, settings.edge_listen, settings.edge_tls_listen, settings.edge_ready_timeout,
+            settings.edge_drain) == ("http://127.0.0.1:2019", "127.0.0.1:8081", ":8443", 5.0, 0.5)
+    assert config.Settings().edge == "" and config.Settings().edge_listen == ":80"
+    with pytest.raises(config.ConfigError):
+        config.Settings.build({"edge": "127.0.0.1:2019"})
+    path.write_text("edge: {admin: '127.0.0.1:2019'}\n")
+    with pytest.raises(config.ConfigError):
+        config.load_file(path)
+
+
+def test_first_come_keeps_a_domain_across_orgs() -> None:
+    holder, claim = spec("shop", org="acme"), spec("shop", org="beta", domain="A.example.com")
+    rows = {holder.key: Row("a.example.com", "2026-01-02")}
+    refused = decisions.domains(inputs([holder, claim], rows))
+    assert list(refused) == [claim.key] and refused[claim.key].code == "domain_taken"
+    assert "belongs to app acme/shop" in refused[claim.key].message
+    # The refused app's row carries the domain too, but a refusal is no claim.
+    rows[claim.key] = Row("a.example.com", "2026-01-01", status="failed", last_error="domain_taken: ...")
+    assert list(decisions.domains(inputs([holder, claim], rows))) == [claim.key]
+    # Two new claims at once: the first by org/name.
+    assert list(decisions.domains(inputs([claim, holder]))) == [claim.key]
+    # The holder gone: the claim is free.
+    assert decisions.domains(inputs([claim], rows)) == {}
+    held = {d.key: d for d in decisions.decide(inputs([holder, claim], rows))}
+    assert held[claim.key].status == decisions.FAILED and not held[claim.key].actions
+    assert held[claim.key].failure is not None and held[claim.key].failure.code == "domain_taken"
+    assert held[holder.key].actions  # the holder is deployed
+
+
+def test_wanted_routes() -> None:
+    up, stopped, bare = spec("up", domain="Up.example"), spec("st", domain="st.example", state="stopped"), \
+        spec("bare", domain=None)
+    down, taken = spec("down", domain="down.example"), spec("taken", domain="up.example")
+    service = up.services[0]
+    units = [planning.Unit("default", "up", service.name, r, f"c{r}", planning.RUNNING, "h", endpoint=port)
+             for r, port in ((0, 32001), (1, 32000))]
+    units.append(planning.Unit("default", "down", service.name, 0, "c9", planning.EXITED, "h", endpoint=None))
+    routes = edge.routes({s.key: s for s in (up, stopped, bare, down, taken)}, units, [taken.key])
+    assert routes == [
+        edge.Route("down.example", "default", "down", (), "not running"),
+        edge.Route("st.example", "default", "st", (), "stopped"),
+        edge.Route("up.example", "default", "up", (32000, 32001)),
+    ]
+    front = edge.Edge("http://127.0.0.1:1", listen=":8080", owner="o")
+    server = front.server_json(routes)
+    assert server["@id"] == "o-edge" and server["listen"] == [":8080"] and server["automatic_https"] == {
+        "disable": True}
+    assert [r.get("@id") for r in server["routes"]] == ["o-edge-down.example", "o-edge-st.example",
+                                                        "o-edge-up.example", None]
+    assert server["routes"][2]["handle"] == [{"handler": "reverse_proxy", "upstreams": [
+        {"dial": "127.0.0.1:32000"}, {"dial": "127.0.0.1:32001"}]}]
+    assert server["routes"][1]["handle"][0]["status_code"] == 503
+    assert server["routes"][3]["handle"][0]["status_code"] == 404
+    assert edge.upstream_host("0.0.0.0") == "127.0.0.1" and edge.upstream_host("10.0.0.5") == "10.0.0.5"
