@@ -173,7 +173,7 @@ def quota(inputs: Inputs) -> dict[tuple[str, str], CynchrodError]:
     refused: dict[tuple[str, str], CynchrodError] = {}
     for org, keys in by_org.items():
         cap = inputs.max_apps.get(org, DEFAULT_MAX_APPS)
-        admitted = [k for k in keys if k in inputs.rows and not quota_refused(inputs.rows[k])]
+        admitted = {k for k in keys if k in inputs.rows and not quota_refused(inputs.rows[k])}
         new = [k for k in keys if k not in admitted]
         if len(admitted) + len(new) <= cap:
             continue

@@ -143,15 +143,7 @@ def plan_app(spec: specs.AppSpec | None, units: Iterable[Unit], key: tuple[str, 
 
 def start_order(spec: specs.AppSpec) -> dict[str, int]:
     """Each service's place in start order: its ``depends_on`` first, then by name."""
-    deps = {s.name: set(s.depends_on) for s in spec.services}
-    order: dict[str, int] = {}
-    while len(order) < len(deps):
-        ready = sorted(n for n, d in deps.items() if n not in order and d <= set(order))
-        if not ready:  # a cycle (refused by validation): fall back to name order
-            ready = sorted(n for n in deps if n not in order)
-        for name in ready:
-            order[name] = len(order)
-    return order
+    return spec.start_order
 
 
 def _plan_unit(spec: specs.AppSpec, service: specs.ServiceSpec, replica: int, u: Unit | None,

@@ -38,6 +38,7 @@ from cynchrod.errors import CynchrodError, ManifestError, PermanentError, Source
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_NO_MEMORY = decisions.Backoff()
 
 #: Webhook bursts: deliveries closer than this coalesce into the pass that the first
 #: one woke plus one more. Short, so that pushes made one after another are each
@@ -217,6 +218,7 @@ class Reconciler:
         #: Per source URL: the last commit loaded and what it declared.
         self._loaded: dict[str, tuple[str, manifests.Desired]] = {}
         self._memory: dict[tuple[str, str], decisions.Backoff] = {}
+        self._fields: dict[tuple[str, str], tuple[specs.AppSpec, tuple[runtime.Unit, ...], dict[str, object]]] = {}
         self._pass_lock = threading.Lock()
         self.interval = 30.0
         #: When the last pass ended, and whether it crashed (for /healthz).
@@ -462,8 +464,9 @@ class Reconciler:
             return None
 
     def _remember(self, key: tuple[str, str], memory: decisions.Backoff) -> None:
-        if memory == decisions.Backoff():
-            self._memory.pop(key, None)
+        if memory == _NO_MEMORY:
+            if self._memory:
+                self._memory.pop(key, None)
         else:
             self._memory[key] = memory
 
@@ -516,13 +519,23 @@ class Reconciler:
                                   error=(d.error or str(d.failure)) if manifest else d.failure.message)
 
     def _unit_fields(self, spec: specs.AppSpec, row: store.App) -> dict[str, object]:
-        """What the API shows of an app's units: the main service's, and each service's."""
-        units = self.view.app_units(*spec.key)
+        """What the API shows of an app's units: the main service's, and each service's.
+
+        Kept per app while neither the spec nor the units change (units are frozen
+        and replaced on every change): a no-op pass serialises nothing.
+        """
+        units = tuple(self.view.app_units(*spec.key))
+        cached = self._fields.get(spec.key)
+        if cached is not None and cached[0] is spec and len(cached[1]) == len(units) \
+                and all(a is b for a, b in zip(cached[1], units, strict=True)) and cached[2]["container_id"]:
+            return dict(cached[2])
         main = store.main_service(spec)
         first = next((u for u in sorted(units, key=lambda u: u.replica) if u.service == main.name), None)
-        return {"container_id": first.instance if first else row.container_id,
-                "host_port": first.endpoint if first else None,
-                "services_json": store.services_json(spec, units)}
+        fields: dict[str, object] = {"container_id": first.instance if first else row.container_id,
+                                     "host_port": first.endpoint if first else None,
+                                     "services_json": store.services_json(spec, list(units))}
+        self._fields[spec.key] = (spec, units, fields)
+        return dict(fields)
 
     def _prune(self, d: decisions.Decision, row: store.App | None, result: PassResult) -> AppOutcome:
         """Declared nowhere any more (by a source that was read): units, resources, row."""

@@ -133,6 +133,20 @@ class AppSpec:
         return tuple(s.hash(restarted_at=self.restarted_at) for s in self.services)
 
     @functools.cached_property
+    def start_order(self) -> dict[str, int]:
+        """Each service's place in start order: its ``depends_on`` first, then by name
+        (computed once per spec object; a cycle, refused by validation, falls back to names)."""
+        deps = {s.name: set(s.depends_on) for s in self.services}
+        order: dict[str, int] = {}
+        while len(order) < len(deps):
+            ready = sorted(n for n, d in deps.items() if n not in order and d <= set(order))
+            if not ready:
+                ready = sorted(n for n in deps if n not in order)
+            for name in ready:
+                order[name] = len(order)
+        return order
+
+    @functools.cached_property
     def hash(self) -> str:
         """Hash of the whole desired state of the app, state included."""
         parts = [self.state, *self._service_hashes]

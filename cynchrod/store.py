@@ -223,6 +223,7 @@ class Store:
         #: Bumped by every write of this process that may change app or deployment rows,
         #: so readers (the API's list cache) know when what they hold is stale.
         self.version = 0
+        self._live: tuple[tuple[int, int], dict[tuple[str, str], App]] | None = None
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA busy_timeout=5000")
@@ -271,7 +272,13 @@ class Store:
         return [App(**dict(r)) for r in self._query(sql + " ORDER BY org, name, created_at", tuple(args))]
 
     def live_apps(self) -> dict[tuple[str, str], App]:
-        return {a.key: a for a in self.apps(include_removed=False)}
+        """Every live app, re-read only when a write (of this process, or of another one:
+        SQLite's ``data_version``) may have changed them."""
+        with self._lock, _converted():
+            key = (self.version, self._db.execute("PRAGMA data_version").fetchone()[0])
+            if self._live is None or self._live[0] != key:
+                self._live = (key, {a.key: a for a in self.apps(include_removed=False)})
+            return dict(self._live[1])
 
     def live_app(self, org: str, name: str) -> App | None:
         rows = self._query("SELECT * FROM apps WHERE org = ? AND name = ? AND status != 'removed'", (org, name))

@@ -47,6 +47,8 @@ class View:
         #: keeps what events said about an instance after the list call started.
         self._seq = 0
         self._touched: dict[str, int] = {}
+        self._index: dict[tuple[str, str], list[runtime.Unit]] = {}
+        self._index_seq = (-1, -1)
         #: Why the engine could not be watched, while it cannot (for /healthz).
         self.error: str | None = None
 
@@ -63,8 +65,14 @@ class View:
             return list(self._units.values())
 
     def app_units(self, org: str, app: str) -> list[runtime.Unit]:
+        """One app's units, from an index rebuilt at most once per change of the view."""
         with self._lock:
-            return [u for u in self._units.values() if u.org == org and u.app == app]
+            if self._index_seq != (self._seq, self.relists):
+                index: dict[tuple[str, str], list[runtime.Unit]] = {}
+                for u in self._units.values():
+                    index.setdefault(u.key, []).append(u)
+                self._index, self._index_seq = index, (self._seq, self.relists)
+            return list(self._index.get((org, app), ()))
 
     # -- writers --------------------------------------------------------------
 
