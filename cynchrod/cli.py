@@ -37,6 +37,8 @@ def _add_source_flags(p: argparse.ArgumentParser, *, daemon: bool) -> None:
     p.add_argument("--publish-address", help="host address ports are published on (default 127.0.0.1)")
     p.add_argument("--concurrency", type=int, help="apps applied at once (default 4)")
     p.add_argument("--stop-timeout", type=int, help="seconds a container gets to stop (default 10)")
+    p.add_argument("--runtime", choices=config.RUNTIMES,
+                   help="docker: one engine; swarm: a swarm manager (DOCKER_HOST) (default docker)")
     if daemon:
         p.add_argument("--interval", type=float, help="seconds between passes (default 30)")
         p.add_argument("--resync", type=float, help="seconds between full relists of the engine (default 300)")

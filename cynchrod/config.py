@@ -23,7 +23,8 @@ ORG_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 #: config-file key -> Settings field
 _FILE_KEYS = {"repo": "repo", "branch": "branch", "path": "path", "state": "state", "interval": "interval",
               "listen": "listen", "owner": "owner", "publishAddress": "publish_address", "resync": "resync",
-              "concurrency": "concurrency", "stopTimeout": "stop_timeout"}
+              "concurrency": "concurrency", "stopTimeout": "stop_timeout", "runtime": "runtime"}
+RUNTIMES = ("docker", "swarm")
 DEFAULT_MAX_APPS = 10
 
 
@@ -45,6 +46,9 @@ def load_file(path: pathlib.Path) -> dict[str, Any]:
         values["default_max_apps"] = data["defaults"].get("max_apps", DEFAULT_MAX_APPS)
     if "webhook" in data:
         values["webhook_secret"] = data["webhook"].get("secret", "")
+    if "registry" in data:
+        values.update(registry_url=data["registry"]["url"], registry_username=data["registry"].get("username", ""),
+                      registry_password=data["registry"].get("password", ""))
     if "sources" in data:
         values["sources"] = [SourceConfig(repo=c["repo"], branch=c.get("branch", "main"), path=c.get("path", ""),
                                           org=c.get("org")) for c in data["sources"]]
@@ -85,6 +89,12 @@ class Settings:
     #: Shared secret of ``POST /webhooks/git`` (config ``webhook.secret`` or
     #: ``CYNCHROD_WEBHOOK_SECRET``); empty turns the endpoint off.
     webhook_secret: str = dataclasses.field(default="", repr=False)
+    #: ``docker`` (one engine, containers) or ``swarm`` (a swarm manager, services).
+    runtime: str = "docker"
+    #: Where the swarm runtime pushes the images of repo apps (config ``registry``).
+    registry_url: str = ""
+    registry_username: str = ""
+    registry_password: str = dataclasses.field(default="", repr=False)
     #: The ``--config`` file, watched and reloaded by the daemon.
     config_path: str = ""
 
@@ -130,6 +140,8 @@ class Settings:
             raise ConfigError("the same repository and branch is listed twice")
         if not _OWNER_RE.match(settings.owner):
             raise ConfigError(f"owner: {settings.owner!r} must be lowercase letters, digits and '-'")
+        if settings.runtime not in RUNTIMES:
+            raise ConfigError(f"runtime: {settings.runtime!r} must be one of {', '.join(RUNTIMES)}")
         if settings.resync <= 0 or settings.interval <= 0 or settings.concurrency < 1 or settings.stop_timeout < 0:
             raise ConfigError("interval and concurrency must be positive, stop timeout not negative")
         return settings

@@ -21,7 +21,7 @@ from gunicorn.app.base import BaseApplication
 
 from cynchrod import builds, config, control, metrics, reconciler, runtime, secrets, source, store
 from cynchrod.errors import CynchrodError, PermanentError
-from cynchrod.runtime import local
+from cynchrod.runtime import local, swarm
 
 if TYPE_CHECKING:
     from cynchrod.api.auth import Tickets
@@ -29,6 +29,18 @@ if TYPE_CHECKING:
 log = logging.getLogger("cynchrod")
 #: Worker threads: API requests plus the log streams they may hold open.
 THREADS = 32
+
+
+def make_runtime(cfg: config.Settings, *, instance: str,
+                 vault: secrets.Secrets) -> local.LocalRuntime | swarm.SwarmRuntime:
+    """The runtime the config names: one Docker engine, or a swarm through one of its managers."""
+    if cfg.runtime == "swarm":
+        registry = (swarm.Registry(cfg.registry_url, cfg.registry_username, cfg.registry_password)
+                    if cfg.registry_url else None)
+        return swarm.SwarmRuntime(owner=cfg.owner, instance=instance, stop_timeout=cfg.stop_timeout,
+                                  registry=registry, secret_value=vault.value)
+    return local.LocalRuntime(owner=cfg.owner, instance=instance, publish_address=cfg.publish_address,
+                              stop_timeout=cfg.stop_timeout, secrets_dir=vault.staging.resolve())
 
 
 @dataclasses.dataclass
@@ -60,9 +72,8 @@ class Daemon:
         db = store.Store(cfg.state / "cynchrod.db")
         srcs = [source.open_source(c.repo, branch=c.branch, path=c.path, state_dir=mirrors or cfg.state, org=c.org)
                 for c in cfg.sources]
-        vault = secrets.Secrets(db, state_dir=cfg.state)
-        rt = local.LocalRuntime(owner=cfg.owner, instance=db.instance_id(), publish_address=cfg.publish_address,
-                                stop_timeout=cfg.stop_timeout, secrets_dir=vault.staging.resolve())
+        vault = secrets.Secrets(db, state_dir=cfg.state, files=cfg.runtime != "swarm")
+        rt = make_runtime(cfg, instance=db.instance_id(), vault=vault)
         stats = metrics.Metrics(db)
 
         rec = reconciler.Reconciler(src=srcs, rt=rt, db=db, concurrency=cfg.concurrency, stats=stats,
