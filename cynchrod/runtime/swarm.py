@@ -833,16 +833,22 @@ class SwarmRuntime:
         images: list[dict[str, Any]] = self._call(lambda: self.api.images(filters=filters), "list images")
         return images
 
-    def _drop_image(self, image: dict[str, Any]) -> None:
-        """One built image: from the registry (its manifest), then from the manager."""
+    def _drop_image(self, image: dict[str, Any]) -> bool:
+        """One built image: from the registry (its manifest), then from the manager; False
+        while a container on the manager still uses it (removed on a later try)."""
         if self.registry is not None:
             for ref in image.get("RepoTags") or []:
                 if ref.startswith(self.registry.host + "/"):
                     repo, tag = split_reference(ref[len(self.registry.host) + 1:])
                     self.calls += 1
                     self.registry.delete(repo, tag)
-        with contextlib.suppress(RuntimeFailure):
+        try:
             self._call(lambda: self.api.remove_image(image["Id"], force=True), "remove image")
+        except UnitGone:
+            pass
+        except RuntimeFailure:
+            return False
+        return True
 
     def prune_images(self, org: str, app: str, *, keep: int) -> list[str]:
         """This app's built images but the newest ``keep``, in the registry and on the manager."""
@@ -868,9 +874,8 @@ class SwarmRuntime:
         for svc in self.app_services(org, app):
             with contextlib.suppress(UnitGone):
                 self._call(lambda s=svc: self.api.remove_service(s["ID"]), "remove service")  # type: ignore[misc]
-        for image in self._app_images(org, app):
-            self._drop_image(image)
-        # Secrets and the network are released once the tasks are gone (a few seconds).
+        # Secrets, the network and the manager's copies of images are released once the tasks
+        # are gone (a few seconds); the registry's copies go at once.
         deadline = time.monotonic() + 20
         while True:
             busy = self._remove_released(org, app)
@@ -882,7 +887,7 @@ class SwarmRuntime:
             time.sleep(0.5)
 
     def _remove_released(self, org: str, app: str) -> list[str]:
-        busy = []
+        busy = [f"image {i['Id'][7:19]}" for i in self._app_images(org, app) if not self._drop_image(i)]
         for secret in self._call(lambda: self.api.secrets(filters=self._app_filter(org, app)), "list secrets"):
             try:
                 self._call(lambda s=secret: self.api.remove_secret(s["ID"]), "remove secret")  # type: ignore[misc]

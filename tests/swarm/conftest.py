@@ -69,9 +69,7 @@ def remove_owned(lab: Lab, owner: str) -> None:
     try:
         for s in client.api.services(filters=mine):
             client.api.remove_service(s["ID"])
-        for i in client.api.images(filters=mine):
-            client.api.remove_image(i["Id"], force=True)
-        # Secrets and networks are released once the tasks are gone.
+        # Secrets, networks and images are released once the tasks are gone.
         for _ in range(100):
             left = 0
             for s in client.api.secrets(filters=mine):
@@ -82,6 +80,11 @@ def remove_owned(lab: Lab, owner: str) -> None:
             for n in client.api.networks(filters=mine):
                 try:
                     client.api.remove_network(n["Id"])
+                except docker.errors.APIError:
+                    left += 1
+            for i in client.api.images(filters=mine):
+                try:
+                    client.api.remove_image(i["Id"], force=True)
                 except docker.errors.APIError:
                     left += 1
             if not left:
