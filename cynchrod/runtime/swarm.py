@@ -37,8 +37,8 @@ The mapping:
   back; ``docker service rm`` shows as missing units.
 * Observing: a relist is one services list and one tasks list. ``watch`` follows
   service and node events (each a relist) and, in between, lists again every
-  ``POLL_S`` (every ``SETTLE_S`` while some task is not running), reporting only
-  what changed: Swarm has no task events.
+  ``POLL_S`` (every ``SETTLE_S`` while some task is not running) and relists when
+  something changed: Swarm has no task events.
 * Repo apps (``registry`` set): built on the manager, pushed, run by digest so
   every node can pull them; pruned (and deleted with their app) in the registry
   through its HTTP API.
@@ -266,16 +266,15 @@ class _Events:
         return str(name).startswith(f"{self._rt.owner}_")
 
     def _poll(self) -> Iterator[runtime.Event]:
+        """List again; when anything changed (a task replaced, one now running), a relist:
+        it wakes a pass, which records the new state (the swarm healed it, not us)."""
         before = self._rt.last_listing
         try:
             fresh = {u.instance: u for u in self._rt.list_units()}
         except CynchrodError as exc:
             raise EngineUnavailable(f"poll failed: {exc.message}") from exc
-        for instance, unit in fresh.items():
-            if before.get(instance) != unit:
-                yield runtime.Event(runtime.STATE, instance, unit)
-        for instance in before.keys() - fresh.keys():
-            yield runtime.Event(runtime.GONE, instance)
+        if fresh != before:
+            yield runtime.Event(runtime.RELIST)
 
     def close(self) -> None:
         self._closed.set()
