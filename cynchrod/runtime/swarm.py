@@ -409,6 +409,8 @@ class SwarmRuntime:
         self._logged_in = False
         #: Per service (id, version): whether its spec still is what we applied.
         self._drift: dict[tuple[str, int], bool] = {}
+        #: Task id -> replica, for log lines.
+        self._slots: dict[str, int] = {}
 
     def close(self) -> None:
         self._client.close()
@@ -972,12 +974,25 @@ class SwarmRuntime:
         if "com.docker.swarm.task.id" not in attrs:
             text = rest  # no details part
         node = self._node(attrs.get("com.docker.swarm.node.id", ""))
-        slot = 0
-        task_name = attrs.get("com.docker.swarm.task.name", "")
-        if task_name.count(".") >= 2:
-            with contextlib.suppress(ValueError):
-                slot = int(task_name.split(".")[-2])
-        return runtime.LogLine(service, stamp, text, max(slot - 1, 0), node)
+        replica = self._replica(attrs.get("com.docker.swarm.service.id", ""), attrs.get("com.docker.swarm.task.id", ""))
+        return runtime.LogLine(service, stamp, text, replica, node)
+
+    def _replica(self, service_id: str, task_id: str) -> int:
+        """A task's replica (slot - 1), from one tasks list of its service when not known yet."""
+        with self._lock:
+            known = self._slots.get(task_id)
+        if known is not None or not service_id or not task_id:
+            return known or 0
+        try:
+            tasks = self._call(lambda: self.api.tasks(filters={"service": service_id}), "list tasks")
+        except RuntimeFailure:
+            return 0
+        with self._lock:
+            if len(self._slots) > 100_000:
+                self._slots.clear()
+            self._slots.update({t["ID"]: max(int(t.get("Slot") or 0) - 1, 0) for t in tasks})
+            self._slots.setdefault(task_id, 0)
+            return self._slots[task_id]
 
     def tail(self, org: str, app: str, n: int) -> list[runtime.LogLine]:
         """The last ``n`` lines of every service of the app, across nodes, oldest first."""

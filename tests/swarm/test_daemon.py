@@ -40,12 +40,13 @@ def test_node_stopped_tasks_rescheduled_status_recovers(lab: Lab, swarm_owner: s
         wait_for(lambda: running_on(set(lab.nodes)), 30, "api to run, 3 replicas")
         assert {u["node"] for u in services()[0]["units"]} == set(lab.nodes)
         last = sorted(lab.nodes)[-1]
-        subprocess.run([str(LAB), "stop-node", last.rstrip("0123456789") and last[len(last.rstrip("0123456789")):]], check=True, timeout=60)
+        number = last[len(last.rstrip("0123456789")):]
+        subprocess.run([str(LAB), "stop-node", number], check=True, timeout=60)
         try:
             # The node is seen Down after ~8 s; its task is placed on another node; the view follows.
             took = wait_for(lambda: running_on(set(lab.nodes) - {last}), 60, "the task to be rescheduled")
         finally:
-            subprocess.run([str(LAB), "start-node", last.rstrip("0123456789") and last[len(last.rstrip("0123456789")):]], check=True, timeout=60)
+            subprocess.run([str(LAB), "start-node", number], check=True, timeout=60)
         app = db.live_apps()[("default", "api")]
         assert app.status == "running" and app.last_error is None, (app, took)
         deployments = db.deployments(app.id)

@@ -4,11 +4,13 @@ limits, names across nodes, secrets, drift, failures the swarm would retry forev
 from __future__ import annotations
 
 import collections
+import time
 
 import docker
 import pytest
 
 from cynchrod import planning
+from tests.helpers import wait_for
 from tests.swarm.conftest import Lab, SwarmHarness
 
 pytestmark = pytest.mark.swarm
@@ -148,3 +150,28 @@ def test_missing_image_and_unschedulable_are_reported_not_retried_forever(sw: Sw
     assert "insufficient resources" in (huge.last_error or "")
     # The swarm keeps the service, to place it once something fits.
     assert sw.rt.service_name("default", "huge", "main") in sw.services()
+
+
+def test_logs_tail_and_follow_name_node_and_replica(sw: SwarmHarness, lab: Lab) -> None:
+    talk = "[sh, -c, 'i=0; while true; do echo tick-$i; i=$((i+1)); sleep 0.3; done']"
+    sw.repo.push({"apps/talk.yaml": app(lab, "talk", "replicas: 2\n", command=talk)})  # type: ignore[attr-defined]
+    assert [a.status for a in sw.sync().apps] == ["running"]
+
+    def both() -> bool:
+        lines = sw.rt.tail("default", "talk", 20)
+        return len(lines) == 20 and {x.replica for x in lines} == {0, 1}
+
+    wait_for(both, 15, "lines of both replicas")
+    lines = sw.rt.tail("default", "talk", 20)
+    assert len(lines) == 20 and all(x.line.startswith("tick-") and x.node in lab.nodes for x in lines)
+    assert lines == sorted(lines, key=lambda x: x.timestamp)
+    stream = sw.rt.follow("default", "talk", since=time.time())
+    try:
+        got = []
+        for line in stream:
+            got.append(line)
+            if len({x.replica for x in got}) == 2:
+                break
+        assert all(x.service == "main" and x.line.startswith("tick-") for x in got)
+    finally:
+        stream.close()
