@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import time
+import urllib.request
 
 import docker
 import pytest
@@ -117,9 +118,20 @@ def test_secret_read_on_a_worker_then_rotated(sw: SwarmHarness, lab: Lab) -> Non
 
 
 def test_drift_by_hand_is_put_back(sw: SwarmHarness, lab: Lab) -> None:
-    sw.repo.push({"apps/a.yaml": app(lab, "a"), "apps/b.yaml": app(lab, "b")})  # type: ignore[attr-defined]
+    serve = "[sh, -c, 'mkdir -p /www && echo a-says-hi > /www/index.html && exec httpd -f -p 8080 -h /www']"
+    port = 18090
+    sw.repo.push({"apps/a.yaml": app(lab, "a", f"port: 8080\nhostPort: {port}\n", command=serve),  # type: ignore[attr-defined]
+                  "apps/b.yaml": app(lab, "b")})
     assert [x.status for x in sw.sync().apps] == ["running", "running"]
     a, b = (sw.rt.service_name("default", n, "main") for n in ("a", "b"))
+    # Published in host mode on the node that runs the task; a fixed host port updates stop-first.
+    task = sw.tasks(a)[0]
+    address = sw.api.inspect_node(task["NodeID"])["Status"]["Addr"]
+    with urllib.request.urlopen(f"http://{address}:{port}/", timeout=5) as response:
+        assert response.read() == b"a-says-hi\n"
+    assert sw.app("a").host_port == port
+    assert sw.services()[a]["Spec"]["UpdateConfig"]["Order"] == "stop-first"
+    assert sw.services()[b]["Spec"]["UpdateConfig"]["Order"] == "start-first"
     svc = sw.api.inspect_service(a)
     template = svc["Spec"]["TaskTemplate"]
     template["ContainerSpec"]["Env"] = ["BY_HAND=1"]
