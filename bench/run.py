@@ -306,6 +306,135 @@ def change_one(tmp: pathlib.Path, n: int, repeats: int) -> dict[str, Any]:
     return row
 
 
+def swarm_rows(tmp: pathlib.Path, n_cold: int, n_noop: int, passes: int) -> list[dict[str, Any]]:
+    """The swarm runtime on the three-node lab (``scripts/swarm-lab``): a cold converge of
+    ``n_cold`` apps beside a bare ``services.create`` loop (same specs, same concurrency, both
+    timed until every task runs), and a no-op pass over ``n_noop`` services."""
+    from cynchrod import secrets as vault
+    from cynchrod.runtime import swarm
+
+    lab = ROOT / "scripts" / "swarm-lab"
+    out = subprocess.run([str(lab), "up", "3"], check=True, capture_output=True, text=True).stdout
+    env = dict(line.split("=", 1) for line in out.strip().splitlines()[-2:])
+    image = f"{env['REGISTRY']}/cynchrod-bench/busybox:1"
+    ctx = tmp / "swarm-image"
+    ctx.mkdir()
+    shutil.copy("/bin/busybox", ctx / "busybox")
+    (ctx / "Dockerfile").write_text("FROM scratch\nCOPY busybox /bin/busybox\n"
+                                    'RUN ["/bin/busybox", "--install", "-s", "/bin"]\n')
+    denv = {**os.environ, "DOCKER_HOST": env["DOCKER_HOST"]}
+    subprocess.run(["docker", "build", "-q", "-t", image, str(ctx)], check=True, capture_output=True, env=denv)
+    subprocess.run(["docker", "push", image], check=True, capture_output=True, env=denv)
+    manager = docker.DockerClient(base_url=env["DOCKER_HOST"], timeout=300)
+
+    def spec(name: str, extra: str = "") -> str:
+        # 0.05 CPU reserved each: 100 apps fit the lab's 3 x 2 CPUs.
+        return f"name: {name}\nimage: {image}\ncommand: [sleep, '3600']\ncpu: 0.05\nmemory: 64\n{extra}"
+
+    def make(work: pathlib.Path, owner: str) -> tuple[reconciler.Reconciler, swarm.SwarmRuntime]:
+        db = store.Store(work / "state" / "cynchrod.db")
+        rt = swarm.SwarmRuntime(owner=owner, instance=db.instance_id(), stop_timeout=1,
+                                base_url=env["DOCKER_HOST"], secret_value=vault.Secrets(
+                                    db, state_dir=work / "state", files=False).value)
+        rec = reconciler.Reconciler(src=source.Source(str(repo.bare), state_dir=work / "state"), rt=rt, db=db,
+                                    concurrency=CONCURRENCY, max_apps=lambda org: 100000)
+        return rec, rt
+
+    def poll(check: Any, timeout: float) -> None:
+        deadline = time.perf_counter() + timeout
+        while not check():
+            if time.perf_counter() > deadline:
+                raise RuntimeError("timed out")
+            time.sleep(0.2)
+
+    def remove(label: str) -> None:
+        services = manager.api.services(filters={"label": [label]})
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda s: manager.api.remove_service(s["ID"]), services))
+        poll(lambda: not manager.api.tasks(filters={"label": [label], "desired-state": "running"}), 300)
+
+    rows: list[dict[str, Any]] = []
+    try:
+        work = tmp / "swarm-cold"
+        work.mkdir()
+        repo = Repo(work)
+        repo.push({f"apps/app{i:04d}.yaml": spec(f"app{i:04d}") for i in range(n_cold)})
+        owner = "bench-swarm-cold"
+        rec, rt = make(work, owner)
+        started = time.perf_counter()
+        result = rec.run_pass()
+        cyn = time.perf_counter() - started
+        assert result.ok and len(rt.list_units()) == n_cold, result
+        body = rt._body(next(iter(rec._loaded.values()))[1].apps[("default", "app0000")],
+                        next(iter(rec._loaded.values()))[1].apps[("default", "app0000")].services[0], image, "x")
+        remove(f"{runtime.LABEL_OWNER}={owner}")
+
+        def create(i: int) -> None:
+            manager.api.create_service(body["TaskTemplate"], name=f"bench-bare-{i:04d}",
+                                       labels={LABEL: "swarm-bare"}, mode=docker.types.ServiceMode(
+                                           "replicated", replicas=1), endpoint_spec=body["EndpointSpec"])
+
+        t0 = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(CONCURRENCY) as pool:
+            list(pool.map(create, range(n_cold)))
+        created = time.perf_counter() - t0
+        poll(lambda: sum(t["Status"]["State"] == "running" for t in manager.api.tasks(
+            filters={"label": [f"{LABEL}=swarm-bare"]})) >= n_cold, 600)
+        bare = time.perf_counter() - t0
+        remove(f"{LABEL}=swarm-bare")
+        rows.append({"scenario": f"swarm cold converge N={n_cold} (3 nodes)", "cynchrod_s": cyn,
+                     "bare_sdk_services_create_s": bare, "bare_create_calls_only_s": created,
+                     "ratio_vs_bare": cyn / bare, "runs": 1})
+        log(str(rows[-1]))
+
+        work = tmp / "swarm-noop"
+        work.mkdir()
+        repo = Repo(work)
+        owner = "bench-swarm-noop"
+        # Stopped apps: services scaled to 0, so 1,000 services need no 1,000 processes.
+        repo.push({f"apps/app{i:04d}.yaml": spec(f"app{i:04d}", "state: stopped\n") for i in range(n_noop)})
+        rec, rt = make(work, owner)
+        first = rec.run_pass()
+        failed = [(a.name, a.error) for a in first.apps if a.error]
+        assert first.ok, (failed[:5], len(failed), first.source_error, first.manifest_errors[:3])
+        # A stopped app with no service needs nothing, so its service is made here, as the
+        # runtime makes it (replicas 0), the way the one-host row makes stopped containers.
+        specs_now = next(iter(rec._loaded.values()))[1].apps.values()
+        t0 = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(CONCURRENCY) as pool:
+            list(pool.map(lambda a: rt._converge(a, a.services[0]), specs_now))
+        made = time.perf_counter() - t0
+        assert len(manager.api.services(filters={"label": [f"{runtime.LABEL_OWNER}={owner}"]})) == n_noop
+        assert all(not a.actions for a in rec.run_pass().apps)
+        walls, cpus, calls = [], [], []
+        for _ in range(passes):
+            before = rt.calls
+            cpu0, t1 = time.process_time(), time.perf_counter()
+            result = rec.run_pass()
+            walls.append(time.perf_counter() - t1)
+            cpus.append(time.process_time() - cpu0)
+            calls.append(rt.calls - before)
+            assert all(not a.actions for a in result.apps) and len(result.apps) == n_noop
+        lists = []
+        owner_filter = {"label": runtime.owner_labels(owner)}
+        for _ in range(passes):
+            t1 = time.perf_counter()
+            manager.api.services(filters=owner_filter)
+            manager.api.tasks(filters=owner_filter)
+            lists.append(time.perf_counter() - t1)
+        rows.append({"scenario": f"swarm no-op pass N={n_noop} services", "cynchrod_s": median(walls),
+                     "cynchrod_cpu_s": median(cpus), "docker_calls_per_pass": median(calls),
+                     "bare_services_and_tasks_list_s": median(lists),
+                     "ratio_vs_bare_list": median(walls) / median(lists),
+                     "making_the_stopped_services_s": made, "passes": passes})
+        log(str(rows[-1]))
+        remove(f"{runtime.LABEL_OWNER}={owner}")
+    finally:
+        manager.close()
+        subprocess.run([str(lab), "down"], check=False, capture_output=True)
+    return rows
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -745,7 +874,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="smaller N and fewer repeats")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
-    parser.add_argument("--only", choices=["cold", "noop", "change", "push", "heal", "api", "logs", "dash", "edge"],
+    parser.add_argument("--only", choices=["cold", "noop", "change", "push", "heal", "api", "logs", "dash", "edge", "swarm"],
                         action="append",
                         help="run these scenarios only; their rows replace the same rows in --out")
     args = parser.parse_args()
@@ -781,6 +910,8 @@ def main() -> int:
                 rows.append(dashboard_page(tmp, 300, 20 if quick else 100, 6 if quick else 20))
             if "edge" in only:
                 rows.append(edge_redeploys(tmp, 5 if quick else 10))
+            if "swarm" in only:
+                rows += swarm_rows(tmp, 10 if quick else 100, 300 if quick else 1000, 10)
         finally:
             cleanup()
     out = pathlib.Path(args.out)

@@ -69,6 +69,8 @@ def _settings_flags(p: argparse.ArgumentParser, *names: str) -> None:
         "edge-drain": ("seconds the old container keeps serving after the switch (default 2)",
                        {"type": float, "metavar": "SECONDS"}),
         "listen": ("API address (default 127.0.0.1:8080)", {"metavar": "HOST:PORT"}),
+        "runtime": ("docker: one engine; swarm: a swarm manager (DOCKER_HOST) (default docker)",
+                    {"choices": config.RUNTIMES}),
     }
     for name in names:
         text, kw = flags[name]
@@ -76,8 +78,8 @@ def _settings_flags(p: argparse.ArgumentParser, *names: str) -> None:
 
 
 _SOURCE = ("repo", "branch", "path", "state", "config")
-_APPLY = ("owner", "publish-address", "concurrency", "stop-timeout", "edge", "edge-listen", "edge-tls-listen",
-          "edge-ready-timeout", "edge-drain")
+_APPLY = ("owner", "publish-address", "concurrency", "stop-timeout", "runtime", "edge", "edge-listen",
+          "edge-tls-listen", "edge-ready-timeout", "edge-drain")
 
 
 def _client_flags(p: argparse.ArgumentParser) -> None:

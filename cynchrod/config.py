@@ -23,7 +23,8 @@ ORG_RE = specs.NAME_RE
 #: config-file key -> Settings field
 _FILE_KEYS = {"repo": "repo", "branch": "branch", "path": "path", "state": "state", "interval": "interval",
               "listen": "listen", "owner": "owner", "publishAddress": "publish_address", "resync": "resync",
-              "concurrency": "concurrency", "stopTimeout": "stop_timeout"}
+              "concurrency": "concurrency", "stopTimeout": "stop_timeout", "runtime": "runtime"}
+RUNTIMES = ("docker", "swarm")
 DEFAULT_MAX_APPS = decisions.DEFAULT_MAX_APPS
 
 
@@ -51,6 +52,9 @@ def load_file(path: pathlib.Path) -> dict[str, Any]:
                            ("readyTimeout", "edge_ready_timeout"), ("drain", "edge_drain")):
             if key in edge:
                 values[field] = edge[key]
+    if "registry" in data:
+        values.update(registry_url=data["registry"]["url"], registry_username=data["registry"].get("username", ""),
+                      registry_password=data["registry"].get("password", ""))
     if "sources" in data:
         values["sources"] = [SourceConfig(repo=c["repo"], branch=c.get("branch", "main"), path=c.get("path", ""),
                                           org=c.get("org")) for c in data["sources"]]
@@ -101,6 +105,12 @@ class Settings:
     edge_ready_timeout: float = 60.0
     #: Seconds the old unit keeps running after the route moved (in-flight requests finish).
     edge_drain: float = 2.0
+    #: ``docker`` (one engine, containers) or ``swarm`` (a swarm manager, services).
+    runtime: str = "docker"
+    #: Where the swarm runtime pushes the images of repo apps (config ``registry``).
+    registry_url: str = ""
+    registry_username: str = ""
+    registry_password: str = dataclasses.field(default="", repr=False)
     #: The ``--config`` file, watched and reloaded by the daemon.
     config_path: str = ""
 
@@ -151,6 +161,8 @@ class Settings:
                               "e.g. http://127.0.0.1:2019")
         if settings.edge_ready_timeout <= 0 or settings.edge_drain < 0:
             raise ConfigError("edge ready timeout must be positive, drain not negative")
+        if settings.runtime not in RUNTIMES:
+            raise ConfigError(f"runtime: {settings.runtime!r} must be one of {', '.join(RUNTIMES)}")
         if settings.resync <= 0 or settings.interval <= 0 or settings.concurrency < 1 or settings.stop_timeout < 0:
             raise ConfigError("interval and concurrency must be positive, stop timeout not negative")
         return settings

@@ -23,7 +23,7 @@ from gunicorn.app.base import BaseApplication
 
 from cynchrod import builds, config, control, edge, metrics, planning, reconciler, runtime, secrets, source, store
 from cynchrod.errors import CynchrodError, PermanentError
-from cynchrod.runtime import local
+from cynchrod.runtime import local, swarm
 
 if TYPE_CHECKING:
     from cynchrod.api.auth import Tickets
@@ -58,6 +58,22 @@ class Change:
     next: str
 
 
+def make_runtime(cfg: config.Settings, *, instance: str,
+                 vault: secrets.Secrets) -> local.LocalRuntime | swarm.SwarmRuntime:
+    """The runtime the config names: one Docker engine (behind the edge, when one is
+    configured), or a swarm through one of its managers."""
+    if cfg.runtime == "swarm":
+        registry = (swarm.Registry(cfg.registry_url, cfg.registry_username, cfg.registry_password)
+                    if cfg.registry_url else None)
+        return swarm.SwarmRuntime(owner=cfg.owner, instance=instance, stop_timeout=cfg.stop_timeout,
+                                  registry=registry, secret_value=vault.value)
+    front = edge.Edge(cfg.edge, listen=cfg.edge_listen, tls_listen=cfg.edge_tls_listen, owner=cfg.owner,
+                      upstream_host=edge.upstream_host(cfg.publish_address)) if cfg.edge else None
+    return local.LocalRuntime(owner=cfg.owner, instance=instance, publish_address=cfg.publish_address,
+                              stop_timeout=cfg.stop_timeout, secrets_dir=vault.staging.resolve(), edge=front,
+                              ready_timeout=cfg.edge_ready_timeout, drain=cfg.edge_drain)
+
+
 @dataclasses.dataclass
 class Daemon:
     settings: config.Settings
@@ -89,17 +105,14 @@ class Daemon:
         db = store.Store(cfg.state / "cynchrod.db")
         srcs = [source.open_source(c.repo, branch=c.branch, path=c.path, state_dir=mirrors or cfg.state, org=c.org)
                 for c in cfg.sources]
-        vault = secrets.Secrets(db, state_dir=cfg.state)
-        front = edge.Edge(cfg.edge, listen=cfg.edge_listen, tls_listen=cfg.edge_tls_listen, owner=cfg.owner,
-                          upstream_host=edge.upstream_host(cfg.publish_address)) if cfg.edge else None
-        rt = local.LocalRuntime(owner=cfg.owner, instance=db.instance_id(), publish_address=cfg.publish_address,
-                                stop_timeout=cfg.stop_timeout, secrets_dir=vault.staging.resolve(), edge=front,
-                                ready_timeout=cfg.edge_ready_timeout, drain=cfg.edge_drain)
+        vault = secrets.Secrets(db, state_dir=cfg.state, files=cfg.runtime != "swarm")
+        rt = make_runtime(cfg, instance=db.instance_id(), vault=vault)
         stats = metrics.Metrics(db)
 
         rec = reconciler.Reconciler(src=srcs, rt=rt, db=db, concurrency=cfg.concurrency, stats=stats,
                                     secrets=vault, max_apps=cfg.max_apps, resync_s=cfg.resync,
-                                    builds=builds.Builds(state_dir=cfg.state, rt=rt), edge=front)
+                                    builds=builds.Builds(state_dir=cfg.state, rt=rt),
+                                    edge=rt.edge if isinstance(rt, local.LocalRuntime) else None)
         ctl = control.Control(src=srcs, db=db, wake=rec.wakeup.request, max_apps=cfg.max_apps)
         from cynchrod.api.auth import Tickets  # flask stays out of the CLI's import path
 

@@ -59,8 +59,11 @@ def load_key(state_dir: pathlib.Path) -> bytes:
 
 
 class Secrets:
-    def __init__(self, db: store.Store, *, state_dir: pathlib.Path) -> None:
+    def __init__(self, db: store.Store, *, state_dir: pathlib.Path, files: bool = True) -> None:
         self.db = db
+        #: Stage values as files for bind mounts (one host); the swarm runtime reads them
+        #: with ``value`` instead and hands them to the swarm's own store.
+        self.files = files
         self._key = load_key(state_dir)
         self._fernet = Fernet(self._key)
         self._mac_key = hashlib.sha256(b"cynchrod-secret-digest:" + self._key).digest()
@@ -91,6 +94,13 @@ class Secrets:
             return self._fernet.decrypt(sealed.encode())
         except InvalidToken as exc:
             raise SecretError(f"secret {org}/{name} cannot be decrypted with this key") from exc
+
+    def value(self, org: str, name: str) -> bytes:
+        """A secret's value, for a runtime that stores it itself (swarm); never for an API."""
+        value = self._value(org, name)
+        if value is None:
+            raise SecretMissing(f"secret {name} not set in org {org}")
+        return value
 
     def digest(self, spec: specs.AppSpec) -> dict[str, str]:
         """Per service, a keyed digest of the current values of its secrets.
@@ -125,6 +135,8 @@ class Secrets:
 
     def stage(self, spec: specs.AppSpec) -> None:
         """Write the app's secrets as 0400 files (atomically) for the runtime to mount."""
+        if not self.files:
+            return
         target = self.app_dir(spec.org, spec.name)
         target.mkdir(parents=True, exist_ok=True, mode=0o700)
         for name in spec.secret_names:

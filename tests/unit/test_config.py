@@ -55,3 +55,30 @@ def test_bad_config_is_refused(tmp_path: pathlib.Path, text: str, fragment: str)
 def test_the_same_repository_twice_is_refused() -> None:
     with pytest.raises(config.ConfigError):
         config.Settings.build({"repo": ["/a", "/a"]})
+
+
+def test_runtime_and_registry_from_the_file_flag_and_environment(tmp_path: pathlib.Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from cynchrod import cli
+
+    path = tmp_path / "c.yaml"
+    path.write_text("repo: /srv/ops.git\nruntime: swarm\n"
+                    "registry: {url: 'http://10.0.0.1:5000', username: ci, password: s3cret}\n")
+    settings = config.Settings.build(config.load_file(path))
+    assert (settings.runtime, settings.registry_url, settings.registry_username) == (
+        "swarm", "http://10.0.0.1:5000", "ci")
+    assert "s3cret" not in repr(settings)
+    assert config.Settings.build({}).runtime == "docker"
+    monkeypatch.setenv("CYNCHROD_RUNTIME", "docker")
+    args = cli.parser().parse_args(["sync", "--config", str(path)])
+    assert cli.settings(args).runtime == "docker"  # the environment over the file
+    args = cli.parser().parse_args(["sync", "--config", str(path), "--runtime", "swarm"])
+    assert cli.settings(args).runtime == "swarm"  # the flag over the environment
+    with pytest.raises(config.ConfigError, match="runtime"):
+        config.Settings.build({"runtime": "kubernetes"})
+    path.write_text("runtime: nomad\n")
+    with pytest.raises(config.ConfigError, match="runtime"):
+        config.load_file(path)
+    path.write_text("registry: {username: x}\n")
+    with pytest.raises(config.ConfigError, match="url"):
+        config.load_file(path)

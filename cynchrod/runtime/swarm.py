@@ -1,0 +1,1014 @@
+"""The swarm driver: the ``Runtime`` protocol on Docker Swarm services (imports ``docker``).
+
+Chosen with ``--runtime swarm``; created by the daemon with a client of a swarm
+*manager* (``DOCKER_HOST``). Docker SDK only: the CLI's ``service create`` looks
+registry digests up on its own.
+
+The mapping:
+
+* Each service of an app is one Swarm service ``<owner>_<org>_<app>_<service>``,
+  labelled like the one-host containers (owner, instance, org, app, service, spec
+  hash, spec) on the service and in its task template. A *unit* is one task slot:
+  the slot's current task (``instance`` = task id, ``replica`` = slot - 1, ``node``
+  = the node's hostname, ``endpoint`` = the host-mode published port).
+* The planner speaks per replica; here any create, recreate or start of a replica
+  *converges the whole service* (create it, or update it to the wanted spec and
+  ``replicas``), and the app's other actions on that service in the same pass find
+  it converged and do nothing more. Stop scales to 0; removing a unit of an
+  undeclared service removes the service, removing a surplus replica scales down.
+  Start of a unit whose task is still current and not running is a forced update.
+* ``cpu``/``memory`` are limits and equal reservations (the scheduler places only
+  what fits). Multi-service apps get one attachable overlay network; services
+  reach each other by name (a network alias). The kernels this was made on have
+  no IPVS: endpoint mode ``dnsrr`` and published ports in ``host`` mode.
+* Secrets are Docker secrets (raft store, tmpfs in the task), immutable: each
+  version is named with a digest of its value (keyed, it tells nothing of the
+  value); a rotation creates the new one, updates the service, removes the old.
+* Rolling updates are ``stop-first`` when a host port is published (it cannot be
+  bound twice), ``start-first`` otherwise, with ``failure_action: rollback`` and a
+  monitor window. ``apply`` then watches the service's tasks a short while and
+  turns what the swarm would retry forever into errors: a task no node can take is
+  ``unschedulable`` (the scheduler's reason in ``last_error``), a missing image or
+  a failed pull is ``image_not_found`` / ``image_pull_failed`` (the new service is
+  removed, an update rolled back), a rolled-back update is ``update_failed``.
+* Drift: the service label ``io.cynchrod.applied`` is a digest of the spec we sent;
+  a listing compares it with the service's spec now (defaults the engine adds left
+  out), so a ``docker service update`` by hand shows as a changed unit and is put
+  back; ``docker service rm`` shows as missing units.
+* Observing: a relist is one services list and one tasks list. ``watch`` follows
+  service and node events (each a relist) and, in between, lists again every
+  ``POLL_S`` (every ``SETTLE_S`` while some task is not running) and relists when
+  something changed: Swarm has no task events.
+* Repo apps (``registry`` set): built on the manager, pushed, run by digest so
+  every node can pull them; pruned (and deleted with their app) in the registry
+  through its HTTP API.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import docker
+import docker.errors
+import requests
+from docker.types import (
+    ContainerSpec,
+    DriverConfig,
+    EndpointSpec,
+    Healthcheck,
+    Mount,
+    NetworkAttachmentConfig,
+    Resources,
+    RestartPolicy,
+    SecretReference,
+    ServiceMode,
+    TaskTemplate,
+    UpdateConfig,
+)
+
+from cynchrod import planning, runtime, specs
+from cynchrod.errors import CynchrodError, EngineUnavailable, PermanentError, RuntimeFailure, TemporaryError, UnitGone
+from cynchrod.runtime.local import CALL_TIMEOUT_S, LOG_CONFIG, _Conflict, _stamp_seconds, converted, has_registry
+
+log = logging.getLogger(__name__)
+
+LABEL_APPLIED = "io.cynchrod.applied"
+LABEL_SECRET = "io.cynchrod.secret"
+#: How long ``apply`` watches a service's tasks after changing it.
+APPLY_WAIT_S = 60.0
+#: Swarm's own monitor window after each task of a rolling update.
+UPDATE_MONITOR_S = 2
+#: Between engine events: list again this often, and this often while a task is not running.
+POLL_S = 10.0
+SETTLE_S = 1.0
+#: Events closer than this become one relist.
+COALESCE_S = 0.2
+_NS = 1_000_000_000
+_RUNNING_STATES = {"running"}
+_STARTING = {"new", "allocated", "pending", "assigned", "accepted", "preparing", "ready", "starting"}
+_ENDED = {"complete", "shutdown", "failed", "rejected", "orphaned", "remove"}
+#: Keys the engine adds to a service spec on its own (left out of the drift digest).
+_ENGINE_DEFAULTS = {"Isolation", "ForceUpdate", "Runtime", "MaxFailureRatio", "Window", "MaxAttempts"}
+_IMAGE_MISSING = ("no such image", "manifest unknown", "not found", "does not exist")
+_IMAGE_PULL = ("pull access denied", "failed to resolve", "connection refused", "i/o timeout",
+               "no basic auth", "unauthorized", "toomanyrequests", "tls:", "dial tcp", "error pulling")
+
+
+def _normalised(value: Any) -> Any:
+    """A spec with empty values and the engine's own defaults left out (for the drift digest)."""
+    if isinstance(value, dict):
+        out = {k: _normalised(v) for k, v in value.items() if k not in _ENGINE_DEFAULTS}
+        return {k: v for k, v in out.items() if v not in (None, "", 0, False, [], {})}
+    if isinstance(value, list):
+        return [_normalised(v) for v in value]
+    return value
+
+
+def spec_digest(spec: dict[str, Any]) -> str:
+    """Digest of a service spec as the engine stores it, without replicas and our own digest label."""
+    body = {k: v for k, v in spec.items() if k != "Mode"}
+    body["Labels"] = {k: v for k, v in (spec.get("Labels") or {}).items() if k != LABEL_APPLIED}
+    text = json.dumps(_normalised(body), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def image_error(message: str) -> str | None:
+    """``image_not_found`` / ``image_pull_failed`` when a task error is about its image."""
+    low = message.lower()
+    if any(m in low for m in _IMAGE_PULL):
+        return "image_pull_failed"
+    if any(m in low for m in _IMAGE_MISSING):
+        return "image_not_found"
+    return None
+
+
+class Registry:
+    """The registry repo-app images are pushed to (config ``registry: {url, username, password}``).
+
+    Talks the registry HTTP API (v2) for digests, prunes and deletes; ``host`` is
+    what image references start with.
+    """
+
+    MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+
+    def __init__(self, url: str, username: str = "", password: str = "") -> None:
+        scheme, sep, rest = url.partition("://")
+        self.host = (rest if sep else url).rstrip("/")
+        self._schemes = [scheme] if sep else ["https", "http"]
+        self.username, self.password = username, password
+        self._session = requests.Session()
+        if username:
+            self._session.auth = (username, password)
+
+    @property
+    def auth_config(self) -> dict[str, str] | None:
+        return {"username": self.username, "password": self.password} if self.username else None
+
+    def _request(self, method: str, path: str, **kw: Any) -> requests.Response:
+        last: Exception | None = None
+        for scheme in list(self._schemes):
+            try:
+                response = self._session.request(method, f"{scheme}://{self.host}/v2/{path}", timeout=CALL_TIMEOUT_S,
+                                                  **kw)
+            except requests.RequestException as exc:
+                last = exc
+                continue
+            self._schemes = [scheme]  # the one that answered
+            return response
+        raise EngineUnavailable(f"registry {self.host} unreachable ({type(last).__name__})")
+
+    def digest(self, repository: str, tag: str) -> str | None:
+        """The manifest digest of ``repository:tag``, or None when the registry has no such tag."""
+        response = self._request("HEAD", f"{repository}/manifests/{tag}", headers={"Accept": self.MANIFEST})
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise RuntimeFailure(f"registry {self.host}: HEAD {repository}:{tag} answered {response.status_code}")
+        return response.headers.get("Docker-Content-Digest")
+
+    def delete(self, repository: str, tag: str) -> bool:
+        digest = self.digest(repository, tag)
+        if digest is None:
+            return False
+        response = self._request("DELETE", f"{repository}/manifests/{digest}")
+        if response.status_code not in (202, 404):
+            raise RuntimeFailure(f"registry {self.host}: DELETE {repository}@{digest} answered "
+                                 f"{response.status_code} (is storage.delete.enabled set?)")
+        return True
+
+    def tags(self, repository: str) -> list[str]:
+        response = self._request("GET", f"{repository}/tags/list")
+        if response.status_code == 404:
+            return []
+        tags: list[str] = (response.json() or {}).get("tags") or []
+        return tags
+
+
+def split_reference(image: str) -> tuple[str, str]:
+    """``repo:tag`` into (repo, tag); ``latest`` when no tag is named."""
+    last = image.rsplit("/", 1)[-1]
+    if ":" in last:
+        repo, _, tag = image.rpartition(":")
+        return repo, tag
+    return image, "latest"
+
+
+class _Events:
+    """Service and node events, and a diffing poll in between (Swarm has no task events)."""
+
+    def __init__(self, rt: SwarmRuntime) -> None:
+        self._rt = rt
+        self._client = docker.DockerClient(base_url=rt.base_url, timeout=None)
+        self._stream: Any = None
+        self._closed = threading.Event()
+        self._queue: queue.Queue[dict[str, Any] | Exception] = queue.Queue()
+        self._reader: threading.Thread | None = None
+
+    def _read(self) -> None:
+        try:
+            for raw in self._stream:
+                self._queue.put(raw)
+            self._queue.put(EngineUnavailable("event stream ended"))
+        except Exception as exc:
+            self._queue.put(EngineUnavailable(f"event stream broke ({type(exc).__name__})"))
+
+    def __iter__(self) -> Iterator[runtime.Event]:
+        try:
+            self._stream = converted(lambda: self._client.api.events(
+                filters={"type": ["service", "node"]}, decode=True), "events")
+        except RuntimeFailure:
+            self.close()
+            raise
+        if self._closed.is_set():
+            return
+        self._reader = threading.Thread(target=self._read, name="swarm-events", daemon=True)
+        self._reader.start()
+        # Subscribed first, then relisted: nothing between the two is missed.
+        yield runtime.Event(runtime.RELIST)
+        while not self._closed.is_set():
+            try:
+                item = self._queue.get(timeout=SETTLE_S if self._rt.unsettled else POLL_S)
+            except queue.Empty:
+                item = None
+            if self._closed.is_set():
+                return
+            if isinstance(item, Exception):
+                raise item
+            if item is not None:
+                if not self._ours(item):
+                    continue
+                deadline = time.monotonic() + COALESCE_S
+                while (left := deadline - time.monotonic()) > 0:
+                    with contextlib.suppress(queue.Empty):
+                        more = self._queue.get(timeout=left)
+                        if isinstance(more, Exception):
+                            raise more
+                yield runtime.Event(runtime.RELIST)
+                continue
+            yield from self._poll()
+
+    def _ours(self, raw: dict[str, Any]) -> bool:
+        if raw.get("Type") == "node":
+            self._rt.forget_nodes()
+            return True
+        name = (raw.get("Actor", {}).get("Attributes") or {}).get("name", "")
+        return str(name).startswith(f"{self._rt.owner}_")
+
+    def _poll(self) -> Iterator[runtime.Event]:
+        """List again; when anything changed (a task replaced, one now running), a relist:
+        it wakes a pass, which records the new state (the swarm healed it, not us)."""
+        before = self._rt.last_listing
+        try:
+            fresh = {u.instance: u for u in self._rt.list_units()}
+        except CynchrodError as exc:
+            raise EngineUnavailable(f"poll failed: {exc.message}") from exc
+        if fresh != before:
+            yield runtime.Event(runtime.RELIST)
+
+    def close(self) -> None:
+        self._closed.set()
+        self._queue.put(EngineUnavailable("closed"))
+        with contextlib.suppress(Exception):
+            if self._stream is not None:
+                self._stream.close()
+        with contextlib.suppress(Exception):
+            self._client.close()
+
+
+class _ServiceLogs:
+    """An app's live log lines: one follower per service, re-attached when a service is
+    replaced, until ``ended`` is set or ``close()``. Each line names its node and task."""
+
+    QUEUE_LINES = 2000
+    RESCAN_S = 0.5
+
+    def __init__(self, rt: SwarmRuntime, org: str, app: str, since: float, ended: threading.Event | None) -> None:
+        self._rt, self._org, self._app = rt, org, app
+        self._since: dict[str, float] = {}
+        self._start = since
+        self._ended = ended or threading.Event()
+        self._closed = threading.Event()
+        self._lines: queue.Queue[runtime.LogLine | str] = queue.Queue(maxsize=self.QUEUE_LINES)
+        self._readers: dict[str, tuple[threading.Thread, Any]] = {}
+        self._lock = threading.Lock()
+        self._client = docker.DockerClient(base_url=rt.base_url, timeout=None)
+
+    def _attach(self) -> None:
+        for svc in self._rt.app_services(self._org, self._app):
+            service_id: str = svc["ID"]
+            if service_id in self._readers:
+                continue
+            name = (svc["Spec"].get("Labels") or {}).get(runtime.LABEL_SERVICE, specs.MAIN_SERVICE)
+            since = self._since.get(name, self._start)
+            try:
+                stream = converted(lambda s=service_id, t=since: self._client.api.service_logs(  # type: ignore[misc]
+                    s, stdout=True, stderr=True, follow=True, timestamps=True, details=True, since=t,
+                    is_tty=False), "service logs")
+            except RuntimeFailure:
+                continue
+            reader = threading.Thread(target=self._read, args=(name, service_id, stream), daemon=True,
+                                      name=f"logs-{self._app}")
+            with self._lock:
+                if self._closed.is_set():
+                    with contextlib.suppress(Exception):
+                        stream.close()
+                    return
+                self._readers[service_id] = (reader, stream)
+            reader.start()
+
+    def _read(self, name: str, service_id: str, stream: Any) -> None:
+        try:
+            for chunk in stream:
+                for raw in chunk.decode("utf-8", "replace").splitlines():
+                    line = self._rt.log_line(name, raw)
+                    self._since[name] = _stamp_seconds(line.timestamp) + 1e-6
+                    if not self._put(line):
+                        return
+        except Exception:
+            pass  # a broken stream is re-attached by the next scan
+        self._put(service_id)
+
+    def _put(self, item: runtime.LogLine | str) -> bool:
+        while not self._closed.is_set():
+            try:
+                self._lines.put(item, timeout=0.25)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator[runtime.LogLine]:
+        next_scan = 0.0
+        while not self._closed.is_set() and not self._ended.is_set():
+            now = time.monotonic()
+            if now >= next_scan:
+                with contextlib.suppress(TemporaryError):
+                    self._attach()
+                next_scan = now + (self.RESCAN_S if not self._readers else 5.0)
+            try:
+                item = self._lines.get(timeout=0.25)
+            except queue.Empty:
+                continue
+            if isinstance(item, str):
+                with self._lock:
+                    self._readers.pop(item, None)
+                next_scan = 0.0
+                continue
+            yield item
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed.set()
+            readers = list(self._readers.values())
+            self._readers.clear()
+        for _, stream in readers:
+            with contextlib.suppress(Exception):
+                stream.close()
+        with contextlib.suppress(Exception):
+            self._client.close()
+        for reader, _ in readers:
+            reader.join(2)
+
+
+class SwarmRuntime:
+    """Drives a Docker Swarm through one manager, for one owner and one instance."""
+
+    def __init__(self, *, owner: str = "cynchrod", instance: str = "", stop_timeout: int = 10,
+                 base_url: str | None = None, registry: Registry | None = None,
+                 secret_value: Callable[[str, str], bytes] | None = None,
+                 apply_wait_s: float = APPLY_WAIT_S) -> None:
+        self.owner = owner
+        self.instance = instance
+        self.stop_timeout = stop_timeout
+        #: The manager (``DOCKER_HOST`` when not given); event and log streams open their own clients.
+        self.base_url = base_url or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+        self._client = docker.DockerClient(base_url=self.base_url, timeout=CALL_TIMEOUT_S + stop_timeout)
+        self.api = self._client.api
+        self.registry = registry
+        #: Reads a secret's value by (org, name): nothing is staged on a disk.
+        self.secret_value = secret_value
+        self.apply_wait_s = apply_wait_s
+        self.calls = 0
+        #: What the last listing saw (the event stream reports changes against it).
+        self.last_listing: dict[str, runtime.Unit] = {}
+        #: Some task was not running at the last listing: the event stream lists again soon.
+        self.unsettled = False
+        self._nodes: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._logged_in = False
+        #: Per service (id, version): whether its spec still is what we applied.
+        self._drift: dict[tuple[str, int], bool] = {}
+        #: Task id -> replica, for log lines.
+        self._slots: dict[str, int] = {}
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _call(self, call: Callable[[], Any], what: str) -> Any:
+        self.calls += 1
+        return converted(call, what)
+
+    # -- names and labels -------------------------------------------------
+
+    def service_name(self, org: str, app: str, service: str) -> str:
+        name = f"{self.owner}_{org}_{app}_{service}"
+        if len(name) <= 63:
+            return name
+        digest = hashlib.sha256(name.encode()).hexdigest()[:10]
+        return f"{name[:52]}_{digest}"
+
+    def network_name(self, org: str, app: str) -> str:
+        name = f"{self.owner}_{org}_{app}"
+        return name if len(name) <= 63 else f"{name[:52]}_{hashlib.sha256(name.encode()).hexdigest()[:10]}"
+
+    def _app_labels(self, org: str, app: str) -> dict[str, str]:
+        return {runtime.LABEL_OWNER: self.owner, runtime.LABEL_INSTANCE: self.instance,
+                runtime.LABEL_ORG: org, runtime.LABEL_APP: app}
+
+    def _app_filter(self, org: str, app: str) -> dict[str, list[str]]:
+        return {"label": runtime.app_labels(self.owner, org, app)}
+
+    # -- observing ----------------------------------------------------------
+
+    def forget_nodes(self) -> None:
+        with self._lock:
+            self._nodes = {}
+
+    def _node(self, node_id: str) -> str:
+        with self._lock:
+            known = self._nodes.get(node_id)
+        if known is not None or not node_id:
+            return known or ""
+        nodes = self._call(lambda: self.api.nodes(), "list nodes")
+        with self._lock:
+            self._nodes = {n["ID"]: (n.get("Description") or {}).get("Hostname", n["ID"][:12]) for n in nodes}
+            return self._nodes.get(node_id, node_id[:12])
+
+    def list_units(self) -> list[runtime.Unit]:
+        """Every unit of this owner and instance: one services list and one tasks list."""
+        owner = {"label": runtime.owner_labels(self.owner)}
+        services = self._call(lambda: self.api.services(filters=owner), "list services")
+        tasks = self._call(lambda: self.api.tasks(filters=owner), "list tasks")
+        units = self._units(services, tasks)
+        with self._lock:
+            self.last_listing = {u.instance: u for u in units}
+        return units
+
+    def _units(self, services: list[dict[str, Any]], tasks: list[dict[str, Any]]) -> list[runtime.Unit]:
+        mine = {s["ID"]: s for s in services
+                if runtime.mine(s["Spec"].get("Labels") or {}, owner=self.owner, instance=self.instance)}
+        by_slot: dict[tuple[str, int], dict[str, Any]] = {}
+        for task in tasks:
+            service_id = task.get("ServiceID", "")
+            if service_id not in mine or task.get("DesiredState") not in ("running", "ready"):
+                continue
+            key = (service_id, int(task.get("Slot") or 0))
+            held = by_slot.get(key)
+            if held is None or task["Version"]["Index"] > held["Version"]["Index"]:
+                by_slot[key] = task
+        units = []
+        unsettled = False
+        counts: dict[str, int] = {}
+        for (service_id, slot), task in by_slot.items():
+            svc = mine[service_id]
+            unit = self._unit(svc, task, slot)
+            units.append(unit)
+            counts[service_id] = counts.get(service_id, 0) + 1
+            unsettled = unsettled or unit.state != planning.RUNNING
+        for service_id, svc in mine.items():
+            want = ((svc["Spec"].get("Mode") or {}).get("Replicated") or {}).get("Replicas", 0)
+            unsettled = unsettled or counts.get(service_id, 0) != want
+        self.unsettled = unsettled
+        return units
+
+    def _unit(self, svc: dict[str, Any], task: dict[str, Any], slot: int) -> runtime.Unit:
+        labels = dict((task.get("Spec", {}).get("ContainerSpec") or {}).get("Labels") or {})
+        status = task.get("Status") or {}
+        state_name = status.get("State", "")
+        exit_code = None
+        if state_name in _RUNNING_STATES:
+            state = planning.RUNNING
+        elif state_name in _STARTING:
+            # A task the scheduler cannot place: acted on (and reported) like an interrupted create.
+            state = planning.CREATED if status.get("Err") and state_name == "pending" else planning.RESTARTING
+        else:
+            state = planning.EXITED
+            exit_code = (status.get("ContainerStatus") or {}).get("ExitCode")
+        if self._drifted(svc):
+            labels[runtime.LABEL_HASH] = "drift"  # changed by hand: recreated (the service put back)
+        ports = [p.get("PublishedPort") for p in (status.get("PortStatus") or {}).get("Ports") or []
+                 if p.get("PublishedPort")]
+        unit = runtime.unit_from_labels(labels, instance=task["ID"], state=state, exit_code=exit_code,
+                                        endpoint=ports[0] if ports else None, node=self._node(task.get("NodeID", "")))
+        return dataclasses.replace(unit, replica=max(slot - 1, 0))
+
+    def _drifted(self, svc: dict[str, Any]) -> bool:
+        """The service's spec is no longer the one we applied (computed once per service version)."""
+        key = (svc["ID"], int(svc["Version"]["Index"]))
+        with self._lock:
+            known = self._drift.get(key)
+        if known is None:
+            spec = svc["Spec"]
+            known = spec_digest(spec) != (spec.get("Labels") or {}).get(LABEL_APPLIED)
+            with self._lock:
+                if len(self._drift) > 100_000:
+                    self._drift.clear()
+                self._drift[key] = known
+        return known
+
+    def app_services(self, org: str, app: str) -> list[dict[str, Any]]:
+        services: list[dict[str, Any]] = self._call(
+            lambda: self.api.services(filters=self._app_filter(org, app)), "list services")
+        return [s for s in services
+                if runtime.mine(s["Spec"].get("Labels") or {}, owner=self.owner, instance=self.instance)]
+
+    def _service_units(self, svc: dict[str, Any]) -> tuple[list[runtime.Unit], list[dict[str, Any]]]:
+        """The current units of one service, and its current tasks (one tasks list)."""
+        tasks = self._call(lambda: self.api.tasks(filters={"service": svc["ID"]}), "list tasks")
+        current: dict[int, dict[str, Any]] = {}
+        for task in tasks:
+            if task.get("DesiredState") not in ("running", "ready"):
+                continue
+            slot = int(task.get("Slot") or 0)
+            if slot not in current or task["Version"]["Index"] > current[slot]["Version"]["Index"]:
+                current[slot] = task
+        return ([self._unit(svc, t, slot) for slot, t in sorted(current.items())],
+                [current[s] for s in sorted(current)])
+
+    def watch(self) -> _Events:
+        self.calls += 1
+        return _Events(self)
+
+    # -- acting -------------------------------------------------------------
+
+    def apply(self, action: planning.Action) -> list[runtime.Unit]:
+        """Carry out one action by converging its whole service (see the module doc)."""
+        unit = action.unit
+        service = action.service_spec
+        if action.kind == planning.REMOVE:
+            assert unit is not None
+            if action.spec is None or service is None:
+                self._remove_service(self.service_name(action.org, action.app, action.service))
+                return []
+            units = self._converge(action.spec, service)
+            return [u for u in units if u.instance != unit.instance]
+        assert action.spec is not None and service is not None
+        if action.kind == planning.START:
+            assert unit is not None
+            return self._converge(action.spec, service, restart=unit.instance)
+        return self._converge(action.spec, service)
+
+    def _find(self, name: str) -> dict[str, Any] | None:
+        try:
+            found: dict[str, Any] = self._call(lambda: self.api.inspect_service(name), f"inspect service {name}")
+        except UnitGone:
+            return None
+        if found["Spec"].get("Name") != name:
+            return None  # matched by an id prefix, not by name
+        labels = found["Spec"].get("Labels") or {}
+        if runtime.mine(labels, owner=self.owner, instance=self.instance):
+            return found
+        if labels.get(runtime.LABEL_OWNER) == self.owner:
+            raise PermanentError(f"a service named {name} belongs to another cynchrod instance with owner "
+                                 f"{self.owner!r}; it is left alone. Give each daemon its own --owner",
+                                 code="owner_conflict")
+        raise PermanentError(f"a service named {name} exists without cynchrod's labels; it is left alone",
+                             code="name_conflict")
+
+    def _converge(self, spec: specs.AppSpec, service: specs.ServiceSpec, *, restart: str = "") -> list[runtime.Unit]:
+        name = self.service_name(spec.org, spec.name, service.name)
+        replicas = 0 if spec.state == "stopped" else service.replicas
+        existing = self._find(name)
+        image = self._image(service)
+        body = self._body(spec, service, image, name)
+        digest = spec_digest(body)
+        body["Labels"][LABEL_APPLIED] = digest
+        mode = ServiceMode("replicated", replicas=replicas)
+        created = False
+        if existing is None:
+            self._call(lambda: self.api.create_service(
+                body["TaskTemplate"], name=name, labels=body["Labels"], mode=mode, update_config=body["UpdateConfig"],
+                endpoint_spec=body["EndpointSpec"]), f"create service {name}")
+            created = True
+        else:
+            current = existing["Spec"]
+            now_replicas = ((current.get("Mode") or {}).get("Replicated") or {}).get("Replicas")
+            in_sync = (spec_digest(current) == digest and (current.get("Labels") or {}).get(LABEL_APPLIED) == digest
+                       and now_replicas == replicas)
+            force = 0
+            if in_sync and restart and replicas:
+                # A start: force a new task only when the unit's task is still the slot's current one.
+                units, _ = self._service_units(existing)
+                if any(u.instance == restart and u.state != planning.RUNNING for u in units):
+                    force = int(current["TaskTemplate"].get("ForceUpdate") or 0) + 1
+            if not in_sync or force:
+                if force:
+                    body["TaskTemplate"]["ForceUpdate"] = force
+                self._update(name, existing, body, mode)
+        if replicas == 0:
+            return []
+        units = self._monitor(name, spec, service, replicas, created=created)
+        self._prune_secrets(spec, service, body)
+        return units
+
+    def _update(self, name: str, existing: dict[str, Any], body: dict[str, Any], mode: ServiceMode) -> None:
+        for attempt in range(4):
+            try:
+                self._call(lambda e=existing: self.api.update_service(  # type: ignore[misc]
+                    e["ID"], e["Version"]["Index"], task_template=body["TaskTemplate"], name=name,
+                    labels=body["Labels"], mode=mode, update_config=body["UpdateConfig"],
+                    endpoint_spec=body["EndpointSpec"]), f"update service {name}")
+                return
+            except RuntimeFailure as exc:
+                if "out of sequence" not in exc.message or attempt == 3:
+                    raise
+                found = self._find(name)
+                if found is None:
+                    raise UnitGone(f"service {name} was removed during its update") from exc
+                existing = found
+
+    def _body(self, spec: specs.AppSpec, service: specs.ServiceSpec, image: str, name: str) -> dict[str, Any]:
+        """The service spec we want, in the engine's own form (what the drift digest reads)."""
+        labels = runtime.unit_labels(self.owner, self.instance, spec, service, 0)
+        labels.pop(runtime.LABEL_REPLICA)
+        networks = []
+        if spec.multi:
+            networks.append(NetworkAttachmentConfig(self._ensure_network(spec), aliases=[service.name]))
+        health = None
+        if service.healthcheck is not None:
+            h = service.healthcheck
+            health = Healthcheck(test=list(h.test), interval=int(h.interval * _NS), timeout=int(h.timeout * _NS),
+                                 retries=h.retries, start_period=int(h.start_period * _NS))
+        mounts = [Mount(v.path, self._volume_name(spec, v.name), type="volume", read_only=v.read_only,
+                        labels=self._app_labels(spec.org, spec.name)) for v in service.volumes]
+        container = ContainerSpec(
+            image, command=list(service.command) if service.command else None,
+            env=[f"{k}={v}" for k, v in service.env], labels=labels, mounts=mounts or None,
+            stop_grace_period=self.stop_timeout * _NS, secrets=self._ensure_secrets(spec, service) or None,
+            healthcheck=health, init=True)
+        cpu, memory = int(service.cpu * _NS), service.memory * 1024 * 1024
+        template = TaskTemplate(
+            container, resources=Resources(cpu_limit=cpu, mem_limit=memory, cpu_reservation=cpu,
+                                           mem_reservation=memory),
+            restart_policy=RestartPolicy("any", delay=5 * _NS), networks=networks or None,
+            log_driver=DriverConfig(LOG_CONFIG["type"], LOG_CONFIG["config"]))
+        ports: list[dict[str, Any]] = []
+        if service.port:
+            port: dict[str, Any] = {"Protocol": "tcp", "TargetPort": service.port, "PublishMode": "host"}
+            if service.host_port:
+                port["PublishedPort"] = service.host_port
+            ports.append(port)
+        update = UpdateConfig(parallelism=1, failure_action="rollback", monitor=UPDATE_MONITOR_S * _NS,
+                              order="stop-first" if service.host_port else "start-first")
+        body = {"Name": name, "Labels": dict(labels), "TaskTemplate": template, "UpdateConfig": update,
+                "EndpointSpec": EndpointSpec(mode="dnsrr", ports=ports or None)}
+        # Round-tripped through JSON: the docker.types values are dicts, compared as the engine returns them.
+        plain: dict[str, Any] = json.loads(json.dumps(body))
+        return plain
+
+    def _volume_name(self, spec: specs.AppSpec, volume: str) -> str:
+        return f"{self.owner}_{spec.org}_{spec.name}_{volume}"
+
+    def _ensure_network(self, spec: specs.AppSpec) -> str:
+        """The app's attachable overlay network (made with our labels when missing); its id."""
+        name = self.network_name(spec.org, spec.name)
+        found = self._call(lambda: self.api.networks(names=[name]), f"list network {name}")
+        for net in found:
+            if net.get("Name") == name:
+                if (net.get("Labels") or {}).get(runtime.LABEL_OWNER) != self.owner:
+                    raise PermanentError(f"network {name} exists without cynchrod's labels", code="name_conflict")
+                return str(net["Id"])
+        made = self._call(lambda: self.api.create_network(
+            name, driver="overlay", attachable=True, check_duplicate=True,
+            labels=self._app_labels(spec.org, spec.name)), f"create network {name}")
+        return str(made["Id"])
+
+    # -- secrets --------------------------------------------------------------
+
+    def _secret_name(self, spec: specs.AppSpec, service: specs.ServiceSpec, secret: str) -> str:
+        # The service's secret digest is keyed (HMAC): the name says nothing about a value.
+        digest = hashlib.sha256(f"{spec.org}/{spec.name}/{service.secret_digest}/{secret}".encode()).hexdigest()
+        return f"{self.owner}_{secret}_{digest[:16]}"[:64]
+
+    def _ensure_secrets(self, spec: specs.AppSpec, service: specs.ServiceSpec) -> list[SecretReference]:
+        if not service.secrets:
+            return []
+        if self.secret_value is None:
+            raise PermanentError("this runtime has no secret store", code="secret_missing")
+        have = {s["Spec"]["Name"]: s["ID"] for s in self._call(
+            lambda: self.api.secrets(filters=self._app_filter(spec.org, spec.name)), "list secrets")}
+        refs = []
+        for secret in service.secrets:
+            name = self._secret_name(spec, service, secret)
+            secret_id = have.get(name)
+            if secret_id is None:
+                value = self.secret_value(spec.org, secret)
+                labels = {**self._app_labels(spec.org, spec.name), runtime.LABEL_SERVICE: service.name,
+                          LABEL_SECRET: secret}
+                try:
+                    made = self._call(lambda n=name, v=value, lb=labels: self.api.create_secret(  # type: ignore[misc]
+                        n, v, labels=lb), "create secret")
+                    secret_id = made["ID"]
+                except _Conflict:
+                    found = self._call(lambda n=name: self.api.secrets(filters={"name": n}),  # type: ignore[misc]
+                                       "list secrets")
+                    secret_id = next(s["ID"] for s in found if s["Spec"]["Name"] == name)
+            refs.append(SecretReference(secret_id, name, filename=secret))
+        return refs
+
+    def _prune_secrets(self, spec: specs.AppSpec, service: specs.ServiceSpec, body: dict[str, Any]) -> None:
+        """Old versions of this service's secrets, once no task uses them (in use: left for later)."""
+        used = {s["SecretName"] for s in body["TaskTemplate"]["ContainerSpec"].get("Secrets") or []}
+        filters = {"label": [*runtime.app_labels(self.owner, spec.org, spec.name),
+                             f"{runtime.LABEL_SERVICE}={service.name}"]}
+        try:
+            for secret in self._call(lambda: self.api.secrets(filters=filters), "list secrets"):
+                if secret["Spec"]["Name"] not in used:
+                    with contextlib.suppress(RuntimeFailure):
+                        self._call(lambda s=secret: self.api.remove_secret(s["ID"]), "remove secret")  # type: ignore[misc]
+        except RuntimeFailure as exc:
+            log.debug("secrets of %s/%s not pruned: %s", spec.org, spec.name, exc)
+
+    # -- images ---------------------------------------------------------------
+
+    def _login(self) -> None:
+        if self._logged_in or self.registry is None or self.registry.auth_config is None:
+            return
+        reg = self.registry
+        self._call(lambda: self._client.login(reg.username, reg.password, registry=reg.host), "registry login")
+        self._logged_in = True
+
+    def _registry_ref(self, image: str) -> str:
+        assert self.registry is not None
+        return f"{self.registry.host}/{image}"
+
+    def _image(self, service: specs.ServiceSpec) -> str:
+        """The reference the service runs: by digest when it names a registry (so every node
+        runs the same image); missing or unreachable images are errors before anything changes."""
+        image = service.image
+        if service.build is not None and self.registry is not None:
+            repo, tag = split_reference(image)
+            digest = self.registry.digest(repo, tag)
+            if digest is None:
+                raise PermanentError(f"image {image} is not in the registry {self.registry.host}",
+                                     code="image_not_found")
+            return f"{self._registry_ref(image)}@{digest}"
+        if "@" in image:
+            return image
+        if not has_registry(image):
+            try:
+                self._call(lambda: self.api.inspect_image(image), f"inspect image {image}")
+            except UnitGone:
+                raise PermanentError(f"image {image} names no registry and is not on the manager; push it to a "
+                                     "registry every node can reach", code="image_not_found") from None
+            return image
+        self._login()
+        try:
+            found = self._call(lambda: self.api.inspect_distribution(image), f"inspect distribution {image}")
+        except RuntimeFailure as exc:
+            code = image_error(exc.message) or "image_pull_failed"
+            if isinstance(exc, UnitGone):
+                code = "image_not_found"
+            raise PermanentError(f"image {image}: {exc.message}", code=code) from exc
+        return f"{image}@{found['Descriptor']['digest']}"
+
+    def image_exists(self, image: str) -> bool:
+        if self.registry is None:
+            try:
+                self._call(lambda: self.api.inspect_image(image), f"inspect image {image}")
+                return True
+            except UnitGone:
+                return False
+        repo, tag = split_reference(image)
+        self.calls += 1
+        return self.registry.digest(repo, tag) is not None
+
+    def build_image(self, context: pathlib.Path, *, dockerfile: str, tag: str, args: dict[str, str],
+                    org: str, app: str, log: Callable[[str], None]) -> None:
+        """Built on the manager, then pushed to the registry (when one is set)."""
+        ref = self._registry_ref(tag) if self.registry is not None else tag
+        labels = self._app_labels(org, app)
+        try:
+            for chunk in self.api.build(path=str(context), dockerfile=dockerfile, tag=ref, buildargs=args or None,
+                                        labels=labels, rm=True, forcerm=True, decode=True):
+                if "stream" in chunk:
+                    for line in str(chunk["stream"]).splitlines():
+                        if line.strip():
+                            log(line)
+                if "error" in chunk:
+                    log(str(chunk["error"]).rstrip())
+                    raise PermanentError(str(chunk["error"]).strip(), code="build_failed")
+            if self.registry is None:
+                return
+            self._login()
+            repo, version = split_reference(ref)
+            log(f"# push {ref}")
+            for chunk in self.api.push(repo, tag=version, stream=True, decode=True,
+                                       auth_config=self.registry.auth_config):
+                if "error" in chunk:
+                    log(str(chunk["error"]).rstrip())
+                    raise PermanentError(f"push to {self.registry.host} failed: {chunk['error']}",
+                                         code="image_push_failed")
+                digest = (chunk.get("aux") or {}).get("Digest")
+                if digest:
+                    log(f"# pushed {ref}@{digest}")
+        except (docker.errors.APIError, docker.errors.BuildError) as exc:
+            log(str(exc))
+            raise PermanentError(str(exc), code="build_failed") from exc
+        except (requests.RequestException, docker.errors.DockerException, OSError) as exc:
+            raise EngineUnavailable(f"build: docker unreachable ({type(exc).__name__})") from exc
+
+    def _app_images(self, org: str, app: str) -> list[dict[str, Any]]:
+        filters = {"label": runtime.app_labels(self.owner, org, app)}
+        images: list[dict[str, Any]] = self._call(lambda: self.api.images(filters=filters), "list images")
+        return images
+
+    def _drop_image(self, image: dict[str, Any]) -> bool:
+        """One built image: from the registry (its manifest), then from the manager; False
+        while a container on the manager still uses it (removed on a later try)."""
+        if self.registry is not None:
+            for ref in image.get("RepoTags") or []:
+                if ref.startswith(self.registry.host + "/"):
+                    repo, tag = split_reference(ref[len(self.registry.host) + 1:])
+                    self.calls += 1
+                    self.registry.delete(repo, tag)
+        try:
+            self._call(lambda: self.api.remove_image(image["Id"], force=True), "remove image")
+        except UnitGone:
+            pass
+        except RuntimeFailure:
+            return False
+        return True
+
+    def prune_images(self, org: str, app: str, *, keep: int) -> list[str]:
+        """This app's built images but the newest ``keep``, in the registry and on the manager."""
+        images = sorted(self._app_images(org, app), key=lambda i: i.get("Created", 0), reverse=True)
+        removed = []
+        for image in images[keep:]:
+            self._drop_image(image)
+            removed.append(str(image["Id"]))
+        return removed
+
+    # -- removing ---------------------------------------------------------------
+
+    def _remove_service(self, name: str) -> None:
+        found = self._find(name)
+        if found is None:
+            return
+        with contextlib.suppress(UnitGone):
+            self._call(lambda: self.api.remove_service(found["ID"]), f"remove service {name}")
+
+    def remove_app(self, org: str, app: str) -> None:
+        """Everything of a deleted app: its services (stopped ones have no units), network,
+        secrets, and its images in the registry. Named volumes stay (they hold data)."""
+        for svc in self.app_services(org, app):
+            with contextlib.suppress(UnitGone):
+                self._call(lambda s=svc: self.api.remove_service(s["ID"]), "remove service")  # type: ignore[misc]
+        # Secrets, the network and the manager's copies of images are released once the tasks
+        # are gone (a few seconds); the registry's copies go at once.
+        deadline = time.monotonic() + 20
+        while True:
+            busy = self._remove_released(org, app)
+            if not busy:
+                return
+            if time.monotonic() > deadline:
+                raise TemporaryError(f"{', '.join(busy)} of {org}/{app} still in use; removed on the next pass",
+                                     code="in_use")
+            time.sleep(0.5)
+
+    def _remove_released(self, org: str, app: str) -> list[str]:
+        busy = [f"image {i['Id'][7:19]}" for i in self._app_images(org, app) if not self._drop_image(i)]
+        for secret in self._call(lambda: self.api.secrets(filters=self._app_filter(org, app)), "list secrets"):
+            try:
+                self._call(lambda s=secret: self.api.remove_secret(s["ID"]), "remove secret")  # type: ignore[misc]
+            except UnitGone:
+                pass
+            except RuntimeFailure:
+                busy.append(f"secret {secret['Spec']['Name']}")
+        name = self.network_name(org, app)
+        for net in self._call(lambda: self.api.networks(names=[name]), "list networks"):
+            if net.get("Name") != name:
+                continue
+            try:
+                self._call(lambda n=net: self.api.remove_network(n["Id"]), f"remove network {name}")  # type: ignore[misc]
+            except UnitGone:
+                pass
+            except RuntimeFailure:
+                busy.append(f"network {name}")
+        return busy
+
+    def exit_details(self, unit: runtime.Unit) -> tuple[int | None, bool]:
+        """What the task said: its exit code (a worker's containers are not inspected from here)."""
+        return unit.exit_code, unit.state == planning.OOM_KILLED
+
+    # -- watching one apply --------------------------------------------------------
+
+    def _monitor(self, name: str, spec: specs.AppSpec, service: specs.ServiceSpec, replicas: int, *,
+                 created: bool) -> list[runtime.Unit]:
+        """Until every replica runs the wanted spec; errors for what the swarm would retry forever."""
+        want = spec.service_hash(service)
+        deadline = time.monotonic() + self.apply_wait_s
+        where = f"service {service.name} of {spec.org}/{spec.name}"
+        polls = 0
+        while True:
+            svc = self._find(name)
+            if svc is None:
+                raise UnitGone(f"{where} was removed while it was being applied")
+            units, tasks = self._service_units(svc)
+            update = (svc.get("UpdateStatus") or {})
+            if update.get("State") in ("rollback_started", "rollback_completed", "rollback_paused", "paused"):
+                why = update.get("Message") or "update failed"
+                raise PermanentError(f"{where}: {why}; the previous version was put back", code="update_failed")
+            for task, unit in zip(tasks, units, strict=True):
+                err = str((task.get("Status") or {}).get("Err") or "")
+                if unit.spec_hash != want or not err:
+                    continue
+                if unit.state == planning.CREATED:
+                    raise TemporaryError(f"{where}: {err}", code="unschedulable")
+                code = image_error(err)
+                if code is not None and unit.state == planning.EXITED:
+                    self._undo(name, svc, created)
+                    node = f" on node {unit.node}" if unit.node else ""
+                    raise PermanentError(f"{where}{node}: {err}", code=code)
+            fresh = [u for u in units if u.spec_hash == want and u.state == planning.RUNNING]
+            if len(fresh) >= replicas and len(units) == replicas:
+                return units
+            if time.monotonic() > deadline:
+                log.info("%s: not all %d replicas run after %.0fs; left to the swarm", where, replicas,
+                         self.apply_wait_s)
+                return units
+            polls += 1
+            time.sleep(0.1 if polls < 10 else 0.3)
+
+    def _undo(self, name: str, svc: dict[str, Any], created: bool) -> None:
+        """A service whose image cannot run: a new one is removed, an update rolled back."""
+        previous = svc.get("PreviousSpec")
+        if created or not previous:
+            with contextlib.suppress(UnitGone):
+                self._call(lambda: self.api.remove_service(svc["ID"]), f"remove service {name}")
+            return
+        with contextlib.suppress(RuntimeFailure):
+            self._call(lambda: self.api.update_service(
+                svc["ID"], svc["Version"]["Index"], task_template=previous["TaskTemplate"], name=name,
+                labels=previous.get("Labels"), mode=previous.get("Mode"), update_config=previous.get("UpdateConfig"),
+                endpoint_spec=previous.get("EndpointSpec")), f"roll back {name}")
+
+    # -- logs ---------------------------------------------------------------
+
+    def log_line(self, service: str, raw: str) -> runtime.LogLine:
+        """``<timestamp> <details> <text>`` from ``service_logs(details=True)``: the node and task named."""
+        stamp, _, rest = raw.partition(" ")
+        details, _, text = rest.partition(" ")
+        attrs = dict(kv.split("=", 1) for kv in details.split(",") if "=" in kv)
+        if "com.docker.swarm.task.id" not in attrs:
+            text = rest  # no details part
+        node = self._node(attrs.get("com.docker.swarm.node.id", ""))
+        replica = self._replica(attrs.get("com.docker.swarm.service.id", ""), attrs.get("com.docker.swarm.task.id", ""))
+        return runtime.LogLine(service, stamp, text, replica, node)
+
+    def _replica(self, service_id: str, task_id: str) -> int:
+        """A task's replica (slot - 1), from one tasks list of its service when not known yet."""
+        with self._lock:
+            known = self._slots.get(task_id)
+        if known is not None or not service_id or not task_id:
+            return known or 0
+        try:
+            tasks = self._call(lambda: self.api.tasks(filters={"service": service_id}), "list tasks")
+        except RuntimeFailure:
+            return 0
+        with self._lock:
+            if len(self._slots) > 100_000:
+                self._slots.clear()
+            self._slots.update({t["ID"]: max(int(t.get("Slot") or 0) - 1, 0) for t in tasks})
+            self._slots.setdefault(task_id, 0)
+            return self._slots[task_id]
+
+    def tail(self, org: str, app: str, n: int) -> list[runtime.LogLine]:
+        """The last ``n`` lines of every service of the app, across nodes, oldest first."""
+        lines: list[runtime.LogLine] = []
+        for svc in self.app_services(org, app):
+            name = (svc["Spec"].get("Labels") or {}).get(runtime.LABEL_SERVICE, specs.MAIN_SERVICE)
+            try:
+                chunks = self._call(lambda s=svc: list(self.api.service_logs(  # type: ignore[misc]
+                    s["ID"], stdout=True, stderr=True, timestamps=True, details=True, tail=n, is_tty=False)),
+                    "service logs")
+            except UnitGone:
+                continue
+            for chunk in chunks:
+                lines.extend(self.log_line(name, raw) for raw in chunk.decode("utf-8", "replace").splitlines())
+        lines.sort(key=lambda line: line.timestamp)
+        return lines[-n:]
+
+    def follow(self, org: str, app: str, *, since: float, ended: threading.Event | None = None) -> _ServiceLogs:
+        return _ServiceLogs(self, org, app, since, ended)
