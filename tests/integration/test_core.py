@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from typing import Any
 
 import docker
 import pytest
@@ -277,3 +278,19 @@ def test_missing_image_on_update_keeps_the_running_version(repo, harness: Harnes
     assert result.apps[0].error is not None and result.apps[0].error.startswith("image_not_found: ")
     row = harness.containers()["a"]
     assert (row["Id"], row["State"]) == (before, "running")
+
+
+def test_every_deployment_is_queued_until_a_worker_takes_it(repo, harness: Harness, monkeypatch) -> None:
+    repo.push({"apps/a.yaml": manifest("a")})
+    seen: list[tuple[list[str], str]] = []
+    take = harness.db.start_deployment
+
+    def spy(app_id: str, **kw: Any) -> int:
+        seen.append(([d.status for d in harness.db.deployments(app_id)], harness.db.app(app_id).status))  # type: ignore[union-attr]
+        return take(app_id, **kw)
+
+    monkeypatch.setattr(harness.db, "start_deployment", spy)
+    assert harness.sync().ok
+    assert seen == [(["queued"], "queued")]  # what the API showed before the worker took it
+    [done] = harness.db.deployments(harness.app("a").id)
+    assert (done.status, done.trigger) == ("running", "poll")
