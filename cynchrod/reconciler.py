@@ -420,7 +420,7 @@ class Reconciler:
                        else self._apply(d, result, built.get(d.key), live.get(d.key)))
             done += 1
             if self.progress is not None:
-                self.progress(done, len(acting), f"{d.key[0]}/{d.key[1]}: {outcome.status}")
+                self.progress(done, len(acting), "; ".join(outcome.actions) or f"{d.key[0]}/{d.key[1]}")
             return outcome
 
         built: dict[tuple[str, str], int | None] = {}
