@@ -10,14 +10,10 @@ import pathlib
 import re
 from typing import Any
 
-import jsonschema
-from ruamel.yaml import YAML
-from ruamel.yaml.error import YAMLError
-
-from cynchrod import manifests
+from cynchrod import validation, yamlio
 from cynchrod.errors import PermanentError
 
-_VALIDATOR = jsonschema.Draft202012Validator(manifests.load_schema("config.schema.json"))
+_SCHEMA = validation.Schema("config.schema.json")
 _OWNER_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")
 ORG_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 #: config-file key -> Settings field
@@ -33,13 +29,15 @@ class ConfigError(PermanentError):
 
 def load_file(path: pathlib.Path) -> dict[str, Any]:
     try:
-        data = YAML(typ="safe").load(path.read_text()) or {}
-    except (OSError, YAMLError) as exc:
+        data = yamlio.load(path.read_bytes()) or {}
+    except OSError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
-    errors = sorted(_VALIDATOR.iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
-    if errors:
-        where = ".".join(map(str, errors[0].absolute_path)) or "config"
-        raise ConfigError(f"{path}: {where}: {errors[0].message}")
+    except yamlio.YamlError as exc:
+        raise ConfigError(f"{path}:{exc.line}: {exc.code}: {exc.message}") from exc
+    problems = _SCHEMA.problems(data)
+    if problems:
+        where = ".".join(map(str, problems[0].path)) or "config"
+        raise ConfigError(f"{path}: {where}: {problems[0].message}")
     values = {_FILE_KEYS[k]: v for k, v in data.items() if k in _FILE_KEYS}
     if "defaults" in data:
         values["default_max_apps"] = data["defaults"].get("max_apps", DEFAULT_MAX_APPS)
