@@ -85,6 +85,8 @@ class Source:
         self._healed_at = -HEAL_INTERVAL_S
         #: How many times a corrupted mirror was replaced by a fresh clone.
         self.heals = 0
+        #: Blobs a fresh clone did not have either: the remote lacks them, cloning again cannot help.
+        self._absent: set[str] = set()
 
     @property
     def apps_prefix(self) -> str:
@@ -328,11 +330,12 @@ class Source:
                 return bytes(self._open()[oid].read_raw())
             except (KeyError, ValueError, pygit2.GitError) as exc:
                 first = exc
-            if self._heal(f"object {oid[:12]} unreadable: {first}"):
+            if oid not in self._absent and self._heal(f"object {oid[:12]} unreadable: {first}"):
                 try:
                     return bytes(self._open()[oid].read_raw())
                 except (KeyError, ValueError, pygit2.GitError) as exc:
                     first = exc
+                    self._absent.add(oid)  # not in a fresh clone either: the remote lacks it
             raise SourceError(f"object {oid[:12]} cannot be read from {self._safe_url}: {first}")
 
     def export(self, commit: str, dest: pathlib.Path) -> None:
