@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 
 import pygit2
 
-from cynchrod.errors import ManifestError, SourceError
+from cynchrod.errors import ManifestError, PermanentError, SourceError
 from cynchrod.manifests import MAX_MANIFEST_BYTES, is_manifest_path
 
 log = logging.getLogger(__name__)
@@ -397,13 +397,15 @@ class Source:
         new = edit(old)
         if new == old:
             return None
-        index = pygit2.Index()
-        index.read_tree(commit.tree)
-        if new is None:
-            index.remove(path)
-        else:
-            index.add(pygit2.IndexEntry(path, repo.create_blob(new), pygit2.enums.FileMode.BLOB))
-        tree = index.write_tree(repo)
+        # The new tree is built from the old one along the path only (no index): an index refuses
+        # a whole tree when any entry has a path it cannot hold (``apps/.git/x.yaml``, pushed as raw
+        # objects), which would make every edit of every app fail.
+        try:
+            blob = None if new is None else repo.create_blob(new)
+            tree = _replace_path(repo, commit.tree, path.split("/"), blob) or repo.TreeBuilder().write()
+        except (pygit2.GitError, ValueError) as exc:
+            raise PermanentError(f"Git cannot write {path!r} ({exc}); rename the file in the repository",
+                                 code="path_unwritable") from exc
         if tree == commit.tree.id:
             return None
         author = pygit2.Signature(AUTHOR_NAME, AUTHOR_EMAIL)
@@ -424,6 +426,38 @@ class Source:
             if _moved_on(callbacks.rejection):
                 raise _Rejected(callbacks.rejection)
             raise SourceError(f"push to {self._safe_url} rejected: {callbacks.rejection}", code="push_failed")
+
+
+def _replace_path(repo: pygit2.Repository, tree: pygit2.Tree | None, parts: list[str],
+                  blob: pygit2.Oid | None) -> pygit2.Oid | None:
+    """``tree`` with the file at ``parts`` set to ``blob`` (None removes it); None when the tree ends up empty."""
+    builder = repo.TreeBuilder(tree) if tree is not None else repo.TreeBuilder()
+    name, rest = parts[0], parts[1:]
+    if not name:
+        raise ValueError("empty path component")
+    if not rest:
+        if blob is None:
+            if builder.get(name) is not None:
+                builder.remove(name)
+        else:
+            builder.insert(name, blob, pygit2.enums.FileMode.BLOB)
+    else:
+        sub = None
+        if tree is not None and name in tree:
+            found = repo[tree[name].id]
+            if not isinstance(found, pygit2.Tree):
+                raise ValueError(f"{name} is a file, not a directory")
+            sub = found
+        child = _replace_path(repo, sub, rest, blob)
+        if child is None:
+            if builder.get(name) is not None:
+                builder.remove(name)
+        else:
+            builder.insert(name, child, pygit2.enums.FileMode.TREE)
+    if len(builder) == 0:
+        return None
+    oid: pygit2.Oid = builder.write()
+    return oid
 
 
 def _moved_on(message: str) -> bool:

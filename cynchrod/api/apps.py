@@ -7,11 +7,9 @@ import threading
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
-from ruamel.yaml import YAML
-from ruamel.yaml.error import YAMLError
 
 from cynchrod import control, store
-from cynchrod.api import ApiError
+from cynchrod.api import ApiError, is_ascii_number, parse_body, read_body
 from cynchrod.api.auth import bearer, daemon, visible_app
 
 bp = Blueprint("apps", __name__)
@@ -92,7 +90,7 @@ def deployment_log(app_id: str, deployment_id: int) -> Response:
     if found is None or found.app_id != app.id:
         raise ApiError("not_found", f"no deployment {deployment_id} of app {app_id}")
     raw = request.args.get("tail", "500")
-    if not raw.isdigit() or not 1 <= int(raw) <= 5000:
+    if not is_ascii_number(raw) or not 1 <= int(raw) <= 5000:
         raise ApiError("invalid_tail", "tail must be an integer from 1 to 5000")
     builder = daemon().reconciler.builds
     path = builder.log_path(deployment_id) if builder is not None else None
@@ -139,9 +137,10 @@ def delete(app_id: str) -> tuple[Response, int]:
 def rollback(app_id: str) -> tuple[Response, int]:
     token = bearer()
     app = visible_app(token, app_id)
-    body = request.get_json(silent=True) if request.content_length else None
+    raw = read_body()
+    body = parse_body(raw, request.mimetype or "") if raw.strip() else None
     target = body.get("deployment_id") if isinstance(body, dict) else None
-    if target is not None and not isinstance(target, int):
+    if target is not None and (not isinstance(target, int) or isinstance(target, bool)):
         raise ApiError("invalid_body", "deployment_id must be an integer")
     return _accepted(daemon().control.rollback(app, actor=token.name, deployment_id=target))
 
@@ -149,16 +148,7 @@ def rollback(app_id: str) -> tuple[Response, int]:
 @bp.post("/apps")
 def create() -> tuple[Response, int]:
     token = bearer()
-    raw = request.get_data(cache=False)
-    kind = (request.mimetype or "").lower()
-    try:
-        if kind in ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml"):
-            data = YAML(typ="safe").load(raw.decode("utf-8"))
-        else:
-            data = json.loads(raw or b"null")
-    except (ValueError, YAMLError) as exc:
-        raise ApiError("invalid_body", f"the body is not valid {'YAML' if 'yaml' in kind else 'JSON'}: "
-                       f"{str(exc).splitlines()[0]}") from exc
+    data = parse_body(read_body(), request.mimetype or "")
     accepted = daemon().control.create(data, token=token)
     hook = webhook_json(accepted.app)
     if hook is not None:
