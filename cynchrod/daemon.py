@@ -87,27 +87,37 @@ class Daemon:
     # -- watching: local working directories and the config file ----------------
 
     def _watched(self) -> list[pathlib.Path]:
+        """What is watched: the apps directories of local working trees (recursively) and the
+        config file (through its folder, not recursively, filtered to that one name: an editor's
+        save replaces the file, which a watch on the file itself would lose)."""
         dirs = [s.apps_dir for s in self.reconciler.sources if isinstance(s, source.WorkTreeSource)]
         if self.settings.config_path:
-            dirs.append(pathlib.Path(self.settings.config_path).resolve().parent)
-        return [d for d in dirs if d.is_dir()]
+            dirs.append(pathlib.Path(self.settings.config_path).resolve())
+        return [d for d in dirs if d.is_dir() or d.is_file()]
 
     def _watch(self) -> None:
         """watchfiles, debounced: a saved manifest wakes a pass; a saved config is reloaded."""
-        config_file = (str(pathlib.Path(self.settings.config_path).resolve())
-                       if self.settings.config_path else None)
-        apps = [str(s.apps_dir) for s in self.reconciler.sources if isinstance(s, source.WorkTreeSource)]
-        try:
-            for changes in watchfiles.watch(*self._watched(), debounce=200, step=50, stop_event=self.stop_event,
-                                            raise_interrupt=False):
-                changed = {path for _, path in changes}
-                if config_file is not None and config_file in changed:
-                    self.reload_config()
-                if any(p.startswith(tuple(apps)) for p in changed):
-                    self.reconciler.wakeup.request("watch")
-        except Exception:
-            log.exception("the file watcher stopped; changes are picked up by the %ss poll",
-                          self.settings.interval)
+        watched = self._watched()
+        config = next((p for p in watched if p.is_file()), None)
+        apps = [p for p in watched if p.is_dir()]
+
+        def loop(paths: list[pathlib.Path], recursive: bool, only: str | None, act: Callable[[], None]) -> None:
+            def wanted(change: watchfiles.Change, path: str) -> bool:
+                return path == only if only is not None else watchfiles.DefaultFilter()(change, path)
+
+            try:
+                for _ in watchfiles.watch(*paths, debounce=200, step=50, stop_event=self.stop_event,
+                                          raise_interrupt=False, recursive=recursive, watch_filter=wanted):
+                    act()
+            except Exception:
+                log.exception("the file watcher stopped; changes are picked up by the %ss poll",
+                              self.settings.interval)
+
+        if config is not None:
+            threading.Thread(target=loop, name="watch-config", daemon=True,
+                             args=([config.parent], False, str(config), self.reload_config)).start()
+        if apps:
+            loop(apps, True, None, lambda: self.reconciler.wakeup.request("watch"))
 
     def reload_config(self) -> bool:
         """Apply a changed config file when it is valid; keep the old one (and say why) when not."""
