@@ -19,8 +19,9 @@ import logging
 import pathlib
 import tempfile
 import threading
+from collections.abc import Callable
 
-from cynchrod import runtime, source, specs
+from cynchrod import config, runtime, source, specs
 from cynchrod.errors import PermanentError, SourceError
 
 log = logging.getLogger(__name__)
@@ -29,8 +30,23 @@ LOG_TAIL_LINES = 30
 MAX_LOG_BYTES = 4 * 1024 * 1024
 
 
+def deny_local(org: str, url: str) -> bool:
+    """The default policy: remote repositories only (no ``builds.localRepos``)."""
+    return config.repo_allowed(url, ())
+
+
+def refusal(url: str) -> str:
+    return (f"build.repo {url!r} is a repository on this machine, and the config's builds.localRepos "
+            "does not allow it for this org")
+
+
 class Builds:
-    def __init__(self, *, state_dir: pathlib.Path, rt: runtime.DockerRuntime) -> None:
+    def __init__(self, *, state_dir: pathlib.Path, rt: runtime.DockerRuntime,
+                 allow: Callable[[str, str], bool] = deny_local) -> None:
+        #: ``allow(org, url)``: whether an app of ``org`` may build from ``url`` (the config's
+        #: ``builds.localRepos``): a local path or file:// URL anywhere else is ``policy_violation``,
+        #: so no token or committer can build from another repository on this machine.
+        self.allow = allow
         self.root = state_dir / "builds"
         self.logs = self.root / "logs"
         self.runtime = rt
@@ -60,6 +76,8 @@ class Builds:
             if service.build is None:
                 services.append(service)
                 continue
+            if not self.allow(spec.org, service.build.repo):
+                raise PermanentError(refusal(service.build.repo), code="policy_violation")
             key = (service.build.repo, service.build.ref)
             if key not in fetched:
                 src = self._source(service.build)

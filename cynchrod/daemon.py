@@ -60,8 +60,9 @@ class Daemon:
         stats = metrics.Metrics(db)
         rec = reconciler.Reconciler(src=srcs, rt=rt, db=db, concurrency=cfg.concurrency, stats=stats,
                                     secrets=vault, max_apps=cfg.max_apps,
-                                    builds=builds.Builds(state_dir=cfg.state, rt=rt))
-        ctl = control.Control(src=srcs, db=db, wake=rec.wakeup.request, max_apps=cfg.max_apps)
+                                    builds=builds.Builds(state_dir=cfg.state, rt=rt, allow=cfg.build_repo_allowed))
+        ctl = control.Control(src=srcs, db=db, wake=rec.wakeup.request, max_apps=cfg.max_apps,
+                              build_allowed=cfg.build_repo_allowed)
         from cynchrod.api.auth import Tickets  # flask stays out of the CLI's import path
 
         return cls(settings=cfg, store=db, source=srcs[0], runtime=rt, reconciler=rec, control=ctl, metrics=stats,

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 import docker
 import pytest
 
-from cynchrod import builds, reconciler, runtime, source, store
+from cynchrod import builds, config, reconciler, runtime, source, store
 from cynchrod import secrets as vault
 from tests.helpers import TEST_IMAGE, TEST_IMAGE_2, TEST_LABEL, Daemon, GitRepo
 
@@ -87,7 +87,9 @@ class Harness:
         self.rt = runtime.DockerRuntime(owner=owner, stop_timeout=1, secrets_dir=self.secrets.staging)
         self.src = source.Source(repo_url, state_dir=state)
         self.max_apps: dict[str, int] = {}
-        self.builds = builds.Builds(state_dir=state, rt=self.rt)
+        # Builds from local repositories under the test's folder (the config's builds.localRepos).
+        self.builds = builds.Builds(state_dir=state, rt=self.rt,
+                                    allow=lambda org, url: config.repo_allowed(url, (str(state.parent),)))
         self.rec = reconciler.Reconciler(src=self.src, rt=self.rt, db=self.db, secrets=self.secrets,
                                          max_apps=lambda org: self.max_apps.get(org, 10), builds=self.builds)
 
