@@ -55,6 +55,7 @@ class Daemon:
         srcs = [source.open_source(c.repo, branch=c.branch, path=c.path, state_dir=cfg.state, org=c.org)
                 for c in cfg.sources]
         vault = secrets.Secrets(db, state_dir=cfg.state)
+        vault.restage_all()  # on a tmpfs: empty after a reboot
         rt = runtime.DockerRuntime(owner=cfg.owner, publish_address=cfg.publish_address,
                                    stop_timeout=cfg.stop_timeout, secrets_dir=vault.staging.resolve())
         stats = metrics.Metrics(db)

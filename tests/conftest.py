@@ -106,6 +106,7 @@ class Harness:
     def close(self) -> None:
         self.rt.close()
         self.db.close()
+        shutil.rmtree(self.secrets.staging, ignore_errors=True)  # on /dev/shm or /run: not under tmp_path
 
 
 @pytest.fixture
