@@ -403,6 +403,14 @@ class Source:
         try:
             blob = None if new is None else repo.create_blob(new)
             tree = _replace_path(repo, commit.tree, path.split("/"), blob) or repo.TreeBuilder().write()
+            if new is None and path.startswith(self.apps_prefix + "/"):
+                # Deleting the last app must not remove apps/ itself: a commit without it reads as
+                # source_empty (never pruned, for safety), so the deletion would never be applied.
+                try:
+                    repo[tree].peel(pygit2.Tree)[self.apps_prefix]
+                except KeyError:
+                    keep = [*self.apps_prefix.split("/"), ".keep"]
+                    tree = _replace_path(repo, repo[tree].peel(pygit2.Tree), keep, repo.create_blob(b"")) or tree
         except (pygit2.GitError, ValueError) as exc:
             raise PermanentError(f"Git cannot write {path!r} ({exc}); rename the file in the repository",
                                  code="path_unwritable") from exc

@@ -35,7 +35,7 @@ YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yam
 #: HTTP status for each error code the API can answer.
 STATUS = {
     "unauthorized": 401, "not_found": 404, "forbidden": 403, "quota_exceeded": 403,
-    "invalid_tail": 400, "invalid_body": 400, "invalid_manifest": 400, "invalid_secret": 400,
+    "invalid_tail": 400, "invalid_body": 400, "invalid_query": 400, "invalid_manifest": 400, "invalid_secret": 400,
     "app_exists": 409, "app_removed": 409, "not_in_repo": 409, "conflict": 409, "no_previous_deployment": 409,
     "path_unwritable": 409,
     "too_many_streams": 429, "body_too_large": 413,
@@ -120,6 +120,11 @@ def error_response(code: str, message: str, status: int | None = None, **extra: 
     return jsonify({"error": code, "message": message, **extra}), status or STATUS.get(code, 500)
 
 
+def status_of(exc: CynchrodError) -> int:
+    """A code the table does not name is still not a 500: temporary errors are 503, permanent ones 409."""
+    return STATUS.get(exc.code) or (409 if exc.permanent else 503)
+
+
 def create_app(daemon: Any) -> Flask:
     """The Flask app for ``daemon`` (a ``cynchrod.daemon.Daemon``)."""
     from cynchrod.api import apps, logs, meta, secrets, webhooks
@@ -139,13 +144,17 @@ def create_app(daemon: Any) -> Flask:
         extra = getattr(exc, "extra", {})
         if isinstance(exc, control.InvalidManifest):
             extra = {"errors": exc.errors}
-        return error_response(exc.code, exc.message, **extra)
+        return error_response(exc.code, exc.message, status_of(exc), **extra)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> tuple[Response, int]:
         codes = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large", 400: "invalid_body"}
         code = codes.get(exc.code or 500, "http_error")
-        return error_response(code, exc.description or code, exc.code)
+        response, status = error_response(code, exc.description or code, exc.code)
+        valid = getattr(exc, "valid_methods", None)
+        if valid:  # RFC 9110: a 405 says what is allowed
+            response.headers["Allow"] = ", ".join(sorted(valid))
+        return response, status
 
     @app.errorhandler(Exception)
     def _crash(exc: Exception) -> tuple[Response, int]:

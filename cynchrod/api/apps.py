@@ -31,6 +31,9 @@ def deployment_json(d: store.Deployment) -> dict[str, Any]:
             "finished_at": d.finished_at}
 
 
+_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+#: SQLite's integers: a larger id cannot exist (and would overflow the query).
+MAX_ID = 2**63 - 1
 _list_cache: dict[tuple[int, str | None, bool], tuple[int, bytes]] = {}
 _list_lock = threading.Lock()
 
@@ -38,7 +41,10 @@ _list_lock = threading.Lock()
 @bp.get("/apps")
 def list_apps() -> Response:
     token = bearer()
-    include_removed = request.args.get("include_removed", "").lower() in ("1", "true", "yes")
+    flag = request.args.get("include_removed", "false").lower()
+    if flag not in _BOOLEANS:
+        raise ApiError("invalid_query", "include_removed must be true or false (or 1 or 0)")
+    include_removed = _BOOLEANS[flag]
     org = None if token.admin else token.org
     db = daemon().store
     # The body is rebuilt only when the store has changed since: rows are written by
@@ -86,7 +92,7 @@ def new_webhook(app_id: str) -> tuple[Response, int]:
 def deployment_log(app_id: str, deployment_id: int) -> Response:
     """The build output of a deployment (the last ``tail`` lines, bounded)."""
     app = visible_app(bearer(), app_id)
-    found = daemon().store.deployment(deployment_id)
+    found = daemon().store.deployment(deployment_id) if deployment_id <= MAX_ID else None
     if found is None or found.app_id != app.id:
         raise ApiError("not_found", f"no deployment {deployment_id} of app {app_id}")
     raw = request.args.get("tail", "500")
@@ -138,9 +144,11 @@ def rollback(app_id: str) -> tuple[Response, int]:
     token = bearer()
     app = visible_app(token, app_id)
     raw = read_body()
-    body = parse_body(raw, request.mimetype or "") if raw.strip() else None
+    body = parse_body(raw, request.mimetype or "") if raw.strip() else {}
+    if not isinstance(body, dict):
+        raise ApiError("invalid_body", 'the body must be a JSON object: {"deployment_id": N}')
     target = body.get("deployment_id") if isinstance(body, dict) else None
-    if target is not None and (not isinstance(target, int) or isinstance(target, bool)):
+    if target is not None and (not isinstance(target, int) or isinstance(target, bool) or not 0 < target <= MAX_ID):
         raise ApiError("invalid_body", "deployment_id must be an integer")
     return _accepted(daemon().control.rollback(app, actor=token.name, deployment_id=target))
 

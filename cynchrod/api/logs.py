@@ -54,7 +54,13 @@ def tail(app_id: str) -> Response:
     lines: list[dict[str, str]] = []
     if app.status != store.REMOVED:
         for c in rt.app_containers(app.org, app.name):
-            lines.extend({"service": c.service, "timestamp": ts, "line": text} for ts, text in rt.log_tail(c.id, n))
+            try:
+                tail_lines = rt.log_tail(c.id, n)
+            except CynchrodError as exc:
+                if not exc.permanent:
+                    raise
+                continue  # a container being removed (Docker answers 409): it has no more lines to give
+            lines.extend({"service": c.service, "timestamp": ts, "line": text} for ts, text in tail_lines)
     lines.sort(key=lambda item: item["timestamp"])
     return jsonify({"app_id": app.id, "tail": n, "lines": lines[-n:]})
 

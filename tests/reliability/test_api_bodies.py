@@ -130,3 +130,18 @@ def test_an_edit_git_cannot_write_is_a_conflict(client: Client, repo: GitRepo) -
     r = client.post(f"/apps/{odd_app()}/stop", b"", "application/json")
     assert r.status_code == 409 and r.json()["error"] == "path_unwritable", r.text
     assert "apps/.git/odd.yaml" in r.json()["message"]
+
+
+def test_deleting_the_last_app_is_applied(client: Client) -> None:
+    """Found by schemathesis: deleting the only app removed apps/ too, which reads as source_empty
+    (never pruned), so the app was never removed."""
+    web = client.get("/apps").json()["apps"][0]["id"]
+    r = requests.delete(f"{client.url}/apps/{web}", headers={"Authorization": f"Bearer {client.token}"},
+                        timeout=30)
+    assert r.status_code == 202, r.text
+
+    def removed() -> bool:
+        apps = client.get("/apps?include_removed=true").json()["apps"]
+        return any(a["id"] == web and a["status"] == "removed" for a in apps)
+
+    wait_for(removed, 30, "web to be removed")
