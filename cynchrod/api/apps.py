@@ -147,8 +147,9 @@ def rollback(app_id: str) -> tuple[Response, int]:
     body = parse_body(raw, request.mimetype or "") if raw.strip() else {}
     if not isinstance(body, dict):
         raise ApiError("invalid_body", 'the body must be a JSON object: {"deployment_id": N}')
-    target = body.get("deployment_id") if isinstance(body, dict) else None
-    if target is not None and (not isinstance(target, int) or isinstance(target, bool) or not 0 < target <= MAX_ID):
+    target = body.get("deployment_id")
+    if "deployment_id" in body and (not isinstance(target, int) or isinstance(target, bool)
+                                    or not 0 < target <= MAX_ID):
         raise ApiError("invalid_body", "deployment_id must be an integer")
     return _accepted(daemon().control.rollback(app, actor=token.name, deployment_id=target))
 
