@@ -27,7 +27,7 @@ import threading
 from collections.abc import Callable
 from typing import Protocol
 
-from cynchrod import source, specs
+from cynchrod import config, source, specs
 from cynchrod.errors import CynchrodError, PermanentError, SourceError
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,16 @@ MAX_LOG_BYTES = 4 * 1024 * 1024
 
 
 BUILDING = "building"
+
+
+def deny_local(org: str, url: str) -> bool:
+    """The default policy: remote repositories only (no ``builds.localRepos``)."""
+    return config.repo_allowed(url, ())
+
+
+def refusal(url: str) -> str:
+    return (f"build.repo {url!r} is a repository on this machine, and the config's builds.localRepos "
+            "does not allow it for this org")
 
 
 class Builder(Protocol):
@@ -53,7 +63,12 @@ class Builder(Protocol):
 class Builds:
     def __init__(self, *, state_dir: pathlib.Path, rt: Builder,
                  open_deployment: Callable[[specs.AppSpec], int] | None = None,
-                 fail_deployment: Callable[[int, CynchrodError], object] | None = None) -> None:
+                 fail_deployment: Callable[[int, CynchrodError], object] | None = None,
+                 allow: Callable[[str, str], bool] = deny_local) -> None:
+        #: ``allow(org, url)``: whether an app of ``org`` may build from ``url`` (the config's
+        #: ``builds.localRepos``): a local path or file:// URL anywhere else is ``policy_violation``,
+        #: so no token or committer can build from another repository on this machine.
+        self.allow = allow
         self.root = state_dir / "builds"
         self.logs = self.root / "logs"
         self.runtime = rt
@@ -97,6 +112,8 @@ class Builds:
             if service.build is None:
                 services.append(service)
                 continue
+            if not self.allow(spec.org, service.build.repo):
+                raise PermanentError(refusal(service.build.repo), code="policy_violation")
             key = (service.build.repo, service.build.ref)
             if key not in fetched:
                 src = self._source(service.build)

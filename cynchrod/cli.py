@@ -228,13 +228,13 @@ def cmd_validate(paths: Sequence[str], out: IO[str]) -> int:
         if p.is_dir():
             root = p / source.APPS_DIR if (p / source.APPS_DIR).is_dir() else p
             files.extend((str(f), str(f)) for f in sorted(root.rglob("*")) if manifests.is_manifest_path(f.name))
+        elif not p.is_file():
+            print(f"{p}:0: not_found: No such file or directory", file=out)
+            return 1
         else:
             files.append((str(p), str(p)))
-    try:
-        desired = manifests.Cache().load(files, lambda f: pathlib.Path(f).read_bytes())
-    except OSError as exc:
-        print(f"{exc.filename}:0: not_found: {exc.strerror}", file=out)
-        return 1
+    # A file that cannot be read is that file's error (``unreadable``), like any other.
+    desired = manifests.Cache().load(files, lambda f: pathlib.Path(f).read_bytes())
     for err in desired.errors:
         print(err, file=out)
     print(f"{len(files)} file(s), {len(desired.apps)} valid app(s), {len(desired.errors)} error(s)",

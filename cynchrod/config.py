@@ -9,15 +9,12 @@ import dataclasses
 import pathlib
 import re
 from typing import Any
+from urllib.parse import unquote, urlparse
 
-import jsonschema
-from ruamel.yaml import YAML
-from ruamel.yaml.error import YAMLError
-
-from cynchrod import decisions, manifests, specs
+from cynchrod import decisions, specs, validation, yamlio
 from cynchrod.errors import PermanentError
 
-_VALIDATOR = jsonschema.Draft202012Validator(manifests.load_schema("config.schema.json"))
+_SCHEMA = validation.Schema("config.schema.json")
 _OWNER_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")
 ORG_RE = specs.NAME_RE
 #: config-file key -> Settings field
@@ -34,13 +31,15 @@ class ConfigError(PermanentError):
 
 def load_file(path: pathlib.Path) -> dict[str, Any]:
     try:
-        data = YAML(typ="safe").load(path.read_text()) or {}
-    except (OSError, YAMLError) as exc:
+        data = yamlio.load(path.read_bytes()) or {}
+    except OSError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
-    errors = sorted(_VALIDATOR.iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
-    if errors:
-        where = ".".join(map(str, errors[0].absolute_path)) or "config"
-        raise ConfigError(f"{path}: {where}: {errors[0].message}")
+    except yamlio.YamlError as exc:
+        raise ConfigError(f"{path}:{exc.line}: {exc.code}: {exc.message}") from exc
+    problems = _SCHEMA.problems(data)
+    if problems:
+        where = ".".join(map(str, problems[0].path)) or "config"
+        raise ConfigError(f"{path}: {where}: {problems[0].message}")
     values = {_FILE_KEYS[k]: v for k, v in data.items() if k in _FILE_KEYS}
     if "defaults" in data:
         values["default_max_apps"] = data["defaults"].get("max_apps", DEFAULT_MAX_APPS)
@@ -58,10 +57,49 @@ def load_file(path: pathlib.Path) -> dict[str, Any]:
     if "sources" in data:
         values["sources"] = [SourceConfig(repo=c["repo"], branch=c.get("branch", "main"), path=c.get("path", ""),
                                           org=c.get("org")) for c in data["sources"]]
+    if "builds" in data:
+        values["build_local_repos"] = tuple(data["builds"].get("localRepos", []))
+    if "orgs" in data:
+        values["org_build_local_repos"] = tuple(sorted(
+            (org, tuple(o["builds"].get("localRepos", []))) for org, o in data["orgs"].items() if "builds" in o))
     if "orgs" in data:
         values["org_max_apps"] = tuple(sorted((org, o["max_apps"]) for org, o in data["orgs"].items()
                                               if "max_apps" in o))
     return values
+
+
+_REMOTE_SCHEMES = ("https", "http", "ssh", "git")
+_SCP_LIKE = re.compile(r"^[^/:]+:(?!//)")
+
+
+def local_repo_path(url: str) -> pathlib.Path | None:
+    """The folder a repository URL names on this machine, or None for a remote URL.
+
+    Remote: ``https://``, ``http://``, ``ssh://``, ``git://`` and scp-like
+    ``user@host:path``. Everything else is local to libgit2 (a path, ``file://``,
+    ``~/x``, ``./x``) and is returned resolved (symlinks and ``..`` followed), so a
+    prefix check cannot be escaped.
+    """
+    parsed = urlparse(url)
+    if parsed.scheme.lower() in _REMOTE_SCHEMES and parsed.netloc:
+        return None
+    if parsed.scheme.lower() == "file":
+        return pathlib.Path(unquote(parsed.path) or "/").resolve()
+    if "://" not in url and _SCP_LIKE.match(url):
+        return None
+    return pathlib.Path(url).expanduser().resolve()
+
+
+def repo_allowed(url: str, local_prefixes: tuple[str, ...]) -> bool:
+    """A remote URL always; a local one only under one of ``local_prefixes`` (paths or file:// URLs)."""
+    path = local_repo_path(url)
+    if path is None:
+        return True
+    for prefix in local_prefixes:
+        root = local_repo_path(prefix)
+        if root is not None and (path == root or path.is_relative_to(root)):
+            return True
+    return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +151,13 @@ class Settings:
     registry_password: str = dataclasses.field(default="", repr=False)
     #: The ``--config`` file, watched and reloaded by the daemon.
     config_path: str = ""
+    #: ``builds.localRepos``: where ``build.repo`` may name a repository on this machine.
+    build_local_repos: tuple[str, ...] = ()
+    org_build_local_repos: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def build_repo_allowed(self, org: str, url: str) -> bool:
+        """Whether an app of ``org`` may build from ``url`` (``policy_violation`` when not)."""
+        return repo_allowed(url, self.build_local_repos + dict(self.org_build_local_repos).get(org, ()))
 
     def max_apps(self, org: str) -> int:
         """The org's app cap (``orgs.<org>.max_apps``, else ``defaults.max_apps``, else 10)."""
@@ -120,7 +165,9 @@ class Settings:
 
     @classmethod
     def flag_fields(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls) if f.name not in ("org_max_apps", "sources", "config_path")]
+        return [f.name for f in dataclasses.fields(cls)
+                if f.name not in ("org_max_apps", "sources", "config_path", "build_local_repos",
+                                  "org_build_local_repos")]
 
     @classmethod
     def build(cls, values: dict[str, Any]) -> Settings:
@@ -135,7 +182,7 @@ class Settings:
                     out[key] = int(value)
                 elif kind == "pathlib.Path":
                     out[key] = pathlib.Path(value)
-                elif key in ("org_max_apps", "sources"):
+                elif key in ("org_max_apps", "sources", "build_local_repos", "org_build_local_repos"):
                     out[key] = tuple(value)
                 elif key == "repo" and isinstance(value, list):
                     out[key] = value

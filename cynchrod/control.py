@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from cynchrod import decisions, edits, manifests, source, store
+from cynchrod import builds, decisions, edits, manifests, source, store
 from cynchrod.errors import PermanentError
 
 
@@ -68,7 +68,9 @@ class Accepted:
 class Control:
     def __init__(self, *, src: source.Followed | Sequence[source.Followed], db: store.Store,
                  wake: Callable[[str], None],
-                 max_apps: Callable[[str], int] = lambda org: decisions.DEFAULT_MAX_APPS) -> None:
+                 max_apps: Callable[[str], int] = lambda org: decisions.DEFAULT_MAX_APPS,
+                 build_allowed: Callable[[str, str], bool] = builds.deny_local) -> None:
+        self.build_allowed = build_allowed
         self.sources = [src] if isinstance(src, source.Followed) else list(src)
         self.store = db
         self.wake = wake
@@ -201,6 +203,10 @@ class Control:
             errors = [str(e) for e in found]
             raise InvalidManifest("; ".join(errors), errors)
         spec = parsed.spec
+        refused = [f"{path}:1: policy_violation: {builds.refusal(s.build.repo)}" for s in spec.services
+                   if s.build is not None and not self.build_allowed(spec.org, s.build.repo)]
+        if refused:
+            raise InvalidManifest("; ".join(refused), refused)
         with self._create_lock:
             # Quota and existence are checked and the row made under one lock, so
             # concurrent creates at the cap leave exactly max_apps apps.

@@ -106,14 +106,17 @@ class Daemon:
         srcs = [source.open_source(c.repo, branch=c.branch, path=c.path, state_dir=mirrors or cfg.state, org=c.org)
                 for c in cfg.sources]
         vault = secrets.Secrets(db, state_dir=cfg.state, files=cfg.runtime != "swarm")
+        if vault.files:
+            vault.restage_all()  # on a tmpfs: empty after a reboot
         rt = make_runtime(cfg, instance=db.instance_id(), vault=vault)
         stats = metrics.Metrics(db)
 
         rec = reconciler.Reconciler(src=srcs, rt=rt, db=db, concurrency=cfg.concurrency, stats=stats,
                                     secrets=vault, max_apps=cfg.max_apps, resync_s=cfg.resync,
-                                    builds=builds.Builds(state_dir=cfg.state, rt=rt),
+                                    builds=builds.Builds(state_dir=cfg.state, rt=rt, allow=cfg.build_repo_allowed),
                                     edge=rt.edge if isinstance(rt, local.LocalRuntime) else None)
-        ctl = control.Control(src=srcs, db=db, wake=rec.wakeup.request, max_apps=cfg.max_apps)
+        ctl = control.Control(src=srcs, db=db, wake=rec.wakeup.request, max_apps=cfg.max_apps,
+                              build_allowed=cfg.build_repo_allowed)
         from cynchrod.api.auth import Tickets  # flask stays out of the CLI's import path
 
         return cls(settings=cfg, store=db, source=srcs[0], runtime=rt, reconciler=rec, control=ctl, metrics=stats,
@@ -176,22 +179,26 @@ class Daemon:
     # -- watching: local working directories and the config file ----------------
 
     def _watched(self) -> list[pathlib.Path]:
+        """What is watched: the apps directories of local working trees (recursively) and the
+        config file (through its folder, not recursively, filtered to that one name: an editor's
+        save replaces the file, which a watch on the file itself would lose)."""
         dirs = [s.apps_dir for s in self.reconciler.sources if isinstance(s, source.WorkTreeSource)]
         dirs += [g for s in self.reconciler.sources if (g := local_git_dir(s)) is not None]
         if self.settings.config_path:
-            dirs.append(pathlib.Path(self.settings.config_path).resolve().parent)
-        return [d for d in dirs if d.is_dir()]
+            dirs.append(pathlib.Path(self.settings.config_path).resolve())
+        return [d for d in dirs if d.is_dir() or d.is_file()]
 
     def _watch(self) -> None:
-        """watchfiles, debounced: a saved manifest or a push into a local repository
-        (its refs move) wakes a pass; a saved config is reloaded."""
-        config_file = (str(pathlib.Path(self.settings.config_path).resolve())
-                       if self.settings.config_path else None)
-        apps = [str(s.apps_dir) for s in self.reconciler.sources if isinstance(s, source.WorkTreeSource)]
+        """watchfiles, debounced: a saved manifest, or a push into a local repository (its refs
+        move), wakes a pass; a saved config file is reloaded (only that file: its folder is
+        watched, not recursively, filtered to its name)."""
+        watched = self._watched()
+        config_file = next((p for p in watched if p.is_file()), None)
+        trees = [p for p in watched if p.is_dir()]
         git_dirs = tuple(f"{g}/" for s in self.reconciler.sources if (g := local_git_dir(s)) is not None)
         plain = watchfiles.DefaultFilter()
 
-        def wanted(change: watchfiles.Change, path: str) -> bool:
+        def in_trees(change: watchfiles.Change, path: str) -> bool:
             git_dir = next((g for g in git_dirs if path.startswith(g)), None)
             if git_dir is None:
                 return bool(plain(change, path))
@@ -199,17 +206,23 @@ class Daemon:
             rel = path[len(git_dir):]
             return rel.startswith(("refs/", "reftable/")) or rel == "packed-refs"
 
-        try:
-            for changes in watchfiles.watch(*self._watched(), watch_filter=wanted, debounce=200, step=50,
-                                            stop_event=self.stop_event, raise_interrupt=False):
-                changed = {path for _, path in changes}
-                if config_file is not None and config_file in changed:
-                    self.reload_config()
-                if any(p.startswith((*apps, *git_dirs)) for p in changed):
-                    self.reconciler.wakeup.request("watch")
-        except Exception:
-            log.exception("the file watcher stopped; changes are picked up by the %ss poll",
-                          self.settings.interval)
+        def loop(paths: list[pathlib.Path], recursive: bool, wanted: Callable[[watchfiles.Change, str], bool],
+                 act: Callable[[], object]) -> None:
+            try:
+                for _ in watchfiles.watch(*paths, debounce=200, step=50, stop_event=self.stop_event,
+                                          raise_interrupt=False, recursive=recursive, watch_filter=wanted):
+                    act()
+            except Exception:
+                log.exception("the file watcher stopped; changes are picked up by the %ss poll",
+                              self.settings.interval)
+
+        if config_file is not None:
+            only = str(config_file)
+            threading.Thread(target=loop, name="watch-config", daemon=True,
+                             args=([config_file.parent], False, lambda change, path: path == only,
+                                   self.reload_config)).start()
+        if trees:
+            loop(trees, True, in_trees, lambda: self.reconciler.wakeup.request("watch"))
 
     def reload_config(self) -> bool:
         """Apply a changed config file when it is valid; keep the old one (and say why) when not."""

@@ -9,25 +9,18 @@ commit whose files did not change parses nothing.
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import io
-import json
+import logging
 import re
 import shlex
 from collections.abc import Callable, Iterable, Mapping
-from importlib import resources
 from typing import Any
 
-import jsonschema
-from ruamel.yaml import YAML
-from ruamel.yaml.comments import CommentedMap, CommentedSeq
-from ruamel.yaml.error import MarkedYAMLError, YAMLError
-from ruamel.yaml.events import AliasEvent
-
-from cynchrod import specs
+from cynchrod import specs, validation, yamlio
 from cynchrod.errors import ManifestError
 
-MAX_MANIFEST_BYTES = 1024 * 1024
+log = logging.getLogger(__name__)
+
+MAX_MANIFEST_BYTES = yamlio.MAX_BYTES
 MANIFEST_SUFFIXES = (".yaml", ".yml")
 #: Keys people reach for that would escape the sandbox: refused with their own code.
 FORBIDDEN_KEYS = frozenset(
@@ -36,32 +29,15 @@ FORBIDDEN_KEYS = frozenset(
         "pid", "ipc", "security_opt", "securityOpt", "binds", "mounts", "user", "userns_mode", "cgroup_parent",
     }
 )
-_SCHEMA_CODES = {
-    "additionalProperties": "unknown_key",
-    "required": "missing_key",
-    "type": "invalid_type",
-    "oneOf": "invalid_type",
-    "minimum": "out_of_range",
-    "maximum": "out_of_range",
-    "exclusiveMinimum": "out_of_range",
-    "minLength": "out_of_range",
-    "maxLength": "out_of_range",
-    "minItems": "out_of_range",
-    "pattern": "invalid_value",
-    "enum": "invalid_value",
-    "propertyNames": "invalid_value",
-}
+#: yamlio's codes as manifest error codes.
+_YAML_CODES = {"too_large": "manifest_too_large"}
 
 
 def load_schema(name: str) -> dict[str, Any]:
-    text = resources.files("cynchrod").joinpath("schemas", name).read_text()
-    result: dict[str, Any] = json.loads(text)
-    return result
+    return validation.load_document(name)
 
 
-_SCHEMA = load_schema("app.schema.json")
-_VALIDATOR = jsonschema.Draft202012Validator(_SCHEMA)
-_PROPERTIES = frozenset(_SCHEMA["properties"])
+_SCHEMA = validation.Schema("app.schema.json")
 
 
 def is_manifest_path(path: str) -> bool:
@@ -77,47 +53,20 @@ class Result:
     errors: tuple[ManifestError, ...] = ()
 
 
-def _yaml() -> YAML:
-    yaml = YAML(typ="rt")
-    yaml.allow_duplicate_keys = False
-    return yaml
-
-
-def _plain(node: Any) -> Any:
-    """Round-trip nodes to plain JSON-able values (timestamps become ISO strings)."""
-    if isinstance(node, (datetime.date, datetime.datetime)):
-        return node.isoformat()
-    if isinstance(node, Mapping):
-        return {str(k): _plain(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_plain(v) for v in node]
-    return node
-
-
 def _line_of(doc: Any, path: Iterable[Any]) -> int:
     """1-based line of the key at ``path`` in a round-trip document."""
-    node, line = doc, (doc.lc.line + 1 if isinstance(doc, (CommentedMap, CommentedSeq)) else 1)
-    for part in path:
-        if isinstance(node, CommentedMap) and part in node:
-            line = node.lc.key(part)[0] + 1
-            node = node[part]
-        elif isinstance(node, CommentedSeq) and isinstance(part, int) and part < len(node):
-            line = node.lc.item(part)[0] + 1
-            node = node[part]
-        else:
-            break
-    return line
+    return yamlio.line_of(doc, path)
 
 
-def _schema_errors(path: str, doc: CommentedMap, data: dict[str, Any]) -> list[ManifestError]:
+def _schema_errors(path: str, doc: Any, data: dict[str, Any]) -> list[ManifestError]:
     errors: list[ManifestError] = []
-    for err in sorted(_VALIDATOR.iter_errors(data), key=lambda e: list(map(str, e.absolute_path))):
-        where = list(err.absolute_path)
-        if err.validator == "additionalProperties":
-            parent = doc
+    for problem in _SCHEMA.problems(data):
+        where = list(problem.path)
+        if problem.rule == "additionalProperties":
+            parent: Any = data
             for part in where:
                 parent = parent[part]
-            allowed = set(err.schema.get("properties", {})) if isinstance(err.schema, dict) else _PROPERTIES
+            allowed = problem.allowed if problem.allowed is not None else _SCHEMA.properties
             for key in parent:
                 if key in allowed:
                     continue
@@ -128,14 +77,13 @@ def _schema_errors(path: str, doc: CommentedMap, data: dict[str, Any]) -> list[M
                     code="policy_violation" if forbidden else "unknown_key", path=path,
                     line=_line_of(doc, [*where, key])))
             continue
-        if "propertyNames" in err.schema_path:
-            where = [*where, err.instance]
+        if problem.key is not None:
+            where = [*where, problem.key]
         field = ".".join(map(str, where)) or "manifest"
-        message = err.message.replace("'", "") if err.validator == "required" else f"{field}: {err.message}"
-        errors.append(
-            ManifestError(message, code=_SCHEMA_CODES.get(str(err.validator), "invalid_manifest"), path=path,
-                          line=_line_of(doc, where))
-        )
+        message = problem.message.replace("'", "") if problem.rule == "required" else f"{field}: {problem.message}"
+        if problem.rule == "finite":
+            message = problem.message
+        errors.append(ManifestError(message, code=problem.code, path=path, line=_line_of(doc, where)))
     return sorted(errors, key=lambda e: e.line)
 
 
@@ -160,40 +108,38 @@ def parse(path: str, raw: bytes, *, org: str | None = None) -> Result:
     """Parse and validate one manifest file. Never raises for bad input.
 
     ``org`` pins the file to one org (a tenant's repository): it is the default
-    org, and any other org is refused with ``org_forbidden``.
+    org, and any other org is refused with ``org_forbidden``. Whatever goes
+    wrong in here — a bug of ours or of a library included — is this file's
+    error, so that one file can never stop a pass.
     """
+    try:
+        return _parse(path, raw, org=org)
+    except Exception as exc:
+        log.exception("manifest %s could not be parsed", path)
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        return Result(path, None, (ManifestError(
+            f"cannot be read ({type(exc).__name__}{': ' + detail if detail else ''})", code="invalid_manifest",
+            path=path, line=1),))
 
+
+def _parse(path: str, raw: bytes, *, org: str | None) -> Result:
     def fail(message: str, code: str, line: int = 1) -> Result:
         return Result(path, None, (ManifestError(message, code=code, path=path, line=line),))
 
     if len(raw) > MAX_MANIFEST_BYTES:
         return fail(f"manifest is {len(raw)} bytes, over the {MAX_MANIFEST_BYTES} byte limit", "manifest_too_large")
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return fail(f"not UTF-8 ({exc.reason})", "yaml_syntax")
-    yaml = _yaml()
-    try:
-        # Aliases are refused before composing: expanding them is how a
-        # "billion laughs" file makes a small input huge.
-        for event in yaml.parse(io.StringIO(text)):
-            if isinstance(event, AliasEvent):
-                line = event.start_mark.line + 1 if event.start_mark else 1
-                return fail("YAML aliases are not allowed in manifests", "yaml_alias", line)
-        docs = list(yaml.load_all(io.StringIO(text)))
-    except MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark is not None else 1
-        return fail(str(exc.problem or exc.context or "invalid YAML"), "yaml_syntax", line)
-    except YAMLError as exc:
-        return fail(str(exc).splitlines()[0], "yaml_syntax")
-    docs = [d for d in docs if d is not None]
-    if len(docs) != 1:
-        return fail(f"expected exactly one YAML document, found {len(docs)}", "invalid_manifest")
-    doc = docs[0]
-    if not isinstance(doc, CommentedMap):
+        doc = yamlio.load_roundtrip(raw)
+        data = yamlio.plain(doc)
+    except yamlio.YamlError as exc:
+        message = exc.message
+        if exc.code == "yaml_alias":
+            message = "YAML aliases are not allowed in manifests"
+        return fail(message, _YAML_CODES.get(exc.code, exc.code), exc.line)
+    if doc is None:
+        return fail("expected exactly one YAML document, found 0", "invalid_manifest")
+    if not yamlio.is_mapping(doc) or not isinstance(data, dict):
         return fail("a manifest must be a mapping of keys to values", "invalid_type", _line_of(doc, []))
-    data = _plain(doc)
     errors = _schema_errors(path, doc, data)
     if not errors:
         errors = _semantic_errors(path, doc, data)
@@ -211,7 +157,7 @@ _SERVICE_ONLY_IN_SERVICES = ("image", "build", "command", "port", "hostPort", "v
 _VOLUME_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 
 
-def _semantic_errors(path: str, doc: CommentedMap, data: dict[str, Any]) -> list[ManifestError]:
+def _semantic_errors(path: str, doc: Any, data: dict[str, Any]) -> list[ManifestError]:
     errors: list[ManifestError] = []
 
     def err(message: str, code: str, where: list[Any]) -> None:
@@ -259,6 +205,11 @@ def _check_service(service: dict[str, Any], where: list[Any], err: Callable[[str
         if value.startswith(("/", "~")) or ".." in value.replace("\\", "/").split("/"):
             err(f"{prefix}build.{key}: {value!r} must stay inside the source repository", "policy_violation",
                 [*where, "build", key])
+    if isinstance(service.get("command"), str):
+        try:
+            shlex.split(service["command"])
+        except ValueError as exc:
+            err(f"{prefix}command: cannot be split like a shell would: {exc}", "invalid_value", [*where, "command"])
     if "hostPort" in service and "port" not in service:
         err(f"{prefix}hostPort needs port", "invalid_value", [*where, "hostPort"])
     if "hostPort" in service and replicas > 1:
@@ -396,7 +347,16 @@ class Cache:
             key = f"{oid}:{path}"
             result = self._results.get(key)
             if result is None:
-                result = parse(path, read(oid), org=self.org)
+                try:
+                    raw = read(oid)
+                except Exception as exc:
+                    # Not cached: a blob that cannot be read now may be readable next pass.
+                    err = ManifestError(f"cannot be read from the repository: {exc}", code="unreadable",
+                                        path=path, line=1)
+                    errors.append(err)
+                    failed.add(path)
+                    continue
+                result = parse(path, raw, org=self.org)
                 self.parses += 1
             kept[key] = result
             if result.spec is None:

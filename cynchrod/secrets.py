@@ -4,8 +4,18 @@ Values are set with ``cynchrod secret set ORG/NAME`` (stdin) or the API, and
 can never be read back through either. The key comes from
 ``CYNCHROD_SECRET_KEY`` or is generated once as ``state/secret.key`` (0600).
 A manifest names secrets; the reconciler stages each as
-``state/secrets/<org>/<app>/<name>`` (mode 0400) and the runtime bind-mounts it
-read-only at ``/run/secrets/<name>``. A keyed digest of the values goes into
+``<staging>/<org>/<app>/<name>`` (mode 0400) and the runtime bind-mounts it
+read-only at ``/run/secrets/<name>``.
+
+Plaintext never touches a disk: the staging folder is on a tmpfs, never under
+the state dir — ``/run/cynchrod/<state-id>`` when ``/run`` is a tmpfs, else
+``/dev/shm/cynchrod-<state-id>``, else a tmpfs cynchrod mounts itself at
+``/run/cynchrod/<state-id>`` (root only); with none of these, apps that use
+secrets fail with ``secret_staging_unavailable`` rather than write plaintext to
+disk. ``<state-id>`` is a digest of the state dir's path, so the CLI finds the
+same folder. The daemon re-stages every live app's secrets at start-up (a
+reboot empties a tmpfs), and deleting a secret removes its staged copies at
+once. A keyed digest of the values goes into
 the spec hash, so rotating a secret redeploys exactly the apps that use it;
 the digest is an HMAC, so a label never reveals anything about a value.
 """
@@ -15,16 +25,20 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import logging
 import os
 import pathlib
 import re
 import shutil
+import stat
+import subprocess
 
 from cryptography.fernet import Fernet, InvalidToken
 
 from cynchrod import specs, store
 from cynchrod.errors import PermanentError
 
+log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 MAX_SECRET_BYTES = 64 * 1024
 KEY_ENV = "CYNCHROD_SECRET_KEY"
@@ -36,6 +50,50 @@ class SecretMissing(PermanentError):
 
 class SecretError(PermanentError):
     code = "invalid_secret"
+
+
+class StagingUnavailable(PermanentError):
+    code = "secret_staging_unavailable"
+
+
+def filesystem_type(path: pathlib.Path) -> str:
+    """The type of the filesystem ``path`` is on (``tmpfs``, ``ext4`` ...), from /proc/self/mountinfo."""
+    target = path.resolve()
+    best, kind = -1, ""
+    try:
+        lines = pathlib.Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        if len(fields) < 5 or not right:
+            continue
+        mount = pathlib.Path(fields[4].replace("\\040", " "))
+        if (target == mount or target.is_relative_to(mount)) and len(mount.parts) >= best:
+            best, kind = len(mount.parts), right.split()[0]
+    return kind
+
+
+def state_id(state_dir: pathlib.Path) -> str:
+    return hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:16]
+
+
+def staging_candidates(state_dir: pathlib.Path) -> list[pathlib.Path]:
+    """Where secrets may be staged, best first (see the module docstring)."""
+    ident = state_id(state_dir)
+    return [pathlib.Path("/run/cynchrod") / ident, pathlib.Path("/dev/shm") / f"cynchrod-{ident}"]
+
+
+def choose_staging(state_dir: pathlib.Path) -> pathlib.Path:
+    """The staging folder for this state dir (no side effect): the first candidate on a tmpfs,
+    else the /run one (for cynchrod to mount a tmpfs on)."""
+    run, shm = staging_candidates(state_dir)
+    if filesystem_type(run) == "tmpfs":
+        return run
+    if filesystem_type(shm) == "tmpfs":
+        return shm
+    return run
 
 
 def load_key(state_dir: pathlib.Path) -> bytes:
@@ -67,7 +125,9 @@ class Secrets:
         self._key = load_key(state_dir)
         self._fernet = Fernet(self._key)
         self._mac_key = hashlib.sha256(b"cynchrod-secret-digest:" + self._key).digest()
-        self.staging = state_dir / "secrets"
+        self.state_dir = state_dir
+        self.staging = choose_staging(state_dir)
+        self._ready = False
 
     @staticmethod
     def check_name(org: str, name: str) -> None:
@@ -83,8 +143,15 @@ class Secrets:
         self.db.put_secret(org, name, self._fernet.encrypt(value).decode())
 
     def delete(self, org: str, name: str) -> bool:
+        """Delete a secret and, at once, every staged copy of it (running containers keep the
+        file they had open until they are recreated; the app is then held with ``secret_missing``)."""
         self.check_name(org, name)
-        return self.db.delete_secret(org, name)
+        deleted = self.db.delete_secret(org, name)
+        org_dir = self.staging / org
+        if org_dir.is_dir():
+            for staged in org_dir.glob(f"*/{name}"):
+                staged.unlink(missing_ok=True)
+        return deleted
 
     def _value(self, org: str, name: str) -> bytes | None:
         sealed = self.db.secret(org, name)
@@ -133,10 +200,52 @@ class Secrets:
     def app_dir(self, org: str, app: str) -> pathlib.Path:
         return self.staging / org / app
 
+    def _prepare(self) -> None:
+        """Make sure the staging folder exists, is ours alone (0700, not a symlink) and is on a tmpfs."""
+        if self._ready:
+            return
+        root = self.staging
+        if filesystem_type(root) != "tmpfs" and root.parent == pathlib.Path("/run/cynchrod"):
+            root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if os.geteuid() == 0:
+                subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0700,nosuid,nodev,noexec",
+                                "cynchrod-secrets", str(root)], capture_output=True, timeout=10, check=False)
+        try:
+            os.mkdir(root, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise StagingUnavailable(f"cannot make the secrets staging folder {root}: {exc.strerror}") from exc
+        info = os.lstat(root)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+            raise StagingUnavailable(f"{root} is not a folder of this user: secrets are not staged there")
+        os.chmod(root, 0o700)
+        if filesystem_type(root) != "tmpfs":
+            raise StagingUnavailable(f"no tmpfs for secrets ({root} is not on one, and none could be mounted): "
+                                     "plaintext is never written to a disk")
+        self._ready = True
+
+    def restage_all(self) -> int:
+        """At start-up: remove plaintext an older version left under the state dir, and stage the
+        secrets of every live app again (a reboot empties the tmpfs). Returns the apps staged."""
+        shutil.rmtree(self.state_dir / "secrets", ignore_errors=True)
+        staged = 0
+        for app in self.db.live_apps().values():
+            spec = app.spec
+            if spec is None or not spec.secret_names:
+                continue
+            try:
+                self.stage(spec)
+                staged += 1
+            except PermanentError as exc:
+                log.warning("secrets of %s/%s not staged: %s", spec.org, spec.name, exc)
+        return staged
+
     def stage(self, spec: specs.AppSpec) -> None:
         """Write the app's secrets as 0400 files (atomically) for the runtime to mount."""
         if not self.files:
             return
+        self._prepare()
         target = self.app_dir(spec.org, spec.name)
         target.mkdir(parents=True, exist_ok=True, mode=0o700)
         for name in spec.secret_names:

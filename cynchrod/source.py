@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import logging
 import os
 import pathlib
 import random
+import re
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -21,12 +24,21 @@ from urllib.parse import urlparse
 
 import pygit2
 
-from cynchrod.errors import ManifestError, SourceError
-from cynchrod.manifests import is_manifest_path
+from cynchrod.errors import ManifestError, PermanentError, SourceError
+from cynchrod.manifests import MAX_MANIFEST_BYTES, is_manifest_path
+
+log = logging.getLogger(__name__)
 
 APPS_DIR = "apps"
 #: Committed into an emptied apps/ so that deleting the last app is applied.
 KEEP_FILE = ".keep"
+#: Directories under apps/ nested deeper than this are refused (a tree can nest thousands deep).
+MAX_DIR_DEPTH = 16
+#: A corrupted mirror is re-cloned at most this often (a remote that is down fails the clone too).
+HEAL_INTERVAL_S = 30.0
+#: Names a checkout could not hold or a log line could not show: not UTF-8, control characters, "." and "..".
+_BAD_NAME = re.compile(r"[\x00-\x1f\x7f]|^\.{1,2}$|/")
+_MANIFEST_MODES = (pygit2.enums.FileMode.BLOB, pygit2.enums.FileMode.BLOB_EXECUTABLE)
 AUTHOR_NAME = "cynchrod"
 AUTHOR_EMAIL = "cynchrod@localhost"
 PUSH_ATTEMPTS = 6
@@ -112,20 +124,67 @@ class Source(Followed):
         self._repo: pygit2.Repository | None = None
         # One libgit2 repository object is shared by the reconciler and the API threads.
         self._lock = threading.RLock()
+        self._healed_at = -HEAL_INTERVAL_S
+        #: How many times a corrupted mirror was replaced by a fresh clone.
+        self.heals = 0
+        #: Blobs a fresh clone did not have either: the remote lacks them, cloning again cannot help.
+        self._absent: set[str] = set()
 
     def _open(self) -> pygit2.Repository:
         if self._repo is None:
             if (self.mirror / "HEAD").exists():
-                self._repo = pygit2.Repository(str(self.mirror))
-            else:
-                self.mirror.parent.mkdir(parents=True, exist_ok=True)
                 try:
-                    self._repo = pygit2.clone_repository(
-                        self.url, str(self.mirror), bare=True, callbacks=_callbacks(self.url))
+                    self._repo = pygit2.Repository(str(self.mirror))
                 except (pygit2.GitError, ValueError, KeyError) as exc:
-                    raise SourceError(f"cannot clone {self._safe_url}: {exc}") from exc
-                return self._repo
+                    # A mirror that cannot even be opened (a garbled config or HEAD) is rebuilt.
+                    if not self._heal(f"cannot open the mirror: {exc}"):
+                        raise SourceError(f"the mirror of {self._safe_url} is damaged and the repository cannot "
+                                          f"be cloned again now: {exc}") from exc
+                    assert self._repo is not None
+            else:
+                self._repo = self._clone(self.mirror)
         return self._repo
+
+    def _clone(self, dest: pathlib.Path) -> pygit2.Repository:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return pygit2.clone_repository(self.url, str(dest), bare=True, callbacks=_callbacks(self.url))
+        except (pygit2.GitError, ValueError, KeyError) as exc:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise SourceError(f"cannot clone {self._safe_url}: {exc}") from exc
+
+    def _heal(self, why: str) -> bool:
+        """Replace a damaged mirror with a fresh clone; False (mirror unchanged) when that is not possible now.
+
+        The clone is made beside the mirror and swapped in only once it is complete, so a
+        remote that is down leaves the old mirror (and the last good commit) in place. At
+        most one attempt per ``HEAL_INTERVAL_S``.
+        """
+        now = time.monotonic()
+        if now - self._healed_at < HEAL_INTERVAL_S:
+            return False
+        self._healed_at = now
+        fresh = self.mirror.with_name(self.mirror.name + ".heal")
+        shutil.rmtree(fresh, ignore_errors=True)
+        try:
+            repo = self._clone(fresh)
+        except SourceError as exc:
+            log.warning("the mirror of %s looks damaged (%s); cloning it again failed: %s", self._safe_url, why,
+                        exc.message)
+            return False
+        if self._repo is not None:
+            self._repo.free()
+        repo.free()
+        old = self.mirror.with_name(self.mirror.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if self.mirror.exists():
+            os.replace(self.mirror, old)
+        os.replace(fresh, self.mirror)
+        shutil.rmtree(old, ignore_errors=True)
+        self._repo = pygit2.Repository(str(self.mirror))
+        self.heals += 1
+        log.warning("the mirror of %s was damaged (%s): cloned it again", self._safe_url, why)
+        return True
 
     @property
     def _safe_url(self) -> str:
@@ -135,22 +194,39 @@ class Source(Followed):
         return self.url
 
     def fetch(self) -> str:
-        """Fetch and return the branch's commit id. Raises ``SourceError``."""
+        """Fetch and return the branch's commit id. Raises ``SourceError``.
+
+        When the fetch fails, the mirror may be what is broken (a corrupted
+        object or reference): it is cloned again, and the fetch fails only if
+        that fails too (the remote is really unreachable).
+        """
         with self._lock:
-            repo = self._open()
             try:
-                repo.remotes["origin"].fetch(prune=pygit2.enums.FetchPrune.PRUNE, callbacks=_callbacks(self.url))
-            except (pygit2.GitError, KeyError) as exc:
-                raise SourceError(f"cannot fetch {self._safe_url}: {exc}") from exc
-            return self.resolve()
+                return self._fetch()
+            except SourceError as exc:
+                if exc.code == "branch_not_found" or not self._heal(exc.message):
+                    raise
+            return self._fetch()
+
+    def _fetch(self) -> str:
+        repo = self._open()
+        try:
+            repo.remotes["origin"].fetch(prune=pygit2.enums.FetchPrune.PRUNE, callbacks=_callbacks(self.url))
+        except (pygit2.GitError, KeyError, ValueError) as exc:
+            raise SourceError(f"cannot fetch {self._safe_url}: {exc}") from exc
+        return self.resolve()
 
     def resolve(self) -> str:
         """The branch's commit in the mirror as last fetched, without fetching."""
         with self._lock:
-            ref = self._open().references.get(self._tracking_ref)
-            if ref is None:
+            try:
+                ref = self._open().references.get(self._tracking_ref)
+                target = None if ref is None else str(ref.target)
+            except (pygit2.GitError, ValueError) as exc:
+                raise SourceError(f"cannot read branch {self.branch!r} of {self._safe_url}: {exc}") from exc
+            if target is None:
                 raise SourceError(f"branch {self.branch!r} not found in {self._safe_url}", code="branch_not_found")
-            return str(ref.target)
+            return target
 
     @property
     def _tracking_ref(self) -> str:
@@ -161,33 +237,91 @@ class Source(Followed):
 
         Raises ``SourceError`` (code ``source_empty``) when the commit has no
         apps directory at all, so that a wiped repository never prunes apps.
+        Every odd entry a commit can hold (a submodule, a symlink, a directory
+        named ``x.yaml``, a name that is not UTF-8, a file over 1 MiB, a
+        missing object) is refused as that entry's error. A mirror whose
+        objects cannot be read is cloned again once.
         """
         with self._lock:
-            return self._files(commit)
+            try:
+                return self._files(commit)
+            except _Damaged as exc:
+                if not self._heal(str(exc)):
+                    raise SourceError(f"cannot read commit {commit[:12]} of {self._safe_url}: {exc}") from exc
+            try:
+                return self._files(commit)
+            except _Damaged as exc:
+                raise SourceError(f"cannot read commit {commit[:12]} of {self._safe_url}: {exc}") from exc
 
     def _files(self, commit: str) -> tuple[list[tuple[str, str]], list[ManifestError]]:
         repo = self._open()
         try:
             tree = repo[commit].peel(pygit2.Tree)
-            node = tree[self.apps_prefix]
         except (KeyError, ValueError, pygit2.GitError) as exc:
+            raise _Damaged(f"commit {commit[:12]} unreadable: {exc}") from exc
+        try:
+            node = tree[self.apps_prefix]
+        except KeyError as exc:
             raise SourceError(f"{self.apps_prefix}/ not found at commit {commit[:12]}", code="source_empty") from exc
+        except (ValueError, pygit2.GitError) as exc:
+            raise _Damaged(str(exc)) from exc
         if not isinstance(node, pygit2.Tree):
             raise SourceError(f"{self.apps_prefix} is not a directory at commit {commit[:12]}", code="source_empty")
         found: list[tuple[str, str]] = []
         refused: list[ManifestError] = []
-        self._walk(node, self.apps_prefix, found, refused)
+        self._walk(repo, node, self.apps_prefix, found, refused, 0)
         return found, refused
 
-    def _walk(self, tree: pygit2.Tree, prefix: str, found: list[tuple[str, str]], refused: list[ManifestError]) -> None:
-        for entry in tree:
-            path = f"{prefix}/{entry.name}"
-            if isinstance(entry, pygit2.Tree):
-                self._walk(entry, path, found, refused)
-            elif is_manifest_path(path):
-                if entry.filemode == _SYMLINK:
-                    refused.append(ManifestError("symlinks are not followed in the manifests repository",
-                                                 code="policy_violation", path=path, line=1))
+    def _walk(self, repo: pygit2.Repository, tree: pygit2.Tree, prefix: str, found: list[tuple[str, str]],
+              refused: list[ManifestError], depth: int) -> None:
+        try:
+            entries = list(tree)
+        except (pygit2.GitError, ValueError, KeyError) as exc:
+            raise _Damaged(f"{prefix}/ unreadable: {exc}") from exc
+        for entry in entries:
+            raw = bytes(entry.raw_name or b"")
+            shown = f"{prefix}/{raw.decode('utf-8', 'replace')}"
+
+            def refuse(message: str, code: str = "policy_violation", at: str = shown) -> None:
+                # The path is shown with U+FFFD for bytes that are not UTF-8: it is stored and logged.
+                refused.append(ManifestError(message, code=code, path=at.encode("utf-8", "replace").decode(), line=1))
+
+            mode = entry.filemode
+            try:
+                name = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                name = None
+            if name is None or _BAD_NAME.search(name):
+                if mode == pygit2.enums.FileMode.TREE or is_manifest_path(shown):
+                    refuse("file names under apps/ must be UTF-8 text without control characters", "invalid_path")
+                continue
+            path = f"{prefix}/{name}"
+            if mode == pygit2.enums.FileMode.TREE:
+                if depth >= MAX_DIR_DEPTH:
+                    refuse(f"directories nested more than {MAX_DIR_DEPTH} deep under apps/ are not read",
+                           "invalid_path", path)
+                    continue
+                try:
+                    sub = repo[entry.id]
+                except (KeyError, ValueError, pygit2.GitError) as exc:
+                    raise _Damaged(f"{path}/ unreadable: {exc}") from exc
+                if isinstance(sub, pygit2.Tree):
+                    self._walk(repo, sub, path, found, refused, depth + 1)
+                continue
+            if not is_manifest_path(path):
+                continue
+            if mode == _SYMLINK:
+                refuse("symlinks are not followed in the manifests repository", at=path)
+            elif mode not in _MANIFEST_MODES:
+                refuse("not a regular file (a submodule?): only files are manifests", "invalid_path", path)
+            else:
+                try:
+                    size = repo.odb.read_header(entry.id)[1]
+                except (KeyError, ValueError, pygit2.GitError):
+                    size = 0  # missing: reading it says so, as this file's error
+                if size > MAX_MANIFEST_BYTES:
+                    refuse(f"manifest is {size} bytes, over the {MAX_MANIFEST_BYTES} byte limit",
+                           "manifest_too_large", path)
                 else:
                     found.append((path, str(entry.id)))
 
@@ -201,17 +335,21 @@ class Source(Followed):
             repo = self._open()
             pending = set(paths)
             age = dict.fromkeys(pending, 0)
-            current = repo[commit].peel(pygit2.Commit)
             depth = 0
-            while pending and depth < limit and current.parents:
-                current = current.parents[0]
-                depth += 1
-                for path in list(pending):
-                    try:
-                        current.tree[path]
-                        age[path] = depth
-                    except KeyError:
-                        pending.discard(path)
+            try:
+                current = repo[commit].peel(pygit2.Commit)
+                while pending and depth < limit and current.parents:
+                    current = current.parents[0]
+                    depth += 1
+                    for path in list(pending):
+                        try:
+                            current.tree[path]
+                            age[path] = depth
+                        except KeyError:
+                            pending.discard(path)
+            except (KeyError, ValueError, pygit2.GitError) as exc:
+                # History the mirror cannot read (damaged, or a shallow remote): the ages found so far.
+                log.warning("history of %s unreadable past %d commits: %s", self._safe_url, depth, exc)
             return age
 
     def file_at(self, commit: str, path: str) -> bytes | None:
@@ -224,8 +362,19 @@ class Source(Followed):
                 return None
 
     def read(self, oid: str) -> bytes:
+        """A blob's bytes; a blob the mirror cannot give is looked for in a fresh clone once."""
         with self._lock:
-            return bytes(self._open()[oid].read_raw())
+            try:
+                return bytes(self._open()[oid].read_raw())
+            except (KeyError, ValueError, pygit2.GitError) as exc:
+                first = exc
+            if oid not in self._absent and self._heal(f"object {oid[:12]} unreadable: {first}"):
+                try:
+                    return bytes(self._open()[oid].read_raw())
+                except (KeyError, ValueError, pygit2.GitError) as exc:
+                    first = exc
+                    self._absent.add(oid)  # not in a fresh clone either: the remote lacks it
+            raise SourceError(f"object {oid[:12]} cannot be read from {self._safe_url}: {first}")
 
     def export(self, commit: str, dest: pathlib.Path) -> None:
         """Write the tree of ``commit`` into ``dest`` (a build context). Symlinks are skipped."""
@@ -286,18 +435,23 @@ class Source(Followed):
         new = edit(old)
         if new == old:
             return None
-        index = pygit2.Index()
-        index.read_tree(commit.tree)
-        if new is None:
-            index.remove(path)
-            prefix = self.apps_prefix + "/"
-            if path.startswith(prefix) and not any(e.path.startswith(prefix) for e in index):
-                # Removing the last app: keep an empty apps/, or the commit would read as
-                # "no apps/ directory" (source_empty), which prunes nothing by design.
-                index.add(pygit2.IndexEntry(prefix + KEEP_FILE, repo.create_blob(b""), pygit2.enums.FileMode.BLOB))
-        else:
-            index.add(pygit2.IndexEntry(path, repo.create_blob(new), pygit2.enums.FileMode.BLOB))
-        tree = index.write_tree(repo)
+        # The new tree is built from the old one along the path only (no index): an index refuses
+        # a whole tree when any entry has a path it cannot hold (``apps/.git/x.yaml``, pushed as raw
+        # objects), which would make every edit of every app fail.
+        try:
+            blob = None if new is None else repo.create_blob(new)
+            tree = _replace_path(repo, commit.tree, path.split("/"), blob) or repo.TreeBuilder().write()
+            if new is None and path.startswith(self.apps_prefix + "/"):
+                # Deleting the last app must not remove apps/ itself: a commit without it reads as
+                # source_empty (never pruned, for safety), so the deletion would never be applied.
+                try:
+                    repo[tree].peel(pygit2.Tree)[self.apps_prefix]
+                except KeyError:
+                    keep = [*self.apps_prefix.split("/"), KEEP_FILE]
+                    tree = _replace_path(repo, repo[tree].peel(pygit2.Tree), keep, repo.create_blob(b"")) or tree
+        except (pygit2.GitError, ValueError) as exc:
+            raise PermanentError(f"Git cannot write {path!r} ({exc}); rename the file in the repository",
+                                 code="path_unwritable") from exc
         if tree == commit.tree.id:
             return None
         author = pygit2.Signature(AUTHOR_NAME, AUTHOR_EMAIL)
@@ -320,9 +474,45 @@ class Source(Followed):
             raise SourceError(f"push to {self._safe_url} rejected: {callbacks.rejection}", code="push_failed")
 
 
+def _replace_path(repo: pygit2.Repository, tree: pygit2.Tree | None, parts: list[str],
+                  blob: pygit2.Oid | None) -> pygit2.Oid | None:
+    """``tree`` with the file at ``parts`` set to ``blob`` (None removes it); None when the tree ends up empty."""
+    builder = repo.TreeBuilder(tree) if tree is not None else repo.TreeBuilder()
+    name, rest = parts[0], parts[1:]
+    if not name:
+        raise ValueError("empty path component")
+    if not rest:
+        if blob is None:
+            if builder.get(name) is not None:
+                builder.remove(name)
+        else:
+            builder.insert(name, blob, pygit2.enums.FileMode.BLOB)
+    else:
+        sub = None
+        if tree is not None and name in tree:
+            found = repo[tree[name].id]
+            if not isinstance(found, pygit2.Tree):
+                raise ValueError(f"{name} is a file, not a directory")
+            sub = found
+        child = _replace_path(repo, sub, rest, blob)
+        if child is None:
+            if builder.get(name) is not None:
+                builder.remove(name)
+        else:
+            builder.insert(name, child, pygit2.enums.FileMode.TREE)
+    if len(builder) == 0:
+        return None
+    oid: pygit2.Oid = builder.write()
+    return oid
+
+
 def _moved_on(message: str) -> bool:
     """Whether a push failed because the remote branch has commits we have not fetched."""
     return any(sign in message for sign in ("non-fast", "fetch first", "not present locally", "stale info"))
+
+
+class _Damaged(Exception):
+    """An object of the mirror cannot be read: the mirror is cloned again."""
 
 
 class _Rejected(Exception):

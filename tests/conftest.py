@@ -21,7 +21,7 @@ from typing import Any
 import docker
 import pytest
 
-from cynchrod import builds, reconciler, runtime, source, store
+from cynchrod import builds, config, reconciler, runtime, source, store
 from cynchrod import secrets as vault
 from cynchrod.runtime import local
 from tests.helpers import TEST_IMAGE, TEST_IMAGE_2, TEST_LABEL, Daemon, GitRepo, free_port, wait_for
@@ -116,7 +116,9 @@ class Harness:
         self.src = source.Source(repo_url, state_dir=state)
         self.max_apps: dict[str, int] = {}
         self._events: threading.Thread | None = None
-        self.builds = builds.Builds(state_dir=state, rt=self.rt)
+        # Builds from local repositories under the test's folder (the config's builds.localRepos).
+        self.builds = builds.Builds(state_dir=state, rt=self.rt,
+                                    allow=lambda org, url: config.repo_allowed(url, (str(state.parent),)))
         self.rec = reconciler.Reconciler(src=self.src, rt=self.rt, db=self.db, secrets=self.secrets,
                                          max_apps=lambda org: self.max_apps.get(org, 10), builds=self.builds)
 
@@ -147,6 +149,7 @@ class Harness:
             self._events.join(5)
         self.rt.close()
         self.db.close()
+        shutil.rmtree(self.secrets.staging, ignore_errors=True)  # on /dev/shm or /run: not under tmp_path
 
 
 @pytest.fixture

@@ -22,18 +22,24 @@ from flask import Flask, Response, g, jsonify, request
 from flask_sock import Sock
 from werkzeug.exceptions import HTTPException
 
-from cynchrod import control
+from cynchrod import control, yamlio
 from cynchrod.errors import CynchrodError
 
 access_log = logging.getLogger("cynchrod.access")
 sock = Sock()
+#: Request bodies: at most 1 MiB, chunked or not.
+MAX_BODY = 1024 * 1024
+#: Nesting of JSON bodies (as for YAML: a manifest needs about 5 levels).
+MAX_DEPTH = yamlio.MAX_DEPTH
+YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
 
 #: HTTP status for each error code the API can answer.
 STATUS = {
     "unauthorized": 401, "not_found": 404, "forbidden": 403, "quota_exceeded": 403,
-    "invalid_tail": 400, "invalid_body": 400, "invalid_manifest": 400, "invalid_secret": 400,
+    "invalid_tail": 400, "invalid_body": 400, "invalid_query": 400, "invalid_manifest": 400, "invalid_secret": 400,
     "app_exists": 409, "app_removed": 409, "not_in_repo": 409, "conflict": 409, "no_previous_deployment": 409,
     "app_stopped": 409,
+    "path_unwritable": 409,
     "too_many_streams": 429, "body_too_large": 413,
     "push_conflict": 503, "push_failed": 502, "source_unavailable": 503, "branch_not_found": 503,
     "docker_unavailable": 503, "runtime_error": 502,
@@ -48,8 +54,77 @@ class ApiError(CynchrodError):
         self.extra = extra
 
 
+def read_body() -> bytes:
+    """The whole body, or ``413 body_too_large`` when it is over ``MAX_BODY`` — also when it is
+    chunked (no Content-Length): such a body is never cut at the limit and then parsed."""
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise ApiError("body_too_large", f"the body is over {MAX_BODY} bytes")
+    out = bytearray()
+    stream = request.stream  # bounded at MAX_BODY + 1 (MAX_CONTENT_LENGTH): reading past it is a 413
+    while chunk := stream.read(64 * 1024):
+        out.extend(chunk)
+        if len(out) > MAX_BODY:
+            raise ApiError("body_too_large", f"the body is over {MAX_BODY} bytes")
+    return bytes(out)
+
+
+def is_ascii_number(text: str) -> bool:
+    """Only 0-9: ``str.isdigit`` also accepts "²" and other scripts' digits, which ``int`` then refuses."""
+    return 0 < len(text) <= 6 and text.isascii() and text.isdigit()
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not yamlio.is_finite(value):
+        raise ValueError(f"{text} is not a finite number")
+    return value
+
+
+def _depth(value: Any, depth: int = 0) -> int:
+    if depth > MAX_DEPTH:
+        return depth
+    if isinstance(value, dict):
+        return max((_depth(v, depth + 1) for v in value.values()), default=depth + 1)
+    if isinstance(value, list):
+        return max((_depth(v, depth + 1) for v in value), default=depth + 1)
+    return depth
+
+
+def parse_body(raw: bytes, mimetype: str) -> Any:
+    """A JSON or YAML body as plain data, or ``400 invalid_body``.
+
+    JSON: strict (no ``NaN``/``Infinity``, no number that overflows to infinity),
+    YAML: through ``yamlio`` (no aliases, bounded size and depth); both nested at
+    most ``MAX_DEPTH`` levels.
+    """
+    if mimetype.lower() in YAML_TYPES:
+        try:
+            return yamlio.load(raw)
+        except yamlio.YamlError as exc:
+            raise ApiError("invalid_body", f"the body is not valid YAML: line {exc.line}: {exc.code}: "
+                                           f"{exc.message}") from exc
+    try:
+        data = json.loads(raw or b"null", parse_constant=_refuse_constant, parse_float=_finite_float)
+    except RecursionError as exc:
+        raise ApiError("invalid_body", f"the body is not valid JSON: nested more than {MAX_DEPTH} levels") from exc
+    except ValueError as exc:
+        raise ApiError("invalid_body", f"the body is not valid JSON: {str(exc).splitlines()[0][:200]}") from exc
+    if _depth(data) > MAX_DEPTH:
+        raise ApiError("invalid_body", f"the body is not valid JSON: nested more than {MAX_DEPTH} levels")
+    return data
+
+
 def error_response(code: str, message: str, status: int | None = None, **extra: Any) -> tuple[Response, int]:
     return jsonify({"error": code, "message": message, **extra}), status or STATUS.get(code, 500)
+
+
+def status_of(exc: CynchrodError) -> int:
+    """A code the table does not name is still not a 500: temporary errors are 503, permanent ones 409."""
+    return STATUS.get(exc.code) or (409 if exc.permanent else 503)
 
 
 def create_app(daemon: Any) -> Flask:
@@ -57,7 +132,7 @@ def create_app(daemon: Any) -> Flask:
     from cynchrod.api import apps, dashboard, logs, meta, secrets, webhooks
 
     app = Flask("cynchrod")
-    app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY + 1  # read_body tells "over" from "exactly 1 MiB"
     app.extensions["cynchrod"] = daemon
     app.register_blueprint(apps.bp)
     app.register_blueprint(logs.bp)
@@ -72,13 +147,17 @@ def create_app(daemon: Any) -> Flask:
         extra = getattr(exc, "extra", {})
         if isinstance(exc, control.InvalidManifest):
             extra = {"errors": exc.errors}
-        return error_response(exc.code, exc.message, **extra)
+        return error_response(exc.code, exc.message, status_of(exc), **extra)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> tuple[Response, int]:
         codes = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large", 400: "invalid_body"}
         code = codes.get(exc.code or 500, "http_error")
-        return error_response(code, exc.description or code, exc.code)
+        response, status = error_response(code, exc.description or code, exc.code)
+        valid = getattr(exc, "valid_methods", None)
+        if valid:  # RFC 9110: a 405 says what is allowed
+            response.headers["Allow"] = ", ".join(sorted(valid))
+        return response, status
 
     @app.errorhandler(Exception)
     def _crash(exc: Exception) -> tuple[Response, int]:

@@ -7,11 +7,9 @@ import threading
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
-from ruamel.yaml import YAML
-from ruamel.yaml.error import YAMLError
 
 from cynchrod import control, store
-from cynchrod.api import ApiError
+from cynchrod.api import ApiError, is_ascii_number, parse_body, read_body
 from cynchrod.api.auth import bearer, daemon, visible_app
 
 bp = Blueprint("apps", __name__)
@@ -34,6 +32,9 @@ def deployment_json(d: store.Deployment) -> dict[str, Any]:
             "finished_at": d.finished_at, "attempts": d.attempts, "last_seen": d.last_seen}
 
 
+_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+#: SQLite's integers: a larger id cannot exist (and would overflow the query).
+MAX_ID = 2**63 - 1
 _list_cache: dict[tuple[int, str | None, bool], tuple[int, bytes]] = {}
 _list_lock = threading.Lock()
 
@@ -41,7 +42,10 @@ _list_lock = threading.Lock()
 @bp.get("/apps")
 def list_apps() -> Response:
     token = bearer()
-    include_removed = request.args.get("include_removed", "").lower() in ("1", "true", "yes")
+    flag = request.args.get("include_removed", "false").lower()
+    if flag not in _BOOLEANS:
+        raise ApiError("invalid_query", "include_removed must be true or false (or 1 or 0)")
+    include_removed = _BOOLEANS[flag]
     org = None if token.admin else token.org
     db = daemon().store
     # The body is rebuilt only when the store has changed since: rows are written by
@@ -105,11 +109,11 @@ def new_webhook(app_id: str) -> tuple[Response, int]:
 def deployment_log(app_id: str, deployment_id: int) -> Response:
     """The build output of a deployment (the last ``tail`` lines, bounded)."""
     app = visible_app(bearer(), app_id)
-    found = daemon().store.deployment(deployment_id)
+    found = daemon().store.deployment(deployment_id) if deployment_id <= MAX_ID else None
     if found is None or found.app_id != app.id:
         raise ApiError("not_found", f"no deployment {deployment_id} of app {app_id}")
     raw = request.args.get("tail", "500")
-    if not raw.isdigit() or not 1 <= int(raw) <= 5000:
+    if not is_ascii_number(raw) or not 1 <= int(raw) <= 5000:
         raise ApiError("invalid_tail", "tail must be an integer from 1 to 5000")
     return jsonify({"deployment_id": deployment_id, "lines": build_log(deployment_id, int(raw)) or []})
 
@@ -167,9 +171,13 @@ def delete(app_id: str) -> tuple[Response, int]:
 def rollback(app_id: str) -> tuple[Response, int]:
     token = bearer()
     app = visible_app(token, app_id)
-    body = request.get_json(silent=True) if request.content_length else None
-    target = body.get("deployment_id") if isinstance(body, dict) else None
-    if target is not None and not isinstance(target, int):
+    raw = read_body()
+    body = parse_body(raw, request.mimetype or "") if raw.strip() else {}
+    if not isinstance(body, dict):
+        raise ApiError("invalid_body", 'the body must be a JSON object: {"deployment_id": N}')
+    target = body.get("deployment_id")
+    if "deployment_id" in body and (not isinstance(target, int) or isinstance(target, bool)
+                                    or not 0 < target <= MAX_ID):
         raise ApiError("invalid_body", "deployment_id must be an integer")
     return _accepted(daemon().control.rollback(app, actor=token.name, deployment_id=target))
 
@@ -177,16 +185,8 @@ def rollback(app_id: str) -> tuple[Response, int]:
 @bp.post("/apps")
 def create() -> tuple[Response, int]:
     token = bearer()
-    raw = request.get_data(cache=False)
-    kind = (request.mimetype or "").lower()
-    try:
-        if kind in ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml"):
-            data = YAML(typ="safe").load(raw.decode("utf-8"))
-        else:
-            data = json.loads(raw or b"null")
-    except (ValueError, YAMLError) as exc:
-        raise ApiError("invalid_body", f"the body is not valid {'YAML' if 'yaml' in kind else 'JSON'}: "
-                       f"{str(exc).splitlines()[0]}") from exc
+    raw = read_body()
+    data = parse_body(raw, request.mimetype or "")
     accepted = daemon().control.create(data, token=token, body=raw)
     hook = webhook_json(accepted.app)
     if hook is not None:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from flask import Blueprint, Response, jsonify, request
 
 from cynchrod import store
-from cynchrod.api import ApiError, sock
+from cynchrod.api import ApiError, is_ascii_number, sock
 from cynchrod.api.auth import TICKET_TTL_S, bearer, daemon, visible_app
 from cynchrod.errors import CynchrodError
 
@@ -43,7 +43,7 @@ CLOSE_NORMAL = 1000
 
 def _tail() -> int:
     raw = request.args.get("tail", str(DEFAULT_TAIL))
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_TAIL:
+    if not is_ascii_number(raw) or not 1 <= int(raw) <= MAX_TAIL:
         raise ApiError("invalid_tail", f"tail must be an integer from 1 to {MAX_TAIL}, got {raw[:20]!r}")
     return int(raw)
 

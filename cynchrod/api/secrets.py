@@ -6,7 +6,7 @@ import json
 
 from flask import Blueprint, Response, jsonify, request
 
-from cynchrod.api import ApiError
+from cynchrod.api import ApiError, read_body
 from cynchrod.api.auth import bearer, daemon
 
 bp = Blueprint("secrets", __name__)
@@ -27,7 +27,7 @@ def list_secrets(org: str) -> Response:
 @bp.put("/orgs/<org>/secrets/<name>")
 def put_secret(org: str, name: str) -> tuple[Response, int]:
     _org(org)
-    raw = request.get_data(cache=False)
+    raw = read_body()
     if request.mimetype == "application/json":
         try:
             value = json.loads(raw)["value"]

@@ -19,7 +19,7 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
-from cynchrod.api import ApiError
+from cynchrod.api import ApiError, read_body
 from cynchrod.api.auth import daemon
 
 bp = Blueprint("webhooks", __name__)
@@ -58,7 +58,7 @@ def pushed_ref(payload: Any) -> str | None:
 def _deliver(secret: str, branches: set[str], trigger: str, what: str) -> tuple[Response, int]:
     """The part both endpoints share: verify, answer pings, ignore other branches, wake."""
     d = daemon()
-    body = request.get_data(cache=False)  # capped by MAX_CONTENT_LENGTH: 413 before more is read
+    body = read_body()  # over 1 MiB (chunked too): 413 before more is read
     provider = verify(secret, body)
     if provider is None:
         d.metrics.webhooks.labels("unknown", "unauthorized").inc()

@@ -788,8 +788,8 @@ class LocalRuntime:
             try:
                 raw = self._call(lambda u=unit: self.api.logs(u.instance, timestamps=True, tail=n),  # type: ignore[misc]
                                  "logs")
-            except UnitGone:
-                continue
+            except (UnitGone, _Conflict):
+                continue  # gone, or being removed (Docker answers 409): it has no more lines to give
             for text in raw.decode("utf-8", "replace").splitlines():
                 stamp, body = split_log_line(text)
                 lines.append(runtime.LogLine(unit.service, stamp, body, unit.replica, unit.node))

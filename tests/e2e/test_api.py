@@ -98,7 +98,11 @@ def api(repo: GitRepo, daemons: Callable[..., Daemon], tmp_path: pathlib.Path) -
     repo.push({"apps/web.yaml": COMMENTED,
                "apps/ticker.yaml": f"name: ticker\nimage: {TEST_IMAGE}\ncommand: {TICKER}\nmemory: 64\n",
                "apps/theirs.yaml": f"name: theirs\norg: other\nimage: {TEST_IMAGE}\ncommand: [sleep, '3600']\n"})
-    daemon = daemons(interval=300).start()
+    config = tmp_path / "cynchrod.yaml"  # repo apps build from local repositories under tmp_path
+    config.write_text(f"builds: {{localRepos: ['{tmp_path}']}}\n")
+    daemon = daemons(interval=300)
+    daemon.args += ["--config", str(config)]
+    daemon.start()
     a = Api(daemon, daemon.api, *tokens, repo=repo, state=state)
     wait_for(lambda: _ok(a), 30, "the API")
     for name in ("web", "ticker", "theirs"):

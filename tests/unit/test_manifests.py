@@ -53,7 +53,7 @@ restartedAt: 2026-11-28T10:00:00Z
                                  "'^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$'"]),
     ("name: web\nimage: i\ncpu: 9\n", ["apps/x.yaml:3: out_of_range: cpu: 9 is greater than the maximum of 8"]),
     ("name: web\nimage: i\ncpu: 0\n",
-     ["apps/x.yaml:3: out_of_range: cpu: 0 is less than or equal to the minimum of 0"]),
+     ["apps/x.yaml:3: out_of_range: cpu: 0 is less than the minimum of 0.01"]),
     ("name: web\nimage: i\nmemory: 32\n",
      ["apps/x.yaml:3: out_of_range: memory: 32 is less than the minimum of 64"]),
     ("name: web\nimage: i\nmemory: 16385\n",

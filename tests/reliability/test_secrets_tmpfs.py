@@ -1,0 +1,48 @@
+"""Item 10: secret plaintext lives in memory or on a tmpfs only, and a deleted secret's copies go at once."""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+
+import docker
+
+from cynchrod import secrets as vault
+from tests.conftest import Harness
+from tests.helpers import GitRepo, manifest
+
+VALUE = b"plaintext-" + b"7f3a9c" * 4
+
+
+def _files_holding(root: pathlib.Path, needle: bytes) -> list[pathlib.Path]:
+    return [p for p in root.rglob("*") if p.is_file() and not p.is_symlink() and needle in p.read_bytes()]
+
+
+def test_secrets_are_staged_on_a_tmpfs_and_unstaged_on_delete(
+        harness: Harness, repo: GitRepo, docker_client: docker.DockerClient) -> None:
+    harness.secrets.set("default", "token", VALUE)
+    repo.push({"apps/web.yaml": manifest("web", extra="secrets: [token]\n")})
+    assert harness.sync().ok
+    container = harness.containers()["web"]
+    source = next(m["Source"] for m in docker_client.api.inspect_container(container["Id"])["Mounts"]
+                  if m["Destination"] == "/run/secrets/token")
+    staged = pathlib.Path(source)
+    assert staged.read_bytes() == VALUE
+    assert vault.filesystem_type(staged) == "tmpfs"
+    assert not staged.is_relative_to(harness.state.resolve())
+    assert _files_holding(harness.state, VALUE) == []  # nothing under the state dir holds the plaintext
+    assert not (harness.state / "secrets").exists()
+
+    # A restart after a reboot: the tmpfs is empty; start-up stages every live app's secrets again.
+    shutil.rmtree(harness.secrets.staging)
+    again = vault.Secrets(harness.db, state_dir=harness.state)
+    assert again.staging == harness.secrets.staging
+    assert again.restage_all() == 1
+    assert staged.read_bytes() == VALUE
+
+    # Deleting the secret removes its staged copies at once, before any pass.
+    assert harness.secrets.delete("default", "token")
+    assert not staged.exists()
+    result = harness.sync()
+    assert harness.app("web").status == "failed" and "secret_missing" in (harness.app("web").last_error or "")
+    assert not result.ok
