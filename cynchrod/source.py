@@ -9,14 +9,17 @@ every blob it has already parsed.
 
 from __future__ import annotations
 
+import _thread
 import abc
+import contextlib
+import fcntl
 import hashlib
 import os
 import pathlib
 import random
-import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from typing import IO
 from urllib.parse import urlparse
 
 import pygit2
@@ -110,22 +113,65 @@ class Source(Followed):
         digest = hashlib.sha256(f"{self.url}#{branch}".encode()).hexdigest()[:16]
         self.mirror = state_dir / "repos" / f"{digest}.git"
         self._repo: pygit2.Repository | None = None
-        # One libgit2 repository object is shared by the reconciler and the API threads.
-        self._lock = threading.RLock()
+        #: The repository object that fetches, commits and pushes (a second one, so reads
+        #: never wait for the network).
+        self._net_repo: pygit2.Repository | None = None
+        # Native locks (also under gevent, where writes run in a thread pool). ``_lock``
+        # guards the reading repository object and is only held for local reads; writes to
+        # the mirror (clone, fetch, commit, push) hold ``_writing`` in this process and an
+        # fcntl lock on ``<mirror>.lock`` across processes (the reconciler and the API
+        # workers share the mirror). Only other writers of this mirror wait for them.
+        self._lock = _thread.RLock()
+        self._writing = _thread.RLock()
+        self._flock_depth = 0
+        self._flock_file: IO[bytes] | None = None
+
+    @contextlib.contextmanager
+    def _mirror_locked(self) -> Iterator[None]:
+        """This mirror's writer lock: one writer at a time in every process."""
+        with self._writing:
+            if self._flock_depth == 0:
+                self.mirror.parent.mkdir(parents=True, exist_ok=True)
+                handle = open(self.mirror.with_name(self.mirror.name + ".lock"), "ab")  # noqa: SIM115 (held open)
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX)
+                except BaseException:
+                    handle.close()
+                    raise
+                self._flock_file = handle
+            self._flock_depth += 1
+            try:
+                yield
+            finally:
+                self._flock_depth -= 1
+                if self._flock_depth == 0 and self._flock_file is not None:
+                    self._flock_file.close()  # releases the flock
+                    self._flock_file = None
+
+    def _clone_once(self) -> None:
+        if (self.mirror / "HEAD").exists():
+            return
+        with self._mirror_locked():
+            if (self.mirror / "HEAD").exists():
+                return  # another process cloned it while this one waited
+            try:
+                pygit2.clone_repository(self.url, str(self.mirror), bare=True, callbacks=_callbacks(self.url))
+            except (pygit2.GitError, ValueError, KeyError) as exc:
+                raise SourceError(f"cannot clone {self._safe_url}: {exc}") from exc
 
     def _open(self) -> pygit2.Repository:
+        """The repository object for local reads."""
         if self._repo is None:
-            if (self.mirror / "HEAD").exists():
-                self._repo = pygit2.Repository(str(self.mirror))
-            else:
-                self.mirror.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    self._repo = pygit2.clone_repository(
-                        self.url, str(self.mirror), bare=True, callbacks=_callbacks(self.url))
-                except (pygit2.GitError, ValueError, KeyError) as exc:
-                    raise SourceError(f"cannot clone {self._safe_url}: {exc}") from exc
-                return self._repo
+            self._clone_once()
+            self._repo = pygit2.Repository(str(self.mirror))
         return self._repo
+
+    def _net(self) -> pygit2.Repository:
+        """The repository object for fetch, commit and push (held under ``_mirror_locked``)."""
+        if self._net_repo is None:
+            self._clone_once()
+            self._net_repo = pygit2.Repository(str(self.mirror))
+        return self._net_repo
 
     @property
     def _safe_url(self) -> str:
@@ -136,8 +182,8 @@ class Source(Followed):
 
     def fetch(self) -> str:
         """Fetch and return the branch's commit id. Raises ``SourceError``."""
-        with self._lock:
-            repo = self._open()
+        with self._mirror_locked():
+            repo = self._net()
             try:
                 repo.remotes["origin"].fetch(prune=pygit2.enums.FetchPrune.PRUNE, callbacks=_callbacks(self.url))
             except (pygit2.GitError, KeyError) as exc:
@@ -259,7 +305,7 @@ class Source(Followed):
         jitter); a push is never forced.
         """
         for attempt in range(PUSH_ATTEMPTS):
-            with self._lock:
+            with self._mirror_locked():
                 tip = self.fetch()
                 outcome = self._commit_on(tip, path, edit, message)
                 if outcome is None:
@@ -269,14 +315,14 @@ class Source(Followed):
                 except _Rejected:
                     pass
                 else:
-                    self._open().references.create(self._tracking_ref, pygit2.Oid(hex=outcome), force=True)
+                    self._net().references.create(self._tracking_ref, pygit2.Oid(hex=outcome), force=True)
                     return outcome
             time.sleep(random.uniform(0.02, 0.1) * (attempt + 1))
         raise SourceError(f"push to {self._safe_url} rejected {PUSH_ATTEMPTS} times: others keep pushing",
                           code="push_conflict")
 
     def _commit_on(self, tip: str, path: str, edit: Callable[[bytes | None], bytes | None], message: str) -> str | None:
-        repo = self._open()
+        repo = self._net()
         commit = repo[tip].peel(pygit2.Commit)
         try:
             entry = commit.tree[path]
@@ -304,7 +350,7 @@ class Source(Followed):
         return str(repo.create_commit(None, author, author, message, tree, [commit.id]))
 
     def _push(self, commit: str) -> None:
-        repo = self._open()
+        repo = self._net()
         repo.references.create(_PUSH_REF, pygit2.Oid(hex=commit), force=True)
         callbacks = _PushCallbacks(_credential(self.url))
         try:
@@ -357,7 +403,7 @@ class WorkTreeSource(Followed):
         self.url = str(self.root)
         self.org = org
         self.path = path.strip("/")
-        self._lock = threading.RLock()
+        self._lock = _thread.RLock()  # native: imperative edits may run in a worker's thread pool
         self._stat: dict[str, tuple[int, int, str]] = {}
         self._paths: dict[str, str] = {}
         self._listing: tuple[list[tuple[str, str]], list[ManifestError]] = ([], [])
@@ -434,7 +480,10 @@ class WorkTreeSource(Followed):
             return None
 
     def commit_edit(self, path: str, edit: Callable[[bytes | None], bytes | None], message: str) -> str | None:
-        with self._lock:
+        # API workers in several processes may edit the same working copy: one at a time.
+        lock_dir = self.root / ".git" if (self.root / ".git").is_dir() else self.root
+        with self._lock, open(lock_dir / "cynchrod-edit.lock", "ab") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
             target = self.root / path
             old = target.read_bytes() if target.exists() else None
             new = edit(old)

@@ -24,7 +24,7 @@ from cynchrod.api.auth import TICKET_TTL_S, bearer, daemon, visible_app
 from cynchrod.errors import CynchrodError
 
 if TYPE_CHECKING:
-    from cynchrod.daemon import Daemon
+    from cynchrod.daemon import Front
 
 bp = Blueprint("logs", __name__)
 DEFAULT_TAIL = 200
@@ -94,7 +94,7 @@ def stream(ws: Any, app_id: str) -> None:
         _streams.release()
 
 
-def _pump(ws: Any, d: Daemon, token: store.Token, app: store.App) -> None:
+def _pump(ws: Any, d: Front, token: store.Token, app: store.App) -> None:
     ended = threading.Event()
     try:
         follower = d.runtime.follow(app.org, app.name, since=time.time(), ended=ended)

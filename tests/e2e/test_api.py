@@ -21,6 +21,7 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 from cynchrod import source
+from cynchrod.client import websocket
 from tests.helpers import TEST_IMAGE, Daemon, GitRepo, cli, git, owned, wait_for
 
 OPENAPI = json.loads((pathlib.Path(__file__).resolve().parents[2] / "cynchrod" / "openapi.json").read_text())
@@ -254,7 +255,7 @@ def test_org_isolation_on_every_endpoint(api: Api) -> None:
         assert response.json()["error"] == missing.json()["error"]
     ws_url = api.url.replace("http://", "ws://") + f"/apps/{theirs}/logs/stream?token={api.token}"
     with pytest.raises(simple_websocket.ConnectionClosed) as closed:
-        ws = simple_websocket.Client.connect(ws_url)
+        ws = websocket(ws_url)
         ws.receive(timeout=5)
     assert closed.value.reason == 4404
     # The owner's token does see it; an admin token sees every org.
@@ -269,7 +270,7 @@ def test_auth_errors_and_revocation(api: Api) -> None:
     assert api.call("GET", "/apps", token="cyn_nope").json()["error"] == "unauthorized"
     assert api.call("GET", "/apps", headers={"AUTHORIZATION": f"bearer {api.token}"}).status_code == 200
     ticker = api.app_id("ticker")
-    ws = simple_websocket.Client.connect(
+    ws = websocket(
         api.url.replace("http://", "ws://") + f"/apps/{ticker}/logs/stream?token={api.token}")
     assert json.loads(ws.receive(timeout=5))["line"].startswith("tick ")
     listed = cli("token", "list", "--state", str(api.state)).stdout
@@ -289,7 +290,7 @@ def test_websocket_streams_lines_written_after_connecting(api: Api) -> None:
     ticket = api.call("POST", f"/apps/{ticker}/logs/ticket", check="/apps/{appId}/logs/ticket").json()["ticket"]
     base = api.url.replace("http://", "ws://") + f"/apps/{ticker}/logs/stream"
     connected = time.time()
-    ws = simple_websocket.Client.connect(f"{base}?ticket={ticket}")
+    ws = websocket(f"{base}?ticket={ticket}")
     received = [json.loads(ws.receive(timeout=5)) for _ in range(5)]
     ws.close()
     numbers = [int(m["line"].split()[1]) for m in received]
@@ -301,7 +302,7 @@ def test_websocket_streams_lines_written_after_connecting(api: Api) -> None:
         assert message["timestamp"][:19] >= time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(connected - 1))
     # A ticket is single-use.
     with pytest.raises(simple_websocket.ConnectionClosed) as closed:
-        again = simple_websocket.Client.connect(f"{base}?ticket={ticket}")
+        again = websocket(f"{base}?ticket={ticket}")
         again.receive(timeout=5)
     assert closed.value.reason == 4401
 
