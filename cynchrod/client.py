@@ -232,10 +232,11 @@ def logs(client: Client, ref: str, *, tail: int, follow: bool, output: str, out:
                     raise ClientError(f"the log stream was closed: {closed.message or ''}".strip(),
                                       code=_CLOSE_REASONS[closed.reason]) from None
                 return 0
-            line = json.loads(message)
-            if line["timestamp"] <= newest and (line["timestamp"], line["service"], line["line"]) in seen:
-                continue
-            _print_line(line, output=output, services=services or line["service"] != "main", out=out)
+            batch = json.loads(message)  # a JSON array of lines (one object from an older daemon)
+            for line in batch if isinstance(batch, list) else [batch]:
+                if line["timestamp"] <= newest and (line["timestamp"], line["service"], line["line"]) in seen:
+                    continue
+                _print_line(line, output=output, services=services or line["service"] != "main", out=out)
     except KeyboardInterrupt:
         return 130
     finally:
