@@ -139,3 +139,66 @@ def test_a_hung_docker_holds_no_worker(repo: GitRepo, daemons, tmp_path: pathlib
         assert daemon.stop() == 0
     finally:
         proxy.close()
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and every process below it."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        for task in pathlib.Path(f"/proc/{current}/task").iterdir():
+            children = (task / "children").read_text().split()
+            todo.extend(int(c) for c in children)
+    return found
+
+
+def _usage(pid: int) -> tuple[int, int]:
+    """Open fds and native threads of the daemon's processes (the reconciler, the API master, its workers)."""
+    fds = threads = 0
+    for p in _tree(pid):
+        fds += len(list(pathlib.Path(f"/proc/{p}/fd").iterdir()))
+        threads += len(list(pathlib.Path(f"/proc/{p}/task").iterdir()))
+    return fds, threads
+
+
+def test_a_thousand_log_streams_leave_nothing_behind(repo: GitRepo, daemons, tmp_path: pathlib.Path,
+                                                     docker_client: docker.DockerClient, owner: str) -> None:
+    from cynchrod.client import websocket
+
+    state = tmp_path / "state"
+    token = cli("token", "create", "--org", "default", "--name", "t", "--state", str(state)).stdout.strip()
+    headers = {"Authorization": f"Bearer {token}"}
+    repo.push({"apps/a.yaml": manifest("a", command="[sh, -c, 'while true; do echo tick; sleep 0.05; done']")})
+    daemon = daemons(interval=300, env={"CYNCHROD_WORKERS": "2"}).start()
+    wait_for(lambda: _up(daemon.api), 30, "the API")
+    wait_for(lambda: requests.get(daemon.api + "/apps", headers=headers, timeout=2).json()["apps"], 30, "a row")
+    app_id = requests.get(daemon.api + "/apps", headers=headers, timeout=5).json()["apps"][0]["id"]
+    wait_for(lambda: requests.get(f"{daemon.api}/apps/{app_id}", headers=headers,
+                                  timeout=5).json()["app"]["status"] == "running", 30, "a to run")
+    url = daemon.api.replace("http://", "ws://") + f"/apps/{app_id}/logs/stream?token={token}"
+
+    def one(read: bool) -> None:
+        ws = websocket(url)
+        try:
+            if read:
+                assert json.loads(ws.receive(timeout=10))[0]["line"] == "tick"
+        finally:
+            ws.close()
+
+    assert daemon.proc is not None
+    for _ in range(2):  # warm: each worker's pools and hubs made once
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(one, [True] * 16))
+    base_fds, base_threads = _usage(daemon.proc.pid)
+    with concurrent.futures.ThreadPoolExecutor(50) as pool:
+        list(pool.map(one, [i % 10 == 0 for i in range(1000)]))
+    settled = {}
+
+    def back() -> bool:
+        settled["now"] = _usage(daemon.proc.pid)  # type: ignore[union-attr]
+        fds, threads = settled["now"]
+        return fds <= base_fds and threads <= base_threads
+
+    wait_for(back, 20, f"fds and threads back to {base_fds}, {base_threads} (now {settled.get('now')})")
+    assert daemon.stop() == 0
