@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import hashlib
 import hmac
 import http.client
@@ -461,11 +462,11 @@ class Serve:
                 time.sleep(0.1)
 
     def pids(self) -> list[int]:
-        return [self.proc.pid] + [int(p) for p in subprocess.run(["pgrep", "-P", str(self.proc.pid)],
-                                                                 capture_output=True, text=True).stdout.split()]
+        """The daemon's processes: the reconciler, the API master and its workers."""
+        return tree(self.proc.pid)
 
     def rss_mib(self) -> float:
-        """VmRSS of gunicorn's master and worker, added: counts their shared pages twice."""
+        """VmRSS of the reconciler, the API master and its workers, added: counts shared pages twice."""
         total = 0
         for pid in self.pids():
             status = pathlib.Path(f"/proc/{pid}/status").read_text()
@@ -473,7 +474,7 @@ class Serve:
         return total / 1024
 
     def pss_mib(self) -> float:
-        """Proportional set size of master and worker: shared pages counted once."""
+        """Proportional set size of all the daemon's processes: shared pages counted once."""
         total = 0
         for pid in self.pids():
             rollup = pathlib.Path(f"/proc/{pid}/smaps_rollup").read_text()
@@ -577,6 +578,18 @@ def self_heal(tmp: pathlib.Path, kills: int) -> dict[str, Any]:
     return row
 
 
+def tree(pid: int) -> list[int]:
+    """``pid`` and every process below it."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        for task in pathlib.Path(f"/proc/{current}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+    return found
+
+
 def _cpu_seconds(pids: list[int]) -> float:
     total = 0
     for pid in pids:
@@ -586,7 +599,7 @@ def _cpu_seconds(pids: list[int]) -> float:
 
 
 def logs_throughput(tmp: pathlib.Path, seconds: float) -> list[dict[str, Any]]:
-    import simple_websocket
+    from cynchrod.client import websocket
 
     work = tmp / "logs"
     work.mkdir()
@@ -612,11 +625,12 @@ def logs_throughput(tmp: pathlib.Path, seconds: float) -> list[dict[str, Any]]:
     ws_base = daemon.url.replace("http://", "ws://")
 
     def count_ws(app: str, duration: float) -> int:
-        ws = simple_websocket.Client.connect(f"{ws_base}/apps/{app_ids[app]}/logs/stream?token={token}")
+        ws = websocket(f"{ws_base}/apps/{app_ids[app]}/logs/stream?token={token}")
         n, end = 0, time.perf_counter() + duration
         while time.perf_counter() < end:
-            if ws.receive(timeout=0.5) is not None:
-                n += 1
+            message = ws.receive(timeout=0.5)
+            if message is not None:
+                n += len(json.loads(message))  # a message is a JSON array of lines
         ws.close()
         return n
 
@@ -633,25 +647,31 @@ def logs_throughput(tmp: pathlib.Path, seconds: float) -> list[dict[str, Any]]:
     proc.kill()
     proc.wait()
     theirs = n / seconds
-    pids = [daemon.proc.pid] + [int(p) for p in subprocess.run(["pgrep", "-P", str(daemon.proc.pid)],
-                                                                capture_output=True, text=True).stdout.split()]
+    pids = daemon.pids()
     cpu0, t0 = _cpu_seconds(pids), time.perf_counter()
     time.sleep(seconds)
     idle_cpu = (_cpu_seconds(pids) - cpu0) / (time.perf_counter() - t0)
-    counts: list[int] = []
-    threads = [threading.Thread(target=lambda: counts.append(count_ws("slow", seconds))) for _ in range(20)]
-    cpu0, t0 = _cpu_seconds(pids), time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    busy_cpu = (_cpu_seconds(pids) - cpu0) / (time.perf_counter() - t0)
+
+    def followers(k: int) -> tuple[float, list[int]]:
+        """CPU (cores) of the daemon while ``k`` clients follow the 100 line/s app."""
+        counts: list[int] = []
+        threads = [threading.Thread(target=lambda: counts.append(count_ws("slow", seconds))) for _ in range(k)]
+        cpu0, t0 = _cpu_seconds(pids), time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return (_cpu_seconds(pids) - cpu0) / (time.perf_counter() - t0), counts
+
+    one_cpu, _ = followers(1)
+    busy_cpu, counts = followers(20)
     daemon.stop()
     remove_owner(owner)
     rows = [{"scenario": "log stream, one app printing flat out", "cynchrod_ws_lines_per_s": round(ours),
              "docker_logs_f_lines_per_s": round(theirs), "ratio_vs_docker_logs": ours / theirs},
             {"scenario": "log stream, 20 followers of a 100 line/s app", "cynchrod_cpu_idle": round(idle_cpu, 3),
-             "cynchrod_cpu_20_followers": round(busy_cpu, 3),
+             "cynchrod_cpu_1_follower": round(one_cpu, 3), "cynchrod_cpu_20_followers": round(busy_cpu, 3),
+             "ratio_20_vs_1_follower_cpu": busy_cpu / one_cpu if one_cpu else None,
              "lines_per_follower_per_s": round(median([c / seconds for c in counts]))}]
     for row in rows:
         log(str(row))

@@ -71,6 +71,8 @@ def _settings_flags(p: argparse.ArgumentParser, *names: str) -> None:
         "listen": ("API address (default 127.0.0.1:8080)", {"metavar": "HOST:PORT"}),
         "runtime": ("docker: one engine; swarm: a swarm manager (DOCKER_HOST) (default docker)",
                     {"choices": config.RUNTIMES}),
+        "workers": ("API worker processes beside the reconciler process (default 0: one per core)",
+                    {"type": int, "metavar": "N"}),
     }
     for name in names:
         text, kw = flags[name]
@@ -102,7 +104,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"cynchrod {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _settings_flags(_sub(sub, "serve", "run the daemon: reconcile every interval and serve the API"),
-                    *_SOURCE, *_APPLY, "interval", "resync", "listen")
+                    *_SOURCE, *_APPLY, "interval", "resync", "listen", "workers")
     _settings_flags(_sub(sub, "sync", "run one pass now, showing progress, and print a summary"), *_SOURCE, *_APPLY)
     _settings_flags(_sub(sub, "plan", "print what a pass would do, with reasons; change nothing"),
                     *_SOURCE, "owner", "publish-address")
@@ -284,8 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.info("cynchrod %s following %s every %ss, state %s", __version__,
                      ", ".join(f"{c.repo} ({c.branch}{', org ' + c.org if c.org else ''})" for c in cfg.sources),
                      cfg.interval, cfg.state)
-            daemon.Server(cfg, rebuild=lambda: settings(args)).run()
-            return 0
+            return daemon.serve(cfg, rebuild=lambda: settings(args))
     except client.ClientError as exc:
         print(f"cynchrod: {exc}", file=sys.stderr)
         return 1

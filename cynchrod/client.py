@@ -184,6 +184,23 @@ def _print_line(line: dict[str, Any], *, output: str, services: bool, out: IO[st
     out.flush()
 
 
+def websocket(url: str) -> Any:
+    """A WebSocket client (simple-websocket's) that also handles the frames that arrived in
+    the same read as the handshake reply: a close sent at once (``4404``, ``4401``) or the
+    first lines would otherwise wait for the next read, or be lost when the server hangs up."""
+    import simple_websocket  # only ``logs -f`` (and tests) need it
+
+    class _Client(simple_websocket.Client):  # type: ignore[misc]
+        def _thread(self) -> None:
+            self.connected = self._handle_events()
+            if not self.connected:
+                self.sock.close()
+                return
+            super()._thread()
+
+    return _Client.connect(url)
+
+
 def logs(client: Client, ref: str, *, tail: int, follow: bool, output: str, out: IO[str]) -> int:
     """The last ``tail`` lines; with ``follow``, then every new line until the stream ends or Ctrl-C.
 
@@ -197,7 +214,7 @@ def logs(client: Client, ref: str, *, tail: int, follow: bool, output: str, out:
 
         ticket = client.call("POST", f"/apps/{app['id']}/logs/ticket")["ticket"]
         url = client.api.replace("http://", "ws://", 1).replace("https://", "wss://", 1)
-        ws = simple_websocket.Client.connect(f"{url}/apps/{app['id']}/logs/stream?ticket={ticket}")
+        ws = websocket(f"{url}/apps/{app['id']}/logs/stream?ticket={ticket}")
     try:
         lines = client.call("GET", f"/apps/{app['id']}/logs?tail={tail}")["lines"]
         services = len({line["service"] for line in lines}) > 1 or any(line["service"] != "main" for line in lines)
@@ -215,10 +232,11 @@ def logs(client: Client, ref: str, *, tail: int, follow: bool, output: str, out:
                     raise ClientError(f"the log stream was closed: {closed.message or ''}".strip(),
                                       code=_CLOSE_REASONS[closed.reason]) from None
                 return 0
-            line = json.loads(message)
-            if line["timestamp"] <= newest and (line["timestamp"], line["service"], line["line"]) in seen:
-                continue
-            _print_line(line, output=output, services=services or line["service"] != "main", out=out)
+            batch = json.loads(message)  # a JSON array of lines (one object from an older daemon)
+            for line in batch if isinstance(batch, list) else [batch]:
+                if line["timestamp"] <= newest and (line["timestamp"], line["service"], line["line"]) in seen:
+                    continue
+                _print_line(line, output=output, services=services or line["service"] != "main", out=out)
     except KeyboardInterrupt:
         return 130
     finally:

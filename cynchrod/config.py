@@ -6,6 +6,7 @@ The CLI builds one ``Settings`` value; nothing else reads the environment.
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 import re
 from typing import Any
@@ -20,7 +21,8 @@ ORG_RE = specs.NAME_RE
 #: config-file key -> Settings field
 _FILE_KEYS = {"repo": "repo", "branch": "branch", "path": "path", "state": "state", "interval": "interval",
               "listen": "listen", "owner": "owner", "publishAddress": "publish_address", "resync": "resync",
-              "concurrency": "concurrency", "stopTimeout": "stop_timeout", "runtime": "runtime"}
+              "concurrency": "concurrency", "stopTimeout": "stop_timeout", "runtime": "runtime",
+              "workers": "workers"}
 RUNTIMES = ("docker", "swarm")
 DEFAULT_MAX_APPS = decisions.DEFAULT_MAX_APPS
 
@@ -126,6 +128,8 @@ class Settings:
     publish_address: str = "127.0.0.1"
     concurrency: int = 4
     stop_timeout: int = 10
+    #: API worker processes (0: one per CPU core).
+    workers: int = 0
     default_max_apps: int = DEFAULT_MAX_APPS
     org_max_apps: tuple[tuple[str, int], ...] = ()
     #: Every followed repository: ``--repo`` (repeatable) or the config's ``sources``.
@@ -162,6 +166,12 @@ class Settings:
     def max_apps(self, org: str) -> int:
         """The org's app cap (``orgs.<org>.max_apps``, else ``defaults.max_apps``, else 10)."""
         return dict(self.org_max_apps).get(org, self.default_max_apps)
+
+    @property
+    def api_workers(self) -> int:
+        """How many API worker processes to run: ``workers``, else one per CPU core."""
+        return self.workers or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                   else (os.cpu_count() or 1))
 
     @classmethod
     def flag_fields(cls) -> list[str]:
@@ -210,6 +220,8 @@ class Settings:
             raise ConfigError("edge ready timeout must be positive, drain not negative")
         if settings.runtime not in RUNTIMES:
             raise ConfigError(f"runtime: {settings.runtime!r} must be one of {', '.join(RUNTIMES)}")
-        if settings.resync <= 0 or settings.interval <= 0 or settings.concurrency < 1 or settings.stop_timeout < 0:
-            raise ConfigError("interval and concurrency must be positive, stop timeout not negative")
+        if settings.resync <= 0 or settings.interval <= 0 or settings.concurrency < 1 or settings.stop_timeout < 0 \
+                or not 0 <= settings.workers <= 64:
+            raise ConfigError("interval and concurrency must be positive, stop timeout not negative, "
+                              "workers from 0 (one per core) to 64")
         return settings

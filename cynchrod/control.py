@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import posixpath
-import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -69,13 +68,16 @@ class Control:
     def __init__(self, *, src: source.Followed | Sequence[source.Followed], db: store.Store,
                  wake: Callable[[str], None],
                  max_apps: Callable[[str], int] = lambda org: decisions.DEFAULT_MAX_APPS,
-                 build_allowed: Callable[[str, str], bool] = builds.deny_local) -> None:
+                 build_allowed: Callable[[str, str], bool] = builds.deny_local,
+                 blocking: Callable[[Callable[[], Any]], Any] | None = None) -> None:
         self.build_allowed = build_allowed
         self.sources = [src] if isinstance(src, source.Followed) else list(src)
         self.store = db
         self.wake = wake
         self.max_apps = max_apps
-        self._create_lock = threading.Lock()
+        #: Runs a call that may wait on the network or on another process's lock (a push,
+        #: a fetch): an API worker passes its thread pool, so its other requests go on.
+        self.blocking: Callable[[Callable[[], Any]], Any] = blocking or (lambda call: call())
 
     def _edit(self, app: store.App, action: str, actor: str,
               edit: Callable[[bytes | None], bytes | None], *, trigger: str = "api") -> Accepted:
@@ -89,8 +91,9 @@ class Control:
                 raise Conflict(f"{app.path} is no longer in the repository", code="not_in_repo")
             return edit(old)
 
-        commit = self._source_of(app).commit_edit(app.path, checked,
-                                                  f"{action} {app.org}/{app.name} (by {actor})")
+        src = self._source_of(app)
+        message = f"{action} {app.org}/{app.name} (by {actor})"
+        commit = self.blocking(lambda: src.commit_edit(app.path, checked, message))
         return self._accepted(app, action, commit, trigger=trigger)
 
     def _source_of(self, app: store.App) -> source.Followed:
@@ -160,7 +163,7 @@ class Control:
             if target is None:
                 raise NotFound(f"no successful deployment {deployment_id} of app {app.id}")
         else:
-            now = _spec_hash(app.path, src.file_at(src.fetch(), app.path))
+            now = _spec_hash(app.path, src.file_at(self.blocking(src.fetch), app.path))
             target = next((d for d in done if d.status == store.RUNNING
                            and (old := src.file_at(d.commit or "", app.path)) is not None
                            and _runs(app.path, old) and _spec_hash(app.path, old) != now), None)
@@ -207,22 +210,24 @@ class Control:
                    if s.build is not None and not self.build_allowed(spec.org, s.build.repo)]
         if refused:
             raise InvalidManifest("; ".join(refused), refused)
-        with self._create_lock:
-            # Quota and existence are checked and the row made under one lock, so
-            # concurrent creates at the cap leave exactly max_apps apps.
-            live = self.store.live_apps()
-            if spec.key in live:
-                raise Conflict(f"app {spec.org}/{spec.name} exists", code="app_exists")
-            count = decisions.admitted(live, spec.org)
-            cap = self.max_apps(spec.org)
-            if count >= cap:
-                raise QuotaExceeded(f"org {spec.org} has {count} apps, its max_apps is {cap}")
-
+        # Quota and existence are checked and a place reserved in one store transaction
+        # (any process), so concurrent creates at the cap leave exactly max_apps apps;
+        # no lock is held while the commit is pushed.
+        try:
+            self.store.reserve_app(spec.org, spec.name, cap=self.max_apps(spec.org))
+        except store.AppExists as exc:
+            raise Conflict(exc.message, code="app_exists") from exc
+        except store.QuotaFull as exc:
+            raise QuotaExceeded(exc.message) from exc
+        try:
             def write(old: bytes | None) -> bytes | None:
                 if old is not None:
                     raise Conflict(f"{path} already exists in the repository", code="app_exists")
                 return raw
 
-            commit = target.commit_edit(path, write, f"create {spec.org}/{spec.name} (by {token.name})")
+            commit = self.blocking(lambda: target.commit_edit(path, write,
+                                                              f"create {spec.org}/{spec.name} (by {token.name})"))
             app = self.store.ensure_app(dataclasses.replace(spec, path=path, source=target.url), commit=commit)
+        finally:
+            self.store.release_app(spec.org, spec.name)
         return self._accepted(app, "create", commit)

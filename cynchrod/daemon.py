@@ -1,18 +1,31 @@
-"""The daemon: the reconciler loop and the API in one process, served by gunicorn.
+"""The daemon: one reconciler process beside N API worker processes.
 
-``cynchrod serve`` holds the state lock in gunicorn's master process and runs
-one ``gthread`` worker. The worker builds the ``Daemon`` (store, source,
-runtime, reconciler, control, metrics) after the fork, starts the reconciler
-thread, and serves the Flask app; each open log WebSocket holds one of its
-threads. SIGTERM stops the worker, which stops the reconciler between passes.
+``cynchrod serve`` holds the state lock and becomes the reconciler process: the
+only writer of deployments and the only one acting on the engine (``Daemon``).
+Before it starts a thread it forks the API: a gunicorn master with ``--workers``
+gevent workers (one per core by default), each serving the Flask app over a
+``Front``: the store (SQLite WAL, read directly, caches checked by
+``Store.generation``), imperative commits (``control``, pushed from a thread pool
+under the mirror's file lock), and the reconciler's memory (health, units,
+previews) and wake-ups over the channel socket (``cynchrod.channel``).
+
+A connection costs a greenlet, not a thread: a request's line and headers must
+arrive within ``HEADER_TIMEOUT_S`` and its body within ``BODY_TIMEOUT_S``, each
+worker takes at most ``WORKER_CONNECTIONS`` connections, and every engine call
+on a request path has a deadline (``REQUEST_DEADLINE_S``), so idle, slow or
+hostile clients and a hung Docker cannot take the API. SIGTERM to the daemon
+stops the API and then the reconciler between passes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import logging
 import os
 import pathlib
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -21,17 +34,35 @@ from typing import TYPE_CHECKING, Any
 import watchfiles
 from gunicorn.app.base import BaseApplication
 
-from cynchrod import builds, config, control, edge, metrics, planning, reconciler, runtime, secrets, source, store
-from cynchrod.errors import CynchrodError, PermanentError
+from cynchrod import (
+    builds,
+    channel,
+    config,
+    control,
+    edge,
+    metrics,
+    planning,
+    reconciler,
+    runtime,
+    secrets,
+    source,
+    store,
+)
+from cynchrod.errors import CynchrodError, PermanentError, TemporaryError
 from cynchrod.runtime import local, swarm
 
 if TYPE_CHECKING:
-    from cynchrod.api.auth import Tickets
     from cynchrod.store import App
 
 log = logging.getLogger("cynchrod")
-#: Worker threads: API requests plus the log streams they may hold open.
-THREADS = 32
+#: Connections one API worker serves at once (each a greenlet).
+WORKER_CONNECTIONS = 1000
+#: Seconds a client has to send a request's line and headers (also the keep-alive idle time).
+HEADER_TIMEOUT_S = 5
+#: Seconds a client has to send a request's body.
+BODY_TIMEOUT_S = 30
+#: Deadline of an engine call made for a request (a hung Docker costs a request this, not a worker).
+REQUEST_DEADLINE_S = 5.0
 #: How long a dashboard page waits for ``Daemon.preview`` (it queues behind a running pass).
 PREVIEW_WAIT_S = 3.0
 
@@ -58,20 +89,25 @@ class Change:
     next: str
 
 
-def make_runtime(cfg: config.Settings, *, instance: str,
-                 vault: secrets.Secrets) -> local.LocalRuntime | swarm.SwarmRuntime:
+def make_runtime(cfg: config.Settings, *, instance: str, vault: secrets.Secrets,
+                 deadline: float | None = None) -> local.LocalRuntime | swarm.SwarmRuntime:
     """The runtime the config names: one Docker engine (behind the edge, when one is
-    configured), or a swarm through one of its managers."""
+    configured), or a swarm through one of its managers.
+
+    ``deadline``: an API worker's runtime, which only reads (logs) under a deadline per
+    engine call and never acts, so it has no edge.
+    """
     if cfg.runtime == "swarm":
         registry = (swarm.Registry(cfg.registry_url, cfg.registry_username, cfg.registry_password)
                     if cfg.registry_url else None)
         return swarm.SwarmRuntime(owner=cfg.owner, instance=instance, stop_timeout=cfg.stop_timeout,
                                   registry=registry, secret_value=vault.value)
     front = edge.Edge(cfg.edge, listen=cfg.edge_listen, tls_listen=cfg.edge_tls_listen, owner=cfg.owner,
-                      upstream_host=edge.upstream_host(cfg.publish_address)) if cfg.edge else None
+                      upstream_host=edge.upstream_host(cfg.publish_address)) if cfg.edge and deadline is None else None
     return local.LocalRuntime(owner=cfg.owner, instance=instance, publish_address=cfg.publish_address,
                               stop_timeout=cfg.stop_timeout, secrets_dir=vault.staging.resolve(), edge=front,
-                              ready_timeout=cfg.edge_ready_timeout, drain=cfg.edge_drain)
+                              ready_timeout=cfg.edge_ready_timeout, drain=cfg.edge_drain, call_timeout=deadline,
+                              stream_timeout=deadline)
 
 
 @dataclasses.dataclass
@@ -83,11 +119,12 @@ class Daemon:
     reconciler: reconciler.Reconciler
     control: control.Control
     metrics: metrics.Metrics
-    tickets: Tickets
     secrets: secrets.Secrets
     stop_event: threading.Event = dataclasses.field(default_factory=threading.Event)
     #: Re-reads flags, environment and the config file (for a reload when the file changes).
     rebuild: Callable[[], config.Settings] | None = None
+    #: Called after a reload (the API workers are restarted to read the new config).
+    on_reload: Callable[[], None] = lambda: None
     _thread: threading.Thread | None = None
     _watcher: threading.Thread | None = None
     #: One preview at a time: page loads during a long pass must not pile up behind it.
@@ -117,10 +154,8 @@ class Daemon:
                                     edge=rt.edge if isinstance(rt, local.LocalRuntime) else None)
         ctl = control.Control(src=srcs, db=db, wake=rec.wakeup.request, max_apps=cfg.max_apps,
                               build_allowed=cfg.build_repo_allowed)
-        from cynchrod.api.auth import Tickets  # flask stays out of the CLI's import path
-
         return cls(settings=cfg, store=db, source=srcs[0], runtime=rt, reconciler=rec, control=ctl, metrics=stats,
-                   tickets=Tickets(), secrets=vault)
+                   secrets=vault)
 
     _started_at: float = dataclasses.field(default_factory=time.monotonic)
 
@@ -241,9 +276,33 @@ class Daemon:
         self.reconciler.interval = self.settings.interval
         self.store.set_meta("config_error", None)
         log.info("config reloaded from %s", self.settings.config_path)
+        self.on_reload()
         self.reconciler.wakeup.request("watch")
         return True
 
+
+    # -- the channel: what the API workers ask of this process ------------------
+
+    def channel_handlers(self) -> dict[str, channel.Handler]:
+        def wake(req: dict[str, Any]) -> None:
+            trigger = str(req.get("trigger") or "api")
+            if req.get("debounced"):
+                self.reconciler.wakeup.request_debounced(trigger)
+            else:
+                self.reconciler.wakeup.request(trigger)
+
+        def units(req: dict[str, Any]) -> list[dict[str, Any]]:
+            return [dataclasses.asdict(u) for u in self.app_units(str(req["org"]), str(req["name"]))]
+
+        def preview(req: dict[str, Any]) -> list[dict[str, Any]] | None:
+            found = self.preview(str(req["org"]), str(req["name"]))
+            return None if found is None else [dataclasses.asdict(c) for c in found]
+
+        def reload(req: dict[str, Any]) -> bool:
+            return self.reload_config()
+
+        return {"wake": wake, "health": lambda req: self.health(), "units": units, "preview": preview,
+                "reload": reload}
 
     # -- read-only views for the dashboard (the seams to rewire to a new core) -----
 
@@ -326,33 +385,193 @@ def _unwritable(state: pathlib.Path) -> str | None:
     return None
 
 
-class Server(BaseApplication):  # type: ignore[misc]
-    """gunicorn, configured in code: one gthread worker that owns the daemon."""
+class Front:
+    """What an API worker process serves from: the store, imperative calls, the engine
+    for logs (each call under a deadline) and the reconciler's memory over the channel.
+
+    It never acts on the engine and never writes deployments but the queued ones an
+    imperative call makes (the reconciler takes them up)."""
+
+    def __init__(self, cfg: config.Settings, *, blocking: Callable[[Callable[[], Any]], Any] | None = None) -> None:
+        from cynchrod.api.auth import Tickets  # flask stays out of the CLI's import path
+
+        self.settings = cfg
+        self.store = store.Store(cfg.state / "cynchrod.db")
+        self.sources = [source.open_source(c.repo, branch=c.branch, path=c.path, state_dir=cfg.state, org=c.org)
+                        for c in cfg.sources]
+        self.source = self.sources[0]
+        self.secrets = secrets.Secrets(self.store, state_dir=cfg.state, files=cfg.runtime != "swarm")
+        self.channel = channel.Channel(channel.socket_path(cfg.state))
+        self.runtime = make_runtime(cfg, instance=self.store.instance_id(), vault=self.secrets,
+                                    deadline=REQUEST_DEADLINE_S)
+        self.builds = builds.Builds(state_dir=cfg.state, rt=self.runtime, allow=cfg.build_repo_allowed)
+        self.metrics = metrics.Metrics(self.store)
+        self.control = control.Control(src=self.sources, db=self.store, wake=self.wake, max_apps=cfg.max_apps,
+                                       build_allowed=cfg.build_repo_allowed, blocking=blocking)
+        self.tickets = Tickets(self.store)
+
+    def wake(self, trigger: str, *, debounced: bool = False) -> None:
+        self.channel.wake(trigger, debounced=debounced)
+
+    def health(self) -> list[dict[str, str]]:
+        """The reconciler's own account (``Daemon.health``); a reconciler that does not answer is a problem."""
+        try:
+            found = self.channel.call("health", timeout=HEALTH_WAIT_S)
+        except channel.ReconcilerUnavailable as exc:
+            return [{"code": "reconciler_unavailable", "message": exc.message}]
+        return [dict(p) for p in found]
+
+    def app_units(self, org: str, name: str) -> list[Unit]:
+        try:
+            found = self.channel.call("units", org=org, name=name)
+        except channel.ReconcilerUnavailable as exc:
+            raise TemporaryError(exc.message, code=exc.code) from exc
+        return [Unit(**u) for u in found]
+
+    def preview(self, org: str, name: str, *, wait_s: float = PREVIEW_WAIT_S) -> list[Change] | None:
+        try:
+            found = self.channel.call("preview", timeout=wait_s + 1, org=org, name=name)
+        except channel.ReconcilerUnavailable as exc:
+            log.warning("preview of %s/%s: %s", org, name, exc)
+            return None
+        return None if found is None else [Change(**c) for c in found]
+
+    def log_tail(self, org: str, name: str, lines: int) -> list[tuple[str, str, str]]:
+        return [(line.service, line.timestamp, line.line) for line in self.runtime.tail(org, name, lines)]
+
+    def manifest(self, app: App) -> bytes | None:
+        src = next((s for s in self.sources if s.url == app.source), self.source)
+        return src.file_at(app.commit, app.path) if app.commit and app.path else None
+
+    def build_log_path(self, deployment_id: int) -> pathlib.Path:
+        return self.builds.log_path(deployment_id)
+
+
+#: How long ``/healthz`` waits for the reconciler process's answer.
+HEALTH_WAIT_S = 2.0
+
+
+def _in_thread_pool() -> Callable[[Callable[[], Any]], Any]:
+    """Run a blocking call (a push, a fetch, a wait on another process's file lock) in the
+    gevent hub's pool of native threads, so the worker's other requests go on meanwhile."""
+    import gevent
+
+    def run(call: Callable[[], Any]) -> Any:
+        return gevent.get_hub().threadpool.apply(call)
+
+    return run
+
+
+class ApiServer(BaseApplication):  # type: ignore[misc]
+    """gunicorn, configured in code: ``settings.api_workers`` gevent workers serving the Flask app."""
 
     def __init__(self, cfg: config.Settings, rebuild: Callable[[], config.Settings] | None = None) -> None:
         self.settings = cfg
         self.rebuild = rebuild
-        self.daemon: Daemon | None = None
         super().__init__()
 
     def load_config(self) -> None:
         options = {
-            "bind": self.settings.listen, "workers": 1, "worker_class": "gthread", "threads": THREADS,
-            "timeout": 60, "graceful_timeout": 5, "accesslog": None, "errorlog": "-", "loglevel": "warning",
-            "proc_name": "cynchrod", "worker_exit": self._worker_exit,
+            "bind": self.settings.listen, "workers": self.settings.api_workers,
+            "worker_class": "cynchrod.daemon.Worker", "worker_connections": WORKER_CONNECTIONS,
+            "keepalive": HEADER_TIMEOUT_S, "timeout": 60, "graceful_timeout": 5, "accesslog": None,
+            "errorlog": "-", "loglevel": "warning", "proc_name": "cynchrod-api", "control_socket_disable": True,
         }
         for key, value in options.items():
-            self.cfg.set(key, value)
+            if key in self.cfg.settings:
+                self.cfg.set(key, value)
 
     def load(self) -> Any:
         from cynchrod.api import create_app
 
-        self.daemon = Daemon.build(self.settings)
-        self.daemon.rebuild = self.rebuild
-        self.daemon.start()
-        log.info("API listening on http://%s", self.settings.listen)
-        return create_app(self.daemon)
+        cfg = self.settings
+        if self.rebuild is not None:
+            try:  # a reload (SIGHUP from the reconciler process) picks up the new config
+                cfg = self.rebuild()
+            except CynchrodError as exc:
+                log.error("API workers keep the config they had: %s", exc)
+        return create_app(Front(cfg, blocking=_in_thread_pool()))
 
-    def _worker_exit(self, server: Any, worker: Any) -> None:
-        if self.daemon is not None:
-            self.daemon.stop()
+
+def _worker_class() -> type:
+    from gunicorn.workers.ggevent import GeventWorker
+
+    class Worker(GeventWorker):  # type: ignore[misc]
+        """gunicorn's gevent worker; ``keepalive`` bounds the wait for a request's line and
+        headers (the first request's too), the app bounds the body."""
+
+    return Worker
+
+
+def __getattr__(name: str) -> Any:
+    # gunicorn imports the worker class by name in the worker; gevent is only imported there.
+    if name == "Worker":
+        return _worker_class()
+    raise AttributeError(name)
+
+
+def _die_with_parent() -> None:
+    """Linux: this process gets SIGTERM when the process that forked it dies."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def serve(cfg: config.Settings, rebuild: Callable[[], config.Settings] | None = None) -> int:
+    """``cynchrod serve`` under the state lock: fork the API, then run the reconciler here until
+    SIGTERM or SIGINT (or the API's end). Returns the exit code."""
+    store.Store(cfg.state / "cynchrod.db").close()  # the schema is made once, before any fork
+    metrics.use_directory(cfg.state / "metrics")
+    parent = os.getpid()
+    api_pid = os.fork()
+    if api_pid == 0:  # the API: a gunicorn master and its workers
+        code = 1
+        try:
+            _die_with_parent()
+            if os.getppid() != parent:
+                os._exit(0)
+            ApiServer(cfg, rebuild).run()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            log.exception("the API stopped")
+        finally:
+            os._exit(code)
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    d = Daemon.build(cfg)
+    d.rebuild = rebuild
+    d.on_reload = lambda: _signal(api_pid, signal.SIGHUP)
+    server = channel.ChannelServer(channel.socket_path(cfg.state), d.channel_handlers())
+    server.start(d.stop_event)
+    d.start()
+    log.info("API listening on http://%s (%d worker processes)", cfg.listen, cfg.api_workers)
+    code = 0
+    while not stop.wait(0.5):
+        pid, status = os.waitpid(api_pid, os.WNOHANG)
+        if pid == api_pid:
+            log.error("the API process exited (status %s); stopping", status)
+            api_pid, code = 0, 1
+            break
+    if api_pid:
+        _signal(api_pid, signal.SIGTERM)
+    d.stop()
+    server.close()
+    if api_pid:
+        deadline = time.monotonic() + 15
+        while os.waitpid(api_pid, os.WNOHANG)[0] == 0:
+            if time.monotonic() > deadline:
+                log.warning("the API process did not stop in time; killing it")
+                _signal(api_pid, signal.SIGKILL)
+                os.waitpid(api_pid, 0)
+                break
+            time.sleep(0.1)
+    return code
+
+
+def _signal(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)

@@ -6,9 +6,12 @@ it. App counts by status are read from the store at scrape time.
 
 from __future__ import annotations
 
+import os
+import pathlib
+import shutil
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess, values
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -31,6 +34,16 @@ class _AppsByStatus(Collector):
         yield family
 
 
+def use_directory(path: pathlib.Path) -> None:
+    """Count in files under ``path`` (made empty now), so every process of the daemon (the
+    reconciler and each API worker, forked after this) adds to the same counters and any
+    worker's ``/metrics`` shows them all (prometheus-client's multiprocess mode)."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+    values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+
+
 class Metrics:
     def __init__(self, db: store.Store | None = None) -> None:
         self.registry = CollectorRegistry()
@@ -45,8 +58,16 @@ class Metrics:
                                 ["provider", "result"], registry=self.registry)
         self.requests = Counter("cynchrod_api_requests", "API requests, by method and status code.",
                                 ["method", "code"], registry=self.registry)
+        self._db = db
         if db is not None:
             self.registry.register(_AppsByStatus(db))
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if not path:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged, path=path)  # type: ignore[no-untyped-call]
+        if self._db is not None:
+            merged.register(_AppsByStatus(self._db))
+        return generate_latest(merged)

@@ -23,6 +23,7 @@ the digest is an HMAC, so a label never reveals anything about a value.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -32,6 +33,7 @@ import re
 import shutil
 import stat
 import subprocess
+import tempfile
 
 from cryptography.fernet import Fernet, InvalidToken
 
@@ -104,10 +106,17 @@ def load_key(state_dir: pathlib.Path) -> bytes:
     else:
         path = state_dir / "secret.key"
         if not path.exists():
+            # Written whole under another name, then linked into place: processes starting
+            # at once all read the one complete key.
             state_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as out:
-                out.write(Fernet.generate_key())
+            fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".secret-key-")
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    out.write(Fernet.generate_key())
+                with contextlib.suppress(FileExistsError):
+                    os.link(tmp, path)
+            finally:
+                os.unlink(tmp)
         key = path.read_bytes().strip()
     try:
         Fernet(key)

@@ -9,7 +9,10 @@ every blob it has already parsed.
 
 from __future__ import annotations
 
+import _thread
 import abc
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -17,9 +20,9 @@ import pathlib
 import random
 import re
 import shutil
-import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from typing import IO
 from urllib.parse import urlparse
 
 import pygit2
@@ -122,28 +125,74 @@ class Source(Followed):
         digest = hashlib.sha256(f"{self.url}#{branch}".encode()).hexdigest()[:16]
         self.mirror = state_dir / "repos" / f"{digest}.git"
         self._repo: pygit2.Repository | None = None
-        # One libgit2 repository object is shared by the reconciler and the API threads.
-        self._lock = threading.RLock()
+        #: The repository object that fetches, commits and pushes (a second one, so reads
+        #: never wait for the network).
+        self._net_repo: pygit2.Repository | None = None
+        # Native locks (also under gevent, where writes run in a thread pool). ``_lock``
+        # guards the reading repository object and is only held for local reads; writes to
+        # the mirror (clone, fetch, commit, push) hold ``_writing`` in this process and an
+        # fcntl lock on ``<mirror>.lock`` across processes (the reconciler and the API
+        # workers share the mirror). Only other writers of this mirror wait for them.
+        self._lock = _thread.RLock()
+        self._writing = _thread.RLock()
+        self._flock_depth = 0
+        self._flock_file: IO[bytes] | None = None
         self._healed_at = -HEAL_INTERVAL_S
         #: How many times a corrupted mirror was replaced by a fresh clone.
         self.heals = 0
         #: Blobs a fresh clone did not have either: the remote lacks them, cloning again cannot help.
         self._absent: set[str] = set()
 
-    def _open(self) -> pygit2.Repository:
-        if self._repo is None:
-            if (self.mirror / "HEAD").exists():
+    @contextlib.contextmanager
+    def _mirror_locked(self) -> Iterator[None]:
+        """This mirror's writer lock: one writer at a time in every process."""
+        with self._writing:
+            if self._flock_depth == 0:
+                self.mirror.parent.mkdir(parents=True, exist_ok=True)
+                handle = open(self.mirror.with_name(self.mirror.name + ".lock"), "ab")  # noqa: SIM115 (held open)
                 try:
-                    self._repo = pygit2.Repository(str(self.mirror))
-                except (pygit2.GitError, ValueError, KeyError) as exc:
-                    # A mirror that cannot even be opened (a garbled config or HEAD) is rebuilt.
-                    if not self._heal(f"cannot open the mirror: {exc}"):
-                        raise SourceError(f"the mirror of {self._safe_url} is damaged and the repository cannot "
-                                          f"be cloned again now: {exc}") from exc
-                    assert self._repo is not None
-            else:
-                self._repo = self._clone(self.mirror)
+                    fcntl.flock(handle, fcntl.LOCK_EX)
+                except BaseException:
+                    handle.close()
+                    raise
+                self._flock_file = handle
+            self._flock_depth += 1
+            try:
+                yield
+            finally:
+                self._flock_depth -= 1
+                if self._flock_depth == 0 and self._flock_file is not None:
+                    self._flock_file.close()  # releases the flock
+                    self._flock_file = None
+
+    def _clone_once(self) -> None:
+        if (self.mirror / "HEAD").exists():
+            return
+        with self._mirror_locked():
+            if (self.mirror / "HEAD").exists():
+                return  # another process cloned it while this one waited
+            self._clone(self.mirror).free()
+
+    def _open(self) -> pygit2.Repository:
+        """The repository object for local reads."""
+        if self._repo is None:
+            self._clone_once()
+            try:
+                self._repo = pygit2.Repository(str(self.mirror))
+            except (pygit2.GitError, ValueError, KeyError) as exc:
+                # A mirror that cannot even be opened (a garbled config or HEAD) is rebuilt.
+                if not self._heal(f"cannot open the mirror: {exc}"):
+                    raise SourceError(f"the mirror of {self._safe_url} is damaged and the repository cannot "
+                                      f"be cloned again now: {exc}") from exc
+                self._repo = pygit2.Repository(str(self.mirror))
         return self._repo
+
+    def _net(self) -> pygit2.Repository:
+        """The repository object for fetch, commit and push (held under ``_mirror_locked``)."""
+        if self._net_repo is None:
+            self._clone_once()
+            self._net_repo = pygit2.Repository(str(self.mirror))
+        return self._net_repo
 
     def _clone(self, dest: pathlib.Path) -> pygit2.Repository:
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -156,32 +205,32 @@ class Source(Followed):
     def _heal(self, why: str) -> bool:
         """Replace a damaged mirror with a fresh clone; False (mirror unchanged) when that is not possible now.
 
-        The clone is made beside the mirror and swapped in only once it is complete, so a
-        remote that is down leaves the old mirror (and the last good commit) in place. At
-        most one attempt per ``HEAL_INTERVAL_S``.
+        The clone is made beside the mirror and swapped in, under the writers' lock, only
+        once it is complete, so a remote that is down leaves the old mirror (and the last
+        good commit) in place. At most one attempt per ``HEAL_INTERVAL_S``. Both repository
+        objects are dropped (plain assignments: the readers' lock is not taken here, so
+        a reader healing and a writer fetching never wait for each other in turn).
         """
         now = time.monotonic()
         if now - self._healed_at < HEAL_INTERVAL_S:
             return False
         self._healed_at = now
-        fresh = self.mirror.with_name(self.mirror.name + ".heal")
-        shutil.rmtree(fresh, ignore_errors=True)
-        try:
-            repo = self._clone(fresh)
-        except SourceError as exc:
-            log.warning("the mirror of %s looks damaged (%s); cloning it again failed: %s", self._safe_url, why,
-                        exc.message)
-            return False
-        if self._repo is not None:
-            self._repo.free()
-        repo.free()
-        old = self.mirror.with_name(self.mirror.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        if self.mirror.exists():
-            os.replace(self.mirror, old)
-        os.replace(fresh, self.mirror)
-        shutil.rmtree(old, ignore_errors=True)
-        self._repo = pygit2.Repository(str(self.mirror))
+        with self._mirror_locked():
+            fresh = self.mirror.with_name(self.mirror.name + ".heal")
+            shutil.rmtree(fresh, ignore_errors=True)
+            try:
+                self._clone(fresh).free()
+            except SourceError as exc:
+                log.warning("the mirror of %s looks damaged (%s); cloning it again failed: %s", self._safe_url, why,
+                            exc.message)
+                return False
+            self._repo = self._net_repo = None
+            old = self.mirror.with_name(self.mirror.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            if self.mirror.exists():
+                os.replace(self.mirror, old)
+            os.replace(fresh, self.mirror)
+            shutil.rmtree(old, ignore_errors=True)
         self.heals += 1
         log.warning("the mirror of %s was damaged (%s): cloned it again", self._safe_url, why)
         return True
@@ -198,9 +247,10 @@ class Source(Followed):
 
         When the fetch fails, the mirror may be what is broken (a corrupted
         object or reference): it is cloned again, and the fetch fails only if
-        that fails too (the remote is really unreachable).
+        that fails too (the remote is really unreachable). Only the writers'
+        lock is held: reads of the mirror never wait for the network.
         """
-        with self._lock:
+        with self._mirror_locked():
             try:
                 return self._fetch()
             except SourceError as exc:
@@ -209,12 +259,15 @@ class Source(Followed):
             return self._fetch()
 
     def _fetch(self) -> str:
-        repo = self._open()
+        repo = self._net()
         try:
             repo.remotes["origin"].fetch(prune=pygit2.enums.FetchPrune.PRUNE, callbacks=_callbacks(self.url))
+            ref = repo.references.get(self._tracking_ref)
         except (pygit2.GitError, KeyError, ValueError) as exc:
             raise SourceError(f"cannot fetch {self._safe_url}: {exc}") from exc
-        return self.resolve()
+        if ref is None:
+            raise SourceError(f"branch {self.branch!r} not found in {self._safe_url}", code="branch_not_found")
+        return str(ref.target)
 
     def resolve(self) -> str:
         """The branch's commit in the mirror as last fetched, without fetching."""
@@ -408,7 +461,7 @@ class Source(Followed):
         jitter); a push is never forced.
         """
         for attempt in range(PUSH_ATTEMPTS):
-            with self._lock:
+            with self._mirror_locked():
                 tip = self.fetch()
                 outcome = self._commit_on(tip, path, edit, message)
                 if outcome is None:
@@ -418,14 +471,14 @@ class Source(Followed):
                 except _Rejected:
                     pass
                 else:
-                    self._open().references.create(self._tracking_ref, pygit2.Oid(hex=outcome), force=True)
+                    self._net().references.create(self._tracking_ref, pygit2.Oid(hex=outcome), force=True)
                     return outcome
             time.sleep(random.uniform(0.02, 0.1) * (attempt + 1))
         raise SourceError(f"push to {self._safe_url} rejected {PUSH_ATTEMPTS} times: others keep pushing",
                           code="push_conflict")
 
     def _commit_on(self, tip: str, path: str, edit: Callable[[bytes | None], bytes | None], message: str) -> str | None:
-        repo = self._open()
+        repo = self._net()
         commit = repo[tip].peel(pygit2.Commit)
         try:
             entry = commit.tree[path]
@@ -458,7 +511,7 @@ class Source(Followed):
         return str(repo.create_commit(None, author, author, message, tree, [commit.id]))
 
     def _push(self, commit: str) -> None:
-        repo = self._open()
+        repo = self._net()
         repo.references.create(_PUSH_REF, pygit2.Oid(hex=commit), force=True)
         callbacks = _PushCallbacks(_credential(self.url))
         try:
@@ -547,7 +600,7 @@ class WorkTreeSource(Followed):
         self.url = str(self.root)
         self.org = org
         self.path = path.strip("/")
-        self._lock = threading.RLock()
+        self._lock = _thread.RLock()  # native: imperative edits may run in a worker's thread pool
         self._stat: dict[str, tuple[int, int, str]] = {}
         self._paths: dict[str, str] = {}
         self._listing: tuple[list[tuple[str, str]], list[ManifestError]] = ([], [])
@@ -624,7 +677,10 @@ class WorkTreeSource(Followed):
             return None
 
     def commit_edit(self, path: str, edit: Callable[[bytes | None], bytes | None], message: str) -> str | None:
-        with self._lock:
+        # API workers in several processes may edit the same working copy: one at a time.
+        lock_dir = self.root / ".git" if (self.root / ".git").is_dir() else self.root
+        with self._lock, open(lock_dir / "cynchrod-edit.lock", "ab") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
             target = self.root / path
             old = target.read_bytes() if target.exists() else None
             new = edit(old)

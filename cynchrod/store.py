@@ -8,6 +8,7 @@ never erased.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import dataclasses
 import hashlib
@@ -15,15 +16,14 @@ import json
 import pathlib
 import secrets
 import sqlite3
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from cynchrod import planning, specs
+from cynchrod import decisions, planning, specs
 from cynchrod.decisions import APP_STATUSES, DEPLOYING, FAILED, PENDING, QUEUED, REMOVED, RUNNING, STOPPED
-from cynchrod.errors import StateUnwritable, StoreError, TemporaryError
+from cynchrod.errors import PermanentError, StateUnwritable, StoreError, TemporaryError
 
 __all__ = ["APP_STATUSES", "DEPLOYING", "FAILED", "PENDING", "QUEUED", "REMOVED", "RUNNING", "STOPPED"]
 
@@ -82,6 +82,18 @@ CREATE TABLE IF NOT EXISTS app_webhooks (
     app_id TEXT PRIMARY KEY REFERENCES apps(id),
     sealed TEXT NOT NULL,
     created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tickets (
+    hash TEXT PRIMARY KEY,
+    token_id TEXT NOT NULL,
+    app_id TEXT NOT NULL,
+    expires_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS reservations (
+    org TEXT NOT NULL,
+    name TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (org, name)
 );
 CREATE TABLE IF NOT EXISTS secrets (
     org TEXT NOT NULL,
@@ -207,21 +219,34 @@ class Deployment:
     last_seen: str | None = None
 
 
+class AppExists(PermanentError):
+    code = "app_exists"
+
+
+class QuotaFull(PermanentError):
+    code = "quota_exceeded"
+
+
 def _token(row: sqlite3.Row) -> Token:
     return Token(id=row["id"], name=row["name"], org=row["org"], admin=bool(row["admin"]),
                  created_at=row["created_at"], revoked_at=row["revoked_at"])
 
 
 class Store:
-    """Thread-safe: one connection, serialised by a lock (writes are tiny)."""
+    """Thread-safe: one connection per process, serialised by a lock (writes are tiny).
+
+    Several processes share the database (the reconciler and the API workers): WAL
+    lets readers go on while one writes, and every writer path is one transaction.
+    """
 
     def __init__(self, path: pathlib.Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
-        self._lock = threading.RLock()
-        #: Bumped by every write of this process that may change app or deployment rows,
-        #: so readers (the API's list cache) know when what they hold is stale.
+        # A native lock, also under gevent: nothing yields while it is held (SQLite calls only),
+        # and a thread pool's native threads may share this connection with the hub.
+        self._lock = _thread.RLock()
+        #: Bumped by every write of this process that may change app or deployment rows.
         self.version = 0
         self._live: tuple[tuple[int, int], dict[tuple[str, str], App]] | None = None
         with self._lock:
@@ -254,6 +279,14 @@ class Store:
             self._db.execute("COMMIT")
             if apps_changed:
                 self.version += 1
+
+    def generation(self) -> tuple[int, int]:
+        """Changes whenever any process has committed a write since the last call saw it
+        (SQLite's ``data_version`` for the others' commits, ``version`` for this process's):
+        one cheap pragma, so per-process caches of the store stay right across processes."""
+        with self._lock, _converted():
+            row = self._db.execute("PRAGMA data_version").fetchone()
+        return (self.version, int(row[0]))
 
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         with self._lock, _converted():
@@ -537,6 +570,52 @@ class Store:
     def app_webhook(self, app_id: str) -> str | None:
         rows = self._query("SELECT sealed FROM app_webhooks WHERE app_id = ?", (app_id,))
         return str(rows[0]["sealed"]) if rows else None
+
+    # -- log-stream tickets (single use; only their hash is kept) ----------------
+
+    def issue_ticket(self, ticket: str, *, token_id: str, app_id: str, ttl_s: float) -> None:
+        now_s = time.time()
+        with self.transaction(apps_changed=False) as db:
+            db.execute("DELETE FROM tickets WHERE expires_at < ?", (now_s,))
+            db.execute("INSERT INTO tickets (hash, token_id, app_id, expires_at) VALUES (?,?,?,?)",
+                       (token_hash(ticket), token_id, app_id, now_s + ttl_s))
+
+    def redeem_ticket(self, ticket: str, app_id: str) -> str | None:
+        """The token id the ticket was issued to, once (any process), for this app, before it expires."""
+        with self.transaction(apps_changed=False) as db:
+            row = db.execute("SELECT token_id, app_id, expires_at FROM tickets WHERE hash = ?",
+                             (token_hash(ticket),)).fetchone()
+            if row is None:
+                return None
+            db.execute("DELETE FROM tickets WHERE hash = ?", (token_hash(ticket),))
+        if row["app_id"] != app_id or row["expires_at"] < time.time():
+            return None
+        return str(row["token_id"])
+
+    # -- quota reservations (POST /apps, across processes) -----------------------
+
+    def reserve_app(self, org: str, name: str, *, cap: int, ttl_s: float = 120.0) -> None:
+        """Hold a place under ``org``'s cap for ``org/name`` while its commit is pushed.
+
+        One write transaction checks and reserves: concurrent creates in any number of
+        processes take exactly the free places. Raises ``AppExists`` or ``QuotaFull``.
+        """
+        now_s = time.time()
+        with self.transaction(apps_changed=False) as db:
+            db.execute("DELETE FROM reservations WHERE expires_at < ?", (now_s,))
+            live = {(r["org"], r["name"]): App(**dict(r))
+                    for r in db.execute("SELECT * FROM apps WHERE org = ? AND status != 'removed'", (org,))}
+            held = {r["name"] for r in db.execute("SELECT name FROM reservations WHERE org = ?", (org,))}
+            if (org, name) in live or name in held:
+                raise AppExists(f"app {org}/{name} exists")
+            count = decisions.admitted(live, org) + len({n for n in held if (org, n) not in live})
+            if count >= cap:
+                raise QuotaFull(f"org {org} has {count} apps, its max_apps is {cap}")
+            db.execute("INSERT INTO reservations (org, name, expires_at) VALUES (?,?,?)", (org, name, now_s + ttl_s))
+
+    def release_app(self, org: str, name: str) -> None:
+        with self.transaction(apps_changed=False) as db:
+            db.execute("DELETE FROM reservations WHERE org = ? AND name = ?", (org, name))
 
     # -- meta -----------------------------------------------------------------
 

@@ -137,31 +137,3 @@ def owned(client: docker.DockerClient, owner: str) -> list[dict]:  # type: ignor
         all=True, filters={"label": [f"{runtime.LABEL_OWNER}={owner}"]})
     return rows
 
-
-def ws_refusal(url: str, timeout: float = 10) -> int:
-    """The close code of a WebSocket the server refuses right after the handshake.
-
-    simple_websocket's client drops the bytes that arrive with the handshake
-    response, so a close frame sent at once is sometimes lost (it reports 1005 under
-    load). This reads the whole exchange and lets wsproto parse all of it.
-    """
-    from urllib.parse import urlsplit
-
-    from wsproto import ConnectionType, WSConnection
-    from wsproto.events import AcceptConnection, CloseConnection, Request
-
-    parts = urlsplit(url)
-    conn = WSConnection(ConnectionType.CLIENT)
-    target = parts.path + (f"?{parts.query}" if parts.query else "")
-    with socket.create_connection((parts.hostname, parts.port or 80), timeout=timeout) as sock:
-        sock.sendall(conn.send(Request(host=parts.netloc, target=target)))
-        while True:
-            data = sock.recv(65536)
-            conn.receive_data(data or None)
-            for event in conn.events():
-                if isinstance(event, CloseConnection):
-                    return int(event.code)
-                if not isinstance(event, AcceptConnection):
-                    continue
-            if not data:
-                return 1005

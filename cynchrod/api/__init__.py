@@ -1,6 +1,6 @@
 """The HTTP API (the only package that imports flask and flask_sock).
 
-``create_app(daemon)`` builds the Flask app over a running ``Daemon``: the
+``create_app(daemon)`` builds the Flask app over an API worker's ``Front``: the
 ``apps`` blueprint (REST and imperative calls), ``logs`` (tail, tickets and
 the WebSocket stream), ``meta`` (health, metrics, OpenAPI) and ``dashboard``
 (the pages at ``/`` and ``/ui/``, signed in with a session cookie). Views read the
@@ -13,9 +13,11 @@ README; no token, ticket or secret ever appears in a response or a log line.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
@@ -40,10 +42,36 @@ STATUS = {
     "app_exists": 409, "app_removed": 409, "not_in_repo": 409, "conflict": 409, "no_previous_deployment": 409,
     "app_stopped": 409,
     "path_unwritable": 409,
-    "too_many_streams": 429, "body_too_large": 413,
+    "too_many_streams": 429, "body_too_large": 413, "body_timeout": 408, "reconciler_unavailable": 503,
     "push_conflict": 503, "push_failed": 502, "source_unavailable": 503, "branch_not_found": 503,
     "docker_unavailable": 503, "runtime_error": 502,
 }
+
+
+#: Seconds a client has to send a request's body.
+BODY_TIMEOUT_S = 30.0
+
+
+class _SlowBody(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float) -> Iterator[None]:
+    """Under the gevent workers: the block ends with ``body_timeout`` after ``seconds``."""
+    try:
+        from gevent import Timeout, monkey
+    except ImportError:  # pragma: no cover - gevent is a dependency
+        yield
+        return
+    if not monkey.is_module_patched("socket"):
+        yield
+        return
+    try:
+        with Timeout(seconds, _SlowBody):
+            yield
+    except _SlowBody:
+        raise ApiError("body_timeout", f"the request body did not arrive within {seconds:.0f}s") from None
 
 
 class ApiError(CynchrodError):
@@ -128,7 +156,7 @@ def status_of(exc: CynchrodError) -> int:
 
 
 def create_app(daemon: Any) -> Flask:
-    """The Flask app for ``daemon`` (a ``cynchrod.daemon.Daemon``)."""
+    """The Flask app for ``daemon`` (a ``cynchrod.daemon.Front``)."""
     from cynchrod.api import apps, dashboard, logs, meta, secrets, webhooks
 
     app = Flask("cynchrod")
@@ -167,6 +195,12 @@ def create_app(daemon: Any) -> Flask:
     @app.before_request
     def _clock() -> None:
         g.started = time.perf_counter()
+        if request.method in ("POST", "PUT", "PATCH", "DELETE") and (
+                request.content_length or request.headers.get("Transfer-Encoding")):
+            # The whole body, read now under a deadline (a slow sender costs its own
+            # connection only); views then read it from memory.
+            with _deadline(BODY_TIMEOUT_S):
+                request.get_data(cache=True)
 
     @app.after_request
     def _log(response: Response) -> Response:

@@ -35,7 +35,7 @@ def deployment_json(d: store.Deployment) -> dict[str, Any]:
 _BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 #: SQLite's integers: a larger id cannot exist (and would overflow the query).
 MAX_ID = 2**63 - 1
-_list_cache: dict[tuple[int, str | None, bool], tuple[int, bytes]] = {}
+_list_cache: dict[tuple[int, str | None, bool], tuple[tuple[int, int], bytes]] = {}
 _list_lock = threading.Lock()
 
 
@@ -48,10 +48,10 @@ def list_apps() -> Response:
     include_removed = _BOOLEANS[flag]
     org = None if token.admin else token.org
     db = daemon().store
-    # The body is rebuilt only when the store has changed since: rows are written by
-    # the reconciler and by imperative calls, both in this process.
+    # The body is rebuilt only when the store has changed since (a write by any process:
+    # the reconciler, or an imperative call in any API worker).
     key = (id(db), org, include_removed)
-    version = db.version
+    version = db.generation()
     cached = _list_cache.get(key)
     if cached is None or cached[0] != version:
         apps = db.apps(org=org, include_removed=include_removed)
@@ -120,9 +120,8 @@ def deployment_log(app_id: str, deployment_id: int) -> Response:
 
 def build_log(deployment_id: int, tail: int) -> list[str] | None:
     """The last ``tail`` lines of a deployment's build output; None when it built nothing."""
-    builder = daemon().reconciler.builds
-    path = builder.log_path(deployment_id) if builder is not None else None
-    if path is None or not path.exists():
+    path = daemon().build_log_path(deployment_id)
+    if not path.exists():
         return None
     with open(path, "rb") as log_file:
         log_file.seek(max(0, path.stat().st_size - 512 * 1024))  # never an unbounded read

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import secrets
-import threading
-import time
 from typing import TYPE_CHECKING, cast
 
 from flask import current_app, g, request
@@ -13,13 +11,13 @@ from cynchrod import store
 from cynchrod.api import ApiError
 
 if TYPE_CHECKING:
-    from cynchrod.daemon import Daemon
+    from cynchrod.daemon import Front
 
 TICKET_TTL_S = 30.0
 
 
-def daemon() -> Daemon:
-    return cast("Daemon", current_app.extensions["cynchrod"])
+def daemon() -> Front:
+    return cast("Front", current_app.extensions["cynchrod"])
 
 
 def bearer() -> store.Token:
@@ -44,24 +42,17 @@ def visible_app(token: store.Token, app_id: str) -> store.App:
 
 
 class Tickets:
-    """Short-lived single-use tickets for the WebSocket URL (in memory, one process)."""
+    """Short-lived single-use tickets for the WebSocket URL, kept (hashed) in the store, so a
+    ticket issued by one API worker process is redeemed by whichever one the socket reaches."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._tickets: dict[str, tuple[str, str, float]] = {}
+    def __init__(self, db: store.Store) -> None:
+        self._db = db
 
     def issue(self, token: store.Token, app_id: str) -> str:
         ticket = "tkt_" + secrets.token_urlsafe(24)
-        now = time.monotonic()
-        with self._lock:
-            self._tickets = {k: v for k, v in self._tickets.items() if v[2] > now}
-            self._tickets[ticket] = (token.id, app_id, now + TICKET_TTL_S)
+        self._db.issue_ticket(ticket, token_id=token.id, app_id=app_id, ttl_s=TICKET_TTL_S)
         return ticket
 
     def redeem(self, ticket: str, app_id: str) -> str | None:
         """The token id the ticket was issued to, once, for this app, before it expires."""
-        with self._lock:
-            entry = self._tickets.pop(ticket, None)
-        if entry is None or entry[1] != app_id or entry[2] < time.monotonic():
-            return None
-        return entry[0]
+        return self._db.redeem_ticket(ticket, app_id)

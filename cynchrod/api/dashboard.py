@@ -29,6 +29,7 @@ Security decisions:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import difflib
@@ -38,6 +39,7 @@ import json
 import os
 import pathlib
 import secrets
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -94,13 +96,17 @@ def secret_key(state_dir: pathlib.Path) -> bytes:
     """The key that signs session cookies: made once under the state dir, mode 0600."""
     path = state_dir / KEY_FILE
     state_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    else:
-        with os.fdopen(fd, "wb") as out:
-            out.write(secrets.token_bytes(32).hex().encode())
+    if not path.exists():
+        # Written whole under another name, then linked into place: every API worker
+        # process starting at once reads the same complete key.
+        fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".dashboard-key-")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(secrets.token_bytes(32).hex().encode())
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)
+        finally:
+            os.unlink(tmp)
     key = path.read_bytes().strip()
     if len(key) < 32:
         raise CynchrodError(f"{path} is too short to sign sessions; remove it to make a new one", code="usage")
@@ -290,7 +296,7 @@ class _Listing:
     orgs: list[str]
 
 
-_listings: dict[tuple[int, str | None, str], tuple[int, _Listing]] = {}
+_listings: dict[tuple[int, str | None, str], tuple[tuple[int, int], _Listing]] = {}
 _listings_lock = threading.Lock()
 
 
@@ -299,7 +305,7 @@ def _listing(token: store.Token, org: str | None, host: str) -> _Listing:
     db = daemon().store
     scope = org if token.admin else token.org
     key = (id(db), scope, host)
-    version = db.version
+    version = db.generation()
     cached = _listings.get(key)
     if cached is None or cached[0] != version:
         apps = db.apps(org=scope, include_removed=True)

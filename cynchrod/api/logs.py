@@ -1,17 +1,19 @@
 """Logs: a bounded tail over HTTP and a live stream over a WebSocket (flask-sock).
 
 Both go through the runtime protocol (``Runtime.tail`` / ``Runtime.follow``), so
-they work the same on every runtime. The stream follows the app through
-restarts and redeploys; it ends when the app is deleted (``1000 app_removed``),
-the token is revoked (checked every second), or the client leaves, and then the
-runtime's followers are closed on this thread: nothing outlives the socket.
+they work the same on every runtime. One follower per app per worker process (a
+hub) feeds every client of that app; each WebSocket message is a JSON array of
+line objects: the lines waiting, gathered for at most ``BATCH_WAIT_S`` and at
+most ``BATCH_BYTES``. The stream follows the app through restarts and
+redeploys; it ends when the app is deleted (``1000 app_removed``), the token is
+revoked (checked every second), or the client leaves; the hub's follower is
+closed with its last client: nothing outlives the sockets.
 """
 
 from __future__ import annotations
 
-import contextlib
+import collections
 import json
-import queue
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -24,14 +26,19 @@ from cynchrod.api.auth import TICKET_TTL_S, bearer, daemon, visible_app
 from cynchrod.errors import CynchrodError
 
 if TYPE_CHECKING:
-    from cynchrod.daemon import Daemon
+    from cynchrod.daemon import Front
 
 bp = Blueprint("logs", __name__)
 DEFAULT_TAIL = 200
 MAX_TAIL = 2000
-MAX_STREAMS = 16
-QUEUE_LINES = 1000
-_END = object()
+MAX_STREAMS = 256
+#: Lines a client may fall behind its app before it loses the oldest (it alone).
+QUEUE_LINES = 5000
+#: A message holds the lines waiting, up to this many bytes of JSON ...
+BATCH_BYTES = 64 * 1024
+#: ... gathered for at most this long after the first (unless this many are already waiting).
+BATCH_WAIT_S = 0.02
+BATCH_LINES = 500
 _streams = threading.BoundedSemaphore(MAX_STREAMS)
 
 # WebSocket close codes (4000-4999 are the application's).
@@ -94,46 +101,124 @@ def stream(ws: Any, app_id: str) -> None:
         _streams.release()
 
 
-def _pump(ws: Any, d: Daemon, token: store.Token, app: store.App) -> None:
-    ended = threading.Event()
-    try:
-        follower = d.runtime.follow(app.org, app.name, since=time.time(), ended=ended)
-    except CynchrodError:
-        ws.close(1011, "docker_unavailable")
-        return
-    lines: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_LINES)
-    done = threading.Event()
+class _Subscriber:
+    """One client's share of a hub: a bounded buffer of lines and a wake-up."""
 
-    def read() -> None:
+    def __init__(self) -> None:
+        self.lines: collections.deque[dict[str, Any]] = collections.deque()
+        self.dropped = 0
+        self.ready = threading.Event()
+        self.ended = False
+
+    def put(self, line: dict[str, Any]) -> None:
+        if len(self.lines) >= QUEUE_LINES:
+            self.lines.popleft()  # this client reads slower than the app logs: it, alone, loses lines
+            self.dropped += 1
+        self.lines.append(line)
+        self.ready.set()
+
+    def end(self) -> None:
+        self.ended = True
+        self.ready.set()
+
+
+class _Hub:
+    """One engine follower per app in this worker process, shared by all its clients:
+    twenty clients of one app cost one set of engine streams and one JSON encoding per line."""
+
+    def __init__(self, key: tuple[str, str], d: Front) -> None:
+        self.key = key
+        self.subscribers: set[_Subscriber] = set()
+        self.ended = threading.Event()
+        self.follower = d.runtime.follow(key[0], key[1], since=time.time(), ended=self.ended)
+        self.reader = threading.Thread(target=self._read, daemon=True, name=f"logs-{key[0]}-{key[1]}")
+
+    def _read(self) -> None:
         try:
-            for line in follower:
-                while not done.is_set():
-                    try:
-                        lines.put(line, timeout=0.5)  # a slow client slows the reader: bounded memory
-                        break
-                    except queue.Full:
-                        continue
-                if done.is_set():
-                    return
+            for line in self.follower:
+                item = line.to_json()
+                with _hubs_lock:
+                    for sub in self.subscribers:
+                        sub.put(item)
         except CynchrodError:
             pass
         finally:
-            with contextlib.suppress(queue.Full):
-                lines.put_nowait(_END)
+            with _hubs_lock:
+                if _hubs.get(self.key) is self:
+                    del _hubs[self.key]
+                for sub in self.subscribers:
+                    sub.end()
 
-    reader = threading.Thread(target=read, daemon=True, name=f"logs-{app.id}")
-    reader.start()
+    def close(self) -> None:
+        self.ended.set()
+        self.follower.close()
+
+
+_hubs: dict[tuple[str, str], _Hub] = {}
+_hubs_lock = threading.Lock()
+
+
+def _subscribe(d: Front, app: store.App) -> tuple[_Hub, _Subscriber]:
+    sub = _Subscriber()
+    with _hubs_lock:
+        hub = _hubs.get(app.key)
+        fresh = hub is None
+        if hub is None:
+            hub = _hubs[app.key] = _Hub(app.key, d)
+        hub.subscribers.add(sub)
+    if fresh:
+        hub.reader.start()
+    return hub, sub
+
+
+def _unsubscribe(hub: _Hub, sub: _Subscriber) -> None:
+    with _hubs_lock:
+        hub.subscribers.discard(sub)
+        last = not hub.subscribers
+        if last and _hubs.get(hub.key) is hub:
+            del _hubs[hub.key]
+    if last:
+        hub.close()
+        hub.reader.join(5)
+
+
+def _batch(sub: _Subscriber) -> str:
+    """The lines waiting, as one JSON array (a message), at most ``BATCH_BYTES`` of it."""
+    out: list[str] = []
+    size = 2
+    if sub.dropped:
+        out.append(json.dumps({"service": "", "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                               "line": f"[cynchrod: {sub.dropped} lines dropped: this client reads slower than "
+                                       "the app writes]", "dropped": sub.dropped}))
+        sub.dropped = 0
+    while sub.lines and size < BATCH_BYTES:
+        text = json.dumps(sub.lines.popleft(), separators=(",", ":"))
+        out.append(text)
+        size += len(text) + 1
+    if sub.lines:
+        sub.ready.set()
+    return "[" + ",".join(out) + "]"
+
+
+def _pump(ws: Any, d: Front, token: store.Token, app: store.App) -> None:
+    try:
+        hub, sub = _subscribe(d, app)
+    except CynchrodError:
+        ws.close(1011, "docker_unavailable")
+        return
     last_check = time.monotonic()
     try:
         while ws.connected:
-            try:
-                item = lines.get(timeout=0.5)
-            except queue.Empty:
-                item = None
-            if item is _END:
-                break
-            if item is not None:
-                ws.send(json.dumps(item.to_json()))
+            if sub.ready.wait(0.5):
+                # A few tens of milliseconds for more lines to join this message: a flood goes
+                # in large messages, a trickle still arrives at once.
+                if len(sub.lines) < BATCH_LINES and not sub.ended:
+                    time.sleep(BATCH_WAIT_S)
+                sub.ready.clear()
+                if sub.lines or sub.dropped:
+                    ws.send(_batch(sub))
+                elif sub.ended:
+                    break
             if time.monotonic() - last_check >= 1.0:
                 last_check = time.monotonic()
                 if not d.store.is_live_token(token.id):
@@ -141,7 +226,6 @@ def _pump(ws: Any, d: Daemon, token: store.Token, app: store.App) -> None:
                     return
                 now = d.store.app(app.id)
                 if now is None or now.status == store.REMOVED:
-                    ended.set()
                     ws.close(CLOSE_NORMAL, "app_removed")
                     return
         if ws.connected:
@@ -149,7 +233,4 @@ def _pump(ws: Any, d: Daemon, token: store.Token, app: store.App) -> None:
     except ConnectionError:
         pass
     finally:
-        done.set()
-        ended.set()
-        follower.close()
-        reader.join(5)
+        _unsubscribe(hub, sub)

@@ -38,7 +38,7 @@ def put_secret(org: str, name: str) -> tuple[Response, int]:
         raw = value.encode()
     d = daemon()
     d.secrets.set(org, name, raw)
-    d.reconciler.wakeup.request("api")  # apps that use it are redeployed
+    d.wake("api")  # apps that use it are redeployed
     return jsonify({"org": org, "name": name, "set": True}), 200
 
 

@@ -76,7 +76,7 @@ def _deliver(secret: str, branches: set[str], trigger: str, what: str) -> tuple[
     if ref is not None and ref not in branches:
         d.metrics.webhooks.labels(provider, "ignored").inc()
         return jsonify({"ok": True, "ignored": f"{ref} is not {what}"}), 202
-    d.reconciler.wakeup.request_debounced(trigger)
+    d.wake(trigger, debounced=True)
     d.metrics.webhooks.labels(provider, "accepted").inc()
     return jsonify({"ok": True, "event": kind, "queued": True}), 202
 
@@ -100,5 +100,5 @@ def git_push() -> tuple[Response, int]:
     secret = d.settings.webhook_secret
     if not secret:
         raise ApiError("not_found", "webhooks are off: no webhook secret is configured")
-    return _deliver(secret, {f"refs/heads/{s.branch}" for s in d.reconciler.sources}, "webhook",
+    return _deliver(secret, {f"refs/heads/{s.branch}" for s in d.sources}, "webhook",
                     "a followed branch")

@@ -204,7 +204,8 @@ class _AppLogs:
         self._lines: queue.Queue[runtime.LogLine | str] = queue.Queue(maxsize=self.QUEUE_LINES)
         self._readers: dict[str, tuple[threading.Thread, Any]] = {}
         self._lock = threading.Lock()
-        self._client = rt_client(rt, timeout=None)
+        # A deadline for opening each stream (a hung engine), none once it flows.
+        self._client = rt_client(rt, timeout=rt.stream_timeout)
 
     def _attach(self) -> None:
         """Follow every running container of the app not followed yet (one list call)."""
@@ -295,12 +296,16 @@ class LocalRuntime:
     def __init__(self, *, owner: str = "cynchrod", instance: str = "", publish_address: str = "127.0.0.1",
                  stop_timeout: int = 10, client: docker.DockerClient | None = None,
                  secrets_dir: pathlib.Path | None = None, edge: edge_mod.Edge | None = None,
-                 ready_timeout: float = 60.0, drain: float = 2.0) -> None:
+                 ready_timeout: float = 60.0, drain: float = 2.0, call_timeout: float | None = None,
+                 stream_timeout: float | None = None) -> None:
         self.owner = owner
         #: Routes domains; with it, a domain's unit without a host port is recreated start-first.
         self.edge = edge
         self.ready_timeout = ready_timeout
         self.drain = drain
+        #: Deadline for opening a log stream and reading its headers (docker-py lifts it
+        #: for the stream's body); None waits forever.
+        self.stream_timeout = stream_timeout
         self.instance = instance
         #: Where the reconciler stages secret files (``<org>/<app>/<name>``).
         self.secrets_dir = secrets_dir
@@ -308,8 +313,8 @@ class LocalRuntime:
         self.stop_timeout = stop_timeout
         # The API version is pinned (every engine since 20.10 speaks it): making a client
         # asks the engine nothing, so a daemon starts while Docker is down.
-        self._client = client or docker.DockerClient.from_env(version=API_VERSION,
-                                                              timeout=CALL_TIMEOUT_S + stop_timeout)
+        self._client = client or docker.DockerClient.from_env(
+            version=API_VERSION, timeout=call_timeout if call_timeout is not None else CALL_TIMEOUT_S + stop_timeout)
         self.api = self._client.api
         self.calls = 0
 

@@ -21,7 +21,8 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 from cynchrod import source
-from tests.helpers import TEST_IMAGE, Daemon, GitRepo, cli, git, owned, wait_for, ws_refusal
+from cynchrod.client import websocket
+from tests.helpers import TEST_IMAGE, Daemon, GitRepo, cli, git, owned, wait_for
 
 OPENAPI = json.loads((pathlib.Path(__file__).resolve().parents[2] / "cynchrod" / "openapi.json").read_text())
 _REGISTRY = Registry().with_resource("urn:openapi", Resource.from_contents(OPENAPI, default_specification=DRAFT202012))
@@ -257,7 +258,10 @@ def test_org_isolation_on_every_endpoint(api: Api) -> None:
         assert response.json() == {"error": "not_found", "message": response.json()["message"]}
         assert response.json()["error"] == missing.json()["error"]
     ws_url = api.url.replace("http://", "ws://") + f"/apps/{theirs}/logs/stream?token={api.token}"
-    assert ws_refusal(ws_url) == 4404
+    with pytest.raises(simple_websocket.ConnectionClosed) as closed:
+        ws = websocket(ws_url)
+        ws.receive(timeout=5)
+    assert closed.value.reason == 4404
     # The owner's token does see it; an admin token sees every org.
     assert api.call("GET", f"/apps/{theirs}", token=api.other_token).status_code == 200
     assert sorted(a["name"] for a in api.call("GET", "/apps", token=api.admin_token).json()["apps"]) == [
@@ -270,9 +274,9 @@ def test_auth_errors_and_revocation(api: Api) -> None:
     assert api.call("GET", "/apps", token="cyn_nope").json()["error"] == "unauthorized"
     assert api.call("GET", "/apps", headers={"AUTHORIZATION": f"bearer {api.token}"}).status_code == 200
     ticker = api.app_id("ticker")
-    ws = simple_websocket.Client.connect(
+    ws = websocket(
         api.url.replace("http://", "ws://") + f"/apps/{ticker}/logs/stream?token={api.token}")
-    assert json.loads(ws.receive(timeout=5))["line"].startswith("tick ")
+    assert json.loads(ws.receive(timeout=5))[0]["line"].startswith("tick ")
     listed = cli("token", "list", "--state", str(api.state)).stdout
     assert "alice" in listed and api.token not in listed
     assert cli("token", "revoke", "alice", "--state", str(api.state)).returncode == 0
@@ -290,8 +294,12 @@ def test_websocket_streams_lines_written_after_connecting(api: Api) -> None:
     ticket = api.call("POST", f"/apps/{ticker}/logs/ticket", check="/apps/{appId}/logs/ticket").json()["ticket"]
     base = api.url.replace("http://", "ws://") + f"/apps/{ticker}/logs/stream"
     connected = time.time()
-    ws = simple_websocket.Client.connect(f"{base}?ticket={ticket}")
-    received = [json.loads(ws.receive(timeout=5)) for _ in range(5)]
+    ws = websocket(f"{base}?ticket={ticket}")
+    received: list[dict[str, Any]] = []
+    while len(received) < 5:
+        message = json.loads(ws.receive(timeout=5))  # a JSON array of lines
+        assert isinstance(message, list) and message
+        received += message
     ws.close()
     numbers = [int(m["line"].split()[1]) for m in received]
     assert numbers == list(range(numbers[0], numbers[0] + 5))  # in order, none lost
@@ -301,7 +309,10 @@ def test_websocket_streams_lines_written_after_connecting(api: Api) -> None:
         validator.validate(message)
         assert message["timestamp"][:19] >= time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(connected - 1))
     # A ticket is single-use.
-    assert ws_refusal(f"{base}?ticket={ticket}") == 4401
+    with pytest.raises(simple_websocket.ConnectionClosed) as closed:
+        again = websocket(f"{base}?ticket={ticket}")
+        again.receive(timeout=5)
+    assert closed.value.reason == 4401
 
 
 def test_tail_bounds_and_validation(api: Api) -> None:

@@ -215,8 +215,9 @@ function logView() {
     showCounts();
   }
 
-  function add(item) {
-    pending.push(item);
+  function add(items) {
+    // Each message is a JSON array of lines (one object from an older daemon).
+    for (const item of Array.isArray(items) ? items : [items]) pending.push(item);
     if (pending.length > 2 * MAX_LINES) { dropped += pending.length - MAX_LINES; pending = pending.slice(-MAX_LINES); }
     if (!scheduled) { scheduled = true; requestAnimationFrame(flush); }
   }
