@@ -84,7 +84,12 @@ class ApiError(CynchrodError):
 
 def read_body() -> bytes:
     """The whole body, or ``413 body_too_large`` when it is over ``MAX_BODY`` — also when it is
-    chunked (no Content-Length): such a body is never cut at the limit and then parsed."""
+    chunked (no Content-Length): such a body is never cut at the limit and then parsed.
+
+    Read once per request (before the view, under the body deadline) and kept in ``g``."""
+    if "body" in g:
+        kept: bytes = g.body
+        return kept
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise ApiError("body_too_large", f"the body is over {MAX_BODY} bytes")
     out = bytearray()
@@ -93,7 +98,9 @@ def read_body() -> bytes:
         out.extend(chunk)
         if len(out) > MAX_BODY:
             raise ApiError("body_too_large", f"the body is over {MAX_BODY} bytes")
-    return bytes(out)
+    body = bytes(out)
+    g.body = body
+    return body
 
 
 def is_ascii_number(text: str) -> bool:
@@ -200,7 +207,7 @@ def create_app(daemon: Any) -> Flask:
             # The whole body, read now under a deadline (a slow sender costs its own
             # connection only); views then read it from memory.
             with _deadline(BODY_TIMEOUT_S):
-                request.get_data(cache=True)
+                read_body()
 
     @app.after_request
     def _log(response: Response) -> Response:
