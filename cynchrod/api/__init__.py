@@ -84,22 +84,16 @@ class ApiError(CynchrodError):
 
 def read_body() -> bytes:
     """The whole body, or ``413 body_too_large`` when it is over ``MAX_BODY`` — also when it is
-    chunked (no Content-Length): such a body is never cut at the limit and then parsed.
+    chunked (no Content-Length): werkzeug's stream is bounded at ``MAX_CONTENT_LENGTH`` and
+    raises 413 past it, so such a body is never cut at the limit and then parsed.
 
-    Read once per request (before the view, under the body deadline) and kept in ``g``."""
-    if "body" in g:
-        kept: bytes = g.body
-        return kept
+    Read once per request (before the view, under the body deadline) and cached by werkzeug,
+    so forms parse from the same bytes."""
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise ApiError("body_too_large", f"the body is over {MAX_BODY} bytes")
-    out = bytearray()
-    stream = request.stream  # bounded at MAX_BODY + 1 (MAX_CONTENT_LENGTH): reading past it is a 413
-    while chunk := stream.read(64 * 1024):
-        out.extend(chunk)
-        if len(out) > MAX_BODY:
-            raise ApiError("body_too_large", f"the body is over {MAX_BODY} bytes")
-    body = bytes(out)
-    g.body = body
+    body = request.get_data(cache=True)
+    if len(body) > MAX_BODY:
+        raise ApiError("body_too_large", f"the body is over {MAX_BODY} bytes")
     return body
 
 
