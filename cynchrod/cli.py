@@ -61,6 +61,8 @@ def _settings_flags(p: argparse.ArgumentParser, *names: str) -> None:
         "stop-timeout": ("seconds a container gets to stop (default 10)", {"type": int, "metavar": "SECONDS"}),
         "interval": ("seconds between passes (default 30)", {"type": float, "metavar": "SECONDS"}),
         "resync": ("seconds between full relists of the engine (default 300)", {"type": float, "metavar": "SECONDS"}),
+        "watch": ("on: a push into a local repository or a save in a working tree applies at once (default on)",
+                  {"choices": ("on", "off")}),
         "edge": ("Caddy's admin API URL, e.g. http://127.0.0.1:2019: route each app's domain", {"metavar": "URL"}),
         "edge-listen": ("address of the edge's plain-HTTP server (default :80)", {"metavar": "ADDRESS"}),
         "edge-tls-listen": ("address of the edge's HTTPS server (default: none)", {"metavar": "ADDRESS"}),
@@ -104,7 +106,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"cynchrod {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _settings_flags(_sub(sub, "serve", "run the daemon: reconcile every interval and serve the API"),
-                    *_SOURCE, *_APPLY, "interval", "resync", "listen", "workers")
+                    *_SOURCE, *_APPLY, "interval", "resync", "watch", "listen", "workers")
     _settings_flags(_sub(sub, "sync", "run one pass now, showing progress, and print a summary"), *_SOURCE, *_APPLY)
     _settings_flags(_sub(sub, "plan", "print what a pass would do, with reasons; change nothing"),
                     *_SOURCE, "owner", "publish-address")

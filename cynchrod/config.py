@@ -21,6 +21,7 @@ ORG_RE = specs.NAME_RE
 #: config-file key -> Settings field
 _FILE_KEYS = {"repo": "repo", "branch": "branch", "path": "path", "state": "state", "interval": "interval",
               "listen": "listen", "owner": "owner", "publishAddress": "publish_address", "resync": "resync",
+              "watch": "watch",
               "concurrency": "concurrency", "stopTimeout": "stop_timeout", "runtime": "runtime",
               "workers": "workers"}
 RUNTIMES = ("docker", "swarm")
@@ -43,6 +44,8 @@ def load_file(path: pathlib.Path) -> dict[str, Any]:
         where = ".".join(map(str, problems[0].path)) or "config"
         raise ConfigError(f"{path}: {where}: {problems[0].message}")
     values = {_FILE_KEYS[k]: v for k, v in data.items() if k in _FILE_KEYS}
+    if isinstance(values.get("watch"), bool):
+        values["watch"] = "on" if values["watch"] else "off"
     if "defaults" in data:
         values["default_max_apps"] = data["defaults"].get("max_apps", DEFAULT_MAX_APPS)
     if "webhook" in data:
@@ -123,6 +126,8 @@ class Settings:
     interval: float = 30.0
     #: Seconds between full relists of the engine (events keep the view current in between).
     resync: float = 300.0
+    #: ``on``: local repositories and working trees are watched (a push applies at once); ``off``: not.
+    watch: str = "on"
     listen: str = "127.0.0.1:8080"
     owner: str = "cynchrod"
     publish_address: str = "127.0.0.1"
@@ -218,6 +223,8 @@ class Settings:
                               "e.g. http://127.0.0.1:2019")
         if settings.edge_ready_timeout <= 0 or settings.edge_drain < 0:
             raise ConfigError("edge ready timeout must be positive, drain not negative")
+        if settings.watch not in ("on", "off"):
+            raise ConfigError(f"watch: {settings.watch!r} must be on or off")
         if settings.runtime not in RUNTIMES:
             raise ConfigError(f"runtime: {settings.runtime!r} must be one of {', '.join(RUNTIMES)}")
         if settings.resync <= 0 or settings.interval <= 0 or settings.concurrency < 1 or settings.stop_timeout < 0 \

@@ -217,8 +217,10 @@ class Daemon:
         """What is watched: the apps directories of local working trees (recursively) and the
         config file (through its folder, not recursively, filtered to that one name: an editor's
         save replaces the file, which a watch on the file itself would lose)."""
-        dirs = [s.apps_dir for s in self.reconciler.sources if isinstance(s, source.WorkTreeSource)]
-        dirs += [g for s in self.reconciler.sources if (g := local_git_dir(s)) is not None]
+        dirs: list[pathlib.Path] = []
+        if self.settings.watch == "on":
+            dirs += [s.apps_dir for s in self.reconciler.sources if isinstance(s, source.WorkTreeSource)]
+            dirs += [g for s in self.reconciler.sources if (g := local_git_dir(s)) is not None]
         if self.settings.config_path:
             dirs.append(pathlib.Path(self.settings.config_path).resolve())
         return [d for d in dirs if d.is_dir() or d.is_file()]

@@ -110,7 +110,9 @@ def site(tmp_path_factory: pytest.TempPathFactory, docker_client: docker.DockerC
                "apps/xss.yaml": app("xss", command=XSS_COMMAND, extra=f"env: {{NOTE: '{XSS}'}}\n"),
                "apps/duo.yaml": DUO,
                "apps/theirs.yaml": app("theirs", org="other")})
-    daemon = Daemon(repo, state, owner, interval=300, env={"CYNCHROD_WEBHOOK_SECRET": WEBHOOK_SECRET}).start()
+    # Not watched: a test looks at a pushed change before any pass applies it (the next-pass diff).
+    daemon = Daemon(repo, state, owner, interval=300, env={"CYNCHROD_WEBHOOK_SECRET": WEBHOOK_SECRET,
+                                                           "CYNCHROD_WATCH": "off"}).start()
     s = Site(daemon, daemon.api, repo, state, owner, tokens)
     try:
         wait_for(lambda: _all_running(s, 7), 60, "seven apps running")
