@@ -213,36 +213,39 @@ class Daemon:
 
     # -- watching: local working directories and the config file ----------------
 
-    def _watched(self) -> list[pathlib.Path]:
-        """What is watched: the apps directories of local working trees (recursively) and the
-        config file (through its folder, not recursively, filtered to that one name: an editor's
-        save replaces the file, which a watch on the file itself would lose)."""
-        dirs: list[pathlib.Path] = []
+    def _watches(self) -> list[tuple[list[pathlib.Path], bool, Callable[[watchfiles.Change, str], bool],
+                                     Callable[[], object]]]:
+        """What is watched, as (paths, recursive, filter, action), each as cheaply as it can be:
+
+        * the apps directories of local working trees, recursively: a save wakes a pass;
+        * each local repository's ``refs/`` (recursively) and its folder (not recursively,
+          for ``packed-refs``): a push moves a ref, after its objects are written;
+        * the config file, through its folder (not recursively, filtered to its name: an
+          editor's save replaces the file, which a watch on the file itself would lose).
+        """
+        wake = lambda: self.reconciler.wakeup.request("watch")  # noqa: E731
+        plain = watchfiles.DefaultFilter()
+        watches: list[tuple[list[pathlib.Path], bool, Callable[[watchfiles.Change, str], bool],
+                            Callable[[], object]]] = []
         if self.settings.watch == "on":
-            dirs += [s.apps_dir for s in self.reconciler.sources if isinstance(s, source.WorkTreeSource)]
-            dirs += [g for s in self.reconciler.sources if (g := local_git_dir(s)) is not None]
+            trees = [s.apps_dir for s in self.reconciler.sources if isinstance(s, source.WorkTreeSource)]
+            gits = [g for s in self.reconciler.sources if (g := local_git_dir(s)) is not None]
+            refs = [d for g in gits for d in (g / "refs", g / "reftable") if d.is_dir()]
+            if trees or refs:
+                watches.append(([*trees, *refs], True, lambda change, path: bool(plain(change, path)), wake))
+            if gits:
+                watches.append((gits, False, lambda change, path: path.endswith("/packed-refs"), wake))
         if self.settings.config_path:
-            dirs.append(pathlib.Path(self.settings.config_path).resolve())
-        return [d for d in dirs if d.is_dir() or d.is_file()]
+            config_file = pathlib.Path(self.settings.config_path).resolve()
+            only = str(config_file)
+            watches.append(([config_file.parent], False, lambda change, path: path == only, self.reload_config))
+        return [w for w in watches if all(p.is_dir() for p in w[0])]
+
+    def _watched(self) -> bool:
+        return bool(self._watches())
 
     def _watch(self) -> None:
-        """watchfiles, debounced: a saved manifest, or a push into a local repository (its refs
-        move), wakes a pass; a saved config file is reloaded (only that file: its folder is
-        watched, not recursively, filtered to its name)."""
-        watched = self._watched()
-        config_file = next((p for p in watched if p.is_file()), None)
-        trees = [p for p in watched if p.is_dir()]
-        git_dirs = tuple(f"{g}/" for s in self.reconciler.sources if (g := local_git_dir(s)) is not None)
-        plain = watchfiles.DefaultFilter()
-
-        def in_trees(change: watchfiles.Change, path: str) -> bool:
-            git_dir = next((g for g in git_dirs if path.startswith(g)), None)
-            if git_dir is None:
-                return bool(plain(change, path))
-            # Inside a repository only the refs matter: objects are written before a ref moves.
-            rel = path[len(git_dir):]
-            return rel.startswith(("refs/", "reftable/")) or rel == "packed-refs"
-
+        """watchfiles, debounced, one thread per kind of watch (see ``_watches``)."""
         def loop(paths: list[pathlib.Path], recursive: bool, wanted: Callable[[watchfiles.Change, str], bool],
                  act: Callable[[], object]) -> None:
             try:
@@ -253,13 +256,10 @@ class Daemon:
                 log.exception("the file watcher stopped; changes are picked up by the %ss poll",
                               self.settings.interval)
 
-        if config_file is not None:
-            only = str(config_file)
-            threading.Thread(target=loop, name="watch-config", daemon=True,
-                             args=([config_file.parent], False, lambda change, path: path == only,
-                                   self.reload_config)).start()
-        if trees:
-            loop(trees, True, in_trees, lambda: self.reconciler.wakeup.request("watch"))
+        first, *others = self._watches()
+        for watch in others:
+            threading.Thread(target=loop, name="watch", daemon=True, args=watch).start()
+        loop(*first)
 
     def reload_config(self) -> bool:
         """Apply a changed config file when it is valid; keep the old one (and say why) when not."""

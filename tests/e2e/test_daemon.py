@@ -151,7 +151,11 @@ def test_a_slow_build_holds_up_no_other_app(repo: GitRepo, daemons, owner: str, 
     src.push({"Dockerfile": 'FROM scratch\nCOPY busybox /bin/busybox\nRUN ["/bin/busybox", "sleep", "60"]\n'})
     repo.push({"apps/a.yaml": manifest("a"),
                "apps/slow.yaml": f"name: slow\nbuild: {{repo: {src.url}}}\nmemory: 64\n"})
-    daemon = daemons(interval=300).start()
+    config = tmp_path / "cynchrod.yaml"
+    config.write_text(f"builds: {{localRepos: ['{tmp_path / 'src'}']}}\n")  # a build from this machine
+    daemon = daemons(interval=300)
+    daemon.args += ["--config", str(config)]
+    daemon.start()
 
     def a_running() -> bool:
         return [c["State"] for c in owned(docker_client, owner)

@@ -121,7 +121,7 @@ def read_all(remote: Remote, commit: str) -> None:
         remote.db.record_spec(remote.db.ensure_app(spec, commit=commit), spec, commit=commit)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow,
                                                                    HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_any_tree_is_read_or_refused_entry_by_entry(remote_box: list[Remote], data: st.DataObject) -> None:

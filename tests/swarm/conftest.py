@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import docker
 import pytest
 
-from cynchrod import builds, reconciler, runtime, source, store
+from cynchrod import builds, config, reconciler, runtime, source, store
 from cynchrod import secrets as vault
 from cynchrod.runtime import swarm
 from tests.helpers import GitRepo
@@ -127,7 +127,9 @@ class SwarmHarness:
                                      base_url=lab.docker_host, registry=self.registry,
                                      secret_value=self.secrets.value)
         self.src = source.Source(repo_url, state_dir=state)
-        self.builds = builds.Builds(state_dir=state, rt=self.rt)
+        # Builds from local repositories under the test's folder (the config's builds.localRepos).
+        self.builds = builds.Builds(state_dir=state, rt=self.rt,
+                                    allow=lambda org, url: config.repo_allowed(url, (str(state.parent),)))
         self.rec = reconciler.Reconciler(src=self.src, rt=self.rt, db=self.db, secrets=self.secrets,
                                          builds=self.builds)
         self.api = self.rt.api
