@@ -459,7 +459,18 @@ def _in_thread_pool() -> Callable[[Callable[[], Any]], Any]:
     import gevent
 
     def run(call: Callable[[], Any]) -> Any:
-        return gevent.get_hub().threadpool.apply(call)
+        # An error comes back as a value and is raised here: gevent's pool would print the
+        # traceback of every error a task raises (a 409 is an answer, not a crash).
+        def guarded() -> tuple[bool, Any]:
+            try:
+                return True, call()
+            except Exception as exc:
+                return False, exc
+
+        ok, value = gevent.get_hub().threadpool.apply(guarded)
+        if not ok:
+            raise value
+        return value
 
     return run
 

@@ -100,7 +100,8 @@ def new_webhook(app_id: str) -> tuple[Response, int]:
     app = visible_app(bearer(), app_id)
     hook = webhook_json(app)
     if hook is None:
-        raise ApiError("not_found", f"app {app_id} is not built from a source repository")
+        raise ApiError("not_a_repo_app", f"app {app_id} is not built from a source repository, so it has no "
+                                         "webhook: only apps with build.repo do")
     secret = daemon().secrets.new_app_webhook(app.id)
     return jsonify({"url": hook["url"], "secret": secret}), 201
 

@@ -29,9 +29,11 @@ SCHEMATHESIS = pathlib.Path(sys.executable).parent / "schemathesis"
 
 
 def _st(daemon: Daemon, token: str, report: pathlib.Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    if "--phases" not in extra:
+        extra = ("--phases", "coverage,fuzzing", *extra)
     return subprocess.run(
         [str(SCHEMATHESIS), "run", f"{daemon.api}/openapi.json", "-H", f"Authorization: Bearer {token}",
-         "--phases", "coverage,fuzzing", "--max-examples", "8", "--max-time", "35", "--workers", "2",
+         "--max-examples", "8", "--max-time", "35", "--workers", "2",
          "--request-timeout", "20", "--generation-deterministic", "--no-color",
          "--exclude-path", "/apps/{appId}/logs/stream", *extra],
         capture_output=True, text=True, timeout=150, env={**os.environ, "SCHEMATHESIS_HOOKS": ""}, cwd=report)
@@ -56,7 +58,12 @@ def test_the_api_is_what_its_document_says(repo: GitRepo, daemons: Callable[...,
     everything_but_create = _st(daemon, token, tmp_path, "--checks", checks + ",positive_data_acceptance",
                                 "--exclude-name", "POST /apps")
     create = _st(daemon, token, tmp_path, "--checks", checks, "--include-name", "POST /apps")
-    for run in (everything_but_create, create):
+    # Stateful: sequences that follow the document's links (create, then read, restart, stop,
+    # start, roll back, read logs, delete the app it made), bounded like the rest.
+    stateful = _st(daemon, token, tmp_path, "--phases", "stateful", "--checks",
+                   "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,"
+                   "use_after_free,ensure_resource_availability")
+    for run in (everything_but_create, create, stateful):
         assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
         assert "Tested:" in run.stdout
     assert "Traceback" not in daemon.output()
