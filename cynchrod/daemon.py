@@ -481,9 +481,19 @@ class ApiServer(BaseApplication):  # type: ignore[misc]
     def __init__(self, cfg: config.Settings, rebuild: Callable[[], config.Settings] | None = None) -> None:
         self.settings = cfg
         self.rebuild = rebuild
+        self._loaded_once = False
         super().__init__()
 
     def load_config(self) -> None:
+        # Runs in gunicorn's master at start and on every reload (SIGHUP from the reconciler
+        # process): the master keeps the last config that was valid, which the new workers
+        # then serve; an invalid one leaves it as it was (as the reconciler does).
+        if self.rebuild is not None and getattr(self, "cfg", None) is not None and self._loaded_once:
+            try:
+                self.settings = self.rebuild()
+            except CynchrodError as exc:
+                log.error("API workers keep the config they had: %s", exc)
+        self._loaded_once = True
         options = {
             "bind": self.settings.listen, "workers": self.settings.api_workers,
             "worker_class": "cynchrod.daemon.Worker", "worker_connections": WORKER_CONNECTIONS,
@@ -497,13 +507,7 @@ class ApiServer(BaseApplication):  # type: ignore[misc]
     def load(self) -> Any:
         from cynchrod.api import create_app
 
-        cfg = self.settings
-        if self.rebuild is not None:
-            try:  # a reload (SIGHUP from the reconciler process) picks up the new config
-                cfg = self.rebuild()
-            except CynchrodError as exc:
-                log.error("API workers keep the config they had: %s", exc)
-        return create_app(Front(cfg, blocking=_in_thread_pool()))
+        return create_app(Front(self.settings, blocking=_in_thread_pool()))
 
 
 def _worker_class() -> type:

@@ -191,7 +191,13 @@ class Source(Followed):
         """The repository object for fetch, commit and push (held under ``_mirror_locked``)."""
         if self._net_repo is None:
             self._clone_once()
-            self._net_repo = pygit2.Repository(str(self.mirror))
+            try:
+                self._net_repo = pygit2.Repository(str(self.mirror))
+            except (pygit2.GitError, ValueError, KeyError) as exc:
+                if not self._heal(f"cannot open the mirror: {exc}"):
+                    raise SourceError(f"the mirror of {self._safe_url} is damaged and the repository cannot "
+                                      f"be cloned again now: {exc}") from exc
+                self._net_repo = pygit2.Repository(str(self.mirror))
         return self._net_repo
 
     def _clone(self, dest: pathlib.Path) -> pygit2.Repository:

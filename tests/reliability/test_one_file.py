@@ -69,7 +69,7 @@ def test_a_damaged_mirror_of_an_unreachable_remote_keeps_the_apps(harness: Harne
     before = harness.containers()["web"]["Id"]
     os.rename(repo.bare, str(repo.bare) + ".away")
     (harness.src.mirror / "config").write_text("[[[[\n")
-    harness.src._repo = None  # as a restarted daemon finds it
+    harness.src._repo = harness.src._net_repo = None  # as a restarted daemon finds it
     result = harness.sync()
     assert result.source_error and "source_unavailable" in result.source_error
     assert harness.containers()["web"]["Id"] == before  # nothing torn down
