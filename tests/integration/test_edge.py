@@ -14,7 +14,7 @@ import pytest
 
 from cynchrod import edge, runtime
 from tests.conftest import Caddy, Harness
-from tests.helpers import TEST_IMAGE, GitRepo, free_port
+from tests.helpers import TEST_IMAGE, GitRepo, free_port, wait_for
 
 SERVE = "[sh, -c, 'mkdir -p /w && echo \"$VERSION\" > /w/index.html && exec httpd -f -p 8080 -h /w']"
 
@@ -247,7 +247,8 @@ def test_the_edge_server_is_made_in_a_caddy_with_no_http_app(repo: GitRepo, harn
         harness.rec.edge = front
         repo.push({"apps/b.yaml": web("b", "v1", domain="b.localhost")})
         assert harness.sync().ok
-        assert bare.fetch("b.localhost") == (200, "v1\n")
+        # A first deploy is not start-first: the container runs, its server may still be starting.
+        wait_for(lambda: bare.fetch("b.localhost") == (200, "v1\n"), 10, "b through the new server")
         assert bare.get("/config/apps/pki") == apps.get("pki")
         front.close()
     finally:
