@@ -27,7 +27,7 @@ def answer(caddy: Caddy, host: str) -> tuple[int, str] | None:
 def test_sigkill_mid_swap_leaves_one_serving_version_and_a_correct_route(
         repo: GitRepo, daemons, owner: str, caddy: Caddy, docker_client: docker.DockerClient, point: str) -> None:
     env = {"CYNCHROD_EDGE": caddy.admin, "CYNCHROD_EDGE_LISTEN": f"127.0.0.1:{caddy.port}",
-           "CYNCHROD_EDGE_DRAIN": "0.5"}
+           "CYNCHROD_EDGE_DRAIN": "2"}
     repo.push({"apps/cr.yaml": web("cr", "v1", domain="cr.localhost")})
     first = daemons(env=env).start()
     wait_for(lambda: answer(caddy, "cr.localhost") == (200, "v1\n"), 30, "v1 through the edge")

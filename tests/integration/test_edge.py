@@ -39,7 +39,8 @@ def edged(harness: Harness, caddy: Caddy) -> Iterator[Harness]:
     """The harness with an edge: the runtime recreates start-first, the passes sync routes."""
     front = edge.Edge(caddy.admin, listen=f"127.0.0.1:{caddy.port}", tls_listen=f"127.0.0.1:{caddy.tls_port}",
                       owner=harness.rt.owner)
-    harness.rt.edge, harness.rt.ready_timeout, harness.rt.drain = front, 10.0, 0.5
+    # The default drain: it covers Caddy handing connections from its old config to the new one.
+    harness.rt.edge, harness.rt.ready_timeout, harness.rt.drain = front, 10.0, 2.0
     harness.rec.edge = front
     yield harness
     front.close()
