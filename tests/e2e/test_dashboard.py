@@ -161,6 +161,10 @@ def sign_in(page: Page, site: Site, token: str) -> None:
     page.goto(site.url + "/")
     page.get_by_label("API token").fill(token)
     page.get_by_role("button", name="Sign in").click()
+    # The apps page, its deferred script run: its controls (the org filter, the buttons) are
+    # wired only then, and a change made before would have no listener.
+    page.wait_for_url(re.compile(r"/(\?.*)?$"))
+    page.wait_for_load_state("load")
 
 
 def row(page: Page, name: str) -> Locator:
