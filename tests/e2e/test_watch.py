@@ -84,5 +84,10 @@ def test_config_file_is_reloaded_when_valid(repo: GitRepo, daemons: Callable[...
              "only the reloaded secret")
     save(config, "webhook: {secret: 3}\nbogus: true\n")
     wait_for(lambda: "config not reloaded, the old one stays" in daemon.output(), 10, "the refusal")
-    assert accepted("second-secret-0123456789")
+    # The refused file changed nothing: the workers (once the last reload's old ones have
+    # finished their graceful exit, which a single request may still reach) take only the
+    # second secret; had the bogus file been applied, this would never hold.
+    wait_for(lambda: accepted("second-secret-0123456789") and not accepted("first-secret-0123456789"), 15,
+             "the second secret alone, still")
+    assert "config reloaded" in daemon.output() and daemon.output().count("config reloaded from") == 1
     assert daemon.stop() == 0
