@@ -4,6 +4,7 @@ creates nothing inside the project, a push through that clone runs in about a se
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -63,6 +64,11 @@ def test_the_demo_prints_working_env_lines_and_a_clone_hint_outside(owner: str, 
     finally:
         demo.send_signal(signal.SIGTERM)
         demo.wait(timeout=30)
+        # The demo leaves its edge (a Caddy) running, like its apps: this test stops it.
+        pidfile = tmp_path / "state" / "caddy.pid"
+        if pidfile.exists() and pidfile.read_text().strip().isdigit():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
         for path in cleanup:
             shutil.rmtree(path, ignore_errors=True)
 
