@@ -176,6 +176,8 @@ def rollback(app_id: str) -> tuple[Response, int]:
     if not isinstance(body, dict):
         raise ApiError("invalid_body", 'the body must be a JSON object: {"deployment_id": N}')
     target = body.get("deployment_id")
+    if isinstance(target, float) and target.is_integer():
+        target = int(target)  # JSON Schema's integer: 9089.0 is one, as the document admits it
     if "deployment_id" in body and (not isinstance(target, int) or isinstance(target, bool)
                                     or not 0 < target <= MAX_ID):
         raise ApiError("invalid_body", "deployment_id must be an integer")
