@@ -25,7 +25,9 @@ import dataclasses
 import logging
 import os
 import pathlib
+import select
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -556,9 +558,7 @@ def serve(cfg: config.Settings, rebuild: Callable[[], config.Settings] | None = 
         finally:
             os._exit(code)
 
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = StopSignals(signal.SIGTERM, signal.SIGINT)
     d = Daemon.build(cfg)
     d.rebuild = rebuild
     d.on_reload = lambda: _signal(api_pid, signal.SIGHUP)
@@ -587,6 +587,37 @@ def serve(cfg: config.Settings, rebuild: Callable[[], config.Settings] | None = 
                 break
             time.sleep(0.1)
     return code
+
+
+class StopSignals:
+    """Signals as a flag, and a byte on a socket pair that ends :meth:`wait` at once.
+
+    The handler takes no lock. One that called ``threading.Event.set()`` (as this code once
+    did) can run while this same thread holds that Event's lock inside its ``wait`` (Python
+    runs handlers between bytecodes, and ``wait`` holds the lock across a few of them), and
+    then blocks on it forever: a daemon that ignored SIGTERM for 30 s was seen once in CI.
+    """
+
+    def __init__(self, *signals: int) -> None:
+        self.received: int | None = None
+        self._r, self._w = socket.socketpair()
+        self._r.setblocking(False)
+        self._w.setblocking(False)
+        signal.set_wakeup_fd(self._w.fileno(), warn_on_full_buffer=False)
+        for sig in signals:
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self.received = signum
+
+    def wait(self, timeout: float) -> bool:
+        """True once a signal came; else after ``timeout`` s, False."""
+        if self.received is None:
+            select.select([self._r], [], [], timeout)
+            with contextlib.suppress(BlockingIOError):
+                while self._r.recv(4096):
+                    pass
+        return self.received is not None
 
 
 def _signal(pid: int, sig: int) -> None:
