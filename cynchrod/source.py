@@ -176,29 +176,25 @@ class Source(Followed):
     def _open(self) -> pygit2.Repository:
         """The repository object for local reads."""
         if self._repo is None:
-            self._clone_once()
-            try:
-                self._repo = pygit2.Repository(str(self.mirror))
-            except (pygit2.GitError, ValueError, KeyError) as exc:
-                # A mirror that cannot even be opened (a garbled config or HEAD) is rebuilt.
-                if not self._heal(f"cannot open the mirror: {exc}"):
-                    raise SourceError(f"the mirror of {self._safe_url} is damaged and the repository cannot "
-                                      f"be cloned again now: {exc}") from exc
-                self._repo = pygit2.Repository(str(self.mirror))
+            self._repo = self._open_mirror()
         return self._repo
 
     def _net(self) -> pygit2.Repository:
         """The repository object for fetch, commit and push (held under ``_mirror_locked``)."""
         if self._net_repo is None:
-            self._clone_once()
-            try:
-                self._net_repo = pygit2.Repository(str(self.mirror))
-            except (pygit2.GitError, ValueError, KeyError) as exc:
-                if not self._heal(f"cannot open the mirror: {exc}"):
-                    raise SourceError(f"the mirror of {self._safe_url} is damaged and the repository cannot "
-                                      f"be cloned again now: {exc}") from exc
-                self._net_repo = pygit2.Repository(str(self.mirror))
+            self._net_repo = self._open_mirror()
         return self._net_repo
+
+    def _open_mirror(self) -> pygit2.Repository:
+        self._clone_once()
+        try:
+            return pygit2.Repository(str(self.mirror))
+        except (pygit2.GitError, ValueError, KeyError) as exc:
+            # A mirror that cannot even be opened (a garbled config or HEAD) is rebuilt.
+            if not self._heal(f"cannot open the mirror: {exc}"):
+                raise SourceError(f"the mirror of {self._safe_url} is damaged and the repository cannot "
+                                  f"be cloned again now: {exc}") from exc
+            return pygit2.Repository(str(self.mirror))
 
     def _clone(self, dest: pathlib.Path) -> pygit2.Repository:
         dest.parent.mkdir(parents=True, exist_ok=True)
