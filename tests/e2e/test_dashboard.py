@@ -376,12 +376,16 @@ def test_logs_of_a_multi_service_app_name_the_service(site: Site, page: Page) ->
 
 
 FLOOD = """() => new Promise((done) => {
-    // 5,000 lines a second for two seconds into the page's own WebSocket handler.
+    // 5,000 lines a second for two seconds into the page's own WebSocket handler; counts the
+    // animation frames and the separate changes of the lines table (mutation callbacks).
     const ws = window.__sockets[window.__sockets.length - 1];
-    let sent = 0, worst = 0, last = performance.now();
+    let sent = 0, frames = 0, changes = 0;
+    new MutationObserver(() => { changes++; }).observe(document.getElementById("lines"),
+                                                         {childList: true, subtree: true});
     const frame = () => {
-      const now = performance.now(); worst = Math.max(worst, now - last); last = now;
-      if (sent < 10000) requestAnimationFrame(frame); else setTimeout(() => done(worst), 100);
+      frames++;
+      if (sent < 10000) requestAnimationFrame(frame);
+      else setTimeout(() => requestAnimationFrame(() => done({frames: frames + 1, changes})), 100);
     };
     requestAnimationFrame(frame);
     const feed = setInterval(() => {
@@ -400,16 +404,21 @@ KEEP_SOCKETS = """(() => {
 
 
 def test_logs_page_copes_with_a_flood(site: Site, page: Page) -> None:
-    """5,000 lines a second: DOM updates are batched per frame and at most 5,000 rows are kept."""
+    """5,000 lines a second: DOM updates are batched per frame and at most 5,000 rows are kept.
+
+    Asserted as behaviour (how many times the table changed against how many lines came),
+    not as a frame time, which a loaded machine stretches whatever the page does."""
     page.add_init_script(KEEP_SOCKETS)
     sign_in(page, site, site.tokens["alice"])
     page.goto(site.url + f"/ui/apps/{site.app_id('ticker')}/logs")
     expect(page.locator("#log")).to_have_attribute("data-streamed", re.compile(r"[1-9]"), timeout=10000)
-    worst = page.evaluate(FLOOD)
+    seen = page.evaluate(FLOOD)
     expect(page.locator("#lines tr", has_text="flood 9999")).to_have_count(1)
     assert page.locator("#lines tr").count() <= 5000
     assert page.locator("#lines tr", has_text="flood 0").count() == 0  # the oldest were dropped
-    assert worst < 500, f"a frame took {worst:.0f} ms"
+    # One change of the table per painted frame at most, not one per line (10,000 lines came).
+    assert 0 < seen["changes"] <= seen["frames"] + 2, seen
+    assert seen["changes"] <= 10000 / 20, seen
 
 
 def test_post_without_csrf_token_is_refused(site: Site, page: Page) -> None:
