@@ -106,6 +106,9 @@ def make_runtime(cfg: config.Settings, *, instance: str, vault: secrets.Secrets,
                                   registry=registry, secret_value=vault.value)
     front = edge.Edge(cfg.edge, listen=cfg.edge_listen, tls_listen=cfg.edge_tls_listen, owner=cfg.owner,
                       upstream_host=edge.upstream_host(cfg.publish_address)) if cfg.edge and deadline is None else None
+    if front is not None and edge.resets_at_config_changes():
+        log.warning("edge: net.ipv4.tcp_migrate_req is 0 here, so a Caddy on this host resets the connections "
+                    "it is accepting at each route change; set it to 1 (sysctl -w net.ipv4.tcp_migrate_req=1)")
     return local.LocalRuntime(owner=cfg.owner, instance=instance, publish_address=cfg.publish_address,
                               stop_timeout=cfg.stop_timeout, secrets_dir=vault.staging.resolve(), edge=front,
                               ready_timeout=cfg.edge_ready_timeout, drain=cfg.edge_drain, call_timeout=deadline,

@@ -96,6 +96,25 @@ def routes(desired: Mapping[tuple[str, str], specs.AppSpec], units: Sequence[pla
     return out
 
 
+#: Linux moves connections waiting in a closing SO_REUSEPORT listener's queue to
+#: another listener of its group when this is 1, instead of resetting them.
+MIGRATE_SYSCTL = "/proc/sys/net/ipv4/tcp_migrate_req"
+
+
+def resets_at_config_changes(sysctl: str = MIGRATE_SYSCTL) -> bool:
+    """True when Caddy on this network namespace resets the connections that wait in its
+    old listener's accept queue at each config change (``tcp_migrate_req`` is 0).
+
+    Caddy 2.6 applies a config change by opening new SO_REUSEPORT listeners and closing
+    the old ones; the kernel hashes new connections across both, and those still queued
+    on the old one when it closes are reset unless the kernel migrates them."""
+    try:
+        with open(sysctl) as f:
+            return f.read().strip() == "0"
+    except OSError:
+        return False  # not Linux, or a kernel without it: nothing known
+
+
 def upstream_host(publish_address: str) -> str:
     """Where the edge dials a unit's host port: the publish address, loopback for a wildcard."""
     return "127.0.0.1" if publish_address in ("", "0.0.0.0", "::", "[::]") else publish_address

@@ -46,10 +46,22 @@ def edged(harness: Harness, caddy: Caddy) -> Iterator[Harness]:
     front.close()
 
 
+def require_migrating_listeners() -> None:
+    """The zero-failure tests need the kernel to hand a closing listener's queue over."""
+    assert not edge.resets_at_config_changes(), (
+        "net.ipv4.tcp_migrate_req is 0: Caddy resets queued connections at each config change; run scripts/setup")
+
+
 class Client:
-    """Sends requests through the edge, one after another without pause, until stopped."""
+    """Sends requests through the edge, one after another without pause, until stopped.
+
+    Each request on a fresh connection (as ``Caddy.fetch``): a kept-alive connection
+    that Caddy's old server closes as idle at a config change fails a client that does
+    not retry (README, *Domains and the edge*); that is Caddy's, not the route's.
+    """
 
     def __init__(self, caddy: Caddy, host: str) -> None:
+        require_migrating_listeners()
         self.caddy, self.host = caddy, host
         self.results: list[tuple[int, str]] = []
         self._stop = threading.Event()
@@ -72,24 +84,14 @@ class Client:
 
     @property
     def failed(self) -> list[tuple[int, str]]:
-        """Requests that got no 200: an error answer (502, 503, 404), a timeout, or a reset."""
-        return [r for r in self.results if r[0] != 200]
+        """Requests that got no 200: an error answer (502, 503, 404), a timeout, or a reset.
 
-    @property
-    def resets(self) -> list[tuple[int, str]]:
-        return [r for r in self.failed if r[1].startswith("ConnectionResetError")]
-
-    @property
-    def dropped(self) -> list[tuple[int, str]]:
-        """What cynchrod answers for: every failure but a connection reset.
-
-        Caddy 2.6 applies each config change as a graceful reload; a connection its old
-        server accepts while it hands its listener over can be closed unanswered (a reset),
-        whatever the route says. That is counted apart (at most one per config change),
-        not hidden: the route never points at a container that is not ready or is gone,
-        which would show as a 502, a 503 or a timeout here.
+        A reset is cynchrod's too: Caddy 2.6 applies each config change with a new
+        SO_REUSEPORT listener and closes the old one, and the connections still queued
+        on the old one are reset unless the kernel migrates them (``tcp_migrate_req``,
+        which ``scripts/setup`` turns on; see ``require_migrating_listeners``).
         """
-        return [r for r in self.failed if not r[1].startswith("ConnectionResetError")]
+        return [r for r in self.results if r[0] != 200]
 
     @property
     def versions(self) -> list[str]:
@@ -127,8 +129,7 @@ def test_five_redeploys_through_the_edge_drop_nothing_and_stop_first_does(
     assert caddy.fetch("sf.localhost") == (200, "v1\n")
 
     zero = redeploys(repo, edged, caddy, "zd", "zd.localhost", 5)
-    assert zero.dropped == [], zero.dropped[:5]
-    assert len(zero.resets) <= 5, zero.resets  # one route switch (a Caddy reload) per redeploy
+    assert zero.failed == [], zero.failed[:5]
     assert zero.versions == ["v1", "v2", "v3", "v4", "v5", "v6"]
     names = [row["Names"][0] for row in edged.rt.api.containers(filters=edged.rt.owner_filter)
              if row["Labels"][runtime.LABEL_APP] == "zd"]
@@ -138,8 +139,7 @@ def test_five_redeploys_through_the_edge_drop_nothing_and_stop_first_does(
     port = edged.app("sf").host_port
     assert port
     stop_first = redeploys(repo, edged, caddy, "sf", "sf.localhost", 5, host_port=port)
-    print(f"\nfailed requests per redeploy: edge {len(zero.failed) / 5:g} ({len(zero.resets)} resets at a Caddy "
-          f"reload) of {len(zero.results)}, "
+    print(f"\nfailed requests per redeploy: edge {len(zero.failed) / 5:g} of {len(zero.results)}, "
           f"stop-first {len(stop_first.failed) / 5:g} of {len(stop_first.results)}")
     assert len(stop_first.failed) > 0
 
@@ -154,7 +154,7 @@ def test_a_new_version_never_ready_keeps_the_old_one_serving(repo: GitRepo, edge
         repo.push({"apps/nr.yaml": web("nr", "v2", domain="nr.localhost", command=broken)})
         result = edged.sync()
     assert not result.ok
-    assert client.dropped == [] and client.versions == ["v1"] and len(client.results) > 50
+    assert client.failed == [] and client.versions == ["v1"] and len(client.results) > 50
     app = edged.app("nr")
     assert app.status == "failed"
     last = edged.db.last_deployment(app.id)
