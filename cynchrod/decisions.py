@@ -16,8 +16,8 @@ The rules, each written once here:
   refusal is not acted on; its units stay as they are.
 * **Quota**: per org, apps that already have a row keep their place; new ones are
   admitted oldest commit first up to ``max_apps``; an admitted app is never refused.
-* **Domains**: a domain is one app's, across orgs: the app that holds it keeps it,
-  a second claim is held with ``domain_taken``.
+* **Domains**: a domain (an app's or a service's) is one app's, across orgs: the
+  app that holds it keeps it, a second claim is held with ``domain_taken``.
 * **Back-off**: every failure backs off (1, 2, 4 ... 300 s), temporary ones
   included; a permanent failure waits for a new spec. Self-healing a unit that
   keeps dying backs off the same way (0, 0, 1, 2 ... 300 s), reset after a minute up.
@@ -62,7 +62,9 @@ class Row(Protocol):
     @property
     def source(self) -> str: ...
     @property
-    def domain(self) -> str | None: ...
+    def domains(self) -> frozenset[str]:
+        """The host names the app's last recorded spec claims, lowercase."""
+        ...
     @property
     def created_at(self) -> str: ...
 
@@ -211,13 +213,14 @@ def domain_refused(row: Row) -> bool:
 def domains(inputs: Inputs) -> dict[tuple[str, str], CynchrodError]:
     """Apps that claim a domain another app holds (any org), and why: first come keeps it.
 
-    The holder is an app whose row already has the domain and was not refused it
+    Every host name counts: an app's ``domain`` and its services'. The holder is
+    an app whose row already has the domain and was not refused it
     (the oldest row, if several); else, among new claims, the first by org/name.
     """
     claims: dict[str, list[tuple[str, str]]] = {}
     for key, spec in inputs.desired.items():
-        if spec.domain:
-            claims.setdefault(spec.domain.lower(), []).append(key)
+        for domain in spec.domains:
+            claims.setdefault(domain, []).append(key)
     refused: dict[tuple[str, str], CynchrodError] = {}
     for domain, keys in claims.items():
         if len(keys) < 2:
@@ -225,7 +228,7 @@ def domains(inputs: Inputs) -> dict[tuple[str, str], CynchrodError]:
 
         def incumbent(k: tuple[str, str], domain: str = domain) -> bool:
             row = inputs.rows.get(k)
-            return row is not None and (row.domain or "").lower() == domain and not domain_refused(row) \
+            return row is not None and domain in row.domains and not domain_refused(row) \
                 and not quota_refused(row)
 
         holder = min(keys, key=lambda k: (not incumbent(k), inputs.rows[k].created_at if incumbent(k) else "", k))

@@ -1,4 +1,4 @@
-"""The edge: an app's ``domain`` routed to its units through Caddy's admin API.
+"""The edge: an app's ``domain`` (and each service's) routed to its units through Caddy's admin API.
 
 Created by the daemon when ``--edge http://ADMIN-ADDRESS`` is set; the
 reconciler calls ``sync`` with the routes every pass wants (before and after it
@@ -16,8 +16,9 @@ only when they differ from the wanted JSON (``PATCH /id/<id>``): a route edited
 by hand is put back within a pass, like a container.
 
 A route is a host matcher and either a ``reverse_proxy`` to
-``<upstream host>:<host port>`` of every running unit of the app's routed
-service, or, for a stopped app (or one with nothing running), a
+``<upstream host>:<host port>`` of every running unit of the service the domain
+names (the app's ``domain``: its routed service; a service's ``domain``: that
+service), or, for a stopped app (or one with nothing running), a
 ``static_response`` 503. Unknown hosts get 404 from our server.
 
 Every failure to reach or change Caddy is ``edge_unavailable``: a temporary
@@ -70,6 +71,22 @@ def routed_service(spec: specs.AppSpec) -> specs.ServiceSpec | None:
     return with_port[0] if len(with_port) == 1 else None
 
 
+def domain_routes(spec: specs.AppSpec) -> list[tuple[str, specs.ServiceSpec]]:
+    """Each host name of an app (lowercase) and the service it goes to: the app's
+    ``domain`` to ``routed_service``, each service's own ``domain`` to that service."""
+    out = []
+    app_service = routed_service(spec) if spec.domain else None
+    if spec.domain and app_service is not None:
+        out.append((spec.domain.lower(), app_service))
+    out.extend((s.domain.lower(), s) for s in spec.services if s.domain and s.port)
+    return out
+
+
+def domains_of(spec: specs.AppSpec, service: str) -> list[str]:
+    """The host names routed to one service of an app."""
+    return [domain for domain, s in domain_routes(spec) if s.name == service]
+
+
 def routes(desired: Mapping[tuple[str, str], specs.AppSpec], units: Sequence[planning.Unit],
            refused: Iterable[tuple[str, str]] = ()) -> list[Route]:
     """The routes the desired apps and the units that run want (pure).
@@ -82,17 +99,15 @@ def routes(desired: Mapping[tuple[str, str], specs.AppSpec], units: Sequence[pla
         by_app.setdefault(u.key, []).append(u)
     out = []
     for key, spec in sorted(desired.items()):
-        if not spec.domain or key in skip:
+        if key in skip:
             continue
-        service = routed_service(spec)
-        if service is None:
-            continue
-        if spec.state == "stopped":
-            out.append(Route(spec.domain.lower(), spec.org, spec.name, why="stopped"))
-            continue
-        ports = sorted({u.endpoint for u in by_app.get(key, []) if u.service == service.name
-                        and u.state == planning.RUNNING and u.endpoint})
-        out.append(Route(spec.domain.lower(), spec.org, spec.name, tuple(p for p in ports if p)))
+        for domain, service in domain_routes(spec):
+            if spec.state == "stopped":
+                out.append(Route(domain, spec.org, spec.name, why="stopped"))
+                continue
+            ports = sorted({u.endpoint for u in by_app.get(key, []) if u.service == service.name
+                            and u.state == planning.RUNNING and u.endpoint})
+            out.append(Route(domain, spec.org, spec.name, tuple(p for p in ports if p)))
     return out
 
 
@@ -250,21 +265,24 @@ class Edge:
             log.info("edge: routes re-asserted in Caddy (%d domain(s))", len(self._routes))
         return wrote
 
-    def switch(self, domain: str, old: int | None, new: int, *, org: str, app: str) -> None:
-        """Send ``domain`` to host port ``new`` instead of ``old`` (other upstreams stay)."""
-        domain = domain.lower()
+    def switch(self, domains: Iterable[str], old: int | None, new: int, *, org: str, app: str) -> None:
+        """Send each of ``domains`` (one service's) to host port ``new`` instead of ``old``
+        (other upstreams stay), in one config change."""
+        names = sorted({d.lower() for d in domains})
         with self._lock:
             routes = dict(self._routes or {})
-            current = routes.get(domain)
-            ports = [p for p in (current.upstreams if current else ()) if p != old]
-            routes[domain] = Route(domain, org, app, tuple(sorted({*ports, new})))
+            for domain in names:
+                current = routes.get(domain)
+                ports = [p for p in (current.upstreams if current else ()) if p != old]
+                routes[domain] = Route(domain, org, app, tuple(sorted({*ports, new})))
             if self._routes is None:
-                # No full picture yet (no pass has synced): change this one route only.
-                self._request("PATCH", f"/id/{self.route_id(domain)}", self.route_json(routes[domain]))
+                # No full picture yet (no pass has synced): change these routes only.
+                for domain in names:
+                    self._request("PATCH", f"/id/{self.route_id(domain)}", self.route_json(routes[domain]))
                 return
             self._routes = routes
             self._assert()
-        log.info("edge: %s now goes to port %d (was %s)", domain, new, old)
+        log.info("edge: %s now go(es) to port %d (was %s)", ", ".join(names), new, old)
 
     def upstreams(self, domain: str) -> tuple[int, ...]:
         """The host ports a domain goes to now, as Caddy has it (for tests and recovery)."""

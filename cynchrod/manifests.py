@@ -192,9 +192,30 @@ def _semantic_errors(path: str, doc: Any, data: dict[str, Any]) -> list[Manifest
             (["main"] if "port" in data else [])
         if len(with_port) != 1:
             err("domain: the app needs exactly one port to route the domain to" + (
-                f" (services with a port: {', '.join(sorted(with_port))})" if with_port else ""),
-                "invalid_value", ["domain"])
+                f" (services with a port: {', '.join(sorted(with_port))}; or give each its own domain)"
+                if with_port else ""), "invalid_value", ["domain"])
+    _check_domains(data, err)
     return sorted(errors, key=lambda e: e.line)
+
+
+def _check_domains(data: dict[str, Any], err: Callable[[str, str, list[Any]], None]) -> None:
+    """A service's domain needs its port; no host name twice in one app (case aside)."""
+    seen: dict[str, str] = {}
+    if "domain" in data:
+        seen[str(data["domain"]).lower()] = "domain"
+    for name, service in (data.get("services") or {}).items():
+        if "domain" not in service:
+            continue
+        where = ["services", name, "domain"]
+        field = f"services.{name}.domain"
+        if "port" not in service:
+            err(f"{field}: the service needs a port to route its domain to", "invalid_value", where)
+        domain = str(service["domain"]).lower()
+        if domain in seen:
+            err(f"{field}: {domain} is already this app's {seen[domain]}; a host name goes to one place",
+                "duplicate_domain", where)
+        else:
+            seen[domain] = field
 
 
 def _check_service(service: dict[str, Any], where: list[Any], err: Callable[[str, str, list[Any]], None],
@@ -292,6 +313,8 @@ def _service(name: str, data: dict[str, Any], app: dict[str, Any]) -> specs.Serv
         healthcheck=_health(data.get("healthcheck")),
         secrets=tuple(sorted(data.get("secrets", []))),
         replicas=int(data.get("replicas", app.get("replicas", 1))),
+        # The app's own domain stays on the app (a single service's keys are the app's).
+        domain=data.get("domain") if data is not app else None,
     )
 
 

@@ -78,6 +78,9 @@ class ServiceSpec:
     #: How many units run this service. Not part of the hash: a change of count
     #: adds or removes units, it never remakes the ones that run.
     replicas: int = 1
+    #: Host name routed to this service's ``port`` by the edge (multi-service apps).
+    #: Not part of the hash either: a route changes, the container stays.
+    domain: str | None = None
 
     def canonical(self, *, restarted_at: str | None) -> str:
         """Everything that, when changed, needs a new container, as canonical JSON.
@@ -86,6 +89,7 @@ class ServiceSpec:
         """
         body = dataclasses.asdict(self)
         del body["replicas"]
+        del body["domain"]
         body["restarted_at"] = restarted_at
         return json.dumps(body, sort_keys=True, separators=(",", ":"))
 
@@ -146,6 +150,12 @@ class AppSpec:
                 order[name] = len(order)
         return order
 
+    @property
+    def domains(self) -> tuple[str, ...]:
+        """Every host name the app claims (its own and its services'), lowercase."""
+        own = (self.domain,) if self.domain else ()
+        return tuple(d.lower() for d in (*own, *(s.domain for s in self.services if s.domain)) if d)
+
     @functools.cached_property
     def hash(self) -> str:
         """Hash of the whole desired state of the app, state included."""
@@ -194,6 +204,7 @@ class AppSpec:
                 build=Build(**{**s["build"], "args": tuple(tuple(a) for a in s["build"].get("args", ()))})
                 if s.get("build") else None,
                 replicas=int(s.get("replicas", 1)),
+                domain=s.get("domain"),
             )
             for s in data["services"]
         )

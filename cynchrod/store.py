@@ -133,11 +133,11 @@ def main_service(spec: specs.AppSpec) -> specs.ServiceSpec:
 
 
 def services_json(spec: specs.AppSpec, units: list[planning.Unit]) -> str:
-    """Each service of an app with its image, port, replicas and the state of each unit."""
+    """Each service of an app with its image, port, own domain, replicas and the state of each unit."""
     out = []
     for s in spec.services:
         mine = sorted((u for u in units if u.service == s.name), key=lambda u: u.replica)
-        out.append({"name": s.name, "image": s.image, "port": s.port, "host_port": next(
+        out.append({"name": s.name, "image": s.image, "port": s.port, "domain": s.domain, "host_port": next(
             (u.endpoint for u in mine if u.endpoint), s.host_port), "replicas": s.replicas,
                     "running": sum(u.state == planning.RUNNING for u in mine),
                     "units": [{"replica": u.replica, "state": u.state, "instance": u.instance[:12],
@@ -180,6 +180,22 @@ class App:
     @property
     def spec(self) -> specs.AppSpec | None:
         return specs.AppSpec.from_json(json.loads(self.spec_json)) if self.spec_json else None
+
+    @property
+    def domains(self) -> frozenset[str]:
+        """The host names of the last recorded spec (the app's and its services'), lowercase."""
+        spec = self.spec
+        if spec is None:
+            return frozenset({self.domain.lower()} if self.domain else ())
+        return frozenset(spec.domains)
+
+    @property
+    def service_domains(self) -> list[tuple[str, str]]:
+        """(service, domain) of each service with its own domain, from ``services_json``
+        (parsed only when it names one: the dashboard lists hundreds of rows)."""
+        if not self.services_json or '"domain":"' not in self.services_json:
+            return []
+        return [(s["name"], s["domain"]) for s in json.loads(self.services_json) if s.get("domain")]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -280,7 +280,7 @@ def _host() -> str:
 def _row(app: store.App, last: store.Deployment | None, host: str) -> dict[str, Any]:
     return {
         "id": app.id, "name": app.name, "org": app.org, "image": app.image, "status": _status(app, last),
-        "domain": app.domain, "host_port": app.host_port,
+        "domain": app.domain, "service_domains": app.service_domains, "host_port": app.host_port,
         "url": f"http://{host}:{app.host_port}/" if app.host_port else None,
         "last_error": app.last_error,
         "deployment": None if last is None else {

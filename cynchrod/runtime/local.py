@@ -12,11 +12,11 @@ recover. A crash between the two steps leaves the unit missing (created next
 pass); a crash between create and start leaves it ``created``, which the planner
 sweeps.
 
-**Zero downtime.** With an edge (``edge.Edge``), the unit an app's ``domain``
-routes to is recreated start-first when it has no ``hostPort``: the new
+**Zero downtime.** With an edge (``edge.Edge``), a unit an app's ``domain`` or
+a service's ``domain`` routes to is recreated start-first when it has no ``hostPort``: the new
 container starts beside the old one under the alternate name (``<name>.b``,
 and back), labelled with its generation (``io.cynchrod.generation``, a clock
-reading) and the domain; once ready (its healthcheck, else its port accepts TCP
+reading) and its domains; once ready (its healthcheck, else its port accepts TCP
 connections on its container address) the route is switched, the old container
 drains for ``drain`` seconds, then is stopped and removed. A new container that
 is never ready is removed and the deployment fails ``not_ready`` with its last
@@ -58,7 +58,8 @@ API_VERSION = "1.41"
 CALL_TIMEOUT_S = 30
 #: Per-container log cap: the json-file driver rotates, so no log grows without bound.
 LOG_CONFIG = {"type": "json-file", "config": {"max-size": "10m", "max-file": "3"}}
-#: Labels of a start-first container: its generation (newest wins after a crash) and domain.
+#: Labels of a start-first container: its generation (newest wins after a crash) and the
+#: domains routed to it (comma-separated).
 LABEL_GENERATION = "io.cynchrod.generation"
 LABEL_DOMAIN = "io.cynchrod.domain"
 #: The alternate name of a start-first container is ``<name>`` + this (and back).
@@ -427,18 +428,18 @@ class LocalRuntime:
     def start_first(self, spec: specs.AppSpec, service: specs.ServiceSpec, old: runtime.Unit) -> bool:
         """Recreate beside the old unit: an edge routes this service's domain, no host port
         is bound (it cannot be bound twice), and the old unit is serving."""
-        routed = edge_mod.routed_service(spec)
-        return (self.edge is not None and bool(spec.domain) and routed is not None and routed.name == service.name
+        return (self.edge is not None and bool(edge_mod.domains_of(spec, service.name))
                 and not service.host_port and old.state == planning.RUNNING and spec.state != "stopped")
 
     def _swap(self, spec: specs.AppSpec, service: specs.ServiceSpec, replica: int,
               old: runtime.Unit) -> runtime.Unit:
         """Start the new container beside ``old``, wait until ready, switch the route, drain, remove ``old``."""
-        assert spec.domain is not None and service.port is not None
+        domains = edge_mod.domains_of(spec, service.name)
+        assert domains and service.port is not None
         base = self.container_name(spec.org, spec.name, service.name, replica)
         old_name = str(self._call(lambda: self.api.inspect_container(old.instance), "inspect")["Name"]).lstrip("/")
         name = base if old_name != base else base + ALT_SUFFIX
-        extra = {LABEL_GENERATION: str(time.time_ns()), LABEL_DOMAIN: spec.domain.lower()}
+        extra = {LABEL_GENERATION: str(time.time_ns()), LABEL_DOMAIN: ",".join(domains)}
         new = self._create(spec, service, replica, name=name, extra_labels=extra, point="swap-")
         crashpoint("swap-after-start")
         failure = self._wait_ready(new.instance, service)
@@ -450,18 +451,18 @@ class LocalRuntime:
                                  "lines:\n" + "\n".join(lines), code="not_ready")
         crashpoint("swap-ready")
         assert new.endpoint is not None
-        self._switch(spec.domain, old.endpoint, new.endpoint, spec.org, spec.name)
+        self._switch(domains, old.endpoint, new.endpoint, spec.org, spec.name)
         crashpoint("swap-after-switch")
         time.sleep(self.drain)
         self._remove(old.instance)
         crashpoint("swap-after-remove-old")
         return new
 
-    def _switch(self, domain: str, old: int | None, new: int, org: str, app: str) -> None:
+    def _switch(self, domains: list[str], old: int | None, new: int, org: str, app: str) -> None:
         if self.edge is None:
             return
         try:
-            self.edge.switch(domain, old, new, org=org, app=app)
+            self.edge.switch(domains, old, new, org=org, app=app)
         except edge_mod.EdgeUnavailable as exc:
             # The edge serves nothing now anyway; the pass re-asserts the route once it answers.
             log.warning("%s/%s: the route could not be switched (%s); the next pass re-asserts it",
@@ -539,11 +540,11 @@ class LocalRuntime:
                      and self._readiness(newest["Id"], service)[1])
             keep, drop = (newest, olds) if ready else (olds[-1], [newest, *olds[:-1]])
             kept = self._unit(keep)
-            domain = labels.get(LABEL_DOMAIN, "")
-            if domain and kept is not None and kept.endpoint:
+            domains = [d for d in labels.get(LABEL_DOMAIN, "").split(",") if d]
+            if domains and kept is not None and kept.endpoint:
                 for other in drop:
                     gone = self._unit(other)
-                    self._switch(domain, gone.endpoint if gone else None, kept.endpoint, org, app)
+                    self._switch(domains, gone.endpoint if gone else None, kept.endpoint, org, app)
                 if ready:
                     time.sleep(self.drain)
             log.warning("%s/%s: a swap was interrupted; kept the %s container, removing %d", org, app,

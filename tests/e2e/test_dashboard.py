@@ -45,7 +45,8 @@ DUO = f"""name: duo
 memory: 64
 services:
   alpha: {{image: '{TEST_IMAGE}', command: [sh, -c, 'while true; do echo from-alpha; sleep 0.5; done']}}
-  beta: {{image: '{TEST_IMAGE}', command: [sh, -c, 'while true; do echo from-beta; sleep 0.5; done']}}
+  beta: {{image: '{TEST_IMAGE}', command: [sh, -c, 'while true; do echo from-beta; sleep 0.5; done'], port: 8080,
+         domain: beta.duo.localhost}}
 """
 
 
@@ -373,6 +374,16 @@ def test_logs_of_a_multi_service_app_name_the_service(site: Site, page: Page) ->
     for service in ("alpha", "beta"):
         line = page.locator("#lines tr", has_text=f"from-{service}").last
         expect(line.locator("td.svc")).to_have_text(service, timeout=10000)
+
+
+def test_a_services_domain_is_a_link_in_the_list_and_on_the_app_page(site: Site, page: Page) -> None:
+    sign_in(page, site, site.tokens["alice"])
+    link = row(page, "duo").get_by_role("link", name="beta.duo.localhost")
+    expect(link).to_have_attribute("href", "http://beta.duo.localhost/")
+    expect(link).to_have_attribute("title", "service beta")
+    row(page, "duo").get_by_role("link", name="duo", exact=True).click()
+    expect(page.locator("dl.facts")).to_contain_text("Domain of beta")
+    expect(page.locator("dl.facts").get_by_role("link", name="beta.duo.localhost")).to_be_visible()
 
 
 FLOOD = """() => new Promise((done) => {

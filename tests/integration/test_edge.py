@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 import socket
 import ssl
@@ -273,3 +274,71 @@ def test_the_edge_server_is_made_in_a_caddy_with_no_http_app(repo: GitRepo, harn
         front.close()
     finally:
         bare.stop()
+
+
+def shop(version: str, *, api_version: str = "api-v1", state: str = "", org: str = "") -> str:
+    """A three-service app: web and api with their own domains, db with no port."""
+    text = f"name: two\nmemory: 64\n{f'org: {org}' if org else ''}\n{f'state: {state}' if state else ''}\nservices:\n"
+    for name, domain, answer in (("web", "web.localhost", version), ("api", "api.localhost", api_version)):
+        text += f"  {name}:\n    image: {TEST_IMAGE}\n    command: {SERVE}\n    port: 8080\n" \
+                f"    domain: {domain}\n    env: {{VERSION: {answer}}}\n"
+    return text + f"  db:\n    image: {TEST_IMAGE}\n    command: [sleep, '3600']\n"
+
+
+def test_service_domains_route_each_service_and_a_redeploy_of_one_drops_nothing(
+        repo: GitRepo, edged: Harness, caddy: Caddy) -> None:
+    repo.push({"apps/two.yaml": shop("web-v1")})
+    assert edged.sync().ok
+    assert caddy.fetch("web.localhost") == (200, "web-v1\n")
+    assert caddy.fetch("API.localhost") == (200, "api-v1\n")
+    app = edged.app("two")
+    assert [(s["name"], s["domain"]) for s in json.loads(app.services_json or "[]")] == [
+        ("api", "api.localhost"), ("db", None), ("web", "web.localhost")]
+    assert app.service_domains == [("api", "api.localhost"), ("web", "web.localhost")]
+    before = {r["Labels"][runtime.LABEL_SERVICE]: r["Id"] for r in
+              edged.rt.api.containers(filters=edged.rt.owner_filter)}
+
+    # Only api changes: it is swapped start-first under a client; web and db are left alone.
+    with Client(caddy, "api.localhost") as api_client, Client(caddy, "web.localhost") as web_client:
+        repo.push({"apps/two.yaml": shop("web-v1", api_version="api-v2")})
+        result = edged.sync()
+        assert result.ok, result
+    assert api_client.failed == [] and web_client.failed == [], (api_client.failed[:5], web_client.failed[:5])
+    assert api_client.versions == ["api-v1", "api-v2"] and web_client.versions == ["web-v1"]
+    assert len(api_client.results) > 50, len(api_client.results)
+    after = {r["Labels"][runtime.LABEL_SERVICE]: r["Id"] for r in
+             edged.rt.api.containers(filters=edged.rt.owner_filter)}
+    assert after["web"] == before["web"] and after["db"] == before["db"] and after["api"] != before["api"]
+    assert len(after) == 3  # the old api container is gone
+
+    # Drift on a service's route is put back.
+    route_id = edged.rec.edge.route_id("api.localhost")  # type: ignore[union-attr]
+    good = caddy.get(f"/id/{route_id}")
+    caddy.call("PATCH", f"/id/{route_id}/handle/0/upstreams", [{"dial": "127.0.0.1:1"}])
+    edged.sync()
+    assert caddy.get(f"/id/{route_id}") == good
+
+    # Stopped: both domains answer 503; deleted: both routes are gone.
+    repo.push({"apps/two.yaml": shop("web-v1", api_version="api-v2", state="stopped")})
+    assert edged.sync().ok
+    assert caddy.fetch("web.localhost") == (503, "web.localhost: app default/two is stopped\n")
+    assert caddy.fetch("api.localhost")[0] == 503
+    repo.push({"apps/.keep": "", "apps/two.yaml": None})
+    assert edged.sync().ok
+    assert caddy.fetch("web.localhost")[0] == 404 and caddy.fetch("api.localhost")[0] == 404
+    assert [r for r in caddy.get(f"/id/{edged.rt.owner}-edge")["routes"] if "match" in r] == []
+
+
+def test_a_service_domain_another_app_holds_is_domain_taken(repo: GitRepo, edged: Harness, caddy: Caddy) -> None:
+    repo.push({"apps/first.yaml": web("api", "held", domain="api.localhost", org="acme")})
+    assert edged.sync().ok
+    repo.push({"apps/two.yaml": shop("web-v1", org="beta")})
+    result = edged.sync()
+    assert not result.ok
+    taken = edged.app("two", org="beta")
+    assert taken.status == "failed" and (taken.last_error or "").startswith(
+        "domain_taken: domain api.localhost belongs to app acme/api"), taken.last_error
+    assert [r["Labels"][runtime.LABEL_ORG] for r in edged.rt.api.containers(filters=edged.rt.owner_filter)] \
+        == ["acme"]
+    assert caddy.fetch("api.localhost") == (200, "held\n")
+    assert caddy.fetch("web.localhost")[0] == 404  # a refused app gets none of its routes

@@ -24,6 +24,13 @@ class Row:
     last_error: str | None = None
     deployed_hash: str | None = None
     source: str = ""
+    spec: specs.AppSpec | None = None
+
+    @property
+    def domains(self) -> frozenset[str]:
+        if self.spec is not None:
+            return frozenset(self.spec.domains)
+        return frozenset({self.domain.lower()} if self.domain else ())
 
 
 def inputs(desired: list[specs.AppSpec], rows: dict[tuple[str, str], Row] | None = None) -> decisions.Inputs:
@@ -112,3 +119,91 @@ def test_wanted_routes() -> None:
     assert server["routes"][1]["handle"][0]["status_code"] == 503
     assert server["routes"][3]["handle"][0]["status_code"] == 404
     assert edge.upstream_host("0.0.0.0") == "127.0.0.1" and edge.upstream_host("10.0.0.5") == "10.0.0.5"
+
+
+TWO = b"""name: two
+services:
+  web:
+    image: i
+    port: 8080
+    domain: Web.example
+  api:
+    image: i
+    port: 9000
+    domain: api.example
+  db:
+    image: i
+"""
+
+
+def test_service_domains_route_each_to_its_service() -> None:
+    result = manifests.parse("apps/two.yaml", TWO)
+    assert result.spec is not None, result.errors
+    routed = [(d, s.name) for d, s in edge.domain_routes(result.spec)]
+    assert sorted(routed) == [("api.example", "api"), ("web.example", "web")]
+    assert sorted(result.spec.domains) == ["api.example", "web.example"]
+    assert edge.domains_of(result.spec, "web") == ["web.example"] and edge.domains_of(result.spec, "db") == []
+    # A service's domain is no part of its container's hash: changing it moves a route only.
+    web = next(s for s in result.spec.services if s.name == "web")
+    assert web.hash(restarted_at=None) == dataclasses.replace(web, domain=None).hash(restarted_at=None)
+    # It survives the store's round trip.
+    again = specs.AppSpec.from_json(result.spec.to_json())
+    assert again.domains == result.spec.domains
+
+
+@pytest.mark.parametrize("text,code,line,words", [
+    # a service domain without a port
+    (b"name: x\nservices:\n  a: {image: i, port: 1}\n  b:\n    image: i\n    domain: b.example\n",
+     "invalid_value", 6, "services.b.domain: the service needs a port"),
+    # the same domain twice in one app, case aside
+    (b"name: x\nservices:\n  a: {image: i, port: 1, domain: d.example}\n  b: {image: i, port: 2, domain: D.example}\n",
+     "duplicate_domain", 4, "services.b.domain: d.example is already this app's services.a.domain"),
+    # the app's domain on a service too
+    (b"name: x\ndomain: d.example\nservices:\n  a: {image: i, port: 1, domain: d.example}\n  b: {image: i}\n",
+     "duplicate_domain", 4, "services.a.domain: d.example is already this app's domain"),
+    # not a hostname
+    (b"name: x\nservices:\n  a: {image: i, port: 1, domain: 'a_b.example'}\n", "invalid_value", 3,
+     "services.a.domain"),
+])
+def test_service_domain_errors(text: bytes, code: str, line: int, words: str) -> None:
+    result = manifests.parse("apps/x.yaml", text)
+    assert result.spec is None
+    assert [(e.code, e.path, e.line) for e in result.errors] == [(code, "apps/x.yaml", line)], result.errors
+    assert words in str(result.errors[0])
+
+
+def test_an_app_domain_beside_service_domains() -> None:
+    # The app's domain goes to its only service with a port; another service may have its own.
+    text = b"name: x\ndomain: x.example\nservices:\n  web: {image: i, port: 1}\n  admin: {image: i, port: 2}\n"
+    assert "or give each its own domain" in str(manifests.parse("apps/x.yaml", text).errors[0])
+    text = b"name: x\ndomain: x.example\nservices:\n  web: {image: i, port: 1, domain: www.example}\n  db: {image: i}\n"
+    result = manifests.parse("apps/x.yaml", text)
+    assert result.spec is not None and edge.domains_of(result.spec, "web") == ["x.example", "www.example"]
+
+
+def test_a_service_domain_is_claimed_like_an_app_domain() -> None:
+    two = manifests.parse("apps/two.yaml", TWO).spec
+    assert two is not None
+    holder = dataclasses.replace(two, org="acme")
+    claim = spec("other", org="beta", domain="API.example")
+    rows = {holder.key: Row(None, "2026-01-02", spec=holder)}
+    refused = decisions.domains(inputs([holder, claim], rows))
+    assert list(refused) == [claim.key] and refused[claim.key].code == "domain_taken"
+    assert "domain api.example belongs to app acme/two" in refused[claim.key].message
+    # The other way round: an app's domain held, a service claiming it.
+    rows = {claim.key: Row("api.example", "2026-01-01", spec=claim)}
+    assert list(decisions.domains(inputs([holder, claim], rows))) == [holder.key]
+
+
+def test_service_routes_and_one_switch_for_all_of_a_services_domains() -> None:
+    two = manifests.parse("apps/two.yaml", TWO).spec
+    assert two is not None
+    units = [planning.Unit("default", "two", "web", 0, "w", planning.RUNNING, "h", endpoint=32001),
+             planning.Unit("default", "two", "api", 0, "a", planning.RUNNING, "h", endpoint=32002),
+             planning.Unit("default", "two", "db", 0, "d", planning.RUNNING, "h", endpoint=None)]
+    assert edge.routes({two.key: two}, units) == [edge.Route("api.example", "default", "two", (32002,)),
+                                                   edge.Route("web.example", "default", "two", (32001,))]
+    stopped = dataclasses.replace(two, state="stopped")
+    assert [(r.domain, r.upstreams, r.why) for r in edge.routes({two.key: stopped}, units)] == [
+        ("api.example", (), "stopped"), ("web.example", (), "stopped")]
+    assert edge.routes({two.key: two}, units, [two.key]) == []
