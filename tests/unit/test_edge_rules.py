@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 
-from cynchrod import config, decisions, edge, manifests, planning, specs
+from cynchrod import config, decisions, edge, manifests, planning, specs, store
 
 
 def spec(name: str, org: str = "default", domain: str | None = "a.example.com", port: int | None = 8080,
@@ -207,3 +207,26 @@ def test_service_routes_and_one_switch_for_all_of_a_services_domains() -> None:
     assert [(r.domain, r.upstreams, r.why) for r in edge.routes({two.key: stopped}, units)] == [
         ("api.example", (), "stopped"), ("web.example", (), "stopped")]
     assert edge.routes({two.key: two}, units, [two.key]) == []
+
+
+def test_the_kernel_setting_that_keeps_caddy_from_resetting(tmp_path: pathlib.Path) -> None:
+    sysctl = tmp_path / "tcp_migrate_req"
+    sysctl.write_text("0\n")
+    assert edge.resets_at_config_changes(str(sysctl))
+    sysctl.write_text("1\n")
+    assert not edge.resets_at_config_changes(str(sysctl))
+    assert not edge.resets_at_config_changes(str(tmp_path / "absent"))  # not Linux: nothing known
+
+
+def test_a_stored_row_holds_its_services_domains(tmp_path: pathlib.Path) -> None:
+    two = manifests.parse("apps/two.yaml", TWO).spec
+    assert two is not None
+    db = store.Store(tmp_path / "state")
+    try:
+        row = db.ensure_app(two, commit="c1")
+        assert row.domains == frozenset({"api.example", "web.example"})
+        db.update_app(row.id, services_json=store.services_json(two, []))
+        again = db.app(row.id)
+        assert again is not None and again.service_domains == [("api", "api.example"), ("web", "Web.example")]
+    finally:
+        db.close()
