@@ -130,6 +130,12 @@ def _deployment_rows(deployments: Sequence[dict[str, Any]]) -> list[tuple[object
 _DEPLOYMENT_HEADERS = ("ID", "STATUS", "TRIGGER", "COMMIT", "STARTED", "CODE", "ERROR")
 
 
+def _domains(app: dict[str, Any]) -> str:
+    """The app's domain, then each service's own as ``DOMAIN (SERVICE)``."""
+    own = [app["domain"]] if app.get("domain") else []
+    return ", ".join([*own, *(f"{s['domain']} ({s['name']})" for s in app.get("services") or [] if s.get("domain"))])
+
+
 def status(client: Client, ref: str, *, output: str, out: IO[str]) -> int:
     found = client.details(ref)
     if output == "json":
@@ -137,7 +143,7 @@ def status(client: Client, ref: str, *, output: str, out: IO[str]) -> int:
         return 0
     app = found["app"]
     fields = [("app", f"{app['org']}/{app['name']}"), ("id", app["id"]), ("status", app["status"]),
-              ("image", app.get("image")), ("ports", _ports(app)), ("domain", app.get("domain")),
+              ("image", app.get("image")), ("ports", _ports(app)), ("domain", _domains(app)),
               ("container", (app.get("container_id") or "")[:12]), ("commit", (app.get("commit") or "")[:12]),
               ("path", app.get("path")), ("updated", f"{app.get('updated_at')} ({age(app.get('updated_at'))} ago)"),
               ("last error", app.get("last_error"))]

@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 
-from cynchrod import config, decisions, edge, manifests, planning, specs, store
+from cynchrod import client, config, decisions, edge, manifests, planning, specs, store
 
 
 def spec(name: str, org: str = "default", domain: str | None = "a.example.com", port: int | None = 8080,
@@ -230,3 +230,10 @@ def test_a_stored_row_holds_its_services_domains(tmp_path: pathlib.Path) -> None
         assert again is not None and again.service_domains == [("api", "api.example"), ("web", "Web.example")]
     finally:
         db.close()
+
+
+def test_cynchrod_status_names_every_domain() -> None:
+    row = {"domain": "shop.example", "services": [{"name": "api", "domain": "api.example"}, {"name": "db",
+                                                                                                 "domain": None}]}
+    assert client._domains(row) == "shop.example, api.example (api)"
+    assert client._domains({"domain": None, "services": []}) == ""
