@@ -543,7 +543,7 @@ def serve(cfg: config.Settings, rebuild: Callable[[], config.Settings] | None = 
     """``cynchrod serve`` under the state lock: fork the API, then run the reconciler here until
     SIGTERM or SIGINT (or the API's end). Returns the exit code."""
     store.Store(cfg.state / "cynchrod.db").close()  # the schema is made once, before any fork
-    metrics.use_directory(cfg.state / "metrics")
+    metrics.use_directory(metrics.directory_for(cfg.state))
     parent = os.getpid()
     api_pid = os.fork()
     if api_pid == 0:  # the API: a gunicorn master and its workers

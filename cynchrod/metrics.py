@@ -6,9 +6,11 @@ it. App counts by status are read from the store at scrape time.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pathlib
 import shutil
+import tempfile
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess, values
@@ -32,6 +34,20 @@ class _AppsByStatus(Collector):
         for status, count in counts.items():
             family.add_metric([status], count)
         yield family
+
+
+def directory_for(state_dir: pathlib.Path) -> pathlib.Path:
+    """Where a daemon's counters live: never on the state dir's disk.
+
+    prometheus-client maps its files into memory and grows them sparsely, so when their
+    disk is full, the first write to a new page kills the process with SIGBUS (a full
+    state dir killed every API worker that way). A folder of our own in ``/dev/shm`` fills
+    with nothing else; the system's temporary folder where there is none.
+    """
+    ident = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:16]
+    shm = pathlib.Path("/dev/shm")
+    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else pathlib.Path(tempfile.gettempdir())
+    return base / f"cynchrod-metrics-{ident}"
 
 
 def use_directory(path: pathlib.Path) -> None:
