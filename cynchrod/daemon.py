@@ -487,6 +487,10 @@ class ApiServer(BaseApplication):  # type: ignore[misc]
         self.settings = cfg
         self.rebuild = rebuild
         self._loaded_once = False
+        from cynchrod.apiworker import Share
+
+        # Connections held per worker (workers may be more than ``api_workers`` for a moment, during a reload).
+        self.share = Share(max(8, 4 * cfg.api_workers))
         super().__init__()
 
     def load_config(self) -> None:
@@ -501,9 +505,10 @@ class ApiServer(BaseApplication):  # type: ignore[misc]
         self._loaded_once = True
         options = {
             "bind": self.settings.listen, "workers": self.settings.api_workers,
-            "worker_class": "cynchrod.daemon.Worker", "worker_connections": WORKER_CONNECTIONS,
+            "worker_class": "cynchrod.apiworker.Worker", "worker_connections": WORKER_CONNECTIONS,
             "keepalive": HEADER_TIMEOUT_S, "timeout": 60, "graceful_timeout": 5, "accesslog": None,
             "errorlog": "-", "loglevel": "warning", "proc_name": "cynchrod-api", "control_socket_disable": True,
+            "pre_fork": self.share.pre_fork, "child_exit": self.share.child_exit,
         }
         for key, value in options.items():
             if key in self.cfg.settings:
@@ -513,23 +518,6 @@ class ApiServer(BaseApplication):  # type: ignore[misc]
         from cynchrod.api import create_app
 
         return create_app(Front(self.settings, blocking=_in_thread_pool()))
-
-
-def _worker_class() -> type:
-    from gunicorn.workers.ggevent import GeventWorker
-
-    class Worker(GeventWorker):  # type: ignore[misc]
-        """gunicorn's gevent worker; ``keepalive`` bounds the wait for a request's line and
-        headers (the first request's too), the app bounds the body."""
-
-    return Worker
-
-
-def __getattr__(name: str) -> Any:
-    # gunicorn imports the worker class by name in the worker; gevent is only imported there.
-    if name == "Worker":
-        return _worker_class()
-    raise AttributeError(name)
 
 
 def _die_with_parent() -> None:

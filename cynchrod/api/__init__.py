@@ -206,6 +206,8 @@ def create_app(daemon: Any) -> Flask:
     @app.after_request
     def _log(response: Response) -> Response:
         daemon.metrics.requests.labels(request.method, str(response.status_code)).inc()
+        if not access_log.isEnabledFor(logging.INFO):
+            return response
         # The path only: query strings can carry ?token= or ?ticket=.
         access_log.info(json.dumps({
             "method": request.method, "path": request.path, "status": response.status_code,

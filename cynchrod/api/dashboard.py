@@ -49,6 +49,7 @@ from typing import Any, TypeVar
 from flask import (
     Blueprint,
     Flask,
+    Request,
     Response,
     flash,
     g,
@@ -59,7 +60,7 @@ from flask import (
     session,
     url_for,
 )
-from flask.sessions import SecureCookieSessionInterface
+from flask.sessions import SecureCookieSession, SecureCookieSessionInterface
 from werkzeug.wrappers import Response as BaseResponse
 
 from cynchrod import control, store
@@ -90,6 +91,12 @@ class _Sessions(SecureCookieSessionInterface):
 
     def get_cookie_secure(self, app: Flask) -> bool:
         return request.is_secure
+
+    def open_session(self, app: Flask, request: Request) -> SecureCookieSession | None:
+        # No cookie (every API call): an empty session, without building a signing serializer.
+        if self.get_cookie_name(app) not in request.cookies:
+            return self.session_class()
+        return super().open_session(app, request)
 
 
 def secret_key(state_dir: pathlib.Path) -> bytes:

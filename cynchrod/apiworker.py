@@ -1,0 +1,150 @@
+"""The API's gunicorn worker: gevent, with connections spread evenly over the workers.
+
+All workers accept from the one listening socket the gunicorn master made. A burst of
+new connections (a client opening a pool of keep-alive connections) goes to whichever
+worker the kernel wakes first, and a worker that wakes first keeps winning: 31 of 32
+connections were seen in one worker of two, which then served them all on one core
+while the other idled. Here each worker publishes how many connections it holds in a
+slot of a small shared memory array (``Share``, made by the master before it forks);
+a worker holding more than ``SLACK`` over the least loaded accepting worker leaves a
+new connection to the others for ``HOLD_S`` at most (then takes it anyway, so a stuck
+worker never costs more than that).
+
+The Flask app is built in each worker (its store and sockets must not cross a fork),
+then the objects made until then are moved out of the garbage collector's sight
+(``gc.freeze``): a full collection then no longer walks every module's objects in
+the middle of requests.
+"""
+
+from __future__ import annotations
+
+import gc
+import mmap
+import struct
+import time
+from functools import partial
+from typing import Any
+
+import gevent
+from gevent.pool import Pool
+from gevent.server import StreamServer
+from gunicorn.workers.ggevent import GeventWorker
+
+#: A worker takes a new connection while it holds at most this many more than another.
+SLACK = 1
+#: Longest a new connection is left to the other workers before this one takes it.
+HOLD_S = 0.02
+#: How often a holding worker looks again.
+RECHECK_S = 0.002
+_SLOT = struct.Struct("q")
+
+
+class Share:
+    """Connections held per worker slot, in memory shared by the master and its workers;
+    -1 marks a slot with no accepting worker. One writer per slot (its worker, or the master
+    when it gives the slot out or takes it back)."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self._mem = mmap.mmap(-1, _SLOT.size * slots)
+        for i in range(slots):
+            self.set(i, -1)
+
+    def get(self, slot: int) -> int:
+        return int(_SLOT.unpack_from(self._mem, slot * _SLOT.size)[0])
+
+    def set(self, slot: int, value: int) -> None:
+        _SLOT.pack_into(self._mem, slot * _SLOT.size, value)
+
+    def fewest_elsewhere(self, slot: int) -> int | None:
+        """The fewest connections another accepting worker holds, or None when there is none."""
+        others = [v for i in range(self.slots) if i != slot and (v := self.get(i)) >= 0]
+        return min(others) if others else None
+
+    # gunicorn server hooks (they run in the master)
+    def pre_fork(self, arbiter: Any, worker: Any) -> None:
+        used = {getattr(w, "slot", None) for w in arbiter.WORKERS.values()}
+        worker.slot = next((i for i in range(self.slots) if i not in used), None)
+        worker.share = self
+        if worker.slot is not None:
+            self.set(worker.slot, 0)
+
+    def child_exit(self, arbiter: Any, worker: Any) -> None:
+        if getattr(worker, "slot", None) is not None:
+            self.set(worker.slot, -1)
+
+
+class _Server(StreamServer):  # type: ignore[misc]
+    """A listener that leaves a new connection to a less loaded worker (for ``HOLD_S`` at most)."""
+
+    def __init__(self, *args: Any, share: Share | None, slot: int | None, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.share, self.slot = share, slot
+        self.held_since: float | None = None
+
+    def do_read(self) -> Any:
+        if self.share is not None and self.slot is not None:
+            fewest = self.share.fewest_elsewhere(self.slot)
+            if fewest is not None and self.share.get(self.slot) > fewest + SLACK:
+                now = time.monotonic()
+                if self.held_since is None:
+                    self.held_since = now
+                if now - self.held_since < HOLD_S:
+                    # Not accepting for a moment: the others are woken for this connection too.
+                    self.stop_accepting()
+                    self._timer = self.loop.timer(RECHECK_S)
+                    self._timer.start(self._start_accepting_if_started)
+                    return None
+        self.held_since = None
+        return super().do_read()
+
+
+class Worker(GeventWorker):  # type: ignore[misc]
+    """gunicorn's gevent worker; ``keepalive`` bounds the wait for a request's line and
+    headers (the first request's too), the app bounds the body."""
+
+    slot: int | None = None
+    share: Share | None = None
+
+    def load_wsgi(self) -> None:
+        super().load_wsgi()
+        gc.collect()
+        gc.freeze()
+
+    def _held(self, delta: int) -> None:
+        if self.share is not None and self.slot is not None and self.share.get(self.slot) >= 0:
+            self.share.set(self.slot, self.share.get(self.slot) + delta)
+
+    def handle(self, listener: Any, client: Any, addr: Any) -> None:
+        self._held(1)
+        try:
+            super().handle(listener, client, addr)
+        finally:
+            self._held(-1)
+
+    def run(self) -> None:
+        # gunicorn's GeventWorker.run, with the balancing listener.
+        servers = []
+        for s in self.sockets:
+            s.setblocking(1)
+            server = _Server(s, handle=partial(self.handle, s), spawn=Pool(self.worker_connections),
+                             share=self.share, slot=self.slot)
+            server.max_accept = 1
+            server.start()
+            servers.append(server)
+        while self.alive:
+            self.notify()
+            gevent.sleep(1.0)
+        if self.share is not None and self.slot is not None:
+            self.share.set(self.slot, -1)  # no longer accepting: the others stop leaving connections to it
+        for server in servers:
+            server.close()
+        started = time.time()
+        while time.time() - started <= self.cfg.graceful_timeout:
+            if all(server.pool.free_count() == server.pool.size for server in servers):
+                return
+            self.notify()
+            gevent.sleep(1.0)
+        self.log.warning("Worker graceful timeout (pid:%s)", self.pid)
+        for server in servers:
+            server.stop(timeout=1)
