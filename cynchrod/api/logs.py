@@ -16,6 +16,7 @@ import collections
 import json
 import threading
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from flask import Blueprint, Response, jsonify, request
@@ -24,6 +25,7 @@ from cynchrod import store
 from cynchrod.api import ApiError, is_ascii_number, sock
 from cynchrod.api.auth import TICKET_TTL_S, bearer, daemon, visible_app
 from cynchrod.errors import CynchrodError
+from cynchrod.runtime import LogLine
 
 if TYPE_CHECKING:
     from cynchrod.daemon import Front
@@ -39,6 +41,8 @@ BATCH_BYTES = 64 * 1024
 #: ... gathered for at most this long after the first (unless this many are already waiting).
 BATCH_WAIT_S = 0.02
 BATCH_LINES = 500
+#: Lines are encoded once per app in pieces of about this size, which messages then join.
+PIECE_BYTES = 16 * 1024
 _streams = threading.BoundedSemaphore(MAX_STREAMS)
 
 # WebSocket close codes (4000-4999 are the application's).
@@ -101,20 +105,54 @@ def stream(ws: Any, app_id: str) -> None:
         _streams.release()
 
 
+_encode = json.encoder.encode_basestring_ascii
+
+
+def encode_lines(lines: list[LogLine]) -> list[tuple[str, int]]:
+    """``lines`` as pieces of a message's JSON array (``LogLine.to_json`` objects, comma
+    separated, no brackets), each at most about ``PIECE_BYTES``, with its count of lines.
+    Done once per batch for all the clients of the app."""
+    pieces: list[tuple[str, int]] = []
+    out: list[str] = []
+    size = 0
+    services: dict[str, str] = {}
+    for line in lines:
+        service = services.get(line.service)
+        if service is None:
+            service = services[line.service] = _encode(line.service)
+        text = f'{{"service":{service},"timestamp":{_encode(line.timestamp)},"line":{_encode(line.line)}'
+        if line.replica:
+            text += f',"replica":{int(line.replica)}'
+        if line.node:
+            text += f',"node":{_encode(line.node)}'
+        out.append(text + "}")
+        size += len(text) + 2
+        if size >= PIECE_BYTES:
+            pieces.append((",".join(out), len(out)))
+            out, size = [], 0
+    if out:
+        pieces.append((",".join(out), len(out)))
+    return pieces
+
+
 class _Subscriber:
-    """One client's share of a hub: a bounded buffer of lines and a wake-up."""
+    """One client's share of a hub: a bounded buffer of encoded pieces and a wake-up."""
 
     def __init__(self) -> None:
-        self.lines: collections.deque[dict[str, Any]] = collections.deque()
+        self.pieces: collections.deque[tuple[str, int]] = collections.deque()
+        self.lines = 0
         self.dropped = 0
         self.ready = threading.Event()
         self.ended = False
 
-    def put(self, line: dict[str, Any]) -> None:
-        if len(self.lines) >= QUEUE_LINES:
-            self.lines.popleft()  # this client reads slower than the app logs: it, alone, loses lines
-            self.dropped += 1
-        self.lines.append(line)
+    def put(self, pieces: list[tuple[str, int]]) -> None:
+        for piece in pieces:
+            self.pieces.append(piece)
+            self.lines += piece[1]
+        while self.lines > QUEUE_LINES and len(self.pieces) > 1:
+            _, n = self.pieces.popleft()  # this client reads slower than the app logs: it, alone, loses lines
+            self.lines -= n
+            self.dropped += n
         self.ready.set()
 
     def end(self) -> None:
@@ -133,13 +171,21 @@ class _Hub:
         self.follower = d.runtime.follow(key[0], key[1], since=time.time(), ended=self.ended)
         self.reader = threading.Thread(target=self._read, daemon=True, name=f"logs-{key[0]}-{key[1]}")
 
+    def _batches(self) -> Iterator[list[LogLine]]:
+        batches = getattr(self.follower, "batches", None)
+        if batches is not None:
+            yield from batches()
+        else:
+            for line in self.follower:
+                yield [line]
+
     def _read(self) -> None:
         try:
-            for line in self.follower:
-                item = line.to_json()
+            for batch in self._batches():
+                pieces = encode_lines(batch)
                 with _hubs_lock:
                     for sub in self.subscribers:
-                        sub.put(item)
+                        sub.put(pieces)
         except CynchrodError:
             pass
         finally:
@@ -183,20 +229,22 @@ def _unsubscribe(hub: _Hub, sub: _Subscriber) -> None:
 
 
 def _batch(sub: _Subscriber) -> str:
-    """The lines waiting, as one JSON array (a message), at most ``BATCH_BYTES`` of it."""
+    """The lines waiting, as one JSON array (a message), at most about ``BATCH_BYTES`` of it."""
     out: list[str] = []
     size = 2
-    if sub.dropped:
-        out.append(json.dumps({"service": "", "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                               "line": f"[cynchrod: {sub.dropped} lines dropped: this client reads slower than "
-                                       "the app writes]", "dropped": sub.dropped}))
-        sub.dropped = 0
-    while sub.lines and size < BATCH_BYTES:
-        text = json.dumps(sub.lines.popleft(), separators=(",", ":"))
-        out.append(text)
-        size += len(text) + 1
-    if sub.lines:
-        sub.ready.set()
+    with _hubs_lock:
+        dropped, sub.dropped = sub.dropped, 0
+        while sub.pieces and size < BATCH_BYTES:
+            text, n = sub.pieces.popleft()
+            sub.lines -= n
+            out.append(text)
+            size += len(text) + 1
+        if sub.pieces:
+            sub.ready.set()
+    if dropped:
+        out.insert(0, json.dumps({"service": "", "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                  "line": f"[cynchrod: {dropped} lines dropped: this client reads slower than "
+                                          "the app writes]", "dropped": dropped}))
     return "[" + ",".join(out) + "]"
 
 
@@ -212,10 +260,10 @@ def _pump(ws: Any, d: Front, token: store.Token, app: store.App) -> None:
             if sub.ready.wait(0.5):
                 # A few tens of milliseconds for more lines to join this message: a flood goes
                 # in large messages, a trickle still arrives at once.
-                if len(sub.lines) < BATCH_LINES and not sub.ended:
+                if sub.lines < BATCH_LINES and not sub.ended:
                     time.sleep(BATCH_WAIT_S)
                 sub.ready.clear()
-                if sub.lines or sub.dropped:
+                if sub.pieces or sub.dropped:
                     ws.send(_batch(sub))
                 elif sub.ended:
                     break
