@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fcntl
+import functools
 import logging
 import os
 import pathlib
@@ -288,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.info("cynchrod %s following %s every %ss, state %s", __version__,
                      ", ".join(f"{c.repo} ({c.branch}{', org ' + c.org if c.org else ''})" for c in cfg.sources),
                      cfg.interval, cfg.state)
-            return daemon.serve(cfg, rebuild=lambda: settings(args))
+            return daemon.serve(cfg, rebuild=functools.partial(settings, args))
     except client.ClientError as exc:
         print(f"cynchrod: {exc}", file=sys.stderr)
         return 1

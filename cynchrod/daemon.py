@@ -25,9 +25,11 @@ import dataclasses
 import logging
 import os
 import pathlib
+import pickle
 import select
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -533,21 +535,26 @@ def serve(cfg: config.Settings, rebuild: Callable[[], config.Settings] | None = 
     store.Store(cfg.state / "cynchrod.db").close()  # the schema is made once, before any fork
     metrics.use_directory(metrics.directory_for(cfg.state))
     parent = os.getpid()
+    settings_r, settings_w = os.pipe()
     api_pid = os.fork()
-    if api_pid == 0:  # the API: a gunicorn master and its workers
-        code = 1
+    if api_pid == 0:  # the API: a fresh interpreter (cynchrod.apiserver), gunicorn's master and its workers
         try:
-            _die_with_parent()
+            os.close(settings_w)
+            _die_with_parent()  # kept across exec
             if os.getppid() != parent:
                 os._exit(0)
-            ApiServer(cfg, rebuild).run()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
+            os.set_inheritable(settings_r, True)
+            package_root = str(pathlib.Path(__file__).resolve().parents[1])
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root,
+                                                                               os.environ.get("PYTHONPATH")]))}
+            os.execve(sys.executable, [sys.executable, "-m", "cynchrod.apiserver", str(settings_r)], env)
         except BaseException:
-            log.exception("the API stopped")
+            log.exception("the API did not start")
         finally:
-            os._exit(code)
+            os._exit(1)
+    os.close(settings_r)
+    with contextlib.suppress(BrokenPipeError), os.fdopen(settings_w, "wb") as pipe:
+        pickle.dump((cfg, rebuild), pipe)  # an API that did not start is seen below as exited
 
     stop = StopSignals(signal.SIGTERM, signal.SIGINT)
     d = Daemon.build(cfg)
