@@ -1,22 +1,29 @@
 """Logs: a bounded tail over HTTP and a live stream over a WebSocket (flask-sock).
 
 Both go through the runtime protocol (``Runtime.tail`` / ``Runtime.follow``), so
-they work the same on every runtime. One follower per app per worker process (a
-hub) feeds every client of that app; each WebSocket message is a JSON array of
-line objects: the lines waiting, gathered for at most ``BATCH_WAIT_S`` and at
-most ``BATCH_BYTES``. The stream follows the app through restarts and
-redeploys; it ends when the app is deleted (``1000 app_removed``), the token is
-revoked (checked every second), or the client leaves; the hub's follower is
-closed with its last client: nothing outlives the sockets.
+they work the same on every runtime. One engine follower per app for all the API
+worker processes (``_Hub``: the first worker with a client of the app follows the
+engine and relays to the others through an abstract Unix socket) feeds every
+client of that app. Each batch of lines is JSON-encoded once per worker, and each
+WebSocket message is a JSON array of line objects: the lines gathered for at most
+``BATCH_WAIT_S`` after the first and at most about ``BATCH_BYTES``, made once for
+all the worker's clients of the app. The stream follows the app through restarts
+and redeploys; it ends when the app is deleted (``1000 app_removed``), the token is
+revoked (checked every second), or the client leaves; the follower is closed with
+its last client in any worker: nothing outlives the sockets.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import hashlib
 import json
+import pathlib
+import socket
+import struct
 import threading
 import time
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from flask import Blueprint, Response, jsonify, request
@@ -160,32 +167,122 @@ class _Subscriber:
         self.ready.set()
 
 
+_FRAME = struct.Struct(">II")  # a relayed piece: its UTF-8 length, its count of lines
+
+
+def relay_address(state: pathlib.Path, key: tuple[str, str]) -> str:
+    """The abstract Unix socket through which one worker relays an app's lines to the others
+    (Linux's abstract namespace: no file, released when its holder closes it or dies)."""
+    digest = hashlib.sha256(f"{state.resolve()}\0{key[0]}\0{key[1]}".encode()).hexdigest()[:40]
+    return f"\0cynchrod-logs-{digest}"
+
+
+class _Peer(_Subscriber):
+    """Another worker process following the app through this one: its pieces go down a socket."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        super().__init__()
+        self.conn = conn
+
+
 class _Hub:
-    """One engine follower per app in this worker process, shared by all its clients:
-    twenty clients of one app cost one set of engine streams and one JSON encoding per line."""
+    """One engine follower per app for all the API worker processes, shared by all its clients.
+
+    The first worker with a client of the app binds the app's relay address and follows the
+    engine (the leader); a worker that finds the address taken reads the leader's pieces
+    from it instead. Either way, each batch of lines is JSON-encoded once, and its clients'
+    messages join those pieces. When the leader closes (its clients and its peers all
+    left) or dies, a worker still reading from it takes over: binding is the election.
+    Twenty clients of one app, in any workers, cost one set of engine streams."""
 
     def __init__(self, key: tuple[str, str], d: Front) -> None:
-        self.key = key
+        self.key, self.d = key, d
+        self.address = relay_address(d.settings.state, key)
         self.subscribers: set[_Subscriber] = set()
         self.ended = threading.Event()
-        self.follower = d.runtime.follow(key[0], key[1], since=time.time(), ended=self.ended)
-        self.reader = threading.Thread(target=self._read, daemon=True, name=f"logs-{key[0]}-{key[1]}")
+        self.follower: Any = None
+        self.listener: socket.socket | None = None
+        self.upstream: socket.socket | None = None
+        #: Pieces not yet given to this worker's clients, gathered for a message.
+        self.pending: list[tuple[str, int]] = []
+        self.pending_lines = 0
+        self.pending_ready = threading.Event()
+        self._lead()  # a first engine follower that cannot be made is the client's error at once
+        self.reader = threading.Thread(target=self._run, daemon=True, name=f"logs-{key[0]}-{key[1]}")
+        self.flusher = threading.Thread(target=self._flush, daemon=True, name=f"logs-out-{key[0]}-{key[1]}")
 
-    def _batches(self) -> Iterator[list[LogLine]]:
-        batches = getattr(self.follower, "batches", None)
-        if batches is not None:
-            yield from batches()
-        else:
-            for line in self.follower:
-                yield [line]
+    # -- leading ----------------------------------------------------------------
 
-    def _read(self) -> None:
+    def _lead(self) -> bool:
+        """Bind the relay address and follow the engine; False when another worker leads."""
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            for batch in self._batches():
-                pieces = encode_lines(batch)
+            listener.bind(self.address)
+            listener.listen(64)
+        except OSError:
+            listener.close()
+            return False
+        try:
+            self.follower = self.d.runtime.follow(self.key[0], self.key[1], since=time.time(), ended=self.ended)
+        except BaseException:
+            listener.close()
+            raise
+        self.listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True, name="logs-relay").start()
+        return True
+
+    def _accept(self, listener: socket.socket) -> None:
+        while not self.ended.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            peer = _Peer(conn)
+            with _hubs_lock:
+                if self.ended.is_set():
+                    conn.close()
+                    return
+                self.subscribers.add(peer)
+            threading.Thread(target=self._send_to, args=(peer,), daemon=True, name="logs-relay-out").start()
+            threading.Thread(target=self._watch, args=(peer,), daemon=True, name="logs-relay-eof").start()
+
+    def _send_to(self, peer: _Peer) -> None:
+        try:
+            while not peer.ended:
+                peer.ready.wait(0.5)
                 with _hubs_lock:
-                    for sub in self.subscribers:
-                        sub.put(pieces)
+                    peer.ready.clear()
+                    pieces, peer.lines = list(peer.pieces), 0
+                    peer.pieces.clear()
+                if pieces:
+                    data = [(text.encode(), n) for text, n in pieces]
+                    peer.conn.sendall(b"".join(_FRAME.pack(len(b), n) + b for b, n in data))
+        except OSError:
+            pass
+        finally:
+            self._drop(peer)
+
+    def _watch(self, peer: _Peer) -> None:
+        """A peer never writes: end of file is its worker gone or its last client left."""
+        with contextlib.suppress(OSError):
+            peer.conn.recv(1)
+        peer.end()
+        self._drop(peer)
+
+    def _drop(self, peer: _Peer) -> None:
+        with contextlib.suppress(OSError):
+            peer.conn.close()
+        _unsubscribe(self, peer)
+
+    # -- reading ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self.ended.is_set():
+                if self.follower is not None or self._lead():
+                    self._follow()
+                    return
+                self._relay()  # until the leader goes; then try to lead
         except CynchrodError:
             pass
         finally:
@@ -195,9 +292,96 @@ class _Hub:
                 for sub in self.subscribers:
                     sub.end()
 
+    def _follow(self) -> None:
+        batches = getattr(self.follower, "batches", None)
+        source = batches() if batches is not None else ([line] for line in self.follower)
+        for batch in source:
+            self._publish(encode_lines(batch))
+
+    def _relay(self) -> None:
+        upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            upstream.connect(self.address)
+        except OSError:  # the leader is closing: the next round elects
+            upstream.close()
+            time.sleep(0.01)
+            return
+        self.upstream = upstream
+        buf = b""
+        try:
+            while not self.ended.is_set():
+                data = upstream.recv(65536)
+                if not data:
+                    return
+                buf += data
+                pieces, pos = [], 0
+                while len(buf) - pos >= _FRAME.size:
+                    size, n = _FRAME.unpack_from(buf, pos)
+                    if len(buf) - pos - _FRAME.size < size:
+                        break
+                    start = pos + _FRAME.size
+                    pieces.append((buf[start:start + size].decode(), n))
+                    pos = start + size
+                buf = buf[pos:]
+                if pieces:
+                    self._publish(pieces)
+        except OSError:
+            return
+        finally:
+            self.upstream = None
+            upstream.close()
+
+    def _publish(self, pieces: list[tuple[str, int]]) -> None:
+        """Other workers get the pieces at once; this worker's clients get them in messages."""
+        with _hubs_lock:
+            for sub in self.subscribers:
+                if isinstance(sub, _Peer):
+                    sub.put(pieces)
+            self.pending.extend(pieces)
+            self.pending_lines += sum(n for _, n in pieces)
+        self.pending_ready.set()
+
+    def _flush(self) -> None:
+        """Every client's messages, made once: the lines gathered for at most ``BATCH_WAIT_S``
+        after the first (a flood goes in large messages, a trickle still arrives at once),
+        joined into messages of at most about ``BATCH_BYTES``, given to each client."""
+        while not self.ended.is_set():
+            if not self.pending_ready.wait(0.5):
+                continue
+            if self.pending_lines < BATCH_LINES:
+                time.sleep(BATCH_WAIT_S)
+            with _hubs_lock:
+                self.pending_ready.clear()
+                pieces, self.pending, self.pending_lines = self.pending, [], 0
+                messages: list[tuple[str, int]] = []
+                texts: list[str] = []
+                size = lines = 0
+                for text, n in pieces:
+                    if texts and size + len(text) > BATCH_BYTES:
+                        messages.append((",".join(texts), lines))
+                        texts, size, lines = [], 0, 0
+                    texts.append(text)
+                    size += len(text) + 1
+                    lines += n
+                if texts:
+                    messages.append((",".join(texts), lines))
+                for sub in self.subscribers:
+                    if not isinstance(sub, _Peer):
+                        sub.put(messages)
+
     def close(self) -> None:
-        self.ended.set()
-        self.follower.close()
+        with _hubs_lock:
+            self.ended.set()
+            self.pending_ready.set()
+            peers = [sub for sub in self.subscribers if isinstance(sub, _Peer)]
+        for closable in (self.listener, self.upstream, *(p.conn for p in peers)):
+            if closable is not None:
+                with contextlib.suppress(OSError):
+                    closable.shutdown(socket.SHUT_RDWR)
+                with contextlib.suppress(OSError):
+                    closable.close()
+        if self.follower is not None:
+            self.follower.close()
 
 
 _hubs: dict[tuple[str, str], _Hub] = {}
@@ -214,18 +398,23 @@ def _subscribe(d: Front, app: store.App) -> tuple[_Hub, _Subscriber]:
         hub.subscribers.add(sub)
     if fresh:
         hub.reader.start()
+        hub.flusher.start()
     return hub, sub
 
 
 def _unsubscribe(hub: _Hub, sub: _Subscriber) -> None:
     with _hubs_lock:
+        if sub not in hub.subscribers:
+            return
         hub.subscribers.discard(sub)
         last = not hub.subscribers
         if last and _hubs.get(hub.key) is hub:
             del _hubs[hub.key]
     if last:
         hub.close()
-        hub.reader.join(5)
+        if threading.current_thread() is not hub.reader:
+            with contextlib.suppress(RuntimeError):  # not started yet
+                hub.reader.join(5)
 
 
 def _batch(sub: _Subscriber) -> str:
@@ -257,11 +446,7 @@ def _pump(ws: Any, d: Front, token: store.Token, app: store.App) -> None:
     last_check = time.monotonic()
     try:
         while ws.connected:
-            if sub.ready.wait(0.5):
-                # A few tens of milliseconds for more lines to join this message: a flood goes
-                # in large messages, a trickle still arrives at once.
-                if sub.lines < BATCH_LINES and not sub.ended:
-                    time.sleep(BATCH_WAIT_S)
+            if sub.ready.wait(0.5):  # the hub gathered the lines (``_Hub._flush``)
                 sub.ready.clear()
                 if sub.pieces or sub.dropped:
                     ws.send(_batch(sub))

@@ -594,3 +594,58 @@ def test_the_live_stream_follows_the_app_through_a_restart(api: Api) -> None:
             raise AssertionError("no line from the restarted container")
     finally:
         ws.close()
+
+
+def _relay_sockets(address: str) -> tuple[int, int]:
+    """(listening, accepted) Unix sockets bound to ``address`` (abstract: ``@`` in /proc/net/unix)."""
+    listening = accepted = 0
+    for row in pathlib.Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = row.split()
+        if len(fields) >= 8 and fields[7] == "@" + address[1:]:
+            if int(fields[3], 16) & 0x10000:  # __SO_ACCEPTCON: a listener
+                listening += 1
+            else:
+                accepted += 1
+    return listening, accepted
+
+
+def test_clients_in_every_worker_share_one_engine_follower(api: Api) -> None:
+    """Eight clients of one app, spread over the API workers, are fed by one engine follower:
+    one worker leads (it holds the app's relay socket), the others read from it; every client
+    gets every line in order, the others keep theirs when some leave, and nothing is left
+    once they all have."""
+    from cynchrod.api.logs import relay_address
+
+    ticker = api.app_id("ticker")
+    address = relay_address(api.state, ("default", "ticker"))
+    url = api.url.replace("http://", "ws://") + f"/apps/{ticker}/logs/stream?token={api.token}"
+    clients = [websocket(url) for _ in range(8)]
+
+    def numbers(ws: Any, count: int) -> list[int]:
+        got: list[int] = []
+        while len(got) < count:
+            got += [int(m["line"].split()[1]) for m in json.loads(ws.receive(timeout=10))]
+        return got
+
+    try:
+        for ws in clients:
+            got = numbers(ws, 3)
+            assert got == list(range(got[0], got[0] + len(got)))  # in order, none lost
+        listening, accepted = _relay_sockets(address)
+        assert listening == 1  # one leader, whatever the number of workers
+        workers = len(os.sched_getaffinity(0))  # the default: one per core
+        # Each other worker with a client reads from the leader (connections are spread evenly).
+        assert (1 if workers > 1 else 0) <= accepted <= workers - 1
+        for ws in clients[:4]:
+            ws.close()
+        for ws in clients[4:]:
+            try:
+                got = numbers(ws, 3)
+            except simple_websocket.ConnectionClosed as exc:
+                raise AssertionError(f"closed: {exc.reason} {exc.message}") from exc
+            assert got == list(range(got[0], got[0] + len(got)))
+    finally:
+        for ws in clients:
+            if ws.connected:
+                ws.close()
+    wait_for(lambda: _relay_sockets(address) == (0, 0), 15, "the relay to close with its last client")
