@@ -55,6 +55,8 @@ def main(argv: list[str]) -> int:
         daemon.ApiServer(cfg, rebuild).run()
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 1
+    finally:
+        gc.unfreeze()  # see Worker.run
     return 0
 
 

@@ -123,6 +123,14 @@ class Worker(GeventWorker):  # type: ignore[misc]
             self._held(-1)
 
     def run(self) -> None:
+        try:
+            self._serve()
+        finally:
+            # Frozen objects are otherwise only freed while the interpreter tears its modules
+            # down, when logging's weakref callbacks find gevent's half gone ("Exception ignored").
+            gc.unfreeze()
+
+    def _serve(self) -> None:
         # gunicorn's GeventWorker.run, with the balancing listener.
         servers = []
         for s in self.sockets:
