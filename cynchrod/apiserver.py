@@ -1,7 +1,7 @@
 """The API process: ``python -m cynchrod.apiserver FD``, started by ``cynchrod serve``.
 
 ``serve`` forks and this module is exec'd in the child, a fresh interpreter, so gevent
-patches ``socket`` and ``ssl`` before anything imports them: forked from the
+patches ``socket``, ``ssl`` and threads before anything imports them: forked from the
 reconciler, the API had ``ssl`` and urllib3 (through docker) imported unpatched, and
 urllib3 kept direct references to the unpatched ``SSLContext`` (gevent's "Monkey-
 patching ssl after ssl has already been imported"), so a TLS connection to a remote
@@ -17,9 +17,13 @@ from __future__ import annotations
 
 from gevent import monkey
 
-# Before any other import (the workers patch the rest, as gunicorn's gevent worker does).
+# Before any other import: sockets and TLS, and threads (the locks the API's modules make at
+# import are then gevent's, as in the workers). The workers patch the rest (gunicorn's gevent
+# worker); this process stays gunicorn's master, with the real os, signal and select.
 monkey.patch_socket()
 monkey.patch_ssl()
+monkey.patch_thread()
+monkey.patch_queue()
 
 import gc  # noqa: E402
 import logging  # noqa: E402

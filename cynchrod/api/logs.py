@@ -201,20 +201,23 @@ class _Hub:
         self.subscribers: set[_Subscriber] = set()
         self.ended = threading.Event()
         self.follower: Any = None
+        self.acceptor: threading.Thread | None = None
         self.listener: socket.socket | None = None
         self.upstream: socket.socket | None = None
         #: Pieces not yet given to this worker's clients, gathered for a message.
         self.pending: list[tuple[str, int]] = []
         self.pending_lines = 0
         self.pending_ready = threading.Event()
-        self._lead()  # a first engine follower that cannot be made is the client's error at once
+        self._lead(start=False)  # a first engine follower that cannot be made is the client's error at once
         self.reader = threading.Thread(target=self._run, daemon=True, name=f"logs-{key[0]}-{key[1]}")
         self.flusher = threading.Thread(target=self._flush, daemon=True, name=f"logs-out-{key[0]}-{key[1]}")
 
     # -- leading ----------------------------------------------------------------
 
-    def _lead(self) -> bool:
-        """Bind the relay address and follow the engine; False when another worker leads."""
+    def _lead(self, *, start: bool = True) -> bool:
+        """Bind the relay address and follow the engine; False when another worker leads.
+        ``start=False``: the caller starts ``acceptor`` (``Thread.start`` waits for the thread,
+        so it is never called under ``_hubs_lock``)."""
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             listener.bind(self.address)
@@ -228,7 +231,9 @@ class _Hub:
             listener.close()
             raise
         self.listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True, name="logs-relay").start()
+        self.acceptor = threading.Thread(target=self._accept, args=(listener,), daemon=True, name="logs-relay")
+        if start:
+            self.acceptor.start()
         return True
 
     def _accept(self, listener: socket.socket) -> None:
@@ -397,8 +402,9 @@ def _subscribe(d: Front, app: store.App) -> tuple[_Hub, _Subscriber]:
             hub = _hubs[app.key] = _Hub(app.key, d)
         hub.subscribers.add(sub)
     if fresh:
-        hub.reader.start()
-        hub.flusher.start()
+        for thread in (hub.acceptor, hub.reader, hub.flusher):
+            if thread is not None:
+                thread.start()
     return hub, sub
 
 
