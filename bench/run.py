@@ -598,143 +598,7 @@ def _cpu_seconds(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def logs_throughput(tmp: pathlib.Path, seconds: float) -> list[dict[str, Any]]:
-    from cynchrod.client import websocket
-
-    work = tmp / "logs"
-    work.mkdir()
-    repo = Repo(work)
-    owner = "bench-logs"
-    flood = "[sh, -c, 'i=0; while true; do echo line $i; i=$((i+1)); done']"
-    slow = "[sh, -c, 'i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.01; done']"
-    repo.push({"apps/flood.yaml": f"name: flood\nimage: {IMAGE}\ncommand: {flood}\nmemory: 64\n",
-               "apps/slow.yaml": f"name: slow\nimage: {IMAGE}\ncommand: {slow}\nmemory: 64\n"})
-    state = work / "state"
-    token = subprocess.run([sys.executable, "-m", "cynchrod", "token", "create", "--org", "default",
-                            "--state", str(state)], check=True, capture_output=True, text=True,
-                           cwd=ROOT).stdout.strip()
-    daemon = Serve(repo, state, owner)
-    req = urllib.request.Request(daemon.url + "/apps", headers={"Authorization": f"Bearer {token}"})
-
-    def ids() -> dict[str, str]:
-        apps = json.loads(urllib.request.urlopen(req, timeout=5).read())["apps"]
-        return {a["name"]: a["id"] for a in apps if a["status"] == "running"}
-
-    wait(lambda: len(ids()) == 2, 60)
-    app_ids = ids()
-    ws_base = daemon.url.replace("http://", "ws://")
-
-    def count_ws(app: str, duration: float) -> int:
-        ws = websocket(f"{ws_base}/apps/{app_ids[app]}/logs/stream?token={token}")
-        n, end = 0, time.perf_counter() + duration
-        while time.perf_counter() < end:
-            message = ws.receive(timeout=0.5)
-            if message is not None:
-                n += len(json.loads(message))  # a message is a JSON array of lines
-        ws.close()
-        return n
-
-    ours = count_ws("flood", seconds) / seconds
-    flood_id = next(c["Id"] for c in owner_rows(owner) if c["Labels"][runtime.LABEL_APP] == "flood")
-    proc = subprocess.Popen(["docker", "logs", "-f", "--since", "0s", flood_id], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL)
-    n, end = 0, time.perf_counter() + seconds
-    assert proc.stdout is not None
-    for _ in proc.stdout:
-        n += 1
-        if time.perf_counter() >= end:
-            break
-    proc.kill()
-    proc.wait()
-    theirs = n / seconds
-    pids = daemon.pids()
-    cpu0, t0 = _cpu_seconds(pids), time.perf_counter()
-    time.sleep(seconds)
-    idle_cpu = (_cpu_seconds(pids) - cpu0) / (time.perf_counter() - t0)
-
-    def followers(k: int) -> tuple[float, list[int]]:
-        """CPU (cores) of the daemon while ``k`` clients follow the 100 line/s app."""
-        counts: list[int] = []
-        threads = [threading.Thread(target=lambda: counts.append(count_ws("slow", seconds))) for _ in range(k)]
-        cpu0, t0 = _cpu_seconds(pids), time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        return (_cpu_seconds(pids) - cpu0) / (time.perf_counter() - t0), counts
-
-    one_cpu, _ = followers(1)
-    busy_cpu, counts = followers(20)
-    daemon.stop()
-    remove_owner(owner)
-    rows = [{"scenario": "log stream, one app printing flat out", "cynchrod_ws_lines_per_s": round(ours),
-             "docker_logs_f_lines_per_s": round(theirs), "ratio_vs_docker_logs": ours / theirs},
-            {"scenario": "log stream, 20 followers of a 100 line/s app", "cynchrod_cpu_idle": round(idle_cpu, 3),
-             "cynchrod_cpu_1_follower": round(one_cpu, 3), "cynchrod_cpu_20_followers": round(busy_cpu, 3),
-             "ratio_20_vs_1_follower_cpu": busy_cpu / one_cpu if one_cpu else None,
-             "lines_per_follower_per_s": round(median([c / seconds for c in counts]))}]
-    for row in rows:
-        log(str(row))
-    return rows
-
-
-def api_and_memory(tmp: pathlib.Path, n_api: int, sizes: list[int], seconds: int) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    for n in sorted(set(sizes) | {n_api}):
-        work = tmp / f"api-{n}"
-        work.mkdir()
-        repo = Repo(work)
-        owner = f"bench-api-{n}"
-        repo.push({f"apps/app{i:04d}.yaml": manifest(f"app{i:04d}", extra="state: stopped\n") for i in range(n)})
-        state = work / "state"
-        subprocess.run([sys.executable, "-m", "cynchrod", "token", "create", "--org", "default", "--admin",
-                        "--state", str(state)], check=True, capture_output=True, text=True, cwd=ROOT)
-        token = subprocess.run([sys.executable, "-m", "cynchrod", "token", "create", "--org", "default",
-                                "--state", str(state)], check=True, capture_output=True, text=True,
-                               cwd=ROOT).stdout.strip()
-        config = work / "c.yaml"
-        config.write_text(f"defaults: {{max_apps: {n + 10}}}\n")
-        daemon = Serve(repo, state, owner)
-        req = urllib.request.Request(daemon.url + "/apps", headers={"Authorization": f"Bearer {token}"})
-        wait(lambda: len(json.loads(urllib.request.urlopen(req, timeout=5).read())["apps"]) >= min(n, 10), 60)
-        time.sleep(1)
-        if n in sizes:
-            rows.append({"scenario": f"daemon RSS, {n} apps declared", "cynchrod_rss_mib": round(daemon.rss_mib(), 1),
-                         "cynchrod_pss_mib": round(daemon.pss_mib(), 1)})
-            log(str(rows[-1]))
-        if n == n_api and shutil.which("wrk"):
-            idle = _wrk(daemon.url + "/apps", token, seconds)
-            stop = threading.Event()
-
-            def churn() -> None:  # keep passes running: signed webhook deliveries
-                body = b'{"ref": "refs/heads/main"}'
-                sig = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
-                while not stop.is_set():
-                    r = urllib.request.Request(daemon.url + "/webhooks/git", data=body, method="POST",
-                                               headers={"X-Hub-Signature-256": sig})
-                    urllib.request.urlopen(r, timeout=5)
-                    time.sleep(0.05)
-
-            t = threading.Thread(target=churn)
-            t.start()
-            busy = _wrk(daemon.url + "/apps", token, seconds)
-            stop.set()
-            t.join()
-            rows.append({"scenario": f"GET /apps, {n} apps, 32 clients", "idle_rps": idle[0], "idle_p99_ms": idle[1],
-                         "during_passes_rps": busy[0], "during_passes_p99_ms": busy[1]})
-            log(str(rows[-1]))
-        daemon.stop()
-        remove_owner(owner)
-    return rows
-
-
-def _wrk(url: str, token: str, seconds: int) -> tuple[float, float]:
-    out = subprocess.run(["wrk", "-t4", "-c32", f"-d{seconds}s", "--latency", "-H", f"Authorization: Bearer {token}",
-                          url], capture_output=True, text=True, check=True).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    value, unit = re.search(r"99%\s+([\d.]+)(us|ms|s)", out).groups()  # type: ignore[union-attr]
-    p99 = float(value) * {"us": 0.001, "ms": 1, "s": 1000}[unit]
-    return rps, p99
+# GET /apps under load, log streams and memory per process: bench/api_logs.py.
 
 
 def dashboard_page(tmp: pathlib.Path, n: int, requests_n: int, seconds: float) -> dict[str, Any]:
@@ -894,11 +758,12 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="smaller N and fewer repeats")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
-    parser.add_argument("--only", choices=["cold", "noop", "change", "push", "heal", "api", "logs", "dash", "edge", "swarm"],
+    parser.add_argument("--only", choices=["cold", "noop", "change", "push", "heal", "api", "logs", "memory", "dash",
+                                           "edge", "swarm"],
                         action="append",
                         help="run these scenarios only; their rows replace the same rows in --out")
     args = parser.parse_args()
-    only = set(args.only or ["cold", "noop", "change", "push", "heal", "api", "logs", "dash", "edge"])
+    only = set(args.only or ["cold", "noop", "change", "push", "heal", "api", "logs", "memory", "dash", "edge"])
     quick = args.quick
     build_image()
     cleanup()
@@ -922,10 +787,12 @@ def main() -> int:
                 rows.append(push_to_running(tmp, 5 if quick else 20))
             if "heal" in only:
                 rows.append(self_heal(tmp, 5 if quick else 10))
-            if "api" in only:
-                rows += api_and_memory(tmp, 300, [100, 1000], 5 if quick else 10)
-            if "logs" in only:
-                rows += logs_throughput(tmp, 5 if quick else 10)
+            if only & {"api", "logs", "memory"}:
+                # GET /apps under load, log streams, memory per process: bench/api_logs.py.
+                sys.modules.setdefault("run", sys.modules[__name__])
+                import api_logs
+
+                rows += api_logs.run(only, tmp, quick)
             if "dash" in only:
                 rows.append(dashboard_page(tmp, 300, 20 if quick else 100, 6 if quick else 20))
             if "edge" in only:
