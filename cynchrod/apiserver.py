@@ -30,6 +30,78 @@ import logging  # noqa: E402
 import os  # noqa: E402
 import pickle  # noqa: E402
 import sys  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import Any  # noqa: E402
+
+from gunicorn.app.base import BaseApplication  # noqa: E402
+
+from cynchrod import config, daemon  # noqa: E402
+from cynchrod.errors import CynchrodError  # noqa: E402
+
+log = logging.getLogger("cynchrod")
+
+
+def _in_thread_pool() -> Callable[[Callable[[], Any]], Any]:
+    """Run a blocking call (a push, a fetch, a wait on another process's file lock) in the
+    gevent hub's pool of native threads, so the worker's other requests go on meanwhile."""
+    import gevent
+
+    def run(call: Callable[[], Any]) -> Any:
+        # An error comes back as a value and is raised here: gevent's pool would print the
+        # traceback of every error a task raises (a 409 is an answer, not a crash).
+        def guarded() -> tuple[bool, Any]:
+            try:
+                return True, call()
+            except Exception as exc:
+                return False, exc
+
+        ok, value = gevent.get_hub().threadpool.apply(guarded)
+        if not ok:
+            raise value
+        return value
+
+    return run
+
+
+class ApiServer(BaseApplication):  # type: ignore[misc]
+    """gunicorn, configured in code: ``settings.api_workers`` gevent workers serving the Flask app."""
+
+    def __init__(self, cfg: config.Settings, rebuild: Callable[[], config.Settings] | None = None) -> None:
+        self.settings = cfg
+        self.rebuild = rebuild
+        self._loaded_once = False
+        from cynchrod.apiworker import Share
+
+        # Connections held per worker (workers may be more than ``api_workers`` for a moment, during a reload).
+        self.share = Share(max(8, 4 * cfg.api_workers))
+        super().__init__()
+
+    def load_config(self) -> None:
+        # Runs in gunicorn's master at start and on every reload (SIGHUP from the reconciler
+        # process): the master keeps the last config that was valid, which the new workers
+        # then serve; an invalid one leaves it as it was (as the reconciler does).
+        if self.rebuild is not None and getattr(self, "cfg", None) is not None and self._loaded_once:
+            try:
+                self.settings = self.rebuild()
+            except CynchrodError as exc:
+                log.error("API workers keep the config they had: %s", exc)
+        self._loaded_once = True
+        options = {
+            "bind": self.settings.listen, "workers": self.settings.api_workers,
+            "worker_class": "cynchrod.apiworker.Worker", "worker_connections": daemon.WORKER_CONNECTIONS,
+            "keepalive": daemon.HEADER_TIMEOUT_S, "timeout": 60, "graceful_timeout": 5, "accesslog": None,
+            "errorlog": "-", "loglevel": "warning", "proc_name": "cynchrod-api", "control_socket_disable": True,
+            "pre_fork": self.share.pre_fork, "child_exit": self.share.child_exit,
+        }
+        for key, value in options.items():
+            if key in self.cfg.settings:
+                self.cfg.set(key, value)
+
+    def load(self) -> Any:
+        from cynchrod.api import create_app
+
+        return create_app(daemon.Front(self.settings, blocking=_in_thread_pool()))
+
 
 
 def main(argv: list[str]) -> int:
@@ -43,6 +115,7 @@ def main(argv: list[str]) -> int:
 
         values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
 
+    # What the workers import, imported once here: they share these pages.
     import cynchrod.api
     import cynchrod.api.apps
     import cynchrod.api.dashboard
@@ -51,12 +124,11 @@ def main(argv: list[str]) -> int:
     import cynchrod.api.secrets
     import cynchrod.api.webhooks
     import cynchrod.apiworker  # noqa: F401
-    from cynchrod import daemon
 
     gc.collect()
     gc.freeze()
     try:
-        daemon.ApiServer(cfg, rebuild).run()
+        ApiServer(cfg, rebuild).run()
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 1
     finally:
