@@ -2,8 +2,10 @@
 
 ``cynchrod serve`` holds the state lock and becomes the reconciler process: the
 only writer of deployments and the only one acting on the engine (``Daemon``).
-Before it starts a thread it forks the API: a gunicorn master with ``--workers``
-gevent workers (one per core by default), each serving the Flask app over a
+Before it starts a thread it forks the API, which execs ``cynchrod.apiserver`` (a
+fresh interpreter, gevent patched before anything imports sockets or TLS): a
+gunicorn master with ``--workers`` gevent workers (one per core by default,
+``cynchrod.apiworker``), each serving the Flask app over a
 ``Front``: the store (SQLite WAL, read directly, caches checked by
 ``Store.generation``), imperative commits (``control``, pushed from a thread pool
 under the mirror's file lock), and the reconciler's memory (health, units,
