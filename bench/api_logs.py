@@ -10,7 +10,8 @@ run (dockerd is not niced). Honest about the load generator: the machine has 2 c
 generator and anything else running, so every ``GET /apps`` row names its generator
 and gives the CPU the daemon and the generator used (cores, over the run), the daemon's
 CPU per request, and the load average: a daemon far under 2 cores with a busy machine
-is starved, not slow. ``wrk -t4`` (the earlier runs' generator) is compared with
+is starved, not slow (``daemon_runqueue_wait_s_per_s``: seconds its processes spent runnable
+but waiting for a core, per second). ``wrk -t4`` (the earlier runs' generator) is compared with
 ``wrk -t1`` (one thread, the lightest generator here).
 """
 
@@ -72,10 +73,19 @@ def _rollup(pid: int) -> dict[str, int]:
     return out
 
 
+def _runqueue_wait_s(pids: list[int]) -> float:
+    """Seconds these processes have spent runnable but waiting for a core (/proc/PID/schedstat)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            total += int(pathlib.Path(f"/proc/{pid}/schedstat").read_text().split()[1])
+    return total / 1e9
+
+
 def wrk_run(url: str, token: str, seconds: int, *, threads: int, connections: int,
             pids: list[int]) -> dict[str, Any]:
     """One ``wrk`` run: throughput, latency percentiles, and the CPU the daemon and wrk used."""
-    cpu0, t0, load0 = base._cpu_seconds(pids), time.perf_counter(), _loadavg()
+    cpu0, t0, load0, wait0 = base._cpu_seconds(pids), time.perf_counter(), _loadavg(), _runqueue_wait_s(pids)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency",
                           "-H", f"Authorization: Bearer {token}", url],
@@ -83,6 +93,7 @@ def wrk_run(url: str, token: str, seconds: int, *, threads: int, connections: in
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     wall = time.perf_counter() - t0
     daemon_cpu = base._cpu_seconds(pids) - cpu0
+    waited = _runqueue_wait_s(pids) - wait0
 
     def ms(pct: str) -> float:
         value, unit = re.search(rf"\s{pct}%\s+([\d.]+)(us|ms|s)", out).groups()  # type: ignore[union-attr]
@@ -95,6 +106,8 @@ def wrk_run(url: str, token: str, seconds: int, *, threads: int, connections: in
             "non_2xx": int(errors.group(1)) if errors else 0,
             "daemon_cpu_cores": round(daemon_cpu / wall, 2), "generator_cpu_cores": round(gen_cpu / wall, 2),
             "daemon_cpu_ms_per_request": round(1000 * daemon_cpu / max(1.0, rps * wall), 3),
+            # Runnable but not running (summed over the daemon's processes): a starved daemon.
+            "daemon_runqueue_wait_s_per_s": round(waited / wall, 2),
             "loadavg_1m": round(max(load0, _loadavg()), 2)}
 
 
