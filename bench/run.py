@@ -92,10 +92,21 @@ def build_image() -> None:
                        capture_output=True)
 
 
+def force_remove(container_id: str) -> None:
+    """Remove a container; one already gone, or being removed by the engine, is fine."""
+    try:
+        client.api.remove_container(container_id, force=True)
+    except docker.errors.NotFound:
+        pass
+    except docker.errors.APIError as exc:
+        if exc.status_code != 409:
+            raise
+
+
 def cleanup() -> None:
     rows = client.api.containers(all=True, filters={"label": LABEL})
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda c: client.api.remove_container(c["Id"], force=True), rows))
+        list(pool.map(lambda c: force_remove(c["Id"]), rows))
     for n in client.api.networks(filters={"label": "com.docker.compose.project"}):
         if n["Name"].startswith("bench"):
             try:
@@ -123,7 +134,7 @@ def owner_rows(owner: str) -> list[dict[str, Any]]:
 def remove_owner(owner: str) -> None:
     rows = owner_rows(owner)
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda c: client.api.remove_container(c["Id"], force=True), rows))
+        list(pool.map(lambda c: force_remove(c["Id"]), rows))
 
 
 def bare_create_start(names: list[str], *, label: str) -> float:
@@ -453,7 +464,7 @@ class Serve:
              "--owner", owner, "--interval", "300", "--listen", f"127.0.0.1:{self.port}", "--stop-timeout", "1",
              *args],
             stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
-            env={**os.environ, "CYNCHROD_WEBHOOK_SECRET": SECRET, "CYNCHROD_LOG_LEVEL": "WARNING"})
+            env={**os.environ, "CYNCHROD_WEBHOOK_SECRET": SECRET, "CYNCHROD_LOG_LEVEL": "WARNING", **(env or {})})
         for _ in range(300):
             try:
                 urllib.request.urlopen(self.url + "/healthz", timeout=1)
@@ -550,6 +561,145 @@ def push_to_running(tmp: pathlib.Path, pushes: int) -> dict[str, Any]:
            "overhead_p50_s": median(cyn) - median(bare)}
     log(str(row))
     return row
+
+
+# -- push to running through a watched local repository (issue 15, item 3) ---------
+
+#: Daemon debug lines that mark the steps of a push, in order (see ``_push_steps``).
+PUSH_STEPS = [("delivered (watch)", r"watch: "), ("fetched", r"fetched "), ("parsed", r"read and parsed "),
+              ("decided", r"decided \d+ apps"), ("image checked", r"engine inspect"),
+              ("old stopped", r"engine stop"), ("old removed", r"engine remove"), ("created", r"engine create"),
+              ("started", r"engine start"), ("pass done", r"pass watch ")]
+
+
+def _log_stamp(line: str) -> float | None:
+    match = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ", line)
+    if not match:
+        return None
+    return time.mktime(time.strptime(match.group(1), "%Y-%m-%d %H:%M:%S")) + int(match.group(2)) / 1000
+
+
+def _push_steps(log_path: pathlib.Path, offset: int, t0: float) -> dict[str, float]:
+    """Milliseconds from the start of ``git push`` to each step, from the daemon's debug log."""
+    lines = log_path.read_bytes()[offset:].decode(errors="replace").splitlines()
+    steps: dict[str, float] = {}
+    for line in lines:
+        stamp = _log_stamp(line)
+        if stamp is None:
+            continue
+        for step, pattern in PUSH_STEPS:
+            if step not in steps and re.search(pattern, line):
+                steps[step] = round((stamp - t0) * 1000, 1)
+    return steps
+
+
+def push_to_running_git(tmp: pathlib.Path, pushes: int, *, debug: bool = False) -> tuple[list[float], list[Any]]:
+    """``git push`` into a local bare repository that ``cynchrod serve`` watches (no webhook), timed from
+    the push's start until the new container is running and answers HTTP; with ``debug``, the daemon
+    logs at debug level and each push's steps are read from its log (logging costs a little)."""
+    work = tmp / ("push-git-debug" if debug else "push-git")
+    work.mkdir()
+    repo = Repo(work)
+    owner = "bench-push-git"
+    port = free_port()
+    repo.push({"apps/web.yaml": WEB.format(name="web", port=port, rev=0)})
+    state = work / "state"
+    daemon = Serve(repo, state, owner, env={"CYNCHROD_LOG_LEVEL": "DEBUG"} if debug else None)
+    log_path = state.parent / "daemon.log"
+    wait(lambda: http_ok(port), 30)
+    times, steps = [], []
+    for r in range(1, pushes + 1):
+        target = work / "work" / "apps" / "web.yaml"
+        target.write_text(WEB.format(name="web", port=port, rev=r))
+        git("commit", "-q", "-am", f"rev {r}", cwd=work / "work")
+        old = owner_rows(owner)[0]["Id"]
+        time.sleep(0.3)  # the last pass's trailing work (store writes) is over
+        offset = log_path.stat().st_size
+        wall0, t0 = time.time(), time.perf_counter()
+        git("push", "-q", "origin", "HEAD:main", cwd=work / "work")
+        pushed = time.perf_counter() - t0
+        wait(lambda: (rows := owner_rows(owner)) and rows[0]["Id"] != old and rows[0]["State"] == "running"
+             and http_ok(port), 30)
+        times.append(time.perf_counter() - t0)
+        if debug:
+            steps.append({"git push returned": round(pushed * 1000, 1), **_push_steps(log_path, offset, wall0),
+                          "running and answering": round(times[-1] * 1000, 1)})
+    daemon.stop()
+    remove_owner(owner)
+    return times, steps
+
+
+def bare_create_start_http(pushes: int) -> list[float]:
+    """The peer of push to running: create+start of the same container until it answers HTTP."""
+    port = free_port()
+    bare = []
+    for _ in range(pushes):
+        host = client.api.create_host_config(port_bindings={8080: ("127.0.0.1", port)}, mem_limit=64 * 2**20,
+                                             memswap_limit=64 * 2**20, init=True)
+        t0 = time.perf_counter()
+        cid = client.api.create_container(IMAGE, command=["httpd", "-f", "-p", "8080", "-h", "/www"],
+                                          ports=[8080], labels={LABEL: "push"}, host_config=host,
+                                          environment={"REV": "0"})["Id"]
+        client.api.start(cid)
+        wait(lambda: http_ok(port), 30)
+        bare.append(time.perf_counter() - t0)
+        client.api.remove_container(cid, force=True)
+    return bare
+
+
+def bare_replace_http(pushes: int) -> list[float]:
+    """A bare replace of the same container: stop+remove the old one, create+start the new one until
+    it answers HTTP (what cynchrod does for an app with a host port, which cannot be bound twice)."""
+    port = free_port()
+    host = client.api.create_host_config(port_bindings={8080: ("127.0.0.1", port)}, mem_limit=64 * 2**20,
+                                         memswap_limit=64 * 2**20, init=True)
+
+    def make(rev: int) -> str:
+        cid = client.api.create_container(IMAGE, command=["httpd", "-f", "-p", "8080", "-h", "/www"],
+                                          ports=[8080], labels={LABEL: "push"}, host_config=host,
+                                          environment={"REV": str(rev)}, name="bench-bare-replace")["Id"]
+        client.api.start(cid)
+        return str(cid)
+
+    old = make(0)
+    wait(lambda: http_ok(port), 30)
+    times = []
+    for r in range(1, pushes + 1):
+        time.sleep(0.3)
+        t0 = time.perf_counter()
+        client.api.stop(old, timeout=1)
+        client.api.remove_container(old, force=True)
+        old = make(r)
+        wait(lambda: http_ok(port), 30)
+        times.append(time.perf_counter() - t0)
+    client.api.remove_container(old, force=True)
+    return times
+
+
+def push_git_rows(tmp: pathlib.Path, pushes: int) -> list[dict[str, Any]]:
+    """Item 3 of issue 15: push to running through a watched repository beside a bare create+start
+    (interleaved in halves, so that the host's load falls on both), and the steps of each push."""
+    half = pushes // 2
+    (tmp / "push-a").mkdir()
+    (tmp / "push-b").mkdir()
+    cyn_a, _ = push_to_running_git(tmp / "push-a", half)
+    bare_a, replace_a = bare_create_start_http(half), bare_replace_http(half)
+    cyn_b, _ = push_to_running_git(tmp / "push-b", pushes - half)
+    bare_b, replace_b = bare_create_start_http(pushes - half), bare_replace_http(pushes - half)
+    cyn, bare, replace = cyn_a + cyn_b, bare_a + bare_b, replace_a + replace_b
+    _, steps = push_to_running_git(tmp, 5, debug=True)
+    breakdown = {name: round(median([s[name] for s in steps if name in s]), 1)
+                 for name in ["git push returned", *(p[0] for p in PUSH_STEPS), "running and answering"]
+                 if any(name in s for s in steps)}
+    row = {"scenario": f"push to running, git push to a watched repository ({pushes} pushes)",
+           "cynchrod_p50_s": median(cyn), "cynchrod_p95_s": pct(cyn, 95),
+           "bare_create_start_p50_s": median(bare), "bare_p95_s": pct(bare, 95),
+           "bare_stop_remove_create_start_p50_s": median(replace),
+           "overhead_p50_s": median(cyn) - median(bare), "overhead_vs_bare_replace_p50_s": median(cyn) - median(replace)}
+    log(str(row))
+    log(f"push steps (ms after git push starts, median of 5 with debug logging): {breakdown}")
+    return [row, {"scenario": "push to running, steps (ms from the start of git push, debug log, median of 5)",
+                  "breakdown_ms": breakdown}]
 
 
 def self_heal(tmp: pathlib.Path, kills: int) -> dict[str, Any]:
@@ -890,15 +1040,27 @@ def _admin_up(port: int) -> bool:
         return False
 
 
+#: The sections of issue 15's items 3-6 (push, change one, scaling curves, simulation, issue 9's rows).
+ISSUE15 = ["pushgit", "change300", "scaling", "sim", "issue9"]
+
+
+def issue15_rows(tmp: pathlib.Path, only: set[str], quick: bool) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    if "pushgit" in only:
+        rows += push_git_rows(tmp, 10 if quick else 20)
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="smaller N and fewer repeats")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
-    parser.add_argument("--only", choices=["cold", "noop", "change", "push", "heal", "api", "logs", "dash", "edge", "swarm"],
+    parser.add_argument("--only", choices=["cold", "noop", "change", "push", "heal", "api", "logs", "dash", "edge", "swarm",
+                                           *ISSUE15],
                         action="append",
                         help="run these scenarios only; their rows replace the same rows in --out")
     args = parser.parse_args()
-    only = set(args.only or ["cold", "noop", "change", "push", "heal", "api", "logs", "dash", "edge"])
+    only = set(args.only or ["cold", "noop", "change", "push", "heal", "api", "logs", "dash", "edge", *ISSUE15])
     quick = args.quick
     build_image()
     cleanup()
@@ -930,6 +1092,7 @@ def main() -> int:
                 rows.append(dashboard_page(tmp, 300, 20 if quick else 100, 6 if quick else 20))
             if "edge" in only:
                 rows.append(edge_redeploys(tmp, 5 if quick else 10))
+            rows += issue15_rows(tmp, only, quick)
             if "swarm" in only:
                 rows += swarm_rows(tmp, 10 if quick else 100, 300 if quick else 1000, 10)
         finally:

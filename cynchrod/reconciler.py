@@ -249,8 +249,10 @@ class Reconciler:
 
     def _load(self, src: source.Followed, result: PassResult) -> manifests.Desired | None:
         """The desired state of the source's newest good commit, or None when there is none."""
+        started = time.perf_counter()
         try:
             commit = src.fetch()
+            log.debug("fetched %s: %.1f ms", commit[:12], (time.perf_counter() - started) * 1000)
         except SourceError as exc:
             result.source_errors.append(str(exc))
             try:
@@ -277,6 +279,8 @@ class Reconciler:
         for error in desired.errors:
             log.warning("manifest %s", error)
         self._loaded[src.url] = (commit, desired)
+        log.debug("read and parsed %d manifests of %s: %.1f ms", len(files), commit[:12],
+                  (time.perf_counter() - started) * 1000)
         return desired
 
     def _desired(self, result: PassResult, live: dict[tuple[str, str], store.App]) -> _Desired:
@@ -403,9 +407,13 @@ class Reconciler:
             return result, [a for d in decisions.decide(inputs) for a in d.actions]
 
     def _run(self, result: PassResult) -> None:
+        started = time.perf_counter()
         live = self.store.live_apps()
         inputs = self._inputs(result, live)
+        decided = time.perf_counter()
         plan = decisions.decide(inputs)
+        log.debug("inputs: %.1f ms; decided %d apps: %.1f ms", (decided - started) * 1000, len(plan),
+                  (time.perf_counter() - decided) * 1000)
         self._sync_edge(inputs, plan)
         acting = [d for d in plan if d.acts or d.prune]
         for d in plan:
