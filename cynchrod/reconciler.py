@@ -217,6 +217,8 @@ class Reconciler:
         self._clock = clock
         #: Per source URL: the last commit loaded and what it declared.
         self._loaded: dict[str, tuple[str, manifests.Desired]] = {}
+        #: Per source URL and app: the spec the parse cache gave and its copy tagged with the source.
+        self._tags: dict[str, dict[tuple[str, str], tuple[specs.AppSpec, specs.AppSpec]]] = {}
         self._memory: dict[tuple[str, str], decisions.Backoff] = {}
         self._fields: dict[tuple[str, str], tuple[specs.AppSpec, tuple[runtime.Unit, ...], dict[str, object]]] = {}
         self._pass_lock = threading.Lock()
@@ -270,9 +272,9 @@ class Reconciler:
             return None
         incumbents = {k: a.path for k, a in self.store.live_apps().items() if a.source in (src.url, "")}
         desired = self.caches[src.url].load(files, src.read, incumbents=incumbents)
-        # Tagged once per commit, so a no-op pass reuses the same spec objects (and their cached hashes).
-        desired = dataclasses.replace(desired, apps={k: dataclasses.replace(v, source=src.url)
-                                                      for k, v in desired.apps.items()})
+        # Tagged once per parsed spec, so a no-op pass and a new commit that leaves an app's file
+        # alone reuse the same spec objects (and their cached hashes and JSON).
+        desired = dataclasses.replace(desired, apps=self._tagged(src.url, desired.apps))
         if refused:
             desired = dataclasses.replace(desired, errors=desired.errors + tuple(refused),
                                           failed_paths=desired.failed_paths | {e.path for e in refused})
@@ -282,6 +284,19 @@ class Reconciler:
         log.debug("read and parsed %d manifests of %s: %.1f ms", len(files), commit[:12],
                   (time.perf_counter() - started) * 1000)
         return desired
+
+    def _tagged(self, url: str, apps: dict[tuple[str, str], specs.AppSpec]) -> dict[tuple[str, str], specs.AppSpec]:
+        """Each parsed spec tagged with its source, reusing last commit's tagged copy when the parse
+        cache gave the same spec object (its file did not change): recomputing 300 hashes and JSON
+        texts for a push that changed one file was most of a pass's own time."""
+        before = self._tags.get(url, {})
+        now: dict[tuple[str, str], tuple[specs.AppSpec, specs.AppSpec]] = {}
+        for key, parsed in apps.items():
+            pair = before.get(key)
+            now[key] = pair if pair is not None and pair[0] is parsed else (
+                parsed, dataclasses.replace(parsed, source=url))
+        self._tags[url] = now
+        return {key: pair[1] for key, pair in now.items()}
 
     def _desired(self, result: PassResult, live: dict[tuple[str, str], store.App]) -> _Desired:
         desired: dict[tuple[str, str], specs.AppSpec] = {}
@@ -416,10 +431,17 @@ class Reconciler:
                   (time.perf_counter() - decided) * 1000)
         self._sync_edge(inputs, plan)
         acting = [d for d in plan if d.acts or d.prune]
-        for d in plan:
-            if not (d.acts or d.prune):
-                settled = self._book(lambda d=d: self._settle(d, live.get(d.key), result))  # type: ignore[misc]
-                result.apps.append(settled or AppOutcome(d.key[0], d.key[1], d.status, error=d.error))
+
+        def settle_all() -> None:
+            # One store transaction for every app not acted on: a new commit touches each
+            # app's row (its commit), and one sync per row made a pass over 300 apps slow.
+            with self.store.batch():
+                for d in plan:
+                    if not (d.acts or d.prune):
+                        settled = self._book(lambda d=d: self._settle(d, live.get(d.key), result))  # type: ignore[misc]
+                        result.apps.append(settled or AppOutcome(d.key[0], d.key[1], d.status, error=d.error))
+
+        self._book(settle_all)
         done = 0
 
         def run(d: decisions.Decision) -> AppOutcome:
