@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import gc
 import heapq
 import itertools
 import logging
@@ -191,6 +192,24 @@ class _Desired:
     read: frozenset[str]
 
 
+#: From this many apps in a commit, the heap is frozen after the pass that loaded it (below,
+#: the collector's cost is small and a full collection per commit would cost more).
+FREEZE_APPS = 500
+
+
+def freeze_heap() -> None:
+    """Collect garbage, then hide every object alive now from the cyclic collector (``gc.freeze``).
+
+    Called after a pass that loaded a new commit: the specs, rows and units of thousands of
+    apps live until the next commit, and the collector's passes over them were half of a
+    no-op decision's time at 10,000 apps. Unfreezing first lets the collection see the
+    previous commit's objects, so nothing that became garbage stays frozen for ever.
+    """
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
+
 class Reconciler:
     def __init__(self, *, src: source.Followed | Sequence[source.Followed], rt: runtime.Runtime, db: store.Store,
                  concurrency: int = 4, clock: Callable[[], float] = time.monotonic,
@@ -222,6 +241,8 @@ class Reconciler:
         self._memory: dict[tuple[str, str], decisions.Backoff] = {}
         self._fields: dict[tuple[str, str], tuple[specs.AppSpec, tuple[runtime.Unit, ...], dict[str, object]]] = {}
         self._pass_lock = threading.Lock()
+        #: A pass loaded a new commit of many apps: the heap is frozen after it (``freeze_heap``).
+        self._new_commit = False
         self.interval = 30.0
         #: When the last pass ended, and whether it crashed (for /healthz).
         self.last_pass_at: float | None = None
@@ -281,6 +302,7 @@ class Reconciler:
         for error in desired.errors:
             log.warning("manifest %s", error)
         self._loaded[src.url] = (commit, desired)
+        self._new_commit = self._new_commit or len(desired.apps) >= FREEZE_APPS
         log.debug("read and parsed %d manifests of %s: %.1f ms", len(files), commit[:12],
                   (time.perf_counter() - started) * 1000)
         return desired
@@ -385,6 +407,9 @@ class Reconciler:
             result = PassResult(commit=None, trigger=trigger)
             try:
                 self._run(result)
+                if self._new_commit:
+                    self._new_commit = False
+                    freeze_heap()
             except Exception as exc:
                 self.stats.passes.labels(trigger, "error").inc()
                 self.last_crash = f"{type(exc).__name__}: {exc}"
