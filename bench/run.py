@@ -193,10 +193,14 @@ def pct(values: list[float], p: float) -> float:
 
 
 def cold_converge(tmp: pathlib.Path, sizes: list[int], repeats: int) -> list[dict[str, Any]]:
+    """N apps from nothing, for cynchrod (a fresh state: clone and parse included), docker-compose and a
+    bare SDK loop; and, while each has its N containers running, its no-op: cynchrod's pass with its view
+    of the engine live (as in the daemon), ``docker-compose up -d`` again, and the bare loop's one list
+    call. These are the scaling curves' points (issue 15, item 5)."""
     rows = []
     for n in sizes:
-        cyn, comp, bare = [], [], []
-        for r in range(repeats if n <= 100 else 1):
+        cyn, comp, bare, cyn_noop, cyn_calls, comp_noop, bare_noop = [], [], [], [], [], [], []
+        for r in range(repeats if n <= 10 else 1):
             work = tmp / f"cold-{n}-{r}"
             work.mkdir()
             repo = Repo(work)
@@ -207,18 +211,62 @@ def cold_converge(tmp: pathlib.Path, sizes: list[int], repeats: int) -> list[dic
             result = rec.run_pass()
             cyn.append(time.perf_counter() - started)
             assert result.ok and len(owner_rows(owner)) == n, result.source_error
+            if n >= 100:
+                walls, calls = _noop_passes(rec, rt, n, 5)
+                cyn_noop.append(median(walls))
+                cyn_calls.append(calls)
             remove_owner(owner)
             path = work / "docker-compose.yml"
             compose_file(path, n, f"{RUN}c{n}{r}")
             comp.append(compose(path, f"{RUN}c{n}{r}", "up", "-d"))
+            if n >= 100:
+                comp_noop.append(median([compose(path, f"{RUN}c{n}{r}", "up", "-d") for _ in range(2)]))
             compose_down(path, f"{RUN}c{n}{r}")
-            bare.append(bare_create_start([f"bench-bare-{n}-{r}-{i}" for i in range(n)], label=f"bare{n}"))
+            names = [f"bench-bare-{n}-{r}-{i}" for i in range(n)]
+            bare.append(bare_create_start(names, label=f"bare{n}"))
+            if n >= 100:
+                bare_noop.append(median([_bare_noop(f"bare{n}", set(names)) for _ in range(5)]))
             cleanup()
-        rows.append({"scenario": f"cold converge N={n}", "cynchrod_s": median(cyn), "docker_compose_s": median(comp),
-                     "bare_sdk_s": median(bare), "ratio_vs_bare": median(cyn) / median(bare),
-                     "ratio_vs_compose": median(cyn) / median(comp), "runs": len(cyn)})
+        row: dict[str, Any] = {"scenario": f"cold converge N={n}", "cynchrod_s": median(cyn),
+                               "docker_compose_s": median(comp), "bare_sdk_s": median(bare),
+                               "ratio_vs_bare": median(cyn) / median(bare),
+                               "ratio_vs_compose": median(cyn) / median(comp), "runs": len(cyn)}
+        if cyn_noop:
+            row.update({"cynchrod_noop_s": median(cyn_noop), "cynchrod_noop_docker_calls": median(cyn_calls),
+                        "docker_compose_noop_s": median(comp_noop), "bare_sdk_noop_s": median(bare_noop)})
+        rows.append(row)
         log(f"cold converge N={n}: {rows[-1]}")
     return rows
+
+
+def _noop_passes(rec: reconciler.Reconciler, rt: local.LocalRuntime, n: int, passes: int) -> tuple[list[float], float]:
+    """No-op passes with the view fed by the engine's events, as in the daemon: (wall times, engine calls a pass)."""
+    stop = threading.Event()
+    events = threading.Thread(target=rec.view.run, args=(stop,), daemon=True)
+    events.start()
+    wait(lambda: rec.view._live, 30)
+    calls: list[str] = []
+    hook = lambda resp, *a, **k: calls.append(resp.request.path_url)  # noqa: E731
+    rt.api.hooks["response"].append(hook)
+    walls = []
+    for _ in range(passes):
+        t0 = time.perf_counter()
+        result = rec.run_pass()
+        walls.append(time.perf_counter() - t0)
+        assert all(not a.actions for a in result.apps) and len(result.apps) == n
+    rt.api.hooks["response"].remove(hook)
+    stop.set()
+    rec.view.stop()
+    events.join(5)
+    return walls, len(calls) / passes
+
+
+def _bare_noop(label: str, names: set[str]) -> float:
+    """The bare loop's no-op: one list call, and each wanted container found running."""
+    t0 = time.perf_counter()
+    found = {c["Names"][0].lstrip("/"): c["State"] for c in client.api.containers(filters={"label": f"{LABEL}={label}"})}
+    assert all(found.get(name) == "running" for name in names)
+    return time.perf_counter() - t0
 
 
 def noop_pass(tmp: pathlib.Path, n: int, passes: int) -> dict[str, Any]:
@@ -255,6 +303,8 @@ def noop_pass(tmp: pathlib.Path, n: int, passes: int) -> dict[str, Any]:
         cpus.append(time.process_time() - cpu0)
         assert all(not a.actions for a in result.apps) and len(result.apps) == n
     calls_per_pass = len(calls) / passes
+    if calls:
+        log(f"no-op N={n}: engine calls made by the passes: {sorted(set(calls))[:5]}")
     stop.set()
     rec.view.stop()
     events.join(5)
@@ -1051,14 +1101,86 @@ def _admin_up(port: int) -> bool:
         return False
 
 
-#: The sections of issue 15's items 3-6 (push, change one, scaling curves, simulation, issue 9's rows).
-ISSUE15 = ["pushgit", "change300", "scaling", "sim", "issue9"]
+#: Issue 15's own sections: push through a watched repository (item 3), the memory curve (item 5;
+#: its time curves are the "cold" rows) and the simulations (item 6). Item 4 is "change".
+ISSUE15 = ["pushgit", "scaling", "sim"]
 
 
 def issue15_rows(tmp: pathlib.Path, only: set[str], quick: bool) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     if "pushgit" in only:
         rows += push_git_rows(tmp, 10 if quick else 20)
+    if "scaling" in only:
+        rows += memory_curve(tmp, [100, 300] if quick else [100, 300, 1000])
+    if "sim" in only:
+        rows += simulation_rows(quick)
+    return rows
+
+
+def memory_curve(tmp: pathlib.Path, sizes: list[int]) -> list[dict[str, Any]]:
+    """PSS of all the daemon's processes (reconciler, API master and workers; shared pages counted
+    once) with N apps and their N containers: the apps are stopped ones whose containers are made
+    beforehand (created, not started), so that 1,000 need no 1,000 processes; the daemon lists them,
+    keeps them in its view and has a row for each."""
+    rows = []
+    for n in sizes:
+        work = tmp / f"mem-{n}"
+        work.mkdir()
+        repo = Repo(work)
+        owner = f"bench-mem-{n}"
+        repo.push({f"apps/app{i:04d}.yaml": manifest(f"app{i:04d}", extra="state: stopped\n") for i in range(n)})
+        state = work / "state"
+        db = store.Store(state / "cynchrod.db")
+        instance = db.instance_id()
+        db.close()
+        rt = local.LocalRuntime(owner=owner, instance=instance)
+        from cynchrod import manifests
+
+        files = [(f"apps/app{i:04d}.yaml", str(i)) for i in range(n)]
+        desired = manifests.Cache().load(files, lambda oid: manifest(f"app{int(oid):04d}",
+                                                                    extra="state: stopped\n").encode())
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda spec: rt.api.create_container(
+                IMAGE, command=["sleep", "3600"], name=rt.container_name(spec.org, spec.name, "main"),
+                labels={**runtime.unit_labels(rt.owner, rt.instance, spec, spec.services[0], 0), LABEL: "mem"}),
+                desired.apps.values()))
+        rt.close()
+        config = work / "c.yaml"
+        config.write_text(f"defaults: {{max_apps: {n + 10}}}\n")
+        daemon = Serve(repo, state, owner, args=("--config", str(config)))
+
+        def passes() -> float:
+            text = urllib.request.urlopen(daemon.url + "/metrics", timeout=5).read().decode()
+            return sum(float(v) for v in re.findall(r"^cynchrod_passes_total\{[^}]*\} ([\d.e+]+)$", text, re.M))
+
+        wait(lambda: passes() >= 1, 120)
+        time.sleep(2)
+        row = {"scenario": f"daemon memory, {n} apps and containers", "cynchrod_pss_mib": round(daemon.pss_mib(), 1),
+               "cynchrod_rss_mib": round(daemon.rss_mib(), 1), "processes": len(daemon.pids()), "apps": n}
+        daemon.stop()
+        remove_owner(owner)
+        cleanup()
+        rows.append(row)
+        log(str(row))
+    return rows
+
+
+def simulation_rows(quick: bool) -> list[dict[str, Any]]:
+    """Issue 15, item 6: bench/sim.py in fresh processes (the core at 10,000 apps; the store at
+    10,000 apps with 20 deployments each, in 100 orgs of 100 apps)."""
+    n = 2000 if quick else 10000
+
+    def sim(*args: str) -> dict[str, Any]:
+        out = subprocess.run([sys.executable, str(ROOT / "bench" / "sim.py"), *args], check=True,
+                             capture_output=True, text=True, cwd=ROOT).stdout
+        return dict(json.loads(out.strip().splitlines()[-1]))
+
+    core = sim("core", str(n), "100")
+    bodies = sim("store", str(n), "20", "100")
+    rows = [{"scenario": f"simulation: no-op decision, {n} apps (in-memory runtime)", **core},
+            {"scenario": f"simulation: GET /apps body per org, cold cache, {n} apps x 20 deployments", **bodies}]
+    for row in rows:
+        log(str(row))
     return rows
 
 
@@ -1076,7 +1198,10 @@ def main() -> int:
     build_image()
     cleanup()
     results: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d"), "host": {"cores": os.cpu_count(), "kernel": platform.release(),
+        "date": time.strftime("%Y-%m-%d"), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": " ".join(["bench/run.py", *sys.argv[1:]]),
+        "host": {"name": platform.node(), "cores": os.cpu_count(), "kernel": platform.release(),
+                 "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
                                                    "docker": client.version()["Version"],
                                                    "python": platform.python_version()},
         "concurrency": CONCURRENCY, "rows": []}
@@ -1085,7 +1210,7 @@ def main() -> int:
         try:
             rows = results["rows"]
             if "cold" in only:
-                rows += cold_converge(tmp, [10, 100] if quick else [10, 100, 300], 1 if quick else 3)
+                rows += cold_converge(tmp, [10, 100] if quick else [10, 100, 300, 1000], 1 if quick else 3)
             if "noop" in only:
                 rows.append(noop_pass(tmp, 100, 20))
                 rows.append(noop_pass(tmp, 300 if quick else 1000, 20))
@@ -1109,6 +1234,14 @@ def main() -> int:
         finally:
             cleanup()
     out = pathlib.Path(args.out)
+    if not args.only and out.exists():
+        # A full run: rows it does not measure (the swarm lab's, run with --only swarm) are carried
+        # over from the file it replaces, marked with the run they come from.
+        previous = json.loads(out.read_text())
+        fresh = {r["scenario"] for r in results["rows"]}
+        for row in previous["rows"]:
+            if row["scenario"] not in fresh:
+                results["rows"].append({**row, "from_earlier_run": row.get("from_earlier_run", previous["date"])})
     if args.only and out.exists():
         # Keep the other scenarios' rows from the last full run; replace the re-run ones.
         previous = json.loads(out.read_text())
