@@ -58,7 +58,7 @@ def curves(data: dict[str, Any]) -> dict[str, list[tuple[float, float]]]:
     found: dict[str, list[tuple[float, float]]] = {}
     for row in data["rows"]:
         cold = re.fullmatch(r"cold converge N=(\d+)", row["scenario"])
-        if cold:
+        if cold and int(cold.group(1)) >= 100:  # the curves: 100, 300 and 1,000 apps
             n = float(cold.group(1))
             for key in ("cynchrod_s", "docker_compose_s", "bare_sdk_s", "cynchrod_noop_s", "docker_compose_noop_s",
                         "bare_sdk_noop_s"):
@@ -201,7 +201,9 @@ def markdown(data: dict[str, Any]) -> str:
 
 
 def main() -> int:
-    data = json.loads((ROOT / "bench" / "results.json").read_text())
+    source = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--results=")),
+                  str(ROOT / "bench" / "results.json"))
+    data = json.loads(pathlib.Path(source).read_text())
     text = markdown(data)
     if "--write" in sys.argv:
         draw(data)
