@@ -103,12 +103,24 @@ def force_remove(container_id: str) -> None:
             raise
 
 
+#: The owners this run's apps run under: cleanup removes their containers and no one else's.
+OWNERS: set[str] = set()
+
+
+def ours(labels: dict[str, str]) -> bool:
+    """A container this run made: its apps' (an owner of this run), or labelled by this run (bare
+    loops, docker-compose projects). Other people's benchmarks may run on the same engine, from
+    the same image (whose label every container inherits), at the same time."""
+    return (labels.get(runtime.LABEL_OWNER) in OWNERS or labels.get(LABEL, "").startswith(RUN)
+            or labels.get("com.docker.compose.project", "").startswith(RUN))
+
+
 def cleanup() -> None:
-    rows = client.api.containers(all=True, filters={"label": LABEL})
+    rows = [c for c in client.api.containers(all=True, filters={"label": LABEL}) if ours(c["Labels"] or {})]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda c: force_remove(c["Id"]), rows))
     for n in client.api.networks(filters={"label": "com.docker.compose.project"}):
-        if n["Name"].startswith("bench"):
+        if n["Name"].startswith(RUN):
             try:
                 client.api.remove_network(n["Id"])
             except docker.errors.APIError as exc:
@@ -120,6 +132,7 @@ def manifest(name: str, *, extra: str = "") -> str:
 
 
 def harness(repo: Repo, state: pathlib.Path, owner: str) -> tuple[reconciler.Reconciler, local.LocalRuntime]:
+    OWNERS.add(owner)
     rt = local.LocalRuntime(owner=owner, stop_timeout=1)
     rec = reconciler.Reconciler(src=source.Source(str(repo.bare), state_dir=state), rt=rt,
                                 db=store.Store(state / "cynchrod.db"), concurrency=CONCURRENCY,
@@ -128,6 +141,7 @@ def harness(repo: Repo, state: pathlib.Path, owner: str) -> tuple[reconciler.Rec
 
 
 def owner_rows(owner: str) -> list[dict[str, Any]]:
+    OWNERS.add(owner)
     return client.api.containers(all=True, filters={"label": [f"{runtime.LABEL_OWNER}={owner}"]})
 
 
@@ -142,7 +156,7 @@ def bare_create_start(names: list[str], *, label: str) -> float:
         host = client.api.create_host_config(nano_cpus=100_000_000, mem_limit=64 * 2**20,
                                              memswap_limit=64 * 2**20, init=True)
         cid = client.api.create_container(IMAGE, command=["sleep", "3600"], name=name,
-                                          labels={LABEL: label}, host_config=host)["Id"]
+                                          labels={LABEL: f"{RUN}-{label}"}, host_config=host)["Id"]
         client.api.start(cid)
 
     started = time.perf_counter()
@@ -264,7 +278,8 @@ def _noop_passes(rec: reconciler.Reconciler, rt: local.LocalRuntime, n: int, pas
 def _bare_noop(label: str, names: set[str]) -> float:
     """The bare loop's no-op: one list call, and each wanted container found running."""
     t0 = time.perf_counter()
-    found = {c["Names"][0].lstrip("/"): c["State"] for c in client.api.containers(filters={"label": f"{LABEL}={label}"})}
+    found = {c["Names"][0].lstrip("/"): c["State"]
+             for c in client.api.containers(filters={"label": f"{LABEL}={RUN}-{label}"})}
     assert all(found.get(name) == "running" for name in names)
     return time.perf_counter() - t0
 
@@ -285,7 +300,7 @@ def noop_pass(tmp: pathlib.Path, n: int, passes: int) -> dict[str, Any]:
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda spec: rt.api.create_container(
             IMAGE, command=["sleep", "3600"], name=rt.container_name(spec.org, spec.name, "main"),
-            labels={**runtime.unit_labels(rt.owner, rt.instance, spec, spec.services[0], 0), LABEL: "noop"}),
+            labels={**runtime.unit_labels(rt.owner, rt.instance, spec, spec.services[0], 0), LABEL: f"{RUN}-noop"}),
             desired.apps.values()))
     assert all(not a.actions for a in rec.run_pass().apps)
     # The daemon's view follows the engine's events: a no-op pass then makes no engine call.
@@ -517,6 +532,7 @@ def free_port() -> int:
 class Serve:
     def __init__(self, repo: Repo, state: pathlib.Path, owner: str, env: dict[str, str] | None = None,
                  args: tuple[str, ...] = ()) -> None:
+        OWNERS.add(owner)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(state.parent / "daemon.log", "ab")
@@ -612,7 +628,7 @@ def push_to_running(tmp: pathlib.Path, pushes: int) -> dict[str, Any]:
                                              init=True)
         t0 = time.perf_counter()
         cid = client.api.create_container(IMAGE, command=["httpd", "-f", "-p", "8080", "-h", "/www"],
-                                          ports=[8080], labels={LABEL: "push"}, host_config=host)["Id"]
+                                          ports=[8080], labels={LABEL: f"{RUN}-push"}, host_config=host)["Id"]
         client.api.start(cid)
         wait(lambda: http_ok(port), 30)
         bare.append(time.perf_counter() - t0)
@@ -699,7 +715,7 @@ def bare_create_start_http(pushes: int) -> list[float]:
                                              memswap_limit=64 * 2**20, init=True)
         t0 = time.perf_counter()
         cid = client.api.create_container(IMAGE, command=["httpd", "-f", "-p", "8080", "-h", "/www"],
-                                          ports=[8080], labels={LABEL: "push"}, host_config=host,
+                                          ports=[8080], labels={LABEL: f"{RUN}-push"}, host_config=host,
                                           environment={"REV": "0"})["Id"]
         client.api.start(cid)
         wait(lambda: http_ok(port), 30)
@@ -717,7 +733,7 @@ def bare_replace_http(pushes: int) -> list[float]:
 
     def make(rev: int) -> str:
         cid = client.api.create_container(IMAGE, command=["httpd", "-f", "-p", "8080", "-h", "/www"],
-                                          ports=[8080], labels={LABEL: "push"}, host_config=host,
+                                          ports=[8080], labels={LABEL: f"{RUN}-push"}, host_config=host,
                                           environment={"REV": str(rev)}, name="bench-bare-replace")["Id"]
         client.api.start(cid)
         return str(cid)
@@ -1038,6 +1054,7 @@ def edge_redeploys(tmp: pathlib.Path, redeploys: int) -> dict[str, Any]:
     caddy = subprocess.Popen(["caddy", "run", "--config", str(config)], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, env={**os.environ, "HOME": str(work)})
     owner = "bench-edge"
+    OWNERS.add(owner)
     try:
         wait(lambda: _admin_up(admin_port), 15)
         repo = Repo(work)
@@ -1133,6 +1150,7 @@ def memory_curve(tmp: pathlib.Path, sizes: list[int]) -> list[dict[str, Any]]:
         db = store.Store(state / "cynchrod.db")
         instance = db.instance_id()
         db.close()
+        OWNERS.add(owner)
         rt = local.LocalRuntime(owner=owner, instance=instance)
         from cynchrod import manifests
 
@@ -1142,7 +1160,7 @@ def memory_curve(tmp: pathlib.Path, sizes: list[int]) -> list[dict[str, Any]]:
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda spec: rt.api.create_container(
                 IMAGE, command=["sleep", "3600"], name=rt.container_name(spec.org, spec.name, "main"),
-                labels={**runtime.unit_labels(rt.owner, rt.instance, spec, spec.services[0], 0), LABEL: "mem"}),
+                labels={**runtime.unit_labels(rt.owner, rt.instance, spec, spec.services[0], 0), LABEL: f"{RUN}-mem"}),
                 desired.apps.values()))
         rt.close()
         config = work / "c.yaml"
