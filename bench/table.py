@@ -64,6 +64,10 @@ def curves(data: dict[str, Any]) -> dict[str, list[tuple[float, float]]]:
                         "bare_sdk_noop_s"):
                 if key in row:
                     found.setdefault(key, []).append((n, float(row[key])))
+        noop = re.fullmatch(r"no-op pass N=(\d+)", row["scenario"])
+        if noop:  # the no-op section: stopped apps with created containers, 20 passes
+            found.setdefault("noop_section_s", []).append((float(noop.group(1)), float(row["cynchrod_s"])))
+            found.setdefault("noop_section_list_s", []).append((float(noop.group(1)), float(row["bare_list_call_s"])))
         mem = re.fullmatch(r"daemon memory, (\d+) apps and containers", row["scenario"])
         if mem:
             found.setdefault("pss_mib", []).append((float(mem.group(1)), float(row["cynchrod_pss_mib"])))
@@ -72,7 +76,9 @@ def curves(data: dict[str, Any]) -> dict[str, list[tuple[float, float]]]:
 
 LABELS = {"cynchrod_s": "cynchrod", "docker_compose_s": "docker-compose", "bare_sdk_s": "bare SDK loop",
           "cynchrod_noop_s": "cynchrod (view fed by events)", "docker_compose_noop_s": "docker-compose up -d",
-          "bare_sdk_noop_s": "bare SDK (one list call)", "pss_mib": "cynchrod daemon PSS (all processes)"}
+          "bare_sdk_noop_s": "bare SDK (one list call)", "pss_mib": "cynchrod daemon PSS (all processes)",
+          "noop_section_s": "cynchrod, no-op section (created containers)",
+          "noop_section_list_s": "one list call, no-op section"}
 
 
 def per_app(data: dict[str, Any]) -> list[str]:
@@ -106,7 +112,8 @@ def draw(data: dict[str, Any]) -> None:
             cold.plot(xs, ys, style, label=f"{LABELS[key]} ({slope(c[key]) * 1000:.0f} ms/app)")
     cold.set(title="cold converge (all running)", xlabel="apps", ylabel="seconds")
     cold.legend()
-    for key, style in (("cynchrod_noop_s", "o-"), ("docker_compose_noop_s", "s--"), ("bare_sdk_noop_s", "^:")):
+    for key, style in (("cynchrod_noop_s", "o-"), ("docker_compose_noop_s", "s--"), ("bare_sdk_noop_s", "^:"),
+                       ("noop_section_s", "x-"), ("noop_section_list_s", "+:")):
         if key in c:
             xs, ys = zip(*c[key], strict=True)
             noop.plot(xs, ys, style, label=f"{LABELS[key]} ({slope(c[key]) * 1000:.3g} ms/app)")
