@@ -92,12 +92,35 @@ def build_image() -> None:
                        capture_output=True)
 
 
+def force_remove(container_id: str) -> None:
+    """Remove a container; one already gone, or being removed by the engine, is fine."""
+    try:
+        client.api.remove_container(container_id, force=True)
+    except docker.errors.NotFound:
+        pass
+    except docker.errors.APIError as exc:
+        if exc.status_code != 409:
+            raise
+
+
+#: The owners this run's apps run under: cleanup removes their containers and no one else's.
+OWNERS: set[str] = set()
+
+
+def ours(labels: dict[str, str]) -> bool:
+    """A container this run made: its apps' (an owner of this run), or labelled by this run (bare
+    loops, docker-compose projects). Other people's benchmarks may run on the same engine, from
+    the same image (whose label every container inherits), at the same time."""
+    return (labels.get(runtime.LABEL_OWNER) in OWNERS or labels.get(LABEL, "").startswith(RUN)
+            or labels.get("com.docker.compose.project", "").startswith(RUN))
+
+
 def cleanup() -> None:
-    rows = client.api.containers(all=True, filters={"label": LABEL})
+    rows = [c for c in client.api.containers(all=True, filters={"label": LABEL}) if ours(c["Labels"] or {})]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda c: client.api.remove_container(c["Id"], force=True), rows))
+        list(pool.map(lambda c: force_remove(c["Id"]), rows))
     for n in client.api.networks(filters={"label": "com.docker.compose.project"}):
-        if n["Name"].startswith("bench"):
+        if n["Name"].startswith(RUN):
             try:
                 client.api.remove_network(n["Id"])
             except docker.errors.APIError as exc:
@@ -109,6 +132,7 @@ def manifest(name: str, *, extra: str = "") -> str:
 
 
 def harness(repo: Repo, state: pathlib.Path, owner: str) -> tuple[reconciler.Reconciler, local.LocalRuntime]:
+    OWNERS.add(owner)
     rt = local.LocalRuntime(owner=owner, stop_timeout=1)
     rec = reconciler.Reconciler(src=source.Source(str(repo.bare), state_dir=state), rt=rt,
                                 db=store.Store(state / "cynchrod.db"), concurrency=CONCURRENCY,
@@ -117,13 +141,14 @@ def harness(repo: Repo, state: pathlib.Path, owner: str) -> tuple[reconciler.Rec
 
 
 def owner_rows(owner: str) -> list[dict[str, Any]]:
+    OWNERS.add(owner)
     return client.api.containers(all=True, filters={"label": [f"{runtime.LABEL_OWNER}={owner}"]})
 
 
 def remove_owner(owner: str) -> None:
     rows = owner_rows(owner)
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda c: client.api.remove_container(c["Id"], force=True), rows))
+        list(pool.map(lambda c: force_remove(c["Id"]), rows))
 
 
 def bare_create_start(names: list[str], *, label: str) -> float:
@@ -131,7 +156,7 @@ def bare_create_start(names: list[str], *, label: str) -> float:
         host = client.api.create_host_config(nano_cpus=100_000_000, mem_limit=64 * 2**20,
                                              memswap_limit=64 * 2**20, init=True)
         cid = client.api.create_container(IMAGE, command=["sleep", "3600"], name=name,
-                                          labels={LABEL: label}, host_config=host)["Id"]
+                                          labels={LABEL: f"{RUN}-{label}"}, host_config=host)["Id"]
         client.api.start(cid)
 
     started = time.perf_counter()
@@ -164,8 +189,12 @@ def compose(path: pathlib.Path, project: str, *args: str) -> float:
     # and at its default 64 with 100 services), so it gets one slot per service: more
     # parallelism than cynchrod's 4, which favours compose.
     services = path.read_text().count("\n  app")
-    subprocess.run(["docker-compose", "-f", str(path), "-p", project, *args], check=True, capture_output=True,
-                   timeout=1800, env={**os.environ, "COMPOSE_PARALLEL_LIMIT": str(max(services + 1, 64))})
+    done = subprocess.run(["docker-compose", "-f", str(path), "-p", project, *args], capture_output=True, text=True,
+                          timeout=1800, env={**os.environ, "COMPOSE_PARALLEL_LIMIT": str(max(services + 1, 64)),
+                                             "COMPOSE_HTTP_TIMEOUT": "600"})
+    if done.returncode:
+        log(f"docker-compose {' '.join(args)} failed: {done.stderr[-600:]}")
+        done.check_returncode()
     return time.perf_counter() - started
 
 
@@ -182,10 +211,14 @@ def pct(values: list[float], p: float) -> float:
 
 
 def cold_converge(tmp: pathlib.Path, sizes: list[int], repeats: int) -> list[dict[str, Any]]:
+    """N apps from nothing, for cynchrod (a fresh state: clone and parse included), docker-compose and a
+    bare SDK loop; and, while each has its N containers running, its no-op: cynchrod's pass with its view
+    of the engine live (as in the daemon), ``docker-compose up -d`` again, and the bare loop's one list
+    call. These are the scaling curves' points (issue 15, item 5)."""
     rows = []
     for n in sizes:
-        cyn, comp, bare = [], [], []
-        for r in range(repeats if n <= 100 else 1):
+        cyn, comp, bare, cyn_noop, cyn_calls, comp_noop, bare_noop = [], [], [], [], [], [], []
+        for r in range(repeats if n <= 10 else 1):
             work = tmp / f"cold-{n}-{r}"
             work.mkdir()
             repo = Repo(work)
@@ -196,18 +229,63 @@ def cold_converge(tmp: pathlib.Path, sizes: list[int], repeats: int) -> list[dic
             result = rec.run_pass()
             cyn.append(time.perf_counter() - started)
             assert result.ok and len(owner_rows(owner)) == n, result.source_error
+            if n >= 100:
+                walls, calls = _noop_passes(rec, rt, n, 5)
+                cyn_noop.append(median(walls))
+                cyn_calls.append(calls)
             remove_owner(owner)
             path = work / "docker-compose.yml"
             compose_file(path, n, f"{RUN}c{n}{r}")
             comp.append(compose(path, f"{RUN}c{n}{r}", "up", "-d"))
+            if n >= 100:
+                comp_noop.append(median([compose(path, f"{RUN}c{n}{r}", "up", "-d") for _ in range(2)]))
             compose_down(path, f"{RUN}c{n}{r}")
-            bare.append(bare_create_start([f"bench-bare-{n}-{r}-{i}" for i in range(n)], label=f"bare{n}"))
+            names = [f"bench-bare-{n}-{r}-{i}" for i in range(n)]
+            bare.append(bare_create_start(names, label=f"bare{n}"))
+            if n >= 100:
+                bare_noop.append(median([_bare_noop(f"bare{n}", set(names)) for _ in range(5)]))
             cleanup()
-        rows.append({"scenario": f"cold converge N={n}", "cynchrod_s": median(cyn), "docker_compose_s": median(comp),
-                     "bare_sdk_s": median(bare), "ratio_vs_bare": median(cyn) / median(bare),
-                     "ratio_vs_compose": median(cyn) / median(comp), "runs": len(cyn)})
+        row: dict[str, Any] = {"scenario": f"cold converge N={n}", "cynchrod_s": median(cyn),
+                               "docker_compose_s": median(comp), "bare_sdk_s": median(bare),
+                               "ratio_vs_bare": median(cyn) / median(bare),
+                               "ratio_vs_compose": median(cyn) / median(comp), "runs": len(cyn)}
+        if cyn_noop:
+            row.update({"cynchrod_noop_s": median(cyn_noop), "cynchrod_noop_docker_calls": median(cyn_calls),
+                        "docker_compose_noop_s": median(comp_noop), "bare_sdk_noop_s": median(bare_noop)})
+        rows.append(row)
         log(f"cold converge N={n}: {rows[-1]}")
     return rows
+
+
+def _noop_passes(rec: reconciler.Reconciler, rt: local.LocalRuntime, n: int, passes: int) -> tuple[list[float], float]:
+    """No-op passes with the view fed by the engine's events, as in the daemon: (wall times, engine calls a pass)."""
+    stop = threading.Event()
+    events = threading.Thread(target=rec.view.run, args=(stop,), daemon=True)
+    events.start()
+    wait(lambda: rec.view._live, 30)
+    calls: list[str] = []
+    hook = lambda resp, *a, **k: calls.append(resp.request.path_url)  # noqa: E731
+    rt.api.hooks["response"].append(hook)
+    walls = []
+    for _ in range(passes):
+        t0 = time.perf_counter()
+        result = rec.run_pass()
+        walls.append(time.perf_counter() - t0)
+        assert all(not a.actions for a in result.apps) and len(result.apps) == n
+    rt.api.hooks["response"].remove(hook)
+    stop.set()
+    rec.view.stop()
+    events.join(5)
+    return walls, len(calls) / passes
+
+
+def _bare_noop(label: str, names: set[str]) -> float:
+    """The bare loop's no-op: one list call, and each wanted container found running."""
+    t0 = time.perf_counter()
+    found = {c["Names"][0].lstrip("/"): c["State"]
+             for c in client.api.containers(filters={"label": f"{LABEL}={RUN}-{label}"})}
+    assert all(found.get(name) == "running" for name in names)
+    return time.perf_counter() - t0
 
 
 def noop_pass(tmp: pathlib.Path, n: int, passes: int) -> dict[str, Any]:
@@ -226,7 +304,7 @@ def noop_pass(tmp: pathlib.Path, n: int, passes: int) -> dict[str, Any]:
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda spec: rt.api.create_container(
             IMAGE, command=["sleep", "3600"], name=rt.container_name(spec.org, spec.name, "main"),
-            labels={**runtime.unit_labels(rt.owner, rt.instance, spec, spec.services[0], 0), LABEL: "noop"}),
+            labels={**runtime.unit_labels(rt.owner, rt.instance, spec, spec.services[0], 0), LABEL: f"{RUN}-noop"}),
             desired.apps.values()))
     assert all(not a.actions for a in rec.run_pass().apps)
     # The daemon's view follows the engine's events: a no-op pass then makes no engine call.
@@ -244,6 +322,8 @@ def noop_pass(tmp: pathlib.Path, n: int, passes: int) -> dict[str, Any]:
         cpus.append(time.process_time() - cpu0)
         assert all(not a.actions for a in result.apps) and len(result.apps) == n
     calls_per_pass = len(calls) / passes
+    if calls:
+        log(f"no-op N={n}: engine calls made by the passes: {sorted(set(calls))[:5]}")
     stop.set()
     rec.view.stop()
     events.join(5)
@@ -277,6 +357,9 @@ def _files(rec: reconciler.Reconciler) -> tuple[list[tuple[str, str]], Any]:
 
 
 def change_one(tmp: pathlib.Path, n: int, repeats: int) -> dict[str, Any]:
+    """One app of ``n`` running gets a new env (a commit): cynchrod's pass, with its view of the engine
+    live as in the daemon, beside a bare stop+remove+create+start of one container, alternating so that
+    the host's load falls on both."""
     work = tmp / f"change-{n}"
     work.mkdir()
     repo = Repo(work)
@@ -284,21 +367,29 @@ def change_one(tmp: pathlib.Path, n: int, repeats: int) -> dict[str, Any]:
     repo.push({f"apps/app{i:04d}.yaml": manifest(f"app{i:04d}") for i in range(n)})
     rec, rt = harness(repo, work / "state", owner)
     rec.run_pass()
+    stop = threading.Event()
+    events = threading.Thread(target=rec.view.run, args=(stop,), daemon=True)
+    events.start()
+    wait(lambda: rec.view._live, 30)
     cyn, bare = [], []
+    name = "bench-bare-change"
+    bare_create_start([name], label="change")
     for r in range(repeats):
         repo.push({"apps/app0000.yaml": manifest("app0000", extra=f"env: {{REV: '{r}'}}\n")})
+        time.sleep(0.3)
         t0 = time.perf_counter()
         result = rec.run_pass()
         cyn.append(time.perf_counter() - t0)
         assert [a.name for a in result.apps if a.actions] == ["app0000"]
-    for r in range(repeats):
-        name = f"bench-bare-change-{r}"
-        bare_create_start([name], label="change")
+        time.sleep(0.3)
         t0 = time.perf_counter()
         client.api.stop(name, timeout=1)
         client.api.remove_container(name, force=True)
         bare_create_start([name], label="change")
         bare.append(time.perf_counter() - t0)
+    stop.set()
+    rec.view.stop()
+    events.join(5)
     remove_owner(owner)
     cleanup()
     row = {"scenario": f"change one app of {n}", "cynchrod_s": median(cyn), "bare_recreate_s": median(bare),
@@ -445,6 +536,7 @@ def free_port() -> int:
 class Serve:
     def __init__(self, repo: Repo, state: pathlib.Path, owner: str, env: dict[str, str] | None = None,
                  args: tuple[str, ...] = ()) -> None:
+        OWNERS.add(owner)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(state.parent / "daemon.log", "ab")
@@ -453,7 +545,7 @@ class Serve:
              "--owner", owner, "--interval", "300", "--listen", f"127.0.0.1:{self.port}", "--stop-timeout", "1",
              *args],
             stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
-            env={**os.environ, "CYNCHROD_WEBHOOK_SECRET": SECRET, "CYNCHROD_LOG_LEVEL": "WARNING"})
+            env={**os.environ, "CYNCHROD_WEBHOOK_SECRET": SECRET, "CYNCHROD_LOG_LEVEL": "WARNING", **(env or {})})
         for _ in range(300):
             try:
                 urllib.request.urlopen(self.url + "/healthz", timeout=1)
@@ -540,7 +632,7 @@ def push_to_running(tmp: pathlib.Path, pushes: int) -> dict[str, Any]:
                                              init=True)
         t0 = time.perf_counter()
         cid = client.api.create_container(IMAGE, command=["httpd", "-f", "-p", "8080", "-h", "/www"],
-                                          ports=[8080], labels={LABEL: "push"}, host_config=host)["Id"]
+                                          ports=[8080], labels={LABEL: f"{RUN}-push"}, host_config=host)["Id"]
         client.api.start(cid)
         wait(lambda: http_ok(port), 30)
         bare.append(time.perf_counter() - t0)
@@ -550,6 +642,145 @@ def push_to_running(tmp: pathlib.Path, pushes: int) -> dict[str, Any]:
            "overhead_p50_s": median(cyn) - median(bare)}
     log(str(row))
     return row
+
+
+# -- push to running through a watched local repository (issue 15, item 3) ---------
+
+#: Daemon debug lines that mark the steps of a push, in order (see ``_push_steps``).
+PUSH_STEPS = [("delivered (watch)", r"watch: "), ("fetched", r"fetched "), ("parsed", r"read and parsed "),
+              ("decided", r"decided \d+ apps"), ("image checked", r"engine inspect"),
+              ("old stopped", r"engine stop"), ("old removed", r"engine remove"), ("created", r"engine create"),
+              ("started", r"engine start"), ("pass done", r"pass watch ")]
+
+
+def _log_stamp(line: str) -> float | None:
+    match = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ", line)
+    if not match:
+        return None
+    return time.mktime(time.strptime(match.group(1), "%Y-%m-%d %H:%M:%S")) + int(match.group(2)) / 1000
+
+
+def _push_steps(log_path: pathlib.Path, offset: int, t0: float) -> dict[str, float]:
+    """Milliseconds from the start of ``git push`` to each step, from the daemon's debug log."""
+    lines = log_path.read_bytes()[offset:].decode(errors="replace").splitlines()
+    steps: dict[str, float] = {}
+    for line in lines:
+        stamp = _log_stamp(line)
+        if stamp is None:
+            continue
+        for step, pattern in PUSH_STEPS:
+            if step not in steps and re.search(pattern, line):
+                steps[step] = round((stamp - t0) * 1000, 1)
+    return steps
+
+
+def push_to_running_git(tmp: pathlib.Path, pushes: int, *, debug: bool = False) -> tuple[list[float], list[Any]]:
+    """``git push`` into a local bare repository that ``cynchrod serve`` watches (no webhook), timed from
+    the push's start until the new container is running and answers HTTP; with ``debug``, the daemon
+    logs at debug level and each push's steps are read from its log (logging costs a little)."""
+    work = tmp / ("push-git-debug" if debug else "push-git")
+    work.mkdir()
+    repo = Repo(work)
+    owner = "bench-push-git"
+    port = free_port()
+    repo.push({"apps/web.yaml": WEB.format(name="web", port=port, rev=0)})
+    state = work / "state"
+    daemon = Serve(repo, state, owner, env={"CYNCHROD_LOG_LEVEL": "DEBUG"} if debug else None)
+    log_path = state.parent / "daemon.log"
+    wait(lambda: http_ok(port), 30)
+    times, steps = [], []
+    for r in range(1, pushes + 1):
+        target = work / "work" / "apps" / "web.yaml"
+        target.write_text(WEB.format(name="web", port=port, rev=r))
+        git("commit", "-q", "-am", f"rev {r}", cwd=work / "work")
+        old = owner_rows(owner)[0]["Id"]
+        time.sleep(0.3)  # the last pass's trailing work (store writes) is over
+        offset = log_path.stat().st_size
+        wall0, t0 = time.time(), time.perf_counter()
+        git("push", "-q", "origin", "HEAD:main", cwd=work / "work")
+        pushed = time.perf_counter() - t0
+        wait(lambda: (rows := owner_rows(owner)) and rows[0]["Id"] != old and rows[0]["State"] == "running"
+             and http_ok(port), 30)
+        times.append(time.perf_counter() - t0)
+        if debug:
+            steps.append({"git push returned": round(pushed * 1000, 1), **_push_steps(log_path, offset, wall0),
+                          "running and answering": round(times[-1] * 1000, 1)})
+    daemon.stop()
+    remove_owner(owner)
+    return times, steps
+
+
+def bare_create_start_http(pushes: int) -> list[float]:
+    """The peer of push to running: create+start of the same container until it answers HTTP."""
+    port = free_port()
+    bare = []
+    for _ in range(pushes):
+        host = client.api.create_host_config(port_bindings={8080: ("127.0.0.1", port)}, mem_limit=64 * 2**20,
+                                             memswap_limit=64 * 2**20, init=True)
+        t0 = time.perf_counter()
+        cid = client.api.create_container(IMAGE, command=["httpd", "-f", "-p", "8080", "-h", "/www"],
+                                          ports=[8080], labels={LABEL: f"{RUN}-push"}, host_config=host,
+                                          environment={"REV": "0"})["Id"]
+        client.api.start(cid)
+        wait(lambda: http_ok(port), 30)
+        bare.append(time.perf_counter() - t0)
+        client.api.remove_container(cid, force=True)
+    return bare
+
+
+def bare_replace_http(pushes: int) -> list[float]:
+    """A bare replace of the same container: stop+remove the old one, create+start the new one until
+    it answers HTTP (what cynchrod does for an app with a host port, which cannot be bound twice)."""
+    port = free_port()
+    host = client.api.create_host_config(port_bindings={8080: ("127.0.0.1", port)}, mem_limit=64 * 2**20,
+                                         memswap_limit=64 * 2**20, init=True)
+
+    def make(rev: int) -> str:
+        cid = client.api.create_container(IMAGE, command=["httpd", "-f", "-p", "8080", "-h", "/www"],
+                                          ports=[8080], labels={LABEL: f"{RUN}-push"}, host_config=host,
+                                          environment={"REV": str(rev)}, name="bench-bare-replace")["Id"]
+        client.api.start(cid)
+        return str(cid)
+
+    old = make(0)
+    wait(lambda: http_ok(port), 30)
+    times = []
+    for r in range(1, pushes + 1):
+        time.sleep(0.3)
+        t0 = time.perf_counter()
+        client.api.stop(old, timeout=1)
+        client.api.remove_container(old, force=True)
+        old = make(r)
+        wait(lambda: http_ok(port), 30)
+        times.append(time.perf_counter() - t0)
+    client.api.remove_container(old, force=True)
+    return times
+
+
+def push_git_rows(tmp: pathlib.Path, pushes: int) -> list[dict[str, Any]]:
+    """Item 3 of issue 15: push to running through a watched repository beside a bare create+start
+    (interleaved in halves, so that the host's load falls on both), and the steps of each push."""
+    half = pushes // 2
+    (tmp / "push-a").mkdir()
+    (tmp / "push-b").mkdir()
+    cyn_a, _ = push_to_running_git(tmp / "push-a", half)
+    bare_a, replace_a = bare_create_start_http(half), bare_replace_http(half)
+    cyn_b, _ = push_to_running_git(tmp / "push-b", pushes - half)
+    bare_b, replace_b = bare_create_start_http(pushes - half), bare_replace_http(pushes - half)
+    cyn, bare, replace = cyn_a + cyn_b, bare_a + bare_b, replace_a + replace_b
+    _, steps = push_to_running_git(tmp, 5, debug=True)
+    breakdown = {name: round(median([s[name] for s in steps if name in s]), 1)
+                 for name in ["git push returned", *(p[0] for p in PUSH_STEPS), "running and answering"]
+                 if any(name in s for s in steps)}
+    row = {"scenario": f"push to running, git push to a watched repository ({pushes} pushes)",
+           "cynchrod_p50_s": median(cyn), "cynchrod_p95_s": pct(cyn, 95),
+           "bare_create_start_p50_s": median(bare), "bare_p95_s": pct(bare, 95),
+           "bare_stop_remove_create_start_p50_s": median(replace),
+           "overhead_p50_s": median(cyn) - median(bare), "overhead_vs_bare_replace_p50_s": median(cyn) - median(replace)}
+    log(str(row))
+    log(f"push steps (ms after git push starts, median of 5 with debug logging): {breakdown}")
+    return [row, {"scenario": "push to running, steps (ms from the start of git push, debug log, median of 5)",
+                  "breakdown_ms": breakdown}]
 
 
 def self_heal(tmp: pathlib.Path, kills: int) -> dict[str, Any]:
@@ -691,6 +922,7 @@ def edge_redeploys(tmp: pathlib.Path, redeploys: int) -> dict[str, Any]:
     caddy = subprocess.Popen(["caddy", "run", "--config", str(config)], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, env={**os.environ, "HOME": str(work)})
     owner = "bench-edge"
+    OWNERS.add(owner)
     try:
         wait(lambda: _admin_up(admin_port), 15)
         repo = Repo(work)
@@ -754,21 +986,109 @@ def _admin_up(port: int) -> bool:
         return False
 
 
+#: Issue 15's own sections: push through a watched repository (item 3), the memory curve (item 5;
+#: its time curves are the "cold" rows) and the simulations (item 6). Item 4 is "change".
+ISSUE15 = ["pushgit", "scaling", "sim"]
+
+
+def issue15_rows(tmp: pathlib.Path, only: set[str], quick: bool) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    if "pushgit" in only:
+        rows += push_git_rows(tmp, 10 if quick else 20)
+    if "scaling" in only:
+        rows += memory_curve(tmp, [100, 300] if quick else [100, 300, 1000])
+    if "sim" in only:
+        rows += simulation_rows(quick)
+    return rows
+
+
+def memory_curve(tmp: pathlib.Path, sizes: list[int]) -> list[dict[str, Any]]:
+    """PSS of all the daemon's processes (reconciler, API master and workers; shared pages counted
+    once) with N apps and their N containers: the apps are stopped ones whose containers are made
+    beforehand (created, not started), so that 1,000 need no 1,000 processes; the daemon lists them,
+    keeps them in its view and has a row for each."""
+    rows = []
+    for n in sizes:
+        work = tmp / f"mem-{n}"
+        work.mkdir()
+        repo = Repo(work)
+        owner = f"bench-mem-{n}"
+        repo.push({f"apps/app{i:04d}.yaml": manifest(f"app{i:04d}", extra="state: stopped\n") for i in range(n)})
+        state = work / "state"
+        db = store.Store(state / "cynchrod.db")
+        instance = db.instance_id()
+        db.close()
+        OWNERS.add(owner)
+        rt = local.LocalRuntime(owner=owner, instance=instance)
+        from cynchrod import manifests
+
+        files = [(f"apps/app{i:04d}.yaml", str(i)) for i in range(n)]
+        desired = manifests.Cache().load(files, lambda oid: manifest(f"app{int(oid):04d}",
+                                                                    extra="state: stopped\n").encode())
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda spec: rt.api.create_container(
+                IMAGE, command=["sleep", "3600"], name=rt.container_name(spec.org, spec.name, "main"),
+                labels={**runtime.unit_labels(rt.owner, rt.instance, spec, spec.services[0], 0), LABEL: f"{RUN}-mem"}),
+                desired.apps.values()))
+        rt.close()
+        config = work / "c.yaml"
+        config.write_text(f"defaults: {{max_apps: {n + 10}}}\n")
+        daemon = Serve(repo, state, owner, args=("--config", str(config)))
+
+        def passes() -> float:
+            text = urllib.request.urlopen(daemon.url + "/metrics", timeout=5).read().decode()
+            return sum(float(v) for v in re.findall(r"^cynchrod_passes_total\{[^}]*\} ([\d.e+]+)$", text, re.M))
+
+        wait(lambda: passes() >= 1, 120)
+        time.sleep(2)
+        row = {"scenario": f"daemon memory, {n} apps and containers", "cynchrod_pss_mib": round(daemon.pss_mib(), 1),
+               "cynchrod_rss_mib": round(daemon.rss_mib(), 1), "processes": len(daemon.pids()), "apps": n}
+        daemon.stop()
+        remove_owner(owner)
+        cleanup()
+        rows.append(row)
+        log(str(row))
+    return rows
+
+
+def simulation_rows(quick: bool) -> list[dict[str, Any]]:
+    """Issue 15, item 6: bench/sim.py in fresh processes (the core at 10,000 apps; the store at
+    10,000 apps with 20 deployments each, in 100 orgs of 100 apps)."""
+    n = 2000 if quick else 10000
+
+    def sim(*args: str) -> dict[str, Any]:
+        out = subprocess.run([sys.executable, str(ROOT / "bench" / "sim.py"), *args], check=True,
+                             capture_output=True, text=True, cwd=ROOT).stdout
+        return dict(json.loads(out.strip().splitlines()[-1]))
+
+    core = sim("core", str(n), "100")
+    bodies = sim("store", str(n), "20", "100")
+    rows = [{"scenario": f"simulation: no-op decision, {n} apps (in-memory runtime)", **core},
+            {"scenario": f"simulation: GET /apps body per org, cold cache, {n} apps x 20 deployments", **bodies}]
+    for row in rows:
+        log(str(row))
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="smaller N and fewer repeats")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
     parser.add_argument("--only", choices=["cold", "noop", "change", "push", "heal", "api", "logs", "memory", "dash",
-                                           "edge", "swarm"],
+                                           "edge", "swarm", *ISSUE15],
                         action="append",
                         help="run these scenarios only; their rows replace the same rows in --out")
     args = parser.parse_args()
-    only = set(args.only or ["cold", "noop", "change", "push", "heal", "api", "logs", "memory", "dash", "edge"])
+    only = set(args.only or ["cold", "noop", "change", "push", "heal", "api", "logs", "memory", "dash", "edge",
+                             *ISSUE15])
     quick = args.quick
     build_image()
     cleanup()
     results: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d"), "host": {"cores": os.cpu_count(), "kernel": platform.release(),
+        "date": time.strftime("%Y-%m-%d"), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": " ".join(["bench/run.py", *sys.argv[1:]]),
+        "host": {"name": platform.node(), "cores": os.cpu_count(), "kernel": platform.release(),
+                 "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
                                                    "docker": client.version()["Version"],
                                                    "python": platform.python_version()},
         "concurrency": CONCURRENCY, "rows": []}
@@ -782,7 +1102,7 @@ def main() -> int:
                 rows.append(noop_pass(tmp, 100, 20))
                 rows.append(noop_pass(tmp, 300 if quick else 1000, 20))
             if "change" in only:
-                rows.append(change_one(tmp, 100 if quick else 300, 5))
+                rows.append(change_one(tmp, 100 if quick else 300, 5 if quick else 10))
             if "push" in only:
                 rows.append(push_to_running(tmp, 5 if quick else 20))
             if "heal" in only:
@@ -797,11 +1117,20 @@ def main() -> int:
                 rows.append(dashboard_page(tmp, 300, 20 if quick else 100, 6 if quick else 20))
             if "edge" in only:
                 rows.append(edge_redeploys(tmp, 5 if quick else 10))
+            rows += issue15_rows(tmp, only, quick)
             if "swarm" in only:
                 rows += swarm_rows(tmp, 10 if quick else 100, 300 if quick else 1000, 10)
         finally:
             cleanup()
     out = pathlib.Path(args.out)
+    if not args.only and out.exists():
+        # A full run: rows it does not measure (the swarm lab's, run with --only swarm) are carried
+        # over from the file it replaces, marked with the run they come from.
+        previous = json.loads(out.read_text())
+        fresh = {r["scenario"] for r in results["rows"]}
+        for row in previous["rows"]:
+            if row["scenario"] not in fresh:
+                results["rows"].append({**row, "from_earlier_run": row.get("from_earlier_run", previous["date"])})
     if args.only and out.exists():
         # Keep the other scenarios' rows from the last full run; replace the re-run ones.
         previous = json.loads(out.read_text())

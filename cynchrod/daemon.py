@@ -60,6 +60,8 @@ if TYPE_CHECKING:
     from cynchrod.store import App
 
 log = logging.getLogger("cynchrod")
+#: How long a watched repository's refs must be quiet before a push wakes a pass.
+REF_QUIET_MS = 10
 #: Connections one API worker serves at once (each a greenlet).
 WORKER_CONNECTIONS = 1000
 #: Seconds a client has to send a request's line and headers (also the keep-alive idle time).
@@ -222,31 +224,38 @@ class Daemon:
     # -- watching: local working directories and the config file ----------------
 
     def _watches(self) -> list[tuple[list[pathlib.Path], bool, Callable[[watchfiles.Change, str], bool],
-                                     Callable[[], object]]]:
-        """What is watched, as (paths, recursive, filter, action), each as cheaply as it can be:
+                                     Callable[[], object], int]]:
+        """What is watched, as (paths, recursive, filter, action, quiet ms), each as cheaply as it can be:
 
-        * the apps directories of local working trees, recursively: a save wakes a pass;
+        * the apps directories of local working trees, recursively: a save wakes a pass
+          once the folder has been quiet for 50 ms (an editor's save is several writes);
         * each local repository's ``refs/`` (recursively) and its folder (not recursively,
-          for ``packed-refs``): a push moves a ref, after its objects are written;
+          for ``packed-refs``): a push moves a ref, after its objects are written, in one
+          rename, so 10 ms of quiet is enough (watchfiles yields after one to two quiet
+          periods: 50 ms made a push wait 50-100 ms for nothing);
         * the config file, through its folder (not recursively, filtered to its name: an
           editor's save replaces the file, which a watch on the file itself would lose).
         """
         wake = lambda: self.reconciler.wakeup.request("watch")  # noqa: E731
         plain = watchfiles.DefaultFilter()
         watches: list[tuple[list[pathlib.Path], bool, Callable[[watchfiles.Change, str], bool],
-                            Callable[[], object]]] = []
+                            Callable[[], object], int]] = []
         if self.settings.watch == "on":
             trees = [s.apps_dir for s in self.reconciler.sources if isinstance(s, source.WorkTreeSource)]
             gits = [g for s in self.reconciler.sources if (g := local_git_dir(s)) is not None]
             refs = [d for g in gits for d in (g / "refs", g / "reftable") if d.is_dir()]
-            if trees or refs:
-                watches.append(([*trees, *refs], True, lambda change, path: bool(plain(change, path)), wake))
+            if trees:
+                watches.append((trees, True, lambda change, path: bool(plain(change, path)), wake, 50))
+            if refs:
+                watches.append((refs, True, lambda change, path: bool(plain(change, path)), wake, REF_QUIET_MS))
             if gits:
-                watches.append((gits, False, lambda change, path: path.endswith("/packed-refs"), wake))
+                watches.append((gits, False, lambda change, path: path.endswith("/packed-refs"), wake,
+                                REF_QUIET_MS))
         if self.settings.config_path:
             config_file = pathlib.Path(self.settings.config_path).resolve()
             only = str(config_file)
-            watches.append(([config_file.parent], False, lambda change, path: path == only, self.reload_config))
+            watches.append(([config_file.parent], False, lambda change, path: path == only, self.reload_config,
+                            50))
         return [w for w in watches if all(p.is_dir() for p in w[0])]
 
     def _watched(self) -> bool:
@@ -255,10 +264,11 @@ class Daemon:
     def _watch(self) -> None:
         """watchfiles, debounced, one thread per kind of watch (see ``_watches``)."""
         def loop(paths: list[pathlib.Path], recursive: bool, wanted: Callable[[watchfiles.Change, str], bool],
-                 act: Callable[[], object]) -> None:
+                 act: Callable[[], object], quiet_ms: int) -> None:
             try:
-                for _ in watchfiles.watch(*paths, debounce=200, step=50, stop_event=self.stop_event,
+                for _ in watchfiles.watch(*paths, debounce=200, step=quiet_ms, stop_event=self.stop_event,
                                           raise_interrupt=False, recursive=recursive, watch_filter=wanted):
+                    log.debug("watch: %s changed", paths[0])
                     act()
             except Exception:
                 log.exception("the file watcher stopped; changes are picked up by the %ss poll",

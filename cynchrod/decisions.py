@@ -175,10 +175,10 @@ def quota(inputs: Inputs) -> dict[tuple[str, str], CynchrodError]:
     refused: dict[tuple[str, str], CynchrodError] = {}
     for org, keys in by_org.items():
         cap = inputs.max_apps.get(org, DEFAULT_MAX_APPS)
+        if len(keys) <= cap:
+            continue  # all fit, whichever are new
         admitted = {k for k in keys if k in inputs.rows and not quota_refused(inputs.rows[k])}
         new = [k for k in keys if k not in admitted]
-        if len(admitted) + len(new) <= cap:
-            continue
         new.sort(key=lambda k: (-inputs.ages.get(k, 0), k[1]))
         for key in new[max(cap - len(admitted), 0):]:
             refused[key] = PermanentError(
@@ -246,19 +246,43 @@ def decide(inputs: Inputs) -> list[Decision]:
         units.setdefault(u.key, []).append(u)
     refused = {**domains(inputs), **quota(inputs)}
     out = []
-    for key in sorted(set(inputs.desired) | set(inputs.rows) | set(units)):
-        spec = inputs.desired.get(key)
+    desired, rows = inputs.desired, inputs.rows
+    # Apps that may take the in-sync shortcut: no hold, back-off memory, wait or manifest error.
+    special = inputs.holds.keys() | refused.keys() | inputs.memory.keys() | inputs.waiting.keys() \
+        | inputs.manifest_errors.keys()
+    for key in sorted(desired.keys() | rows.keys() | units.keys()):
+        spec = desired.get(key)
         mine = units.get(key, [])
-        memory = inputs.memory.get(key, Backoff())
         if spec is None:
-            row = inputs.rows.get(key)
+            row = rows.get(key)
             if may_prune(row.source if row is not None else None, read=inputs.read, all_read=inputs.all_read):
                 actions = tuple(planning.plan_app(None, mine, key))
                 out.append(Decision(key, None, actions, status=REMOVED, prune=True, trigger=inputs.trigger))
             continue
+        if key not in special and _in_sync(spec, mine):
+            out.append(_in_sync_decision(inputs, key, spec, rows.get(key)))
+            continue
         hold = inputs.holds.get(key) or refused.get(key)
-        out.append(_decide_app(inputs, spec, mine, inputs.rows.get(key), memory, hold))
+        out.append(_decide_app(inputs, spec, mine, rows.get(key), inputs.memory.get(key, Backoff()), hold))
     return out
+
+
+def _in_sync(spec: specs.AppSpec, units: Sequence[planning.Unit]) -> bool:
+    """The common case of a no-op pass: one service, one replica, its one unit running this spec
+    (nothing to plan: ``_decide_app`` would find no action and the status ``running``)."""
+    if len(units) != 1 or len(spec.services) != 1 or spec.state == "stopped":
+        return False
+    service, unit = spec.services[0], units[0]
+    return service.replicas == 1 and unit.replica == 0 and unit.service == service.name \
+        and unit.state == planning.RUNNING and unit.spec_hash == spec.service_hash(service)
+
+
+def _in_sync_decision(inputs: Inputs, key: tuple[str, str], spec: specs.AppSpec, row: Row | None) -> Decision:
+    """What ``_decide_app`` decides for an app ``_in_sync`` with no hold, memory, wait or manifest
+    error, without planning it: at 10,000 apps, planning each one made a no-op decision 3x slower."""
+    error = row.last_error if row is not None and (row.last_error or "").startswith("oom_killed") else None
+    return Decision(key, spec, status=RUNNING, error=error, trigger=inputs.trigger,
+                    record=row is None or row.deployed_hash != spec.hash)
 
 
 def _decide_app(inputs: Inputs, spec: specs.AppSpec, units: list[planning.Unit], row: Row | None,

@@ -127,6 +127,8 @@ class AppSpec:
     def service_hash(self, service: ServiceSpec) -> str:
         # Specs are frozen, so their hashes are computed once per spec object: a no-op
         # pass over many apps would otherwise spend its time re-serialising them.
+        if self.services[0] is service:  # most apps have one service
+            return self._service_hashes[0]
         for i, own in enumerate(self.services):
             if own is service:
                 return self._service_hashes[i]

@@ -262,6 +262,8 @@ class Store:
         # A native lock, also under gevent: nothing yields while it is held (SQLite calls only),
         # and a thread pool's native threads may share this connection with the hub.
         self._lock = _thread.RLock()
+        #: Inside ``batch`` (on the thread holding ``_lock``): transactions are savepoints.
+        self._batching = False
         #: Bumped by every write of this process that may change app or deployment rows.
         self.version = 0
         self._live: tuple[tuple[int, int], dict[tuple[str, str], App]] | None = None
@@ -283,8 +285,33 @@ class Store:
         self._db.close()
 
     @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Many writes in one transaction (one sync to disk instead of one each): each
+        ``transaction`` inside it is a savepoint, undone alone when it fails. Other threads'
+        writes wait for the batch's end; keep it to store work only (no engine calls)."""
+        with self._lock, _converted():
+            if self._batching:
+                yield
+                return
+            self._db.execute("BEGIN IMMEDIATE")
+            self._batching = True
+            try:
+                yield
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                raise
+            finally:
+                self._batching = False
+            if self._db.in_transaction:  # SQLite rolls all back itself on some errors (a full disk)
+                self._db.execute("COMMIT")
+
+    @contextmanager
     def transaction(self, *, apps_changed: bool = True) -> Iterator[sqlite3.Connection]:
         with self._lock, _converted():
+            if self._batching:
+                yield from self._savepoint(apps_changed)
+                return
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
@@ -295,6 +322,19 @@ class Store:
             self._db.execute("COMMIT")
             if apps_changed:
                 self.version += 1
+
+    def _savepoint(self, apps_changed: bool) -> Iterator[sqlite3.Connection]:
+        self._db.execute("SAVEPOINT write")
+        try:
+            yield self._db
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK TO write")
+                self._db.execute("RELEASE write")
+            raise
+        self._db.execute("RELEASE write")
+        if apps_changed:
+            self.version += 1
 
     def generation(self) -> tuple[int, int]:
         """Changes whenever any process has committed a write since the last call saw it

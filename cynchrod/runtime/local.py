@@ -414,7 +414,13 @@ class LocalRuntime:
 
     def _call(self, call: Callable[[], T], what: str) -> T:
         self.calls += 1
-        return converted(call, what)
+        if not log.isEnabledFor(logging.DEBUG):
+            return converted(call, what)
+        started = time.perf_counter()
+        try:
+            return converted(call, what)
+        finally:
+            log.debug("engine %s: %.1f ms", what.split(" ", 1)[0], (time.perf_counter() - started) * 1000)
 
     # -- names and labels -------------------------------------------------
 

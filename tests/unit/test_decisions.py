@@ -89,6 +89,26 @@ def test_deciding_again_after_applying_finds_nothing_to_do(w: Any) -> None:
     assert running == want
 
 
+@settings(max_examples=300, deadline=None)
+@given(world(), st.data())
+def test_the_in_sync_shortcut_decides_as_the_full_decision(w: Any, data: Any) -> None:
+    desired, rt = w
+    execute(decisions.decide(inputs(desired, rt)), rt)  # many apps in sync, and some left as they were
+    for u in data.draw(st.lists(st.sampled_from(sorted(rt.units)), unique=True, max_size=3)) if rt.units else []:
+        rt.units[u] = dataclasses.replace(rt.units[u], state=data.draw(st.sampled_from(planning.STATES)))
+    rows = {k: Row(last_error=data.draw(st.sampled_from([None, "oom_killed: it died", "other"])),
+                   deployed_hash=data.draw(st.sampled_from([None, s.hash]))) for k, s in desired.items()}
+    given_inputs = inputs(desired, rt, rows=rows, trigger=data.draw(st.sampled_from(["poll", "push"])))
+    units: dict[tuple[str, str], list[planning.Unit]] = {}
+    for u in given_inputs.units:
+        units.setdefault(u.key, []).append(u)
+    for d in decisions.decide(given_inputs):
+        if d.spec is None:
+            continue
+        mine = units.get(d.key, [])
+        assert d == decisions._decide_app(given_inputs, d.spec, mine, rows.get(d.key), decisions.Backoff(), None)
+
+
 @settings(max_examples=200, deadline=None)
 @given(world())
 def test_a_source_error_never_prunes(w: Any) -> None:
