@@ -906,6 +906,10 @@ def dashboard_page(tmp: pathlib.Path, n: int, requests_n: int, seconds: float) -
            "cynchrod_render_p95_ms": round(pct(server, 95), 2), "cynchrod_first_render_ms": round(first, 2),
            "page_kib": round(size / 1024, 1), "get_apps_json_p50_ms": round(median(api_ms), 2),
            "passes_added_by_5_pollers": added}
+    log(str(row))
+    return row
+
+
 EDGE_WEB = "name: {name}\nimage: " + IMAGE + "\ncommand: [httpd, -f, -p, '8080', -h, /www]\nport: 8080\n" \
     "domain: {name}.localhost\nmemory: 64\nenv: {{REV: '{rev}'}}\n{extra}"
 
