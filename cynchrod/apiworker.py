@@ -115,6 +115,16 @@ class Worker(GeventWorker):  # type: ignore[misc]
         if self.share is not None and self.slot is not None and self.share.get(self.slot) >= 0:
             self.share.set(self.slot, self.share.get(self.slot) + delta)
 
+    def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> Any:
+        try:
+            return super().handle_request(listener_name, req, sock, addr)
+        finally:
+            # The other connections' turn: a client that sends its next request at once on a
+            # kept-alive connection finds it already readable, so without this its greenlet
+            # never waits and serves that one connection while the others starve (wrk -t4:
+            # p50 0.5 ms, p99 0.9 s).
+            gevent.sleep(0)
+
     def handle(self, listener: Any, client: Any, addr: Any) -> None:
         self._held(1)
         try:
