@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
 import pathlib
 import signal
-import time
 
 import docker
 import pytest
@@ -57,15 +57,26 @@ def test_self_heal_comes_from_docker_events(repo: GitRepo, daemons, owner: str,
 
 def test_crash_loop_backs_off(repo: GitRepo, daemons, owner: str, docker_client: docker.DockerClient,
                               tmp_path: pathlib.Path) -> None:
+    """Restarts of a crashing app back off 0, 0, 1, 2, 4 ... s. Asserted as the back-off's lower
+    bound (five heals span at least its delays), which a loaded machine only lengthens; no
+    back-off makes five heals within a couple of seconds."""
     repo.push({"apps/crash.yaml": manifest("crash", command="[sh, -c, 'exit 3']")})
     daemon = daemons(interval=300).start()
-    time.sleep(12)
-    daemon.stop()
     db = store.Store(tmp_path / "state" / "cynchrod.db")
+
+    def heals() -> list[store.Deployment]:
+        app = db.live_apps().get(("default", "crash"))
+        rows = db.deployments(app.id, limit=100) if app is not None else []
+        return sorted((d for d in rows if d.trigger == "self-heal"), key=lambda d: d.id)
+
+    wait_for(lambda: len(heals()) >= 5, 60, "five self-heals")
+    # Between two heals (the sixth waits 8 s), it is failed with the reason.
+    wait_for(lambda: db.live_apps()[("default", "crash")].status == "failed", 30, "crash to be failed")
+    daemon.stop()
+    first, fifth = (datetime.datetime.fromisoformat(d.started_at.replace("Z", "+00:00")) for d in heals()[0:5:4])
+    # Delays before heals 2-5: 0 + 1 + 2 + 4 = 7 s (timestamps have whole seconds).
+    assert (fifth - first).total_seconds() >= 6, [d.started_at for d in heals()]
     app = db.live_apps()[("default", "crash")]
-    heals = [d for d in db.deployments(app.id, limit=100) if d.trigger == "self-heal"]
-    # Back-off 0, 0, 1, 2, 4, 8 s: about 5 restarts in 12 s, where no back-off makes dozens.
-    assert 3 <= len(heals) <= 6, [d.started_at for d in heals]
     assert app.status == "failed"
     assert app.last_error is not None and app.last_error.startswith("crash_loop: exited with code 3")
 
