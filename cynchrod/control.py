@@ -50,8 +50,12 @@ def _runs(path: str, raw: bytes) -> bool:
 
 
 def _spec_hash(path: str, raw: bytes | None) -> str | None:
+    """The app a manifest declares, as a hash; a restart (``restarted_at``) does not count, so
+    a rollback goes back to another version, never to the same one before a restart."""
     parsed = manifests.parse(path, raw) if raw is not None else None
-    return parsed.spec.hash if parsed is not None and parsed.spec is not None else None
+    if parsed is None or parsed.spec is None:
+        return None
+    return dataclasses.replace(parsed.spec, restarted_at=None).hash
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,8 +154,8 @@ class Control:
 
         By default: the newest deployment that ended ``running`` (never one whose
         manifest said ``state: stopped``) with a manifest whose app differs from the
-        one on the branch now (compared as parsed specs, so comments or an explicit
-        default do not count), so a failed or broken change is undone too.
+        one on the branch now (compared as parsed specs, so comments, an explicit
+        default or a restart do not count), so a failed or broken change is undone too.
         ``deployment_id`` may name any successful one (running or stopped).
         The file is restored byte for byte; the deployment's trigger is ``rollback``.
         """

@@ -531,7 +531,9 @@ def test_rollback_skips_a_stopped_manifest(api: Api) -> None:
     web = api.app_id("web")
     api.repo.push({"apps/web.yaml": COMMENTED.replace(TEST_IMAGE, "cynchrod-test/busybox:2")}, "v2")
     api.call("POST", f"/apps/{web}/restart")  # wakes a pass; v2 (and the restart) deploy
-    wait_for(lambda: api.app(web)["app"]["image"] == "cynchrod-test/busybox:2", 20, "v2")
+    # v2 deployed and running (not only its row updated): it is a manifest that ran.
+    wait_for(lambda: (api.app(web)["app"]["image"], api.app(web)["deployments"][0]["status"]) == (
+        "cynchrod-test/busybox:2", "running"), 20, "v2")
     for action, status in (("stop", "stopped"), ("start", "running")):
         assert api.call("POST", f"/apps/{web}/{action}").status_code == 202
         api.wait_status(web, status)
