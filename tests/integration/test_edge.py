@@ -47,6 +47,12 @@ def edged(harness: Harness, caddy: Caddy) -> Iterator[Harness]:
     front.close()
 
 
+def first_answer(caddy: Caddy, host: str, body: str) -> None:
+    """A first deploy is routed once its container runs; its server may take a moment more to
+    listen (a 502 from the edge meanwhile). Redeploys are what must never show that."""
+    wait_for(lambda: caddy.fetch(host) == (200, body), 10, f"{host} to answer {body!r}")
+
+
 def require_migrating_listeners() -> None:
     """The zero-failure tests need the kernel to hand a closing listener's queue over."""
     assert not edge.resets_at_config_changes(), (
@@ -126,8 +132,8 @@ def test_five_redeploys_through_the_edge_drop_nothing_and_stop_first_does(
     repo.push({"apps/zd.yaml": web("zd", "v1", domain="zd.localhost"),
                "apps/sf.yaml": web("sf", "v1", domain="sf.localhost", host_port=free_port())})
     assert edged.sync().ok
-    assert caddy.fetch("zd.localhost") == (200, "v1\n")
-    assert caddy.fetch("sf.localhost") == (200, "v1\n")
+    first_answer(caddy, "zd.localhost", "v1\n")
+    first_answer(caddy, "sf.localhost", "v1\n")
 
     zero = redeploys(repo, edged, caddy, "zd", "zd.localhost", 5)
     assert zero.failed == [], zero.failed[:5]
@@ -185,7 +191,7 @@ def test_a_domain_belongs_to_the_first_app_across_orgs(repo: GitRepo, edged: Har
     # The holder goes: the domain is free for the other claim.
     repo.push({"apps/first.yaml": None})
     assert edged.sync().ok
-    assert caddy.fetch("shop.localhost") == (200, "beta\n")
+    first_answer(caddy, "shop.localhost", "beta\n")
 
 
 def test_stop_answers_503_and_delete_removes_the_route(repo: GitRepo, edged: Harness, caddy: Caddy) -> None:
@@ -289,8 +295,8 @@ def test_service_domains_route_each_service_and_a_redeploy_of_one_drops_nothing(
         repo: GitRepo, edged: Harness, caddy: Caddy) -> None:
     repo.push({"apps/two.yaml": shop("web-v1")})
     assert edged.sync().ok
-    assert caddy.fetch("web.localhost") == (200, "web-v1\n")
-    assert caddy.fetch("API.localhost") == (200, "api-v1\n")
+    first_answer(caddy, "web.localhost", "web-v1\n")
+    first_answer(caddy, "API.localhost", "api-v1\n")
     app = edged.app("two")
     assert [(s["name"], s["domain"]) for s in json.loads(app.services_json or "[]")] == [
         ("api", "api.localhost"), ("db", None), ("web", "web.localhost")]
