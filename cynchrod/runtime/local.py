@@ -507,6 +507,7 @@ class LocalRuntime:
             assert unit is not None
             fault("start", unit.instance, self.api)
             self._call(lambda: self.api.start(unit.instance), "start")
+            self._ready_before_routed(unit.instance, action.spec, action.service_spec)
             return [self._served(unit.instance, action.spec, action.service_spec, action.replica)]
         # The image is made sure of before the old container goes, so a bad
         # tag leaves the running version in place.
@@ -517,7 +518,20 @@ class LocalRuntime:
                 return [self._swap(action.spec, action.service_spec, action.replica, unit)]
             self._remove(unit.instance)
             crashpoint("after-remove")
-        return [self._create(action.spec, action.service_spec, action.replica)]
+        created = self._create(action.spec, action.service_spec, action.replica)
+        self._ready_before_routed(created.instance, action.spec, action.service_spec)
+        return [created]
+
+    def _ready_before_routed(self, container_id: str, spec: specs.AppSpec, service: specs.ServiceSpec) -> None:
+        """A unit the edge will route to (its routes are set once the pass's actions are done)
+        is waited for until ready, so a first deploy or a stop-first one is not a 502 while
+        its server starts. One that is never ready is routed all the same after
+        ``ready_timeout`` (it is the only version there is); the log says why."""
+        if self.edge is None or not edge_mod.domains_of(spec, service.name) or spec.state == "stopped":
+            return
+        failure = self._wait_ready(container_id, service)
+        if failure is not None:
+            log.warning("%s/%s: %s is routed though not ready: %s", spec.org, spec.name, service.name, failure)
 
     # -- zero downtime: start-first recreate ----------------------------------
 

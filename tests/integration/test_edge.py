@@ -47,12 +47,6 @@ def edged(harness: Harness, caddy: Caddy) -> Iterator[Harness]:
     front.close()
 
 
-def first_answer(caddy: Caddy, host: str, body: str) -> None:
-    """A first deploy is routed once its container runs; its server may take a moment more to
-    listen (a 502 from the edge meanwhile). Redeploys are what must never show that."""
-    wait_for(lambda: caddy.fetch(host) == (200, body), 10, f"{host} to answer {body!r}")
-
-
 def require_migrating_listeners() -> None:
     """The zero-failure tests need the kernel to hand a closing listener's queue over."""
     assert not edge.resets_at_config_changes(), (
@@ -132,8 +126,8 @@ def test_five_redeploys_through_the_edge_drop_nothing_and_stop_first_does(
     repo.push({"apps/zd.yaml": web("zd", "v1", domain="zd.localhost"),
                "apps/sf.yaml": web("sf", "v1", domain="sf.localhost", host_port=free_port())})
     assert edged.sync().ok
-    first_answer(caddy, "zd.localhost", "v1\n")
-    first_answer(caddy, "sf.localhost", "v1\n")
+    assert caddy.fetch("zd.localhost") == (200, "v1\n")
+    assert caddy.fetch("sf.localhost") == (200, "v1\n")
 
     zero = redeploys(repo, edged, caddy, "zd", "zd.localhost", 5)
     assert zero.failed == [], zero.failed[:5]
@@ -191,7 +185,7 @@ def test_a_domain_belongs_to_the_first_app_across_orgs(repo: GitRepo, edged: Har
     # The holder goes: the domain is free for the other claim.
     repo.push({"apps/first.yaml": None})
     assert edged.sync().ok
-    first_answer(caddy, "shop.localhost", "beta\n")
+    assert caddy.fetch("shop.localhost") == (200, "beta\n")
 
 
 def test_stop_answers_503_and_delete_removes_the_route(repo: GitRepo, edged: Harness, caddy: Caddy) -> None:
@@ -295,8 +289,8 @@ def test_service_domains_route_each_service_and_a_redeploy_of_one_drops_nothing(
         repo: GitRepo, edged: Harness, caddy: Caddy) -> None:
     repo.push({"apps/two.yaml": shop("web-v1")})
     assert edged.sync().ok
-    first_answer(caddy, "web.localhost", "web-v1\n")
-    first_answer(caddy, "API.localhost", "api-v1\n")
+    assert caddy.fetch("web.localhost") == (200, "web-v1\n")
+    assert caddy.fetch("API.localhost") == (200, "api-v1\n")
     app = edged.app("two")
     assert [(s["name"], s["domain"]) for s in json.loads(app.services_json or "[]")] == [
         ("api", "api.localhost"), ("db", None), ("web", "web.localhost")]
@@ -348,3 +342,21 @@ def test_a_service_domain_another_app_holds_is_domain_taken(repo: GitRepo, edged
         == ["acme"]
     assert caddy.fetch("api.localhost") == (200, "held\n")
     assert caddy.fetch("web.localhost")[0] == 404  # a refused app gets none of its routes
+
+
+def test_a_first_deploy_is_routed_once_it_answers(repo: GitRepo, edged: Harness, caddy: Caddy,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A new app whose server listens a second after its container starts: the pass that creates
+    it returns once it is ready, so the route it sets never leads to a 502."""
+    slow = "[sh, -c, 'sleep 1; mkdir -p /w && echo \"$VERSION\" > /w/index.html && exec httpd -f -p 8080 -h /w']"
+    repo.push({"apps/slow.yaml": web("slow", "v1", domain="slow.localhost", command=slow)})
+    assert edged.sync().ok
+    assert caddy.fetch("slow.localhost") == (200, "v1\n")
+    # One that never listens is routed after the readiness timeout all the same (it is the only
+    # version there is), and the pass says why in the log.
+    repo.push({"apps/slow.yaml": None, "apps/mute.yaml": web("mute", "v1", domain="mute.localhost",
+                                                              command="[sleep, '3600']")})
+    edged.rt.ready_timeout = 1.0
+    assert edged.sync().ok
+    assert edged.containers()["mute"]["State"] == "running"
+    assert "default/mute: main is routed though not ready: timed out waiting for port 8080" in caplog.text
