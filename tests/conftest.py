@@ -4,6 +4,7 @@ a per-test owner label whose containers are all removed in teardown."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -169,9 +170,12 @@ def daemons(repo: GitRepo, owner: str, images: object, tmp_path: pathlib.Path) -
         return d
 
     yield make
-    for d in made:
-        if d.proc is not None and d.proc.poll() is None:
-            d.stop()
+    # Every daemon is stopped (or killed) before the owner's containers are removed, even
+    # when one of them fails to stop: a live one would re-create them after the clean-up.
+    with contextlib.ExitStack() as stack:
+        for d in made:
+            if d.proc is not None and d.proc.poll() is None:
+                stack.callback(d.stop)
 
 
 class Caddy:
