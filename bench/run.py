@@ -131,6 +131,12 @@ def manifest(name: str, *, extra: str = "") -> str:
     return f"name: {name}\nimage: {IMAGE}\ncommand: [sleep, '3600']\ncpu: 0.1\nmemory: 64\n{extra}"
 
 
+def stopped_apps(n: int) -> dict[str, str | None]:
+    """N apps declared stopped: cynchrod keeps their containers (created, never started), so
+    a list call returns N rows without N running processes on a 2-core host."""
+    return {f"apps/app{i:04d}.yaml": manifest(f"app{i:04d}", extra="state: stopped\n") for i in range(n)}
+
+
 def harness(repo: Repo, state: pathlib.Path, owner: str) -> tuple[reconciler.Reconciler, local.LocalRuntime]:
     OWNERS.add(owner)
     rt = local.LocalRuntime(owner=owner, stop_timeout=1)
@@ -293,9 +299,7 @@ def noop_pass(tmp: pathlib.Path, n: int, passes: int) -> dict[str, Any]:
     work.mkdir()
     repo = Repo(work)
     owner = f"bench-noop-{n}"
-    # Stopped apps: cynchrod keeps their containers (created, never started), so the
-    # list call returns N rows without N running processes on a 2-core host.
-    repo.push({f"apps/app{i:04d}.yaml": manifest(f"app{i:04d}", extra="state: stopped\n") for i in range(n)})
+    repo.push(stopped_apps(n))
     rec, rt = harness(repo, work / "state", owner)
     rec.run_pass()
     from cynchrod import manifests
@@ -844,7 +848,7 @@ def dashboard_page(tmp: pathlib.Path, n: int, requests_n: int, seconds: float) -
     work.mkdir()
     repo = Repo(work)
     owner = f"bench-dash-{n}"
-    repo.push({f"apps/app{i:04d}.yaml": manifest(f"app{i:04d}", extra="state: stopped\n") for i in range(n)})
+    repo.push(stopped_apps(n))
     state = work / "state"
     token = subprocess.run([sys.executable, "-m", "cynchrod", "token", "create", "--org", "default", "--admin",
                             "--state", str(state)], check=True, capture_output=True, text=True, cwd=ROOT).stdout.strip()
@@ -1017,7 +1021,7 @@ def memory_curve(tmp: pathlib.Path, sizes: list[int]) -> list[dict[str, Any]]:
         work.mkdir()
         repo = Repo(work)
         owner = f"bench-mem-{n}"
-        repo.push({f"apps/app{i:04d}.yaml": manifest(f"app{i:04d}", extra="state: stopped\n") for i in range(n)})
+        repo.push(stopped_apps(n))
         state = work / "state"
         db = store.Store(state / "cynchrod.db")
         instance = db.instance_id()

@@ -6,7 +6,6 @@ it. App counts by status are read from the store at scrape time.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pathlib
 import shutil
@@ -17,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from cynchrod import store
+from cynchrod import secrets, store
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -44,7 +43,7 @@ def directory_for(state_dir: pathlib.Path) -> pathlib.Path:
     state dir killed every API worker that way). A folder of our own in ``/dev/shm`` fills
     with nothing else; the system's temporary folder where there is none.
     """
-    ident = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:16]
+    ident = secrets.state_id(state_dir)
     shm = pathlib.Path("/dev/shm")
     base = shm if shm.is_dir() and os.access(shm, os.W_OK) else pathlib.Path(tempfile.gettempdir())
     return base / f"cynchrod-metrics-{ident}"
