@@ -27,6 +27,7 @@ from urllib.parse import urlparse
 
 import pygit2
 
+from cynchrod.config import local_repo_path
 from cynchrod.errors import ManifestError, PermanentError, SourceError
 from cynchrod.manifests import MAX_MANIFEST_BYTES, is_manifest_path
 
@@ -514,6 +515,10 @@ class Source(Followed):
 
     def _push(self, commit: str) -> None:
         repo = self._net()
+        local = local_repo_path(self.url)
+        if local is not None:
+            self._push_local(repo, local, commit)
+            return
         repo.references.create(_PUSH_REF, pygit2.Oid(hex=commit), force=True)
         callbacks = _PushCallbacks(_credential(self.url))
         try:
@@ -527,6 +532,62 @@ class Source(Followed):
             if _moved_on(callbacks.rejection):
                 raise _Rejected(callbacks.rejection)
             raise SourceError(f"push to {self._safe_url} rejected: {callbacks.rejection}", code="push_failed")
+
+
+    def _push_local(self, repo: pygit2.Repository, path: pathlib.Path, commit: str) -> None:
+        """Push ``commit`` to a repository on this machine as a compare-and-swap of its branch.
+
+        libgit2's local transport checks the fast-forward against the refs it read when it
+        connected and then writes the branch with a forced update, so a ``git push`` landing
+        in between was silently overwritten (``test_a_push_landing_during_ours_is_never_
+        overwritten``). Here the objects are copied first and the branch is moved only if it
+        still names our commit's parent, under the ref's lock file (the same lock ``git``
+        takes), so a concurrent writer makes this a rejection, never a lost commit.
+        """
+        new = repo[commit].peel(pygit2.Commit)
+        ref_name = f"refs/heads/{self.branch}"
+        try:
+            remote = pygit2.Repository(str(path))
+        except (pygit2.GitError, ValueError, KeyError) as exc:
+            raise SourceError(f"push to {self._safe_url} failed: {exc}", code="push_failed") from exc
+        try:
+            found = remote.references.get(ref_name)
+            ref = None if found is None else found.resolve()
+            current = None if ref is None else ref.target
+            if ref is None or [str(current)] != [str(p) for p in new.parent_ids]:
+                raise _Rejected(f"{ref_name} moved on (stale info)")
+            try:
+                _copy_objects(repo, remote, new.id)
+            except (pygit2.GitError, OSError) as exc:
+                raise SourceError(f"push to {self._safe_url} failed: {exc}", code="push_failed") from exc
+            try:
+                # git_reference_set_target: written only if the ref still holds ``current``,
+                # checked under its lock file.
+                ref.set_target(new.id, f"push: {new.message.splitlines()[0] if new.message else ''}")
+            except pygit2.GitError as exc:
+                raise _Rejected(f"{ref_name} moved on while pushing (stale info): {exc}") from exc
+        finally:
+            remote.free()
+
+
+def _copy_objects(src: pygit2.Repository, dst: pygit2.Repository, root: pygit2.Oid) -> None:
+    """Write into ``dst`` the objects reachable from ``root`` that it lacks (an object it has is
+    taken to come with everything it reaches, as Git's own connectivity rule has it)."""
+    todo = [root]
+    seen: set[pygit2.Oid] = set()
+    while todo:
+        oid = todo.pop()
+        if oid in seen or oid in dst.odb:
+            continue
+        seen.add(oid)
+        obj = src[oid]
+        if isinstance(obj, pygit2.Commit):
+            todo.append(obj.tree_id)
+            todo.extend(obj.parent_ids)
+        elif isinstance(obj, pygit2.Tree):
+            todo.extend(entry.id for entry in obj if entry.filemode != pygit2.enums.FileMode.COMMIT)
+        kind, data = src.odb.read(oid)
+        dst.odb.write(kind, data)
 
 
 def _replace_path(repo: pygit2.Repository, tree: pygit2.Tree | None, parts: list[str],

@@ -247,6 +247,33 @@ def test_push_rejected_is_replayed_on_the_new_tip(repo: GitRepo, tmp_path: pathl
     assert git("show", "origin/main:apps/b.yaml", cwd=repo.work) == "name: b\nimage: x\n"
 
 
+def test_a_push_landing_during_ours_is_never_overwritten(repo: GitRepo, tmp_path: pathlib.Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race of ``test_commit_back_racing_an_external_push``, made deterministic: another
+    ``git push`` lands after our push has read the remote's branch and before it moves it.
+    libgit2's local transport (used before) wrote our commit over theirs there: it checked the
+    fast-forward against the refs it read on connecting, then forced the update. The other
+    push is made while our objects are copied, the window between the read and the update."""
+    repo.push({"apps/a.yaml": "name: a\nimage: x\n"})
+    src = source.Source(repo.url, state_dir=tmp_path / "state")
+    landed: list[str] = []
+    copy = source._copy_objects
+
+    def racing(*args: Any) -> None:
+        if not landed:
+            landed.append(repo.push({"apps/b.yaml": "name: b\nimage: x\n"}, "someone else"))
+        copy(*args)
+
+    monkeypatch.setattr(source, "_copy_objects", racing)
+    commit = src.commit_edit("apps/a.yaml", lambda old: (old or b"") + b"state: stopped\n", "stop default/a (by test)")
+    assert landed and commit is not None
+    git("fetch", "-q", cwd=repo.work)
+    log = git("log", "--format=%s", "origin/main", cwd=repo.work)
+    assert log.splitlines()[:2] == ["stop default/a (by test)", "someone else"]
+    assert git("show", "origin/main:apps/a.yaml", cwd=repo.work) == "name: a\nimage: x\nstate: stopped\n"
+    assert git("show", "origin/main:apps/b.yaml", cwd=repo.work) == "name: b\nimage: x\n"
+
+
 def test_org_isolation_on_every_endpoint(api: Api) -> None:
     theirs = api.app_id("theirs")
     calls = [("GET", f"/apps/{theirs}"), ("GET", f"/apps/{theirs}/logs"), ("POST", f"/apps/{theirs}/logs/ticket"),
