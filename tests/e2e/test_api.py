@@ -343,6 +343,61 @@ def test_websocket_streams_lines_written_after_connecting(api: Api) -> None:
     assert closed.value.reason == 4401
 
 
+def test_a_stream_is_the_same_to_clients_with_and_without_compression(api: Api) -> None:
+    """Each message is framed once for all of a worker's clients, and compressed once (with a
+    fresh context) for those that negotiated permessage-deflate: both kinds of client, side by
+    side, read the same lines, whole and in order, across many messages (a message compressed
+    against a context the client does not have would not decode)."""
+    from wsproto.events import AcceptConnection, Request
+    from wsproto.extensions import PerMessageDeflate
+
+    class Counting(PerMessageDeflate):
+        """Counts the frames that came compressed (RSV1 set)."""
+
+        compressed = 0
+
+        def frame_inbound_header(self, proto: Any, opcode: Any, rsv: Any, payload_length: int) -> Any:
+            if rsv.rsv1:
+                Counting.compressed += 1
+            return super().frame_inbound_header(proto, opcode, rsv, payload_length)
+
+    class Deflating(simple_websocket.Client):  # type: ignore[misc]
+        """simple-websocket's client (which offers no extension) offering permessage-deflate, as browsers do."""
+
+        def handshake(self) -> None:
+            self.sock.send(self.ws.send(Request(host=self.host, target=self.path, extensions=[Counting()])))
+            events: list[Any] = []
+            while not events:
+                self.ws.receive_data(self.sock.recv(self.receive_bytes))
+                events = list(self.ws.events())
+            assert isinstance(events[0], AcceptConnection)
+            self.connected = True
+
+    ticker = api.app_id("ticker")
+    url = api.url.replace("http://", "ws://") + f"/apps/{ticker}/logs/stream?token={api.token}"
+    clients = {"plain": websocket(url), "deflate": Deflating.connect(url)}
+    assert [type(e) for e in clients["deflate"].ws.connection._proto.extensions] == [Counting]
+    assert clients["plain"].ws.connection._proto.extensions == []
+    got: dict[str, list[str]] = {"plain": [], "deflate": []}
+    messages = {"plain": 0, "deflate": 0}
+    deadline = time.monotonic() + 30
+    while min(len(lines) for lines in got.values()) < 12 and time.monotonic() < deadline:
+        for kind, ws in clients.items():
+            message = ws.receive(timeout=0.2)
+            if message is not None:
+                messages[kind] += 1
+                got[kind] += [line["line"] for line in json.loads(message)]
+    for ws in clients.values():
+        ws.close()
+    assert min(messages.values()) >= 3, messages
+    assert Counting.compressed == messages["deflate"]  # every message came compressed to it
+    for lines in got.values():
+        numbers = [int(line.split()[1]) for line in lines]
+        assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), lines
+    common = set(got["plain"]) & set(got["deflate"])
+    assert len(common) >= 8, got
+
+
 def test_tail_bounds_and_validation(api: Api) -> None:
     ticker = api.app_id("ticker")
     for bad in ("0", "2001", "abc", "-5", "1.5"):
