@@ -28,6 +28,7 @@ older one, and removes the other.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -123,6 +124,79 @@ def _stamp_seconds(stamp: str) -> float:
         return base + float(f"0.{frac or 0}")
     except ValueError:
         return 0.0
+
+
+def _stamp_key(stamp: str) -> str:
+    """A timestamp that compares as text in time order: Docker's RFC 3339 nano form trims the
+    fraction's trailing zeros (``.5Z`` would sort after ``.50001Z``), so it is padded to nine digits."""
+    if len(stamp) == 30:
+        return stamp
+    whole, _, frac = stamp.rstrip("Z").partition(".")
+    return f"{whole}.{frac:0<9}Z"
+
+
+def _key_at(seconds: float) -> str:
+    """The ``_stamp_key`` of a time in epoch seconds."""
+    whole = int(seconds)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{int((seconds - whole) * 1e9):09d}Z"
+
+
+class _Given:
+    """What one container's log stream gave, so that the lines the engine sends again are
+    dropped and none is lost.
+
+    Two ways the engine repeats lines: a stream opened again after one ended asks for lines
+    from a little before the last timestamp given (``since`` is a float; asking for one
+    microsecond past it lost the rest of a group of lines, which share the timestamp of the
+    read from the container that brought them); and when json-file rotates under a follower,
+    the engine sends the new file's first lines (one to thousands, measured) a second time,
+    a jump back in time. A jump back to a line given in the last ``WINDOW_S`` (its timestamp,
+    to the nanosecond, is remembered that long), or further back than that, is a repeat: the
+    lines older than the last one given, and as many of those with its timestamp as were
+    given, are dropped until a newer line comes. Any other step back is a line: stdout and
+    stderr are stamped apart, so their lines can be a little out of time order."""
+
+    WINDOW_S = 0.25
+    MAX_REMEMBERED = 50_000
+    __slots__ = ("catching_up", "count", "last", "recent", "recent_keys", "skip")
+
+    def __init__(self) -> None:
+        self.last, self.count, self.skip, self.catching_up = "", 0, 0, False
+        self.recent: collections.deque[str] = collections.deque()
+        self.recent_keys: set[str] = set()
+
+    def reopened(self) -> None:
+        self.skip, self.catching_up = self.count, self.count > 0
+
+    def fresh(self, stamp: str) -> bool:
+        key = stamp if len(stamp) == 30 else _stamp_key(stamp)
+        if key > self.last:
+            self.last, self.count, self.catching_up = key, 1, False
+        else:
+            if not self.catching_up and key < self.last and (
+                    key in self.recent_keys or _stamp_seconds(self.last) - _stamp_seconds(key) > self.WINDOW_S):
+                self.reopened()  # a repeat of lines given: as a stream opened again
+            if self.catching_up:
+                if key < self.last:
+                    return False
+                if self.skip:
+                    self.skip -= 1
+                    return False
+            if key == self.last:
+                self.count += 1
+        if key not in self.recent_keys:
+            self.recent_keys.add(key)
+            self.recent.append(key)
+        return True
+
+    def forget(self) -> None:
+        """Forget the timestamps older than ``WINDOW_S`` before the last (once per read)."""
+        recent = self.recent
+        if len(recent) < 64:
+            return
+        cutoff = _key_at(_stamp_seconds(self.last) - self.WINDOW_S)
+        while recent and (recent[0] < cutoff or len(recent) > self.MAX_REMEMBERED):
+            self.recent_keys.discard(recent.popleft())
 
 
 def fault(step: str, container_id: str, api: Any) -> None:
@@ -274,8 +348,8 @@ class _AppLogs:
 
     def __init__(self, rt: LocalRuntime, org: str, app: str, since: float, ended: threading.Event | None) -> None:
         self._rt, self._org, self._app = rt, org, app
-        #: The last timestamp read per service/replica (RFC 3339), to re-attach after it.
-        self._since: dict[str, str] = {}
+        #: What each container's stream gave (its last timestamp), to re-attach after it.
+        self._given: dict[str, _Given] = {}
         self._start = since
         self._ended = ended or threading.Event()
         self._closed = threading.Event()
@@ -298,8 +372,9 @@ class _AppLogs:
         for unit in self._rt.app_units(self._org, self._app):
             if unit.state != planning.RUNNING or unit.instance in self._readers:
                 continue
-            last = self._since.get(f"{unit.service}/{unit.replica}")
-            since = _stamp_seconds(last) + 1e-6 if last else self._start
+            given = self._given.get(unit.instance)
+            # From a little before the last line given (``since`` is a float): ``_Given`` drops the repeats.
+            since = _stamp_seconds(given.last) - 0.001 if given is not None and given.last else self._start
             try:
                 stream = converted(lambda u=unit, s=since: self._open(u.instance, s), "logs")  # type: ignore[misc]
             except RuntimeFailure:
@@ -315,16 +390,19 @@ class _AppLogs:
             reader.start()
 
     def _read(self, unit: runtime.Unit, stream: Any) -> None:
-        slot = f"{unit.service}/{unit.replica}"
         service, replica, node = unit.service, unit.replica, unit.node
+        given = self._given.setdefault(unit.instance, _Given())
+        given.reopened()
+        fresh = given.fresh
         try:
             for raw in log_lines(stream):
                 batch = []
                 for line in raw:
                     stamp, _, text = line.decode("utf-8", "replace").partition(" ")
-                    batch.append(runtime.LogLine(service, stamp, text, replica, node))
-                self._since[slot] = batch[-1].timestamp
-                if not self._put(batch):
+                    if fresh(stamp):
+                        batch.append(runtime.LogLine(service, stamp, text, replica, node))
+                given.forget()
+                if batch and not self._put(batch):
                     return
         except (requests.RequestException, docker.errors.DockerException, OSError, AttributeError, ValueError):
             pass
