@@ -47,7 +47,7 @@ QUEUE_LINES = 5000
 #: A message holds the lines waiting, up to this many bytes of JSON ...
 BATCH_BYTES = 64 * 1024
 #: ... gathered for at most this long after the first (unless this many are already waiting).
-BATCH_WAIT_S = 0.02
+BATCH_WAIT_S = 0.05
 BATCH_LINES = 500
 #: Lines are encoded once per app in pieces of about this size, which messages then join.
 PIECE_BYTES = 16 * 1024
@@ -426,7 +426,8 @@ class _Hub:
                     pos = start + size
                 buf = buf[pos:]
                 if pieces:
-                    self._publish(pieces)
+                    with _hubs_lock:
+                        self._deliver(pieces)  # messages made by the leader
         except OSError:
             return
         finally:
@@ -434,19 +435,28 @@ class _Hub:
             upstream.close()
 
     def _publish(self, pieces: list[tuple[str, int]]) -> None:
-        """Other workers get the pieces at once; this worker's clients get them in messages."""
+        """Lines read from the engine, gathered for ``_flush``."""
         with _hubs_lock:
-            for sub in self.subscribers:
-                if isinstance(sub, _Peer):
-                    sub.put(pieces)
             self.pending.extend(pieces)
             self.pending_lines += sum(n for _, n in pieces)
         self.pending_ready.set()
 
+    def _deliver(self, messages: list[tuple[str, int]]) -> None:
+        """Messages (their JSON arrays' insides) to the other workers as they are, and to this
+        worker's clients framed once (held: ``_hubs_lock``)."""
+        frames = [Frame(f"[{text}]".encode(), n) for text, n in messages]
+        for sub in self.subscribers:
+            if isinstance(sub, _Client):
+                sub.offer(frames)
+            else:
+                sub.put(messages)
+
     def _flush(self) -> None:
-        """Every client's messages, made once: the lines gathered for at most ``BATCH_WAIT_S``
-        after the first (a flood goes in large messages, a trickle still arrives at once),
-        joined into messages of at most about ``BATCH_BYTES``, given to each client."""
+        """Every client's messages, made once by the leader: the lines gathered for at most
+        ``BATCH_WAIT_S`` after the first (a flood goes in large messages, a trickle still
+        arrives at once), joined into messages of at most about ``BATCH_BYTES``, given to each
+        client here and relayed whole to the other workers, which give them on at once (one
+        relay write a message, not one an engine read)."""
         while not self.ended.is_set():
             if not self.pending_ready.wait(0.5):
                 continue
@@ -467,10 +477,7 @@ class _Hub:
                     lines += n
                 if texts:
                     messages.append((",".join(texts), lines))
-                frames = [Frame(f"[{text}]".encode(), n) for text, n in messages]
-                for sub in self.subscribers:
-                    if isinstance(sub, _Client):
-                        sub.offer(frames)
+                self._deliver(messages)
 
     def close(self) -> None:
         with _hubs_lock:
