@@ -30,7 +30,9 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 import docker
@@ -1017,10 +1019,10 @@ def memory_curve(tmp: pathlib.Path, sizes: list[int]) -> list[dict[str, Any]]:
     keeps them in its view and has a row for each."""
     rows = []
     for n in sizes:
-        work = tmp / f"mem-{n}"
+        work = tmp / f"memcurve-{n}"
         work.mkdir()
         repo = Repo(work)
-        owner = f"bench-mem-{n}"
+        owner = f"bench-memcurve-{n}"
         repo.push(stopped_apps(n))
         state = work / "state"
         db = store.Store(state / "cynchrod.db")
@@ -1102,34 +1104,45 @@ def main() -> int:
         "concurrency": CONCURRENCY, "rows": []}
     with tempfile.TemporaryDirectory(prefix="cynchrod-bench-") as tmpdir:
         tmp = pathlib.Path(tmpdir)
-        try:
-            rows = results["rows"]
-            if "cold" in only:
-                rows += cold_converge(tmp, [10, 100] if quick else [10, 100, 300], 1 if quick else 3)
-            if "noop" in only:
-                rows.append(noop_pass(tmp, 100, 20))
-                rows.append(noop_pass(tmp, 300 if quick else 1000, 20))
-            if "change" in only:
-                rows.append(change_one(tmp, 100 if quick else 300, 5 if quick else 10))
-            if "push" in only:
-                rows.append(push_to_running(tmp, 5 if quick else 20))
-            if "heal" in only:
-                rows.append(self_heal(tmp, 5 if quick else 10))
-            if only & {"api", "logs", "memory"}:
-                # GET /apps under load, log streams, memory per process: bench/api_logs.py.
-                sys.modules.setdefault("run", sys.modules[__name__])
-                import api_logs
+        rows = results["rows"]
+        failed: list[str] = []
 
-                rows += api_logs.run(only, tmp, quick)
-            if "dash" in only:
-                rows.append(dashboard_page(tmp, 300, 20 if quick else 100, 6 if quick else 20))
-            if "edge" in only:
-                rows.append(edge_redeploys(tmp, 5 if quick else 10))
-            rows += issue15_rows(tmp, only, quick)
-            if "swarm" in only:
-                rows += swarm_rows(tmp, 10 if quick else 100, 300 if quick else 1000, 10)
-        finally:
-            cleanup()
+        def section(name: str, measure: Callable[[], list[dict[str, Any]]]) -> None:
+            """One section's rows; one that fails is logged and named in ``failed_sections``, and
+            the run goes on (a crash at the end used to lose every row measured before it)."""
+            try:
+                rows.extend(measure())
+            except Exception:
+                log(f"section {name} failed:\n{traceback.format_exc()}")
+                failed.append(name)
+            finally:
+                cleanup()
+
+        if "cold" in only:
+            section("cold", lambda: cold_converge(tmp, [10, 100] if quick else [10, 100, 300], 1 if quick else 3))
+        if "noop" in only:
+            section("noop", lambda: [noop_pass(tmp, 100, 20), noop_pass(tmp, 300 if quick else 1000, 20)])
+        if "change" in only:
+            section("change", lambda: [change_one(tmp, 100 if quick else 300, 5 if quick else 10)])
+        if "push" in only:
+            section("push", lambda: [push_to_running(tmp, 5 if quick else 20)])
+        if "heal" in only:
+            section("heal", lambda: [self_heal(tmp, 5 if quick else 10)])
+        if only & {"api", "logs", "memory"}:
+            # GET /apps under load, log streams, memory per process: bench/api_logs.py.
+            sys.modules.setdefault("run", sys.modules[__name__])
+            import api_logs
+
+            section("api/logs/memory", lambda: api_logs.run(only, tmp, quick))
+        if "dash" in only:
+            section("dash", lambda: [dashboard_page(tmp, 300, 20 if quick else 100, 6 if quick else 20)])
+        if "edge" in only:
+            section("edge", lambda: [edge_redeploys(tmp, 5 if quick else 10)])
+        section("issue 15", lambda: issue15_rows(tmp, only, quick))
+        if "swarm" in only:
+            section("swarm", lambda: swarm_rows(tmp, 10 if quick else 100, 300 if quick else 1000, 10))
+        if failed:
+            results["failed_sections"] = failed
     out = pathlib.Path(args.out)
     if not args.only and out.exists():
         # A full run: rows it does not measure (the swarm lab's, run with --only swarm) are carried

@@ -30,11 +30,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import json
 import logging
 import os
 import pathlib
-import queue
 import re
 import signal
 import socket
@@ -50,6 +50,7 @@ import requests
 from cynchrod import edge as edge_mod
 from cynchrod import planning, runtime, specs
 from cynchrod.errors import EngineUnavailable, PermanentError, RuntimeFailure, TemporaryError, UnitGone
+from cynchrod.runtime import follow
 
 log = logging.getLogger(__name__)
 
@@ -336,28 +337,18 @@ def log_lines(stream: Any) -> Iterator[list[bytes]]:
             yield lines
 
 
-class _AppLogs:
-    """An app's live log lines: one reader per running container, re-attached after a
-    restart or a redeploy, until ``ended`` is set (the app was deleted) or ``close()``.
+class _AppLogs(follow.Follower):
+    """An app's live log lines: one reader per running container (``follow.Follower``).
 
     Readers queue lists of lines (what one read brought), so a flood costs a queue
     operation per 64 KiB, not per line; ``batches()`` gives them as they came."""
 
-    QUEUE_BATCHES = 200
-    RESCAN_S = 0.5
-
     def __init__(self, rt: LocalRuntime, org: str, app: str, since: float, ended: threading.Event | None) -> None:
-        self._rt, self._org, self._app = rt, org, app
+        # A deadline for opening each stream (a hung engine), none once it flows.
+        super().__init__(app, since, ended, rt_client(rt, timeout=rt.stream_timeout))
+        self._rt, self._org = rt, org
         #: What each container's stream gave (its last timestamp), to re-attach after it.
         self._given: dict[str, _Given] = {}
-        self._start = since
-        self._ended = ended or threading.Event()
-        self._closed = threading.Event()
-        self._lines: queue.Queue[list[runtime.LogLine] | str] = queue.Queue(maxsize=self.QUEUE_BATCHES)
-        self._readers: dict[str, tuple[threading.Thread, Any]] = {}
-        self._lock = threading.Lock()
-        # A deadline for opening each stream (a hung engine), none once it flows.
-        self._client = rt_client(rt, timeout=rt.stream_timeout)
 
     def _open(self, instance: str, since: float) -> Any:
         api = self._client.api
@@ -367,96 +358,33 @@ class _AppLogs:
         api._disable_socket_timeout(api._get_raw_response_socket(response))
         return response
 
-    def _attach(self) -> None:
-        """Follow every running container of the app not followed yet (one list call)."""
+    def _streams(self) -> Iterator[follow.Stream]:
+        """Every running container of the app (one list call)."""
         for unit in self._rt.app_units(self._org, self._app):
             if unit.state != planning.RUNNING or unit.instance in self._readers:
                 continue
             given = self._given.get(unit.instance)
             # From a little before the last line given (``since`` is a float): ``_Given`` drops the repeats.
             since = _stamp_seconds(given.last) - 0.001 if given is not None and given.last else self._start
-            try:
-                stream = converted(lambda u=unit, s=since: self._open(u.instance, s), "logs")  # type: ignore[misc]
-            except RuntimeFailure:
-                continue
-            reader = threading.Thread(target=self._read, args=(unit, stream), daemon=True,
-                                      name=f"logs-{self._app}")
-            with self._lock:
-                if self._closed.is_set():
-                    with contextlib.suppress(Exception):
-                        stream.close()
-                    return
-                self._readers[unit.instance] = (reader, stream)
-            reader.start()
+            yield (unit.instance, functools.partial(self._opened, unit.instance, since),
+                   functools.partial(self._lines_of, unit))
 
-    def _read(self, unit: runtime.Unit, stream: Any) -> None:
+    def _opened(self, instance: str, since: float) -> Any:
+        return converted(lambda: self._open(instance, since), "logs")
+
+    def _lines_of(self, unit: runtime.Unit, stream: Any) -> Iterator[list[runtime.LogLine]]:
         service, replica, node = unit.service, unit.replica, unit.node
         given = self._given.setdefault(unit.instance, _Given())
         given.reopened()
         fresh = given.fresh
-        try:
-            for raw in log_lines(stream):
-                batch = []
-                for line in raw:
-                    stamp, _, text = line.decode("utf-8", "replace").partition(" ")
-                    if fresh(stamp):
-                        batch.append(runtime.LogLine(service, stamp, text, replica, node))
-                given.forget()
-                if batch and not self._put(batch):
-                    return
-        except (requests.RequestException, docker.errors.DockerException, OSError, AttributeError, ValueError):
-            pass
-        finally:
-            self._put(unit.instance)  # this reader ended
-
-    def _put(self, item: list[runtime.LogLine] | str) -> bool:
-        while not self._closed.is_set():
-            try:
-                self._lines.put(item, timeout=0.5)  # a slow client slows the readers: bounded memory
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def batches(self) -> Iterator[list[runtime.LogLine]]:
-        """The lines as they came, a list per engine read."""
-        next_scan = 0.0
-        while not self._closed.is_set():
-            now = time.monotonic()
-            if now >= next_scan:
-                if self._ended.is_set():
-                    return
-                with contextlib.suppress(TemporaryError):
-                    self._attach()
-                # Re-scan soon while nothing is followed (the app is being restarted), rarely otherwise.
-                next_scan = now + (self.RESCAN_S if not self._readers else 5.0)
-            try:
-                item = self._lines.get(timeout=0.25)
-            except queue.Empty:
-                continue
-            if isinstance(item, str):
-                with self._lock:
-                    self._readers.pop(item, None)
-                next_scan = 0.0 if not self._readers else next_scan
-                continue
-            yield item
-
-    def __iter__(self) -> Iterator[runtime.LogLine]:
-        for batch in self.batches():
-            yield from batch
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed.set()
-            readers = list(self._readers.values())
-            self._readers.clear()
-        for _, stream in readers:
-            with contextlib.suppress(Exception):
-                stream.close()
-        with contextlib.suppress(Exception):
-            self._client.close()
-        for reader, _ in readers:
-            reader.join(2)
+        for raw in log_lines(stream):
+            batch = []
+            for line in raw:
+                stamp, _, text = line.decode("utf-8", "replace").partition(" ")
+                if fresh(stamp):
+                    batch.append(runtime.LogLine(service, stamp, text, replica, node))
+            given.forget()
+            yield batch
 
 
 class LocalRuntime:

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -79,7 +80,16 @@ from docker.types import (
 
 from cynchrod import planning, runtime, specs
 from cynchrod.errors import CynchrodError, EngineUnavailable, PermanentError, RuntimeFailure, TemporaryError, UnitGone
-from cynchrod.runtime.local import CALL_TIMEOUT_S, LOG_CONFIG, _Conflict, _stamp_seconds, converted, has_registry
+from cynchrod.runtime import follow
+from cynchrod.runtime.local import (
+    CALL_TIMEOUT_S,
+    LOG_CONFIG,
+    _Conflict,
+    _Given,
+    _stamp_seconds,
+    converted,
+    has_registry,
+)
 
 log = logging.getLogger(__name__)
 
@@ -286,99 +296,49 @@ class _Events:
             self._client.close()
 
 
-class _ServiceLogs:
-    """An app's live log lines: one follower per service, re-attached when a service is
-    replaced, until ``ended`` is set or ``close()``. Each line names its node and task."""
-
-    QUEUE_LINES = 2000
-    RESCAN_S = 0.5
+class _ServiceLogs(follow.Follower):
+    """An app's live log lines: one reader per service (``follow.Follower``), attached again
+    when a service is replaced. Each line names its node and task; each task's lines are
+    given once (``_Given``) when a service's stream is opened again."""
 
     def __init__(self, rt: SwarmRuntime, org: str, app: str, since: float, ended: threading.Event | None) -> None:
-        self._rt, self._org, self._app = rt, org, app
+        super().__init__(app, since, ended, docker.DockerClient(base_url=rt.base_url, timeout=None))
+        self._rt, self._org = rt, org
+        #: Per service: when to open its stream again from (a little before the last line given).
         self._since: dict[str, float] = {}
-        self._start = since
-        self._ended = ended or threading.Event()
-        self._closed = threading.Event()
-        self._lines: queue.Queue[runtime.LogLine | str] = queue.Queue(maxsize=self.QUEUE_LINES)
-        self._readers: dict[str, tuple[threading.Thread, Any]] = {}
-        self._lock = threading.Lock()
-        self._client = docker.DockerClient(base_url=rt.base_url, timeout=None)
+        #: Per service, node and replica (a task): what it gave.
+        self._given: dict[tuple[str, str, int], _Given] = {}
 
-    def _attach(self) -> None:
+    def _streams(self) -> Iterator[follow.Stream]:
         for svc in self._rt.app_services(self._org, self._app):
             service_id: str = svc["ID"]
             if service_id in self._readers:
                 continue
             name = (svc["Spec"].get("Labels") or {}).get(runtime.LABEL_SERVICE, specs.MAIN_SERVICE)
             since = self._since.get(name, self._start)
-            try:
-                stream = converted(lambda s=service_id, t=since: self._client.api.service_logs(  # type: ignore[misc]
-                    s, stdout=True, stderr=True, follow=True, timestamps=True, details=True, since=t,
-                    is_tty=False), "service logs")
-            except RuntimeFailure:
-                continue
-            reader = threading.Thread(target=self._read, args=(name, service_id, stream), daemon=True,
-                                      name=f"logs-{self._app}")
-            with self._lock:
-                if self._closed.is_set():
-                    with contextlib.suppress(Exception):
-                        stream.close()
-                    return
-                self._readers[service_id] = (reader, stream)
-            reader.start()
+            yield service_id, functools.partial(self._open, service_id, since), functools.partial(self._lines_of, name)
 
-    def _read(self, name: str, service_id: str, stream: Any) -> None:
-        try:
-            for chunk in stream:
-                for raw in chunk.decode("utf-8", "replace").splitlines():
-                    line = self._rt.log_line(name, raw)
-                    self._since[name] = _stamp_seconds(line.timestamp) + 1e-6
-                    if not self._put(line):
-                        return
-        except Exception:
-            pass  # a broken stream is re-attached by the next scan
-        self._put(service_id)
+    def _open(self, service_id: str, since: float) -> Any:
+        return converted(lambda: self._client.api.service_logs(
+            service_id, stdout=True, stderr=True, follow=True, timestamps=True, details=True, since=since,
+            is_tty=False), "service logs")
 
-    def _put(self, item: runtime.LogLine | str) -> bool:
-        while not self._closed.is_set():
-            try:
-                self._lines.put(item, timeout=0.25)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def __iter__(self) -> Iterator[runtime.LogLine]:
-        next_scan = 0.0
-        while not self._closed.is_set() and not self._ended.is_set():
-            now = time.monotonic()
-            if now >= next_scan:
-                with contextlib.suppress(TemporaryError):
-                    self._attach()
-                next_scan = now + (self.RESCAN_S if not self._readers else 5.0)
-            try:
-                item = self._lines.get(timeout=0.25)
-            except queue.Empty:
-                continue
-            if isinstance(item, str):
-                with self._lock:
-                    self._readers.pop(item, None)
-                next_scan = 0.0
-                continue
-            yield item
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed.set()
-            readers = list(self._readers.values())
-            self._readers.clear()
-        for _, stream in readers:
-            with contextlib.suppress(Exception):
-                stream.close()
-        with contextlib.suppress(Exception):
-            self._client.close()
-        for reader, _ in readers:
-            reader.join(2)
+    def _lines_of(self, name: str, stream: Any) -> Iterator[list[runtime.LogLine]]:
+        for key, given in self._given.items():
+            if key[0] == name:
+                given.reopened()
+        for chunk in stream:
+            batch, touched = [], set()
+            for raw in chunk.decode("utf-8", "replace").splitlines():
+                line = self._rt.log_line(name, raw)
+                given = self._given.setdefault((name, line.node, line.replica), _Given())
+                touched.add(given)
+                if given.fresh(line.timestamp):
+                    batch.append(line)
+                    self._since[name] = _stamp_seconds(line.timestamp) - 0.001
+            for given in touched:
+                given.forget()
+            yield batch
 
 
 class SwarmRuntime:
