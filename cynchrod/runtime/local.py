@@ -264,6 +264,34 @@ def rt_client(rt: LocalRuntime, *, timeout: float | None) -> docker.DockerClient
                      "connect")
 
 
+@contextlib.contextmanager
+def build_errors(log: Callable[[str], None]) -> Iterator[None]:
+    """The engine's errors during a build (and a push) as ``build_failed`` (logged to the
+    build's log) or, when the engine cannot be reached, ``EngineUnavailable``."""
+    try:
+        yield
+    except (docker.errors.APIError, docker.errors.BuildError) as exc:
+        log(str(exc))
+        raise PermanentError(str(exc), code="build_failed") from exc
+    except (requests.RequestException, docker.errors.DockerException, OSError) as exc:
+        raise EngineUnavailable(f"build: docker unreachable ({type(exc).__name__})") from exc
+
+
+def run_build(api: Any, *, context: pathlib.Path, dockerfile: str, tag: str, args: dict[str, str],
+              labels: dict[str, str], log: Callable[[str], None]) -> None:
+    """``docker build`` on ``api``, its output streamed to ``log``; an error it reports raises
+    ``build_failed`` (the engine's own errors are the caller's to convert)."""
+    for chunk in api.build(path=str(context), dockerfile=dockerfile, tag=tag, buildargs=args or None,
+                           labels=labels, rm=True, forcerm=True, decode=True):
+        if "stream" in chunk:
+            for line in str(chunk["stream"]).splitlines():
+                if line.strip():
+                    log(line)
+        if "error" in chunk:
+            log(str(chunk["error"]).rstrip())
+            raise PermanentError(str(chunk["error"]).strip(), code="build_failed")
+
+
 class _Dechunk:
     """HTTP/1.1 chunked transfer coding, decoded from reads cut anywhere."""
 
@@ -829,22 +857,9 @@ class LocalRuntime:
     def build_image(self, context: pathlib.Path, *, dockerfile: str, tag: str, args: dict[str, str],
                     org: str, app: str, log: Callable[[str], None]) -> None:
         """docker build, its output streamed to ``log``; raises ``build_failed``."""
-        labels = self._app_labels(org, app)
-        try:
-            for chunk in self.api.build(path=str(context), dockerfile=dockerfile, tag=tag, buildargs=args or None,
-                                        labels=labels, rm=True, forcerm=True, decode=True):
-                if "stream" in chunk:
-                    for line in str(chunk["stream"]).splitlines():
-                        if line.strip():
-                            log(line)
-                if "error" in chunk:
-                    log(str(chunk["error"]).rstrip())
-                    raise PermanentError(str(chunk["error"]).strip(), code="build_failed")
-        except (docker.errors.APIError, docker.errors.BuildError) as exc:
-            log(str(exc))
-            raise PermanentError(str(exc), code="build_failed") from exc
-        except (requests.RequestException, docker.errors.DockerException, OSError) as exc:
-            raise EngineUnavailable(f"build: docker unreachable ({type(exc).__name__})") from exc
+        with build_errors(log):
+            run_build(self.api, context=context, dockerfile=dockerfile, tag=tag, args=args,
+                      labels=self._app_labels(org, app), log=log)
 
     def _app_images(self, org: str, app: str) -> list[dict[str, Any]]:
         filters = {"label": runtime.app_labels(self.owner, org, app)}

@@ -87,8 +87,10 @@ from cynchrod.runtime.local import (
     _Conflict,
     _Given,
     _stamp_seconds,
+    build_errors,
     converted,
     has_registry,
+    run_build,
 )
 
 log = logging.getLogger(__name__)
@@ -758,17 +760,9 @@ class SwarmRuntime:
                     org: str, app: str, log: Callable[[str], None]) -> None:
         """Built on the manager, then pushed to the registry (when one is set)."""
         ref = self._registry_ref(tag) if self.registry is not None else tag
-        labels = self._app_labels(org, app)
-        try:
-            for chunk in self.api.build(path=str(context), dockerfile=dockerfile, tag=ref, buildargs=args or None,
-                                        labels=labels, rm=True, forcerm=True, decode=True):
-                if "stream" in chunk:
-                    for line in str(chunk["stream"]).splitlines():
-                        if line.strip():
-                            log(line)
-                if "error" in chunk:
-                    log(str(chunk["error"]).rstrip())
-                    raise PermanentError(str(chunk["error"]).strip(), code="build_failed")
+        with build_errors(log):
+            run_build(self.api, context=context, dockerfile=dockerfile, tag=ref, args=args,
+                      labels=self._app_labels(org, app), log=log)
             if self.registry is None:
                 return
             self._login()
@@ -783,11 +777,6 @@ class SwarmRuntime:
                 digest = (chunk.get("aux") or {}).get("Digest")
                 if digest:
                     log(f"# pushed {ref}@{digest}")
-        except (docker.errors.APIError, docker.errors.BuildError) as exc:
-            log(str(exc))
-            raise PermanentError(str(exc), code="build_failed") from exc
-        except (requests.RequestException, docker.errors.DockerException, OSError) as exc:
-            raise EngineUnavailable(f"build: docker unreachable ({type(exc).__name__})") from exc
 
     def _app_images(self, org: str, app: str) -> list[dict[str, Any]]:
         filters = {"label": runtime.app_labels(self.owner, org, app)}
