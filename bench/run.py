@@ -1150,7 +1150,8 @@ def main() -> int:
         previous = json.loads(out.read_text())
         fresh = {r["scenario"] for r in results["rows"]}
         for row in previous["rows"]:
-            if row["scenario"] not in fresh:
+            # Only the swarm lab's: a scenario a full run no longer measures is gone, not kept stale.
+            if row["scenario"] not in fresh and row["scenario"].startswith("swarm "):
                 results["rows"].append({**row, "from_earlier_run": row.get("from_earlier_run", previous["date"])})
     if args.only and out.exists():
         # Keep the other scenarios' rows from the last full run; replace the re-run ones.

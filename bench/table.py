@@ -170,10 +170,16 @@ def summary(data: dict[str, Any]) -> list[str]:
     if heal:
         out.append(f"* Self-heal (`docker kill` → answering again): p50 {ms(heal['cynchrod_p50_s'])}, "
                    f"p95 {ms(heal['cynchrod_p95_s'])}.")
-    mem = [r for r in data["rows"] if r["scenario"].startswith("daemon memory,") and "from_earlier_run" not in r]
+    mem = [r for r in data["rows"] if r["scenario"].startswith("daemon memory,") and "apps" in r
+           and "from_earlier_run" not in r]
     if mem:
         out.append("* Daemon memory (PSS of the reconciler, the API master and its workers): "
                    + ", ".join(f"{r['cynchrod_pss_mib']:g} MiB at {r['apps']} apps" for r in mem) + ".")
+    for r in data["rows"]:
+        if r["scenario"].startswith("daemon memory,") and "processes" in r and isinstance(r["processes"], list):
+            out.append(f"* {r['scenario'].capitalize()}, PSS per process: "
+                       + ", ".join(f"{p['role']} {p['pss_mib']:g} MiB" for p in r["processes"])
+                       + f" ({r['cynchrod_pss_mib']:g} MiB in all).")
     core, bodies = _row(data, "simulation: no-op decision"), _row(data, "simulation: GET /apps body")
     if core:
         out.append(f"* Simulation, the pure core at {core['apps']:,} apps ({core['orgs']} orgs, in-memory runtime, "
