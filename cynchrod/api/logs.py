@@ -237,8 +237,11 @@ class _Client(_Subscriber):
         super().__init__()
         self.ws = ws
         self.deflate = _deflates(ws)
-        # gevent's socket wraps a non-blocking native one, which never waits: None elsewhere.
-        self.raw: socket.socket | None = getattr(ws.sock, "_sock", None)
+        # gevent's socket wraps a non-blocking native one, which never waits: None elsewhere, and
+        # for a TLS socket (its native socket carries records, not frames; the API serves plain
+        # HTTP today, behind the edge or a proxy for TLS).
+        self.raw: socket.socket | None = (None if hasattr(ws.sock, "getpeercert")
+                                          else getattr(ws.sock, "_sock", None))
         #: The pump is waiting for lines: nothing of this client's is being written.
         self.idle = False
         #: Bytes of a message the socket took only part of: written before anything else.
