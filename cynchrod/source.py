@@ -553,16 +553,15 @@ class Source(Followed):
         try:
             found = remote.references.get(ref_name)
             ref = None if found is None else found.resolve()
-            current = None if ref is None else ref.target
-            if ref is None or [str(current)] != [str(p) for p in new.parent_ids]:
+            if ref is None or list(new.parent_ids) != [ref.target]:
                 raise _Rejected(f"{ref_name} moved on (stale info)")
             try:
                 _copy_objects(repo, remote, new.id)
             except (pygit2.GitError, OSError) as exc:
                 raise SourceError(f"push to {self._safe_url} failed: {exc}", code="push_failed") from exc
             try:
-                # git_reference_set_target: written only if the ref still holds ``current``,
-                # checked under its lock file.
+                # git_reference_set_target: written only if the ref still holds the target read
+                # above, checked under its lock file.
                 ref.set_target(new.id, f"push: {new.message.splitlines()[0] if new.message else ''}")
             except pygit2.GitError as exc:
                 raise _Rejected(f"{ref_name} moved on while pushing (stale info): {exc}") from exc

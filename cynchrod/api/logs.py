@@ -196,30 +196,24 @@ def _deflates(ws: Any) -> bool:
 
 
 class _Subscriber:
-    """One client's share of a hub: a bounded buffer of frames (or, for another worker,
-    encoded pieces) and a wake-up."""
+    """One client's (or another worker's) share of a hub: a bounded buffer of messages and a wake-up."""
 
     def __init__(self) -> None:
-        self.pieces: collections.deque[Any] = collections.deque()
+        self.pieces: collections.deque[Frame] = collections.deque()
         self.lines = 0
         self.dropped = 0
         self.ready = threading.Event()
         self.ended = False
 
-    def put(self, items: list[Any]) -> None:
-        """Frames (a client here) or ``(text, lines)`` pieces (a ``_Peer``)."""
-        for item in items:
-            self.pieces.append(item)
-            self.lines += self._count(item)
+    def put(self, frames: list[Frame]) -> None:
+        for frame in frames:
+            self.pieces.append(frame)
+            self.lines += frame.lines
         while self.lines > QUEUE_LINES and len(self.pieces) > 1:
-            n = self._count(self.pieces.popleft())  # this client reads slower than the app logs: it, alone, loses lines
+            n = self.pieces.popleft().lines  # this client reads slower than the app logs: it, alone, loses lines
             self.lines -= n
             self.dropped += n
         self.ready.set()
-
-    @staticmethod
-    def _count(item: Any) -> int:
-        return item.lines if isinstance(item, Frame) else int(item[1])
 
     def end(self) -> None:
         self.ended = True
@@ -267,7 +261,7 @@ class _Client(_Subscriber):
             self.ready.set()
 
 
-_FRAME = struct.Struct(">II")  # a relayed piece: its UTF-8 length, its count of lines
+_RELAYED = struct.Struct(">II")  # a relayed message: its payload's length, its count of lines
 
 
 def relay_address(state: pathlib.Path, key: tuple[str, str]) -> str:
@@ -357,11 +351,10 @@ class _Hub:
                 peer.ready.wait(0.5)
                 with _hubs_lock:
                     peer.ready.clear()
-                    pieces, peer.lines = list(peer.pieces), 0
+                    frames, peer.lines = list(peer.pieces), 0
                     peer.pieces.clear()
-                if pieces:
-                    data = [(text.encode(), n) for text, n in pieces]
-                    peer.conn.sendall(b"".join(_FRAME.pack(len(b), n) + b for b, n in data))
+                if frames:
+                    peer.conn.sendall(b"".join(_RELAYED.pack(len(f.payload), f.lines) + f.payload for f in frames))
         except OSError:
             pass
         finally:
@@ -419,18 +412,18 @@ class _Hub:
                 if not data:
                     return
                 buf += data
-                pieces, pos = [], 0
-                while len(buf) - pos >= _FRAME.size:
-                    size, n = _FRAME.unpack_from(buf, pos)
-                    if len(buf) - pos - _FRAME.size < size:
+                frames, pos = [], 0
+                while len(buf) - pos >= _RELAYED.size:
+                    size, n = _RELAYED.unpack_from(buf, pos)
+                    if len(buf) - pos - _RELAYED.size < size:
                         break
-                    start = pos + _FRAME.size
-                    pieces.append((buf[start:start + size].decode(), n))
+                    start = pos + _RELAYED.size
+                    frames.append(Frame(buf[start:start + size], n))
                     pos = start + size
                 buf = buf[pos:]
-                if pieces:
+                if frames:
                     with _hubs_lock:
-                        self._deliver(pieces)  # messages made by the leader
+                        self._deliver(frames)  # messages made by the leader, given on as they are
         except OSError:
             return
         finally:
@@ -444,15 +437,13 @@ class _Hub:
             self.pending_lines += sum(n for _, n in pieces)
         self.pending_ready.set()
 
-    def _deliver(self, messages: list[tuple[str, int]]) -> None:
-        """Messages (their JSON arrays' insides) to the other workers as they are, and to this
-        worker's clients framed once (held: ``_hubs_lock``)."""
-        frames = [Frame(f"[{text}]".encode(), n) for text, n in messages]
+    def _deliver(self, frames: list[Frame]) -> None:
+        """Messages to this worker's clients and to the other workers (held: ``_hubs_lock``)."""
         for sub in self.subscribers:
             if isinstance(sub, _Client):
                 sub.offer(frames)
             else:
-                sub.put(messages)
+                sub.put(frames)
 
     def _flush(self) -> None:
         """Every client's messages, made once by the leader: the lines gathered for at most
@@ -480,7 +471,7 @@ class _Hub:
                     lines += n
                 if texts:
                     messages.append((",".join(texts), lines))
-                self._deliver(messages)
+                self._deliver([Frame(f"[{text}]".encode(), n) for text, n in messages])
 
     def close(self) -> None:
         with _hubs_lock:
