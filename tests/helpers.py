@@ -91,6 +91,19 @@ def wait_for(check: Callable[[], object], timeout: float, what: str) -> float:
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def breaks(numbers: list[int], *, gaps: bool = True) -> list[str]:
+    """Where ``numbers`` is not consecutive, as short readable reasons (empty when it is):
+    a stream's line numbers, each line once and in order. A failing assertion then says
+    what went wrong (``gap 35514 -> 35516``) rather than printing tens of thousands of numbers.
+    ``gaps=False``: only steps back or in place (lines given twice or out of order)."""
+    out = []
+    for i in range(1, len(numbers)):
+        if numbers[i] != numbers[i - 1] + 1 and (gaps or numbers[i] <= numbers[i - 1]):
+            kind = "gap" if numbers[i] > numbers[i - 1] else "back"
+            out.append(f"{kind} at {i}: {numbers[i - 1]} -> {numbers[i]}")
+    return out[:20]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -26,7 +26,7 @@ from referencing.jsonschema import DRAFT202012
 
 from cynchrod import source
 from cynchrod.client import websocket
-from tests.helpers import TEST_IMAGE, Daemon, GitRepo, cli, git, owned, wait_for
+from tests.helpers import TEST_IMAGE, Daemon, GitRepo, breaks, cli, git, owned, wait_for
 
 OPENAPI = json.loads((pathlib.Path(__file__).resolve().parents[2] / "cynchrod" / "openapi.json").read_text())
 _REGISTRY = Registry().with_resource("urn:openapi", Resource.from_contents(OPENAPI, default_specification=DRAFT202012))
@@ -353,15 +353,19 @@ def test_a_stream_is_the_same_to_clients_with_and_without_compression(api: Api) 
     against a context the client does not have would not decode)."""
     from wsproto.events import AcceptConnection, Request
     from wsproto.extensions import PerMessageDeflate
+    from wsproto.frame_protocol import Opcode
 
     class Counting(PerMessageDeflate):
-        """Counts the frames that came compressed (RSV1 set)."""
+        """Counts the text frames that came compressed (RSV1 set) and those that did not. The
+        client's reader thread decodes frames ahead of ``receive()``: it may count more."""
 
-        compressed = 0
+        compressed = plain = 0
 
         def frame_inbound_header(self, proto: Any, opcode: Any, rsv: Any, payload_length: int) -> Any:
             if rsv.rsv1:
                 Counting.compressed += 1
+            elif opcode is Opcode.TEXT:
+                Counting.plain += 1
             return super().frame_inbound_header(proto, opcode, rsv, payload_length)
 
     class Deflating(simple_websocket.Client):  # type: ignore[misc]
@@ -393,10 +397,11 @@ def test_a_stream_is_the_same_to_clients_with_and_without_compression(api: Api) 
     for ws in clients.values():
         ws.close()
     assert min(messages.values()) >= 3, messages
-    assert Counting.compressed == messages["deflate"]  # every message came compressed to it
+    # Every message came compressed to it (and the frames read ahead of receive() too).
+    assert (Counting.plain, Counting.compressed >= messages["deflate"]) == (0, True), Counting.compressed
     for lines in got.values():
         numbers = [int(line.split()[1]) for line in lines]
-        assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), lines
+        assert not breaks(numbers), breaks(numbers)
     common = set(got["plain"]) & set(got["deflate"])
     assert len(common) >= 8, got
 
@@ -452,20 +457,25 @@ def test_a_client_that_stops_reading_loses_lines_alone(api: Api) -> None:
     stalled = _stalled_websocket(url)
     reader = websocket(url)
     numbers: list[int] = []
+    told: list[str] = []  # what the reader is told it lost: nothing, as it keeps up
     deadline = time.monotonic() + 8
     while time.monotonic() < deadline:
         message = reader.receive(timeout=1)
         if message is not None:
-            numbers += [int(line["line"].split()[1]) for line in json.loads(message)]
+            for line in json.loads(message):
+                if line.get("dropped"):
+                    told.append(f"after {numbers[-1] if numbers else None}: {line['line']}")
+                else:
+                    numbers.append(int(line["line"].split()[1]))
     reader.close()
     assert len(numbers) > 5000, len(numbers)
-    assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))  # every line, once, in order
+    assert (told, breaks(numbers)) == ([], [])  # every line, once, in order
     later = [line for message in _read_messages(stalled, 3) for line in message]
     stalled.close()
     notices = [line for line in later if line.get("dropped")]
     assert notices and all(n["service"] == "" and "lines dropped" in n["line"] for n in notices), later[:3]
     kept = [int(line["line"].split()[1]) for line in later if not line.get("dropped")]
-    assert kept and kept == sorted(set(kept))  # what it kept is in order, once
+    assert kept and not breaks(kept, gaps=False), breaks(kept, gaps=False)  # what it kept is in order, once
 
 
 def test_a_stream_gives_each_line_once_across_a_log_rotation(api: Api, docker_client: docker.DockerClient) -> None:
@@ -492,7 +502,7 @@ def test_a_stream_gives_each_line_once_across_a_log_rotation(api: Api, docker_cl
             assert not any(line.get("dropped") for line in lines)
             numbers += [int(line["line"].split()[1]) for line in lines]
     ws.close()
-    assert numbers == list(range(16000))
+    assert (numbers[:1], numbers[-1:], breaks(numbers)) == ([0], [15999], [])
 
 
 def test_tail_bounds_and_validation(api: Api) -> None:
@@ -834,7 +844,7 @@ def test_clients_in_every_worker_share_one_engine_follower(api: Api) -> None:
     try:
         for ws in clients:
             got = numbers(ws, 3)
-            assert got == list(range(got[0], got[0] + len(got)))  # in order, none lost
+            assert not breaks(got), breaks(got)  # in order, none lost
         assert api.daemon.proc is not None
         holders = _workers_with_clients(api.daemon.proc.pid, int(api.url.rsplit(":", 1)[1]))
         assert holders >= 1
@@ -847,7 +857,7 @@ def test_clients_in_every_worker_share_one_engine_follower(api: Api) -> None:
                 got = numbers(ws, 3)
             except simple_websocket.ConnectionClosed as exc:
                 raise AssertionError(f"closed: {exc.reason} {exc.message}") from exc
-            assert got == list(range(got[0], got[0] + len(got)))
+            assert not breaks(got), breaks(got)
     finally:
         for ws in clients:
             if ws.connected:
