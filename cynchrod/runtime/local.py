@@ -155,27 +155,46 @@ class _Given:
     to the nanosecond, is remembered that long), or further back than that, is a repeat: the
     lines older than the last one given, and as many of those with its timestamp as were
     given, are dropped until a newer line comes. Any other step back is a line: stdout and
-    stderr are stamped apart, so their lines can be a little out of time order."""
+    stderr are stamped apart, so their lines can be a little out of time order.
+
+    A rotation's repeat need not step back: when the new file held only lines stamped with the
+    last timestamp given (one line, in a flood), they come again with that same timestamp,
+    like the rest of a read the engine sent in two parts. Such a line whose text was given
+    with that timestamp is asked about (``verify``: how many lines the log holds with it, from
+    its last lines); when no more than were given, it and the rest of the repeat are dropped.
+    Without ``verify``, or past its budget (``VERIFY_BURST`` asks, then one a ``VERIFY_EVERY_S``:
+    an app printing the same line twice in one write may cost the engine that many reads), such
+    a line is given: a repeat may pass, a line is never lost."""
 
     WINDOW_S = 0.25
     MAX_REMEMBERED = 50_000
-    __slots__ = ("catching_up", "count", "last", "recent", "recent_keys", "skip")
+    #: Texts remembered for the last timestamp (one read from the container: a few hundred lines).
+    MAX_TEXTS = 2000
+    VERIFY_EVERY_S = 1.0
+    VERIFY_BURST = 5
+    __slots__ = ("asked", "catching_up", "count", "last", "recent", "recent_keys", "skip", "texts", "verify")
 
-    def __init__(self) -> None:
+    def __init__(self, verify: Callable[[str, int], int | None] | None = None) -> None:
         self.last, self.count, self.skip, self.catching_up = "", 0, 0, False
         self.recent: collections.deque[str] = collections.deque()
         self.recent_keys: set[str] = set()
+        #: The texts of the lines given with the last timestamp.
+        self.texts: set[str] = set()
+        #: ``verify(key, given)``: the lines the log holds with this timestamp, None when unknown.
+        self.verify = verify
+        #: When ``verify`` was last asked, and how many asks that leaves (a token bucket).
+        self.asked = (0.0, float(self.VERIFY_BURST))
 
     def reopened(self) -> None:
         self.skip, self.catching_up = self.count, self.count > 0
 
-    def fresh(self, stamp: str) -> bool:
+    def fresh(self, stamp: str, text: str = "") -> bool:
         key = stamp if len(stamp) == 30 else _stamp_key(stamp)
         if key > self.last:
             self.last, self.count, self.catching_up = key, 1, False
+            self.texts = {text}
         else:
-            if not self.catching_up and key < self.last and (
-                    key in self.recent_keys or _stamp_seconds(self.last) - _stamp_seconds(key) > self.WINDOW_S):
+            if not self.catching_up and self._repeats(key, text):
                 self.reopened()  # a repeat of lines given: as a stream opened again
             if self.catching_up:
                 if key < self.last:
@@ -185,10 +204,28 @@ class _Given:
                     return False
             if key == self.last:
                 self.count += 1
+                if len(self.texts) < self.MAX_TEXTS:
+                    self.texts.add(text)
         if key not in self.recent_keys:
             self.recent_keys.add(key)
             self.recent.append(key)
         return True
+
+    def _repeats(self, key: str, text: str) -> bool:
+        """Whether a line stamped no later than the last one given starts a repeat."""
+        if key < self.last:
+            return key in self.recent_keys or _stamp_seconds(self.last) - _stamp_seconds(key) > self.WINDOW_S
+        if text not in self.texts:
+            return False
+        # The log holds no more lines with this (the last) timestamp than were given?
+        now = time.monotonic()
+        at, left = self.asked
+        left = min(float(self.VERIFY_BURST), left + (now - at) / self.VERIFY_EVERY_S)
+        if self.verify is None or left < 1:
+            return False
+        self.asked = (now, left - 1)
+        logged = self.verify(key, self.count)
+        return logged is not None and logged <= self.count
 
     def forget(self) -> None:
         """Forget the timestamps older than ``WINDOW_S`` before the last (once per read)."""
@@ -349,12 +386,31 @@ class _Frames:
         return b"".join(out)
 
 
-def log_lines(stream: Any) -> Iterator[list[bytes]]:
+class _Opened:
+    """A followed container's log response, which another thread may close: its socket is
+    shut down first, which ends the read blocked on it (closing the response alone waited
+    for that read, which holds the buffered reader, so for the app's next line: forever for
+    a quiet app)."""
+
+    __slots__ = ("response", "sock")
+
+    def __init__(self, response: Any, sock: Any) -> None:
+        self.response = response
+        #: docker-py's raw socket is the socket's ``SocketIO`` (a Unix socket) or the socket.
+        self.sock: socket.socket = getattr(sock, "_sock", sock)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.response.close()
+
+
+def log_lines(stream: _Opened) -> Iterator[list[bytes]]:
     """The lines (``<timestamp> <text>``, no newline) of a followed container's log response,
     a list per read: whatever arrived, up to 64 KiB at once, decoded in one pass (not two
     reads through the HTTP client per line). Containers made here have no TTY, so the
     stream is multiplexed."""
-    fp = stream.raw._fp.fp  # the socket's buffered reader, past the response's headers
+    fp = stream.response.raw._fp.fp  # the socket's buffered reader, past the response's headers
     chunks, frames, pending = _Dechunk(), _Frames(), b""
     while not chunks.done:
         data = fp.read1(65536)
@@ -371,6 +427,10 @@ class _AppLogs(follow.Follower):
     Readers queue lists of lines (what one read brought), so a flood costs a queue
     operation per 64 KiB, not per line; ``batches()`` gives them as they came."""
 
+    #: Lines read past those given when ``_Given`` asks how many the log holds with a timestamp
+    #: (a read from the file's end; at most once a second a container).
+    VERIFY_TAIL = 5000
+
     def __init__(self, rt: LocalRuntime, org: str, app: str, since: float, ended: threading.Event | None) -> None:
         # A deadline for opening each stream (a hung engine), none once it flows.
         super().__init__(app, since, ended, rt_client(rt, timeout=rt.stream_timeout))
@@ -383,8 +443,9 @@ class _AppLogs(follow.Follower):
         params = {"stdout": 1, "stderr": 1, "follow": 1, "timestamps": 1, "since": since}
         response = api._get(api._url("/containers/{0}/logs", instance), params=params, stream=True)
         api._raise_for_status(response)
-        api._disable_socket_timeout(api._get_raw_response_socket(response))
-        return response
+        sock = api._get_raw_response_socket(response)
+        api._disable_socket_timeout(sock)
+        return _Opened(response, sock)
 
     def _streams(self) -> Iterator[follow.Stream]:
         """Every running container of the app (one list call)."""
@@ -402,17 +463,33 @@ class _AppLogs(follow.Follower):
 
     def _lines_of(self, unit: runtime.Unit, stream: Any) -> Iterator[list[runtime.LogLine]]:
         service, replica, node = unit.service, unit.replica, unit.node
-        given = self._given.setdefault(unit.instance, _Given())
+        given = self._given.get(unit.instance)
+        if given is None:
+            given = self._given[unit.instance] = _Given(functools.partial(self._logged_at, unit.instance))
         given.reopened()
         fresh = given.fresh
         for raw in log_lines(stream):
             batch = []
             for line in raw:
                 stamp, _, text = line.decode("utf-8", "replace").partition(" ")
-                if fresh(stamp):
+                if fresh(stamp, text):
                     batch.append(runtime.LogLine(service, stamp, text, replica, node))
             given.forget()
             yield batch
+
+
+    def _logged_at(self, instance: str, key: str, given: int) -> int | None:
+        """How many lines the container's log holds stamped ``key`` (a ``_stamp_key``), read
+        from its last lines; None when they do not reach back past it or the engine fails."""
+        want = given + self.VERIFY_TAIL
+        try:
+            data = self._client.api.logs(instance, stdout=True, stderr=True, timestamps=True, tail=want)
+        except (requests.RequestException, docker.errors.DockerException, OSError):
+            return None
+        keys = [_stamp_key(raw[:raw.find(b" ")].decode("ascii", "replace")) for raw in data.split(b"\n") if raw]
+        if len(keys) >= want and keys[0] >= key:
+            return None  # the lines since then are more than were read
+        return keys.count(key)
 
 
 class LocalRuntime:

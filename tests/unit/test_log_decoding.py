@@ -148,3 +148,71 @@ def test_lines_sharing_a_timestamp_are_all_given() -> None:
     assert [given.fresh(stamp(7)) for _ in range(5)] == [True] * 5
     given.reopened()
     assert [given.fresh(stamp(7)) for _ in range(6)] == [False] * 5 + [True]  # the five again, then a sixth
+
+
+class Log:
+    """``_Given``'s question to the engine, answered from a list of the timestamps it holds."""
+
+    def __init__(self, stamps: list[str]) -> None:
+        self.stamps = stamps
+        self.asked: list[tuple[str, int]] = []
+
+    def __call__(self, key: str, given: int) -> int | None:
+        from cynchrod.runtime.local import _stamp_key
+
+        self.asked.append((key, given))
+        return [_stamp_key(s) for s in self.stamps].count(key)
+
+
+def test_a_repeat_with_the_last_timestamp_is_dropped_when_the_log_holds_no_more() -> None:
+    """A rotation whose new file held only lines stamped like the last one given: they come
+    again with that timestamp. The log holds as many such lines as were given: a repeat."""
+    from cynchrod.runtime.local import _Given, _stamp_key
+
+    log = Log([stamp(100), stamp(200), stamp(200), stamp(200)])
+    given = _Given(log)
+    sent = [(100, "a"), (200, "b"), (200, "c"), (200, "d")]
+    assert [given.fresh(stamp(ns), text) for ns, text in sent] == [True] * 4
+    assert log.asked == []  # a line not seen with that timestamp is never asked about
+    # The new file held "c" and "d": both again, then a newer line.
+    assert [given.fresh(stamp(200), text) for text in ("c", "d")] == [False, False]
+    assert log.asked == [(_stamp_key(stamp(200)), 3)]
+    assert given.fresh(stamp(300), "e") is True
+    # A line in another stamp's texts is nothing: "e" at 300 is the last, "b" was at 200.
+    assert given.fresh(stamp(300), "b") is True
+
+
+def test_a_line_repeating_the_one_before_in_the_same_read_is_given() -> None:
+    """Two blank lines written at once share a timestamp; the engine may send them in two
+    parts. The log holds both: the second is a line, not a repeat."""
+    from cynchrod.runtime.local import _Given
+
+    log = Log([stamp(100), stamp(100)])
+    given = _Given(log)
+    assert given.fresh(stamp(100), "") is True
+    assert given.fresh(stamp(100), "") is True
+    assert len(log.asked) == 1
+
+
+def test_without_an_answer_or_past_the_budget_a_possible_repeat_is_given() -> None:
+    """No engine to ask (the Swarm follower), an answer that does not reach back, or more
+    questions than the budget: the line is given. A repeat may pass; a line is never lost."""
+    from cynchrod.runtime.local import _Given
+
+    given = _Given()
+    assert [given.fresh(stamp(100), "a") for _ in range(2)] == [True, True]
+    unknown = _Given(lambda key, n: None)
+    assert [unknown.fresh(stamp(100), "a") for _ in range(2)] == [True, True]
+    asked: list[str] = []
+
+    def one_line(key: str, n: int) -> int:  # the log holds one line a timestamp: every second line repeats
+        asked.append(key)
+        return 1
+
+    budget, answers = _Given(one_line), []
+    for i in range(1, _Given.VERIFY_BURST + 4):
+        assert budget.fresh(stamp(i * 100), "a") is True
+        answers.append(budget.fresh(stamp(i * 100), "a"))
+    # The first VERIFY_BURST asks (in a moment: none earned back) find the repeats; then they pass.
+    assert answers == [False] * _Given.VERIFY_BURST + [True] * 3
+    assert len(asked) == _Given.VERIFY_BURST

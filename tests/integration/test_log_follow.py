@@ -1,0 +1,43 @@
+"""The local driver's live log follower against a real engine whose json-file logs rotate."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from cynchrod.runtime import local
+from tests.conftest import Harness
+from tests.helpers import TEST_IMAGE, breaks
+
+
+def test_a_rotation_that_sends_the_last_line_again_gives_it_once(repo, harness: Harness,  # type: ignore[no-untyped-def]
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each line is its own write, so its own read and timestamp; the logs rotate every 16 KB
+    (lowered here from the 10 MB apps get). At each rotation the new file holds one line when
+    the engine's follower reaches its end; Docker 20.10's follower then takes the new, smaller
+    file for a truncated one and sends it from the start: that line again, with the timestamp
+    given last, as the rest of a read would come. Each line comes once, none is lost."""
+    monkeypatch.setattr(local, "LOG_CONFIG", {"type": "json-file", "config": {"max-size": "16k", "max-file": "3"}})
+    writer = ("[sh, -c, 'x=$(printf %1000s | tr \" \" x); i=0;"
+              " while [ $i -lt 120 ]; do echo \"line $i $x\"; i=$((i+1)); sleep 0.02; done; sleep 3600']")
+    repo.push({"apps/writer.yaml": f"name: writer\nimage: {TEST_IMAGE}\ncommand: {writer}\nmemory: 64\n"})
+    assert harness.sync().ok
+    follower = harness.rt.follow("default", "writer", since=time.time() - 60)  # from its first line
+    timer = threading.Timer(40, follower.close)  # a stream that stops short ends the test, not CI
+    timer.start()
+    numbers: list[int] = []
+    try:
+        for batch in follower.batches():
+            numbers += [int(line.line.split()[1]) for line in batch if line.line.startswith("line ")]
+            if numbers and numbers[-1] == 119:
+                break
+    finally:
+        timer.cancel()
+        # The writer is quiet now: closing ends the readers blocked on their streams at once.
+        closing = threading.Thread(target=follower.close, daemon=True)
+        closing.start()
+        closing.join(10)
+    assert not closing.is_alive(), "closing a quiet app's follower waited for its next line"
+    assert (numbers[:1], numbers[-1:], breaks(numbers)) == ([0], [119], [])
