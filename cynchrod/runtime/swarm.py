@@ -298,6 +298,23 @@ class _Events:
             self._client.close()
 
 
+#: How far before the newest line a service gave its stream is opened again, at most.
+REOPEN_LOOKBACK_S = 10.0
+
+
+def reopen_since(lasts: list[str], start: float) -> float:
+    """When to open a service's log stream again from: a little before the oldest of its
+    tasks' last lines given (``lasts``, timestamps), so that no task loses the lines it wrote
+    after its own last one (the newest of all lost them for a task less chatty than the
+    others); each task's ``_Given`` drops what it gave already. A task whose last line is more
+    than ``REOPEN_LOOKBACK_S`` older than the newest (quiet, or gone) is not waited for: its
+    stream's lines that late were never on their way. ``start`` when nothing was given."""
+    seconds = [_stamp_seconds(last) for last in lasts if last]
+    if not seconds:
+        return start
+    return max(min(seconds), max(seconds) - REOPEN_LOOKBACK_S) - 0.001
+
+
 class _ServiceLogs(follow.Follower):
     """An app's live log lines: one reader per service (``follow.Follower``), attached again
     when a service is replaced. Each line names its node and task; each task's lines are
@@ -306,8 +323,6 @@ class _ServiceLogs(follow.Follower):
     def __init__(self, rt: SwarmRuntime, org: str, app: str, since: float, ended: threading.Event | None) -> None:
         super().__init__(app, since, ended, docker.DockerClient(base_url=rt.base_url, timeout=None))
         self._rt, self._org = rt, org
-        #: Per service: when to open its stream again from (a little before the last line given).
-        self._since: dict[str, float] = {}
         #: Per service, node and replica (a task): what it gave.
         self._given: dict[tuple[str, str, int], _Given] = {}
 
@@ -317,7 +332,7 @@ class _ServiceLogs(follow.Follower):
             if service_id in self._readers:
                 continue
             name = (svc["Spec"].get("Labels") or {}).get(runtime.LABEL_SERVICE, specs.MAIN_SERVICE)
-            since = self._since.get(name, self._start)
+            since = reopen_since([g.last for key, g in self._given.items() if key[0] == name], self._start)
             yield service_id, functools.partial(self._open, service_id, since), functools.partial(self._lines_of, name)
 
     def _open(self, service_id: str, since: float) -> Any:
@@ -337,7 +352,6 @@ class _ServiceLogs(follow.Follower):
                 touched.add(given)
                 if given.fresh(line.timestamp):
                     batch.append(line)
-                    self._since[name] = _stamp_seconds(line.timestamp) - 0.001
             for given in touched:
                 given.forget()
             yield batch

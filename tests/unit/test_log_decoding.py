@@ -216,3 +216,25 @@ def test_without_an_answer_or_past_the_budget_a_possible_repeat_is_given() -> No
     # The first VERIFY_BURST asks (in a moment: none earned back) find the repeats; then they pass.
     assert answers == [False] * _Given.VERIFY_BURST + [True] * 3
     assert len(asked) == _Given.VERIFY_BURST
+
+
+def test_a_service_stream_is_opened_again_from_before_its_least_chatty_task() -> None:
+    """Swarm: one stream a service, a ``_Given`` a task. Opened again from a little before the
+    newest line given, a task whose last line given is older lost what it wrote in between;
+    from before the oldest (within ``REOPEN_LOOKBACK_S`` of the newest) it loses nothing."""
+    from cynchrod.runtime.local import _Given, _stamp_seconds
+    from cynchrod.runtime.swarm import REOPEN_LOOKBACK_S, reopen_since
+
+    quiet, chatty = _Given(), _Given()
+    assert quiet.fresh(stamp(100_000_000)) and chatty.fresh(stamp(900_000_000))
+    since = reopen_since([quiet.last, chatty.last], start=0.0)
+    assert since == _stamp_seconds(stamp(100_000_000)) - 0.001
+    # Opened again from there: each task drops what it gave and keeps what it had not.
+    quiet.reopened()
+    chatty.reopened()
+    assert [quiet.fresh(stamp(ns)) for ns in (100_000_000, 500_000_000)] == [False, True]
+    assert [chatty.fresh(stamp(ns)) for ns in (300_000_000, 900_000_000, 950_000_000)] == [False, False, True]
+    # A task quiet (or gone) for long is not waited for; nothing given: the follower's start.
+    old = "2026-11-29T22:40:00Z"
+    assert reopen_since([old, chatty.last], 7.0) == _stamp_seconds(chatty.last) - REOPEN_LOOKBACK_S - 0.001
+    assert reopen_since(["", ""], 7.0) == 7.0
