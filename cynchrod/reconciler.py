@@ -180,6 +180,10 @@ class Wakeup:
             return pending
 
 
+#: Passes that put back what the last fetch declared, without fetching.
+NO_FETCH_TRIGGERS = frozenset({"self-heal", "build"})
+
+
 def strongest(triggers: Iterable[str]) -> str:
     found = set(triggers)
     return next((t for t in TRIGGERS if t in found), "poll")
@@ -271,11 +275,19 @@ class Reconciler:
     # -- desired state --------------------------------------------------------
 
     def _load(self, src: source.Followed, result: PassResult) -> manifests.Desired | None:
-        """The desired state of the source's newest good commit, or None when there is none."""
+        """The desired state of the source's newest good commit, or None when there is none.
+
+        A pass woken by the engine (a container died) or by a finished build puts back what
+        the last fetch declared, without fetching: no round trip to the remote delays the
+        repair (the next poll or webhook brings new commits)."""
         started = time.perf_counter()
+        last = self._loaded.get(src.url)
         try:
-            commit = src.fetch()
-            log.debug("fetched %s: %.1f ms", commit[:12], (time.perf_counter() - started) * 1000)
+            if last is not None and result.trigger in NO_FETCH_TRIGGERS:
+                commit = src.resolve()
+            else:
+                commit = src.fetch()
+                log.debug("fetched %s: %.1f ms", commit[:12], (time.perf_counter() - started) * 1000)
         except SourceError as exc:
             result.source_errors.append(str(exc))
             try:
@@ -283,7 +295,6 @@ class Reconciler:
             except SourceError:
                 return None
         result.commits[src.url] = commit
-        last = self._loaded.get(src.url)
         if last is not None and last[0] == commit:
             return last[1]
         try:

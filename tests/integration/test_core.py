@@ -209,6 +209,21 @@ def test_self_heal_after_kill_and_rm(repo, harness: Harness) -> None:
     assert [d.trigger for d in deployments] == ["self-heal", "self-heal", "poll"]
 
 
+def test_a_self_heal_pass_puts_back_what_was_fetched_without_fetching(repo, harness: Harness) -> None:
+    """A pass woken by a death repairs from the last fetch: a commit pushed since is the next
+    poll's (or webhook's), and no round trip to the remote delays the repair."""
+    first = repo.push({"apps/a.yaml": manifest("a")})
+    assert harness.sync().commit == first
+    second = repo.push({"apps/a.yaml": manifest("a", extra="env: {X: '1'}\n")})
+    harness.rt.api.remove_container(harness.containers()["a"]["Id"], force=True)
+    healed = harness.sync("self-heal")
+    assert (healed.commit, healed.apps[0].actions) == (first, ["create default/a: missing"])
+    env = harness.rt.api.inspect_container(harness.containers()["a"]["Id"])["Config"]["Env"]
+    assert "X=1" not in env
+    polled = harness.sync("poll")
+    assert polled.commit == second and polled.apps[0].actions[0].startswith("recreate default/a")
+
+
 def test_missing_local_image_is_never_pulled(repo, harness: Harness) -> None:
     repo.push({"apps/a.yaml": manifest("a", image="cynchrod-test/absent:1"),
                "apps/b.yaml": manifest("b", image="127.0.0.1:1/absent:1")})
