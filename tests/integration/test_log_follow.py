@@ -14,14 +14,15 @@ from tests.helpers import TEST_IMAGE, breaks
 
 def test_a_rotation_that_sends_the_last_line_again_gives_it_once(repo, harness: Harness,  # type: ignore[no-untyped-def]
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each line is its own write, so its own read and timestamp; the logs rotate every 16 KB
-    (lowered here from the 10 MB apps get). At each rotation the new file holds one line when
+    """Each line is its own write, so its own read and timestamp; the logs rotate every 20 KB
+    (lowered here from the 10 MB apps get): four rotations, within the questions ``_Given``
+    may ask at once. At each rotation the new file holds one line when
     the engine's follower reaches its end; Docker 20.10's follower then takes the new, smaller
     file for a truncated one and sends it from the start: that line again, with the timestamp
     given last, as the rest of a read would come. Each line comes once, none is lost."""
-    monkeypatch.setattr(local, "LOG_CONFIG", {"type": "json-file", "config": {"max-size": "16k", "max-file": "3"}})
+    monkeypatch.setattr(local, "LOG_CONFIG", {"type": "json-file", "config": {"max-size": "20k", "max-file": "3"}})
     writer = ("[sh, -c, 'x=$(printf %1000s | tr \" \" x); i=0;"
-              " while [ $i -lt 120 ]; do echo \"line $i $x\"; i=$((i+1)); sleep 0.02; done; sleep 3600']")
+              " while [ $i -lt 80 ]; do echo \"line $i $x\"; i=$((i+1)); sleep 0.02; done; sleep 3600']")
     repo.push({"apps/writer.yaml": f"name: writer\nimage: {TEST_IMAGE}\ncommand: {writer}\nmemory: 64\n"})
     assert harness.sync().ok
     follower = harness.rt.follow("default", "writer", since=time.time() - 60)  # from its first line
@@ -31,7 +32,7 @@ def test_a_rotation_that_sends_the_last_line_again_gives_it_once(repo, harness: 
     try:
         for batch in follower.batches():
             numbers += [int(line.line.split()[1]) for line in batch if line.line.startswith("line ")]
-            if numbers and numbers[-1] == 119:
+            if numbers and numbers[-1] == 79:
                 break
     finally:
         timer.cancel()
@@ -40,4 +41,4 @@ def test_a_rotation_that_sends_the_last_line_again_gives_it_once(repo, harness: 
         closing.start()
         closing.join(10)
     assert not closing.is_alive(), "closing a quiet app's follower waited for its next line"
-    assert (numbers[:1], numbers[-1:], breaks(numbers)) == ([0], [119], [])
+    assert (numbers[:1], numbers[-1:], breaks(numbers)) == ([0], [79], [])
