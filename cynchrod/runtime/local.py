@@ -386,31 +386,12 @@ class _Frames:
         return b"".join(out)
 
 
-class _Opened:
-    """A followed container's log response, which another thread may close: its socket is
-    shut down first, which ends the read blocked on it (closing the response alone waited
-    for that read, which holds the buffered reader, so for the app's next line: forever for
-    a quiet app)."""
-
-    __slots__ = ("response", "sock")
-
-    def __init__(self, response: Any, sock: Any) -> None:
-        self.response = response
-        #: docker-py's raw socket is the socket's ``SocketIO`` (a Unix socket) or the socket.
-        self.sock: socket.socket = getattr(sock, "_sock", sock)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.response.close()
-
-
-def log_lines(stream: _Opened) -> Iterator[list[bytes]]:
+def log_lines(response: Any) -> Iterator[list[bytes]]:
     """The lines (``<timestamp> <text>``, no newline) of a followed container's log response,
     a list per read: whatever arrived, up to 64 KiB at once, decoded in one pass (not two
     reads through the HTTP client per line). Containers made here have no TTY, so the
     stream is multiplexed."""
-    fp = stream.response.raw._fp.fp  # the socket's buffered reader, past the response's headers
+    fp = response.raw._fp.fp  # the socket's buffered reader, past the response's headers
     chunks, frames, pending = _Dechunk(), _Frames(), b""
     while not chunks.done:
         data = fp.read1(65536)
@@ -443,9 +424,11 @@ class _AppLogs(follow.Follower):
         params = {"stdout": 1, "stderr": 1, "follow": 1, "timestamps": 1, "since": since}
         response = api._get(api._url("/containers/{0}/logs", instance), params=params, stream=True)
         api._raise_for_status(response)
-        sock = api._get_raw_response_socket(response)
-        api._disable_socket_timeout(sock)
-        return _Opened(response, sock)
+        api._disable_socket_timeout(api._get_raw_response_socket(response))
+        # Closed from another thread, docker-py's stream shuts the socket down, which ends the
+        # read blocked on it (closing the response alone waited for that read, which holds the
+        # buffered reader: for a quiet app, forever).
+        return docker.types.daemon.CancellableStream(log_lines(response), response)
 
     def _streams(self) -> Iterator[follow.Stream]:
         """Every running container of the app (one list call)."""
@@ -468,7 +451,7 @@ class _AppLogs(follow.Follower):
             given = self._given[unit.instance] = _Given(functools.partial(self._logged_at, unit.instance))
         given.reopened()
         fresh = given.fresh
-        for raw in log_lines(stream):
+        for raw in stream:
             batch = []
             for line in raw:
                 stamp, _, text = line.decode("utf-8", "replace").partition(" ")
