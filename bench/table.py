@@ -1,8 +1,8 @@
-"""bench/results.json as the README's benchmark section, and its charts.
+"""bench/results.json as the docs' Benchmarks page (docs/benchmarks.md), and its charts.
 
 ``python bench/table.py``: print the Markdown (the table, the per-app costs, the simulation).
-``python bench/table.py --write``: also draw ``bench/scaling.png`` and ``bench/memory.png``
-(matplotlib: ``pip install -r bench/requirements.txt``) and replace the README's block
+``python bench/table.py --write``: also draw ``docs/bench/scaling.png`` and ``docs/bench/memory.png``
+(matplotlib: ``pip install -r bench/requirements.txt``) and replace the page's block
 between ``<!-- bench:begin -->`` and ``<!-- bench:end -->`` with the Markdown.
 Everything here is read from results.json: nothing is typed in by hand.
 """
@@ -17,6 +17,9 @@ from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+#: The page the block is written into, and where its charts go (the page links them as bench/*.png).
+PAGE = ROOT / "docs" / "benchmarks.md"
+CHARTS = ROOT / "docs" / "bench"
 
 
 def fmt(value: object) -> str:
@@ -105,6 +108,7 @@ def draw(data: dict[str, Any]) -> None:
     import matplotlib.pyplot as plt
 
     c = curves(data)
+    CHARTS.mkdir(parents=True, exist_ok=True)
     fig, (cold, noop) = plt.subplots(1, 2, figsize=(11, 4.2))
     for key, style in (("cynchrod_s", "o-"), ("docker_compose_s", "s--"), ("bare_sdk_s", "^:")):
         if key in c:
@@ -121,7 +125,7 @@ def draw(data: dict[str, Any]) -> None:
     noop.legend(fontsize=8)
     fig.suptitle(f"cynchrod bench {data['date']}, {data['host']['cores']} cores, same run")
     fig.tight_layout()
-    fig.savefig(ROOT / "bench" / "scaling.png", dpi=90)
+    fig.savefig(CHARTS / "scaling.png", dpi=90)
     plt.close(fig)
     if "pss_mib" in c:
         fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -130,7 +134,7 @@ def draw(data: dict[str, Any]) -> None:
         ax.set(title="daemon memory against apps", xlabel="apps (and containers)", ylabel="PSS, MiB", ylim=(0, None))
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(ROOT / "bench" / "memory.png", dpi=90)
+        fig.savefig(CHARTS / "memory.png", dpi=90)
         plt.close(fig)
 
 
@@ -150,7 +154,8 @@ def summary(data: dict[str, Any]) -> list[str]:
         out.append(f"* Push to running (`git push` into a local bare repository that `cynchrod serve` watches, no "
                    f"webhook, until the new container answers HTTP): p50 {ms(push['cynchrod_p50_s'])}, against "
                    f"{ms(push['bare_create_start_p50_s'])} for a bare create+start of the same container "
-                   f"(+{ms(push['overhead_p50_s'])}; target +150 ms) and {ms(push['bare_stop_remove_create_start_p50_s'])}"
+                   f"(+{ms(push['overhead_p50_s'])}; target +150 ms) and "
+                   f"{ms(push['bare_stop_remove_create_start_p50_s'])}"
                    f" for a bare stop+remove+create+start (+{ms(push['overhead_vs_bare_replace_p50_s'])}): the app "
                    "has a host port, so the old container must stop before the new one can bind it.")
     if steps:
@@ -220,13 +225,12 @@ def main() -> int:
     text = markdown(data)
     if "--write" in sys.argv:
         draw(data)
-        readme = ROOT / "README.md"
-        old = readme.read_text()
+        old = PAGE.read_text()
         if BEGIN not in old:
-            raise SystemExit(f"README.md has no {BEGIN} … {END} block")
+            raise SystemExit(f"{PAGE.relative_to(ROOT)} has no {BEGIN} … {END} block")
         head, rest = old.split(BEGIN, 1)
         _, tail = rest.split(END, 1)
-        readme.write_text(head + text + tail)
+        PAGE.write_text(head + text + tail)
     print(text)
     return 0
 
