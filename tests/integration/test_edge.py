@@ -58,7 +58,7 @@ class Client:
 
     Each request on a fresh connection (as ``Caddy.fetch``): a kept-alive connection
     that Caddy's old server closes as idle at a config change fails a client that does
-    not retry (README, *Domains and the edge*); that is Caddy's, not the route's.
+    not retry (docs/edge.md, *Caddy's config changes and connections*); that is Caddy's, not the route's.
     """
 
     def __init__(self, caddy: Caddy, host: str) -> None:
