@@ -343,7 +343,7 @@ def test_a_stopped_app_offers_start_not_restart(site: Site, page: Page) -> None:
     expect(row(page, "web").get_by_role("button", name="Restart", exact=True)).to_have_count(0)
     expect(row(page, "web").get_by_role("button", name="Start", exact=True)).to_be_visible()
     page.goto(site.url + f"/ui/apps/{site.app_id('web')}")
-    actions = page.locator("p.actions")
+    actions = page.locator("div.actions")
     expect(actions.get_by_role("button", name="Start", exact=True)).to_be_visible()
     expect(actions.get_by_role("button", name="Restart", exact=True)).to_have_count(0)
 
