@@ -29,6 +29,7 @@ import gc  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import pickle  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from typing import Any  # noqa: E402
@@ -63,6 +64,11 @@ def _in_thread_pool() -> Callable[[Callable[[], Any]], Any]:
     return run
 
 
+def _ignore_interrupt(_arbiter: Any) -> None:
+    """gunicorn's master set its own SIGINT handler: back to ignored (see ``daemon.serve``)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class ApiServer(BaseApplication):  # type: ignore[misc]
     """gunicorn, configured in code: ``settings.api_workers`` gevent workers serving the Flask app."""
 
@@ -92,6 +98,7 @@ class ApiServer(BaseApplication):  # type: ignore[misc]
             "keepalive": daemon.HEADER_TIMEOUT_S, "timeout": 60, "graceful_timeout": 5, "accesslog": None,
             "errorlog": "-", "loglevel": "warning", "proc_name": "cynchrod-api", "control_socket_disable": True,
             "pre_fork": self.share.pre_fork, "child_exit": self.share.child_exit,
+            "when_ready": _ignore_interrupt,
         }
         for key, value in options.items():
             if key in self.cfg.settings:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gc
 import mmap
+import signal
 import struct
 import time
 from functools import partial
@@ -105,6 +106,12 @@ class Worker(GeventWorker):  # type: ignore[misc]
 
     slot: int | None = None
     share: Share | None = None
+
+    def init_signals(self) -> None:
+        super().init_signals()
+        # A terminal's Ctrl-C reaches every process of the group; the master stops its workers
+        # (SIGTERM, graceful) when the daemon stops it. SIGINT here printed a SystemExit traceback.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def load_wsgi(self) -> None:
         super().load_wsgi()

@@ -254,6 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=os.environ.get("CYNCHROD_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # "3 changes detected" at each push or save: our own line says what the change did.
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)
     out = sys.stdout
     try:
         if args.command == "validate":

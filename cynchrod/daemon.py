@@ -490,6 +490,11 @@ def serve(cfg: config.Settings, rebuild: Callable[[], config.Settings] | None = 
         try:
             os.close(settings_w)
             _die_with_parent()  # kept across exec
+            # Ctrl-C in a terminal sends SIGINT to the whole process group: the reconciler
+            # process takes it and stops the API with SIGTERM (gunicorn's workers turned
+            # SIGINT into tracebacks). Kept across exec; gunicorn's master and workers keep
+            # ignoring it (ApiServer, apiworker.Worker).
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             if os.getppid() != parent:
                 os._exit(0)
             os.set_inheritable(settings_r, True)

@@ -135,6 +135,16 @@ def upstream_host(publish_address: str) -> str:
     return "127.0.0.1" if publish_address in ("", "0.0.0.0", "::", "[::]") else publish_address
 
 
+def link(domain: str, *, listen: str, tls_listen: str = "") -> str:
+    """The address a person opens for ``domain`` on this edge: ``https`` when it has a TLS
+    server, and the server's port unless it is the scheme's own (an edge on 80/443 gets
+    plain ``http://shop.example/``; the demo's, on a free port, ``http://hello.localhost:41234/``).
+    A listener behind a port mapping is not known here: its links carry the inner port."""
+    scheme, address, default = ("https", tls_listen, "443") if tls_listen else ("http", listen, "80")
+    port = address.rpartition(":")[2]
+    return f"{scheme}://{domain}{'' if not port.isdigit() or port == default else ':' + port}/"
+
+
 class Edge:
     """cynchrod's servers and routes in one Caddy, through its admin API (thread-safe)."""
 

@@ -48,6 +48,16 @@ STATUS = {
 }
 
 
+#: What an open dashboard page asks for by itself, every 2 s: its statuses, and the rows when a new app
+#: shows up. Answered, they are logged at debug level; every other request (and a failed poll) at info.
+POLLED = ("/ui/apps.json",)
+
+
+def _polled(response: Response) -> bool:
+    return request.method == "GET" and response.status_code < 400 and (
+        request.path in POLLED or (request.path == "/" and request.args.get("partial") == "rows"))
+
+
 #: Seconds a client has to send a request's body.
 BODY_TIMEOUT_S = 30.0
 
@@ -206,10 +216,11 @@ def create_app(daemon: Any) -> Flask:
     @app.after_request
     def _log(response: Response) -> Response:
         daemon.metrics.requests.labels(request.method, str(response.status_code)).inc()
-        if not access_log.isEnabledFor(logging.INFO):
+        level = logging.DEBUG if _polled(response) else logging.INFO
+        if not access_log.isEnabledFor(level):
             return response
         # The path only: query strings can carry ?token= or ?ticket=.
-        access_log.info(json.dumps({
+        access_log.log(level, json.dumps({
             "method": request.method, "path": request.path, "status": response.status_code,
             "ms": round((time.perf_counter() - g.get("started", time.perf_counter())) * 1000, 2),
             "token": getattr(g, "token_name", None), "remote": request.remote_addr}))

@@ -63,7 +63,7 @@ from flask import (
 from flask.sessions import SecureCookieSession, SecureCookieSessionInterface
 from werkzeug.wrappers import Response as BaseResponse
 
-from cynchrod import control, store
+from cynchrod import control, edge, store
 from cynchrod.api import error_response
 from cynchrod.api.apps import DEPLOYMENTS_SHOWN, build_log, webhook_json
 from cynchrod.api.auth import TICKET_TTL_S, daemon
@@ -125,8 +125,18 @@ def when(stamp: str | None) -> str:
     return (stamp or "").replace("T", " ").removesuffix("Z")
 
 
+def domain_url(domain: str) -> str:
+    """A domain's link: through the edge, on its public port (``edge.link``); with no edge the
+    domain is informational and the link is the bare name."""
+    cfg = daemon().settings
+    if not cfg.edge:
+        return f"http://{domain}/"
+    return edge.link(domain, listen=cfg.edge_listen, tls_listen=cfg.edge_tls_listen)
+
+
 def init_app(app: Flask, state_dir: pathlib.Path) -> None:
     app.jinja_env.filters["when"] = when
+    app.jinja_env.filters["domain_url"] = domain_url
     app.secret_key = secret_key(state_dir)
     app.session_interface = _Sessions()
     app.config.update(SESSION_COOKIE_NAME="cynchrod_session", SESSION_COOKIE_HTTPONLY=True,

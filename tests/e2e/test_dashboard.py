@@ -24,7 +24,7 @@ import requests
 from playwright.sync_api import Browser, BrowserContext, Dialog, Locator, Page, expect, sync_playwright
 
 from cynchrod import runtime
-from tests.conftest import remove_owned
+from tests.conftest import Caddy, remove_owned
 from tests.helpers import TEST_IMAGE, Daemon, GitRepo, cli, git, wait_for
 
 pytestmark = [pytest.mark.docker, pytest.mark.browser]
@@ -193,6 +193,19 @@ def test_polling_list_adds_no_pass(site: Site, page: Page) -> None:
     assert site.passes() == before
 
 
+def test_an_open_page_polls_at_debug_level_and_api_calls_log_at_info(site: Site, page: Page) -> None:
+    sign_in(page, site, site.tokens["alice"])
+    for _ in range(2):
+        with page.expect_response(lambda r: "/ui/apps.json" in r.url, timeout=5000):
+            pass
+    web = site.app_id("web")
+    assert site.api("GET", f"/apps/{web}", token="alice").ok
+    wait_for(lambda: f'"path": "/apps/{web}"' in site.daemon.output(), 5, "the API call's access line")
+    access = [line for line in site.daemon.output().splitlines() if "cynchrod.access" in line]
+    assert not [line for line in access if "/ui/apps.json" in line], access[-5:]
+    assert any(" INFO cynchrod.access: " in line and '"path": "/"' in line for line in access)  # a page view
+
+
 def test_app_page_services_deployments_manifest_and_next_pass(site: Site, page: Page,
                                                               docker_client: docker.DockerClient) -> None:
     # Runs before any test wakes a pass: no pass may apply this push while the page is looked at.
@@ -316,6 +329,55 @@ def test_stop_start_restart_are_commits_and_the_badge_follows(site: Site, page: 
     assert site.log()[0] == "restart default/web (by alice)"
 
 
+def test_a_stopped_app_offers_start_not_restart(site: Site, page: Page) -> None:
+    """A restart of a stopped app is refused (``app_stopped``): the button is not offered."""
+    sign_in(page, site, site.tokens["alice"])
+    web = row(page, "web")
+    expect(web.get_by_role("button", name="Restart", exact=True)).to_be_visible()
+    assert site.api("POST", f"/apps/{site.app_id('web')}/stop", token="alice").status_code == 202
+    expect(web.locator(".badge")).to_have_text("stopped", timeout=20000)
+    # Live: the poll that shows "stopped" takes Restart away and offers Start.
+    expect(web.get_by_role("button", name="Restart", exact=True)).to_have_count(0)
+    expect(web.get_by_role("button", name="Start", exact=True)).to_be_visible()
+    page.reload()  # as the server renders it
+    expect(row(page, "web").get_by_role("button", name="Restart", exact=True)).to_have_count(0)
+    expect(row(page, "web").get_by_role("button", name="Start", exact=True)).to_be_visible()
+    page.goto(site.url + f"/ui/apps/{site.app_id('web')}")
+    actions = page.locator("div.actions")
+    expect(actions.get_by_role("button", name="Start", exact=True)).to_be_visible()
+    expect(actions.get_by_role("button", name="Restart", exact=True)).to_have_count(0)
+
+    page.goto(site.url + "/")
+    assert site.api("POST", f"/apps/{site.app_id('web')}/start", token="alice").status_code == 202
+    expect(row(page, "web").locator(".badge")).to_have_text("running", timeout=20000)
+    expect(row(page, "web").get_by_role("button", name="Restart", exact=True)).to_be_visible()
+
+
+def test_no_last_error_is_not_painted_as_an_error(site: Site, page: Page) -> None:
+    sign_in(page, site, site.tokens["alice"])
+    page.goto(site.url + f"/ui/apps/{site.app_id('ticker')}")
+    none = page.locator("dl.facts dt", has_text="Last error").locator("xpath=following-sibling::dd[1]")
+    expect(none).to_have_text("none")
+    body = page.evaluate("getComputedStyle(document.body).color")
+    assert none.evaluate("el => getComputedStyle(el).color") == body
+
+
+@pytest.mark.parametrize("where", ["apps", "app", "logs"])
+def test_a_narrow_screen_scrolls_no_page_sideways(site: Site, page: Page, where: str) -> None:
+    """A phone-sized window (420 px): the page fits its width, the row's buttons are reachable."""
+    page.set_viewport_size({"width": 420, "height": 800})
+    sign_in(page, site, site.tokens["alice"])
+    duo = site.app_id("duo")
+    path = {"apps": "/", "app": f"/ui/apps/{duo}", "logs": f"/ui/apps/{duo}/logs"}[where]
+    page.goto(site.url + path)
+    page.wait_for_load_state("load")
+    if where == "apps":
+        box = row(page, "duo").get_by_role("button", name="Delete", exact=True).bounding_box()
+        assert box is not None and box["x"] + box["width"] <= 420, box
+    width = page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+    assert width[0] <= width[1], width
+
+
 def test_delete_after_confirm_removes_containers_and_the_row_turns_removed(
         site: Site, page: Page, docker_client: docker.DockerClient) -> None:
     sign_in(page, site, site.tokens["alice"])
@@ -384,6 +446,44 @@ def test_a_services_domain_is_a_link_in_the_list_and_on_the_app_page(site: Site,
     row(page, "duo").get_by_role("link", name="duo", exact=True).click()
     expect(page.locator("dl.facts")).to_contain_text("Domain of beta")
     expect(page.locator("dl.facts").get_by_role("link", name="beta.duo.localhost")).to_be_visible()
+
+
+EDGE_WEB = (f"name: edged\nimage: {TEST_IMAGE}\nport: 8080\nmemory: 64\ndomain: edged.localhost\ncommand: "
+            "[sh, -c, 'mkdir -p /w && echo through-the-edge > /w/index.html && exec httpd -f -p 8080 -h /w']\n")
+
+
+def _through(caddy: Caddy, host: str) -> tuple[int, str] | None:
+    try:
+        return caddy.fetch(host)
+    except OSError:  # the edge's server is made by the daemon's first pass
+        return None
+
+
+def test_a_domain_link_carries_the_edges_port(repo: GitRepo, owner: str, images: object, caddy: Caddy,
+                                              tmp_path: pathlib.Path, browser: Browser) -> None:
+    """An edge on a port of its own (the demo's): the domain link goes there, and answers."""
+    repo.push({"apps/edged.yaml": EDGE_WEB})
+    state = tmp_path / "state"
+    token = cli("token", "create", "--org", "default", "--state", str(state)).stdout.strip()
+    daemon = Daemon(repo, state, owner, env={"CYNCHROD_EDGE": caddy.admin,
+                                             "CYNCHROD_EDGE_LISTEN": f"127.0.0.1:{caddy.port}",
+                                             "CYNCHROD_WATCH": "off"}).start()
+    ctx = browser.new_context()
+    try:
+        wait_for(lambda: _through(caddy, "edged.localhost") == (200, "through-the-edge\n"), 60,
+                 "the app through the edge")
+        s = Site(daemon, daemon.api, repo, state, owner, {"root": token})
+        wait_for(lambda: _all_running(s, 1), 30, "the API")
+        page = ctx.new_page()
+        sign_in(page, s, token)
+        link = row(page, "edged").get_by_role("link", name="edged.localhost")
+        expect(link).to_have_attribute("href", f"http://edged.localhost:{caddy.port}/")
+        row(page, "edged").get_by_role("link", name="edged", exact=True).click()
+        page.locator("dl.facts").get_by_role("link", name="edged.localhost").click()
+        expect(page.locator("body")).to_have_text("through-the-edge")  # *.localhost is this machine
+    finally:
+        ctx.close()
+        assert daemon.stop() == 0
 
 
 FLOOD = """() => new Promise((done) => {

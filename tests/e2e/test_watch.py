@@ -46,6 +46,7 @@ def test_a_saved_file_is_applied(tmp_path: pathlib.Path, owner: str, images: obj
         db.close()
         status = subprocess.run(["git", "status", "--porcelain"], cwd=work, capture_output=True, text=True).stdout
         assert "apps/w.yaml" in status  # still the user's uncommitted file: nothing was committed for them
+        assert "watchfiles" not in daemon.output()  # its "1 change detected" info lines are not for our log
     finally:
         assert daemon.stop() == 0
 

@@ -237,3 +237,15 @@ def test_cynchrod_status_names_every_domain() -> None:
                                                                                                  "domain": None}]}
     assert client._domains(row) == "shop.example, api.example (api)"
     assert client._domains({"domain": None, "services": []}) == ""
+
+
+@pytest.mark.parametrize("listen,tls_listen,url", [
+    (":80", "", "http://a.example.com/"),                          # a real edge: no port to type
+    ("0.0.0.0:80", "", "http://a.example.com/"),
+    ("127.0.0.1:41234", "", "http://a.example.com:41234/"),       # the demo's edge
+    ("[::1]:8080", "", "http://a.example.com:8080/"),
+    (":80", ":443", "https://a.example.com/"),                    # TLS there: the link is https
+    (":8080", "127.0.0.1:8443", "https://a.example.com:8443/"),
+])
+def test_a_domains_link_goes_to_the_edges_public_port(listen: str, tls_listen: str, url: str) -> None:
+    assert edge.link("a.example.com", listen=listen, tls_listen=tls_listen) == url

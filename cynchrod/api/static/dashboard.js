@@ -95,6 +95,8 @@ function updateRow(row, app) {
       dep.append(time, ` · ${d.trigger} · `, code);
     }
   }
+  const restart = row.querySelector("form[data-restart]");
+  if (restart) restart.hidden = app.status === "stopped";  // refused on a stopped app: Start is the button
   const toggle = row.querySelector("form[data-toggle]");
   if (toggle) {
     const want = app.status === "stopped" ? "start" : "stop";
