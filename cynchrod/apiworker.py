@@ -19,6 +19,7 @@ the middle of requests.
 from __future__ import annotations
 
 import gc
+import json
 import mmap
 import signal
 import struct
@@ -29,6 +30,8 @@ from typing import Any
 import gevent
 from gevent.pool import Pool
 from gevent.server import StreamServer
+from gunicorn import util
+from gunicorn.http import errors as http_errors
 from gunicorn.workers.ggevent import GeventWorker
 
 #: A worker takes a new connection while it holds at most this many more than another.
@@ -100,6 +103,37 @@ class _Server(StreamServer):  # type: ignore[misc]
         return super().do_read()
 
 
+#: Requests gunicorn refuses before the app sees them, answered as the app answers its errors
+#: (JSON ``{"error", "message"}`` with a stable code) instead of gunicorn's HTML page:
+#: (exception, status, reason phrase, code, message). Messages are fixed sentences: gunicorn's
+#: own text can quote the request line, and so a ``?token=``. Every other request gunicorn
+#: cannot parse (a malformed request line, header or chunk) is ``400 bad_request``.
+FRONT_ERRORS: tuple[tuple[type[Exception], int, str, str, str], ...] = (
+    (http_errors.LimitRequestLine, 414, "URI Too Long", "uri_too_long",
+     "the request line (method, path and query string) is over {line} bytes"),
+    (http_errors.LimitRequestHeaders, 431, "Request Header Fields Too Large", "headers_too_large",
+     "a header is over {field_size} bytes, or there are over {fields} headers"),
+    (http_errors.ExpectationFailed, 417, "Expectation Failed", "expectation_failed",
+     "the only Expect the server knows is 100-continue"),
+    (http_errors.UnsupportedTransferCoding, 501, "Not Implemented", "not_implemented",
+     "the only Transfer-Encoding the server knows is chunked"),
+)
+#: Errors of the app's own making that gunicorn finds (a header it may not send): a bug, a 500.
+_APP_FAULTS = (http_errors.InvalidResponseHeader, http_errors.InvalidResponseHeaderName,
+               http_errors.ConfigurationProblem)
+
+
+def front_error(exc: BaseException) -> tuple[int, str, str, str]:
+    """(status, reason, code, message) of what gunicorn's worker caught while serving a connection."""
+    for kind, status, reason, code, message in FRONT_ERRORS:
+        if isinstance(exc, kind):
+            return status, reason, code, message
+    if isinstance(exc, http_errors.ParseException) and not isinstance(exc, _APP_FAULTS):
+        return 400, "Bad Request", "bad_request", "the request could not be parsed (a malformed request line, " \
+                                                  "header or chunk)"
+    return 500, "Internal Server Error", "internal", "internal error"
+
+
 class Worker(GeventWorker):  # type: ignore[misc]
     """gunicorn's gevent worker; ``keepalive`` bounds the wait for a request's line and
     headers (the first request's too), the app bounds the body."""
@@ -131,6 +165,25 @@ class Worker(GeventWorker):  # type: ignore[misc]
             # never waits and serves that one connection while the others starve (wrk -t4:
             # p50 0.5 ms, p99 0.9 s).
             gevent.sleep(0)
+
+    def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
+        """gunicorn's ``Worker.handle_error`` (its HTML page) answered as JSON, like the app's errors."""
+        status, reason, code, message = front_error(exc)
+        if status == 500:
+            # As gunicorn logs it, but with the path only: the query string can carry ?token=.
+            self.log.exception("Error handling request %s", getattr(req, "path", None) or "(no URI read)")
+        else:
+            self.log.warning("refused a request from %s: %s %s (%s)", (addr or ("",))[0], status, code,
+                             type(exc).__name__)
+        limits = {"line": self.cfg.limit_request_line, "fields": self.cfg.limit_request_fields,
+                  "field_size": self.cfg.limit_request_field_size}
+        body = json.dumps({"error": code, "message": message.format(**limits)}).encode()
+        head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1")
+        try:
+            util.write_nonblock(client, head + body)
+        except Exception:  # the client is gone: nothing to tell it
+            self.log.debug("Failed to send error message.")
 
     def handle(self, listener: Any, client: Any, addr: Any) -> None:
         self._held(1)

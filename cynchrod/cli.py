@@ -134,7 +134,9 @@ def parser() -> argparse.ArgumentParser:
     lg = _sub(sub, "logs", "print an app's last log lines; -f follows new ones")
     lg.add_argument("app", metavar="APP", help="ORG/NAME or app id")
     _flag(lg, "--tail", type=int, default=200, metavar="N", help="lines to print first, 1-2000 (default 200)")
-    _flag(lg, "-f", "--follow", action="store_true", help="keep printing new lines until Ctrl-C")
+    _flag(lg, "-f", "--follow", action="store_true",
+          help="keep printing new lines until Ctrl-C or SIGTERM; exit 1 when the stream ends otherwise "
+               "(the app removed, the daemon gone)")
     _client_flags(lg)
 
     t = _sub(sub, "token", "API tokens: create, list, revoke")
@@ -250,7 +252,30 @@ def cmd_validate(paths: Sequence[str], out: IO[str]) -> int:
 CLIENT_COMMANDS = ("apps", "status", "deployments", "logs", "restart", "stop", "start", "delete")
 
 
+#: Exit status when the reader of stdout went away (``cynchrod apps | head``): what a shell
+#: reports for a process SIGPIPE ended (128 + 13), which ``git``, ``cat`` and the rest exit with
+#: there. A ``pipefail`` script sees the same status from cynchrod as from any Unix tool, and it
+#: is neither an API error (1) nor a usage error (2). Python ignores SIGPIPE (so that a socket's
+#: EPIPE is an exception, not death: the API connection must never kill the command silently),
+#: so the closed pipe is caught here instead, as its documentation's "Note on SIGPIPE" does.
+PIPE_CLOSED = 141
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command; its exit status. A closed stdout is quiet: no traceback, no message."""
+    try:
+        status = _main(argv)
+        sys.stdout.flush()  # here, not at exit: a closed pipe is then this function's to handle
+        return status
+    except BrokenPipeError:
+        # The rest of the output (Python flushes it at exit) goes nowhere rather than failing again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return PIPE_CLOSED
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=os.environ.get("CYNCHROD_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

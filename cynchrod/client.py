@@ -10,7 +10,10 @@ API errors are raised as ``ClientError`` with the API's stable code.
 from __future__ import annotations
 
 import calendar
+import contextlib
+import http.client
 import json
+import signal
 import time
 import urllib.error
 import urllib.parse
@@ -22,8 +25,21 @@ from cynchrod.errors import CynchrodError
 
 DEFAULT_API = "http://127.0.0.1:8080"
 TIMEOUT_S = 30.0
-#: WebSocket close codes that mean the stream ended on purpose (1000), or why it was refused.
-_CLOSE_REASONS = {4401: "unauthorized", 4404: "not_found", 4429: "too_many_streams"}
+#: WebSocket close codes of the log stream and the error code each is said with. Every end of
+#: a followed stream is an error (exit 1): ``logs -f`` follows until Ctrl-C or SIGTERM.
+_CLOSE_REASONS = {4401: "unauthorized", 4404: "not_found", 4429: "too_many_streams", 1011: "docker_unavailable"}
+#: Close messages (with 1000) that name their own code.
+_CLOSE_MESSAGES = {"app_removed": "the app was removed (deleted from the repository); its history stays: "
+                                  "cynchrod status APP"}
+
+
+class Stopped(BaseException):
+    """``logs -f`` ended by a signal: the stream is closed and the command exits ``status``
+    (128 + the signal, as a shell reports a process the signal ended)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
 
 
 class ClientError(CynchrodError):
@@ -51,10 +67,16 @@ class Client:
             except (ValueError, KeyError, TypeError):
                 code, message = "http_error", f"{exc.code} {exc.reason}"
             raise ClientError(message, code=code) from None
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise ClientError(f"cannot reach the API at {self.api} ({reason}); is `cynchrod serve` running? "
-                              "Set --api or CYNCHROD_API", code="api_unreachable") from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            # Refused, reset, or cut mid-answer (the daemon stopped or was killed): one line, exit 1.
+            raise self.unreachable(getattr(exc, "reason", exc)) from None
+        except ValueError:
+            raise ClientError(f"the API at {self.api} answered {method} {path} with something that is not "
+                              "JSON; is --api the daemon's address?", code="api_unreachable") from None
+
+    def unreachable(self, reason: object) -> ClientError:
+        return ClientError(f"cannot reach the API at {self.api} ({reason or type(reason).__name__}); is "
+                           "`cynchrod serve` running? Set --api or CYNCHROD_API", code="api_unreachable")
 
     def details(self, ref: str) -> dict[str, Any]:
         """``{"app", "webhook", "deployments"}`` of ``ORG/NAME`` or an app id."""
@@ -207,37 +229,52 @@ def websocket(url: str) -> Any:
     return _Client.connect(url)
 
 
+def _closed(closed: Any, api: str) -> ClientError:
+    """What a closed log stream means, as an error (``closed``: simple-websocket's ``ConnectionClosed``)."""
+    message = (closed.message or "").strip()
+    if closed.reason in _CLOSE_REASONS:
+        return ClientError(f"the log stream was closed: {message}".strip(), code=_CLOSE_REASONS[closed.reason])
+    if message in _CLOSE_MESSAGES:
+        return ClientError(_CLOSE_MESSAGES[message], code=message)
+    if closed.reason in (1005, 1006):  # no close frame: the connection dropped
+        return ClientError(f"the connection to the API at {api} was lost (the daemon stopped, or the network "
+                           "dropped)", code="stream_closed")
+    return ClientError(f"the daemon ended the log stream ({closed.reason} {message})".replace(" )", ")"),
+                       code="stream_closed")
+
+
+def _stop_on(signum: int, frame: object) -> None:
+    raise Stopped(128 + signum)
+
+
 def logs(client: Client, ref: str, *, tail: int, follow: bool, output: str, out: IO[str]) -> int:
-    """The last ``tail`` lines; with ``follow``, then every new line until the stream ends or Ctrl-C.
+    """The last ``tail`` lines; with ``follow``, then every new line until Ctrl-C or SIGTERM.
 
     For ``follow`` the stream is opened before the tail is read, so no line falls
-    between them; lines that are in both are printed once.
+    between them; lines that are in both are printed once. Any end of the stream
+    other than a signal (the app removed, the daemon gone) is a ``ClientError``.
     """
     app = client.details(ref)["app"]
-    ws = None
-    if follow:
-        import simple_websocket  # only ``logs -f`` needs it
+    if not follow:
+        return _print_tail(client, app, tail=tail, output=output, out=out)[0]
+    import simple_websocket  # only ``logs -f`` needs it
 
+    # SIGTERM (kill, systemd, a supervisor) ends the stream as Ctrl-C does: closed, no traceback.
+    previous = signal.signal(signal.SIGTERM, _stop_on)
+    ws = None
+    try:
         ticket = client.call("POST", f"/apps/{app['id']}/logs/ticket")["ticket"]
         url = client.api.replace("http://", "ws://", 1).replace("https://", "wss://", 1)
-        ws = websocket(f"{url}/apps/{app['id']}/logs/stream?ticket={ticket}")
-    try:
-        lines = client.call("GET", f"/apps/{app['id']}/logs?tail={tail}")["lines"]
-        services = len({line["service"] for line in lines}) > 1 or any(line["service"] != "main" for line in lines)
-        seen = {(line["timestamp"], line["service"], line["line"]) for line in lines}
-        for line in lines:
-            _print_line(line, output=output, services=services, out=out)
-        if ws is None:
-            return 0
-        newest = max((line["timestamp"] for line in lines), default="")
+        try:
+            ws = websocket(f"{url}/apps/{app['id']}/logs/stream?ticket={ticket}")
+        except (OSError, simple_websocket.ConnectionError) as exc:
+            raise client.unreachable(exc) from None
+        _, services, seen, newest = _print_tail(client, app, tail=tail, output=output, out=out)
         while True:
             try:
                 message = ws.receive()
             except simple_websocket.ConnectionClosed as closed:
-                if closed.reason in _CLOSE_REASONS:
-                    raise ClientError(f"the log stream was closed: {closed.message or ''}".strip(),
-                                      code=_CLOSE_REASONS[closed.reason]) from None
-                return 0
+                raise _closed(closed, client.api) from None
             batch = json.loads(message)  # a JSON array of lines (one object from an older daemon)
             for line in batch if isinstance(batch, list) else [batch]:
                 if line["timestamp"] <= newest and (line["timestamp"], line["service"], line["line"]) in seen:
@@ -245,6 +282,21 @@ def logs(client: Client, ref: str, *, tail: int, follow: bool, output: str, out:
                 _print_line(line, output=output, services=services or line["service"] != "main", out=out)
     except KeyboardInterrupt:
         return 130
+    except Stopped as stopped:
+        return stopped.status
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if ws is not None:
-            ws.close()
+            with contextlib.suppress(simple_websocket.ConnectionClosed):  # the server closed it first
+                ws.close()
+
+
+def _print_tail(client: Client, app: dict[str, Any], *, tail: int, output: str,
+                out: IO[str]) -> tuple[int, bool, set[tuple[str, str, str]], str]:
+    """Print the last ``tail`` lines; (exit status, several services, the lines seen, the newest timestamp)."""
+    lines = client.call("GET", f"/apps/{app['id']}/logs?tail={tail}")["lines"]
+    services = len({line["service"] for line in lines}) > 1 or any(line["service"] != "main" for line in lines)
+    for line in lines:
+        _print_line(line, output=output, services=services, out=out)
+    seen = {(line["timestamp"], line["service"], line["line"]) for line in lines}
+    return 0, services, seen, max((line["timestamp"] for line in lines), default="")

@@ -551,6 +551,7 @@ class Source(Followed):
         except (pygit2.GitError, ValueError, KeyError) as exc:
             raise SourceError(f"push to {self._safe_url} failed: {exc}", code="push_failed") from exc
         try:
+            _refuse_checked_out(remote, ref_name, self._safe_url)
             found = remote.references.get(ref_name)
             ref = None if found is None else found.resolve()
             if ref is None or list(new.parent_ids) != [ref.target]:
@@ -567,6 +568,48 @@ class Source(Followed):
                 raise _Rejected(f"{ref_name} moved on while pushing (stale info): {exc}") from exc
         finally:
             remote.free()
+
+
+def _checked_out(repo: pygit2.Repository, ref_name: str) -> str | None:
+    """The work tree that has ``ref_name`` checked out (the main one or a linked one), or None."""
+    heads = [] if repo.is_bare else [(repo.workdir, pathlib.Path(repo.path) / "HEAD")]
+    linked = pathlib.Path(repo.path) / "worktrees"  # ``git worktree add``: a bare repository may have them too
+    if linked.is_dir():
+        heads += [((d / "gitdir").read_text(errors="replace").strip().removesuffix("/.git"), d / "HEAD")
+                  for d in sorted(linked.iterdir()) if (d / "HEAD").is_file() and (d / "gitdir").is_file()]
+    for workdir, head in heads:
+        with contextlib.suppress(OSError):
+            if head.read_text(errors="replace").strip() == f"ref: {ref_name}":
+                return str(workdir)
+    return None
+
+
+def _refuse_checked_out(repo: pygit2.Repository, ref_name: str, url: str) -> None:
+    """Refuse to move a branch that is checked out in a work tree of a repository on this machine.
+
+    ``file://`` of a checkout is followed through a mirror like any remote (reading it is harmless),
+    but the local push writes the branch ref directly: the checked-out branch would move under
+    the user's work tree, whose files and index would then show our commit undone as their own
+    changes (and a later ``git commit -a`` would revert it). ``git push`` refuses the same push
+    (``receive.denyCurrentBranch``, default ``refuse``), so we do as Git does: refused unless the
+    repository's ``receive.denyCurrentBranch`` is ``ignore`` or ``warn`` (``updateInstead``, which
+    would also update the work tree, is not something we do: refused too). Other branches of a
+    checkout, and bare repositories, are pushed to as before.
+    """
+    workdir = _checked_out(repo, ref_name)
+    if workdir is None:
+        return
+    try:
+        policy = str(repo.config["receive.denyCurrentBranch"]).lower()
+    except (KeyError, pygit2.GitError):
+        policy = "refuse"
+    if policy in ("ignore", "warn", "false", "no", "off", "0"):
+        return
+    raise PermanentError(
+        f"{url} is not a bare repository and {ref_name.removeprefix('refs/heads/')} is checked out in {workdir}: "
+        "pushing the commit would move that branch under its work tree (Git refuses the same push: "
+        "receive.denyCurrentBranch). Follow a bare repository (git clone --bare), follow another branch, or "
+        "give the checkout as a plain path (its files are then read and edited in place)", code="repo_not_bare")
 
 
 def _copy_objects(src: pygit2.Repository, dst: pygit2.Repository, root: pygit2.Oid) -> None:

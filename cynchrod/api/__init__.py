@@ -41,7 +41,7 @@ STATUS = {
     "invalid_tail": 400, "invalid_body": 400, "invalid_query": 400, "invalid_manifest": 400, "invalid_secret": 400,
     "app_exists": 409, "app_removed": 409, "not_in_repo": 409, "conflict": 409, "no_previous_deployment": 409,
     "app_stopped": 409,
-    "path_unwritable": 409, "not_a_repo_app": 409,
+    "path_unwritable": 409, "not_a_repo_app": 409, "repo_not_bare": 409,
     "too_many_streams": 429, "body_too_large": 413, "body_timeout": 408, "reconciler_unavailable": 503,
     "push_conflict": 503, "push_failed": 502, "source_unavailable": 503, "branch_not_found": 503,
     "docker_unavailable": 503, "runtime_error": 502,

@@ -170,7 +170,7 @@ def delete(app_id: str) -> tuple[Response, int]:
 @bp.post("/apps/<app_id>/rollback")
 def rollback(app_id: str) -> tuple[Response, int]:
     token = bearer()
-    app = visible_app(token, app_id)
+    # The body first: a request that is wrong in itself is a 400 whatever the app's state.
     raw = read_body()
     body = parse_body(raw, request.mimetype or "") if raw.strip() else {}
     if not isinstance(body, dict):
@@ -181,6 +181,7 @@ def rollback(app_id: str) -> tuple[Response, int]:
     if "deployment_id" in body and (not isinstance(target, int) or isinstance(target, bool)
                                     or not 0 < target <= MAX_ID):
         raise ApiError("invalid_body", "deployment_id must be an integer")
+    app = visible_app(token, app_id)
     return _accepted(daemon().control.rollback(app, actor=token.name, deployment_id=target))
 
 

@@ -67,11 +67,20 @@ def _tail() -> int:
     return int(raw)
 
 
+def _live(app: store.App) -> None:
+    """A removed app has no logs to read or follow: said as ``409 app_removed`` (as the imperative
+    calls say it), not an empty list a client cannot tell from a quiet app."""
+    if app.status == store.REMOVED:
+        raise ApiError("app_removed", f"app {app.org}/{app.name} is removed (deleted from the repository); "
+                                      "it stays only as history")
+
+
 @bp.get("/apps/<app_id>/logs")
 def tail(app_id: str) -> Response:
     app = visible_app(bearer(), app_id)
     n = _tail()
-    lines = [] if app.status == store.REMOVED else daemon().runtime.tail(app.org, app.name, n)
+    _live(app)
+    lines = daemon().runtime.tail(app.org, app.name, n)
     return jsonify({"app_id": app.id, "tail": n, "lines": [line.to_json() for line in lines]})
 
 
@@ -79,6 +88,7 @@ def tail(app_id: str) -> Response:
 def ticket(app_id: str) -> Response:
     token = bearer()
     app = visible_app(token, app_id)
+    _live(app)
     return jsonify({"ticket": daemon().tickets.issue(token, app.id), "expires_in": int(TICKET_TTL_S)})
 
 

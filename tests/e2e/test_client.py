@@ -84,16 +84,89 @@ def test_logs_tail_and_follow(served: dict[str, str]) -> None:
     assert numbers == list(range(numbers[0], numbers[0] + 3))
     assert cli("logs", "default/ticker", "--tail", "0", env=served).returncode == 2
 
-    follow = subprocess.Popen([*CLI, "logs", "default/ticker", "--tail", "2", "-f"], stdout=subprocess.PIPE,
+    # SIGTERM (what `kill`, systemd and a test harness send) ends it as Ctrl-C does: the stream
+    # closed, no traceback, 128 + the signal. SIGINT is sent with its default disposition restored
+    # in the child: a background job of a non-interactive shell inherits SIGINT ignored (POSIX),
+    # and the suite must pass there too.
+    for sig, status in ((signal.SIGTERM, 128 + signal.SIGTERM), (signal.SIGINT, 130)):
+        follow = subprocess.Popen([*CLI, "logs", "default/ticker", "--tail", "2", "-f"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env={**os.environ, **served},
+                                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        try:
+            assert follow.stdout is not None and follow.stderr is not None
+            got = [follow.stdout.readline().strip() for _ in range(8)]  # 2 from the tail, then live ones
+            follow.send_signal(sig)
+            assert follow.wait(timeout=10) == status, (sig, follow.stderr.read())
+            assert follow.stderr.read() == ""
+        finally:
+            if follow.poll() is None:
+                follow.kill()
+                follow.wait()
+        seen = [int(line.split()[1]) for line in got]
+        assert seen == list(range(seen[0], seen[0] + 8)), got  # in order: nothing lost or doubled at the seam
+
+
+def _shell(command: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``command`` in bash, with ``$CLI`` the cynchrod command; stdout is the first stage's exit status."""
+    return subprocess.run(["bash", "-c", command + '; echo "${PIPESTATUS[0]}"'], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, **env, "CLI": " ".join(CLI)}, stdin=subprocess.DEVNULL)
+
+
+def test_a_closed_pipe_is_a_quiet_141(served: dict[str, str]) -> None:
+    # `true` reads nothing and exits: every write of the CLI meets a closed pipe.
+    for command in ("$CLI status default/web | true", "$CLI apps | true",
+                    "$CLI logs default/ticker -f | head -n 2 >/dev/null"):
+        done = _shell(command, served)
+        assert (done.stdout.strip(), done.stderr) == ("141", ""), command
+
+
+def test_logs_of_a_removed_app_say_so(served: dict[str, str]) -> None:
+    follow = subprocess.Popen([*CLI, "logs", "default/ticker", "--tail", "1", "-f"], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env={**os.environ, **served})
     try:
-        assert follow.stdout is not None
-        got = [follow.stdout.readline().strip() for _ in range(8)]  # 2 from the tail, then live ones
+        assert follow.stdout is not None and follow.stderr is not None
+        assert follow.stdout.readline().startswith("tick ")
+        assert cli("delete", "default/ticker", env=served).returncode == 0
+        assert follow.wait(timeout=30) == 1
+        err = follow.stderr.read()
+        assert err.startswith("cynchrod: app_removed: ") and err.count("\n") == 1, err
     finally:
-        follow.send_signal(signal.SIGINT)
-        follow.wait(timeout=10)
-    seen = [int(line.split()[1]) for line in got]
-    assert seen == list(range(seen[0], seen[0] + 8)), got  # in order: nothing lost or doubled at the seam
+        if follow.poll() is None:
+            follow.kill()
+            follow.wait()
+    wait_for(lambda: _status(served, "default/ticker")["app"]["status"] == "removed", 20, "removed")
+    for flags in ((), ("-f",)):
+        done = cli("logs", "default/ticker", *flags, env=served)
+        assert done.returncode == 1 and done.stdout == "", (flags, done.stderr)
+        assert done.stderr.startswith("cynchrod: app_removed: ") and done.stderr.count("\n") == 1, done.stderr
+
+
+def test_a_dropped_connection_is_one_line(repo: GitRepo, daemons: Callable[..., Daemon],
+                                          tmp_path: pathlib.Path) -> None:
+    token = cli("token", "create", "--org", "default", "--state", str(tmp_path / "state")).stdout.strip()
+    repo.push({"apps/ticker.yaml": f"name: ticker\nimage: {TEST_IMAGE}\ncommand: {TICKER}\nmemory: 64\n"})
+    daemon = daemons(interval=300).start()
+    env = {"CYNCHROD_API": daemon.api, "CYNCHROD_TOKEN": token}
+    wait_for(lambda: _statuses(env) == {"default/ticker": "running"}, 30, "the app")
+    follow = subprocess.Popen([*CLI, "logs", "default/ticker", "--tail", "1", "-f"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
+    try:
+        assert follow.stdout is not None and follow.stderr is not None
+        assert follow.stdout.readline().startswith("tick ")
+        assert daemon.proc is not None
+        os.killpg(daemon.proc.pid, signal.SIGKILL)  # the daemon dies mid-stream (no close frame)
+        daemon.proc.wait(10)
+        assert follow.wait(timeout=30) == 1
+        err = follow.stderr.read()
+        assert err.startswith("cynchrod: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+            follow.wait()
+    for args in (("apps",), ("status", "default/ticker"), ("logs", "default/ticker"), ("logs", "default/ticker", "-f")):
+        done = cli(*args, env=env)  # nothing listens there any more
+        assert done.returncode == 1 and done.stderr.startswith("cynchrod: api_unreachable: "), (args, done.stderr)
+        assert done.stderr.count("\n") == 1
 
 
 def test_imperative_commands(served: dict[str, str]) -> None:

@@ -110,3 +110,52 @@ def test_a_worktree_source_is_whole_on_its_own(tmp_path: pathlib.Path) -> None:
     assert [path for path, _ in followed.files(commit)[0]] == ["apps/a.yaml"]
     assert followed.commit_edit("apps/a.yaml", lambda old: (old or b"") + b"cpu: 0.5\n", "edit") is not None
     assert followed.fetch() != commit
+
+
+def test_commit_back_never_moves_the_checked_out_branch_of_a_checkout(
+        tmp_path: pathlib.Path, owner: str, images: object) -> None:
+    """Issue 19: ``file://`` of a checkout is followed through a mirror (read: fine), but a push
+    into it would move the branch under the user's work tree. Refused as ``git push`` refuses it
+    (receive.denyCurrentBranch): ``repo_not_bare``, through the API, nothing touched."""
+    import requests
+
+    from tests.helpers import Daemon, wait_for
+
+    work = tmp_path / "checkout"
+    (work / "apps").mkdir(parents=True)
+    git("init", "-q", "-b", "main", str(work), cwd=tmp_path)
+    (work / "apps" / "web.yaml").write_text(manifest("web"))
+    git("add", ".", cwd=work)
+    git("commit", "-q", "-m", "start", cwd=work)
+    (work / "apps" / "notes.txt").write_text("the user's work in progress\n")
+    head = git("rev-parse", "HEAD", cwd=work).strip()
+    state = tmp_path / "state"
+    token = cli("token", "create", "--org", "default", "--state", str(state)).stdout.strip()
+    daemon = Daemon(f"file://{work}", state, owner).start()
+    auth = {"Authorization": f"Bearer {token}"}
+    try:
+        def web() -> dict[str, object] | None:
+            try:
+                apps = requests.get(daemon.api + "/apps", headers=auth, timeout=5).json()["apps"]
+            except (requests.RequestException, ValueError):
+                return None
+            return next((a for a in apps if a["name"] == "web" and a["status"] == "running"), None)
+
+        wait_for(web, 30, "web to run from the checkout")  # following it is fine
+        app = web()
+        assert app is not None
+        r = requests.post(f"{daemon.api}/apps/{app['id']}/stop", headers=auth, timeout=30)
+        assert r.status_code == 409 and r.json()["error"] == "repo_not_bare", r.text
+        assert "checked out" in r.json()["message"] and "bare" in r.json()["message"]
+    finally:
+        assert daemon.stop() == 0
+    assert git("rev-parse", "HEAD", cwd=work).strip() == head
+    assert git("status", "--porcelain", cwd=work) == "?? apps/notes.txt\n"
+    assert (work / "apps" / "web.yaml").read_text() == manifest("web")
+    # Another branch of the same checkout is not under anyone's work tree: pushed to as before.
+    git("branch", "deploy", cwd=work)
+    other = source.Source(f"file://{work}", branch="deploy", state_dir=tmp_path / "state2")
+    other.fetch()
+    assert other.commit_edit("apps/web.yaml", lambda old: (old or b"") + b"state: stopped\n", "stop") is not None
+    assert git("rev-parse", "HEAD", cwd=work).strip() == head
+    assert git("rev-parse", "deploy", cwd=work).strip() != head

@@ -145,3 +145,66 @@ def test_deleting_the_last_app_is_applied(client: Client) -> None:
         return any(a["id"] == web and a["status"] == "removed" for a in apps)
 
     wait_for(removed, 30, "web to be removed")
+
+
+def _raw(url: str, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """``request`` sent as it is (no client library would send a line or headers this large)."""
+    import socket
+    import urllib.parse
+
+    parsed = urllib.parse.urlsplit(url)
+    data = b""
+    for _ in range(5):  # the server answers and closes before reading it all: a reset may eat the answer
+        with socket.create_connection((parsed.hostname, parsed.port), timeout=30) as conn:
+            try:
+                conn.sendall(request)
+                conn.shutdown(socket.SHUT_WR)
+                while chunk := conn.recv(65536):
+                    data += chunk
+            except ConnectionResetError:
+                pass
+        if b"\r\n\r\n" in data:
+            break
+        data = b""
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+def test_the_front_server_answers_json_too(client: Client) -> None:
+    """Issue 19: gunicorn's own refusals (before Flask sees the request) were HTML pages with
+    statuses the document did not list; now JSON with a code, like every other error."""
+    import json
+
+    auth = f"Authorization: Bearer {client.token}\r\n".encode()
+    cases = {
+        "uri_too_long": b"GET /apps?x=" + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n",
+        "headers_too_large": b"GET /apps HTTP/1.1\r\nHost: x\r\n" + auth + b"X-Big: " + b"a" * 8200 + b"\r\n\r\n",
+        "too_many_headers": b"GET /apps HTTP/1.1\r\nHost: x\r\n" + auth
+                            + b"".join(b"X-%d: 1\r\n" % i for i in range(150)) + b"\r\n",
+        "bad_request": b"GET /apps HTTP/1.1\r\nHost: x\r\n" + auth + b"Bad Header: 1\r\n\r\n",
+    }
+    expected = {"uri_too_long": (414, "uri_too_long"), "headers_too_large": (431, "headers_too_large"),
+                "too_many_headers": (431, "headers_too_large"), "bad_request": (400, "bad_request")}
+    for case, request in cases.items():
+        status, headers, body = _raw(client.url, request)
+        assert (status, headers.get("content-type")) == (expected[case][0], "application/json"), (case, body[:300])
+        answer = json.loads(body)
+        assert answer["error"] == expected[case][1] and answer["message"], (case, answer)
+    # The document lists them on every operation.
+    document = json.loads((pathlib.Path(__file__).resolve().parents[2] / "cynchrod" / "openapi.json").read_text())
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            if method in ("get", "post", "put", "delete", "patch"):
+                assert {"400", "414", "431"} <= set(operation["responses"]), (method, path)
+
+
+def test_a_body_is_checked_before_the_app(client: Client) -> None:
+    """Found by schemathesis: a body of one NUL byte was answered with the app's state (409)."""
+    web = client.get("/apps").json()["apps"][0]["id"]
+    for body in (b"\x00", b"[1]", b'{"deployment_id": "x"}', b"\x00\x00 \n"):
+        r = client.post(f"/apps/{web}/rollback", body, "application/json")
+        assert r.status_code == 400 and r.json()["error"] == "invalid_body", (body, r.text)
+    r = client.post("/apps/app_nope/rollback", b"\x00", "application/json")
+    assert r.status_code == 400 and r.json()["error"] == "invalid_body", r.text
