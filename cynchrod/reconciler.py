@@ -255,6 +255,9 @@ class Reconciler:
         self.progress: Callable[[int, int, str], None] | None = None
         #: Why the store could not be written, while it cannot (for /healthz).
         self.state_error: str | None = None
+        #: Log each manifest error of a newly read commit (the daemon); ``plan`` and ``sync``
+        #: print them in their own output instead, so each is shown once.
+        self.log_manifest_errors = True
         if builds is not None:
             builds.on_done = lambda: self.wakeup.request("build")
             builds.open_deployment = self._open_build
@@ -310,7 +313,7 @@ class Reconciler:
         if refused:
             desired = dataclasses.replace(desired, errors=desired.errors + tuple(refused),
                                           failed_paths=desired.failed_paths | {e.path for e in refused})
-        for error in desired.errors:
+        for error in desired.errors if self.log_manifest_errors else ():
             log.warning("manifest %s", error)
         self._loaded[src.url] = (commit, desired)
         self._new_commit = self._new_commit or len(desired.apps) >= FREEZE_APPS
