@@ -305,6 +305,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         with StateLock(cfg.state):
             if args.command == "sync":
                 rec = build(cfg, recover=True)
+                rec.log_manifest_errors = False  # print_result shows them
                 rec.store.interrupt_unfinished()
                 rec.progress = Progress(sys.stderr)
                 result = rec.sync("poll")
@@ -350,11 +351,15 @@ def existing_state(state: pathlib.Path) -> pathlib.Path:
 
 def cmd_plan(cfg: config.Settings, out: IO[str]) -> int:
     """What a pass would do. A state dir that is not there yet is not created (a temporary one is used),
-    and the repositories are fetched into a scratch copy: a daemon may be using the state dir's mirrors."""
+    and the repositories are fetched into a scratch copy: a daemon may be using the state dir's mirrors.
+
+    Each manifest error is printed once (on stdout, before the actions); any error, like a
+    source error, makes the exit status 1: a file that cannot be applied is never "nothing to do"."""
     with tempfile.TemporaryDirectory(prefix="cynchrod-plan-") as scratch:
         if not cfg.state.exists():
             cfg = dataclasses.replace(cfg, state=pathlib.Path(scratch))
         rec = daemon.Daemon.build(cfg, mirrors=pathlib.Path(scratch)).reconciler
+        rec.log_manifest_errors = False
         result, actions = rec.preview()
         rec.store.close()
     if result.source_error:
@@ -363,8 +368,12 @@ def cmd_plan(cfg: config.Settings, out: IO[str]) -> int:
         print(err, file=out)
     for action in actions:
         print(action.describe(), file=out)
-    if result.source_error:
-        return 1  # never "nothing to do" when the repository could not be read
+    if result.manifest_errors:
+        files = len({e.split(":", 1)[0] for e in result.manifest_errors})
+        print(f"cynchrod: {len(result.manifest_errors)} error(s) in {files} file(s): nothing is applied from "
+              "them (an app they declare keeps its last good version)", file=sys.stderr)
+    if result.source_error or result.manifest_errors:
+        return 1  # never "nothing to do" when the repository could not be read, or a file is broken
     if not actions:
         print("nothing to do", file=out)
     return 0

@@ -126,6 +126,13 @@ def _error(text: str | None, width: int = 60) -> str:
     return line if len(line) <= width else line[:width - 1] + "…"
 
 
+def status_text(app: dict[str, Any]) -> str:
+    """The status word, and for a failed app whose earlier version serves, that it does."""
+    if app["status"] == "failed" and app.get("serving") == "previous":
+        return "failed — previous version running"
+    return str(app["status"])
+
+
 def _dump(data: Any, out: IO[str]) -> None:
     print(json.dumps(data, indent=2), file=out)
 
@@ -138,10 +145,26 @@ def apps(client: Client, *, output: str, include_removed: bool, out: IO[str]) ->
     if output == "json":
         _dump(listed, out)
         return 0
-    rows = [(a["id"], f"{a['org']}/{a['name']}", a["status"], a.get("image"), _ports(a), age(a.get("updated_at")),
-             _error(a.get("last_error"))) for a in listed["apps"]]
+    rows: list[tuple[object, ...]] = [
+        (a["id"], f"{a['org']}/{a['name']}", status_text(a), a.get("image"), _ports(a), age(a.get("updated_at")),
+         _error(a.get("last_error"))) for a in listed["apps"]]
+    rows += _problem_rows(listed.get("problems") or [])
     table(rows, ("ID", "APP", "STATUS", "IMAGE", "PORTS", "UPDATED", "LAST ERROR"), out)
     return 0
+
+
+def _problem_rows(problems: Sequence[dict[str, Any]]) -> list[tuple[object, ...]]:
+    """A row per broken file that declares no deployed app: no id, its path for the app, its first error."""
+    by_path: dict[str, list[dict[str, Any]]] = {}
+    for p in problems:
+        by_path.setdefault(p["path"], []).append(p)
+    rows: list[tuple[object, ...]] = []
+    for path, found in by_path.items():
+        first = found[0]
+        more = f" (+{len(found) - 1} more)" if len(found) > 1 else ""
+        text = f"{path}:{first['line']}: {first['code']}: {first['message']}"
+        rows.append(("-", path, "failed", None, None, None, _error(text, 80 - len(more)) + more))
+    return rows
 
 
 def _deployment_rows(deployments: Sequence[dict[str, Any]]) -> list[tuple[object, ...]]:
@@ -164,7 +187,7 @@ def status(client: Client, ref: str, *, output: str, out: IO[str]) -> int:
         _dump(found, out)
         return 0
     app = found["app"]
-    fields = [("app", f"{app['org']}/{app['name']}"), ("id", app["id"]), ("status", app["status"]),
+    fields = [("app", f"{app['org']}/{app['name']}"), ("id", app["id"]), ("status", status_text(app)),
               ("image", app.get("image")), ("ports", _ports(app)), ("domain", _domains(app)),
               ("container", (app.get("container_id") or "")[:12]), ("commit", (app.get("commit") or "")[:12]),
               ("path", app.get("path")), ("updated", f"{app.get('updated_at')} ({age(app.get('updated_at'))} ago)"),

@@ -42,6 +42,9 @@ STOPPED = "stopped"
 FAILED = "failed"
 REMOVED = "removed"
 APP_STATUSES = (QUEUED, PENDING, DEPLOYING, RUNNING, STOPPED, FAILED, REMOVED)
+#: ``serving`` of a failed app whose units of an earlier version still run (its newest version
+#: was refused, held, or could not be applied): "failed — previous version running".
+PREVIOUS = "previous"
 
 #: Trigger names, as deployment rows record them, strongest first.
 TRIGGERS = ("api", "rollback", "webhook", "watch", "build", "self-heal", "poll")
@@ -139,6 +142,8 @@ class Decision:
     #: Remove the app: carry out the removals, then its resources and its row.
     prune: bool = False
     memory: Backoff = Backoff()
+    #: For a failed app: ``PREVIOUS`` when an earlier version keeps serving (``previous_serving``).
+    serving: str | None = None
 
     @property
     def acts(self) -> bool:
@@ -160,6 +165,28 @@ def running_status(spec: specs.AppSpec, units: Sequence[planning.Unit], row: Row
     if want <= up:
         return RUNNING
     return row.status if row is not None else QUEUED
+
+
+def previous_serving(units: Sequence[planning.Unit], *, failed_hashes: frozenset[str]) -> bool:
+    """A failed app's earlier version serves: it has units, all running, none of the version that failed."""
+    return bool(units) and all(u.state == planning.RUNNING and u.spec_hash not in failed_hashes for u in units)
+
+
+def _serving(inputs: Inputs, d: Decision, units: Sequence[planning.Unit]) -> str | None:
+    """``serving`` of a decision: a failed app with an earlier version up (or put back by its actions).
+
+    With a manifest error the spec is the last good one, so its own units are the earlier version;
+    otherwise (a hold, a back-off after a failed apply) units of the new spec are not."""
+    if d.status != FAILED or d.spec is None or d.spec.state == "stopped":
+        return None
+    if d.key in inputs.manifest_errors:
+        if d.actions:
+            return PREVIOUS  # the actions put the last good spec back
+        return PREVIOUS if previous_serving(units, failed_hashes=frozenset()) else None
+    if d.actions:
+        return None
+    new = frozenset(d.spec.service_hash(s) for s in d.spec.services)
+    return PREVIOUS if previous_serving(units, failed_hashes=new) else None
 
 
 def manifest_text(errors: Sequence[ManifestError]) -> str:
@@ -263,7 +290,10 @@ def decide(inputs: Inputs) -> list[Decision]:
             out.append(_in_sync_decision(inputs, key, spec, rows.get(key)))
             continue
         hold = inputs.holds.get(key) or refused.get(key)
-        out.append(_decide_app(inputs, spec, mine, rows.get(key), inputs.memory.get(key, Backoff()), hold))
+        decision = _decide_app(inputs, spec, mine, rows.get(key), inputs.memory.get(key, Backoff()), hold)
+        if decision.status == FAILED:
+            decision = dataclasses.replace(decision, serving=_serving(inputs, decision, mine))
+        out.append(decision)
     return out
 
 

@@ -9,6 +9,7 @@ commit whose files did not change parses nothing.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 import re
 import shlex
@@ -51,6 +52,9 @@ class Result:
     path: str
     spec: specs.AppSpec | None
     errors: tuple[ManifestError, ...] = ()
+    #: For a file that failed: the org it declares as far as it can be read (``declared_org``);
+    #: None when that cannot be told.
+    org: str | None = None
 
 
 def _line_of(doc: Any, path: Iterable[Any]) -> int:
@@ -71,7 +75,8 @@ def _schema_errors(path: str, doc: Any, data: dict[str, Any]) -> list[ManifestEr
                 if key in allowed:
                     continue
                 forbidden = key in FORBIDDEN_KEYS
-                reason = "is not allowed: cynchrod never grants it" if forbidden else "is not a known key"
+                reason = "is not allowed: cynchrod never grants it" if forbidden else \
+                    "is not a known key" + _did_you_mean(key, allowed)
                 errors.append(ManifestError(
                     f"{'.'.join(map(str, [*where, key]))} {reason}",
                     code="policy_violation" if forbidden else "unknown_key", path=path,
@@ -83,8 +88,45 @@ def _schema_errors(path: str, doc: Any, data: dict[str, Any]) -> list[ManifestEr
         message = problem.message.replace("'", "") if problem.rule == "required" else f"{field}: {problem.message}"
         if problem.rule == "finite":
             message = problem.message
+        elif where and where[-1] == "memory":
+            message = _memory_message(field, problem, _value_at(data, where))
         errors.append(ManifestError(message, code=problem.code, path=path, line=_line_of(doc, where)))
     return sorted(errors, key=lambda e: e.line)
+
+
+def _did_you_mean(key: str, allowed: Iterable[str]) -> str:
+    """``; did you mean memory?`` for ``memroy``: the closest allowed key, when one is close."""
+    def plain(text: str) -> str:  # host_port, host-port and HOSTPORT are all hostPort
+        return text.lower().replace("_", "").replace("-", "")
+
+    close = [k for k in sorted(allowed) if plain(k) == plain(key)][:1] or \
+        difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.75)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def _value_at(data: Any, where: Iterable[Any]) -> Any:
+    for part in where:
+        data = data[part]
+    return data
+
+
+#: Units people write after a memory size, as MB per unit (memory is in MB).
+_MEMORY_UNITS = {"": 1, "m": 1, "mb": 1, "mi": 1, "mib": 1, "g": 1024, "gb": 1024, "gi": 1024, "gib": 1024}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def _memory_message(field: str, problem: validation.Problem, value: Any) -> str:
+    """Memory errors name the unit: ``64MB`` is ``write 64``; a bound says it is MB."""
+    if problem.rule in ("minimum", "maximum"):
+        return f"{field}: {problem.message} (memory is in MB)"
+    if problem.rule != "type":
+        return f"{field}: {problem.message}"
+    found = _SIZE.match(value) if isinstance(value, str) else None
+    if found is not None and found.group(2).lower() in _MEMORY_UNITS:
+        mb = float(found.group(1)) * _MEMORY_UNITS[found.group(2).lower()]
+        if mb.is_integer():
+            return f"{field} is in MB: write {int(mb)}, not {value!r}"
+    return f"{field} is a whole number of MB (64 to 16384), e.g. memory: 512; got {value!r}"
 
 
 def _command(value: Any) -> tuple[str, ...] | None:
@@ -113,13 +155,33 @@ def parse(path: str, raw: bytes, *, org: str | None = None) -> Result:
     error, so that one file can never stop a pass.
     """
     try:
-        return _parse(path, raw, org=org)
+        result = _parse(path, raw, org=org)
     except Exception as exc:
         log.exception("manifest %s could not be parsed", path)
         detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-        return Result(path, None, (ManifestError(
+        result = Result(path, None, (ManifestError(
             f"cannot be read ({type(exc).__name__}{': ' + detail if detail else ''})", code="invalid_manifest",
             path=path, line=1),))
+    if result.spec is None and result.org is None:
+        result = dataclasses.replace(result, org=org or declared_org(raw))
+    return result
+
+
+_ORG_LINE = re.compile(r"^org\s*:(.*)$", re.M)
+_ORG_VALUE = re.compile(r"""^\s*(['"]?)([a-z0-9-]{1,63})\1\s*(#.*)?$""")
+
+
+def declared_org(raw: bytes) -> str | None:
+    """The org a file that could not be parsed declares, read from its text: the value of its one
+    top-level ``org:`` line; ``default`` when it has none (as for a manifest without ``org``);
+    None when there is an ``org:`` line that cannot be read. Who may see the file's errors
+    follows from it (``GET /apps``: the file's org, and admin tokens)."""
+    text = raw[:MAX_MANIFEST_BYTES].decode("utf-8", "replace")
+    found = _ORG_LINE.findall(text)
+    if not found:
+        return specs.DEFAULT_ORG
+    value = _ORG_VALUE.match(found[0]) if len(found) == 1 else None
+    return value.group(2) if value is not None and re.fullmatch(specs.NAME_PATTERN, value.group(2)) else None
 
 
 def _parse(path: str, raw: bytes, *, org: str | None) -> Result:
@@ -149,7 +211,9 @@ def _parse(path: str, raw: bytes, *, org: str | None) -> Result:
                                         code="org_forbidden", path=path, line=_line_of(doc, ["org"])))
         data.setdefault("org", org)
     if errors:
-        return Result(path, None, tuple(errors))
+        declared = data.get("org", specs.DEFAULT_ORG)
+        named = isinstance(declared, str) and re.fullmatch(specs.NAME_PATTERN, declared) is not None
+        return Result(path, None, tuple(errors), org=org or (declared if named else None))
     return Result(path, _to_spec(path, data))
 
 
@@ -343,6 +407,8 @@ class Desired:
     errors: tuple[ManifestError, ...]
     #: Paths of files that failed, so their last good spec can be kept.
     failed_paths: frozenset[str]
+    #: Each failed file's org as far as it can be read (``Result.org``; None: unknown).
+    failed_orgs: Mapping[str, str | None] = dataclasses.field(default_factory=dict)
 
 
 class Cache:
@@ -365,6 +431,7 @@ class Cache:
         apps: dict[tuple[str, str], specs.AppSpec] = {}
         errors: list[ManifestError] = []
         failed: set[str] = set()
+        orgs: dict[str, str | None] = {}
         claims: dict[tuple[str, str], list[specs.AppSpec]] = {}
         for path, oid in sorted(files):
             key = f"{oid}:{path}"
@@ -378,6 +445,7 @@ class Cache:
                                         path=path, line=1)
                     errors.append(err)
                     failed.add(path)
+                    orgs[path] = self.org
                     continue
                 result = parse(path, raw, org=self.org)
                 self.parses += 1
@@ -385,6 +453,7 @@ class Cache:
             if result.spec is None:
                 errors.extend(result.errors)
                 failed.add(path)
+                orgs[path] = result.org
                 continue
             claims.setdefault(result.spec.key, []).append(result.spec)
         for app_key, found in claims.items():
@@ -397,5 +466,6 @@ class Cache:
                         f"app {other.org}/{other.name} is already declared in {winner.path}",
                         code="duplicate_app", path=other.path, line=1))
                     failed.add(other.path)
+                    orgs[other.path] = other.org
         self._results = kept
-        return Desired(apps=apps, errors=tuple(errors), failed_paths=frozenset(failed))
+        return Desired(apps=apps, errors=tuple(errors), failed_paths=frozenset(failed), failed_orgs=orgs)

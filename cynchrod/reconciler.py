@@ -68,6 +68,8 @@ class PassResult:
     #: Per source URL, the commit read this pass.
     commits: dict[str, str] = dataclasses.field(default_factory=dict)
     source_errors: list[str] = dataclasses.field(default_factory=list)
+    #: Errors of files that declare no deployed app (the rest are their apps' own errors).
+    problems: list[store.Problem] = dataclasses.field(default_factory=list)
 
     @property
     def source_error(self) -> str | None:
@@ -255,6 +257,13 @@ class Reconciler:
         self.progress: Callable[[int, int, str], None] | None = None
         #: Why the store could not be written, while it cannot (for /healthz).
         self.state_error: str | None = None
+        #: Per source URL: the problems its last read commit gave (kept while it cannot be read).
+        self._problems: dict[str, list[store.Problem]] = {}
+        #: The problems last written to the store (None: none written by this process yet).
+        self._problems_written: list[store.Problem] | None = None
+        #: Log each manifest error of a newly read commit (the daemon); ``plan`` and ``sync``
+        #: print them in their own output instead, so each is shown once.
+        self.log_manifest_errors = True
         if builds is not None:
             builds.on_done = lambda: self.wakeup.request("build")
             builds.open_deployment = self._open_build
@@ -310,7 +319,7 @@ class Reconciler:
         if refused:
             desired = dataclasses.replace(desired, errors=desired.errors + tuple(refused),
                                           failed_paths=desired.failed_paths | {e.path for e in refused})
-        for error in desired.errors:
+        for error in desired.errors if self.log_manifest_errors else ():
             log.warning("manifest %s", error)
         self._loaded[src.url] = (commit, desired)
         self._new_commit = self._new_commit or len(desired.apps) >= FREEZE_APPS
@@ -342,13 +351,16 @@ class Reconciler:
                 for key, app in live.items():
                     if app.source in (src.url, "") and (spec := app.spec) is not None:
                         desired.setdefault(key, dataclasses.replace(spec, source=src.url))
+                result.problems.extend(self._problems.get(src.url, []))
                 continue
             read.add(src.url)
             errors = list(loaded.errors)
+            orgs = dict(loaded.failed_orgs)
             for key, spec in loaded.apps.items():
                 if key in desired:
                     errors.append(ManifestError(f"app {key[0]}/{key[1]} is already declared by another repository",
                                                 code="duplicate_app", path=spec.path, line=1))
+                    orgs[spec.path] = key[0]
                 else:
                     desired[key] = spec
             by_path: dict[str, list[ManifestError]] = {}
@@ -358,7 +370,12 @@ class Reconciler:
             for key, app in live.items():
                 if app.source in (src.url, "") and app.path in by_path and (spec := app.spec) is not None:
                     desired.setdefault(key, dataclasses.replace(spec, source=src.url))
-                    manifest_errors[key] = by_path[app.path]
+                    manifest_errors[key] = by_path.pop(app.path)
+            # What is left belongs to no app: the desired state's problems, listed beside the apps.
+            self._problems[src.url] = [
+                store.Problem(path=e.path, line=e.line, code=e.code, message=e.message, org=orgs.get(e.path, src.org))
+                for found in by_path.values() for e in found]
+            result.problems.extend(self._problems[src.url])
             result.manifest_errors.extend(str(e) for e in errors)
         result.commit = result.commits.get(self.source.url)
         return _Desired(desired, manifest_errors, frozenset(read))
@@ -449,6 +466,11 @@ class Reconciler:
         # Written only when it says something new: a no-op pass writes nothing.
         if {k: v for k, v in (self.store.meta("last_pass") or {}).items() if k != "at"} != last:
             self.store.set_meta("last_pass", {**last, "at": store.now()})
+        # Not from a pass that crashed half-way, nor before every source has been read once.
+        known = self.last_crash is None and all(s.url in self._problems for s in self.sources)
+        if known and result.problems != self._problems_written:
+            self.store.set_problems(result.problems)
+            self._problems_written = list(result.problems)
 
     def preview(self) -> tuple[PassResult, list[planning.Action]]:
         """What a pass would do now, changing nothing (``cynchrod plan``)."""
@@ -569,7 +591,7 @@ class Reconciler:
             self.store.finish_deployment(done, status=d.status)
             row = self.store.app(row.id) or row
         fields = self._unit_fields(d.spec, row)
-        fields.update(status=d.status, last_error=error)
+        fields.update(status=d.status, last_error=error, serving=d.serving)
         if d.record and d.status in (decisions.RUNNING, decisions.STOPPED):
             fields["deployed_hash"] = d.spec.hash
         if any(getattr(row, k) != v for k, v in fields.items()):
@@ -681,8 +703,13 @@ class Reconciler:
                 self._book(lambda: self.store.finish_deployment(
                     deployment, status=decisions.FAILED, error_code=failed.code, error=failed.message, merge=True))
             if row is not None:
+                # What the failure left: units of an earlier version all up is "previous version running".
+                failed_hashes = frozenset() if isinstance(d.failure, ManifestError) else frozenset(
+                    spec.service_hash(s) for s in spec.services)
+                serving = decisions.PREVIOUS if decisions.previous_serving(
+                    self.view.app_units(org, name), failed_hashes=failed_hashes) else None
                 self._book(lambda: self.store.update_app(row.id, status=decisions.FAILED, last_error=str(failed),
-                                                         **self._unit_fields(spec, row)))
+                                                         serving=serving, **self._unit_fields(spec, row)))
             return AppOutcome(org, name, decisions.FAILED, described, str(exc))
         self._remember(d.key, decisions.after_success(d.memory))
         if self.builds is not None:
@@ -704,7 +731,7 @@ class Reconciler:
                                          error=note[1] if note else None)
         if d.failure is not None and row.last_error != d.error:
             self._record_failure(row, d, result)
-        self.store.update_app(row.id, status=d.status, last_error=error, deployed_hash=spec.hash,
+        self.store.update_app(row.id, status=d.status, last_error=error, deployed_hash=spec.hash, serving=d.serving,
                               **self._unit_fields(spec, row))
 
     # -- the daemon loop ----------------------------------------------------------

@@ -47,7 +47,8 @@ CREATE TABLE IF NOT EXISTS apps (
     deployed_hash TEXT,
     removed_at TEXT,
     source TEXT NOT NULL DEFAULT '',
-    services_json TEXT
+    services_json TEXT,
+    serving TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS apps_live ON apps(org, name) WHERE status != 'removed';
 CREATE TABLE IF NOT EXISTS deployments (
@@ -172,6 +173,8 @@ class App:
     source: str
     #: Each service's image, port, replicas and unit states (``services_json``), as JSON.
     services_json: str | None = None
+    #: Of a failed app: ``previous`` while an earlier version keeps serving (``decisions.PREVIOUS``).
+    serving: str | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -211,6 +214,31 @@ class Token:
 
     def sees(self, org: str) -> bool:
         return self.admin or self.org == org
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """An error of the desired state that belongs to no app: a file that declares no deployed app
+    (a new file with a YAML error, no name, a duplicate ...). The reconciler replaces the list
+    after each pass that read a source; the API lists them beside the apps.
+
+    ``org`` is the org the file declares as far as it can be read (None: it cannot be told).
+    Who sees it: admin tokens, and tokens of that org; a file whose org is unknown is shown to
+    admin tokens only, so no org reads another's file names or errors.
+    """
+
+    path: str
+    line: int
+    code: str
+    message: str
+    org: str | None
+
+    def visible_to(self, org: str | None) -> bool:
+        """Shown to a listing of ``org`` (None: every org, an admin's)."""
+        return org is None or self.org == org
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.code}: {self.message}"
 
 
 def token_hash(token: str) -> str:
@@ -276,6 +304,8 @@ class Store:
                 self._db.execute("ALTER TABLE apps ADD COLUMN source TEXT NOT NULL DEFAULT ''")
             if "services_json" not in columns:
                 self._db.execute("ALTER TABLE apps ADD COLUMN services_json TEXT")
+            if "serving" not in columns:  # a state dir from before "failed — previous version running"
+                self._db.execute("ALTER TABLE apps ADD COLUMN serving TEXT")
             columns = {r["name"] for r in self._db.execute("PRAGMA table_info(deployments)")}
             if "attempts" not in columns:  # a state dir from before repeated failures were merged
                 self._db.execute("ALTER TABLE deployments ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1")
@@ -686,6 +716,18 @@ class Store:
         value = self.meta("instance")
         assert isinstance(value, str)
         return value
+
+    def set_problems(self, problems: list[Problem]) -> None:
+        """Replace the desired state's problems (a write like an app row's: listings are rebuilt)."""
+        value = json.dumps([dataclasses.asdict(p) for p in problems])
+        with self.transaction() as db:
+            db.execute("INSERT INTO meta (key, value) VALUES ('problems', ?) ON CONFLICT(key) DO UPDATE SET value = ?",
+                       (value, value))
+
+    def problems(self, *, org: str | None = None) -> list[Problem]:
+        """The desired state's problems shown to ``org`` (None: all of them), by path and line."""
+        found = [Problem(**p) for p in self.meta("problems", [])]
+        return sorted((p for p in found if p.visible_to(org)), key=lambda p: (p.path, p.line))
 
     def set_meta(self, key: str, value: Any) -> None:
         with self.transaction(apps_changed=False) as db:

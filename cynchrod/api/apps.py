@@ -23,7 +23,17 @@ def app_json(app: store.App) -> dict[str, Any]:
         "created_at": app.created_at, "updated_at": app.updated_at, "last_error": app.last_error,
         "commit": app.commit, "path": app.path,
         "services": json.loads(app.services_json) if app.services_json else [],
+        "serving": serving(app),
     }
+
+
+def serving(app: store.App) -> str | None:
+    """``previous`` when the app is failed and an earlier version of it keeps serving, else None."""
+    return app.serving if app.status == store.FAILED else None
+
+
+def problem_json(p: store.Problem) -> dict[str, Any]:
+    return {"path": p.path, "line": p.line, "code": p.code, "message": p.message, "org": p.org}
 
 
 def deployment_json(d: store.Deployment) -> dict[str, Any]:
@@ -41,6 +51,8 @@ _list_lock = threading.Lock()
 
 @bp.get("/apps")
 def list_apps() -> Response:
+    """The token's apps, and beside them the ``problems``: errors of manifest files that declare
+    no deployed app (shown to the file's org and to admin tokens: see ``store.Problem``)."""
     token = bearer()
     flag = request.args.get("include_removed", "false").lower()
     if flag not in _BOOLEANS:
@@ -55,7 +67,8 @@ def list_apps() -> Response:
     cached = _list_cache.get(key)
     if cached is None or cached[0] != version:
         apps = db.apps(org=org, include_removed=include_removed)
-        body = json.dumps({"apps": [app_json(a) for a in apps]}, separators=(",", ":")).encode()
+        body = json.dumps({"apps": [app_json(a) for a in apps], "problems": [problem_json(p) for p in db.problems(
+            org=org)]}, separators=(",", ":")).encode()
         with _list_lock:
             _list_cache[key] = cached = (version, body)
     return Response(cached[1], mimetype="application/json")

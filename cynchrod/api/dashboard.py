@@ -65,7 +65,7 @@ from werkzeug.wrappers import Response as BaseResponse
 
 from cynchrod import control, edge, store
 from cynchrod.api import error_response
-from cynchrod.api.apps import DEPLOYMENTS_SHOWN, build_log, webhook_json
+from cynchrod.api.apps import DEPLOYMENTS_SHOWN, build_log, serving, webhook_json
 from cynchrod.api.auth import TICKET_TTL_S, daemon
 from cynchrod.errors import CynchrodError
 
@@ -299,7 +299,7 @@ def _row(app: store.App, last: store.Deployment | None, host: str) -> dict[str, 
         "id": app.id, "name": app.name, "org": app.org, "image": app.image, "status": _status(app, last),
         "domain": app.domain, "service_domains": app.service_domains, "host_port": app.host_port,
         "url": f"http://{host}:{app.host_port}/" if app.host_port else None,
-        "last_error": app.last_error,
+        "last_error": app.last_error, "serving": serving(app),
         "deployment": None if last is None else {
             "id": last.id, "at": last.started_at, "trigger": last.trigger, "status": last.status,
             "commit": (last.commit or "")[:12]},
@@ -311,6 +311,8 @@ class _Listing:
     rows: list[dict[str, Any]]
     removed: int
     orgs: list[str]
+    #: Broken files that declare no deployed app, as (path, their errors' texts).
+    problems: list[tuple[str, list[str]]] = dataclasses.field(default_factory=list)
 
 
 _listings: dict[tuple[int, str | None, str], tuple[tuple[int, int], _Listing]] = {}
@@ -328,8 +330,12 @@ def _listing(token: store.Token, org: str | None, host: str) -> _Listing:
         apps = db.apps(org=scope, include_removed=True)
         last = db.last_deployments(org=scope)
         orgs = sorted({a.org for a in db.apps(include_removed=True)}) if token.admin else [token.org]
+        problems: dict[str, list[str]] = {}
+        for p in db.problems(org=scope):
+            problems.setdefault(p.path, []).append(str(p))
         listing = _Listing(rows=[_row(a, last.get(a.id), host) for a in apps],
-                           removed=sum(a.status == store.REMOVED for a in apps), orgs=orgs)
+                           removed=sum(a.status == store.REMOVED for a in apps), orgs=orgs,
+                           problems=list(problems.items()))
         with _listings_lock:
             _listings[key] = cached = (version, listing)
     return cached[1]
@@ -354,7 +360,7 @@ def apps() -> str:
     if request.args.get("partial") == "rows":
         return render_template("_rows.html", rows=rows, csrf_token=_csrf())
     return _page("apps.html", rows=rows, org=org, show_removed=removed, q=q, removed_count=listing.removed,
-                 orgs=listing.orgs, poll_ms=POLL_MS)
+                 orgs=listing.orgs, poll_ms=POLL_MS, problems=listing.problems)
 
 
 @bp.get("/ui/apps.json")
@@ -427,7 +433,9 @@ def app_page(app_id: str) -> Any:
         changes = d.preview(app.org, app.name)
     manifest = d.manifest(app)
     built = {dep.id for dep in deployments if build_log(dep.id, 1) is not None}
-    return _page("app.html", app=app, poll_ms=POLL_MS, status=_status(app, deployments[0] if deployments else None),
+    status = _status(app, deployments[0] if deployments else None)
+    return _page("app.html", app=app, poll_ms=POLL_MS, status=status,
+                 serving=serving(app) if status == store.FAILED else None,
                  deployments=deployments, units=units, units_error=error, changes=changes,
                  diff=_diff(changes or []), webhook=webhook_json(app), built=built,
                  manifest=manifest.decode("utf-8", "replace") if manifest is not None else None)

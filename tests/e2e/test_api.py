@@ -533,7 +533,7 @@ def test_create_from_json_and_yaml_and_quota(api: Api) -> None:
     pretty = json.dumps({"name": "bad", "image": TEST_IMAGE, "cpu": 99, "memory": 1}, indent=2)
     bad = api.call("POST", "/apps", data=pretty, headers={"Content-Type": "application/json"})
     assert bad.json()["errors"] == ["body:4: out_of_range: cpu: 99 is greater than the maximum of 8",
-                                    "body:5: out_of_range: memory: 1 is less than the minimum of 64"]
+                                    "body:5: out_of_range: memory: 1 is less than the minimum of 64 (memory is in MB)"]
     bad = api.call("POST", "/apps", data=f"# mine\nname: bad\n\nimage: {TEST_IMAGE}\nbogus: 1\n",
                    headers={"Content-Type": "application/yaml"})
     assert bad.json()["errors"] == ["body:5: unknown_key: bogus is not a known key"]
@@ -863,3 +863,62 @@ def test_clients_in_every_worker_share_one_engine_follower(api: Api) -> None:
             if ws.connected:
                 ws.close()
     wait_for(lambda: _relay_sockets(address) == (0, 0), 15, "the relay to close with its last client")
+
+
+def test_broken_files_that_declare_no_app_are_listed_to_whom_they_concern(api: Api) -> None:
+    """A new file with a YAML error is a problem of the desired state: ``GET /apps`` lists it (scoped
+    to the org the file declares), ``/healthz`` names it and stays 200, ``cynchrod apps`` shows a row.
+    A refused new version of a running app is ``failed`` with ``serving: previous``."""
+    web = api.app_id("web")
+    api.repo.push({"apps/new.yaml": "name: [fresh\n",  # no org: key: the default org's
+                   "apps/theirs-new.yaml": "org: other\nname: x\nimage: [i\n",
+                   "apps/whose.yaml": "org: [nobody\n",  # which org cannot be read: admin tokens only
+                   "apps/web.yaml": COMMENTED.replace("memory: 64", "memory: 64MB")})
+
+    def problems(token: str) -> list[dict[str, Any]]:
+        listed = api.call("GET", "/apps", token=token, check="/apps")
+        assert listed.status_code == 200
+        return list(listed.json()["problems"])
+
+    wait_for(lambda: len(problems(api.admin_token)) == 3, 30, "three broken files listed")
+    assert problems(api.admin_token) == [
+        {"path": "apps/new.yaml", "line": 2, "code": "yaml_syntax", "org": "default",
+         "message": "expected ',' or ']', but got '<stream end>'"},
+        {"path": "apps/theirs-new.yaml", "line": 4, "code": "yaml_syntax", "org": "other",
+         "message": "expected ',' or ']', but got '<stream end>'"},
+        {"path": "apps/whose.yaml", "line": 2, "code": "yaml_syntax", "org": None,
+         "message": "expected ',' or ']', but got '<stream end>'"},
+    ]
+    assert [p["path"] for p in problems(api.token)] == ["apps/new.yaml"]
+    assert [p["path"] for p in problems(api.other_token)] == ["apps/theirs-new.yaml"]
+    # The web app's file is its own error, not a problem: failed, and its last good spec serves.
+    api.wait_status(web, "failed")
+    app = api.call("GET", f"/apps/{web}", check="/apps/{appId}").json()["app"]
+    assert app["serving"] == "previous"
+    assert app["last_error"] == "apps/web.yaml:9: invalid_type: memory is in MB: write 64, not '64MB'"
+
+    health = requests.get(api.url + "/healthz", timeout=5)
+    check_schema("/healthz", "GET", health)
+    assert health.status_code == 200 and health.json()["status"] == "ok"  # the daemon itself is healthy
+    assert [(p["code"], p.get("path"), p.get("line")) for p in health.json()["problems"]] == [
+        ("yaml_syntax", "apps/new.yaml", 2), ("yaml_syntax", "apps/theirs-new.yaml", 4),
+        ("yaml_syntax", "apps/whose.yaml", 2)]
+    assert all("stream end" not in p["message"] for p in health.json()["problems"])  # no file text unsigned-in
+
+    env = {"CYNCHROD_API": api.url, "CYNCHROD_TOKEN": api.token}
+    out = cli("apps", env=env)
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[1]: line for line in out.stdout.splitlines()[1:]}
+    assert rows["apps/new.yaml"].split()[0] == "-"
+    assert "apps/new.yaml:2: yaml_syntax: expected ',' or ']'" in rows["apps/new.yaml"]
+    assert "failed — previous version running" in rows["default/web"]
+    assert "apps/theirs-new.yaml" not in out.stdout and "apps/whose.yaml" not in out.stdout
+    status = cli("status", "default/web", env=env)
+    assert "status:     failed — previous version running" in status.stdout.splitlines()
+
+    api.repo.push({"apps/new.yaml": None, "apps/theirs-new.yaml": None, "apps/whose.yaml": None,
+                   "apps/web.yaml": COMMENTED})
+    wait_for(lambda: problems(api.admin_token) == [], 30, "the problems to clear")
+    api.wait_status(web, "running")
+    assert api.app(web)["app"]["serving"] is None
+    assert requests.get(api.url + "/healthz", timeout=5).json()["problems"] == []

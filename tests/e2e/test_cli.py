@@ -219,3 +219,20 @@ def test_plan_and_rollback_beside_a_running_daemon_leave_its_mirrors_alone(repo:
         pytest.fail("the daemon made a pass during each of five plans")
     assert after == before  # fetched into a scratch copy, not into the daemon's mirror
     assert daemon.stop() == 0
+
+
+def test_plan_prints_each_error_once_and_fails_on_any(repo: GitRepo, owner: str, tmp_path: pathlib.Path) -> None:
+    env = {"CYNCHROD_REPO": repo.url, "CYNCHROD_STATE": str(tmp_path / "state"), "CYNCHROD_OWNER": owner}
+    repo.push({"apps/web.yaml": GOOD, "apps/new.yaml": "name: [fresh\n",
+               "apps/typo.yaml": GOOD.replace("web", "typo").replace("memory", "memroy")})
+    planned = cli("plan", env=env)
+    assert planned.returncode == 1, planned
+    errors = ["apps/new.yaml:2: yaml_syntax: expected ',' or ']', but got '<stream end>'",
+              "apps/typo.yaml:4: unknown_key: memroy is not a known key; did you mean memory?"]
+    assert planned.stdout.splitlines() == [*errors, "create default/web: missing"]
+    for error in errors:
+        assert (planned.stdout + planned.stderr).count(error.split(": ", 1)[1]) == 1, planned.stderr
+    assert "nothing to do" not in planned.stdout
+    repo.push({"apps/new.yaml": None, "apps/typo.yaml": None})
+    clean = cli("plan", env=env)
+    assert (clean.returncode, clean.stdout) == (0, "create default/web: missing\n"), clean

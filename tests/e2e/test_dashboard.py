@@ -593,3 +593,38 @@ def test_screenshot_script_makes_a_png(site: Site, tmp_path: pathlib.Path) -> No
                    check=True, capture_output=True, timeout=60, input=b"")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert out.stat().st_size > 10_000
+
+
+def test_broken_files_and_a_refused_version_say_what_runs(site: Site, page: Page) -> None:
+    """A file that declares no app is listed under Problems (to its org); an app whose new version
+    is refused reads "failed — previous version running", and its page does not say "in sync"."""
+    site.repo.push({"apps/frail.yaml": app("frail")}, "frail")
+    site.wake()
+    wait_for(lambda: site.apps().get("default/frail", {}).get("status") == "running", 30, "frail running")
+    site.repo.push({"apps/frail.yaml": app("frail").replace("memory: 64", "memory: 64MB"),
+                    "apps/broken.yaml": "name: [half\n"}, "break frail, add a broken file")
+    site.wake()
+    wait_for(lambda: site.status("frail") == "failed", 30, "frail refused")
+    sign_in(page, site, site.tokens["alice"])
+    problems = page.locator("#problems")
+    expect(problems).to_contain_text("apps/broken.yaml")
+    expect(problems).to_contain_text("apps/broken.yaml:2: yaml_syntax: expected ',' or ']'")
+    frail = row(page, "frail")
+    expect(frail.locator(".badge")).to_have_text("failed")  # the status word stays the reference's
+    expect(frail).to_contain_text("previous version running")
+    frail.get_by_role("link", name="frail", exact=True).click()
+    expect(page.locator("h1")).to_contain_text("previous version running")
+    expect(page.locator("#next-pass")).not_to_contain_text("In sync")
+    expect(page.locator("#next-pass")).to_contain_text("previous version keeps running")
+
+    bob = page.context.browser.new_context().new_page()  # type: ignore[union-attr]
+    sign_in(bob, site, site.tokens["bob"])
+    expect(bob.locator("#rows tr").first).to_be_visible()
+    assert bob.locator("#problems").count() == 0  # not bob's org's file
+    bob.context.close()
+
+    site.repo.push({"apps/frail.yaml": None, "apps/broken.yaml": None}, "clean up")
+    site.wake()
+    wait_for(lambda: site.apps().get("default/frail", {}).get("status") == "removed", 30, "frail removed")
+    page.goto(site.url + "/")
+    assert page.locator("#problems").count() == 0

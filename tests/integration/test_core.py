@@ -141,7 +141,7 @@ def test_broken_manifest_fails_that_app_alone(repo, harness: Harness) -> None:
     assert not result.ok
     assert result.manifest_errors == ["apps/a.yaml:5: out_of_range: cpu: 99 is greater than the maximum of 8"]
     a = harness.app("a")
-    assert a.status == "failed"
+    assert (a.status, a.serving) == ("failed", "previous")  # "failed — previous version running"
     assert a.last_error == result.manifest_errors[0]
     after = harness.containers()
     assert {n: r["Id"] for n, r in after.items()} == before  # last good version keeps running
@@ -165,6 +165,7 @@ def test_broken_manifest_fails_that_app_alone(repo, harness: Harness) -> None:
     result = harness.sync()
     assert result.ok
     assert harness.app("a").status == "running" and harness.app("a").last_error is None
+    assert harness.app("a").serving is None
     assert harness.containers()["a"]["Id"] == before["a"]
 
 
@@ -293,6 +294,7 @@ def test_missing_image_on_update_keeps_the_running_version(repo, harness: Harnes
     assert result.apps[0].error is not None and result.apps[0].error.startswith("image_not_found: ")
     row = harness.containers()["a"]
     assert (row["Id"], row["State"]) == (before, "running")
+    assert (harness.app("a").status, harness.app("a").serving) == ("failed", "previous")
 
 
 def test_every_deployment_is_queued_until_a_worker_takes_it(repo, harness: Harness, monkeypatch) -> None:

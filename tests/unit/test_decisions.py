@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cynchrod import decisions, planning, specs
-from cynchrod.errors import PermanentError, RuntimeFailure
+from cynchrod.errors import ManifestError, PermanentError, RuntimeFailure
 from cynchrod.runtime.memory import MemoryRuntime
 
 
@@ -198,3 +198,43 @@ def test_one_home_for_names_and_caps() -> None:
     # A row refused for quota holds no place, for the API's count as for the passes'.
     rows = {("o", "a"): Row(), ("o", "b"): Row(status="failed", last_error="quota_exceeded: full")}
     assert decisions.admitted(rows, "o") == 1
+
+
+def test_a_refused_new_version_says_the_previous_one_is_serving() -> None:
+    """failed stays the status; ``serving`` says whether an earlier version still runs."""
+    good = specs.AppSpec(org="o1", name="a", services=(service("main", "img:1", 1),), source="repo")
+    bad = ManifestError("memory is in MB: write 64, not '64MB'", code="invalid_type", path="apps/a.yaml", line=3)
+    rt = MemoryRuntime()
+    unit = planning.Unit(org="o1", app="a", service="main", replica=0, instance="x", state=planning.RUNNING,
+                         spec_hash=good.service_hash(good.services[0]))
+    rows = {good.key: Row(deployed_hash=good.hash)}
+
+    def decide(*units: planning.Unit, **kw: Any) -> decisions.Decision:
+        rt.units = {u.instance: u for u in units}
+        [d] = decisions.decide(inputs({good.key: good}, rt, rows=rows, **kw))
+        return d
+
+    # The file now fails: the last good spec keeps running.
+    d = decide(unit, manifest_errors={good.key: [bad]})
+    assert (d.status, d.serving, d.actions) == (decisions.FAILED, decisions.PREVIOUS, ())
+    # Its unit died meanwhile: it is put back (the last good spec), and serves once that is done.
+    d = decide(dataclasses.replace(unit, state=planning.EXITED), manifest_errors={good.key: [bad]})
+    assert d.actions and (d.status, d.serving) == (decisions.FAILED, decisions.PREVIOUS)
+    # A hold (a missing secret) on a new spec: the old units are not touched, and serve.
+    changed = dataclasses.replace(good, services=(service("main", "img:2", 1),))
+    rt.units = {"x": unit}
+    [d] = decisions.decide(inputs({changed.key: changed}, rt, rows=rows,
+                                  holds={changed.key: PermanentError("no secret", code="secret_missing")}))
+    assert (d.status, d.serving) == (decisions.FAILED, decisions.PREVIOUS)
+    # Nothing running: failed, and nothing serves.
+    [d] = decisions.decide(inputs({changed.key: changed}, MemoryRuntime(), rows=rows,
+                                  holds={changed.key: PermanentError("no secret", code="secret_missing")}))
+    assert (d.status, d.serving) == (decisions.FAILED, None)
+    # A crash loop: failed, its unit is not running.
+    d = decide(dataclasses.replace(unit, state=planning.EXITED, exit_code=1),
+               memory={good.key: decisions.Backoff(heals=3, last_heal=999.0)})
+    assert (d.status, d.serving) == (decisions.FAILED, None)
+    # Running apps serve what they declare: no ``serving``.
+    assert decide(unit).serving is None
+    assert decisions.previous_serving([unit], failed_hashes=frozenset()) is True
+    assert decisions.previous_serving([unit], failed_hashes=frozenset({unit.spec_hash})) is False

@@ -55,9 +55,9 @@ restartedAt: 2026-11-28T10:00:00Z
     ("name: web\nimage: i\ncpu: 0\n",
      ["apps/x.yaml:3: out_of_range: cpu: 0 is less than the minimum of 0.01"]),
     ("name: web\nimage: i\nmemory: 32\n",
-     ["apps/x.yaml:3: out_of_range: memory: 32 is less than the minimum of 64"]),
+     ["apps/x.yaml:3: out_of_range: memory: 32 is less than the minimum of 64 (memory is in MB)"]),
     ("name: web\nimage: i\nmemory: 16385\n",
-     ["apps/x.yaml:3: out_of_range: memory: 16385 is greater than the maximum of 16384"]),
+     ["apps/x.yaml:3: out_of_range: memory: 16385 is greater than the maximum of 16384 (memory is in MB)"]),
     ("name: web\nimage: i\nport: '80'\n", ["apps/x.yaml:3: invalid_type: port: '80' is not of type 'integer'"]),
     ("name: web\nimage: i\nstate: paused\n",
      ["apps/x.yaml:3: invalid_value: state: 'paused' is not one of ['running', 'stopped']"]),
@@ -106,6 +106,52 @@ def test_errors_have_file_line_code_message(text: str, expected: list[str]) -> N
     assert errors(text) == expected
 
 
+@pytest.mark.parametrize("value,expected", [
+    ("64MB", "memory is in MB: write 64, not '64MB'"),
+    ("512m", "memory is in MB: write 512, not '512m'"),
+    ("1GB", "memory is in MB: write 1024, not '1GB'"),
+    ("1.5Gi", "memory is in MB: write 1536, not '1.5Gi'"),
+    ("'128'", "memory is in MB: write 128, not '128'"),
+    ("lots", "memory is a whole number of MB (64 to 16384), e.g. memory: 512; got 'lots'"),
+    ("100.5", "memory is a whole number of MB (64 to 16384), e.g. memory: 512; got 100.5"),
+])
+def test_memory_errors_name_the_unit(value: str, expected: str) -> None:
+    assert errors(f"name: web\nimage: i\nmemory: {value}\n") == [f"apps/x.yaml:3: invalid_type: {expected}"]
+    nested = errors(f"name: web\nservices:\n  db:\n    image: i\n    memory: {value}\n")
+    assert nested == [f"apps/x.yaml:5: invalid_type: services.db.{expected}"]
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("name: web\nimage: i\nmemroy: 64\n",
+     "apps/x.yaml:3: unknown_key: memroy is not a known key; did you mean memory?"),
+    ("name: web\nimage: i\nHOST-PORT: 1\n",
+     "apps/x.yaml:3: unknown_key: HOST-PORT is not a known key; did you mean hostPort?"),
+    ("name: web\nimgae: i\n", "apps/x.yaml:2: unknown_key: imgae is not a known key; did you mean image?"),
+    ("name: web\nservices:\n  db:\n    image: i\n    replica: 2\n",
+     "apps/x.yaml:5: unknown_key: services.db.replica is not a known key; did you mean replicas?"),
+    ("name: web\nimage: i\nhealthcheck: {test: x, interval: 5, retires: 2}\n",
+     "apps/x.yaml:3: unknown_key: healthcheck.retires is not a known key; did you mean retries?"),
+    ("name: web\nimage: i\nzzz: 1\n", "apps/x.yaml:3: unknown_key: zzz is not a known key"),
+])
+def test_a_misspelt_key_gets_did_you_mean(text: str, expected: str) -> None:
+    assert expected in errors(text)
+
+
+@pytest.mark.parametrize("text,org,expected", [
+    (b"name: [web\n", None, "default"),  # no org: key at all: the default org's file
+    (b"org: acme\nname: [web\n", None, "acme"),
+    (b"org: 'acme'   # ours\nname: [web\n", None, "acme"),
+    (b"org: [acme\n", None, None),  # an org: line that cannot be read: nobody's but the operator's
+    (b"  org: acme\nname: [\n", None, "default"),  # indented: not the top-level key
+    (b"name: web\norg: acme\nimage: i\nmemory: 1MB\n", None, "acme"),
+    (b"name: [web\n", "tenant", "tenant"),  # a source pinned to an org
+    (b"\xff\xfe", None, "default"),
+])
+def test_a_failed_file_says_which_org_it_belongs_to(text: bytes, org: str | None, expected: str | None) -> None:
+    result = manifests.parse("apps/x.yaml", text, org=org)
+    assert result.spec is None and result.org == expected
+
+
 def test_every_error_is_reported_not_just_the_first() -> None:
     assert [e.split(": ")[1] for e in errors("name: web\nimage: i\ncpu: 9\nmemory: 1\nfoo: 1\n")] == [
         "out_of_range", "out_of_range", "unknown_key"]  # in line order
@@ -137,6 +183,7 @@ def test_cache_parses_each_blob_once_and_reports_duplicates() -> None:
     assert [str(e) for e in desired.errors] == [
         "apps/c.yaml:1: duplicate_app: app default/a is already declared in apps/a.yaml"]
     assert desired.failed_paths == {"apps/c.yaml"}
+    assert desired.failed_orgs == {"apps/c.yaml": "default"}
     again = cache.load([("apps/a.yaml", "1"), ("apps/b.yaml", "2")], read)
     assert reads == ["1", "2", "3"]  # nothing parsed twice
     assert sorted(again.apps) == [("default", "a"), ("default", "b")]

@@ -77,6 +77,8 @@ let polling = false;
 function updateRow(row, app) {
   const badge = row.querySelector('[data-field="status"]');
   if (badge.textContent !== app.status) setBadge(badge, app.status);
+  const serving = row.querySelector('[data-field="serving"]');
+  if (serving) serving.hidden = !(app.status === "failed" && app.serving === "previous");
   const error = row.querySelector('[data-field="last_error"]');
   if (error.textContent !== (app.last_error || "")) error.textContent = error.title = app.last_error || "";
   const dep = row.querySelector('[data-field="deployment"]');
