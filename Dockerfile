@@ -8,6 +8,8 @@
 ARG BASE=python:3.11-slim-bookworm
 
 FROM ${BASE} AS build
+# Marks the build stage's images (the cache, untagged), so scripts/build-image can drop stale ones.
+LABEL io.cynchrod.build-stage=1
 # scripts/build-image passes PIP_NO_INDEX=1: every wheel then comes from build/wheelhouse.
 ARG PIP_NO_INDEX
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP_FIND_LINKS=/src/wheelhouse
