@@ -38,7 +38,9 @@ def test_a_push_into_a_local_bare_repo_is_applied_at_once(repo: GitRepo, daemons
     took = wait_for(lambda: [c["State"] for c in owned(docker_client, owner)] == ["running"], 10,
                     "the pushed app to run")
     print(f"push-to-running {took:.2f}s")
-    assert "pass watch" in daemon.output()
+    # The pass logs its line when it ends, after the container runs: wait for it (a poll pass, the
+    # only other kind this daemon makes within 300 s, never writes it).
+    wait_for(lambda: "pass watch" in daemon.output(), 10, "the watch pass's line")
     assert daemon.stop() == 0
 
 
