@@ -218,7 +218,7 @@ def log_streams(tmp: pathlib.Path, seconds: float) -> list[dict[str, Any]]:
     """Lines/s to one WebSocket client of an app printing flat out, against ``docker logs -f``
     of the same container in the same run; then the daemon's CPU with 1 and with 20 clients
     of an app printing ~100 lines/s."""
-    from cynchrod.client import websocket
+    from cynchrod.cli.client import websocket
 
     work = tmp / "logs"
     work.mkdir()

@@ -40,8 +40,10 @@ import docker
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cynchrod import edge, reconciler, runtime, source, store  # noqa: E402
-from cynchrod.runtime import local
+from cynchrod import edge, runtime, store  # noqa: E402
+from cynchrod.desired import source  # noqa: E402
+from cynchrod.runtime import local  # noqa: E402
+from cynchrod.shell import reconciler  # noqa: E402
 
 IMAGE = "cynchrod-bench/busybox:1"
 LABEL = "io.cynchrod.bench"
@@ -304,7 +306,7 @@ def noop_pass(tmp: pathlib.Path, n: int, passes: int) -> dict[str, Any]:
     repo.push(stopped_apps(n))
     rec, rt = harness(repo, work / "state", owner)
     rec.run_pass()
-    from cynchrod import manifests
+    from cynchrod.desired import manifests
 
     desired = manifests.Cache().load(*_files(rec))
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -408,7 +410,7 @@ def swarm_rows(tmp: pathlib.Path, n_cold: int, n_noop: int, passes: int) -> list
     """The swarm runtime on the three-node lab (``scripts/swarm-lab``): a cold converge of
     ``n_cold`` apps beside a bare ``services.create`` loop (same specs, same concurrency, both
     timed until every task runs), and a no-op pass over ``n_noop`` services."""
-    from cynchrod import secrets as vault
+    from cynchrod.desired import secrets as vault
     from cynchrod.runtime import swarm
 
     lab = ROOT / "scripts" / "swarm-lab"
@@ -1030,7 +1032,7 @@ def memory_curve(tmp: pathlib.Path, sizes: list[int]) -> list[dict[str, Any]]:
         db.close()
         OWNERS.add(owner)
         rt = local.LocalRuntime(owner=owner, instance=instance)
-        from cynchrod import manifests
+        from cynchrod.desired import manifests
 
         files = [(f"apps/app{i:04d}.yaml", str(i)) for i in range(n)]
         desired = manifests.Cache().load(files, lambda oid: manifest(f"app{int(oid):04d}",

@@ -28,8 +28,11 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cynchrod import decisions, manifests, planning, reconciler, store  # noqa: E402
+from cynchrod import store  # noqa: E402
+from cynchrod.core import decisions, planning  # noqa: E402
+from cynchrod.desired import manifests  # noqa: E402
 from cynchrod.runtime.memory import MemoryRuntime  # noqa: E402
+from cynchrod.shell import reconciler  # noqa: E402
 
 SOURCE = "file:///sim/apps.git"
 
@@ -89,8 +92,7 @@ def core(n: int, orgs: int) -> dict[str, object]:
 
 def store_bodies(n: int, deployments: int, orgs: int) -> dict[str, object]:
     from cynchrod.api.apps import app_json
-
-    from cynchrod import specs
+    from cynchrod.core import specs
 
     with tempfile.TemporaryDirectory() as tmp:
         db = store.Store(pathlib.Path(tmp) / "cynchrod.db")

@@ -22,9 +22,11 @@ from typing import Any
 import docker
 import pytest
 
-from cynchrod import builds, config, reconciler, runtime, source, store
-from cynchrod import secrets as vault
+from cynchrod import runtime, store
+from cynchrod.desired import config, source
+from cynchrod.desired import secrets as vault
 from cynchrod.runtime import local
+from cynchrod.shell import builds, reconciler
 from tests.helpers import TEST_IMAGE, TEST_IMAGE_2, TEST_LABEL, Daemon, GitRepo, free_port, wait_for
 
 #: The end of a daemon's log shown under a failing test.

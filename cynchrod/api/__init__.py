@@ -24,8 +24,9 @@ from flask import Flask, Response, g, jsonify, request
 from flask_sock import Sock
 from werkzeug.exceptions import HTTPException
 
-from cynchrod import control, yamlio
-from cynchrod.errors import CynchrodError
+from cynchrod.core.errors import CynchrodError
+from cynchrod.desired import yamlio
+from cynchrod.shell import control
 
 access_log = logging.getLogger("cynchrod.access")
 sock = Sock()
@@ -167,7 +168,7 @@ def status_of(exc: CynchrodError) -> int:
 
 
 def create_app(daemon: Any) -> Flask:
-    """The Flask app for ``daemon`` (a ``cynchrod.daemon.Front``)."""
+    """The Flask app for ``daemon`` (a ``cynchrod.shell.front.Front``)."""
     from cynchrod.api import apps, dashboard, logs, meta, secrets, webhooks
 
     app = Flask("cynchrod")

@@ -8,9 +8,10 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
-from cynchrod import control, store
+from cynchrod import store
 from cynchrod.api import ApiError, is_ascii_number, parse_body, read_body
 from cynchrod.api.auth import bearer, daemon, visible_app
+from cynchrod.shell import control
 
 bp = Blueprint("apps", __name__)
 DEPLOYMENTS_SHOWN = 20

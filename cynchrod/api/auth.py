@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 from typing import TYPE_CHECKING, cast
 
 from flask import current_app, g, request
@@ -11,10 +10,7 @@ from cynchrod import store
 from cynchrod.api import ApiError
 
 if TYPE_CHECKING:
-    from cynchrod.daemon import Front
-
-TICKET_TTL_S = 30.0
-
+    from cynchrod.shell.front import Front
 
 def daemon() -> Front:
     return cast("Front", current_app.extensions["cynchrod"])
@@ -39,20 +35,3 @@ def visible_app(token: store.Token, app_id: str) -> store.App:
     if app is None or not token.sees(app.org):
         raise ApiError("not_found", f"no app {app_id}")
     return app
-
-
-class Tickets:
-    """Short-lived single-use tickets for the WebSocket URL, kept (hashed) in the store, so a
-    ticket issued by one API worker process is redeemed by whichever one the socket reaches."""
-
-    def __init__(self, db: store.Store) -> None:
-        self._db = db
-
-    def issue(self, token: store.Token, app_id: str) -> str:
-        ticket = "tkt_" + secrets.token_urlsafe(24)
-        self._db.issue_ticket(ticket, token_id=token.id, app_id=app_id, ttl_s=TICKET_TTL_S)
-        return ticket
-
-    def redeem(self, ticket: str, app_id: str) -> str | None:
-        """The token id the ticket was issued to, once, for this app, before it expires."""
-        return self._db.redeem_ticket(ticket, app_id)

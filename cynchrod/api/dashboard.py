@@ -63,11 +63,13 @@ from flask import (
 from flask.sessions import SecureCookieSession, SecureCookieSessionInterface
 from werkzeug.wrappers import Response as BaseResponse
 
-from cynchrod import control, edge, store
+from cynchrod import edge, store
 from cynchrod.api import error_response
 from cynchrod.api.apps import DEPLOYMENTS_SHOWN, build_log, serving, webhook_json
-from cynchrod.api.auth import TICKET_TTL_S, daemon
-from cynchrod.errors import CynchrodError
+from cynchrod.api.auth import daemon
+from cynchrod.core.errors import CynchrodError
+from cynchrod.shell import control
+from cynchrod.shell.front import TICKET_TTL_S
 
 bp = Blueprint("dashboard", __name__, template_folder="templates", static_folder="static",
                static_url_path="/ui/static")

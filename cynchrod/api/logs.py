@@ -31,12 +31,13 @@ from flask import Blueprint, Response, jsonify, request
 
 from cynchrod import store
 from cynchrod.api import ApiError, is_ascii_number, sock
-from cynchrod.api.auth import TICKET_TTL_S, bearer, daemon, visible_app
-from cynchrod.errors import CynchrodError
+from cynchrod.api.auth import bearer, daemon, visible_app
+from cynchrod.core.errors import CynchrodError
 from cynchrod.runtime import LogLine
+from cynchrod.shell.front import TICKET_TTL_S
 
 if TYPE_CHECKING:
-    from cynchrod.daemon import Front
+    from cynchrod.shell.front import Front
 
 bp = Blueprint("logs", __name__)
 DEFAULT_TAIL = 200

@@ -9,15 +9,15 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify
 
-from cynchrod import metrics
 from cynchrod.api.auth import daemon
+from cynchrod.shell import metrics
 
 bp = Blueprint("meta", __name__)
 
 
 @cache
 def openapi() -> dict[str, Any]:
-    document: dict[str, Any] = json.loads(resources.files("cynchrod").joinpath("openapi.json").read_text())
+    document: dict[str, Any] = json.loads(resources.files("cynchrod.api").joinpath("openapi.json").read_text())
     return document
 
 

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Iterator
 from typing import Protocol
 
-from cynchrod import planning, specs
+from cynchrod.core import planning, specs
 
 LABEL_OWNER = "io.cynchrod.owner"
 LABEL_INSTANCE = "io.cynchrod.instance"

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from cynchrod import runtime
-from cynchrod.errors import RuntimeFailure, TemporaryError
+from cynchrod.core.errors import RuntimeFailure, TemporaryError
 
 log = logging.getLogger(__name__)
 

@@ -48,8 +48,9 @@ import docker.errors
 import requests
 
 from cynchrod import edge as edge_mod
-from cynchrod import planning, runtime, specs
-from cynchrod.errors import EngineUnavailable, PermanentError, RuntimeFailure, TemporaryError, UnitGone
+from cynchrod import runtime
+from cynchrod.core import planning, specs
+from cynchrod.core.errors import EngineUnavailable, PermanentError, RuntimeFailure, TemporaryError, UnitGone
 from cynchrod.runtime import follow
 
 log = logging.getLogger(__name__)

@@ -13,8 +13,9 @@ import itertools
 import threading
 from collections.abc import Iterator
 
-from cynchrod import planning, runtime
-from cynchrod.errors import CynchrodError
+from cynchrod import runtime
+from cynchrod.core import planning
+from cynchrod.core.errors import CynchrodError
 
 
 class _Stream:

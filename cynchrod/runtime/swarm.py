@@ -78,8 +78,16 @@ from docker.types import (
     UpdateConfig,
 )
 
-from cynchrod import planning, runtime, specs
-from cynchrod.errors import CynchrodError, EngineUnavailable, PermanentError, RuntimeFailure, TemporaryError, UnitGone
+from cynchrod import runtime
+from cynchrod.core import planning, specs
+from cynchrod.core.errors import (
+    CynchrodError,
+    EngineUnavailable,
+    PermanentError,
+    RuntimeFailure,
+    TemporaryError,
+    UnitGone,
+)
 from cynchrod.runtime import follow
 from cynchrod.runtime.local import (
     CALL_TIMEOUT_S,

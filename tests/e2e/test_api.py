@@ -24,11 +24,11 @@ import simple_websocket
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from cynchrod import source
-from cynchrod.client import websocket
+from cynchrod.cli.client import websocket
+from cynchrod.desired import source
 from tests.helpers import TEST_IMAGE, Daemon, GitRepo, breaks, cli, git, owned, wait_for
 
-OPENAPI = json.loads((pathlib.Path(__file__).resolve().parents[2] / "cynchrod" / "openapi.json").read_text())
+OPENAPI = json.loads((pathlib.Path(__file__).resolve().parents[2] / "cynchrod" / "api" / "openapi.json").read_text())
 _REGISTRY = Registry().with_resource("urn:openapi", Resource.from_contents(OPENAPI, default_specification=DRAFT202012))
 
 TICKER = "[sh, -c, 'i=0; while true; do i=$((i+1)); echo tick $i; sleep 0.2; done']"

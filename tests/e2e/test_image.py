@@ -22,7 +22,8 @@ import docker
 import pytest
 import requests
 
-from cynchrod import __version__, secrets
+from cynchrod import __version__
+from cynchrod.desired import secrets
 from tests.helpers import TEST_IMAGE, TEST_LABEL, GitRepo, free_port, git, owned, wait_for
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pathlib
 import shutil
 
-from cynchrod import control, reconciler, runtime, source, store
+from cynchrod import runtime, store
+from cynchrod.desired import source
 from cynchrod.runtime import local
+from cynchrod.shell import control, reconciler
 from tests.helpers import TEST_IMAGE, GitRepo, cli, git
 
 

@@ -193,7 +193,8 @@ def test_the_front_server_answers_json_too(client: Client) -> None:
         answer = json.loads(body)
         assert answer["error"] == expected[case][1] and answer["message"], (case, answer)
     # The document lists them on every operation.
-    document = json.loads((pathlib.Path(__file__).resolve().parents[2] / "cynchrod" / "openapi.json").read_text())
+    document = json.loads((pathlib.Path(__file__).resolve().parents[2] / "cynchrod" / "api" / "openapi.json")
+                          .read_text())
     for path, item in document["paths"].items():
         for method, operation in item.items():
             if method in ("get", "post", "put", "delete", "patch"):

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import requests
 
-from cynchrod import config
+from cynchrod.desired import config
 from tests.helpers import Daemon, GitRepo, cli, wait_for
 
 

@@ -22,7 +22,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cynchrod import manifests, specs, store
+from cynchrod import store
+from cynchrod.core import specs
+from cynchrod.desired import manifests
 
 CODES = {
     "yaml_syntax", "yaml_alias", "yaml_too_deep", "manifest_too_large", "invalid_manifest", "invalid_type",

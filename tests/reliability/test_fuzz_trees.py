@@ -21,8 +21,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cynchrod import manifests, source, store
-from cynchrod.errors import SourceError
+from cynchrod import store
+from cynchrod.core.errors import SourceError
+from cynchrod.desired import manifests, source
 
 T = pygit2.enums.ObjectType
 SIG = pygit2.Signature("fuzz", "fuzz@localhost")

@@ -10,7 +10,7 @@ import time
 import docker
 
 from cynchrod import runtime
-from cynchrod.errors import PermanentError, TemporaryError
+from cynchrod.core.errors import PermanentError, TemporaryError
 from cynchrod.runtime import local
 from tests.conftest import Harness
 from tests.helpers import TEST_IMAGE, Daemon, GitRepo, free_port, manifest, owned, wait_for

@@ -7,7 +7,7 @@ import shutil
 
 import docker
 
-from cynchrod import secrets as vault
+from cynchrod.desired import secrets as vault
 from tests.conftest import Harness
 from tests.helpers import GitRepo, manifest
 

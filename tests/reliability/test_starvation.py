@@ -118,7 +118,7 @@ def test_a_hung_docker_holds_no_worker(repo: GitRepo, daemons, tmp_path: pathlib
             return response.status_code, time.monotonic() - start
 
         ws_url = daemon.api.replace("http://", "ws://") + f"/apps/{app_id}/logs/stream?token={token}"
-        from cynchrod.client import websocket
+        from cynchrod.cli.client import websocket
 
         streams = [websocket(ws_url) for _ in range(8)]  # follow a hung engine: each waits, none blocks
         with concurrent.futures.ThreadPoolExecutor(64) as pool:
@@ -164,7 +164,7 @@ def _usage(pid: int) -> tuple[int, int]:
 
 def test_a_thousand_log_streams_leave_nothing_behind(repo: GitRepo, daemons, tmp_path: pathlib.Path,
                                                      docker_client: docker.DockerClient, owner: str) -> None:
-    from cynchrod.client import websocket
+    from cynchrod.cli.client import websocket
 
     state = tmp_path / "state"
     token = cli("token", "create", "--org", "default", "--name", "t", "--state", str(state)).stdout.strip()

@@ -17,9 +17,11 @@ from collections.abc import Iterator
 import docker
 import pytest
 
-from cynchrod import builds, config, reconciler, runtime, source, store
-from cynchrod import secrets as vault
+from cynchrod import runtime, store
+from cynchrod.desired import config, source
+from cynchrod.desired import secrets as vault
 from cynchrod.runtime import swarm
+from cynchrod.shell import builds, reconciler
 from tests.helpers import GitRepo
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]

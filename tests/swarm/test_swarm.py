@@ -10,7 +10,7 @@ import urllib.request
 import docker
 import pytest
 
-from cynchrod import planning
+from cynchrod.core import planning
 from tests.helpers import wait_for
 from tests.swarm.conftest import Lab, SwarmHarness
 

@@ -6,7 +6,7 @@ import pathlib
 
 import pytest
 
-from cynchrod import config
+from cynchrod.desired import config
 
 
 def test_sources_and_quotas_from_the_file(tmp_path: pathlib.Path) -> None:

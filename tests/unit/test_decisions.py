@@ -8,8 +8,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cynchrod import decisions, planning, specs
-from cynchrod.errors import ManifestError, PermanentError, RuntimeFailure
+from cynchrod.core import decisions, planning, specs
+from cynchrod.core.errors import ManifestError, PermanentError, RuntimeFailure
 from cynchrod.runtime.memory import MemoryRuntime
 
 
@@ -188,7 +188,8 @@ def test_one_home_for_names_and_caps() -> None:
     import json
     import pathlib
 
-    from cynchrod import config, control
+    from cynchrod.desired import config
+    from cynchrod.shell import control
 
     schema = json.loads((pathlib.Path(__file__).parents[2] / "schemas" / "app.schema.json").read_text())
     assert schema["properties"]["org"]["pattern"] == specs.NAME_PATTERN

@@ -31,7 +31,7 @@ def test_the_site_builds_in_strict_mode(tmp_path: pathlib.Path) -> None:
     assert "WARNING" not in result.stderr
     # The API reference is rendered from the OpenAPI document: every path of it is on the page.
     page = (tmp_path / "site" / "api-reference.html").read_text()
-    document = json.loads((ROOT / "cynchrod" / "openapi.json").read_text())
+    document = json.loads((ROOT / "cynchrod" / "api" / "openapi.json").read_text())
     missing = [path for path in document["paths"] if path not in page]
     assert missing == []
     assert (tmp_path / "site" / "bench" / "scaling.png").exists()
@@ -41,8 +41,8 @@ def test_a_broken_link_or_anchor_fails_the_build(tmp_path: pathlib.Path) -> None
     """The same config on a copy of the pages with one broken link and one broken anchor."""
     shutil.copy(ROOT / "mkdocs.yml", tmp_path / "mkdocs.yml")
     shutil.copytree(DOCS, tmp_path / "docs")
-    (tmp_path / "cynchrod").mkdir()
-    shutil.copy(ROOT / "cynchrod" / "openapi.json", tmp_path / "cynchrod" / "openapi.json")
+    (tmp_path / "cynchrod" / "api").mkdir(parents=True)
+    shutil.copy(ROOT / "cynchrod" / "api" / "openapi.json", tmp_path / "cynchrod" / "api" / "openapi.json")
     assert mkdocs_build(tmp_path / "mkdocs.yml", tmp_path / "ok").returncode == 0  # the copy builds as it is
     with (tmp_path / "docs" / "statuses.md").open("a") as page:
         page.write("\nSee [a page that is gone](gone.md) and [a heading that is not there](api.md#no-such-heading).\n")
@@ -85,9 +85,9 @@ def test_the_readme_is_short_and_its_links_resolve() -> None:
 
 
 def test_the_docs_copy_of_the_openapi_document_is_the_source() -> None:
-    """cynchrod/openapi.json is the source (the API serves it); docs/openapi.json is the site's download."""
-    assert (DOCS / "openapi.json").read_text() == (ROOT / "cynchrod" / "openapi.json").read_text(), \
-        "copy cynchrod/openapi.json to docs/openapi.json"
+    """cynchrod/api/openapi.json is the source (the API serves it); docs/openapi.json is the site's download."""
+    assert (DOCS / "openapi.json").read_text() == (ROOT / "cynchrod" / "api" / "openapi.json").read_text(), \
+        "copy cynchrod/api/openapi.json to docs/openapi.json"
 
 
 def test_the_benchmark_block_is_what_bench_table_makes() -> None:

@@ -7,7 +7,10 @@ import pathlib
 
 import pytest
 
-from cynchrod import client, config, decisions, edge, manifests, planning, specs, store
+from cynchrod import edge, store
+from cynchrod.cli import client
+from cynchrod.core import decisions, planning, specs
+from cynchrod.desired import config, manifests
 
 
 def spec(name: str, org: str = "default", domain: str | None = "a.example.com", port: int | None = 8080,

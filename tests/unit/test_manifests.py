@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cynchrod import manifests, specs
+from cynchrod.core import specs
+from cynchrod.desired import manifests
 
 
 def errors(text: str) -> list[str]:

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from cynchrod import planning, specs
+from cynchrod.core import planning, specs
 
 
 def app(**overrides: object) -> specs.AppSpec:

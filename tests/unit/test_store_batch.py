@@ -6,7 +6,8 @@ import pathlib
 
 import pytest
 
-from cynchrod import specs, store
+from cynchrod import store
+from cynchrod.core import specs
 
 
 def app(db: store.Store, name: str) -> store.App:

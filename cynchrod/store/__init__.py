@@ -21,9 +21,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from cynchrod import decisions, planning, specs
-from cynchrod.decisions import APP_STATUSES, DEPLOYING, FAILED, PENDING, QUEUED, REMOVED, RUNNING, STOPPED
-from cynchrod.errors import PermanentError, StateUnwritable, StoreError, TemporaryError
+from cynchrod.core import decisions, planning, specs
+from cynchrod.core.decisions import APP_STATUSES, DEPLOYING, FAILED, PENDING, QUEUED, REMOVED, RUNNING, STOPPED
+from cynchrod.core.errors import PermanentError, StateUnwritable, StoreError, TemporaryError
 
 __all__ = ["APP_STATUSES", "DEPLOYING", "FAILED", "PENDING", "QUEUED", "REMOVED", "RUNNING", "STOPPED"]
 
@@ -627,7 +627,7 @@ class Store:
                              (now(), id_or_name, id_or_name))
             return cur.rowcount
 
-    # -- secrets (sealed by ``cynchrod.secrets``; never decrypted here) ------------
+    # -- secrets (sealed by ``cynchrod.desired.secrets``; never decrypted here) ------------
 
     def put_secret(self, org: str, name: str, sealed: str) -> None:
         with self.transaction() as db:

@@ -34,7 +34,7 @@ from ruamel.yaml.events import AliasEvent, CollectionEndEvent, CollectionStartEv
 from ruamel.yaml.scalarstring import DoubleQuotedScalarString
 from ruamel.yaml.util import load_yaml_guess_indent
 
-from cynchrod.errors import PermanentError
+from cynchrod.core.errors import PermanentError
 
 MAX_BYTES = 1024 * 1024
 #: Mappings and lists nested deeper than this are refused (a manifest needs about 5).

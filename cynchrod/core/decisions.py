@@ -30,8 +30,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-from cynchrod import planning, specs
-from cynchrod.errors import CynchrodError, ManifestError, PermanentError
+from cynchrod.core import planning, specs
+from cynchrod.core.errors import CynchrodError, ManifestError, PermanentError
 
 #: App statuses (the product page's words).
 QUEUED = "queued"

@@ -20,8 +20,11 @@ import tempfile
 from collections.abc import Sequence
 from typing import IO, Any
 
-from cynchrod import __version__, client, config, daemon, manifests, reconciler, secrets, source, store
-from cynchrod.errors import CynchrodError, StateLocked
+from cynchrod import __version__, daemon, store
+from cynchrod.cli import client
+from cynchrod.core.errors import CynchrodError, StateLocked
+from cynchrod.desired import config, manifests, secrets, source
+from cynchrod.shell import reconciler
 
 log = logging.getLogger("cynchrod")
 

@@ -21,7 +21,7 @@ import urllib.request
 from collections.abc import Sequence
 from typing import IO, Any
 
-from cynchrod.errors import CynchrodError
+from cynchrod.core.errors import CynchrodError
 
 DEFAULT_API = "http://127.0.0.1:8080"
 TIMEOUT_S = 30.0

@@ -1,6 +1,6 @@
 """JSON Schema validation: the only module that imports jsonschema.
 
-``Schema(name)`` loads ``cynchrod/schemas/<name>`` (the same files as
+``Schema(name)`` loads ``cynchrod/desired/schemas/<name>`` (the same files as
 ``schemas/``) and reports every problem of a value as ``Problem`` records in
 our own words, so the manifest parser and the config loader never see
 jsonschema's types. JSON Schema has no word for "finite": a ``NaN`` or an
@@ -66,7 +66,7 @@ class Problem:
 
 @cache
 def load_document(name: str) -> dict[str, Any]:
-    text = resources.files("cynchrod").joinpath("schemas", name).read_text()
+    text = resources.files("cynchrod.desired").joinpath("schemas", name).read_text()
     result: dict[str, Any] = json.loads(text)
     return result
 

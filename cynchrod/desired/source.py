@@ -27,11 +27,11 @@ from urllib.parse import urlparse
 
 import pygit2
 
-from cynchrod.config import local_repo_path
-from cynchrod.errors import ManifestError, PermanentError, SourceError
-from cynchrod.manifests import MAX_MANIFEST_BYTES, is_manifest_path
+from cynchrod.core.errors import ManifestError, PermanentError, SourceError
+from cynchrod.desired.config import local_repo_path
+from cynchrod.desired.manifests import MAX_MANIFEST_BYTES, is_manifest_path
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("cynchrod.source")  # the name the logs have always shown
 
 APPS_DIR = "apps"
 #: Committed into an emptied apps/ so that deleting the last app is applied.

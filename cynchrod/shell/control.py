@@ -15,8 +15,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from cynchrod import builds, decisions, edits, manifests, source, store
-from cynchrod.errors import PermanentError
+from cynchrod import store
+from cynchrod.core import decisions
+from cynchrod.core.errors import PermanentError
+from cynchrod.desired import edits, manifests, source
+from cynchrod.shell import builds
 
 
 class NotFound(PermanentError):

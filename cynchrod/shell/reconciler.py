@@ -30,14 +30,18 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
-from cynchrod import builds as builds_mod
-from cynchrod import decisions, manifests, metrics, planning, runtime, source, specs, store, view
 from cynchrod import edge as edge_mod
-from cynchrod import secrets as secrets_mod
-from cynchrod.decisions import TRIGGERS
-from cynchrod.errors import CynchrodError, ManifestError, PermanentError, SourceError, StateUnwritable
+from cynchrod import runtime, store
+from cynchrod.core import decisions, planning, specs
+from cynchrod.core.decisions import TRIGGERS
+from cynchrod.core.errors import CynchrodError, ManifestError, PermanentError, SourceError, StateUnwritable
+from cynchrod.desired import manifests, source
+from cynchrod.desired import secrets as secrets_mod
+from cynchrod.runtime import view
+from cynchrod.shell import builds as builds_mod
+from cynchrod.shell import metrics
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("cynchrod.reconciler")  # the name the logs have always shown
 T = TypeVar("T")
 _NO_MEMORY = decisions.Backoff()
 

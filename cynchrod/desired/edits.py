@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from cynchrod import yamlio
-from cynchrod.errors import PermanentError
+from cynchrod.core.errors import PermanentError
+from cynchrod.desired import yamlio
 
 
 def set_keys(raw: bytes, values: dict[str, Any]) -> bytes:

@@ -36,8 +36,8 @@ from typing import Any
 
 import requests
 
-from cynchrod import planning, specs
-from cynchrod.errors import TemporaryError
+from cynchrod.core import planning, specs
+from cynchrod.core.errors import TemporaryError
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,11 @@ import shlex
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from cynchrod import specs, validation, yamlio
-from cynchrod.errors import ManifestError
+from cynchrod.core import specs
+from cynchrod.core.errors import ManifestError
+from cynchrod.desired import validation, yamlio
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("cynchrod.manifests")  # the name the logs have always shown
 
 MAX_MANIFEST_BYTES = yamlio.MAX_BYTES
 MANIFEST_SUFFIXES = (".yaml", ".yml")

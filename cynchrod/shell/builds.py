@@ -27,10 +27,11 @@ import threading
 from collections.abc import Callable
 from typing import Protocol
 
-from cynchrod import config, source, specs
-from cynchrod.errors import CynchrodError, PermanentError, SourceError
+from cynchrod.core import specs
+from cynchrod.core.errors import CynchrodError, PermanentError, SourceError
+from cynchrod.desired import config, source
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("cynchrod.builds")  # the name the logs have always shown
 KEEP_IMAGES = 3
 LOG_TAIL_LINES = 30
 MAX_LOG_BYTES = 4 * 1024 * 1024

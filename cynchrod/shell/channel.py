@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from cynchrod.errors import TemporaryError
+from cynchrod.core.errors import TemporaryError
 
 log = logging.getLogger("cynchrod.channel")
 SOCKET_NAME = "reconciler.sock"

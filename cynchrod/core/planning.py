@@ -17,7 +17,7 @@ import dataclasses
 import json
 from collections.abc import Iterable, Mapping
 
-from cynchrod import specs
+from cynchrod.core import specs
 
 CREATE = "create"
 RECREATE = "recreate"

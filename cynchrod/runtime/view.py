@@ -19,10 +19,11 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from cynchrod import planning, runtime
-from cynchrod.errors import CynchrodError
+from cynchrod import runtime
+from cynchrod.core import planning
+from cynchrod.core.errors import CynchrodError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("cynchrod.view")  # the name the logs have always shown
 RESYNC_S = 300.0
 RECONNECT_S = 1.0
 

@@ -16,7 +16,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from cynchrod import secrets, store
+from cynchrod import store
+from cynchrod.desired import secrets
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

@@ -12,8 +12,9 @@ import re
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from cynchrod import decisions, specs, validation, yamlio
-from cynchrod.errors import PermanentError
+from cynchrod.core import decisions, specs
+from cynchrod.core.errors import PermanentError
+from cynchrod.desired import validation, yamlio
 
 _SCHEMA = validation.Schema("config.schema.json")
 _OWNER_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")

@@ -1,4 +1,4 @@
-"""The API process: ``python -m cynchrod.apiserver FD``, started by ``cynchrod serve``.
+"""The API process: ``python -m cynchrod.daemon.apiserver FD``, started by ``cynchrod serve``.
 
 ``serve`` forks and this module is exec'd in the child, a fresh interpreter, so gevent
 patches ``socket``, ``ssl`` and threads before anything imports them: forked from the
@@ -36,8 +36,10 @@ from typing import Any  # noqa: E402
 
 from gunicorn.app.base import BaseApplication  # noqa: E402
 
-from cynchrod import config, daemon  # noqa: E402
-from cynchrod.errors import CynchrodError  # noqa: E402
+from cynchrod import daemon  # noqa: E402
+from cynchrod.core.errors import CynchrodError  # noqa: E402
+from cynchrod.desired import config  # noqa: E402
+from cynchrod.shell import front  # noqa: E402
 
 log = logging.getLogger("cynchrod")
 
@@ -76,7 +78,7 @@ class ApiServer(BaseApplication):  # type: ignore[misc]
         self.settings = cfg
         self.rebuild = rebuild
         self._loaded_once = False
-        from cynchrod.apiworker import Share
+        from cynchrod.daemon.apiworker import Share
 
         # Connections held per worker (workers may be more than ``api_workers`` for a moment, during a reload).
         self.share = Share(max(8, 4 * cfg.api_workers))
@@ -94,7 +96,7 @@ class ApiServer(BaseApplication):  # type: ignore[misc]
         self._loaded_once = True
         options = {
             "bind": self.settings.listen, "workers": self.settings.api_workers,
-            "worker_class": "cynchrod.apiworker.Worker", "worker_connections": daemon.WORKER_CONNECTIONS,
+            "worker_class": "cynchrod.daemon.apiworker.Worker", "worker_connections": daemon.WORKER_CONNECTIONS,
             "keepalive": daemon.HEADER_TIMEOUT_S, "timeout": 60, "graceful_timeout": 5, "accesslog": None,
             "errorlog": "-", "loglevel": "warning", "proc_name": "cynchrod-api", "control_socket_disable": True,
             "pre_fork": self.share.pre_fork, "child_exit": self.share.child_exit,
@@ -107,7 +109,7 @@ class ApiServer(BaseApplication):  # type: ignore[misc]
     def load(self) -> Any:
         from cynchrod.api import create_app
 
-        return create_app(daemon.Front(self.settings, blocking=_in_thread_pool()))
+        return create_app(front.Front(self.settings, blocking=_in_thread_pool()))
 
 
 
@@ -130,7 +132,7 @@ def main(argv: list[str]) -> int:
     import cynchrod.api.meta
     import cynchrod.api.secrets
     import cynchrod.api.webhooks
-    import cynchrod.apiworker  # noqa: F401
+    import cynchrod.daemon.apiworker  # noqa: F401
 
     gc.collect()
     gc.freeze()

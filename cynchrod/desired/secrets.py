@@ -37,10 +37,11 @@ import tempfile
 
 from cryptography.fernet import Fernet, InvalidToken
 
-from cynchrod import specs, store
-from cynchrod.errors import PermanentError
+from cynchrod import store
+from cynchrod.core import specs
+from cynchrod.core.errors import PermanentError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("cynchrod.secrets")  # the name the logs have always shown
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 MAX_SECRET_BYTES = 64 * 1024
 KEY_ENV = "CYNCHROD_SECRET_KEY"
