@@ -257,17 +257,26 @@ class Secrets:
             return
         self._prepare()
         target = self.app_dir(spec.org, spec.name)
-        target.mkdir(parents=True, exist_ok=True, mode=0o700)
+        values = []
         for name in spec.secret_names:
             value = self._value(spec.org, name)
             if value is None:
                 raise SecretMissing(f"secret {name} not set in org {spec.org}")
-            tmp = target / f".{name}.tmp"
-            tmp.unlink(missing_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
-            with os.fdopen(fd, "wb") as out:
-                out.write(value)
-            os.replace(tmp, target / name)
+            values.append((name, value))
+        # The staging folder is the host's to break (a file in the way, a full tmpfs, a folder of another
+        # user): that fails this app with a code, never the pass or start-up's restage_all.
+        try:
+            target.mkdir(parents=True, exist_ok=True, mode=0o700)
+            for name, value in values:
+                tmp = target / f".{name}.tmp"
+                tmp.unlink(missing_ok=True)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
+                with os.fdopen(fd, "wb") as out:
+                    out.write(value)
+                os.replace(tmp, target / name)
+        except OSError as exc:
+            raise StagingUnavailable(f"cannot stage the secrets of {spec.org}/{spec.name} in {target}: "
+                                     f"{exc.strerror or exc}") from exc
 
     def unstage(self, org: str, app: str) -> None:
         shutil.rmtree(self.app_dir(org, app), ignore_errors=True)

@@ -46,3 +46,26 @@ def test_secrets_are_staged_on_a_tmpfs_and_unstaged_on_delete(
     result = harness.sync()
     assert harness.app("web").status == "failed" and "secret_missing" in (harness.app("web").last_error or "")
     assert not result.ok
+
+
+def test_a_staging_folder_that_cannot_be_written_fails_the_app_not_the_daemon(
+        harness: Harness, repo: GitRepo) -> None:
+    """Seen with the image run without its staging mount: an OSError from the staging folder (here the
+    app's folder is a file in the way) crashed start-up's restage_all, and the daemon restarted forever."""
+    harness.secrets.set("default", "token", VALUE)
+    repo.push({"apps/web.yaml": manifest("web", extra="secrets: [token]\n")})
+    assert harness.sync().ok
+    app_dir = harness.secrets.app_dir("default", "web")
+    shutil.rmtree(app_dir)
+    app_dir.write_bytes(b"in the way")
+    try:
+        again = vault.Secrets(harness.db, state_dir=harness.state)
+        assert again.restage_all() == 0  # logged, not raised
+        try:
+            again.stage(harness.app("web").spec)  # type: ignore[arg-type]
+        except vault.StagingUnavailable as exc:
+            assert exc.code == "secret_staging_unavailable" and str(app_dir) in str(exc)
+        else:
+            raise AssertionError("stage() wrote past a file in the way")
+    finally:
+        app_dir.unlink()
