@@ -26,6 +26,7 @@ from referencing.jsonschema import DRAFT202012
 
 from cynchrod.cli.client import websocket
 from cynchrod.desired import source
+from cynchrod.desired.source import push
 from tests.helpers import TEST_IMAGE, Daemon, GitRepo, breaks, cli, git, owned, wait_for
 
 OPENAPI = json.loads((pathlib.Path(__file__).resolve().parents[2] / "cynchrod" / "api" / "openapi.json").read_text())
@@ -260,14 +261,14 @@ def test_a_push_landing_during_ours_is_never_overwritten(repo: GitRepo, tmp_path
     repo.push({"apps/a.yaml": "name: a\nimage: x\n"})
     src = source.Source(repo.url, state_dir=tmp_path / "state")
     landed: list[str] = []
-    copy = source._copy_objects
+    copy = push._copy_objects
 
     def racing(*args: Any) -> None:
         if not landed:
             landed.append(repo.push({"apps/b.yaml": "name: b\nimage: x\n"}, "someone else"))
         copy(*args)
 
-    monkeypatch.setattr(source, "_copy_objects", racing)
+    monkeypatch.setattr(push, "_copy_objects", racing)
     commit = src.commit_edit("apps/a.yaml", lambda old: (old or b"") + b"state: stopped\n", "stop default/a (by test)")
     assert landed and commit is not None
     git("fetch", "-q", cwd=repo.work)

@@ -1,5 +1,5 @@
 """A log stream's messages, framed once and written by the hub to idle clients' sockets
-(``cynchrod.api.logs._Client``), on a real socket pair."""
+(``cynchrod.api.logs.hub.Client``), on a real socket pair."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import zlib
 from gevent import socket as gsocket
 
 from cynchrod.api import logs
+from cynchrod.api.logs import hub
 
 
 class _Ws:
-    """What ``_Client`` reads of flask-sock's WebSocket: its socket (no extension negotiated)."""
+    """What ``hub.Client`` reads of flask-sock's WebSocket: its socket (no extension negotiated)."""
 
     def __init__(self, sock: gsocket.socket) -> None:
         self.sock = sock
@@ -23,7 +24,7 @@ class _Ws:
 def test_an_idle_client_is_written_to_at_once_and_a_busy_one_queues() -> None:
     ours, theirs = gsocket.socketpair()
     theirs.settimeout(5)
-    client = logs._Client(_Ws(ours))
+    client = hub.Client(_Ws(ours))
     frame = logs.Frame(b'[{"service":"main","timestamp":"t","line":"x"}]', 1)
     client.idle = True
     client.offer([frame])
@@ -38,7 +39,7 @@ def test_an_idle_client_is_written_to_at_once_and_a_busy_one_queues() -> None:
 def test_what_a_full_socket_does_not_take_waits_for_the_pump() -> None:
     ours, theirs = gsocket.socketpair()
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    client = logs._Client(_Ws(ours))
+    client = hub.Client(_Ws(ours))
     client.idle = True
     big = logs.Frame(b"[" + b'"x",' * 250_000 + b'"x"]', 250_001)
     client.offer([big])
