@@ -22,12 +22,10 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import gc
-import heapq
-import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from cynchrod import edge as edge_mod
@@ -40,16 +38,13 @@ from cynchrod.desired import secrets as secrets_mod
 from cynchrod.runtime import view
 from cynchrod.shell import builds as builds_mod
 from cynchrod.shell import metrics
+from cynchrod.shell.scheduling import Wakeup, strongest
 
 log = logging.getLogger("cynchrod.reconciler")  # the name the logs have always shown
 T = TypeVar("T")
 _NO_MEMORY = decisions.Backoff()
 
-#: Webhook bursts: deliveries closer than this coalesce into the pass that the first
-#: one woke plus one more. Short, so that pushes made one after another are each
-#: applied at once rather than held for the trailing pass.
-DEBOUNCE_S = 0.5
-__all__ = ["TRIGGERS", "PassResult", "Reconciler", "Wakeup", "strongest"]
+__all__ = ["TRIGGERS", "PassResult", "Reconciler"]
 
 
 @dataclasses.dataclass
@@ -88,111 +83,8 @@ class PassResult:
             a.status != decisions.FAILED for a in self.apps)
 
 
-@dataclasses.dataclass
-class _Burst:
-    last: float
-    more: bool = False
-
-
-class Scheduler:
-    """One thread for every delayed call (back-off wake-ups, trailing webhook passes)."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._heap: list[tuple[float, int, Callable[[], None]]] = []
-        self._seq = itertools.count()
-        self._thread: threading.Thread | None = None
-        self._stopped = False
-
-    def call_later(self, delay_s: float, fn: Callable[[], None]) -> None:
-        with self._cond:
-            heapq.heappush(self._heap, (time.monotonic() + max(delay_s, 0.0), next(self._seq), fn))
-            if self._thread is None and not self._stopped:
-                self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
-                self._thread.start()
-            self._cond.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._stopped and (not self._heap or self._heap[0][0] > time.monotonic()):
-                    self._cond.wait(self._heap[0][0] - time.monotonic() if self._heap else None)
-                if self._stopped:
-                    return
-                _, _, fn = heapq.heappop(self._heap)
-            try:
-                fn()
-            except Exception:
-                log.exception("scheduled call failed")
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopped = True
-            self._heap.clear()
-            self._cond.notify()
-            thread = self._thread
-        if thread is not None:
-            thread.join(5)
-
-
-class Wakeup:
-    """A coalescing trigger queue: many requests before a pass become one pass."""
-
-    def __init__(self, scheduler: Scheduler | None = None) -> None:
-        self._cond = threading.Condition()
-        self._pending: set[str] = set()
-        self._bursts: dict[str, _Burst] = {}
-        self.scheduler = scheduler or Scheduler()
-
-    def request_debounced(self, trigger: str, quiet_s: float = DEBOUNCE_S) -> None:
-        """Leading and trailing edge: the first request of a burst wakes a pass at once;
-        the rest of the burst becomes one more pass once ``quiet_s`` passes without one."""
-        with self._cond:
-            burst = self._bursts.get(trigger)
-            now = time.monotonic()
-            if burst is None:
-                self._bursts[trigger] = _Burst(last=now)
-                self._pending.add(trigger)
-                self._cond.notify_all()
-                self.scheduler.call_later(quiet_s, lambda: self._trailing(trigger, quiet_s))
-            else:
-                burst.last, burst.more = now, True
-
-    def _trailing(self, trigger: str, quiet_s: float) -> None:
-        with self._cond:
-            burst = self._bursts[trigger]
-            wait = burst.last + quiet_s - time.monotonic()
-            if wait > 0:
-                self.scheduler.call_later(wait, lambda: self._trailing(trigger, quiet_s))
-                return
-            del self._bursts[trigger]
-            if burst.more:
-                self._pending.add(trigger)
-                self._cond.notify_all()
-
-    def request(self, trigger: str) -> None:
-        with self._cond:
-            self._pending.add(trigger)
-            self._cond.notify_all()
-
-    def request_at(self, delay_s: float, trigger: str) -> None:
-        self.scheduler.call_later(delay_s, lambda: self.request(trigger))
-
-    def wait(self, timeout: float) -> set[str]:
-        with self._cond:
-            if not self._pending:
-                self._cond.wait(timeout)
-            pending, self._pending = self._pending, set()
-            return pending
-
-
 #: Passes that put back what the last fetch declared, without fetching.
 NO_FETCH_TRIGGERS = frozenset({"self-heal", "build"})
-
-
-def strongest(triggers: Iterable[str]) -> str:
-    found = set(triggers)
-    return next((t for t in TRIGGERS if t in found), "poll")
 
 
 @dataclasses.dataclass(frozen=True)
