@@ -61,11 +61,27 @@ class Builder(Protocol):
     def prune_images(self, org: str, app: str, *, keep: int) -> list[str]: ...
 
 
+class Repo(Protocol):
+    """What builds need of a build repository's mirror (``source.Source``)."""
+
+    def fetch(self) -> str: ...
+
+    def resolve(self) -> str: ...
+
+    def export(self, commit: str, dest: pathlib.Path) -> None: ...
+
+
+def open_mirror(build: specs.Build, state_dir: pathlib.Path) -> Repo:
+    """A build repository's bare mirror under ``state_dir``."""
+    return source.Source(build.repo, branch=build.ref, state_dir=state_dir)
+
+
 class Builds:
     def __init__(self, *, state_dir: pathlib.Path, rt: Builder,
                  open_deployment: Callable[[specs.AppSpec], int] | None = None,
                  fail_deployment: Callable[[int, CynchrodError], object] | None = None,
-                 allow: Callable[[str, str], bool] = deny_local) -> None:
+                 allow: Callable[[str, str], bool] = deny_local,
+                 open_repo: Callable[[specs.Build, pathlib.Path], Repo] = open_mirror) -> None:
         #: ``allow(org, url)``: whether an app of ``org`` may build from ``url`` (the config's
         #: ``builds.localRepos``): a local path or file:// URL anywhere else is ``policy_violation``,
         #: so no token or committer can build from another repository on this machine.
@@ -73,7 +89,9 @@ class Builds:
         self.root = state_dir / "builds"
         self.logs = self.root / "logs"
         self.runtime = rt
-        self._sources: dict[tuple[str, str], source.Source] = {}
+        #: Opens a build repository's mirror (tests count its fetches).
+        self.open_repo = open_repo
+        self._sources: dict[tuple[str, str], Repo] = {}
         self._lock = threading.Lock()  # one build at a time on this host
         #: Called (from the build worker) when a build ends, to wake the reconciler.
         self.on_done: Callable[[], None] = lambda: None
@@ -90,11 +108,11 @@ class Builds:
         self._queue: queue.Queue[specs.AppSpec | None] = queue.Queue()
         self._worker: threading.Thread | None = None
 
-    def _source(self, build: specs.Build) -> source.Source:
+    def _source(self, build: specs.Build) -> Repo:
         key = (build.repo, build.ref)
         if key not in self._sources:
             digest = hashlib.sha256(build.repo.encode()).hexdigest()[:8]
-            self._sources[key] = source.Source(build.repo, branch=build.ref, state_dir=self.root / digest)
+            self._sources[key] = self.open_repo(build, self.root / digest)
         return self._sources[key]
 
     @staticmethod
