@@ -40,6 +40,10 @@ MAX_LOG_BYTES = 4 * 1024 * 1024
 BUILDING = "building"
 
 
+class NotFetched(Exception):
+    """A build repository no pass has fetched yet, asked for by a caller that may not fetch it (a preview)."""
+
+
 def deny_local(org: str, url: str) -> bool:
     """The default policy: remote repositories only (no ``builds.localRepos``)."""
     return config.repo_allowed(url, ())
@@ -120,10 +124,13 @@ class Builds:
         suffix = f"-{service.name}" if spec.multi else ""
         return f"cynchrod/{spec.org}-{spec.name}{suffix}:{commit[:12]}"
 
-    def resolve(self, spec: specs.AppSpec, fetched: dict[tuple[str, str], str]) -> specs.AppSpec:
+    def resolve(self, spec: specs.AppSpec, fetched: dict[tuple[str, str], str], *, fetch: bool = True,
+                fetch_unseen: bool = True) -> specs.AppSpec:
         """The spec with each built service's image set to the tag of its source commit.
 
-        ``fetched`` memoises commits within one pass. An unreachable source
+        ``fetched`` memoises commits within one pass. With ``fetch`` the source is fetched
+        (once a pass); without, the commit its mirror holds is used, and a source never fetched
+        here is fetched only with ``fetch_unseen`` (else ``NotFetched``). An unreachable source
         falls back to the commit last fetched; never fetched is ``build_source_unavailable``.
         """
         services = []
@@ -135,16 +142,25 @@ class Builds:
                 raise PermanentError(refusal(service.build.repo), code="policy_violation")
             key = (service.build.repo, service.build.ref)
             if key not in fetched:
-                src = self._source(service.build)
-                try:
-                    fetched[key] = src.fetch()
-                except SourceError as exc:
-                    try:
-                        fetched[key] = src.resolve()
-                    except SourceError:
-                        raise PermanentError(str(exc.message), code="build_source_unavailable") from exc
+                fetched[key] = self._commit(service.build, fetch=fetch, fetch_unseen=fetch_unseen)
             services.append(dataclasses.replace(service, image=self.tag(spec, service, fetched[key])))
         return dataclasses.replace(spec, services=tuple(services))
+
+    def _commit(self, build: specs.Build, *, fetch: bool, fetch_unseen: bool) -> str:
+        src = self._source(build)
+        if not fetch:
+            try:
+                return src.resolve()
+            except SourceError:
+                if not fetch_unseen:
+                    raise NotFetched(build.repo) from None
+        try:
+            return src.fetch()
+        except SourceError as exc:
+            try:
+                return src.resolve()
+            except SourceError:
+                raise PermanentError(str(exc.message), code="build_source_unavailable") from exc
 
     def _missing(self, spec: specs.AppSpec) -> list[specs.ServiceSpec]:
         missing = []

@@ -4,14 +4,16 @@ Called by the reconciler, in two steps so that the network is never waited on un
 when it need not be:
 
     fetch  (``DesiredState.fetch``: each source's remote → the commit to read; no shared state
-            is touched)
+            is touched, so ``preview`` runs it before taking the lock)
     → read (``DesiredState.read``: that commit's manifests, parsed once per blob and tagged with
             their source; the last good spec of an app whose file now fails; secret digests and
             built image tags; quota caps and file ages) → ``Wanted``.
 
 A pass woken by the engine (``self-heal``) or by a finished build (``build``) puts back what the
-last fetch declared, without fetching: no round trip to the remote delays the repair (the next
-poll or webhook brings new commits).
+last fetch declared: it fetches neither the manifests repositories nor the build repositories
+(no round trip to a remote delays a repair; the next poll or webhook brings new commits). A
+preview (``plan``, the dashboard) never fetches a build repository either: it reads the commit
+the last pass fetched, and an app whose build repository no pass has fetched yet waits for one.
 """
 
 from __future__ import annotations
@@ -235,16 +237,28 @@ class DesiredState:
     def _resolve(self, desired: dict[Key, specs.AppSpec], *, trigger: str
                  ) -> tuple[dict[Key, CynchrodError], dict[Key, str]]:
         """Fill in secret digests and built image tags (in place); return the apps held,
-        and why, and the apps waiting for a build under way."""
+        and why, and the apps waiting for a build under way.
+
+        Build repositories are fetched by the passes that fetch the manifests (once each per
+        pass); the others read the commit their mirror holds. A self-heal or build pass still
+        fetches a build repository this host has never fetched (as it does a manifests source
+        it never read: there is nothing else to deploy); a preview never does, and shows the
+        app waiting for the pass that will."""
         held: dict[Key, CynchrodError] = {}
         waiting: dict[Key, str] = {}
         fetched: dict[tuple[str, str], str] = {}
+        fetch = trigger not in NO_FETCH_TRIGGERS and trigger != PREVIEW
         for key, spec in list(desired.items()):
             try:
                 if any(s.build for s in spec.services):
                     if self.builds is None:
                         raise PermanentError("this daemon does not build images", code="build_failed")
-                    desired[key] = spec = self.builds.resolve(spec, fetched)
+                    try:
+                        desired[key] = spec = self.builds.resolve(spec, fetched, fetch=fetch,
+                                                                  fetch_unseen=trigger != PREVIEW)
+                    except builds_mod.NotFetched:
+                        waiting[key] = decisions.PENDING
+                        continue
                     state = self.builds.state(spec)
                     if isinstance(state, CynchrodError):
                         raise state

@@ -238,11 +238,16 @@ class Reconciler:
         return result
 
     def preview(self) -> tuple[PassResult, list[planning.Action]]:
-        """What a pass would do now, changing nothing (``cynchrod plan``, the dashboard)."""
+        """What a pass would do now, changing nothing (``cynchrod plan``, the dashboard).
+
+        The sources are fetched before the pass lock is taken: a page load waiting on a slow
+        remote never holds up a pass (a self-heal above all). Build repositories are not
+        fetched at all (``desired_state``)."""
+        result = PassResult(commit=None, trigger=desired_state.PREVIEW)
+        fetched = self.desired.fetch(result.trigger)
         with self._pass_lock:
-            result = PassResult(commit=None, trigger="plan")
             rows = self.store.live_apps()
-            inputs = self._observe(self._desired(result, rows), rows, result)
+            inputs = self._observe(self._desired(result, rows, fetched), rows, result)
             return result, [a for d in self._decide(inputs) for a in d.actions]
 
     def _note_pass(self, result: PassResult) -> None:

@@ -58,13 +58,15 @@ class BuildRepo:
 
     def __init__(self, log: list[str], url: str) -> None:
         self.log, self.url = log, url
+        self.mirrored = False
 
     def fetch(self) -> str:
         self.log.append(self.url)
+        self.mirrored = True
         return "c" * 40
 
     def resolve(self) -> str:
-        if self.url not in self.log:
+        if not self.mirrored:
             raise SourceError("never fetched", code="source_unavailable")
         return "c" * 40
 
@@ -111,6 +113,67 @@ def test_progress_counts_each_app_once_in_order_from_the_pass_thread(world: Worl
     world.rec.run_pass("poll")
     assert [(done, total) for done, total, _ in seen] == [(i, 8) for i in range(1, 9)]
     assert {name for _, _, name in seen} == {threading.current_thread().name}
+
+
+def test_a_preview_fetches_outside_the_pass_lock_so_a_pass_runs_meanwhile(world: World) -> None:
+    """A page load (``preview``) waiting on a slow remote no longer holds up a self-heal."""
+    world.tree.write("a", manifest("a"))
+    world.rec.run_pass("poll")
+    fetching, release = threading.Event(), threading.Event()
+    locked_while_fetching: list[bool] = []
+
+    def slow_remote() -> None:
+        locked_while_fetching.append(world.rec._pass_lock.locked())
+        fetching.set()
+        assert release.wait(30)
+
+    world.tree.on_fetch = slow_remote
+    previews: list[list[planning.Action]] = []
+    preview = threading.Thread(target=lambda: previews.append(world.rec.preview()[1]))
+    preview.start()
+    try:
+        assert fetching.wait(30)
+        assert locked_while_fetching == [False]
+        # The preview is parked in its fetch: a self-heal pass (which does not fetch) runs now.
+        world.tree.on_fetch = lambda: None
+        assert world.rec._pass_lock.acquire(timeout=30), "the preview holds the pass lock while it fetches"
+        world.rec._pass_lock.release()
+        healed = world.rec.run_pass("self-heal")
+        assert healed.ok
+    finally:
+        release.set()
+        preview.join(30)
+    assert previews == [[]]
+
+
+def build_manifest(name: str, repo: str) -> str:
+    return f"name: {name}\nbuild: {{repo: {repo}}}\nmemory: 64\n"
+
+
+def test_only_passes_that_fetch_the_manifests_fetch_build_repos(world: World) -> None:
+    world.tree.write("web", build_manifest("web", "https://example.invalid/web.git"))
+    world.tree.write("api", build_manifest("api", "https://example.invalid/api.git"))
+    world.rec.run_pass("poll")
+    assert sorted(world.build_fetches) == ["https://example.invalid/api.git", "https://example.invalid/web.git"]
+    assert world.db.live_apps()[("default", "web")].status == decisions.RUNNING
+    world.build_fetches.clear()
+    for trigger in ("self-heal", "build"):
+        assert world.rec.run_pass(trigger).ok
+    _, actions = world.rec.preview()
+    assert actions == []
+    assert world.build_fetches == []  # none: they read the commit the last fetch gave
+    world.rec.run_pass("webhook")
+    assert len(world.build_fetches) == 2
+
+
+def test_a_preview_never_fetches_a_build_repo_it_has_not_seen(world: World) -> None:
+    world.tree.write("web", build_manifest("web", "https://example.invalid/web.git"))
+    result, actions = world.rec.preview()
+    assert actions == [] and result.ok
+    assert world.build_fetches == []
+    assert not world.builds.busy()  # and queues no build for it
+    world.rec.run_pass("self-heal")  # a pass that never read the source fetches it, and the repo
+    assert world.build_fetches == ["https://example.invalid/web.git"]
 
 
 def unit_of(spec: specs.AppSpec, *, state: str = planning.RUNNING) -> planning.Unit:
