@@ -315,13 +315,15 @@ class Reconciler:
 
     def _record(self, plan: Sequence[decisions.Decision], executed: Iterable[Executed],
                 rows: dict[tuple[str, str], store.App], result: PassResult) -> None:
-        """Record: each app's row and deployment, its back-off memory and its outcome in ``result``.
-
-        The apps not acted on are written first, in one store transaction, before any app acts:
-        a new commit's rows (its commit on every row, a refused or failing manifest's error, a
-        held app's reason) show at once rather than after the slowest deploy of the pass; then
-        each acted-on app as its execution ends (``progress`` counts them here, in this thread).
-        """
+        """Record: each app's row and deployment, its back-off memory and its outcome in ``result``:
+        first the apps not acted on, then each acted-on app as its execution ends (``progress``
+        counts them here, in the pass's thread)."""
+        # The apps not acted on are written before ``executed`` is first drawn from, that is
+        # before any app acts, on purpose: they wait for nothing the actions do, and written
+        # after them a new commit's rows (the commit on every row, a failing manifest's error, a
+        # quota refusal, a held app's reason and its back-off wake-up) would show only once the
+        # pass's slowest deploy ends, or never if the daemon is killed during it. It is one
+        # store transaction; the acted-on apps' rows are written by then only as ``queued``.
         self._book(lambda: self._settle_all(plan, rows, result))
         total = sum(d.acts or d.prune for d in plan)
         for done, ran in enumerate(executed, 1):
