@@ -465,8 +465,8 @@ def swarm_rows(tmp: pathlib.Path, n_cold: int, n_noop: int, passes: int) -> list
         result = rec.run_pass()
         cyn = time.perf_counter() - started
         assert result.ok and len(rt.list_units()) == n_cold, result
-        body = rt._body(next(iter(rec._loaded.values()))[1].apps[("default", "app0000")],
-                        next(iter(rec._loaded.values()))[1].apps[("default", "app0000")].services[0], image, "x")
+        body = rt._body(next(iter(rec.desired._loaded.values()))[1].apps[("default", "app0000")],
+                        next(iter(rec.desired._loaded.values()))[1].apps[("default", "app0000")].services[0], image, "x")
         remove(f"{runtime.LABEL_OWNER}={owner}")
 
         def create(i: int) -> None:
@@ -499,7 +499,7 @@ def swarm_rows(tmp: pathlib.Path, n_cold: int, n_noop: int, passes: int) -> list
         assert first.ok, (failed[:5], len(failed), first.source_error, first.manifest_errors[:3])
         # A stopped app with no service needs nothing, so its service is made here, as the
         # runtime makes it (replicas 0), the way the one-host row makes stopped containers.
-        specs_now = next(iter(rec._loaded.values()))[1].apps.values()
+        specs_now = next(iter(rec.desired._loaded.values()))[1].apps.values()
         t0 = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(CONCURRENCY) as pool:
             list(pool.map(lambda a: rt._converge(a, a.services[0]), specs_now))

@@ -40,6 +40,10 @@ MAX_LOG_BYTES = 4 * 1024 * 1024
 BUILDING = "building"
 
 
+class NotFetched(Exception):
+    """A build repository no pass has fetched yet, asked for by a caller that may not fetch it (a preview)."""
+
+
 def deny_local(org: str, url: str) -> bool:
     """The default policy: remote repositories only (no ``builds.localRepos``)."""
     return config.repo_allowed(url, ())
@@ -61,11 +65,27 @@ class Builder(Protocol):
     def prune_images(self, org: str, app: str, *, keep: int) -> list[str]: ...
 
 
+class Repo(Protocol):
+    """What builds need of a build repository's mirror (``source.Source``)."""
+
+    def fetch(self) -> str: ...
+
+    def resolve(self) -> str: ...
+
+    def export(self, commit: str, dest: pathlib.Path) -> None: ...
+
+
+def open_mirror(build: specs.Build, state_dir: pathlib.Path) -> Repo:
+    """A build repository's bare mirror under ``state_dir``."""
+    return source.Source(build.repo, branch=build.ref, state_dir=state_dir)
+
+
 class Builds:
     def __init__(self, *, state_dir: pathlib.Path, rt: Builder,
                  open_deployment: Callable[[specs.AppSpec], int] | None = None,
                  fail_deployment: Callable[[int, CynchrodError], object] | None = None,
-                 allow: Callable[[str, str], bool] = deny_local) -> None:
+                 allow: Callable[[str, str], bool] = deny_local,
+                 open_repo: Callable[[specs.Build, pathlib.Path], Repo] = open_mirror) -> None:
         #: ``allow(org, url)``: whether an app of ``org`` may build from ``url`` (the config's
         #: ``builds.localRepos``): a local path or file:// URL anywhere else is ``policy_violation``,
         #: so no token or committer can build from another repository on this machine.
@@ -73,7 +93,9 @@ class Builds:
         self.root = state_dir / "builds"
         self.logs = self.root / "logs"
         self.runtime = rt
-        self._sources: dict[tuple[str, str], source.Source] = {}
+        #: Opens a build repository's mirror (tests count its fetches).
+        self.open_repo = open_repo
+        self._sources: dict[tuple[str, str], Repo] = {}
         self._lock = threading.Lock()  # one build at a time on this host
         #: Called (from the build worker) when a build ends, to wake the reconciler.
         self.on_done: Callable[[], None] = lambda: None
@@ -90,11 +112,11 @@ class Builds:
         self._queue: queue.Queue[specs.AppSpec | None] = queue.Queue()
         self._worker: threading.Thread | None = None
 
-    def _source(self, build: specs.Build) -> source.Source:
+    def _source(self, build: specs.Build) -> Repo:
         key = (build.repo, build.ref)
         if key not in self._sources:
             digest = hashlib.sha256(build.repo.encode()).hexdigest()[:8]
-            self._sources[key] = source.Source(build.repo, branch=build.ref, state_dir=self.root / digest)
+            self._sources[key] = self.open_repo(build, self.root / digest)
         return self._sources[key]
 
     @staticmethod
@@ -102,10 +124,13 @@ class Builds:
         suffix = f"-{service.name}" if spec.multi else ""
         return f"cynchrod/{spec.org}-{spec.name}{suffix}:{commit[:12]}"
 
-    def resolve(self, spec: specs.AppSpec, fetched: dict[tuple[str, str], str]) -> specs.AppSpec:
+    def resolve(self, spec: specs.AppSpec, fetched: dict[tuple[str, str], str], *, fetch: bool = True,
+                fetch_unseen: bool = True) -> specs.AppSpec:
         """The spec with each built service's image set to the tag of its source commit.
 
-        ``fetched`` memoises commits within one pass. An unreachable source
+        ``fetched`` memoises commits within one pass. With ``fetch`` the source is fetched
+        (once a pass); without, the commit its mirror holds is used, and a source never fetched
+        here is fetched only with ``fetch_unseen`` (else ``NotFetched``). An unreachable source
         falls back to the commit last fetched; never fetched is ``build_source_unavailable``.
         """
         services = []
@@ -117,16 +142,25 @@ class Builds:
                 raise PermanentError(refusal(service.build.repo), code="policy_violation")
             key = (service.build.repo, service.build.ref)
             if key not in fetched:
-                src = self._source(service.build)
-                try:
-                    fetched[key] = src.fetch()
-                except SourceError as exc:
-                    try:
-                        fetched[key] = src.resolve()
-                    except SourceError:
-                        raise PermanentError(str(exc.message), code="build_source_unavailable") from exc
+                fetched[key] = self._commit(service.build, fetch=fetch, fetch_unseen=fetch_unseen)
             services.append(dataclasses.replace(service, image=self.tag(spec, service, fetched[key])))
         return dataclasses.replace(spec, services=tuple(services))
+
+    def _commit(self, build: specs.Build, *, fetch: bool, fetch_unseen: bool) -> str:
+        src = self._source(build)
+        if not fetch:
+            try:
+                return src.resolve()
+            except SourceError:
+                if not fetch_unseen:
+                    raise NotFetched(build.repo) from None
+        try:
+            return src.fetch()
+        except SourceError as exc:
+            try:
+                return src.resolve()
+            except SourceError:
+                raise PermanentError(str(exc.message), code="build_source_unavailable") from exc
 
     def _missing(self, spec: specs.AppSpec) -> list[specs.ServiceSpec]:
         missing = []
