@@ -33,7 +33,7 @@ from cynchrod import store
 from cynchrod.api import ApiError, is_ascii_number, sock
 from cynchrod.api.auth import bearer, daemon, visible_app
 from cynchrod.core.errors import CynchrodError
-from cynchrod.runtime import LogLine
+from cynchrod.runtime import LogLine, LogStream
 from cynchrod.shell.front import TICKET_TTL_S
 
 if TYPE_CHECKING:
@@ -305,7 +305,7 @@ class _Hub:
         self.address = relay_address(d.settings.state, key)
         self.subscribers: set[_Subscriber] = set()
         self.ended = threading.Event()
-        self.follower: Any = None
+        self.follower: LogStream | None = None
         self.acceptor: threading.Thread | None = None
         self.listener: socket.socket | None = None
         self.upstream: socket.socket | None = None
@@ -402,9 +402,8 @@ class _Hub:
                     sub.end()
 
     def _follow(self) -> None:
-        batches = getattr(self.follower, "batches", None)
-        source = batches() if batches is not None else ([line] for line in self.follower)
-        for batch in source:
+        assert self.follower is not None
+        for batch in self.follower.batches():
             self._publish(encode_lines(batch))
 
     def _relay(self) -> None:

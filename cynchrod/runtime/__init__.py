@@ -138,14 +138,16 @@ class LogStream(Closable, Protocol):
 
     def __iter__(self) -> Iterator[LogLine]: ...
 
+    def batches(self) -> Iterator[list[LogLine]]:
+        """The same lines, a list per engine read (a flood costs a step per read, not per line)."""
+        ...
+
 
 class Runtime(Protocol):
     """A container engine, in the project's words. Errors are ``CynchrodError`` only."""
 
     owner: str
     instance: str
-    #: Engine calls made so far (the tests count them; a no-op pass makes none).
-    calls: int
 
     def list_units(self) -> list[Unit]:
         """Every unit of this owner and instance: one list call (a relist)."""
@@ -176,5 +178,10 @@ class Runtime(Protocol):
         ...
 
     def image_exists(self, image: str) -> bool: ...
+
+    def recover(self) -> int:
+        """Put right what a killed daemon left half-done (before the first pass); how many
+        objects it removed (0 for a driver with nothing to recover)."""
+        ...
 
     def close(self) -> None: ...

@@ -21,7 +21,7 @@ connections on its container address) the route is switched, the old container
 drains for ``drain`` seconds, then is stopped and removed. A new container that
 is never ready is removed and the deployment fails ``not_ready`` with its last
 log lines; the old one never stopped serving. A daemon killed midway leaves two
-containers in one slot: ``recover_swaps`` (run at start-up, before the first
+containers in one slot: ``recover`` (run at start-up, before the first
 pass) keeps the newest one if it is ready (switching the route to it), else the
 older one, and removes the other.
 """
@@ -501,6 +501,7 @@ class LocalRuntime:
         self._client = client or docker.DockerClient.from_env(
             version=API_VERSION, timeout=call_timeout if call_timeout is not None else CALL_TIMEOUT_S + stop_timeout)
         self.api = self._client.api
+        #: Engine calls made so far: this driver's own count (the tests and bench/ read it), not the protocol's.
         self.calls = 0
 
     def close(self) -> None:
@@ -716,7 +717,7 @@ class LocalRuntime:
             return []
         return [line for line in raw.decode("utf-8", "replace").splitlines()]
 
-    def recover_swaps(self) -> int:
+    def recover(self) -> int:
         """After a crash mid-swap: one container per slot again, the route on the one kept.
 
         The newest (by generation) is kept when it is running and ready now, and the

@@ -2,7 +2,7 @@
 
 Used by the pure core's tests (property tests: decide, apply, decide again finds
 nothing to do) and by the simulations in ``bench/`` that go past what one machine
-can run. It keeps units in a dict, counts calls like a real driver, and can be
+can run. It keeps units in a dict, counts its calls (``calls``, its own: not the protocol's), and can be
 told to fail an action (``fail``) to drive the error paths.
 """
 
@@ -32,6 +32,9 @@ class _Stream:
 
 class _NoLogs:
     def __iter__(self) -> Iterator[runtime.LogLine]:
+        return iter(())
+
+    def batches(self) -> Iterator[list[runtime.LogLine]]:
         return iter(())
 
     def close(self) -> None:
@@ -99,6 +102,9 @@ class MemoryRuntime:
 
     def image_exists(self, image: str) -> bool:
         return True
+
+    def recover(self) -> int:
+        return 0
 
     def close(self) -> None:
         pass

@@ -383,6 +383,7 @@ class SwarmRuntime:
         #: Reads a secret's value by (org, name): nothing is staged on a disk.
         self.secret_value = secret_value
         self.apply_wait_s = apply_wait_s
+        #: Engine calls made so far: this driver's own count (the tests and bench/ read it), not the protocol's.
         self.calls = 0
         #: What the last listing saw (the event stream reports changes against it).
         self.last_listing: dict[str, runtime.Unit] = {}
@@ -878,6 +879,10 @@ class SwarmRuntime:
             except RuntimeFailure:
                 busy.append(f"network {name}")
         return busy
+
+    def recover(self) -> int:
+        """Nothing to put right: the swarm finishes or rolls back its own updates."""
+        return 0
 
     def exit_details(self, unit: runtime.Unit) -> tuple[int | None, bool]:
         """What the task said: its exit code (a worker's containers are not inspected from here)."""

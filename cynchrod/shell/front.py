@@ -58,10 +58,22 @@ class Change:
     next: str
 
 
-def make_runtime(cfg: config.Settings, *, instance: str, vault: secrets.Secrets,
+def make_edge(cfg: config.Settings) -> edge.Edge | None:
+    """The edge the config names (``--edge``), else None; only the reconciler process makes one."""
+    if not cfg.edge or cfg.runtime == "swarm":
+        return None
+    front = edge.Edge(cfg.edge, listen=cfg.edge_listen, tls_listen=cfg.edge_tls_listen, owner=cfg.owner,
+                      upstream_host=edge.upstream_host(cfg.publish_address))
+    if edge.resets_at_config_changes():
+        log.warning("edge: net.ipv4.tcp_migrate_req is 0 here, so a Caddy on this host resets the connections "
+                    "it is accepting at each route change; set it to 1 (sysctl -w net.ipv4.tcp_migrate_req=1)")
+    return front
+
+
+def make_runtime(cfg: config.Settings, *, instance: str, vault: secrets.Secrets, edge: edge.Edge | None = None,
                  deadline: float | None = None) -> local.LocalRuntime | swarm.SwarmRuntime:
-    """The runtime the config names: one Docker engine (behind the edge, when one is
-    configured), or a swarm through one of its managers.
+    """The runtime the config names: one Docker engine (behind ``edge``, from ``make_edge``,
+    when one is configured), or a swarm through one of its managers.
 
     ``deadline``: an API worker's runtime, which only reads (logs) under a deadline per
     engine call and never acts, so it has no edge.
@@ -71,13 +83,8 @@ def make_runtime(cfg: config.Settings, *, instance: str, vault: secrets.Secrets,
                     if cfg.registry_url else None)
         return swarm.SwarmRuntime(owner=cfg.owner, instance=instance, stop_timeout=cfg.stop_timeout,
                                   registry=registry, secret_value=vault.value)
-    front = edge.Edge(cfg.edge, listen=cfg.edge_listen, tls_listen=cfg.edge_tls_listen, owner=cfg.owner,
-                      upstream_host=edge.upstream_host(cfg.publish_address)) if cfg.edge and deadline is None else None
-    if front is not None and edge.resets_at_config_changes():
-        log.warning("edge: net.ipv4.tcp_migrate_req is 0 here, so a Caddy on this host resets the connections "
-                    "it is accepting at each route change; set it to 1 (sysctl -w net.ipv4.tcp_migrate_req=1)")
     return local.LocalRuntime(owner=cfg.owner, instance=instance, publish_address=cfg.publish_address,
-                              stop_timeout=cfg.stop_timeout, secrets_dir=vault.staging.resolve(), edge=front,
+                              stop_timeout=cfg.stop_timeout, secrets_dir=vault.staging.resolve(), edge=edge,
                               ready_timeout=cfg.edge_ready_timeout, drain=cfg.edge_drain, call_timeout=deadline,
                               stream_timeout=deadline)
 
