@@ -2,7 +2,7 @@
 
 Created by the daemon (and ``cynchrod sync``); called by the reconciler's
 workers (``apply``), the view (``list_units``, ``watch``), builds and the API
-(``tail``, ``follow``). Every docker, requests and socket error is converted here
+(``tail``, ``follow``). Every docker, requests and socket error is _docker.converted here
 into the project's error tree; nothing above sees a docker type.
 
 A unit is a container named ``<owner>_<org>_<app>[_<service>][-<replica>]``.
@@ -28,7 +28,6 @@ older one, and removes the other.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import functools
 import json
@@ -41,7 +40,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import docker
 import docker.errors
@@ -51,16 +50,12 @@ from cynchrod import edge as edge_mod
 from cynchrod import runtime
 from cynchrod.core import planning, specs
 from cynchrod.core.errors import EngineUnavailable, PermanentError, RuntimeFailure, TemporaryError, UnitGone
-from cynchrod.runtime import follow
+from cynchrod.runtime import _docker, follow
 
 log = logging.getLogger(__name__)
 
 PULL_TIMEOUT_S = 300
 API_VERSION = "1.41"
-#: Deadline of one engine call on a request or pass path.
-CALL_TIMEOUT_S = 30
-#: Per-container log cap: the json-file driver rotates, so no log grows without bound.
-LOG_CONFIG = {"type": "json-file", "config": {"max-size": "10m", "max-file": "3"}}
 #: Labels of a start-first container: its generation (newest wins after a crash) and the
 #: domains routed to it (comma-separated).
 LABEL_GENERATION = "io.cynchrod.generation"
@@ -72,7 +67,6 @@ NOT_READY_LINES = 20
 _EXIT_RE = re.compile(r"Exited \((-?\d+)\)")
 _STATE = {"running": planning.RUNNING, "paused": planning.RUNNING, "restarting": planning.RESTARTING,
           "exited": planning.EXITED, "created": planning.CREATED, "dead": planning.CREATED}
-T = TypeVar("T")
 
 
 def crashpoint(name: str) -> None:
@@ -86,156 +80,10 @@ def crashpoint(name: str) -> None:
         os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
-def has_registry(image: str) -> bool:
-    """True when the reference names a registry host (``host.tld/...``, ``host:port/...``)."""
-    first, sep, _ = image.partition("/")
-    return bool(sep) and ("." in first or ":" in first or first == "localhost")
-
-
-def converted(call: Callable[[], T], what: str) -> T:
-    """Run one engine call; every library error leaves as a ``CynchrodError``."""
-    try:
-        return call()
-    except docker.errors.NotFound as exc:
-        raise UnitGone(f"{what}: {exc.explanation or 'not found'}") from exc
-    except docker.errors.APIError as exc:
-        if exc.status_code == 409:
-            raise _Conflict(f"{what}: {exc.explanation}") from exc
-        raise RuntimeFailure(f"{what}: {exc.explanation or exc}") from exc
-    except (requests.RequestException, docker.errors.DockerException, OSError) as exc:
-        raise EngineUnavailable(f"{what}: docker unreachable ({type(exc).__name__})") from exc
-
-
-class _Conflict(RuntimeFailure):
-    """The engine answered 409; the caller looks at why."""
-
-    code = "conflict"
-
-
 def split_log_line(line: str) -> tuple[str, str]:
     """Docker's ``<RFC3339Nano timestamp> <text>`` into its two parts."""
     stamp, _, text = line.partition(" ")
     return stamp, text
-
-
-def _stamp_seconds(stamp: str) -> float:
-    """An RFC 3339 nano timestamp as epoch seconds (for ``since``), or 0 when unreadable."""
-    try:
-        whole, _, frac = stamp.rstrip("Z").partition(".")
-        base = time.mktime(time.strptime(whole, "%Y-%m-%dT%H:%M:%S")) - time.timezone
-        return base + float(f"0.{frac or 0}")
-    except ValueError:
-        return 0.0
-
-
-def _stamp_key(stamp: str) -> str:
-    """A timestamp that compares as text in time order: Docker's RFC 3339 nano form trims the
-    fraction's trailing zeros (``.5Z`` would sort after ``.50001Z``), so it is padded to nine digits."""
-    if len(stamp) == 30:
-        return stamp
-    whole, _, frac = stamp.rstrip("Z").partition(".")
-    return f"{whole}.{frac:0<9}Z"
-
-
-def _key_at(seconds: float) -> str:
-    """The ``_stamp_key`` of a time in epoch seconds."""
-    whole = int(seconds)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{int((seconds - whole) * 1e9):09d}Z"
-
-
-class _Given:
-    """What one container's log stream gave, so that the lines the engine sends again are
-    dropped and none is lost.
-
-    Two ways the engine repeats lines: a stream opened again after one ended asks for lines
-    from a little before the last timestamp given (``since`` is a float; asking for one
-    microsecond past it lost the rest of a group of lines, which share the timestamp of the
-    read from the container that brought them); and when json-file rotates under a follower,
-    the engine sends the new file's first lines (one to thousands, measured) a second time,
-    a jump back in time. A jump back to a line given in the last ``WINDOW_S`` (its timestamp,
-    to the nanosecond, is remembered that long), or further back than that, is a repeat: the
-    lines older than the last one given, and as many of those with its timestamp as were
-    given, are dropped until a newer line comes. Any other step back is a line: stdout and
-    stderr are stamped apart, so their lines can be a little out of time order.
-
-    A rotation's repeat need not step back: when the new file held only lines stamped with the
-    last timestamp given (one line, in a flood), they come again with that same timestamp,
-    like the rest of a read the engine sent in two parts. Such a line whose text was given
-    with that timestamp is asked about (``verify``: how many lines the log holds with it, from
-    its last lines); when no more than were given, it and the rest of the repeat are dropped.
-    Without ``verify``, or past its budget (``VERIFY_BURST`` asks, then one a ``VERIFY_EVERY_S``:
-    an app printing the same line twice in one write may cost the engine that many reads), such
-    a line is given: a repeat may pass, a line is never lost."""
-
-    WINDOW_S = 0.25
-    MAX_REMEMBERED = 50_000
-    #: Texts remembered (hashed) for the last timestamp (one read from the container: a few hundred).
-    MAX_TEXTS = 2000
-    VERIFY_EVERY_S = 1.0
-    VERIFY_BURST = 5
-    __slots__ = ("asked", "catching_up", "count", "last", "recent", "recent_keys", "skip", "texts", "verify")
-
-    def __init__(self, verify: Callable[[str, int], int | None] | None = None) -> None:
-        self.last, self.count, self.skip, self.catching_up = "", 0, 0, False
-        self.recent: collections.deque[str] = collections.deque()
-        self.recent_keys: set[str] = set()
-        #: The hashes of the texts given with the last timestamp (an equal hash only costs a question).
-        self.texts: set[int] = set()
-        #: ``verify(key, given)``: the lines the log holds with this timestamp, None when unknown.
-        self.verify = verify
-        #: When ``verify`` was last asked, and how many asks that leaves (a token bucket).
-        self.asked = (0.0, float(self.VERIFY_BURST))
-
-    def reopened(self) -> None:
-        self.skip, self.catching_up = self.count, self.count > 0
-
-    def fresh(self, stamp: str, text: str = "") -> bool:
-        key = stamp if len(stamp) == 30 else _stamp_key(stamp)
-        if key > self.last:
-            self.last, self.count, self.catching_up = key, 1, False
-            self.texts = {hash(text)}
-        else:
-            if not self.catching_up and self._repeats(key, text):
-                self.reopened()  # a repeat of lines given: as a stream opened again
-            if self.catching_up:
-                if key < self.last:
-                    return False
-                if self.skip:
-                    self.skip -= 1
-                    return False
-            if key == self.last:
-                self.count += 1
-                if len(self.texts) < self.MAX_TEXTS:
-                    self.texts.add(hash(text))
-        if key not in self.recent_keys:
-            self.recent_keys.add(key)
-            self.recent.append(key)
-        return True
-
-    def _repeats(self, key: str, text: str) -> bool:
-        """Whether a line stamped no later than the last one given starts a repeat."""
-        if key < self.last:
-            return key in self.recent_keys or _stamp_seconds(self.last) - _stamp_seconds(key) > self.WINDOW_S
-        if self.verify is None or hash(text) not in self.texts:
-            return False
-        # The log holds no more lines with this (the last) timestamp than were given?
-        now = time.monotonic()
-        at, left = self.asked
-        left = min(float(self.VERIFY_BURST), left + (now - at) / self.VERIFY_EVERY_S)
-        if left < 1:
-            return False
-        self.asked = (now, left - 1)
-        logged = self.verify(key, self.count)
-        return logged is not None and logged <= self.count
-
-    def forget(self) -> None:
-        """Forget the timestamps older than ``WINDOW_S`` before the last (once per read)."""
-        recent = self.recent
-        if len(recent) < 64:
-            return
-        cutoff = _key_at(_stamp_seconds(self.last) - self.WINDOW_S)
-        while recent and (recent[0] < cutoff or len(recent) > self.MAX_REMEMBERED):
-            self.recent_keys.discard(recent.popleft())
 
 
 def fault(step: str, container_id: str, api: Any) -> None:
@@ -266,7 +114,7 @@ class _EventStream:
     def __iter__(self) -> Iterator[runtime.Event]:
         try:
             self._client = rt_client(self._rt, timeout=None)
-            self._stream = converted(lambda: self._client.api.events(
+            self._stream = _docker.converted(lambda: self._client.api.events(
                 filters={"type": "container", "event": ["start", "die", "oom", "destroy", "pause", "unpause"],
                          "label": runtime.owner_labels(self._rt.owner)}, decode=True), "events")
         except RuntimeFailure:
@@ -298,36 +146,8 @@ class _EventStream:
 def rt_client(rt: LocalRuntime, *, timeout: float | None) -> docker.DockerClient:
     """Another connection to the same engine (streams need their own, with no read
     timeout); the API version is the one already negotiated, so making it asks nothing."""
-    return converted(lambda: docker.DockerClient.from_env(version=rt.api.api_version, timeout=timeout),
+    return _docker.converted(lambda: docker.DockerClient.from_env(version=rt.api.api_version, timeout=timeout),
                      "connect")
-
-
-@contextlib.contextmanager
-def build_errors(log: Callable[[str], None]) -> Iterator[None]:
-    """The engine's errors during a build (and a push) as ``build_failed`` (logged to the
-    build's log) or, when the engine cannot be reached, ``EngineUnavailable``."""
-    try:
-        yield
-    except (docker.errors.APIError, docker.errors.BuildError) as exc:
-        log(str(exc))
-        raise PermanentError(str(exc), code="build_failed") from exc
-    except (requests.RequestException, docker.errors.DockerException, OSError) as exc:
-        raise EngineUnavailable(f"build: docker unreachable ({type(exc).__name__})") from exc
-
-
-def run_build(api: Any, *, context: pathlib.Path, dockerfile: str, tag: str, args: dict[str, str],
-              labels: dict[str, str], log: Callable[[str], None]) -> None:
-    """``docker build`` on ``api``, its output streamed to ``log``; an error it reports raises
-    ``build_failed`` (the engine's own errors are the caller's to convert)."""
-    for chunk in api.build(path=str(context), dockerfile=dockerfile, tag=tag, buildargs=args or None,
-                           labels=labels, rm=True, forcerm=True, decode=True):
-        if "stream" in chunk:
-            for line in str(chunk["stream"]).splitlines():
-                if line.strip():
-                    log(line)
-        if "error" in chunk:
-            log(str(chunk["error"]).rstrip())
-            raise PermanentError(str(chunk["error"]).strip(), code="build_failed")
 
 
 class _Dechunk:
@@ -409,8 +229,8 @@ class _AppLogs(follow.Follower):
     Readers queue lists of lines (what one read brought), so a flood costs a queue
     operation per 64 KiB, not per line; ``batches()`` gives them as they came."""
 
-    #: Lines read past those given when ``_Given`` asks how many the log holds with a timestamp
-    #: (a read from the file's end, within ``_Given``'s budget of questions).
+    #: Lines read past those given when ``_docker.Given`` asks how many the log holds with a timestamp
+    #: (a read from the file's end, within ``_docker.Given``'s budget of questions).
     VERIFY_TAIL = 2000
 
     def __init__(self, rt: LocalRuntime, org: str, app: str, since: float, ended: threading.Event | None) -> None:
@@ -418,7 +238,7 @@ class _AppLogs(follow.Follower):
         super().__init__(app, since, ended, rt_client(rt, timeout=rt.stream_timeout))
         self._rt, self._org = rt, org
         #: What each container's stream gave (its last timestamp), to re-attach after it.
-        self._given: dict[str, _Given] = {}
+        self._given: dict[str, _docker.Given] = {}
 
     def _open(self, instance: str, since: float) -> Any:
         api = self._client.api
@@ -437,19 +257,19 @@ class _AppLogs(follow.Follower):
             if unit.state != planning.RUNNING or unit.instance in self._readers:
                 continue
             given = self._given.get(unit.instance)
-            # From a little before the last line given (``since`` is a float): ``_Given`` drops the repeats.
-            since = _stamp_seconds(given.last) - 0.001 if given is not None and given.last else self._start
+            # From a little before the last line given (``since`` is a float): ``_docker.Given`` drops the repeats.
+            since = _docker.stamp_seconds(given.last) - 0.001 if given is not None and given.last else self._start
             yield (unit.instance, functools.partial(self._opened, unit.instance, since),
                    functools.partial(self._lines_of, unit))
 
     def _opened(self, instance: str, since: float) -> Any:
-        return converted(lambda: self._open(instance, since), "logs")
+        return _docker.converted(lambda: self._open(instance, since), "logs")
 
     def _lines_of(self, unit: runtime.Unit, stream: Any) -> Iterator[list[runtime.LogLine]]:
         service, replica, node = unit.service, unit.replica, unit.node
         given = self._given.get(unit.instance)
         if given is None:
-            given = self._given[unit.instance] = _Given(functools.partial(self._logged_at, unit.instance))
+            given = self._given[unit.instance] = _docker.Given(functools.partial(self._logged_at, unit.instance))
         given.reopened()
         fresh = given.fresh
         for raw in stream:
@@ -462,21 +282,23 @@ class _AppLogs(follow.Follower):
             yield batch
 
     def _logged_at(self, instance: str, key: str, given: int) -> int | None:
-        """How many lines the container's log holds stamped ``key`` (a ``_stamp_key``), read
+        """How many lines the container's log holds stamped ``key`` (a ``_docker.stamp_key``), read
         from its last lines; None when they do not reach back past it or the engine fails."""
         want = given + self.VERIFY_TAIL
         try:
             data = self._client.api.logs(instance, stdout=True, stderr=True, timestamps=True, tail=want)
         except (requests.RequestException, docker.errors.DockerException, OSError):
             return None
-        keys = [_stamp_key(raw[:raw.find(b" ")].decode("ascii", "replace")) for raw in data.split(b"\n") if raw]
+        keys = [_docker.stamp_key(raw[:raw.find(b" ")].decode("ascii", "replace")) for raw in data.split(b"\n") if raw]
         if len(keys) >= want and keys[0] >= key:
             return None  # the lines since then are more than were read
         return keys.count(key)
 
 
-class LocalRuntime:
+class LocalRuntime(_docker.Driver):
     """Drives one Docker Engine for one owner and one instance (see ``cynchrod.runtime``)."""
+
+    _log = log
 
     def __init__(self, *, owner: str = "cynchrod", instance: str = "", publish_address: str = "127.0.0.1",
                  stop_timeout: int = 10, client: docker.DockerClient | None = None,
@@ -498,24 +320,13 @@ class LocalRuntime:
         self.stop_timeout = stop_timeout
         # The API version is pinned (every engine since 20.10 speaks it): making a client
         # asks the engine nothing, so a daemon starts while Docker is down.
-        self._client = client or docker.DockerClient.from_env(
-            version=API_VERSION, timeout=call_timeout if call_timeout is not None else CALL_TIMEOUT_S + stop_timeout)
+        timeout = call_timeout if call_timeout is not None else _docker.CALL_TIMEOUT_S + stop_timeout
+        self._client = client or docker.DockerClient.from_env(version=API_VERSION, timeout=timeout)
         self.api = self._client.api
-        #: Engine calls made so far: this driver's own count (the tests and bench/ read it), not the protocol's.
         self.calls = 0
 
     def close(self) -> None:
         self._client.close()
-
-    def _call(self, call: Callable[[], T], what: str) -> T:
-        self.calls += 1
-        if not log.isEnabledFor(logging.DEBUG):
-            return converted(call, what)
-        started = time.perf_counter()
-        try:
-            return converted(call, what)
-        finally:
-            log.debug("engine %s: %.1f ms", what.split(" ", 1)[0], (time.perf_counter() - started) * 1000)
 
     # -- names and labels -------------------------------------------------
 
@@ -529,10 +340,6 @@ class LocalRuntime:
 
     def volume_name(self, org: str, app: str, volume: str) -> str:
         return f"{self.owner}_{org}_{app}_{volume}"
-
-    def _app_labels(self, org: str, app: str) -> dict[str, str]:
-        return {runtime.LABEL_OWNER: self.owner, runtime.LABEL_INSTANCE: self.instance,
-                runtime.LABEL_ORG: org, runtime.LABEL_APP: app}
 
     @property
     def owner_filter(self) -> dict[str, list[str]]:
@@ -785,7 +592,7 @@ class LocalRuntime:
             self._call(lambda: self.api.remove_container(container_id, force=True), "remove")
         except UnitGone:
             pass
-        except _Conflict:
+        except _docker.Conflict:
             pass  # already being removed by the engine
 
     def _served(self, container_id: str, spec: specs.AppSpec, service: specs.ServiceSpec,
@@ -824,7 +631,7 @@ class LocalRuntime:
             # Equal to the memory limit: no swap on top, so the limit is real.
             memswap_limit=service.memory * 1024 * 1024,
             init=True,
-            log_config=LOG_CONFIG,
+            log_config=_docker.LOG_CONFIG,
             binds=binds or None,
             network_mode=network,
         )
@@ -853,7 +660,7 @@ class LocalRuntime:
 
         try:
             created = self._call(create, f"create {name}")
-        except _Conflict as exc:
+        except _docker.Conflict as exc:
             raise self._name_conflict(name) from exc
         container_id: str = created["Id"]
         crashpoint(f"{point}after-create")
@@ -886,7 +693,7 @@ class LocalRuntime:
         try:
             self._call(lambda: self.api.inspect_network(name), f"inspect network {name}")
         except UnitGone:
-            with contextlib.suppress(_Conflict):  # made concurrently by another service
+            with contextlib.suppress(_docker.Conflict):  # made concurrently by another service
                 self._call(lambda: self.api.create_network(name, driver="bridge", check_duplicate=True,
                                                            labels=self._app_labels(spec.org, spec.name)),
                            f"create network {name}")
@@ -918,14 +725,7 @@ class LocalRuntime:
     def build_image(self, context: pathlib.Path, *, dockerfile: str, tag: str, args: dict[str, str],
                     org: str, app: str, log: Callable[[str], None]) -> None:
         """docker build, its output streamed to ``log``; raises ``build_failed``."""
-        with build_errors(log):
-            run_build(self.api, context=context, dockerfile=dockerfile, tag=tag, args=args,
-                      labels=self._app_labels(org, app), log=log)
-
-    def _app_images(self, org: str, app: str) -> list[dict[str, Any]]:
-        filters = {"label": runtime.app_labels(self.owner, org, app)}
-        images: list[dict[str, Any]] = self._call(lambda: self.api.images(filters=filters), "list images")
-        return images
+        self._build(context, dockerfile=dockerfile, tag=tag, args=args, org=org, app=app, log=log)
 
     def prune_images(self, org: str, app: str, *, keep: int) -> list[str]:
         """Remove this app's built images but the newest ``keep`` (and any still in use)."""
@@ -954,7 +754,7 @@ class LocalRuntime:
         Named volumes are kept (they hold data); they carry our labels for ``docker volume prune``.
         """
         name = self.network_name(org, app)
-        with contextlib.suppress(_Conflict):  # still in use by a container being removed: next pass
+        with contextlib.suppress(_docker.Conflict):  # still in use by a container being removed: next pass
             self._ignore_missing(lambda: self.api.remove_network(name), f"remove network {name}")
         for image in self._app_images(org, app):
             image_id: str = image["Id"]
@@ -963,7 +763,7 @@ class LocalRuntime:
 
     def _pull(self, image: str) -> None:
         """Pull only references that name a registry; local tags are never pulled."""
-        if not has_registry(image):
+        if not _docker.has_registry(image):
             raise PermanentError(
                 f"image {image} is not present on this host and names no registry; build or load it here",
                 code="image_not_found")
@@ -986,7 +786,7 @@ class LocalRuntime:
             try:
                 raw = self._call(lambda u=unit: self.api.logs(u.instance, timestamps=True, tail=n),  # type: ignore[misc]
                                  "logs")
-            except (UnitGone, _Conflict):
+            except (UnitGone, _docker.Conflict):
                 continue  # gone, or being removed (Docker answers 409): it has no more lines to give
             for text in raw.decode("utf-8", "replace").splitlines():
                 stamp, body = split_log_line(text)
