@@ -2,7 +2,7 @@
 
 Created by the daemon (and ``cynchrod sync``); called by the reconciler's
 workers (``apply``), the view (``list_units``, ``watch``), builds and the API
-(``tail``, ``follow``). Every docker, requests and socket error is _docker.converted here
+(``tail``, ``follow``). Every docker, requests and socket error is converted here (``_docker``)
 into the project's error tree; nothing above sees a docker type.
 
 A unit is a container named ``<owner>_<org>_<app>[_<service>][-<replica>]``.
@@ -12,41 +12,32 @@ recover. A crash between the two steps leaves the unit missing (created next
 pass); a crash between create and start leaves it ``created``, which the planner
 sweeps.
 
-**Zero downtime.** With an edge (``edge.Edge``), a unit an app's ``domain`` or
-a service's ``domain`` routes to is recreated start-first when it has no ``hostPort``: the new
-container starts beside the old one under the alternate name (``<name>.b``,
-and back), labelled with its generation (``io.cynchrod.generation``, a clock
-reading) and its domains; once ready (its healthcheck, else its port accepts TCP
-connections on its container address) the route is switched, the old container
-drains for ``drain`` seconds, then is stopped and removed. A new container that
-is never ready is removed and the deployment fails ``not_ready`` with its last
-log lines; the old one never stopped serving. A daemon killed midway leaves two
-containers in one slot: ``recover`` (run at start-up, before the first
-pass) keeps the newest one if it is ready (switching the route to it), else the
-older one, and removes the other.
+**Start-first.** For a zero-downtime recreate (driven by ``edge.deploy``) the
+driver starts the new container beside the old one under the slot's other name
+(``<name>.b``, and back) with the labels it is given (``start_beside``), says
+whether a container is ready (``readiness``: its healthcheck, else its port
+accepts TCP connections on its container address), removes one
+(``remove_unit``), and lists the slots a crash midway left holding two
+(``crowded``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import os
 import pathlib
 import re
-import signal
 import socket
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import docker
 import docker.errors
 import requests
 
-from cynchrod import edge as edge_mod
 from cynchrod import runtime
 from cynchrod.core import planning, specs
 from cynchrod.core.errors import EngineUnavailable, PermanentError, RuntimeFailure, TemporaryError, UnitGone
@@ -56,28 +47,11 @@ log = logging.getLogger(__name__)
 
 PULL_TIMEOUT_S = 300
 API_VERSION = "1.41"
-#: Labels of a start-first container: its generation (newest wins after a crash) and the
-#: domains routed to it (comma-separated).
-LABEL_GENERATION = "io.cynchrod.generation"
-LABEL_DOMAIN = "io.cynchrod.domain"
-#: The alternate name of a start-first container is ``<name>`` + this (and back).
+#: The other name of a slot, for a container started beside its old one (``start_beside``), and back.
 ALT_SUFFIX = ".b"
-#: Lines of a never-ready container's log in its ``not_ready`` error.
-NOT_READY_LINES = 20
 _EXIT_RE = re.compile(r"Exited \((-?\d+)\)")
 _STATE = {"running": planning.RUNNING, "paused": planning.RUNNING, "restarting": planning.RESTARTING,
           "exited": planning.EXITED, "created": planning.CREATED, "dead": planning.CREATED}
-
-
-def crashpoint(name: str) -> None:
-    """Testing hook: ``CYNCHROD_CRASHPOINT=<name>`` SIGKILLs the process group here.
-
-    The crash-safety tests use it to kill a real daemon between two engine calls
-    (``after-create``: created, not started; ``after-remove``: the old container
-    of a recreate is gone, the new one not made yet).
-    """
-    if os.environ.get("CYNCHROD_CRASHPOINT") == name:
-        os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
 def split_log_line(line: str) -> tuple[str, str]:
@@ -302,14 +276,9 @@ class LocalRuntime(_docker.Driver):
 
     def __init__(self, *, owner: str = "cynchrod", instance: str = "", publish_address: str = "127.0.0.1",
                  stop_timeout: int = 10, client: docker.DockerClient | None = None,
-                 secrets_dir: pathlib.Path | None = None, edge: edge_mod.Edge | None = None,
-                 ready_timeout: float = 60.0, drain: float = 2.0, call_timeout: float | None = None,
+                 secrets_dir: pathlib.Path | None = None, call_timeout: float | None = None,
                  stream_timeout: float | None = None) -> None:
         self.owner = owner
-        #: Routes domains; with it, a domain's unit without a host port is recreated start-first.
-        self.edge = edge
-        self.ready_timeout = ready_timeout
-        self.drain = drain
         #: Deadline for opening a log stream and reading its headers (docker-py lifts it
         #: for the stream's body); None waits forever.
         self.stream_timeout = stream_timeout
@@ -409,91 +378,32 @@ class LocalRuntime(_docker.Driver):
             assert unit is not None
             fault("start", unit.instance, self.api)
             self._call(lambda: self.api.start(unit.instance), "start")
-            self._ready_before_routed(unit.instance, action.spec, action.service_spec)
             return [self._served(unit.instance, action.spec, action.service_spec, action.replica)]
         # The image is made sure of before the old container goes, so a bad
         # tag leaves the running version in place.
         self._ensure_image(action.service_spec.image)
         if action.kind == planning.RECREATE:
             assert unit is not None
-            if self.start_first(action.spec, action.service_spec, unit):
-                return [self._swap(action.spec, action.service_spec, action.replica, unit)]
             self._remove(unit.instance)
-            crashpoint("after-remove")
-        created = self._create(action.spec, action.service_spec, action.replica)
-        self._ready_before_routed(created.instance, action.spec, action.service_spec)
-        return [created]
+            runtime.crashpoint("after-remove")
+        return [self._create(action.spec, action.service_spec, action.replica)]
 
-    def _ready_before_routed(self, container_id: str, spec: specs.AppSpec, service: specs.ServiceSpec) -> None:
-        """A unit the edge will route to (its routes are set once the pass's actions are done)
-        is waited for until ready, so a first deploy or a stop-first one is not a 502 while
-        its server starts. One that is never ready is routed all the same after
-        ``ready_timeout`` (it is the only version there is); the log says why."""
-        if self.edge is None or not edge_mod.domains_of(spec, service.name) or spec.state == "stopped":
-            return
-        failure = self._wait_ready(container_id, service)
-        if failure is not None:
-            log.warning("%s/%s: %s is routed though not ready: %s", spec.org, spec.name, service.name, failure)
+    # -- start-first: what ``edge.deploy`` drives for a zero-downtime recreate --------------
 
-    # -- zero downtime: start-first recreate ----------------------------------
-
-    def start_first(self, spec: specs.AppSpec, service: specs.ServiceSpec, old: runtime.Unit) -> bool:
-        """Recreate beside the old unit: an edge routes this service's domain, no host port
-        is bound (it cannot be bound twice), and the old unit is serving."""
-        return (self.edge is not None and bool(edge_mod.domains_of(spec, service.name))
-                and not service.host_port and old.state == planning.RUNNING and spec.state != "stopped")
-
-    def _swap(self, spec: specs.AppSpec, service: specs.ServiceSpec, replica: int,
-              old: runtime.Unit) -> runtime.Unit:
-        """Start the new container beside ``old``, wait until ready, switch the route, drain, remove ``old``."""
-        domains = edge_mod.domains_of(spec, service.name)
-        assert domains and service.port is not None
+    def start_beside(self, action: planning.Action, *, labels: Mapping[str, str]) -> runtime.Unit:
+        """The recreate's new container, started beside the old one under the slot's other name
+        (``<name>`` or ``<name>.b``), carrying ``labels`` too; the image is made sure of first."""
+        assert action.spec is not None and action.service_spec is not None and action.unit is not None
+        spec, service, replica, old = action.spec, action.service_spec, action.replica, action.unit
+        self._ensure_image(service.image)
         base = self.container_name(spec.org, spec.name, service.name, replica)
         old_name = str(self._call(lambda: self.api.inspect_container(old.instance), "inspect")["Name"]).lstrip("/")
         name = base if old_name != base else base + ALT_SUFFIX
-        extra = {LABEL_GENERATION: str(time.time_ns()), LABEL_DOMAIN: ",".join(domains)}
-        new = self._create(spec, service, replica, name=name, extra_labels=extra, point="swap-")
-        crashpoint("swap-after-start")
-        failure = self._wait_ready(new.instance, service)
-        if failure is not None:
-            lines = self._last_lines(new.instance)
-            self._remove(new.instance)
-            raise PermanentError(f"the new container of {spec.org}/{spec.name} was not ready within "
-                                 f"{self.ready_timeout:g}s ({failure}); the old one keeps serving. Last log "
-                                 "lines:\n" + "\n".join(lines), code="not_ready")
-        crashpoint("swap-ready")
-        assert new.endpoint is not None
-        self._switch(domains, old.endpoint, new.endpoint, spec.org, spec.name)
-        crashpoint("swap-after-switch")
-        time.sleep(self.drain)
-        self._remove(old.instance)
-        crashpoint("swap-after-remove-old")
-        return new
+        return self._create(spec, service, replica, name=name, extra_labels=dict(labels), point="swap-")
 
-    def _switch(self, domains: list[str], old: int | None, new: int, org: str, app: str) -> None:
-        if self.edge is None:
-            return
-        try:
-            self.edge.switch(domains, old, new, org=org, app=app)
-        except edge_mod.EdgeUnavailable as exc:
-            # The edge serves nothing now anyway; the pass re-asserts the route once it answers.
-            log.warning("%s/%s: the route could not be switched (%s); the next pass re-asserts it",
-                        org, app, exc)
-
-    def _wait_ready(self, container_id: str, service: specs.ServiceSpec) -> str | None:
-        """None once the container is ready, else why not (it exited, unhealthy, timed out)."""
-        deadline = time.monotonic() + self.ready_timeout
-        while True:
-            failure, ready = self._readiness(container_id, service)
-            if ready or failure is not None:
-                return failure
-            if time.monotonic() >= deadline:
-                return "timed out" + (" waiting for its healthcheck" if service.healthcheck else
-                                      f" waiting for port {service.port} to accept connections")
-            time.sleep(0.1)  # a readiness poll of the engine and the port, bounded by the deadline
-
-    def _readiness(self, container_id: str, service: specs.ServiceSpec) -> tuple[str | None, bool]:
+    def readiness(self, unit: runtime.Unit, service: specs.ServiceSpec) -> tuple[str | None, bool]:
         """(why it can never be ready, ready now): one inspect, and a TCP connect when there is no healthcheck."""
+        container_id = unit.instance
         try:
             info = self._call(lambda: self.api.inspect_container(container_id), "inspect")
         except UnitGone:
@@ -517,65 +427,37 @@ class LocalRuntime(_docker.Driver):
         except OSError:
             return None, False
 
-    def _last_lines(self, container_id: str) -> list[str]:
+    def remove_unit(self, unit: runtime.Unit) -> None:
+        """Stop and remove one unit (gone already is done)."""
+        self._remove(unit.instance)
+
+    def last_lines(self, unit: runtime.Unit, n: int) -> list[str]:
+        """A unit's last ``n`` log lines (for an error message); [] when the engine cannot say."""
         try:
-            raw = self._call(lambda: self.api.logs(container_id, tail=NOT_READY_LINES), "logs")
+            raw = self._call(lambda: self.api.logs(unit.instance, tail=n), "logs")
         except RuntimeFailure:
             return []
-        return [line for line in raw.decode("utf-8", "replace").splitlines()]
+        return [str(line) for line in raw.decode("utf-8", "replace").splitlines()]
 
-    def recover(self) -> int:
-        """After a crash mid-swap: one container per slot again, the route on the one kept.
-
-        The newest (by generation) is kept when it is running and ready now, and the
-        route switched to it; else the older one is kept. Returns how many were removed.
-        """
+    def crowded(self) -> list[list[tuple[runtime.Unit, dict[str, str]]]]:
+        """The slots (org, app, service, replica) that hold more than one of our units, each
+        unit with its labels: what a start-first recreate killed midway leaves (one list call)."""
         rows = self._call(lambda: self.api.containers(all=True, filters=self.owner_filter), "list containers")
-        slots: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
+        slots: dict[tuple[str, str, str, str], list[tuple[runtime.Unit, dict[str, str]]]] = {}
         for row in rows:
             labels = row.get("Labels") or {}
-            if not runtime.mine(labels, owner=self.owner, instance=self.instance):
-                continue
+            unit = self._unit(row)
+            if unit is None:
+                continue  # another instance's, or being removed
             slot = (labels.get(runtime.LABEL_ORG, ""), labels.get(runtime.LABEL_APP, ""),
                     labels.get(runtime.LABEL_SERVICE, ""), labels.get(runtime.LABEL_REPLICA, "0"))
-            slots.setdefault(slot, []).append(row)
-        removed = 0
-        for (org, app, _, _), group in sorted(slots.items()):
-            if len(group) < 2 or not any(LABEL_GENERATION in (r.get("Labels") or {}) for r in group):
-                continue
-            group.sort(key=lambda r: int((r.get("Labels") or {}).get(LABEL_GENERATION, "0") or 0))
-            newest, olds = group[-1], group[:-1]
-            labels = newest.get("Labels") or {}
-            unit = self._unit(newest)
-            service = self._service_of(labels)
-            ready = (unit is not None and unit.state == planning.RUNNING and service is not None
-                     and self._readiness(newest["Id"], service)[1])
-            keep, drop = (newest, olds) if ready else (olds[-1], [newest, *olds[:-1]])
-            kept = self._unit(keep)
-            domains = [d for d in labels.get(LABEL_DOMAIN, "").split(",") if d]
-            if domains and kept is not None and kept.endpoint:
-                for other in drop:
-                    gone = self._unit(other)
-                    self._switch(domains, gone.endpoint if gone else None, kept.endpoint, org, app)
-                if ready:
-                    time.sleep(self.drain)
-            log.warning("%s/%s: a swap was interrupted; kept the %s container, removing %d", org, app,
-                        "new" if ready else "old", len(drop))
-            for other in drop:
-                self._remove(other["Id"])
-                removed += 1
-        return removed
+            slots.setdefault(slot, []).append((unit, labels))
+        return [group for _, group in sorted(slots.items()) if len(group) > 1]
 
-    @staticmethod
-    def _service_of(labels: dict[str, str]) -> specs.ServiceSpec | None:
-        """The service spec a container was made from (its spec label), for its readiness check."""
-        try:
-            body = json.loads(labels.get(runtime.LABEL_SPEC, ""))
-            health = body.get("healthcheck")
-            return specs.ServiceSpec(name=body["name"], image=body["image"], port=body.get("port"),
-                                     healthcheck=specs.Healthcheck(test=tuple(health["test"])) if health else None)
-        except (ValueError, KeyError, TypeError):
-            return None
+    def recover(self) -> int:
+        """Nothing of the driver's own: a crash between its steps leaves what the next pass
+        converges (``edge.deploy`` recovers interrupted start-first recreates)."""
+        return 0
 
     def _ensure_image(self, image: str) -> None:
         if not self.image_exists(image):
@@ -663,7 +545,7 @@ class LocalRuntime(_docker.Driver):
         except _docker.Conflict as exc:
             raise self._name_conflict(name) from exc
         container_id: str = created["Id"]
-        crashpoint(f"{point}after-create")
+        runtime.crashpoint(f"{point}after-create")
         fault("start", container_id, self.api)
         self._call(lambda: self.api.start(container_id), f"start {name}")
         return self._served(container_id, spec, service, replica)
@@ -802,5 +684,5 @@ class LocalRuntime(_docker.Driver):
 DockerRuntime = LocalRuntime
 
 
-def _conforms(rt: LocalRuntime) -> runtime.Runtime:
-    return rt  # mypy checks that the driver is a Runtime
+def _conforms(rt: LocalRuntime) -> runtime.StartFirst:
+    return rt  # mypy checks that the driver is a Runtime and can be driven start-first

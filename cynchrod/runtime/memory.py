@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import pathlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from cynchrod import runtime
 from cynchrod.core import planning
@@ -102,6 +103,13 @@ class MemoryRuntime:
 
     def image_exists(self, image: str) -> bool:
         return True
+
+    def build_image(self, context: pathlib.Path, *, dockerfile: str, tag: str, args: dict[str, str],
+                    org: str, app: str, log: Callable[[str], None]) -> None:
+        pass
+
+    def prune_images(self, org: str, app: str, *, keep: int) -> list[str]:
+        return []
 
     def recover(self) -> int:
         return 0

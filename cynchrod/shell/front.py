@@ -15,9 +15,10 @@ import secrets as random
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from cynchrod import edge, store
+from cynchrod import edge, runtime, store
 from cynchrod.core.errors import TemporaryError
 from cynchrod.desired import config, secrets, source
+from cynchrod.edge import deploy
 from cynchrod.runtime import local, swarm
 from cynchrod.shell import builds, channel, control, metrics
 
@@ -71,9 +72,10 @@ def make_edge(cfg: config.Settings) -> edge.Edge | None:
 
 
 def make_runtime(cfg: config.Settings, *, instance: str, vault: secrets.Secrets, edge: edge.Edge | None = None,
-                 deadline: float | None = None) -> local.LocalRuntime | swarm.SwarmRuntime:
-    """The runtime the config names: one Docker engine (behind ``edge``, from ``make_edge``,
-    when one is configured), or a swarm through one of its managers.
+                 deadline: float | None = None) -> runtime.Runtime:
+    """The runtime the config names: one Docker engine (its deploys through ``edge.deploy``:
+    zero-downtime behind ``edge``, from ``make_edge``, when one is configured), or a swarm
+    through one of its managers.
 
     ``deadline``: an API worker's runtime, which only reads (logs) under a deadline per
     engine call and never acts, so it has no edge.
@@ -83,10 +85,12 @@ def make_runtime(cfg: config.Settings, *, instance: str, vault: secrets.Secrets,
                     if cfg.registry_url else None)
         return swarm.SwarmRuntime(owner=cfg.owner, instance=instance, stop_timeout=cfg.stop_timeout,
                                   registry=registry, secret_value=vault.value)
-    return local.LocalRuntime(owner=cfg.owner, instance=instance, publish_address=cfg.publish_address,
-                              stop_timeout=cfg.stop_timeout, secrets_dir=vault.staging.resolve(), edge=edge,
-                              ready_timeout=cfg.edge_ready_timeout, drain=cfg.edge_drain, call_timeout=deadline,
-                              stream_timeout=deadline)
+    engine = local.LocalRuntime(owner=cfg.owner, instance=instance, publish_address=cfg.publish_address,
+                                stop_timeout=cfg.stop_timeout, secrets_dir=vault.staging.resolve(),
+                                call_timeout=deadline, stream_timeout=deadline)
+    if deadline is not None:
+        return engine  # reads only: no deploys, no recovery
+    return deploy.Deployer(engine, edge, ready_timeout=cfg.edge_ready_timeout, drain=cfg.edge_drain)
 
 
 class Tickets:
