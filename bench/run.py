@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from cynchrod import edge, runtime, store  # noqa: E402
 from cynchrod.desired import source  # noqa: E402
+from cynchrod.edge import deploy  # noqa: E402
 from cynchrod.runtime import local  # noqa: E402
 from cynchrod.shell import reconciler  # noqa: E402
 
@@ -940,8 +941,9 @@ def edge_redeploys(tmp: pathlib.Path, redeploys: int) -> dict[str, Any]:
         repo = Repo(work)
         state = work / "state"
         front = edge.Edge(f"http://127.0.0.1:{admin_port}", listen=f"127.0.0.1:{edge_port}", owner=owner)
-        rt = local.LocalRuntime(owner=owner, stop_timeout=1, edge=front, ready_timeout=30, drain=1.0)
-        rec = reconciler.Reconciler(src=source.Source(str(repo.bare), state_dir=state), rt=rt,
+        rt = local.LocalRuntime(owner=owner, stop_timeout=1)
+        rec = reconciler.Reconciler(src=source.Source(str(repo.bare), state_dir=state),
+                                    rt=deploy.Deployer(rt, front, ready_timeout=30, drain=1.0),
                                     db=store.Store(state / "cynchrod.db"), concurrency=CONCURRENCY, edge=front)
         host_port = free_port()
         apps = {"zd": "", "sf": f"hostPort: {host_port}\n"}

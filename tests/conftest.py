@@ -25,6 +25,7 @@ import pytest
 from cynchrod import runtime, store
 from cynchrod.desired import config, source
 from cynchrod.desired import secrets as vault
+from cynchrod.edge import deploy
 from cynchrod.runtime import local
 from cynchrod.shell import builds, reconciler
 from tests.helpers import TEST_IMAGE, TEST_IMAGE_2, TEST_LABEL, Daemon, GitRepo, free_port, wait_for
@@ -116,6 +117,8 @@ class Harness:
         self.db = store.Store(state / "cynchrod.db")
         self.secrets = vault.Secrets(self.db, state_dir=state)
         self.rt = local.LocalRuntime(owner=owner, stop_timeout=1, secrets_dir=self.secrets.staging)
+        #: The runtime behind an edge, when a test puts one in front (``test_edge.edged``).
+        self.deployer: deploy.Deployer | None = None
         self.src = source.Source(repo_url, state_dir=state)
         self.max_apps: dict[str, int] = {}
         self._events: threading.Thread | None = None

@@ -22,9 +22,8 @@ from cynchrod.core import planning
 from cynchrod.core.errors import CynchrodError, PermanentError
 from cynchrod.daemon import watchers
 from cynchrod.desired import config, secrets, source
-from cynchrod.runtime import local
 from cynchrod.shell import builds, channel, control, metrics, reconciler
-from cynchrod.shell.front import PREVIEW_WAIT_S, Change, Unit, make_runtime
+from cynchrod.shell.front import PREVIEW_WAIT_S, Change, Unit, make_edge, make_runtime
 
 if TYPE_CHECKING:
     from cynchrod.store import App
@@ -67,13 +66,14 @@ class Daemon:
         vault = secrets.Secrets(db, state_dir=cfg.state, files=cfg.runtime != "swarm")
         if vault.files:
             vault.restage_all()  # on a tmpfs: empty after a reboot
-        rt = make_runtime(cfg, instance=db.instance_id(), vault=vault)
+        front = make_edge(cfg)
+        rt = make_runtime(cfg, instance=db.instance_id(), vault=vault, edge=front)
         stats = metrics.Metrics(db)
 
         rec = reconciler.Reconciler(src=srcs, rt=rt, db=db, concurrency=cfg.concurrency, stats=stats,
                                     secrets=vault, max_apps=cfg.max_apps, resync_s=cfg.resync,
                                     builds=builds.Builds(state_dir=cfg.state, rt=rt, allow=cfg.build_repo_allowed),
-                                    edge=rt.edge if isinstance(rt, local.LocalRuntime) else None)
+                                    edge=front)
         ctl = control.Control(src=srcs, db=db, wake=rec.wakeup.request, max_apps=cfg.max_apps,
                               build_allowed=cfg.build_repo_allowed)
         return cls(settings=cfg, store=db, source=srcs[0], runtime=rt, reconciler=rec, control=ctl, metrics=stats,
@@ -83,11 +83,10 @@ class Daemon:
 
     def recover(self) -> None:
         """Before the first pass: finish or undo a zero-downtime swap a crash interrupted."""
-        if isinstance(self.runtime, local.LocalRuntime):
-            try:
-                self.runtime.recover_swaps()
-            except CynchrodError as exc:
-                log.warning("interrupted swaps not checked (%s); the passes converge them", exc)
+        try:
+            self.runtime.recover()
+        except CynchrodError as exc:
+            log.warning("interrupted swaps not checked (%s); the passes converge them", exc)
 
     def start(self) -> None:
         self.recover()

@@ -2,8 +2,9 @@
 
 Created by the daemon when ``--edge http://ADMIN-ADDRESS`` is set; the
 reconciler calls ``sync`` with the routes every pass wants (before and after it
-acts), and the one-host runtime calls ``switch`` in the middle of a
-zero-downtime recreate, once the new unit is ready.
+acts), and ``edge.deploy`` calls ``switch`` in the middle of a zero-downtime
+recreate, once the new unit is ready. The edge sits above the runtime: ``deploy``
+drives it through the protocol, and nothing in ``runtime`` imports the edge.
 
 cynchrod owns exactly one HTTP server in Caddy's config, ``apps.http.servers.
 <owner>_edge`` with ``"@id": "<owner>-edge"``, listening on ``--edge-listen``
@@ -264,7 +265,7 @@ class Edge:
             self._remove(self.tls_id)
         return wrote
 
-    # -- what the reconciler and the runtime call ------------------------------
+    # -- what the reconciler and the deployer call ------------------------------
 
     def sync(self, wanted: Iterable[Route]) -> bool:
         """Make Caddy serve exactly these routes (drift is put back); True when it wrote."""

@@ -4,7 +4,10 @@ Everything above this package speaks these words only: an app's *units* (one per
 service replica), their state, an opaque *instance* id, an endpoint, log lines by
 app, and *events*. Drivers implement ``Runtime``: ``local`` drives one Docker
 Engine, ``swarm`` drives Docker Swarm services, ``memory`` is an in-memory engine
-for the pure core's tests and simulations. Only the drivers import ``docker``.
+for the pure core's tests and simulations. Only the drivers (and their shared glue,
+``_docker``) import ``docker``. ``StartFirst`` adds the steps of a start-first recreate,
+which the edge's zero-downtime deploys drive (``edge.deploy``, a layer above this one;
+the local driver has them).
 
 Ownership is by labels: every object a driver makes carries ``LABEL_OWNER`` (the
 ``--owner`` namespace) and ``LABEL_INSTANCE`` (the identity of the state directory
@@ -16,8 +19,11 @@ other's apps; see ``reconciler``).
 from __future__ import annotations
 
 import dataclasses
+import os
+import pathlib
+import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Protocol
 
 from cynchrod.core import planning, specs
@@ -35,6 +41,18 @@ LABEL_PATH = "io.cynchrod.path"
 Unit = planning.Unit
 RUNNING, EXITED, CREATED, RESTARTING, OOM_KILLED = (
     planning.RUNNING, planning.EXITED, planning.CREATED, planning.RESTARTING, planning.OOM_KILLED)
+
+
+def crashpoint(name: str) -> None:
+    """Testing hook: ``CYNCHROD_CRASHPOINT=<name>`` SIGKILLs the process group here.
+
+    The crash-safety tests use it to kill a real daemon between two engine calls
+    (``after-create``: created, not started; ``after-remove``: the old container
+    of a recreate is gone, the new one not made yet; ``swap-*``: the steps of a
+    start-first recreate, ``edge.deploy``).
+    """
+    if os.environ.get("CYNCHROD_CRASHPOINT") == name:
+        os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
 def owner_labels(owner: str) -> list[str]:
@@ -138,14 +156,16 @@ class LogStream(Closable, Protocol):
 
     def __iter__(self) -> Iterator[LogLine]: ...
 
+    def batches(self) -> Iterator[list[LogLine]]:
+        """The same lines, a list per engine read (a flood costs a step per read, not per line)."""
+        ...
+
 
 class Runtime(Protocol):
     """A container engine, in the project's words. Errors are ``CynchrodError`` only."""
 
     owner: str
     instance: str
-    #: Engine calls made so far (the tests count them; a no-op pass makes none).
-    calls: int
 
     def list_units(self) -> list[Unit]:
         """Every unit of this owner and instance: one list call (a relist)."""
@@ -177,4 +197,43 @@ class Runtime(Protocol):
 
     def image_exists(self, image: str) -> bool: ...
 
+    def build_image(self, context: pathlib.Path, *, dockerfile: str, tag: str, args: dict[str, str],
+                    org: str, app: str, log: Callable[[str], None]) -> None:
+        """Build an app's image (labelled as the app's), its output to ``log``; raises ``build_failed``."""
+        ...
+
+    def prune_images(self, org: str, app: str, *, keep: int) -> list[str]:
+        """Remove the app's built images but the newest ``keep``; the ids removed."""
+        ...
+
+    def recover(self) -> int:
+        """Put right what a killed daemon left half-done (before the first pass); how many
+        objects it removed (0 for a driver with nothing to recover)."""
+        ...
+
     def close(self) -> None: ...
+
+
+class StartFirst(Runtime, Protocol):
+    """A runtime that can recreate a unit start-first: the steps ``edge.deploy`` drives for a
+    zero-downtime deploy (start the new unit beside the old, wait until ready, switch the route,
+    drain, remove the old) and for its recovery after a crash midway. The local driver has them."""
+
+    def start_beside(self, action: planning.Action, *, labels: Mapping[str, str]) -> Unit:
+        """A ``RECREATE``'s new unit, started beside ``action.unit`` (both run), carrying ``labels``."""
+        ...
+
+    def readiness(self, unit: Unit, service: specs.ServiceSpec) -> tuple[str | None, bool]:
+        """(why it can never be ready, or None; ready now): one check."""
+        ...
+
+    def remove_unit(self, unit: Unit) -> None: ...
+
+    def last_lines(self, unit: Unit, n: int) -> list[str]:
+        """A unit's last ``n`` log lines, for an error message ([] when unknown)."""
+        ...
+
+    def crowded(self) -> list[list[tuple[Unit, dict[str, str]]]]:
+        """The slots holding more than one unit (a start-first recreate killed midway), each
+        unit with its labels."""
+        ...

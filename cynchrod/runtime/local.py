@@ -2,7 +2,7 @@
 
 Created by the daemon (and ``cynchrod sync``); called by the reconciler's
 workers (``apply``), the view (``list_units``, ``watch``), builds and the API
-(``tail``, ``follow``). Every docker, requests and socket error is converted here
+(``tail``, ``follow``). Every docker, requests and socket error is converted here (``_docker``)
 into the project's error tree; nothing above sees a docker type.
 
 A unit is a container named ``<owner>_<org>_<app>[_<service>][-<replica>]``.
@@ -12,230 +12,52 @@ recover. A crash between the two steps leaves the unit missing (created next
 pass); a crash between create and start leaves it ``created``, which the planner
 sweeps.
 
-**Zero downtime.** With an edge (``edge.Edge``), a unit an app's ``domain`` or
-a service's ``domain`` routes to is recreated start-first when it has no ``hostPort``: the new
-container starts beside the old one under the alternate name (``<name>.b``,
-and back), labelled with its generation (``io.cynchrod.generation``, a clock
-reading) and its domains; once ready (its healthcheck, else its port accepts TCP
-connections on its container address) the route is switched, the old container
-drains for ``drain`` seconds, then is stopped and removed. A new container that
-is never ready is removed and the deployment fails ``not_ready`` with its last
-log lines; the old one never stopped serving. A daemon killed midway leaves two
-containers in one slot: ``recover_swaps`` (run at start-up, before the first
-pass) keeps the newest one if it is ready (switching the route to it), else the
-older one, and removes the other.
+**Start-first.** For a zero-downtime recreate (driven by ``edge.deploy``) the
+driver starts the new container beside the old one under the slot's other name
+(``<name>.b``, and back) with the labels it is given (``start_beside``), says
+whether a container is ready (``readiness``: its healthcheck, else its port
+accepts TCP connections on its container address), removes one
+(``remove_unit``), and lists the slots a crash midway left holding two
+(``crowded``).
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import functools
-import json
 import logging
 import os
 import pathlib
 import re
-import signal
 import socket
 import threading
-import time
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import docker
 import docker.errors
 import requests
 
-from cynchrod import edge as edge_mod
 from cynchrod import runtime
 from cynchrod.core import planning, specs
 from cynchrod.core.errors import EngineUnavailable, PermanentError, RuntimeFailure, TemporaryError, UnitGone
-from cynchrod.runtime import follow
+from cynchrod.runtime import _docker, follow
 
 log = logging.getLogger(__name__)
 
 PULL_TIMEOUT_S = 300
 API_VERSION = "1.41"
-#: Deadline of one engine call on a request or pass path.
-CALL_TIMEOUT_S = 30
-#: Per-container log cap: the json-file driver rotates, so no log grows without bound.
-LOG_CONFIG = {"type": "json-file", "config": {"max-size": "10m", "max-file": "3"}}
-#: Labels of a start-first container: its generation (newest wins after a crash) and the
-#: domains routed to it (comma-separated).
-LABEL_GENERATION = "io.cynchrod.generation"
-LABEL_DOMAIN = "io.cynchrod.domain"
-#: The alternate name of a start-first container is ``<name>`` + this (and back).
+#: The other name of a slot, for a container started beside its old one (``start_beside``), and back.
 ALT_SUFFIX = ".b"
-#: Lines of a never-ready container's log in its ``not_ready`` error.
-NOT_READY_LINES = 20
 _EXIT_RE = re.compile(r"Exited \((-?\d+)\)")
 _STATE = {"running": planning.RUNNING, "paused": planning.RUNNING, "restarting": planning.RESTARTING,
           "exited": planning.EXITED, "created": planning.CREATED, "dead": planning.CREATED}
-T = TypeVar("T")
-
-
-def crashpoint(name: str) -> None:
-    """Testing hook: ``CYNCHROD_CRASHPOINT=<name>`` SIGKILLs the process group here.
-
-    The crash-safety tests use it to kill a real daemon between two engine calls
-    (``after-create``: created, not started; ``after-remove``: the old container
-    of a recreate is gone, the new one not made yet).
-    """
-    if os.environ.get("CYNCHROD_CRASHPOINT") == name:
-        os.killpg(os.getpgrp(), signal.SIGKILL)
-
-
-def has_registry(image: str) -> bool:
-    """True when the reference names a registry host (``host.tld/...``, ``host:port/...``)."""
-    first, sep, _ = image.partition("/")
-    return bool(sep) and ("." in first or ":" in first or first == "localhost")
-
-
-def converted(call: Callable[[], T], what: str) -> T:
-    """Run one engine call; every library error leaves as a ``CynchrodError``."""
-    try:
-        return call()
-    except docker.errors.NotFound as exc:
-        raise UnitGone(f"{what}: {exc.explanation or 'not found'}") from exc
-    except docker.errors.APIError as exc:
-        if exc.status_code == 409:
-            raise _Conflict(f"{what}: {exc.explanation}") from exc
-        raise RuntimeFailure(f"{what}: {exc.explanation or exc}") from exc
-    except (requests.RequestException, docker.errors.DockerException, OSError) as exc:
-        raise EngineUnavailable(f"{what}: docker unreachable ({type(exc).__name__})") from exc
-
-
-class _Conflict(RuntimeFailure):
-    """The engine answered 409; the caller looks at why."""
-
-    code = "conflict"
 
 
 def split_log_line(line: str) -> tuple[str, str]:
     """Docker's ``<RFC3339Nano timestamp> <text>`` into its two parts."""
     stamp, _, text = line.partition(" ")
     return stamp, text
-
-
-def _stamp_seconds(stamp: str) -> float:
-    """An RFC 3339 nano timestamp as epoch seconds (for ``since``), or 0 when unreadable."""
-    try:
-        whole, _, frac = stamp.rstrip("Z").partition(".")
-        base = time.mktime(time.strptime(whole, "%Y-%m-%dT%H:%M:%S")) - time.timezone
-        return base + float(f"0.{frac or 0}")
-    except ValueError:
-        return 0.0
-
-
-def _stamp_key(stamp: str) -> str:
-    """A timestamp that compares as text in time order: Docker's RFC 3339 nano form trims the
-    fraction's trailing zeros (``.5Z`` would sort after ``.50001Z``), so it is padded to nine digits."""
-    if len(stamp) == 30:
-        return stamp
-    whole, _, frac = stamp.rstrip("Z").partition(".")
-    return f"{whole}.{frac:0<9}Z"
-
-
-def _key_at(seconds: float) -> str:
-    """The ``_stamp_key`` of a time in epoch seconds."""
-    whole = int(seconds)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{int((seconds - whole) * 1e9):09d}Z"
-
-
-class _Given:
-    """What one container's log stream gave, so that the lines the engine sends again are
-    dropped and none is lost.
-
-    Two ways the engine repeats lines: a stream opened again after one ended asks for lines
-    from a little before the last timestamp given (``since`` is a float; asking for one
-    microsecond past it lost the rest of a group of lines, which share the timestamp of the
-    read from the container that brought them); and when json-file rotates under a follower,
-    the engine sends the new file's first lines (one to thousands, measured) a second time,
-    a jump back in time. A jump back to a line given in the last ``WINDOW_S`` (its timestamp,
-    to the nanosecond, is remembered that long), or further back than that, is a repeat: the
-    lines older than the last one given, and as many of those with its timestamp as were
-    given, are dropped until a newer line comes. Any other step back is a line: stdout and
-    stderr are stamped apart, so their lines can be a little out of time order.
-
-    A rotation's repeat need not step back: when the new file held only lines stamped with the
-    last timestamp given (one line, in a flood), they come again with that same timestamp,
-    like the rest of a read the engine sent in two parts. Such a line whose text was given
-    with that timestamp is asked about (``verify``: how many lines the log holds with it, from
-    its last lines); when no more than were given, it and the rest of the repeat are dropped.
-    Without ``verify``, or past its budget (``VERIFY_BURST`` asks, then one a ``VERIFY_EVERY_S``:
-    an app printing the same line twice in one write may cost the engine that many reads), such
-    a line is given: a repeat may pass, a line is never lost."""
-
-    WINDOW_S = 0.25
-    MAX_REMEMBERED = 50_000
-    #: Texts remembered (hashed) for the last timestamp (one read from the container: a few hundred).
-    MAX_TEXTS = 2000
-    VERIFY_EVERY_S = 1.0
-    VERIFY_BURST = 5
-    __slots__ = ("asked", "catching_up", "count", "last", "recent", "recent_keys", "skip", "texts", "verify")
-
-    def __init__(self, verify: Callable[[str, int], int | None] | None = None) -> None:
-        self.last, self.count, self.skip, self.catching_up = "", 0, 0, False
-        self.recent: collections.deque[str] = collections.deque()
-        self.recent_keys: set[str] = set()
-        #: The hashes of the texts given with the last timestamp (an equal hash only costs a question).
-        self.texts: set[int] = set()
-        #: ``verify(key, given)``: the lines the log holds with this timestamp, None when unknown.
-        self.verify = verify
-        #: When ``verify`` was last asked, and how many asks that leaves (a token bucket).
-        self.asked = (0.0, float(self.VERIFY_BURST))
-
-    def reopened(self) -> None:
-        self.skip, self.catching_up = self.count, self.count > 0
-
-    def fresh(self, stamp: str, text: str = "") -> bool:
-        key = stamp if len(stamp) == 30 else _stamp_key(stamp)
-        if key > self.last:
-            self.last, self.count, self.catching_up = key, 1, False
-            self.texts = {hash(text)}
-        else:
-            if not self.catching_up and self._repeats(key, text):
-                self.reopened()  # a repeat of lines given: as a stream opened again
-            if self.catching_up:
-                if key < self.last:
-                    return False
-                if self.skip:
-                    self.skip -= 1
-                    return False
-            if key == self.last:
-                self.count += 1
-                if len(self.texts) < self.MAX_TEXTS:
-                    self.texts.add(hash(text))
-        if key not in self.recent_keys:
-            self.recent_keys.add(key)
-            self.recent.append(key)
-        return True
-
-    def _repeats(self, key: str, text: str) -> bool:
-        """Whether a line stamped no later than the last one given starts a repeat."""
-        if key < self.last:
-            return key in self.recent_keys or _stamp_seconds(self.last) - _stamp_seconds(key) > self.WINDOW_S
-        if self.verify is None or hash(text) not in self.texts:
-            return False
-        # The log holds no more lines with this (the last) timestamp than were given?
-        now = time.monotonic()
-        at, left = self.asked
-        left = min(float(self.VERIFY_BURST), left + (now - at) / self.VERIFY_EVERY_S)
-        if left < 1:
-            return False
-        self.asked = (now, left - 1)
-        logged = self.verify(key, self.count)
-        return logged is not None and logged <= self.count
-
-    def forget(self) -> None:
-        """Forget the timestamps older than ``WINDOW_S`` before the last (once per read)."""
-        recent = self.recent
-        if len(recent) < 64:
-            return
-        cutoff = _key_at(_stamp_seconds(self.last) - self.WINDOW_S)
-        while recent and (recent[0] < cutoff or len(recent) > self.MAX_REMEMBERED):
-            self.recent_keys.discard(recent.popleft())
 
 
 def fault(step: str, container_id: str, api: Any) -> None:
@@ -266,7 +88,7 @@ class _EventStream:
     def __iter__(self) -> Iterator[runtime.Event]:
         try:
             self._client = rt_client(self._rt, timeout=None)
-            self._stream = converted(lambda: self._client.api.events(
+            self._stream = _docker.converted(lambda: self._client.api.events(
                 filters={"type": "container", "event": ["start", "die", "oom", "destroy", "pause", "unpause"],
                          "label": runtime.owner_labels(self._rt.owner)}, decode=True), "events")
         except RuntimeFailure:
@@ -298,36 +120,8 @@ class _EventStream:
 def rt_client(rt: LocalRuntime, *, timeout: float | None) -> docker.DockerClient:
     """Another connection to the same engine (streams need their own, with no read
     timeout); the API version is the one already negotiated, so making it asks nothing."""
-    return converted(lambda: docker.DockerClient.from_env(version=rt.api.api_version, timeout=timeout),
+    return _docker.converted(lambda: docker.DockerClient.from_env(version=rt.api.api_version, timeout=timeout),
                      "connect")
-
-
-@contextlib.contextmanager
-def build_errors(log: Callable[[str], None]) -> Iterator[None]:
-    """The engine's errors during a build (and a push) as ``build_failed`` (logged to the
-    build's log) or, when the engine cannot be reached, ``EngineUnavailable``."""
-    try:
-        yield
-    except (docker.errors.APIError, docker.errors.BuildError) as exc:
-        log(str(exc))
-        raise PermanentError(str(exc), code="build_failed") from exc
-    except (requests.RequestException, docker.errors.DockerException, OSError) as exc:
-        raise EngineUnavailable(f"build: docker unreachable ({type(exc).__name__})") from exc
-
-
-def run_build(api: Any, *, context: pathlib.Path, dockerfile: str, tag: str, args: dict[str, str],
-              labels: dict[str, str], log: Callable[[str], None]) -> None:
-    """``docker build`` on ``api``, its output streamed to ``log``; an error it reports raises
-    ``build_failed`` (the engine's own errors are the caller's to convert)."""
-    for chunk in api.build(path=str(context), dockerfile=dockerfile, tag=tag, buildargs=args or None,
-                           labels=labels, rm=True, forcerm=True, decode=True):
-        if "stream" in chunk:
-            for line in str(chunk["stream"]).splitlines():
-                if line.strip():
-                    log(line)
-        if "error" in chunk:
-            log(str(chunk["error"]).rstrip())
-            raise PermanentError(str(chunk["error"]).strip(), code="build_failed")
 
 
 class _Dechunk:
@@ -409,8 +203,8 @@ class _AppLogs(follow.Follower):
     Readers queue lists of lines (what one read brought), so a flood costs a queue
     operation per 64 KiB, not per line; ``batches()`` gives them as they came."""
 
-    #: Lines read past those given when ``_Given`` asks how many the log holds with a timestamp
-    #: (a read from the file's end, within ``_Given``'s budget of questions).
+    #: Lines read past those given when ``_docker.Given`` asks how many the log holds with a timestamp
+    #: (a read from the file's end, within ``_docker.Given``'s budget of questions).
     VERIFY_TAIL = 2000
 
     def __init__(self, rt: LocalRuntime, org: str, app: str, since: float, ended: threading.Event | None) -> None:
@@ -418,7 +212,7 @@ class _AppLogs(follow.Follower):
         super().__init__(app, since, ended, rt_client(rt, timeout=rt.stream_timeout))
         self._rt, self._org = rt, org
         #: What each container's stream gave (its last timestamp), to re-attach after it.
-        self._given: dict[str, _Given] = {}
+        self._given: dict[str, _docker.Given] = {}
 
     def _open(self, instance: str, since: float) -> Any:
         api = self._client.api
@@ -437,19 +231,19 @@ class _AppLogs(follow.Follower):
             if unit.state != planning.RUNNING or unit.instance in self._readers:
                 continue
             given = self._given.get(unit.instance)
-            # From a little before the last line given (``since`` is a float): ``_Given`` drops the repeats.
-            since = _stamp_seconds(given.last) - 0.001 if given is not None and given.last else self._start
+            # From a little before the last line given (``since`` is a float): ``_docker.Given`` drops the repeats.
+            since = _docker.stamp_seconds(given.last) - 0.001 if given is not None and given.last else self._start
             yield (unit.instance, functools.partial(self._opened, unit.instance, since),
                    functools.partial(self._lines_of, unit))
 
     def _opened(self, instance: str, since: float) -> Any:
-        return converted(lambda: self._open(instance, since), "logs")
+        return _docker.converted(lambda: self._open(instance, since), "logs")
 
     def _lines_of(self, unit: runtime.Unit, stream: Any) -> Iterator[list[runtime.LogLine]]:
         service, replica, node = unit.service, unit.replica, unit.node
         given = self._given.get(unit.instance)
         if given is None:
-            given = self._given[unit.instance] = _Given(functools.partial(self._logged_at, unit.instance))
+            given = self._given[unit.instance] = _docker.Given(functools.partial(self._logged_at, unit.instance))
         given.reopened()
         fresh = given.fresh
         for raw in stream:
@@ -462,32 +256,29 @@ class _AppLogs(follow.Follower):
             yield batch
 
     def _logged_at(self, instance: str, key: str, given: int) -> int | None:
-        """How many lines the container's log holds stamped ``key`` (a ``_stamp_key``), read
+        """How many lines the container's log holds stamped ``key`` (a ``_docker.stamp_key``), read
         from its last lines; None when they do not reach back past it or the engine fails."""
         want = given + self.VERIFY_TAIL
         try:
             data = self._client.api.logs(instance, stdout=True, stderr=True, timestamps=True, tail=want)
         except (requests.RequestException, docker.errors.DockerException, OSError):
             return None
-        keys = [_stamp_key(raw[:raw.find(b" ")].decode("ascii", "replace")) for raw in data.split(b"\n") if raw]
+        keys = [_docker.stamp_key(raw[:raw.find(b" ")].decode("ascii", "replace")) for raw in data.split(b"\n") if raw]
         if len(keys) >= want and keys[0] >= key:
             return None  # the lines since then are more than were read
         return keys.count(key)
 
 
-class LocalRuntime:
+class LocalRuntime(_docker.Driver):
     """Drives one Docker Engine for one owner and one instance (see ``cynchrod.runtime``)."""
+
+    _log = log
 
     def __init__(self, *, owner: str = "cynchrod", instance: str = "", publish_address: str = "127.0.0.1",
                  stop_timeout: int = 10, client: docker.DockerClient | None = None,
-                 secrets_dir: pathlib.Path | None = None, edge: edge_mod.Edge | None = None,
-                 ready_timeout: float = 60.0, drain: float = 2.0, call_timeout: float | None = None,
+                 secrets_dir: pathlib.Path | None = None, call_timeout: float | None = None,
                  stream_timeout: float | None = None) -> None:
         self.owner = owner
-        #: Routes domains; with it, a domain's unit without a host port is recreated start-first.
-        self.edge = edge
-        self.ready_timeout = ready_timeout
-        self.drain = drain
         #: Deadline for opening a log stream and reading its headers (docker-py lifts it
         #: for the stream's body); None waits forever.
         self.stream_timeout = stream_timeout
@@ -498,23 +289,13 @@ class LocalRuntime:
         self.stop_timeout = stop_timeout
         # The API version is pinned (every engine since 20.10 speaks it): making a client
         # asks the engine nothing, so a daemon starts while Docker is down.
-        self._client = client or docker.DockerClient.from_env(
-            version=API_VERSION, timeout=call_timeout if call_timeout is not None else CALL_TIMEOUT_S + stop_timeout)
+        timeout = call_timeout if call_timeout is not None else _docker.CALL_TIMEOUT_S + stop_timeout
+        self._client = client or docker.DockerClient.from_env(version=API_VERSION, timeout=timeout)
         self.api = self._client.api
         self.calls = 0
 
     def close(self) -> None:
         self._client.close()
-
-    def _call(self, call: Callable[[], T], what: str) -> T:
-        self.calls += 1
-        if not log.isEnabledFor(logging.DEBUG):
-            return converted(call, what)
-        started = time.perf_counter()
-        try:
-            return converted(call, what)
-        finally:
-            log.debug("engine %s: %.1f ms", what.split(" ", 1)[0], (time.perf_counter() - started) * 1000)
 
     # -- names and labels -------------------------------------------------
 
@@ -528,10 +309,6 @@ class LocalRuntime:
 
     def volume_name(self, org: str, app: str, volume: str) -> str:
         return f"{self.owner}_{org}_{app}_{volume}"
-
-    def _app_labels(self, org: str, app: str) -> dict[str, str]:
-        return {runtime.LABEL_OWNER: self.owner, runtime.LABEL_INSTANCE: self.instance,
-                runtime.LABEL_ORG: org, runtime.LABEL_APP: app}
 
     @property
     def owner_filter(self) -> dict[str, list[str]]:
@@ -601,91 +378,32 @@ class LocalRuntime:
             assert unit is not None
             fault("start", unit.instance, self.api)
             self._call(lambda: self.api.start(unit.instance), "start")
-            self._ready_before_routed(unit.instance, action.spec, action.service_spec)
             return [self._served(unit.instance, action.spec, action.service_spec, action.replica)]
         # The image is made sure of before the old container goes, so a bad
         # tag leaves the running version in place.
         self._ensure_image(action.service_spec.image)
         if action.kind == planning.RECREATE:
             assert unit is not None
-            if self.start_first(action.spec, action.service_spec, unit):
-                return [self._swap(action.spec, action.service_spec, action.replica, unit)]
             self._remove(unit.instance)
-            crashpoint("after-remove")
-        created = self._create(action.spec, action.service_spec, action.replica)
-        self._ready_before_routed(created.instance, action.spec, action.service_spec)
-        return [created]
+            runtime.crashpoint("after-remove")
+        return [self._create(action.spec, action.service_spec, action.replica)]
 
-    def _ready_before_routed(self, container_id: str, spec: specs.AppSpec, service: specs.ServiceSpec) -> None:
-        """A unit the edge will route to (its routes are set once the pass's actions are done)
-        is waited for until ready, so a first deploy or a stop-first one is not a 502 while
-        its server starts. One that is never ready is routed all the same after
-        ``ready_timeout`` (it is the only version there is); the log says why."""
-        if self.edge is None or not edge_mod.domains_of(spec, service.name) or spec.state == "stopped":
-            return
-        failure = self._wait_ready(container_id, service)
-        if failure is not None:
-            log.warning("%s/%s: %s is routed though not ready: %s", spec.org, spec.name, service.name, failure)
+    # -- start-first: what ``edge.deploy`` drives for a zero-downtime recreate --------------
 
-    # -- zero downtime: start-first recreate ----------------------------------
-
-    def start_first(self, spec: specs.AppSpec, service: specs.ServiceSpec, old: runtime.Unit) -> bool:
-        """Recreate beside the old unit: an edge routes this service's domain, no host port
-        is bound (it cannot be bound twice), and the old unit is serving."""
-        return (self.edge is not None and bool(edge_mod.domains_of(spec, service.name))
-                and not service.host_port and old.state == planning.RUNNING and spec.state != "stopped")
-
-    def _swap(self, spec: specs.AppSpec, service: specs.ServiceSpec, replica: int,
-              old: runtime.Unit) -> runtime.Unit:
-        """Start the new container beside ``old``, wait until ready, switch the route, drain, remove ``old``."""
-        domains = edge_mod.domains_of(spec, service.name)
-        assert domains and service.port is not None
+    def start_beside(self, action: planning.Action, *, labels: Mapping[str, str]) -> runtime.Unit:
+        """The recreate's new container, started beside the old one under the slot's other name
+        (``<name>`` or ``<name>.b``), carrying ``labels`` too; the image is made sure of first."""
+        assert action.spec is not None and action.service_spec is not None and action.unit is not None
+        spec, service, replica, old = action.spec, action.service_spec, action.replica, action.unit
+        self._ensure_image(service.image)
         base = self.container_name(spec.org, spec.name, service.name, replica)
         old_name = str(self._call(lambda: self.api.inspect_container(old.instance), "inspect")["Name"]).lstrip("/")
         name = base if old_name != base else base + ALT_SUFFIX
-        extra = {LABEL_GENERATION: str(time.time_ns()), LABEL_DOMAIN: ",".join(domains)}
-        new = self._create(spec, service, replica, name=name, extra_labels=extra, point="swap-")
-        crashpoint("swap-after-start")
-        failure = self._wait_ready(new.instance, service)
-        if failure is not None:
-            lines = self._last_lines(new.instance)
-            self._remove(new.instance)
-            raise PermanentError(f"the new container of {spec.org}/{spec.name} was not ready within "
-                                 f"{self.ready_timeout:g}s ({failure}); the old one keeps serving. Last log "
-                                 "lines:\n" + "\n".join(lines), code="not_ready")
-        crashpoint("swap-ready")
-        assert new.endpoint is not None
-        self._switch(domains, old.endpoint, new.endpoint, spec.org, spec.name)
-        crashpoint("swap-after-switch")
-        time.sleep(self.drain)
-        self._remove(old.instance)
-        crashpoint("swap-after-remove-old")
-        return new
+        return self._create(spec, service, replica, name=name, extra_labels=dict(labels), point="swap-")
 
-    def _switch(self, domains: list[str], old: int | None, new: int, org: str, app: str) -> None:
-        if self.edge is None:
-            return
-        try:
-            self.edge.switch(domains, old, new, org=org, app=app)
-        except edge_mod.EdgeUnavailable as exc:
-            # The edge serves nothing now anyway; the pass re-asserts the route once it answers.
-            log.warning("%s/%s: the route could not be switched (%s); the next pass re-asserts it",
-                        org, app, exc)
-
-    def _wait_ready(self, container_id: str, service: specs.ServiceSpec) -> str | None:
-        """None once the container is ready, else why not (it exited, unhealthy, timed out)."""
-        deadline = time.monotonic() + self.ready_timeout
-        while True:
-            failure, ready = self._readiness(container_id, service)
-            if ready or failure is not None:
-                return failure
-            if time.monotonic() >= deadline:
-                return "timed out" + (" waiting for its healthcheck" if service.healthcheck else
-                                      f" waiting for port {service.port} to accept connections")
-            time.sleep(0.1)  # a readiness poll of the engine and the port, bounded by the deadline
-
-    def _readiness(self, container_id: str, service: specs.ServiceSpec) -> tuple[str | None, bool]:
+    def readiness(self, unit: runtime.Unit, service: specs.ServiceSpec) -> tuple[str | None, bool]:
         """(why it can never be ready, ready now): one inspect, and a TCP connect when there is no healthcheck."""
+        container_id = unit.instance
         try:
             info = self._call(lambda: self.api.inspect_container(container_id), "inspect")
         except UnitGone:
@@ -709,65 +427,37 @@ class LocalRuntime:
         except OSError:
             return None, False
 
-    def _last_lines(self, container_id: str) -> list[str]:
+    def remove_unit(self, unit: runtime.Unit) -> None:
+        """Stop and remove one unit (gone already is done)."""
+        self._remove(unit.instance)
+
+    def last_lines(self, unit: runtime.Unit, n: int) -> list[str]:
+        """A unit's last ``n`` log lines (for an error message); [] when the engine cannot say."""
         try:
-            raw = self._call(lambda: self.api.logs(container_id, tail=NOT_READY_LINES), "logs")
+            raw = self._call(lambda: self.api.logs(unit.instance, tail=n), "logs")
         except RuntimeFailure:
             return []
-        return [line for line in raw.decode("utf-8", "replace").splitlines()]
+        return [str(line) for line in raw.decode("utf-8", "replace").splitlines()]
 
-    def recover_swaps(self) -> int:
-        """After a crash mid-swap: one container per slot again, the route on the one kept.
-
-        The newest (by generation) is kept when it is running and ready now, and the
-        route switched to it; else the older one is kept. Returns how many were removed.
-        """
+    def crowded(self) -> list[list[tuple[runtime.Unit, dict[str, str]]]]:
+        """The slots (org, app, service, replica) that hold more than one of our units, each
+        unit with its labels: what a start-first recreate killed midway leaves (one list call)."""
         rows = self._call(lambda: self.api.containers(all=True, filters=self.owner_filter), "list containers")
-        slots: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
+        slots: dict[tuple[str, str, str, str], list[tuple[runtime.Unit, dict[str, str]]]] = {}
         for row in rows:
             labels = row.get("Labels") or {}
-            if not runtime.mine(labels, owner=self.owner, instance=self.instance):
-                continue
+            unit = self._unit(row)
+            if unit is None:
+                continue  # another instance's, or being removed
             slot = (labels.get(runtime.LABEL_ORG, ""), labels.get(runtime.LABEL_APP, ""),
                     labels.get(runtime.LABEL_SERVICE, ""), labels.get(runtime.LABEL_REPLICA, "0"))
-            slots.setdefault(slot, []).append(row)
-        removed = 0
-        for (org, app, _, _), group in sorted(slots.items()):
-            if len(group) < 2 or not any(LABEL_GENERATION in (r.get("Labels") or {}) for r in group):
-                continue
-            group.sort(key=lambda r: int((r.get("Labels") or {}).get(LABEL_GENERATION, "0") or 0))
-            newest, olds = group[-1], group[:-1]
-            labels = newest.get("Labels") or {}
-            unit = self._unit(newest)
-            service = self._service_of(labels)
-            ready = (unit is not None and unit.state == planning.RUNNING and service is not None
-                     and self._readiness(newest["Id"], service)[1])
-            keep, drop = (newest, olds) if ready else (olds[-1], [newest, *olds[:-1]])
-            kept = self._unit(keep)
-            domains = [d for d in labels.get(LABEL_DOMAIN, "").split(",") if d]
-            if domains and kept is not None and kept.endpoint:
-                for other in drop:
-                    gone = self._unit(other)
-                    self._switch(domains, gone.endpoint if gone else None, kept.endpoint, org, app)
-                if ready:
-                    time.sleep(self.drain)
-            log.warning("%s/%s: a swap was interrupted; kept the %s container, removing %d", org, app,
-                        "new" if ready else "old", len(drop))
-            for other in drop:
-                self._remove(other["Id"])
-                removed += 1
-        return removed
+            slots.setdefault(slot, []).append((unit, labels))
+        return [group for _, group in sorted(slots.items()) if len(group) > 1]
 
-    @staticmethod
-    def _service_of(labels: dict[str, str]) -> specs.ServiceSpec | None:
-        """The service spec a container was made from (its spec label), for its readiness check."""
-        try:
-            body = json.loads(labels.get(runtime.LABEL_SPEC, ""))
-            health = body.get("healthcheck")
-            return specs.ServiceSpec(name=body["name"], image=body["image"], port=body.get("port"),
-                                     healthcheck=specs.Healthcheck(test=tuple(health["test"])) if health else None)
-        except (ValueError, KeyError, TypeError):
-            return None
+    def recover(self) -> int:
+        """Nothing of the driver's own: a crash between its steps leaves what the next pass
+        converges (``edge.deploy`` recovers interrupted start-first recreates)."""
+        return 0
 
     def _ensure_image(self, image: str) -> None:
         if not self.image_exists(image):
@@ -784,7 +474,7 @@ class LocalRuntime:
             self._call(lambda: self.api.remove_container(container_id, force=True), "remove")
         except UnitGone:
             pass
-        except _Conflict:
+        except _docker.Conflict:
             pass  # already being removed by the engine
 
     def _served(self, container_id: str, spec: specs.AppSpec, service: specs.ServiceSpec,
@@ -823,7 +513,7 @@ class LocalRuntime:
             # Equal to the memory limit: no swap on top, so the limit is real.
             memswap_limit=service.memory * 1024 * 1024,
             init=True,
-            log_config=LOG_CONFIG,
+            log_config=_docker.LOG_CONFIG,
             binds=binds or None,
             network_mode=network,
         )
@@ -852,10 +542,10 @@ class LocalRuntime:
 
         try:
             created = self._call(create, f"create {name}")
-        except _Conflict as exc:
+        except _docker.Conflict as exc:
             raise self._name_conflict(name) from exc
         container_id: str = created["Id"]
-        crashpoint(f"{point}after-create")
+        runtime.crashpoint(f"{point}after-create")
         fault("start", container_id, self.api)
         self._call(lambda: self.api.start(container_id), f"start {name}")
         return self._served(container_id, spec, service, replica)
@@ -885,7 +575,7 @@ class LocalRuntime:
         try:
             self._call(lambda: self.api.inspect_network(name), f"inspect network {name}")
         except UnitGone:
-            with contextlib.suppress(_Conflict):  # made concurrently by another service
+            with contextlib.suppress(_docker.Conflict):  # made concurrently by another service
                 self._call(lambda: self.api.create_network(name, driver="bridge", check_duplicate=True,
                                                            labels=self._app_labels(spec.org, spec.name)),
                            f"create network {name}")
@@ -917,14 +607,7 @@ class LocalRuntime:
     def build_image(self, context: pathlib.Path, *, dockerfile: str, tag: str, args: dict[str, str],
                     org: str, app: str, log: Callable[[str], None]) -> None:
         """docker build, its output streamed to ``log``; raises ``build_failed``."""
-        with build_errors(log):
-            run_build(self.api, context=context, dockerfile=dockerfile, tag=tag, args=args,
-                      labels=self._app_labels(org, app), log=log)
-
-    def _app_images(self, org: str, app: str) -> list[dict[str, Any]]:
-        filters = {"label": runtime.app_labels(self.owner, org, app)}
-        images: list[dict[str, Any]] = self._call(lambda: self.api.images(filters=filters), "list images")
-        return images
+        self._build(context, dockerfile=dockerfile, tag=tag, args=args, org=org, app=app, log=log)
 
     def prune_images(self, org: str, app: str, *, keep: int) -> list[str]:
         """Remove this app's built images but the newest ``keep`` (and any still in use)."""
@@ -953,7 +636,7 @@ class LocalRuntime:
         Named volumes are kept (they hold data); they carry our labels for ``docker volume prune``.
         """
         name = self.network_name(org, app)
-        with contextlib.suppress(_Conflict):  # still in use by a container being removed: next pass
+        with contextlib.suppress(_docker.Conflict):  # still in use by a container being removed: next pass
             self._ignore_missing(lambda: self.api.remove_network(name), f"remove network {name}")
         for image in self._app_images(org, app):
             image_id: str = image["Id"]
@@ -962,7 +645,7 @@ class LocalRuntime:
 
     def _pull(self, image: str) -> None:
         """Pull only references that name a registry; local tags are never pulled."""
-        if not has_registry(image):
+        if not _docker.has_registry(image):
             raise PermanentError(
                 f"image {image} is not present on this host and names no registry; build or load it here",
                 code="image_not_found")
@@ -985,7 +668,7 @@ class LocalRuntime:
             try:
                 raw = self._call(lambda u=unit: self.api.logs(u.instance, timestamps=True, tail=n),  # type: ignore[misc]
                                  "logs")
-            except (UnitGone, _Conflict):
+            except (UnitGone, _docker.Conflict):
                 continue  # gone, or being removed (Docker answers 409): it has no more lines to give
             for text in raw.decode("utf-8", "replace").splitlines():
                 stamp, body = split_log_line(text)
@@ -1001,5 +684,5 @@ class LocalRuntime:
 DockerRuntime = LocalRuntime
 
 
-def _conforms(rt: LocalRuntime) -> runtime.Runtime:
-    return rt  # mypy checks that the driver is a Runtime
+def _conforms(rt: LocalRuntime) -> runtime.StartFirst:
+    return rt  # mypy checks that the driver is a Runtime and can be driven start-first

@@ -2,7 +2,7 @@
 
 Used by the pure core's tests (property tests: decide, apply, decide again finds
 nothing to do) and by the simulations in ``bench/`` that go past what one machine
-can run. It keeps units in a dict, counts calls like a real driver, and can be
+can run. It keeps units in a dict, counts its calls (``calls``, its own: not the protocol's), and can be
 told to fail an action (``fail``) to drive the error paths.
 """
 
@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import pathlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from cynchrod import runtime
 from cynchrod.core import planning
@@ -32,6 +33,9 @@ class _Stream:
 
 class _NoLogs:
     def __iter__(self) -> Iterator[runtime.LogLine]:
+        return iter(())
+
+    def batches(self) -> Iterator[list[runtime.LogLine]]:
         return iter(())
 
     def close(self) -> None:
@@ -99,6 +103,16 @@ class MemoryRuntime:
 
     def image_exists(self, image: str) -> bool:
         return True
+
+    def build_image(self, context: pathlib.Path, *, dockerfile: str, tag: str, args: dict[str, str],
+                    org: str, app: str, log: Callable[[str], None]) -> None:
+        pass
+
+    def prune_images(self, org: str, app: str, *, keep: int) -> list[str]:
+        return []
+
+    def recover(self) -> int:
+        return 0
 
     def close(self) -> None:
         pass

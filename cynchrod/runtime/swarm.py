@@ -88,18 +88,8 @@ from cynchrod.core.errors import (
     TemporaryError,
     UnitGone,
 )
-from cynchrod.runtime import follow
-from cynchrod.runtime.local import (
-    CALL_TIMEOUT_S,
-    LOG_CONFIG,
-    _Conflict,
-    _Given,
-    _stamp_seconds,
-    build_errors,
-    converted,
-    has_registry,
-    run_build,
-)
+from cynchrod.runtime import _docker, follow
+from cynchrod.runtime._docker import CALL_TIMEOUT_S, converted, has_registry
 
 log = logging.getLogger(__name__)
 
@@ -314,10 +304,10 @@ def reopen_since(lasts: list[str], start: float) -> float:
     """When to open a service's log stream again from: a little before the oldest of its
     tasks' last lines given (``lasts``, timestamps), so that no task loses the lines it wrote
     after its own last one (the newest of all lost them for a task less chatty than the
-    others); each task's ``_Given`` drops what it gave already. A task whose last line is more
+    others); each task's ``_docker.Given`` drops what it gave already. A task whose last line is more
     than ``REOPEN_LOOKBACK_S`` older than the newest (quiet, or gone) is not waited for: its
     stream's lines that late were never on their way. ``start`` when nothing was given."""
-    seconds = [_stamp_seconds(last) for last in lasts if last]
+    seconds = [_docker.stamp_seconds(last) for last in lasts if last]
     if not seconds:
         return start
     return max(min(seconds), max(seconds) - REOPEN_LOOKBACK_S) - 0.001
@@ -326,13 +316,13 @@ def reopen_since(lasts: list[str], start: float) -> float:
 class _ServiceLogs(follow.Follower):
     """An app's live log lines: one reader per service (``follow.Follower``), attached again
     when a service is replaced. Each line names its node and task; each task's lines are
-    given once (``_Given``) when a service's stream is opened again."""
+    given once (``_docker.Given``) when a service's stream is opened again."""
 
     def __init__(self, rt: SwarmRuntime, org: str, app: str, since: float, ended: threading.Event | None) -> None:
         super().__init__(app, since, ended, docker.DockerClient(base_url=rt.base_url, timeout=None))
         self._rt, self._org = rt, org
         #: Per service, node and replica (a task): what it gave.
-        self._given: dict[tuple[str, str, int], _Given] = {}
+        self._given: dict[tuple[str, str, int], _docker.Given] = {}
 
     def _streams(self) -> Iterator[follow.Stream]:
         for svc in self._rt.app_services(self._org, self._app):
@@ -356,7 +346,7 @@ class _ServiceLogs(follow.Follower):
             batch, touched = [], set()
             for raw in chunk.decode("utf-8", "replace").splitlines():
                 line = self._rt.log_line(name, raw)
-                given = self._given.setdefault((name, line.node, line.replica), _Given())
+                given = self._given.setdefault((name, line.node, line.replica), _docker.Given())
                 touched.add(given)
                 if given.fresh(line.timestamp):
                     batch.append(line)
@@ -365,8 +355,10 @@ class _ServiceLogs(follow.Follower):
             yield batch
 
 
-class SwarmRuntime:
+class SwarmRuntime(_docker.Driver):
     """Drives a Docker Swarm through one manager, for one owner and one instance."""
+
+    _log = log
 
     def __init__(self, *, owner: str = "cynchrod", instance: str = "", stop_timeout: int = 10,
                  base_url: str | None = None, registry: Registry | None = None,
@@ -399,10 +391,6 @@ class SwarmRuntime:
     def close(self) -> None:
         self._client.close()
 
-    def _call(self, call: Callable[[], Any], what: str) -> Any:
-        self.calls += 1
-        return converted(call, what)
-
     # -- names and labels -------------------------------------------------
 
     def service_name(self, org: str, app: str, service: str) -> str:
@@ -415,13 +403,6 @@ class SwarmRuntime:
     def network_name(self, org: str, app: str) -> str:
         name = f"{self.owner}_{org}_{app}"
         return name if len(name) <= 63 else f"{name[:52]}_{hashlib.sha256(name.encode()).hexdigest()[:10]}"
-
-    def _app_labels(self, org: str, app: str) -> dict[str, str]:
-        return {runtime.LABEL_OWNER: self.owner, runtime.LABEL_INSTANCE: self.instance,
-                runtime.LABEL_ORG: org, runtime.LABEL_APP: app}
-
-    def _app_filter(self, org: str, app: str) -> dict[str, list[str]]:
-        return {"label": runtime.app_labels(self.owner, org, app)}
 
     # -- observing ----------------------------------------------------------
 
@@ -646,7 +627,7 @@ class SwarmRuntime:
             container, resources=Resources(cpu_limit=cpu, mem_limit=memory, cpu_reservation=cpu,
                                            mem_reservation=memory),
             restart_policy=RestartPolicy("any", delay=5 * _NS), networks=networks or None,
-            log_driver=DriverConfig(LOG_CONFIG["type"], LOG_CONFIG["config"]))
+            log_driver=DriverConfig(_docker.LOG_CONFIG["type"], _docker.LOG_CONFIG["config"]))
         ports: list[dict[str, Any]] = []
         if service.port:
             port: dict[str, Any] = {"Protocol": "tcp", "TargetPort": service.port, "PublishMode": "host"}
@@ -704,7 +685,7 @@ class SwarmRuntime:
                     made = self._call(lambda n=name, v=value, lb=labels: self.api.create_secret(  # type: ignore[misc]
                         n, v, labels=lb), "create secret")
                     secret_id = made["ID"]
-                except _Conflict:
+                except _docker.Conflict:
                     found = self._call(lambda n=name: self.api.secrets(filters={"name": n}),  # type: ignore[misc]
                                        "list secrets")
                     secret_id = next(s["ID"] for s in found if s["Spec"]["Name"] == name)
@@ -782,11 +763,10 @@ class SwarmRuntime:
                     org: str, app: str, log: Callable[[str], None]) -> None:
         """Built on the manager, then pushed to the registry (when one is set)."""
         ref = self._registry_ref(tag) if self.registry is not None else tag
-        with build_errors(log):
-            run_build(self.api, context=context, dockerfile=dockerfile, tag=ref, args=args,
-                      labels=self._app_labels(org, app), log=log)
-            if self.registry is None:
-                return
+        self._build(context, dockerfile=dockerfile, tag=ref, args=args, org=org, app=app, log=log)
+        if self.registry is None:
+            return
+        with _docker.build_errors(log):
             self._login()
             repo, version = split_reference(ref)
             log(f"# push {ref}")
@@ -799,11 +779,6 @@ class SwarmRuntime:
                 digest = (chunk.get("aux") or {}).get("Digest")
                 if digest:
                     log(f"# pushed {ref}@{digest}")
-
-    def _app_images(self, org: str, app: str) -> list[dict[str, Any]]:
-        filters = {"label": runtime.app_labels(self.owner, org, app)}
-        images: list[dict[str, Any]] = self._call(lambda: self.api.images(filters=filters), "list images")
-        return images
 
     def _drop_image(self, image: dict[str, Any]) -> bool:
         """One built image: from the registry (its manifest), then from the manager; False
@@ -878,6 +853,10 @@ class SwarmRuntime:
             except RuntimeFailure:
                 busy.append(f"network {name}")
         return busy
+
+    def recover(self) -> int:
+        """Nothing to put right: the swarm finishes or rolls back its own updates."""
+        return 0
 
     def exit_details(self, unit: runtime.Unit) -> tuple[int | None, bool]:
         """What the task said: its exit code (a worker's containers are not inspected from here)."""

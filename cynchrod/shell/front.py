@@ -15,9 +15,10 @@ import secrets as random
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from cynchrod import edge, store
+from cynchrod import edge, runtime, store
 from cynchrod.core.errors import TemporaryError
 from cynchrod.desired import config, secrets, source
+from cynchrod.edge import deploy
 from cynchrod.runtime import local, swarm
 from cynchrod.shell import builds, channel, control, metrics
 
@@ -58,10 +59,23 @@ class Change:
     next: str
 
 
-def make_runtime(cfg: config.Settings, *, instance: str, vault: secrets.Secrets,
-                 deadline: float | None = None) -> local.LocalRuntime | swarm.SwarmRuntime:
-    """The runtime the config names: one Docker engine (behind the edge, when one is
-    configured), or a swarm through one of its managers.
+def make_edge(cfg: config.Settings) -> edge.Edge | None:
+    """The edge the config names (``--edge``), else None; only the reconciler process makes one."""
+    if not cfg.edge or cfg.runtime == "swarm":
+        return None
+    front = edge.Edge(cfg.edge, listen=cfg.edge_listen, tls_listen=cfg.edge_tls_listen, owner=cfg.owner,
+                      upstream_host=edge.upstream_host(cfg.publish_address))
+    if edge.resets_at_config_changes():
+        log.warning("edge: net.ipv4.tcp_migrate_req is 0 here, so a Caddy on this host resets the connections "
+                    "it is accepting at each route change; set it to 1 (sysctl -w net.ipv4.tcp_migrate_req=1)")
+    return front
+
+
+def make_runtime(cfg: config.Settings, *, instance: str, vault: secrets.Secrets, edge: edge.Edge | None = None,
+                 deadline: float | None = None) -> runtime.Runtime:
+    """The runtime the config names: one Docker engine (its deploys through ``edge.deploy``:
+    zero-downtime behind ``edge``, from ``make_edge``, when one is configured), or a swarm
+    through one of its managers.
 
     ``deadline``: an API worker's runtime, which only reads (logs) under a deadline per
     engine call and never acts, so it has no edge.
@@ -71,15 +85,12 @@ def make_runtime(cfg: config.Settings, *, instance: str, vault: secrets.Secrets,
                     if cfg.registry_url else None)
         return swarm.SwarmRuntime(owner=cfg.owner, instance=instance, stop_timeout=cfg.stop_timeout,
                                   registry=registry, secret_value=vault.value)
-    front = edge.Edge(cfg.edge, listen=cfg.edge_listen, tls_listen=cfg.edge_tls_listen, owner=cfg.owner,
-                      upstream_host=edge.upstream_host(cfg.publish_address)) if cfg.edge and deadline is None else None
-    if front is not None and edge.resets_at_config_changes():
-        log.warning("edge: net.ipv4.tcp_migrate_req is 0 here, so a Caddy on this host resets the connections "
-                    "it is accepting at each route change; set it to 1 (sysctl -w net.ipv4.tcp_migrate_req=1)")
-    return local.LocalRuntime(owner=cfg.owner, instance=instance, publish_address=cfg.publish_address,
-                              stop_timeout=cfg.stop_timeout, secrets_dir=vault.staging.resolve(), edge=front,
-                              ready_timeout=cfg.edge_ready_timeout, drain=cfg.edge_drain, call_timeout=deadline,
-                              stream_timeout=deadline)
+    engine = local.LocalRuntime(owner=cfg.owner, instance=instance, publish_address=cfg.publish_address,
+                                stop_timeout=cfg.stop_timeout, secrets_dir=vault.staging.resolve(),
+                                call_timeout=deadline, stream_timeout=deadline)
+    if deadline is not None:
+        return engine  # reads only: no deploys, no recovery
+    return deploy.Deployer(engine, edge, ready_timeout=cfg.edge_ready_timeout, drain=cfg.edge_drain)
 
 
 class Tickets:

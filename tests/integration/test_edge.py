@@ -14,6 +14,7 @@ import docker
 import pytest
 
 from cynchrod import edge, runtime
+from cynchrod.edge import deploy
 from tests.conftest import Caddy, Harness
 from tests.helpers import TEST_IMAGE, GitRepo, free_port, wait_for
 
@@ -41,7 +42,8 @@ def edged(harness: Harness, caddy: Caddy) -> Iterator[Harness]:
     front = edge.Edge(caddy.admin, listen=f"127.0.0.1:{caddy.port}", tls_listen=f"127.0.0.1:{caddy.tls_port}",
                       owner=harness.rt.owner)
     # The default drain: it covers Caddy handing connections from its old config to the new one.
-    harness.rt.edge, harness.rt.ready_timeout, harness.rt.drain = front, 10.0, 2.0
+    harness.deployer = deploy.Deployer(harness.rt, front, ready_timeout=10.0, drain=2.0)
+    harness.rec.runtime = harness.deployer
     harness.rec.edge = front
     yield harness
     front.close()
@@ -146,7 +148,7 @@ def test_five_redeploys_through_the_edge_drop_nothing_and_stop_first_does(
 
 
 def test_a_new_version_never_ready_keeps_the_old_one_serving(repo: GitRepo, edged: Harness, caddy: Caddy) -> None:
-    edged.rt.ready_timeout = 3.0
+    edged.deployer.ready_timeout = 3.0
     repo.push({"apps/nr.yaml": web("nr", "v1", domain="nr.localhost")})
     assert edged.sync().ok
     old = edged.containers()["nr"]["Id"]
@@ -356,7 +358,7 @@ def test_a_first_deploy_is_routed_once_it_answers(repo: GitRepo, edged: Harness,
     # version there is), and the pass says why in the log.
     repo.push({"apps/slow.yaml": None, "apps/mute.yaml": web("mute", "v1", domain="mute.localhost",
                                                               command="[sleep, '3600']")})
-    edged.rt.ready_timeout = 1.0
+    edged.deployer.ready_timeout = 1.0
     assert edged.sync().ok
     assert edged.containers()["mute"]["State"] == "running"
     assert "default/mute: main is routed though not ready: timed out waiting for port 8080" in caplog.text

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from cynchrod.runtime import local
+from cynchrod.runtime import _docker
 from tests.conftest import Harness
 from tests.helpers import TEST_IMAGE, breaks
 
@@ -20,7 +20,7 @@ def test_a_rotation_that_sends_the_last_line_again_gives_it_once(repo, harness: 
     the engine's follower reaches its end; Docker 20.10's follower then takes the new, smaller
     file for a truncated one and sends it from the start: that line again, with the timestamp
     given last, as the rest of a read would come. Each line comes once, none is lost."""
-    monkeypatch.setattr(local, "LOG_CONFIG", {"type": "json-file", "config": {"max-size": "20k", "max-file": "3"}})
+    monkeypatch.setattr(_docker, "LOG_CONFIG", {"type": "json-file", "config": {"max-size": "20k", "max-file": "3"}})
     writer = ("[sh, -c, 'x=$(printf %1000s | tr \" \" x); i=0;"
               " while [ $i -lt 80 ]; do echo \"line $i $x\"; i=$((i+1)); sleep 0.02; done; sleep 3600']")
     repo.push({"apps/writer.yaml": f"name: writer\nimage: {TEST_IMAGE}\ncommand: {writer}\nmemory: 64\n"})

@@ -81,11 +81,11 @@ def stamp(ns: int) -> str:
 def test_a_stream_opened_again_gives_no_line_twice_and_loses_none() -> None:
     """The engine's stream of one container, ended and opened again from a little before the
     last line given: lines sharing timestamps (one read from the container stamps them all)."""
-    from cynchrod.runtime.local import _Given
+    from cynchrod.runtime._docker import Given
 
     lines = [(stamp(ns), f"line {i}") for i, ns in enumerate([100, 100, 100, 200, 500000000, 500000000, 500000001,
                                                             600000000, 600000000, 700000000])]
-    given, out = _Given(), []
+    given, out = Given(), []
     for s, text in lines[:8]:  # ... up to the first line at .6
         if given.fresh(s):
             out.append(text)
@@ -102,9 +102,9 @@ def test_a_repeat_after_a_rotation_is_dropped_and_a_line_out_of_order_is_kept() 
     """json-file rotating under a follower: the engine sends the new file's first lines again
     (measured: 32 lines over 0.3 ms, 1,325 over 28 ms). A stderr line stamped a little before
     the stdout line given last is a line, not a repeat: its timestamp was never given."""
-    from cynchrod.runtime.local import _Given
+    from cynchrod.runtime._docker import Given
 
-    given = _Given()
+    given = Given()
     sent = [(100, "a"), (200, "b"), (200, "c"), (5000, "out"), (4000, "err"), (9000, "d")]
     assert [given.fresh(stamp(ns)) for ns, _ in sent] == [True] * 6
     # The rotation: back to the line at 200, then every line given again, then new ones.
@@ -117,9 +117,9 @@ def test_a_repeat_after_a_rotation_is_dropped_and_a_line_out_of_order_is_kept() 
 
 
 def test_remembered_timestamps_are_bounded() -> None:
-    from cynchrod.runtime.local import _Given
+    from cynchrod.runtime._docker import Given
 
-    given = _Given()
+    given = Given()
     for ns in range(0, 900_000_000, 100_000):  # 9,000 lines over 0.9 s
         given.fresh(stamp(ns))
         if ns % 10_000_000 == 0:
@@ -131,9 +131,9 @@ def test_remembered_timestamps_are_bounded() -> None:
 def test_a_flowing_stream_is_given_as_the_engine_sends_it() -> None:
     """Past the point where it was opened, nothing is filtered: stdout and stderr lines may be a
     little out of time order, and lines may share a timestamp and a text (two blank lines)."""
-    from cynchrod.runtime.local import _Given
+    from cynchrod.runtime._docker import Given
 
-    given = _Given()
+    given = Given()
     sent = [stamp(7), stamp(7), stamp(9), stamp(8), stamp(9)]
     assert [given.fresh(s) for s in sent] == [True] * 5
     given.reopened()
@@ -142,41 +142,41 @@ def test_a_flowing_stream_is_given_as_the_engine_sends_it() -> None:
 
 
 def test_lines_sharing_a_timestamp_are_all_given() -> None:
-    from cynchrod.runtime.local import _Given
+    from cynchrod.runtime._docker import Given
 
-    given = _Given()
+    given = Given()
     assert [given.fresh(stamp(7)) for _ in range(5)] == [True] * 5
     given.reopened()
     assert [given.fresh(stamp(7)) for _ in range(6)] == [False] * 5 + [True]  # the five again, then a sixth
 
 
 class Log:
-    """``_Given``'s question to the engine, answered from a list of the timestamps it holds."""
+    """``Given``'s question to the engine, answered from a list of the timestamps it holds."""
 
     def __init__(self, stamps: list[str]) -> None:
         self.stamps = stamps
         self.asked: list[tuple[str, int]] = []
 
     def __call__(self, key: str, given: int) -> int | None:
-        from cynchrod.runtime.local import _stamp_key
+        from cynchrod.runtime._docker import stamp_key
 
         self.asked.append((key, given))
-        return [_stamp_key(s) for s in self.stamps].count(key)
+        return [stamp_key(s) for s in self.stamps].count(key)
 
 
 def test_a_repeat_with_the_last_timestamp_is_dropped_when_the_log_holds_no_more() -> None:
     """A rotation whose new file held only lines stamped like the last one given: they come
     again with that timestamp. The log holds as many such lines as were given: a repeat."""
-    from cynchrod.runtime.local import _Given, _stamp_key
+    from cynchrod.runtime._docker import Given, stamp_key
 
     log = Log([stamp(100), stamp(200), stamp(200), stamp(200)])
-    given = _Given(log)
+    given = Given(log)
     sent = [(100, "a"), (200, "b"), (200, "c"), (200, "d")]
     assert [given.fresh(stamp(ns), text) for ns, text in sent] == [True] * 4
     assert log.asked == []  # a line not seen with that timestamp is never asked about
     # The new file held "c" and "d": both again, then a newer line.
     assert [given.fresh(stamp(200), text) for text in ("c", "d")] == [False, False]
-    assert log.asked == [(_stamp_key(stamp(200)), 3)]
+    assert log.asked == [(stamp_key(stamp(200)), 3)]
     assert given.fresh(stamp(300), "e") is True
     # A line in another stamp's texts is nothing: "e" at 300 is the last, "b" was at 200.
     assert given.fresh(stamp(300), "b") is True
@@ -185,10 +185,10 @@ def test_a_repeat_with_the_last_timestamp_is_dropped_when_the_log_holds_no_more(
 def test_a_line_repeating_the_one_before_in_the_same_read_is_given() -> None:
     """Two blank lines written at once share a timestamp; the engine may send them in two
     parts. The log holds both: the second is a line, not a repeat."""
-    from cynchrod.runtime.local import _Given
+    from cynchrod.runtime._docker import Given
 
     log = Log([stamp(100), stamp(100)])
-    given = _Given(log)
+    given = Given(log)
     assert given.fresh(stamp(100), "") is True
     assert given.fresh(stamp(100), "") is True
     assert len(log.asked) == 1
@@ -197,11 +197,11 @@ def test_a_line_repeating_the_one_before_in_the_same_read_is_given() -> None:
 def test_without_an_answer_or_past_the_budget_a_possible_repeat_is_given() -> None:
     """No engine to ask (the Swarm follower), an answer that does not reach back, or more
     questions than the budget: the line is given. A repeat may pass; a line is never lost."""
-    from cynchrod.runtime.local import _Given
+    from cynchrod.runtime._docker import Given
 
-    given = _Given()
+    given = Given()
     assert [given.fresh(stamp(100), "a") for _ in range(2)] == [True, True]
-    unknown = _Given(lambda key, n: None)
+    unknown = Given(lambda key, n: None)
     assert [unknown.fresh(stamp(100), "a") for _ in range(2)] == [True, True]
     asked: list[str] = []
 
@@ -209,26 +209,26 @@ def test_without_an_answer_or_past_the_budget_a_possible_repeat_is_given() -> No
         asked.append(key)
         return 1
 
-    budget, answers = _Given(one_line), []
-    for i in range(1, _Given.VERIFY_BURST + 4):
+    budget, answers = Given(one_line), []
+    for i in range(1, Given.VERIFY_BURST + 4):
         assert budget.fresh(stamp(i * 100), "a") is True
         answers.append(budget.fresh(stamp(i * 100), "a"))
     # The first VERIFY_BURST asks (in a moment: none earned back) find the repeats; then they pass.
-    assert answers == [False] * _Given.VERIFY_BURST + [True] * 3
-    assert len(asked) == _Given.VERIFY_BURST
+    assert answers == [False] * Given.VERIFY_BURST + [True] * 3
+    assert len(asked) == Given.VERIFY_BURST
 
 
 def test_a_service_stream_is_opened_again_from_before_its_least_chatty_task() -> None:
-    """Swarm: one stream a service, a ``_Given`` a task. Opened again from a little before the
+    """Swarm: one stream a service, a ``Given`` a task. Opened again from a little before the
     newest line given, a task whose last line given is older lost what it wrote in between;
     from before the oldest (within ``REOPEN_LOOKBACK_S`` of the newest) it loses nothing."""
-    from cynchrod.runtime.local import _Given, _stamp_seconds
+    from cynchrod.runtime._docker import Given, stamp_seconds
     from cynchrod.runtime.swarm import REOPEN_LOOKBACK_S, reopen_since
 
-    quiet, chatty = _Given(), _Given()
+    quiet, chatty = Given(), Given()
     assert quiet.fresh(stamp(100_000_000)) and chatty.fresh(stamp(900_000_000))
     since = reopen_since([quiet.last, chatty.last], start=0.0)
-    assert since == _stamp_seconds(stamp(100_000_000)) - 0.001
+    assert since == stamp_seconds(stamp(100_000_000)) - 0.001
     # Opened again from there: each task drops what it gave and keeps what it had not.
     quiet.reopened()
     chatty.reopened()
@@ -236,5 +236,5 @@ def test_a_service_stream_is_opened_again_from_before_its_least_chatty_task() ->
     assert [chatty.fresh(stamp(ns)) for ns in (300_000_000, 900_000_000, 950_000_000)] == [False, False, True]
     # A task quiet (or gone) for long is not waited for; nothing given: the follower's start.
     old = "2026-11-29T22:40:00Z"
-    assert reopen_since([old, chatty.last], 7.0) == _stamp_seconds(chatty.last) - REOPEN_LOOKBACK_S - 0.001
+    assert reopen_since([old, chatty.last], 7.0) == stamp_seconds(chatty.last) - REOPEN_LOOKBACK_S - 0.001
     assert reopen_since(["", ""], 7.0) == 7.0

@@ -20,6 +20,7 @@ from cynchrod import store
 from cynchrod.api.logs import relay
 from cynchrod.api.logs.frames import Frame, deflates, encode_lines
 from cynchrod.core.errors import CynchrodError
+from cynchrod.runtime import LogStream
 
 if TYPE_CHECKING:
     from cynchrod.shell.front import Front
@@ -122,7 +123,7 @@ class Hub:
         self.address = relay.relay_address(d.settings.state, key)
         self.subscribers: set[_Subscriber] = set()
         self.ended = threading.Event()
-        self.follower: Any = None
+        self.follower: LogStream | None = None
         self.acceptor: threading.Thread | None = None
         self.listener: socket.socket | None = None
         self.upstream: socket.socket | None = None
@@ -215,9 +216,8 @@ class Hub:
                     sub.end()
 
     def _follow(self) -> None:
-        batches = getattr(self.follower, "batches", None)
-        source = batches() if batches is not None else ([line] for line in self.follower)
-        for batch in source:
+        assert self.follower is not None
+        for batch in self.follower.batches():
             self._publish(encode_lines(batch))
 
     def _relay(self) -> None:
