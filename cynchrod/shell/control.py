@@ -17,6 +17,7 @@ from typing import Any
 
 from cynchrod import store
 from cynchrod.core import decisions
+from cynchrod.core.codes import Code
 from cynchrod.core.errors import PermanentError
 from cynchrod.desired import edits, manifests, source
 from cynchrod.shell import builds
@@ -208,7 +209,7 @@ class Control:
                 # JSON is YAML too, so the body parses with its own line numbers; a body
                 # YAML reads differently from JSON (tabs, duplicate keys) keeps the file's.
                 own = manifests.parse("body", body, org=target.org).errors
-                if own and not any(e.code == "yaml_syntax" for e in own):
+                if own and not any(e.code == Code.YAML_SYNTAX for e in own):
                     found = own
             errors = [str(e) for e in found]
             raise InvalidManifest("; ".join(errors), errors)

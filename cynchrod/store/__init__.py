@@ -48,7 +48,8 @@ CREATE TABLE IF NOT EXISTS apps (
     removed_at TEXT,
     source TEXT NOT NULL DEFAULT '',
     services_json TEXT,
-    serving TEXT
+    serving TEXT,
+    refusal TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS apps_live ON apps(org, name) WHERE status != 'removed';
 CREATE TABLE IF NOT EXISTS deployments (
@@ -175,6 +176,8 @@ class App:
     services_json: str | None = None
     #: Of a failed app: ``previous`` while an earlier version keeps serving (``decisions.PREVIOUS``).
     serving: str | None = None
+    #: Of a failed app: the code of the refusal it is held with (``decisions.REFUSALS``: quota, domain).
+    refusal: str | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -306,6 +309,11 @@ class Store:
                 self._db.execute("ALTER TABLE apps ADD COLUMN services_json TEXT")
             if "serving" not in columns:  # a state dir from before "failed — previous version running"
                 self._db.execute("ALTER TABLE apps ADD COLUMN serving TEXT")
+            if "refusal" not in columns:  # a state dir from before refusals had a column: read the old prefixes once
+                self._db.execute("ALTER TABLE apps ADD COLUMN refusal TEXT")
+                for code in decisions.REFUSALS:
+                    self._db.execute("UPDATE apps SET refusal = ? WHERE status = ? AND substr(last_error, 1, ?) = ?",
+                                     (code, FAILED, len(code), code))
             columns = {r["name"] for r in self._db.execute("PRAGMA table_info(deployments)")}
             if "attempts" not in columns:  # a state dir from before repeated failures were merged
                 self._db.execute("ALTER TABLE deployments ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1")
@@ -424,8 +432,12 @@ class Store:
         return App(**dict(row))
 
     def update_app(self, app_id: str, **fields: Any) -> None:
+        """Set ``fields`` of a row. A ``last_error`` written without a ``refusal`` clears the
+        refusal: it belongs to the error that states it (``Decision.refusal``)."""
         if not fields:
             return
+        if "last_error" in fields:
+            fields.setdefault("refusal", None)
         fields["updated_at"] = now()
         cols = ", ".join(f'"{k}" = ?' for k in fields)
         with self.transaction() as db:
