@@ -25,6 +25,7 @@ from flask_sock import Sock
 from werkzeug.exceptions import HTTPException
 
 from cynchrod.core import codes
+from cynchrod.core.errors import ApiError as ApiError
 from cynchrod.core.errors import CynchrodError
 from cynchrod.desired import yamlio
 from cynchrod.shell import control
@@ -75,14 +76,6 @@ def _deadline(seconds: float) -> Iterator[None]:
             yield
     except _SlowBody:
         raise ApiError("body_timeout", f"the request body did not arrive within {seconds:.0f}s") from None
-
-
-class ApiError(CynchrodError):
-    """An error answered as JSON with ``STATUS[code]``."""
-
-    def __init__(self, code: str, message: str, **extra: Any) -> None:
-        super().__init__(message, code=code)
-        self.extra = extra
 
 
 def read_body() -> bytes:

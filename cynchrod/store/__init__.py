@@ -23,7 +23,9 @@ from typing import Any
 
 from cynchrod.core import decisions, planning, specs
 from cynchrod.core.decisions import APP_STATUSES, DEPLOYING, FAILED, PENDING, QUEUED, REMOVED, RUNNING, STOPPED
-from cynchrod.core.errors import PermanentError, StateUnwritable, StoreError, TemporaryError
+from cynchrod.core.errors import AppExists as AppExists
+from cynchrod.core.errors import QuotaFull as QuotaFull
+from cynchrod.core.errors import StateUnwritable, StoreError, TemporaryError
 
 __all__ = ["APP_STATUSES", "DEPLOYING", "FAILED", "PENDING", "QUEUED", "REMOVED", "RUNNING", "STOPPED"]
 
@@ -264,14 +266,6 @@ class Deployment:
     #: How many times in a row this same failure happened, and when it was last seen.
     attempts: int = 1
     last_seen: str | None = None
-
-
-class AppExists(PermanentError):
-    code = "app_exists"
-
-
-class QuotaFull(PermanentError):
-    code = "quota_exceeded"
 
 
 def _token(row: sqlite3.Row) -> Token:
