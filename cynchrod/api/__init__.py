@@ -24,6 +24,8 @@ from flask import Flask, Response, g, jsonify, request
 from flask_sock import Sock
 from werkzeug.exceptions import HTTPException
 
+from cynchrod.core import codes
+from cynchrod.core.errors import ApiError as ApiError
 from cynchrod.core.errors import CynchrodError
 from cynchrod.desired import yamlio
 from cynchrod.shell import control
@@ -36,17 +38,8 @@ MAX_BODY = 1024 * 1024
 MAX_DEPTH = yamlio.MAX_DEPTH
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
 
-#: HTTP status for each error code the API can answer.
-STATUS = {
-    "unauthorized": 401, "not_found": 404, "forbidden": 403, "quota_exceeded": 403,
-    "invalid_tail": 400, "invalid_body": 400, "invalid_query": 400, "invalid_manifest": 400, "invalid_secret": 400,
-    "app_exists": 409, "app_removed": 409, "not_in_repo": 409, "conflict": 409, "no_previous_deployment": 409,
-    "app_stopped": 409,
-    "path_unwritable": 409, "not_a_repo_app": 409, "repo_not_bare": 409,
-    "too_many_streams": 429, "body_too_large": 413, "body_timeout": 408, "reconciler_unavailable": 503,
-    "push_conflict": 503, "push_failed": 502, "source_unavailable": 503, "branch_not_found": 503,
-    "docker_unavailable": 503, "runtime_error": 502,
-}
+#: HTTP status for each error code the API can answer (``cynchrod.core.codes``' table).
+STATUS = codes.status_map()
 
 
 #: What an open dashboard page asks for by itself, every 2 s: its statuses, and the rows when a new app
@@ -83,14 +76,6 @@ def _deadline(seconds: float) -> Iterator[None]:
             yield
     except _SlowBody:
         raise ApiError("body_timeout", f"the request body did not arrive within {seconds:.0f}s") from None
-
-
-class ApiError(CynchrodError):
-    """An error answered as JSON with ``STATUS[code]``."""
-
-    def __init__(self, code: str, message: str, **extra: Any) -> None:
-        super().__init__(message, code=code)
-        self.extra = extra
 
 
 def read_body() -> bytes:

@@ -21,7 +21,7 @@ import urllib.request
 from collections.abc import Sequence
 from typing import IO, Any
 
-from cynchrod.core.errors import CynchrodError
+from cynchrod.core.errors import ClientError as ClientError
 
 DEFAULT_API = "http://127.0.0.1:8080"
 TIMEOUT_S = 30.0
@@ -40,10 +40,6 @@ class Stopped(BaseException):
     def __init__(self, status: int) -> None:
         super().__init__(status)
         self.status = status
-
-
-class ClientError(CynchrodError):
-    """An error answer of the API (its code and message), or the API out of reach."""
 
 
 class Client:

@@ -18,6 +18,8 @@ The rules, each written once here:
   admitted oldest commit first up to ``max_apps``; an admitted app is never refused.
 * **Domains**: a domain (an app's or a service's) is one app's, across orgs: the
   app that holds it keeps it, a second claim is held with ``domain_taken``.
+* **Refusals** (``quota_exceeded``, ``domain_taken``) are recorded as the row's ``refusal``
+  (``Decision.refusal``), which the next pass reads back; never a prefix of ``last_error``.
 * **Back-off**: every failure backs off (1, 2, 4 ... 300 s), temporary ones
   included; a permanent failure waits for a new spec. Self-healing a unit that
   keeps dying backs off the same way (0, 0, 1, 2 ... 300 s), reset after a minute up.
@@ -30,7 +32,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-from cynchrod.core import planning, specs
+from cynchrod.core import codes, planning, specs
+from cynchrod.core.codes import Code
 from cynchrod.core.errors import CynchrodError, ManifestError, PermanentError
 
 #: App statuses (the product page's words).
@@ -51,6 +54,8 @@ TRIGGERS = ("api", "rollback", "webhook", "watch", "build", "self-heal", "poll")
 DEFAULT_MAX_APPS = 10
 BACKOFF_MAX_S = 300.0
 HEAL_RESET_S = 60.0
+#: Holds the decisions themselves make (quota, domains): a refused app holds no place.
+REFUSALS = frozenset({Code.QUOTA_EXCEEDED, Code.DOMAIN_TAKEN})
 
 
 class Row(Protocol):
@@ -60,6 +65,10 @@ class Row(Protocol):
     def status(self) -> str: ...
     @property
     def last_error(self) -> str | None: ...
+    @property
+    def refusal(self) -> str | None:
+        """The code of the refusal (one of ``REFUSALS``) the app was last held with, else None."""
+        ...
     @property
     def deployed_hash(self) -> str | None: ...
     @property
@@ -144,6 +153,8 @@ class Decision:
     memory: Backoff = Backoff()
     #: For a failed app: ``PREVIOUS`` when an earlier version keeps serving (``previous_serving``).
     serving: str | None = None
+    #: The row's ``refusal`` to record: the code of a quota or domain hold (``REFUSALS``), else None.
+    refusal: Code | None = None
 
     @property
     def acts(self) -> bool:
@@ -209,7 +220,7 @@ def quota(inputs: Inputs) -> dict[tuple[str, str], CynchrodError]:
         new.sort(key=lambda k: (-inputs.ages.get(k, 0), k[1]))
         for key in new[max(cap - len(admitted), 0):]:
             refused[key] = PermanentError(
-                f"org {org} is at its max_apps of {cap}; {key[1]} was not deployed", code="quota_exceeded")
+                f"org {org} is at its max_apps of {cap}; {key[1]} was not deployed", code=Code.QUOTA_EXCEEDED)
     return refused
 
 
@@ -230,11 +241,22 @@ def admitted(rows: Mapping[tuple[str, str], Row], org: str) -> int:
 
 
 def quota_refused(row: Row) -> bool:
-    return row.status == FAILED and (row.last_error or "").startswith("quota_exceeded")
+    return row.status == FAILED and row.refusal == Code.QUOTA_EXCEEDED
 
 
 def domain_refused(row: Row) -> bool:
-    return row.status == FAILED and (row.last_error or "").startswith("domain_taken")
+    return row.status == FAILED and row.refusal == Code.DOMAIN_TAKEN
+
+
+def refusal_of(error: CynchrodError) -> Code | None:
+    """The refusal a hold records (quota, domain), or None for other holds and failures."""
+    code = Code.of(error.code)
+    return code if code in REFUSALS else None
+
+
+def _noted(row: Row | None) -> str | None:
+    """An ``oom_killed`` note a running app keeps until its next deployment (other errors are cleared)."""
+    return row.last_error if row is not None and codes.code_of(row.last_error) is Code.OOM_KILLED else None
 
 
 def domains(inputs: Inputs) -> dict[tuple[str, str], CynchrodError]:
@@ -262,7 +284,7 @@ def domains(inputs: Inputs) -> dict[tuple[str, str], CynchrodError]:
         for key in keys:
             if key != holder:
                 refused[key] = PermanentError(f"domain {domain} belongs to app {holder[0]}/{holder[1]}; "
-                                              f"{key[1]} was not deployed", code="domain_taken")
+                                              f"{key[1]} was not deployed", code=Code.DOMAIN_TAKEN)
     return refused
 
 
@@ -310,8 +332,7 @@ def _in_sync(spec: specs.AppSpec, units: Sequence[planning.Unit]) -> bool:
 def _in_sync_decision(inputs: Inputs, key: tuple[str, str], spec: specs.AppSpec, row: Row | None) -> Decision:
     """What ``_decide_app`` decides for an app ``_in_sync`` with no hold, memory, wait or manifest
     error, without planning it: at 10,000 apps, planning each one made a no-op decision 3x slower."""
-    error = row.last_error if row is not None and (row.last_error or "").startswith("oom_killed") else None
-    return Decision(key, spec, status=RUNNING, error=error, trigger=inputs.trigger,
+    return Decision(key, spec, status=RUNNING, error=_noted(row), trigger=inputs.trigger,
                     record=row is None or row.deployed_hash != spec.hash)
 
 
@@ -322,7 +343,7 @@ def _decide_app(inputs: Inputs, spec: specs.AppSpec, units: list[planning.Unit],
     manifest_failure = errors[0] if errors else None
     if hold is not None:
         return Decision(key, spec, status=FAILED, error=str(hold), failure=hold, trigger=inputs.trigger,
-                        memory=memory)
+                        memory=memory, refusal=refusal_of(hold))
     if key in inputs.waiting:
         return Decision(key, spec, status=DEPLOYING, error=None, trigger="build", memory=memory)
     if memory.blocked_hash and memory.blocked_hash != spec.hash:
@@ -333,18 +354,20 @@ def _decide_app(inputs: Inputs, spec: specs.AppSpec, units: list[planning.Unit],
         memory = dataclasses.replace(memory, heals=0)
     if not actions:
         status = running_status(spec, units, row)
-        error = row.last_error if row is not None and (row.last_error or "").startswith("oom_killed") else None
+        error = _noted(row)
         if manifest_failure is not None:
             status, error = FAILED, manifest_text(errors)
         return Decision(key, spec, status=status, error=error, failure=manifest_failure,
                         trigger=inputs.trigger, record=not deployed, memory=after_success(memory)
                         if memory.failures and not memory.blocked_hash else memory)
+    # Backed off: the row's error (and its refusal, if any) stand.
+    kept = Code.of(row.refusal) if row is not None else None
     if memory.blocked_hash == spec.hash:
         return Decision(key, spec, status=FAILED, error=row.last_error if row is not None else None,
-                        trigger=inputs.trigger, memory=memory)
+                        trigger=inputs.trigger, memory=memory, refusal=kept)
     if now < memory.until:
         return Decision(key, spec, status=FAILED, error=row.last_error if row is not None else None,
-                        trigger=inputs.trigger, retry_in=memory.until - now, memory=memory)
+                        trigger=inputs.trigger, retry_in=memory.until - now, memory=memory, refusal=kept)
     trigger = inputs.trigger
     if deployed:
         # The spec was deployed and something diverged since: self-healing, backed off.
@@ -352,7 +375,7 @@ def _decide_app(inputs: Inputs, spec: specs.AppSpec, units: list[planning.Unit],
         if memory.heals >= 2 and now < memory.last_heal + delay(memory.heals - 1):
             wait = memory.last_heal + delay(memory.heals - 1) - now
             why = _death(units)
-            error = f"crash_loop: {why}; restarting in {math.ceil(wait)}s (restart {memory.heals + 1})"
+            error = f"{Code.CRASH_LOOP}: {why}; restarting in {math.ceil(wait)}s (restart {memory.heals + 1})"
             return Decision(key, spec, status=FAILED, error=error, trigger=trigger, retry_in=wait, memory=memory)
         memory = dataclasses.replace(memory, heals=memory.heals + 1, last_heal=now)
     status = STOPPED if spec.state == "stopped" else RUNNING
@@ -366,7 +389,7 @@ def _decide_app(inputs: Inputs, spec: specs.AppSpec, units: list[planning.Unit],
 def _death(units: Sequence[planning.Unit]) -> str:
     for u in units:
         if u.state == planning.OOM_KILLED:
-            return f"oom_killed (service {u.service} exceeded its memory limit)"
+            return f"{Code.OOM_KILLED} (service {u.service} exceeded its memory limit)"
     for u in units:
         if u.state == planning.EXITED:
             return f"exited with code {u.exit_code}" if u.exit_code is not None else "exited"

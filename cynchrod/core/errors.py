@@ -2,9 +2,26 @@
 
 Library errors (pygit2, docker, jsonschema, ruamel.yaml) are converted into
 these at the module that owns the library, so callers only ever see our codes.
+Every code is a member of ``cynchrod.core.codes.Code`` (its permanence, its HTTP
+status); each class's ``permanent`` agrees with it (``tests/unit/test_codes.py``).
+
+The tree, all here but for three kept beside their only raiser (each a
+subclass of the base): ``edge.EdgeUnavailable`` and the local driver's private
+``_Conflict`` (an engine 409), which are being reshaped with their modules.
+
+    CynchrodError (ApiError, ClientError)
+    ├── PermanentError: ManifestError, YamlError, StoreError, StateLocked, ConfigError,
+    │   SecretMissing, SecretError, StagingUnavailable, NotFound, Conflict, Forbidden,
+    │   QuotaExceeded, InvalidManifest, AppExists, QuotaFull
+    └── TemporaryError: SourceError, StateUnwritable, ReconcilerUnavailable,
+        RuntimeFailure (UnitGone, EngineUnavailable)
 """
 
 from __future__ import annotations
+
+from typing import Any
+
+from cynchrod.core.codes import Code
 
 
 class CynchrodError(Exception):
@@ -14,7 +31,7 @@ class CynchrodError(Exception):
     and never carries a secret or a token.
     """
 
-    code = "error"
+    code: str = "error"
     #: Permanent errors wait for a new input (a new commit); temporary ones retry.
     permanent = True
 
@@ -44,9 +61,9 @@ class TemporaryError(CynchrodError):
 class ManifestError(PermanentError):
     """A manifest is invalid; carries the file and line it came from."""
 
-    code = "invalid_manifest"
+    code: str = Code.INVALID_MANIFEST
 
-    def __init__(self, message: str, *, code: str = "invalid_manifest", path: str = "", line: int = 0) -> None:
+    def __init__(self, message: str, *, code: str = Code.INVALID_MANIFEST, path: str = "", line: int = 0) -> None:
         super().__init__(message, code=code)
         self.path = path
         self.line = line
@@ -58,41 +75,139 @@ class ManifestError(PermanentError):
 class SourceError(TemporaryError):
     """The manifests repository could not be fetched or read."""
 
-    code = "source_unavailable"
+    code: str = Code.SOURCE_UNAVAILABLE
 
 
 class RuntimeFailure(TemporaryError):
     """The container engine failed in a way that may pass."""
 
-    code = "runtime_error"
+    code: str = Code.RUNTIME_ERROR
 
 
 class UnitGone(RuntimeFailure):
     """A unit (or its network) vanished between observing and acting: the next pass sees the truth."""
 
-    code = "unit_gone"
+    code: str = Code.UNIT_GONE
 
 
 class EngineUnavailable(RuntimeFailure):
     """The engine did not answer (down, socket gone, deadline passed)."""
 
-    code = "docker_unavailable"
+    code: str = Code.DOCKER_UNAVAILABLE
 
 
 class StateUnwritable(TemporaryError):
     """The state directory cannot be written (disk full, read-only): passes still heal,
     nothing new is recorded until it can be."""
 
-    code = "state_unwritable"
+    code: str = Code.STATE_UNWRITABLE
 
 
 class StoreError(PermanentError):
     """The store failed in a way a retry will not fix (a corrupt database)."""
 
-    code = "store_error"
+    code: str = Code.STORE_ERROR
 
 
 class StateLocked(PermanentError):
     """Another daemon holds the state directory."""
 
-    code = "state_locked"
+    code: str = Code.STATE_LOCKED
+
+
+class YamlError(PermanentError):
+    """Bad YAML, with the 1-based line it was found at (raised by ``desired.yamlio``)."""
+
+    code: str = Code.YAML_SYNTAX
+
+    def __init__(self, message: str, *, code: str = Code.YAML_SYNTAX, line: int = 1) -> None:
+        super().__init__(message, code=code)
+        self.line = line
+
+
+class ConfigError(PermanentError):
+    """The ``--config`` file is not valid (``desired.config``)."""
+
+    code: str = Code.INVALID_CONFIG
+
+
+class SecretMissing(PermanentError):
+    """A secret an app lists is not set for its org (``desired.secrets``): the app is held."""
+
+    code: str = Code.SECRET_MISSING
+
+
+class SecretError(PermanentError):
+    """A secret's name or org is malformed, or its value too large (``desired.secrets``)."""
+
+    code: str = Code.INVALID_SECRET
+
+
+class StagingUnavailable(PermanentError):
+    """No tmpfs to stage secret files on (``desired.secrets``)."""
+
+    code: str = Code.SECRET_STAGING_UNAVAILABLE
+
+
+class AppExists(PermanentError):
+    """A reservation for an org/name that exists or is reserved (``store``)."""
+
+    code: str = Code.APP_EXISTS
+
+
+class QuotaFull(PermanentError):
+    """A reservation over the org's cap (``store``)."""
+
+    code: str = Code.QUOTA_EXCEEDED
+
+
+class ReconcilerUnavailable(TemporaryError):
+    """An API worker could not reach the reconciler process (``shell.channel``)."""
+
+    code: str = Code.RECONCILER_UNAVAILABLE
+
+
+class NotFound(PermanentError):
+    """An imperative call's app (or deployment) does not exist (``shell.control``)."""
+
+    code: str = Code.NOT_FOUND
+
+
+class Conflict(PermanentError):
+    """An imperative call the app's state refuses (``shell.control``; its code says which)."""
+
+    code: str = Code.CONFLICT
+
+
+class QuotaExceeded(PermanentError):
+    """``POST /apps`` over the org's cap (``shell.control``)."""
+
+    code: str = Code.QUOTA_EXCEEDED
+
+
+class Forbidden(PermanentError):
+    """The token's org may not do this (``shell.control``)."""
+
+    code: str = Code.FORBIDDEN
+
+
+class InvalidManifest(PermanentError):
+    """``POST /apps`` with a manifest that fails; ``errors`` are its ``body:LINE: code: message`` lines."""
+
+    code: str = Code.INVALID_MANIFEST
+
+    def __init__(self, message: str, errors: list[str]) -> None:
+        super().__init__(message)
+        self.errors = errors
+
+
+class ApiError(CynchrodError):
+    """An error the API answers as JSON with ``STATUS[code]``; ``extra`` joins the body."""
+
+    def __init__(self, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message, code=code)
+        self.extra = extra
+
+
+class ClientError(CynchrodError):
+    """An error answer of the API (its code and message), or the API out of reach (``cli.client``)."""

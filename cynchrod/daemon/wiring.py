@@ -123,7 +123,7 @@ class Daemon:
         if unwritable:
             problems.append({"code": "state_unwritable", "message": unwritable})
         else:
-            store.write_failed_at = rec.state_error = None
+            rec.state_error = None
         return problems
 
     def stop(self, timeout: float = 30) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from cynchrod.core import decisions, specs
-from cynchrod.core.errors import PermanentError
+from cynchrod.core.errors import ConfigError as ConfigError
 from cynchrod.desired import validation, yamlio
 
 _SCHEMA = validation.Schema("config.schema.json")
@@ -27,10 +27,6 @@ _FILE_KEYS = {"repo": "repo", "branch": "branch", "path": "path", "state": "stat
               "workers": "workers"}
 RUNTIMES = ("docker", "swarm")
 DEFAULT_MAX_APPS = decisions.DEFAULT_MAX_APPS
-
-
-class ConfigError(PermanentError):
-    code = "invalid_config"
 
 
 def load_file(path: pathlib.Path) -> dict[str, Any]:

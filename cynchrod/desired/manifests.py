@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from cynchrod.core import specs
+from cynchrod.core.codes import Code
 from cynchrod.core.errors import ManifestError
 from cynchrod.desired import validation, yamlio
 
@@ -196,7 +197,7 @@ def _parse(path: str, raw: bytes, *, org: str | None) -> Result:
         data = yamlio.plain(doc)
     except yamlio.YamlError as exc:
         message = exc.message
-        if exc.code == "yaml_alias":
+        if exc.code == Code.YAML_ALIAS:
             message = "YAML aliases are not allowed in manifests"
         return fail(message, _YAML_CODES.get(exc.code, exc.code), exc.line)
     if doc is None:

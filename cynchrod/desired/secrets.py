@@ -40,23 +40,14 @@ from cryptography.fernet import Fernet, InvalidToken
 from cynchrod import store
 from cynchrod.core import specs
 from cynchrod.core.errors import PermanentError
+from cynchrod.core.errors import SecretError as SecretError
+from cynchrod.core.errors import SecretMissing as SecretMissing
+from cynchrod.core.errors import StagingUnavailable as StagingUnavailable
 
 log = logging.getLogger("cynchrod.secrets")  # the name the logs have always shown
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 MAX_SECRET_BYTES = 64 * 1024
 KEY_ENV = "CYNCHROD_SECRET_KEY"
-
-
-class SecretMissing(PermanentError):
-    code = "secret_missing"
-
-
-class SecretError(PermanentError):
-    code = "invalid_secret"
-
-
-class StagingUnavailable(PermanentError):
-    code = "secret_staging_unavailable"
 
 
 def filesystem_type(path: pathlib.Path) -> str:

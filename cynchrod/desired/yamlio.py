@@ -34,23 +34,13 @@ from ruamel.yaml.events import AliasEvent, CollectionEndEvent, CollectionStartEv
 from ruamel.yaml.scalarstring import DoubleQuotedScalarString
 from ruamel.yaml.util import load_yaml_guess_indent
 
-from cynchrod.core.errors import PermanentError
+from cynchrod.core.errors import YamlError as YamlError
 
 MAX_BYTES = 1024 * 1024
 #: Mappings and lists nested deeper than this are refused (a manifest needs about 5).
 MAX_DEPTH = 32
 #: Nodes (scalars, mappings, lists) in one document: bounds the work a 1 MiB file can ask for.
 MAX_NODES = 200_000
-
-
-class YamlError(PermanentError):
-    """Bad YAML, with the 1-based line it was found at."""
-
-    code = "yaml_syntax"
-
-    def __init__(self, message: str, *, code: str = "yaml_syntax", line: int = 1) -> None:
-        super().__init__(message, code=code)
-        self.line = line
 
 
 def _line(event: Any) -> int:

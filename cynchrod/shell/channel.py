@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from cynchrod.core.errors import TemporaryError
+from cynchrod.core.errors import ReconcilerUnavailable as ReconcilerUnavailable
 
 log = logging.getLogger("cynchrod.channel")
 SOCKET_NAME = "reconciler.sock"
@@ -33,10 +33,6 @@ MAX_REQUEST = 64 * 1024
 CALL_TIMEOUT_S = 5.0
 
 Handler = Callable[[dict[str, Any]], Any]
-
-
-class ReconcilerUnavailable(TemporaryError):
-    code = "reconciler_unavailable"
 
 
 def socket_path(state: pathlib.Path) -> pathlib.Path:

@@ -17,33 +17,14 @@ from typing import Any
 
 from cynchrod import store
 from cynchrod.core import decisions
-from cynchrod.core.errors import PermanentError
+from cynchrod.core.codes import Code
+from cynchrod.core.errors import Conflict as Conflict
+from cynchrod.core.errors import Forbidden as Forbidden
+from cynchrod.core.errors import InvalidManifest as InvalidManifest
+from cynchrod.core.errors import NotFound as NotFound
+from cynchrod.core.errors import QuotaExceeded as QuotaExceeded
 from cynchrod.desired import edits, manifests, source
 from cynchrod.shell import builds
-
-
-class NotFound(PermanentError):
-    code = "not_found"
-
-
-class Conflict(PermanentError):
-    code = "conflict"
-
-
-class QuotaExceeded(PermanentError):
-    code = "quota_exceeded"
-
-
-class Forbidden(PermanentError):
-    code = "forbidden"
-
-
-class InvalidManifest(PermanentError):
-    code = "invalid_manifest"
-
-    def __init__(self, message: str, errors: list[str]) -> None:
-        super().__init__(message)
-        self.errors = errors
 
 
 def _runs(path: str, raw: bytes) -> bool:
@@ -208,7 +189,7 @@ class Control:
                 # JSON is YAML too, so the body parses with its own line numbers; a body
                 # YAML reads differently from JSON (tabs, duplicate keys) keeps the file's.
                 own = manifests.parse("body", body, org=target.org).errors
-                if own and not any(e.code == "yaml_syntax" for e in own):
+                if own and not any(e.code == Code.YAML_SYNTAX for e in own):
                     found = own
             errors = [str(e) for e in found]
             raise InvalidManifest("; ".join(errors), errors)

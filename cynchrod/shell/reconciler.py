@@ -551,7 +551,7 @@ class Reconciler:
             self.store.finish_deployment(done, status=d.status)
             row = self.store.app(row.id) or row
         fields = self._unit_fields(d.spec, row)
-        fields.update(status=d.status, last_error=error, serving=d.serving)
+        fields.update(status=d.status, last_error=error, serving=d.serving, refusal=d.refusal)
         if d.record and d.status in (decisions.RUNNING, decisions.STOPPED):
             fields["deployed_hash"] = d.spec.hash
         if any(getattr(row, k) != v for k, v in fields.items()):

@@ -154,6 +154,7 @@ def test_quota_first_come_by_commit_then_name(repo, harness: Harness) -> None:
     assert outcome["b"].error == "quota_exceeded: org default is at its max_apps of 2; b was not deployed"
     refused = harness.db.last_deployment(harness.app("b").id)
     assert refused is not None and (refused.status, refused.error_code) == ("failed", "quota_exceeded")
+    assert harness.app("b").refusal == "quota_exceeded"  # the column the next pass reads back
     assert sorted(harness.containers()) == ["a", "c", "x"]
     # Redeploys of admitted apps are exempt; the refused one stays refused, recorded once.
     repo.push({"apps/c.yaml": manifest("c", image=TEST_IMAGE_2)})
@@ -164,6 +165,7 @@ def test_quota_first_come_by_commit_then_name(repo, harness: Harness) -> None:
     repo.push({"apps/a.yaml": None})
     harness.sync()
     assert sorted(harness.containers()) == ["b", "c", "x"]
+    assert harness.app("b").refusal is None
 
 
 POLICY_CASES = {

@@ -19,6 +19,7 @@ class Row:
     last_error: str | None = None
     deployed_hash: str | None = None
     source: str = "repo"
+    refusal: str | None = None
 
 
 def service(name: str, image: str, replicas: int) -> specs.ServiceSpec:
@@ -197,7 +198,8 @@ def test_one_home_for_names_and_caps() -> None:
     assert config.DEFAULT_MAX_APPS == decisions.DEFAULT_MAX_APPS == config.Settings().max_apps("x")
     assert not hasattr(control, "DEFAULT_MAX_APPS")
     # A row refused for quota holds no place, for the API's count as for the passes'.
-    rows = {("o", "a"): Row(), ("o", "b"): Row(status="failed", last_error="quota_exceeded: full")}
+    rows = {("o", "a"): Row(), ("o", "b"): Row(status="failed", last_error="quota_exceeded: full",
+                                                                refusal="quota_exceeded")}
     assert decisions.admitted(rows, "o") == 1
 
 

@@ -27,6 +27,7 @@ class Row:
     last_error: str | None = None
     deployed_hash: str | None = None
     source: str = ""
+    refusal: str | None = None
     spec: specs.AppSpec | None = None
 
     @property
@@ -85,7 +86,8 @@ def test_first_come_keeps_a_domain_across_orgs() -> None:
     assert list(refused) == [claim.key] and refused[claim.key].code == "domain_taken"
     assert "belongs to app acme/shop" in refused[claim.key].message
     # The refused app's row carries the domain too, but a refusal is no claim.
-    rows[claim.key] = Row("a.example.com", "2026-01-01", status="failed", last_error="domain_taken: ...")
+    rows[claim.key] = Row("a.example.com", "2026-01-01", status="failed", last_error="domain_taken: ...",
+                         refusal="domain_taken")
     assert list(decisions.domains(inputs([holder, claim], rows))) == [claim.key]
     # Two new claims at once: the first by org/name.
     assert list(decisions.domains(inputs([claim, holder]))) == [claim.key]

@@ -1,0 +1,236 @@
+"""The store's database: its schema and migrations, its connection, transactions and batches.
+
+``Database`` is the base of the store's parts (``apps``, ``tokens``, ``secrets``, ``meta``):
+they share its one connection and lock, so a transaction or a batch may span them all.
+"""
+
+from __future__ import annotations
+
+import _thread
+import contextlib
+import pathlib
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from cynchrod.core import decisions
+from cynchrod.core.codes import Code
+from cynchrod.core.decisions import FAILED
+from cynchrod.core.errors import StateUnwritable, StoreError, TemporaryError
+from cynchrod.store.records import App
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS apps (
+    id TEXT PRIMARY KEY,
+    org TEXT NOT NULL,
+    name TEXT NOT NULL,
+    image TEXT NOT NULL DEFAULT '',
+    domain TEXT,
+    port INTEGER,
+    host_port INTEGER,
+    status TEXT NOT NULL,
+    container_id TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    last_error TEXT,
+    path TEXT NOT NULL DEFAULT '',
+    "commit" TEXT,
+    spec_json TEXT,
+    deployed_hash TEXT,
+    removed_at TEXT,
+    source TEXT NOT NULL DEFAULT '',
+    services_json TEXT,
+    serving TEXT,
+    refusal TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS apps_live ON apps(org, name) WHERE status != 'removed';
+CREATE TABLE IF NOT EXISTS deployments (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    app_id TEXT NOT NULL REFERENCES apps(id),
+    "commit" TEXT,
+    trigger TEXT NOT NULL,
+    status TEXT NOT NULL,
+    spec_hash TEXT,
+    error_code TEXT,
+    error TEXT,
+    started_at TEXT NOT NULL,
+    finished_at TEXT,
+    attempts INTEGER NOT NULL DEFAULT 1,
+    last_seen TEXT
+);
+CREATE INDEX IF NOT EXISTS deployments_app ON deployments(app_id, id);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tokens (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    org TEXT NOT NULL,
+    admin INTEGER NOT NULL DEFAULT 0,
+    hash TEXT NOT NULL UNIQUE,
+    created_at TEXT NOT NULL,
+    revoked_at TEXT
+);
+"""
+TOKEN_PREFIX = "cyn_"
+SCHEMA += """
+CREATE TABLE IF NOT EXISTS app_webhooks (
+    app_id TEXT PRIMARY KEY REFERENCES apps(id),
+    sealed TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tickets (
+    hash TEXT PRIMARY KEY,
+    token_id TEXT NOT NULL,
+    app_id TEXT NOT NULL,
+    expires_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS reservations (
+    org TEXT NOT NULL,
+    name TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (org, name)
+);
+CREATE TABLE IF NOT EXISTS secrets (
+    org TEXT NOT NULL,
+    name TEXT NOT NULL,
+    sealed TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    PRIMARY KEY (org, name)
+);
+"""
+
+
+
+def migrate(db: sqlite3.Connection) -> None:
+    """Create what is missing, and add the columns of a state dir written by an older version."""
+    db.executescript(SCHEMA)
+    columns = {r["name"] for r in db.execute("PRAGMA table_info(apps)")}
+    if "source" not in columns:  # a state dir from before several repositories
+        db.execute("ALTER TABLE apps ADD COLUMN source TEXT NOT NULL DEFAULT ''")
+    if "services_json" not in columns:
+        db.execute("ALTER TABLE apps ADD COLUMN services_json TEXT")
+    if "serving" not in columns:  # a state dir from before "failed — previous version running"
+        db.execute("ALTER TABLE apps ADD COLUMN serving TEXT")
+    if "refusal" not in columns:  # a state dir from before refusals had a column: read the old prefixes once
+        db.execute("ALTER TABLE apps ADD COLUMN refusal TEXT")
+        for code in decisions.REFUSALS:
+            db.execute("UPDATE apps SET refusal = ? WHERE status = ? AND substr(last_error, 1, ?) = ?",
+                   (code, FAILED, len(code), code))
+    columns = {r["name"] for r in db.execute("PRAGMA table_info(deployments)")}
+    if "attempts" not in columns:  # a state dir from before repeated failures were merged
+        db.execute("ALTER TABLE deployments ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1")
+        db.execute("ALTER TABLE deployments ADD COLUMN last_seen TEXT")
+
+
+@contextmanager
+def converted() -> Iterator[None]:
+    """sqlite3's errors as ours: no room or no permission is ``state_unwritable``."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        text = str(exc).lower()
+        if "locked" in text or "busy" in text:
+            raise TemporaryError(f"store busy: {exc}", code=Code.STORE_BUSY) from exc
+        if any(w in text for w in ("full", "readonly", "read-only", "disk i/o", "unable to open")):
+            raise StateUnwritable(f"the state directory cannot be written: {exc}") from exc
+        raise StoreError(f"store: {exc}") from exc
+    except sqlite3.Error as exc:
+        raise StoreError(f"store: {exc}") from exc
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class Database:
+    """The connection every part of the store uses. Thread-safe: one connection per process,
+    serialised by a lock (writes are tiny).
+
+    Several processes share the database (the reconciler and the API workers): WAL
+    lets readers go on while one writes, and every writer path is one transaction.
+    """
+
+    def __init__(self, path: pathlib.Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        # A native lock, also under gevent: nothing yields while it is held (SQLite calls only),
+        # and a thread pool's native threads may share this connection with the hub.
+        self._lock = _thread.RLock()
+        #: Inside ``batch`` (on the thread holding ``_lock``): transactions are savepoints.
+        self._batching = False
+        #: Bumped by every write of this process that may change app or deployment rows.
+        self.version = 0
+        self._live: tuple[tuple[int, int], dict[tuple[str, str], App]] | None = None
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            migrate(self._db)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Many writes in one transaction (one sync to disk instead of one each): each
+        ``transaction`` inside it is a savepoint, undone alone when it fails. Other threads'
+        writes wait for the batch's end; keep it to store work only (no engine calls)."""
+        with self._lock, converted():
+            if self._batching:
+                yield
+                return
+            self._db.execute("BEGIN IMMEDIATE")
+            self._batching = True
+            try:
+                yield
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                raise
+            finally:
+                self._batching = False
+            if self._db.in_transaction:  # SQLite rolls all back itself on some errors (a full disk)
+                self._db.execute("COMMIT")
+
+    @contextmanager
+    def transaction(self, *, apps_changed: bool = True) -> Iterator[sqlite3.Connection]:
+        with self._lock, converted():
+            if self._batching:
+                yield from self._savepoint(apps_changed)
+                return
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+            if apps_changed:
+                self.version += 1
+
+    def _savepoint(self, apps_changed: bool) -> Iterator[sqlite3.Connection]:
+        self._db.execute("SAVEPOINT write")
+        try:
+            yield self._db
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK TO write")
+                self._db.execute("RELEASE write")
+            raise
+        self._db.execute("RELEASE write")
+        if apps_changed:
+            self.version += 1
+
+    def generation(self) -> tuple[int, int]:
+        """Changes whenever any process has committed a write since the last call saw it
+        (SQLite's ``data_version`` for the others' commits, ``version`` for this process's):
+        one cheap pragma, so per-process caches of the store stay right across processes."""
+        with self._lock, converted():
+            row = self._db.execute("PRAGMA data_version").fetchone()
+        return (self.version, int(row[0]))
+
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock, converted():
+            return self._db.execute(sql, args).fetchall()

@@ -1,0 +1,162 @@
+"""The error-code registry (``cynchrod.core.codes``) against the code base, the API and the docs:
+every code the source emits is in it (and it holds no other), the API's status map is derived
+from it, the error classes agree with its permanence, and the OpenAPI document and the
+troubleshooting page name no code it lacks, with the statuses it gives."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import json
+import pathlib
+import pkgutil
+import re
+from typing import Any
+
+import pytest
+
+import cynchrod
+from cynchrod.api import STATUS
+from cynchrod.core import codes
+from cynchrod.core.codes import Code
+from cynchrod.core.errors import CynchrodError
+from tests.unit.test_docs import emitted_codes
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+#: A class whose code the registry knows with the other permanence, and why.
+PERMANENCE_EXCEPTIONS = {
+    # The engine's 409 (a name or a network taken mid-pass) inside the drivers: the next pass retries.
+    ("cynchrod.runtime._docker", "Conflict"),
+}
+#: Error classes raised with a ``code=`` keyword, and the permanence that gives (``ClientError`` and
+#: ``ApiError`` carry codes met elsewhere, so their own flag is not the code's).
+RAISERS = {"PermanentError": True, "TemporaryError": False, "SourceError": False, "ManifestError": True,
+           "YamlError": True, "Conflict": True}
+#: Modules not imported to find the error classes: they act on import (run the CLI, patch with gevent).
+SKIP_IMPORT = {"cynchrod.__main__", "cynchrod.daemon.apiserver"}
+#: Words in the OpenAPI document's error descriptions that look like codes and are not.
+NOT_CODES = {"deployment_id", "include_removed"}
+
+
+def test_spellings_are_unique_and_lowercase() -> None:
+    assert len({c.value for c in Code}) == len(Code)
+    for code in Code:
+        assert re.fullmatch(r"[a-z]+(_[a-z]+)*", code.value), code
+        assert code.name == code.value.upper()
+        assert code.kind in codes.KINDS and code.summary
+
+
+def test_members_are_their_strings() -> None:
+    assert Code.QUOTA_EXCEEDED == "quota_exceeded"
+    assert f"{Code.DOMAIN_TAKEN}: x" == "domain_taken: x"
+    assert Code("crash_loop") is Code.CRASH_LOOP
+    assert Code.of("unit_gone") is Code.UNIT_GONE and Code.of("nope") is None and Code.of(None) is None
+    assert codes.code_of("quota_exceeded: org a is at its max_apps") is Code.QUOTA_EXCEEDED
+    assert codes.code_of("oom_killed (service web exceeded its memory limit)") is Code.OOM_KILLED
+    assert codes.code_of("x.yaml:3: yaml_syntax: bad") is None and codes.code_of(None) is None
+
+
+def test_every_emitted_code_is_registered_and_every_registered_one_emitted() -> None:
+    found = emitted_codes()
+    assert {c: sorted(w) for c, w in found.items() if Code.of(c) is None} == {}
+    assert sorted(c.value for c in Code if c.value not in found) == []
+
+
+def test_the_api_status_map_is_the_registry() -> None:
+    assert {c: Code(c).http for c in STATUS} == STATUS
+    assert {c.value: c.http for c in Code if c.http is not None} == STATUS
+
+
+def _classes(base: type) -> list[type]:
+    out = []
+    for sub in base.__subclasses__():
+        out += [sub, *_classes(sub)]
+    return out
+
+
+def test_error_classes_agree_with_the_registry() -> None:
+    for info in pkgutil.walk_packages(cynchrod.__path__, "cynchrod."):
+        if info.name not in SKIP_IMPORT:
+            importlib.import_module(info.name)
+    seen = 0
+    for cls in _classes(CynchrodError):
+        if "code" not in vars(cls) or cls.code in ("error", "temporary"):
+            continue
+        code = Code.of(cls.code)
+        assert code is not None, f"{cls.__module__}.{cls.__qualname__}: {cls.code}"
+        if (cls.__module__, cls.__qualname__) not in PERMANENCE_EXCEPTIONS:
+            assert code.permanent == cls.permanent, f"{cls.__qualname__}: {code} permanent={code.permanent}"
+        seen += 1
+    assert seen >= 20
+
+
+def test_raising_sites_agree_with_the_registry() -> None:
+    """``PermanentError(..., code="x")`` and the like: x is registered with that permanence."""
+    wrong = []
+    for path in (ROOT / "cynchrod").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            name = ast.unparse(node.func).rsplit(".", 1)[-1]
+            for kw in node.keywords:
+                if kw.arg == "code" and isinstance(kw.value, ast.Constant) and name in RAISERS:
+                    code = Code.of(kw.value.value)
+                    if code is None or code.permanent != RAISERS[name]:
+                        wrong.append(f"{path.relative_to(ROOT)}:{node.lineno}: {name}(code={kw.value.value!r})")
+    assert wrong == []
+
+
+def _walk(value: Any, path: tuple[str, ...] = ()) -> Any:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _walk(v, (*path, str(k)))
+    elif isinstance(value, list):
+        for v in value:
+            yield from _walk(v, path)
+    else:
+        yield path, value
+
+
+def test_the_openapi_document_names_registered_codes_with_their_status() -> None:
+    doc = json.loads((ROOT / "cynchrod" / "api" / "openapi.json").read_text())
+    named: set[str] = set()
+    wrong = []
+    for path, value in _walk(doc):
+        if not isinstance(value, str):
+            continue
+        if "code" in path and "enum" in path:  # /healthz problems
+            named.add(value)
+            if Code.of(value) is None:
+                wrong.append(f"{'/'.join(path)}: {value}")
+        if path[-1] != "description" or len(path) < 2:
+            continue
+        status = next((p for p in reversed(path) if re.fullmatch(r"[45]\d\d", p)), None)
+        for word in re.findall(r"\b[a-z]+(?:_[a-z]+)+\b", value):
+            if word in NOT_CODES or (status is None and Code.of(word) is None):
+                continue
+            named.add(word)
+            code = Code.of(word)
+            if code is None:
+                wrong.append(f"{'/'.join(path)}: {word} is not a registered code")
+            elif status is not None and code.http is not None and str(code.http) != status \
+                    and f"or {word}" not in value and f"; {word}" not in value:
+                wrong.append(f"{'/'.join(path)}: {word} is {code.http}, listed under {status}")
+    assert wrong == []
+    assert {"uri_too_long", "app_exists", "push_conflict", "pass_crashed", "quota_exceeded"} <= named
+
+
+@pytest.mark.parametrize("page", ["troubleshooting.md", "errors.md", "api.md"])
+def test_the_docs_name_registered_codes_with_their_status(page: str) -> None:
+    """Every code a docs table names is registered; in an API table (a status column) with its status."""
+    wrong = []
+    for line in (ROOT / "docs" / page).read_text().splitlines():
+        row = re.match(r"\| (\d{3}) \| ((?:`[a-z_]+`(?:, )?)+) \|", line)
+        plain = re.match(r"\| `([a-z_]+)` \|", line)
+        if row:
+            for code_text in re.findall(r"`([a-z_]+)`", row.group(2)):
+                code = Code.of(code_text)
+                if code is None or code.http != int(row.group(1)):
+                    wrong.append(f"{row.group(1)} {code_text}: registry says {code and code.http}")
+        elif plain and Code.of(plain.group(1)) is None:
+            wrong.append(plain.group(1))
+    assert wrong == []
