@@ -1,5 +1,8 @@
 """The ``cynchrod`` command: serve, sync, plan, validate.
 
+About 500 lines: the argument parser and one small function per command; the API client is
+``client``.
+
 Every flag also reads a ``CYNCHROD_<FLAG>`` environment variable (``--state``
 is ``CYNCHROD_STATE``); precedence is flag, then environment, then the
 ``--config`` file, then the default.

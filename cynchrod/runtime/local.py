@@ -1,5 +1,9 @@
 """The one-host driver: the ``Runtime`` protocol on one Docker Engine (imports ``docker``).
 
+Over 500 lines on purpose: it is the whole of one engine's mapping (units, networks, secrets'
+mounts, the start-first steps, events and logs), and what both drivers share is already in
+``_docker``; splitting it further would spread one mapping over modules that call each other.
+
 Created by the daemon (and ``cynchrod sync``); called by the reconciler's
 workers (``apply``), the view (``list_units``, ``watch``), builds and the API
 (``tail``, ``follow``). Every docker, requests and socket error is converted here (``_docker``)

@@ -1,5 +1,8 @@
 """The swarm driver: the ``Runtime`` protocol on Docker Swarm services (imports ``docker``).
 
+Over 500 lines on purpose, like ``local``: one engine's whole mapping (services, tasks, secrets,
+networks, the registry, logs), its shared glue in ``_docker``.
+
 Chosen with ``--runtime swarm``; created by the daemon with a client of a swarm
 *manager* (``DOCKER_HOST``). Docker SDK only: the CLI's ``service create`` looks
 registry digests up on its own.
