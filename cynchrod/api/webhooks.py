@@ -91,7 +91,9 @@ def app_push(app_id: str) -> tuple[Response, int]:
     secret = d.secrets.app_webhook(app_id) if builds else None
     if app is None or app.status == "removed" or secret is None:
         raise ApiError("not_found", f"no webhook for app {app_id}")
-    return _deliver(secret, {f"refs/heads/{b.ref}" for b in builds}, "build", "the branch this app builds")
+    # A "webhook" pass, which fetches the build repositories (a "build" pass, woken when a build ends,
+    # reads the commit it built and fetches nothing); the deployment that follows the build is "build".
+    return _deliver(secret, {f"refs/heads/{b.ref}" for b in builds}, "webhook", "the branch this app builds")
 
 
 @bp.post("/webhooks/git")
