@@ -265,6 +265,8 @@ CLIENT_COMMANDS = ("apps", "status", "deployments", "logs", "restart", "stop", "
 #: EPIPE is an exception, not death: the API connection must never kill the command silently),
 #: so the closed pipe is caught here instead, as its documentation's "Note on SIGPIPE" does.
 PIPE_CLOSED = 141
+#: Ctrl-C: 128 + SIGINT, as a shell reports it.
+INTERRUPTED = 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -279,6 +281,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         return PIPE_CLOSED
+    except KeyboardInterrupt:
+        # Ctrl-C before a command set up its own handling (``serve`` while it still imports, say):
+        # the status a shell shows for SIGINT, no traceback.
+        return INTERRUPTED
 
 
 def _main(argv: Sequence[str] | None = None) -> int:

@@ -79,3 +79,16 @@ def test_a_busy_process_stops_on_every_signal() -> None:
             assert proc.wait(10) == 0
         finally:
             proc.kill()
+
+
+def test_ctrl_c_before_a_command_handles_it_is_130_without_a_traceback(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The demo's Ctrl-C reached ``serve`` while it still imported its modules: a traceback."""
+    from cynchrod import cli
+
+    def interrupted(argv: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_main", interrupted)
+    assert cli.main(["serve"]) == 130
+    assert "Traceback" not in capsys.readouterr().err
