@@ -1,10 +1,17 @@
 """Shared fixtures: real git repositories driven with the git CLI, and (for the
 integration and e2e tests) a real Docker engine with a FROM-scratch busybox image and
-a per-test owner label whose containers are all removed in teardown."""
+a per-test owner label whose containers are all removed in teardown.
+
+Markers come from what a test uses (``pytest_collection_modifyitems``): ``docker`` for every
+test that reaches the engine, ``swarm`` for tests/swarm, so ``pytest -m "not docker"`` runs
+the pure tests alone. The suite runs on pytest-xdist workers (scripts/test): tests are
+isolated by their owner label; those that share a module's daemon, and the swarm lab, run
+on one worker each (``xdist_group``)."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import http.client
 import json
 import os
@@ -32,11 +39,37 @@ from tests.helpers import TEST_IMAGE, TEST_IMAGE_2, TEST_LABEL, Daemon, GitRepo,
 
 #: The end of a daemon's log shown under a failing test.
 DAEMON_LOG_SHOWN = 20_000
+#: Fixtures that reach the Docker engine: a test that uses one (directly or through another) is ``docker``.
+DOCKER_FIXTURES = frozenset({"docker_client", "images", "owner", "harness", "daemons", "lab"})
+#: Held while the test images are built: two workers build them at once otherwise.
+IMAGES_LOCK = pathlib.Path(tempfile.gettempdir()) / "cynchrod-test-images.lock"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Markers by what each test needs, and one xdist group per shared resource."""
+    swarm = config.rootpath / "tests" / "swarm"
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if item.path.is_relative_to(swarm):
+            # One lab per machine: its tests run on one worker, one after the other.
+            item.add_marker(pytest.mark.swarm)
+            item.add_marker(pytest.mark.xdist_group("swarm"))
+        if names & DOCKER_FIXTURES or item.get_closest_marker("swarm"):
+            item.add_marker(pytest.mark.docker)
+        fixtureinfo = getattr(item, "_fixtureinfo", None)
+        if fixtureinfo is not None and item.get_closest_marker("xdist_group") is None:
+            # A module-scoped fixture (a shared daemon, a browser) is made once for the tests
+            # of that module that use it when they run on the same worker.
+            shared = any(defs[-1].scope == "module" for defs in fixtureinfo.name2fixturedefs.values() if defs)
+            if shared:
+                item.add_marker(pytest.mark.xdist_group(item.module.__name__ if item.module else item.nodeid))
 
 
 @pytest.fixture(autouse=True)
-def _daemons_of_this_test() -> None:
-    Daemon.made.clear()
+def _daemons_of_this_test(request: pytest.FixtureRequest) -> None:
+    """The daemons whose logs a failure shows: this test's, and its module's shared one."""
+    module = request.module.__name__ if request.module else None
+    Daemon.made[:] = [d for d in Daemon.made if d.shared_by is not None and d.shared_by == module]
 
 
 @pytest.hookimpl(wrapper=True)
@@ -68,8 +101,12 @@ def docker_client() -> Iterator[docker.DockerClient]:
 
 @pytest.fixture(scope="session")
 def images(docker_client: docker.DockerClient) -> Iterator[tuple[str, str]]:
-    """Two local tags of a 2 MB busybox image: nothing is ever pulled."""
-    with tempfile.TemporaryDirectory() as ctx:
+    """Two local tags of a 2 MB busybox image: nothing is ever pulled. Each xdist worker
+    has this fixture: the build is under a file lock (a second build is a cache hit, the same
+    ids), and the images are removed once, by the controller, when every worker is done
+    (``pytest_sessionfinish``), never while another worker may still start a container."""
+    with open(IMAGES_LOCK, "w") as lock, tempfile.TemporaryDirectory() as ctx:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         shutil.copy("/bin/busybox", pathlib.Path(ctx) / "busybox")
         (pathlib.Path(ctx) / "Dockerfile").write_text(
             "FROM scratch\nCOPY busybox /bin/busybox\n"
@@ -80,10 +117,30 @@ def images(docker_client: docker.DockerClient) -> Iterator[tuple[str, str]]:
             subprocess.run(["docker", "build", "-q", "--label", f"{TEST_LABEL}={tag}", "-t", tag, ctx],
                            check=True, capture_output=True)
     yield TEST_IMAGE, TEST_IMAGE_2
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        remove_test_images(docker_client)
+
+
+def remove_test_images(client: docker.DockerClient) -> None:
     if os.environ.get("CYNCHROD_KEEP_TEST_IMAGES"):
         return  # several test sessions share this engine (parallel work trees)
-    for image in docker_client.images.list(filters={"label": TEST_LABEL}):
-        docker_client.images.remove(image.id, force=True)
+    for image in client.images.list(filters={"label": TEST_LABEL}):
+        client.images.remove(image.id, force=True)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Under xdist, the controller removes the test images once all its workers have finished
+    (each worker's ``images`` leaves them: another worker may be using them)."""
+    if not hasattr(session.config, "workerinput") and getattr(session.config.option, "numprocesses", None):
+        try:
+            client = docker.from_env(timeout=60)
+            client.ping()
+        except docker.errors.DockerException:
+            return  # no engine: no test used one, or the failure was reported by the test that did
+        try:
+            remove_test_images(client)
+        finally:
+            client.close()
 
 
 def remove_owned(client: docker.DockerClient, owner: str) -> None:
@@ -99,14 +156,23 @@ def remove_owned(client: docker.DockerClient, owner: str) -> None:
         client.api.remove_image(i["Id"], force=True)
 
 
+@contextlib.contextmanager
+def new_owner(client: docker.DockerClient) -> Iterator[str]:
+    """A fresh label namespace: every container made under it is found and removed by it."""
+    name = "t" + secrets.token_hex(4)
+    try:
+        yield name
+    finally:
+        remove_owned(client, name)
+        for c in client.api.containers(all=True, filters={"label": [f"{TEST_LABEL}={name}"]}):
+            client.api.remove_container(c["Id"], force=True)
+
+
 @pytest.fixture
 def owner(docker_client: docker.DockerClient) -> Iterator[str]:
     """A fresh label namespace: every container the test makes is found and removed by it."""
-    name = "t" + secrets.token_hex(4)
-    yield name
-    remove_owned(docker_client, name)
-    for c in docker_client.api.containers(all=True, filters={"label": [f"{TEST_LABEL}={name}"]}):
-        docker_client.api.remove_container(c["Id"], force=True)
+    with new_owner(docker_client) as name:
+        yield name
 
 
 class Harness:
@@ -165,22 +231,47 @@ def harness(repo, owner: str, images, tmp_path: pathlib.Path) -> Iterator[Harnes
     h.close()
 
 
-@pytest.fixture
-def daemons(repo: GitRepo, owner: str, images: object, tmp_path: pathlib.Path) -> Iterator[Callable[..., Daemon]]:
+@contextlib.contextmanager
+def daemon_maker(repo: GitRepo, root: pathlib.Path, owner: str) -> Iterator[Callable[..., Daemon]]:
+    """``make(**kw)``: a daemon on ``repo`` with its state in ``root/state``; all stopped on exit."""
     made: list[Daemon] = []
 
     def make(**kw: object) -> Daemon:
-        d = Daemon(repo, tmp_path / "state", owner, **kw)  # type: ignore[arg-type]
+        d = Daemon(repo, root / "state", owner, **kw)  # type: ignore[arg-type]
         made.append(d)
         return d
 
-    yield make
-    # Every daemon is stopped (or killed) before the owner's containers are removed, even
-    # when one of them fails to stop: a live one would re-create them after the clean-up.
-    with contextlib.ExitStack() as stack:
-        for d in made:
-            if d.proc is not None and d.proc.poll() is None:
-                stack.callback(d.stop)
+    try:
+        yield make
+    finally:
+        # Every daemon is stopped (or killed) before the owner's containers are removed, even
+        # when one of them fails to stop: a live one would re-create them after the clean-up.
+        with contextlib.ExitStack() as stack:
+            for d in made:
+                if d.proc is not None and d.proc.poll() is None:
+                    stack.callback(d.stop)
+
+
+@pytest.fixture
+def daemons(repo: GitRepo, owner: str, images: object, tmp_path: pathlib.Path) -> Iterator[Callable[..., Daemon]]:
+    with daemon_maker(repo, tmp_path, owner) as make:
+        yield make
+
+
+@contextlib.contextmanager
+def shared_daemons(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                   client: docker.DockerClient) -> Iterator[tuple[GitRepo, pathlib.Path, Callable[..., Daemon]]]:
+    """For a module-scoped fixture: a repo, a folder and ``make`` as the ``daemons`` fixture's,
+    under an owner of the module's. Its daemons' logs show under any of the module's failures."""
+    root = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+    repo = GitRepo(root)
+    with new_owner(client) as name, daemon_maker(repo, root, name) as make:
+        def make_shared(**kw: object) -> Daemon:
+            d = make(**kw)
+            d.shared_by = request.module.__name__
+            return d
+
+        yield repo, root, make_shared
 
 
 class Caddy:

@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import docker
 
-from cynchrod import runtime
+from cynchrod import runtime, store
 
 TEST_IMAGE = "cynchrod-test/busybox:1"
 TEST_IMAGE_2 = "cynchrod-test/busybox:2"
@@ -81,6 +81,17 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> s
                           env={**os.environ, **(env or {})})
 
 
+def new_token(state: pathlib.Path, org: str, name: str | None = None, *, admin: bool = False) -> str:
+    """A token, made as ``cynchrod token create`` makes it but in this process: a CLI process
+    costs a second or more on a busy 2-core machine, and fixtures make several per test. The
+    command itself is tested in test_cli and test_api."""
+    db = store.Store(state / "cynchrod.db")
+    try:
+        return db.create_token(org=org, name=name or f"{org}-token", admin=admin)[1]
+    finally:
+        db.close()
+
+
 def wait_for(check: Callable[[], object], timeout: float, what: str) -> float:
     """Poll ``check`` until truthy; returns the seconds it took (the bound is the assertion)."""
     start = time.monotonic()
@@ -112,7 +123,8 @@ def free_port() -> int:
 
 class Daemon:
     """``cynchrod serve`` as a process. Every daemon a test made is listed in ``made``, so that
-    a failing test shows their logs (see ``pytest_runtest_makereport`` in conftest)."""
+    a failing test shows their logs (see ``pytest_runtest_makereport`` in conftest); a daemon
+    a module's tests share (``shared_by`` that module) stays listed for each of them."""
 
     made: ClassVar[list[Daemon]] = []
 
@@ -128,6 +140,8 @@ class Daemon:
                      "--interval", str(interval), "--stop-timeout", "1", "--listen", f"127.0.0.1:{self.port}"]
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
+        #: The module whose tests share this daemon (see conftest's ``shared_daemons``), if any.
+        self.shared_by: str | None = None
 
     def start(self) -> Daemon:
         with open(self.log, "ab") as out:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -11,25 +12,42 @@ import subprocess
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import docker
 import pytest
 
-from tests.helpers import CLI, TEST_IMAGE, Daemon, GitRepo, cli, wait_for
+from tests.conftest import shared_daemons
+from tests.helpers import CLI, TEST_IMAGE, Daemon, GitRepo, cli, new_token, wait_for
 
 TICKER = "[sh, -c, 'i=0; while true; do i=$((i+1)); echo tick $i; sleep 0.2; done']"
 
 
-@pytest.fixture
-def served(repo: GitRepo, daemons: Callable[..., Daemon], tmp_path: pathlib.Path) -> Iterator[dict[str, str]]:
+@contextlib.contextmanager
+def serving(repo: GitRepo, make: Callable[..., Daemon], state: pathlib.Path) -> Iterator[dict[str, str]]:
     """A daemon with two apps, and the environment the demo prints (CYNCHROD_API, CYNCHROD_TOKEN)."""
-    state = tmp_path / "state"
-    token = cli("token", "create", "--org", "default", "--name", "alice", "--state", str(state)).stdout.strip()
+    token = new_token(state, "default", "alice")
     repo.push({"apps/web.yaml": f"name: web\nimage: {TEST_IMAGE}\ncommand: [sleep, '3600']\nmemory: 64\n",
                "apps/ticker.yaml": f"name: ticker\nimage: {TEST_IMAGE}\ncommand: {TICKER}\nmemory: 64\n"})
-    daemon = daemons(interval=300).start()
+    daemon = make(interval=300).start()
     env = {"CYNCHROD_API": daemon.api, "CYNCHROD_TOKEN": token}
     wait_for(lambda: _statuses(env) == {"default/ticker": "running", "default/web": "running"}, 30, "two apps")
     yield env
     assert daemon.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+           docker_client: docker.DockerClient, images: object) -> Iterator[dict[str, str]]:
+    """One daemon for the tests that only read (they change no app): starting one costs seconds."""
+    with shared_daemons(request, tmp_path_factory, docker_client) as (repo, root, make), \
+            serving(repo, make, root / "state") as env:
+        yield env
+
+
+@pytest.fixture
+def own_served(repo: GitRepo, daemons: Callable[..., Daemon], tmp_path: pathlib.Path) -> Iterator[dict[str, str]]:
+    """A daemon of the test's own, for a test that changes its apps."""
+    with serving(repo, daemons, tmp_path / "state") as env:
+        yield env
 
 
 def _statuses(env: dict[str, str]) -> dict[str, str]:
@@ -120,13 +138,13 @@ def test_a_closed_pipe_is_a_quiet_141(served: dict[str, str]) -> None:
         assert (done.stdout.strip(), done.stderr) == ("141", ""), command
 
 
-def test_logs_of_a_removed_app_say_so(served: dict[str, str]) -> None:
+def test_logs_of_a_removed_app_say_so(own_served: dict[str, str]) -> None:
     follow = subprocess.Popen([*CLI, "logs", "default/ticker", "--tail", "1", "-f"], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env={**os.environ, **served})
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, **own_served})
     try:
         assert follow.stdout is not None and follow.stderr is not None
         assert follow.stdout.readline().startswith("tick ")
-        assert cli("delete", "default/ticker", env=served).returncode == 0
+        assert cli("delete", "default/ticker", env=own_served).returncode == 0
         assert follow.wait(timeout=30) == 1
         err = follow.stderr.read()
         assert err.startswith("cynchrod: app_removed: ") and err.count("\n") == 1, err
@@ -134,16 +152,16 @@ def test_logs_of_a_removed_app_say_so(served: dict[str, str]) -> None:
         if follow.poll() is None:
             follow.kill()
             follow.wait()
-    wait_for(lambda: _status(served, "default/ticker")["app"]["status"] == "removed", 20, "removed")
+    wait_for(lambda: _status(own_served, "default/ticker")["app"]["status"] == "removed", 20, "removed")
     for flags in ((), ("-f",)):
-        done = cli("logs", "default/ticker", *flags, env=served)
+        done = cli("logs", "default/ticker", *flags, env=own_served)
         assert done.returncode == 1 and done.stdout == "", (flags, done.stderr)
         assert done.stderr.startswith("cynchrod: app_removed: ") and done.stderr.count("\n") == 1, done.stderr
 
 
 def test_a_dropped_connection_is_one_line(repo: GitRepo, daemons: Callable[..., Daemon],
                                           tmp_path: pathlib.Path) -> None:
-    token = cli("token", "create", "--org", "default", "--state", str(tmp_path / "state")).stdout.strip()
+    token = new_token(tmp_path / "state", "default")
     repo.push({"apps/ticker.yaml": f"name: ticker\nimage: {TEST_IMAGE}\ncommand: {TICKER}\nmemory: 64\n"})
     daemon = daemons(interval=300).start()
     env = {"CYNCHROD_API": daemon.api, "CYNCHROD_TOKEN": token}
@@ -169,27 +187,27 @@ def test_a_dropped_connection_is_one_line(repo: GitRepo, daemons: Callable[..., 
         assert done.stderr.count("\n") == 1
 
 
-def test_imperative_commands(served: dict[str, str]) -> None:
-    stopped = cli("stop", "default/web", env=served)
+def test_imperative_commands(own_served: dict[str, str]) -> None:
+    stopped = cli("stop", "default/web", env=own_served)
     assert stopped.returncode == 0, stopped.stderr
     assert stopped.stdout.startswith("stop default/web: commit ")
     assert stopped.stdout.split()[-1] in ("queued", "deploying")
-    wait_for(lambda: _status(served, "default/web")["app"]["status"] == "stopped", 20, "stopped")
-    refused = cli("restart", "default/web", env=served)
+    wait_for(lambda: _status(own_served, "default/web")["app"]["status"] == "stopped", 20, "stopped")
+    refused = cli("restart", "default/web", env=own_served)
     assert refused.returncode == 1 and "app_stopped" in refused.stderr
     assert "cynchrod start default/web" in refused.stderr
-    started = cli("start", "default/web", "-o", "json", env=served)
+    started = cli("start", "default/web", "-o", "json", env=own_served)
     reply = json.loads(started.stdout)
     assert reply["action"] == "start" and reply["deployment_id"] and reply["app"]["status"] in ("queued", "deploying")
-    wait_for(lambda: _status(served, "default/web")["app"]["status"] == "running", 20, "running again")
-    again = cli("start", "default/web", env=served)
+    wait_for(lambda: _status(own_served, "default/web")["app"]["status"] == "running", 20, "running again")
+    again = cli("start", "default/web", env=own_served)
     assert again.stdout.strip() == "start default/web: nothing to change (status running)"
-    app_id = _status(served, "default/web")["app"]["id"]
-    assert cli("restart", app_id, env=served).returncode == 0  # an id works as well as org/name
-    deleted = cli("delete", "default/web", env=served)
+    app_id = _status(own_served, "default/web")["app"]["id"]
+    assert cli("restart", app_id, env=own_served).returncode == 0  # an id works as well as org/name
+    deleted = cli("delete", "default/web", env=own_served)
     assert deleted.returncode == 0, deleted.stderr
-    wait_for(lambda: _status(served, "default/web")["app"]["status"] == "removed", 20, "removed")
-    assert "default/web" not in _statuses(served)
-    assert "default/web" in cli("apps", "--all", env=served).stdout
-    triggers = [d["trigger"] for d in _status(served, app_id)["deployments"]]
+    wait_for(lambda: _status(own_served, "default/web")["app"]["status"] == "removed", 20, "removed")
+    assert "default/web" not in _statuses(own_served)
+    assert "default/web" in cli("apps", "--all", env=own_served).stdout
+    triggers = [d["trigger"] for d in _status(own_served, app_id)["deployments"]]
     assert triggers[:4] == ["api", "api", "api", "api"]

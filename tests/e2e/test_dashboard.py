@@ -25,7 +25,7 @@ from playwright.sync_api import Browser, BrowserContext, Dialog, Locator, Page, 
 
 from cynchrod import runtime
 from tests.conftest import Caddy, remove_owned
-from tests.helpers import TEST_IMAGE, Daemon, GitRepo, cli, git, wait_for
+from tests.helpers import TEST_IMAGE, Daemon, GitRepo, cli, git, new_token, wait_for
 
 pytestmark = [pytest.mark.docker, pytest.mark.browser]
 
@@ -100,9 +100,8 @@ def site(tmp_path_factory: pytest.TempPathFactory, docker_client: docker.DockerC
     root = tmp_path_factory.mktemp("dashboard")
     owner = "t" + secrets.token_hex(4)
     state = root / "state"
-    tokens = {name: cli("token", "create", "--org", org, "--name", name, *extra, "--state", str(state)).stdout.strip()
-              for name, org, extra in (("alice", "default", []), ("bob", "other", []),
-                                       ("root", "ops", ["--admin"]))}
+    tokens = {name: new_token(state, org, name, admin=admin)
+              for name, org, admin in (("alice", "default", False), ("bob", "other", False), ("root", "ops", True))}
     repo = GitRepo(root)
     repo.push({"apps/web.yaml": app("web", extra="env: {GREETING: hi}\n"),
                "apps/ticker.yaml": app("ticker", command=TICKER),
@@ -255,7 +254,7 @@ def test_sign_in_bad_good_and_the_landing_page(site: Site, page: Page) -> None:
 
 
 def test_revoked_token_ends_the_session_at_once(site: Site, page: Page) -> None:
-    token = cli("token", "create", "--org", "default", "--name", "carol", "--state", str(site.state)).stdout.strip()
+    token = new_token(site.state, "default", "carol")
     sign_in(page, site, token)
     expect(row(page, "web")).to_be_visible()
     assert cli("token", "revoke", "carol", "--state", str(site.state)).returncode == 0
@@ -464,7 +463,7 @@ def test_a_domain_link_carries_the_edges_port(repo: GitRepo, owner: str, images:
     """An edge on a port of its own (the demo's): the domain link goes there, and answers."""
     repo.push({"apps/edged.yaml": EDGE_WEB})
     state = tmp_path / "state"
-    token = cli("token", "create", "--org", "default", "--state", str(state)).stdout.strip()
+    token = new_token(state, "default")
     daemon = Daemon(repo, state, owner, env={"CYNCHROD_EDGE": caddy.admin,
                                              "CYNCHROD_EDGE_LISTEN": f"127.0.0.1:{caddy.port}",
                                              "CYNCHROD_WATCH": "off"}).start()

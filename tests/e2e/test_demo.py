@@ -17,7 +17,7 @@ import urllib.request
 
 import docker
 
-from tests.helpers import Daemon, GitRepo, cli, free_port, git, owned, wait_for
+from tests.helpers import Daemon, GitRepo, cli, free_port, git, new_token, owned, wait_for
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -178,7 +178,7 @@ def test_hello_logs_its_requests(repo: GitRepo, owner: str, tmp_path: pathlib.Pa
     repo.push({"apps/hello.yaml": "\n".join(line for line in hello.splitlines()
                                              if not line.startswith("hostPort"))})  # any free host port
     state = tmp_path / "state"
-    token = cli("token", "create", "--org", "default", "--state", str(state)).stdout.strip()
+    token = new_token(state, "default")
     daemon = Daemon(repo, state, owner, interval=300).start()
     try:
         env = {"CYNCHROD_API": daemon.api, "CYNCHROD_TOKEN": token}

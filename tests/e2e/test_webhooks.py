@@ -8,13 +8,14 @@ import json
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import docker
 import pytest
 import requests
 
+from tests.conftest import shared_daemons
 from tests.helpers import Daemon, GitRepo, manifest, owned, wait_for
 
 SECRET = "a-webhook-secret-of-some-length"
@@ -73,13 +74,27 @@ def deliver(url: str, provider: str, payload: dict[str, Any], *, secret_ok: bool
 PAYLOADS = {"github": github_push, "gitlab": gitlab_push, "gitea": gitea_push, "generic": github_push}
 
 
-@pytest.fixture
-def hooked(repo: GitRepo, daemons: Callable[..., Daemon]) -> Daemon:
+def start_hooked(repo: GitRepo, make: Callable[..., Daemon]) -> Daemon:
+    """A daemon with a webhook secret on an empty repository, past its first pass."""
     repo.push({"apps/.keep": ""})
-    daemon = daemons(interval=300, env={"CYNCHROD_WEBHOOK_SECRET": SECRET}).start()
+    daemon = make(interval=300, env={"CYNCHROD_WEBHOOK_SECRET": SECRET}).start()
     wait_for(lambda: "pass poll" in daemon.output(), 30, "the first pass")
     wait_for(lambda: _up(daemon.api), 30, "the API")
     return daemon
+
+
+@pytest.fixture
+def hooked(repo: GitRepo, daemons: Callable[..., Daemon]) -> Daemon:
+    """A daemon of the test's own: its deliveries deploy apps and count in its metrics."""
+    return start_hooked(repo, daemons)
+
+
+@pytest.fixture(scope="module")
+def shared_hooked(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                  docker_client: docker.DockerClient, images: object) -> Iterator[tuple[GitRepo, Daemon]]:
+    """One daemon for the refused deliveries: a refusal changes nothing a later test reads."""
+    with shared_daemons(request, tmp_path_factory, docker_client) as (repo, _, make):
+        yield repo, start_hooked(repo, make)
 
 
 def _up(url: str) -> bool:
@@ -107,7 +122,8 @@ def test_signed_push_deploys_within_seconds(provider: str, repo: GitRepo, hooked
 
 
 @pytest.mark.parametrize("provider", ["github", "gitlab", "gitea", "generic"])
-def test_wrong_or_missing_signatures(provider: str, repo: GitRepo, hooked: Daemon) -> None:
+def test_wrong_or_missing_signatures(provider: str, shared_hooked: tuple[GitRepo, Daemon]) -> None:
+    repo, hooked = shared_hooked
     bad = deliver(hooked.api, provider, PAYLOADS[provider](repo, "1" * 40), secret_ok=False)
     assert (bad.status_code, bad.json()["error"]) == (401, "unauthorized")
     unsigned = requests.post(hooked.api + "/webhooks/git", json={"ref": "refs/heads/main"}, timeout=10)

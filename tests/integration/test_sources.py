@@ -1,15 +1,20 @@
-"""Several repositories at once, each optionally pinned to one org."""
+"""Sources against real Git: several repositories at once, each optionally pinned to one org, and the
+commit-back of an API edit (a push racing ours is never overwritten)."""
 
 from __future__ import annotations
 
 import pathlib
 import shutil
+from typing import Any
+
+import pytest
 
 from cynchrod import runtime, store
 from cynchrod.desired import source
+from cynchrod.desired.source import push
 from cynchrod.runtime import local
 from cynchrod.shell import control, reconciler
-from tests.helpers import TEST_IMAGE, GitRepo, cli, git
+from tests.helpers import TEST_IMAGE, GitRepo, cli, git, new_token
 
 
 def manifest(name: str, extra: str = "") -> str:
@@ -132,7 +137,7 @@ def test_commit_back_never_moves_the_checked_out_branch_of_a_checkout(
     (work / "apps" / "notes.txt").write_text("the user's work in progress\n")
     head = git("rev-parse", "HEAD", cwd=work).strip()
     state = tmp_path / "state"
-    token = cli("token", "create", "--org", "default", "--state", str(state)).stdout.strip()
+    token = new_token(state, "default")
     daemon = Daemon(f"file://{work}", state, owner).start()
     auth = {"Authorization": f"Bearer {token}"}
     try:
@@ -161,3 +166,51 @@ def test_commit_back_never_moves_the_checked_out_branch_of_a_checkout(
     assert other.commit_edit("apps/web.yaml", lambda old: (old or b"") + b"state: stopped\n", "stop") is not None
     assert git("rev-parse", "HEAD", cwd=work).strip() == head
     assert git("rev-parse", "deploy", cwd=work).strip() != head
+
+
+def test_push_rejected_is_replayed_on_the_new_tip(repo: GitRepo, tmp_path: pathlib.Path) -> None:
+    """The deterministic form of the race: another push lands between our fetch and our push."""
+    repo.push({"apps/a.yaml": "name: a\nimage: x\n"})
+    src = source.Source(repo.url, state_dir=tmp_path / "state")
+    calls: list[bytes | None] = []
+
+    def edit(old: bytes | None) -> bytes | None:
+        calls.append(old)
+        if len(calls) == 1:
+            repo.push({"apps/b.yaml": "name: b\nimage: x\n"}, "someone else")
+        return (old or b"") + b"state: stopped\n"
+
+    commit = src.commit_edit("apps/a.yaml", edit, "stop default/a (by test)")
+    assert commit is not None and len(calls) == 2
+    git("fetch", "-q", cwd=repo.work)
+    log = git("log", "--format=%s", "origin/main", cwd=repo.work)
+    assert log.splitlines()[:2] == ["stop default/a (by test)", "someone else"]
+    assert git("show", "origin/main:apps/a.yaml", cwd=repo.work) == "name: a\nimage: x\nstate: stopped\n"
+    assert git("show", "origin/main:apps/b.yaml", cwd=repo.work) == "name: b\nimage: x\n"
+
+
+def test_a_push_landing_during_ours_is_never_overwritten(repo: GitRepo, tmp_path: pathlib.Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race of ``test_commit_back_racing_an_external_push``, made deterministic: another
+    ``git push`` lands after our push has read the remote's branch and before it moves it.
+    libgit2's local transport (used before) wrote our commit over theirs there: it checked the
+    fast-forward against the refs it read on connecting, then forced the update. The other
+    push is made while our objects are copied, the window between the read and the update."""
+    repo.push({"apps/a.yaml": "name: a\nimage: x\n"})
+    src = source.Source(repo.url, state_dir=tmp_path / "state")
+    landed: list[str] = []
+    copy = push._copy_objects
+
+    def racing(*args: Any) -> None:
+        if not landed:
+            landed.append(repo.push({"apps/b.yaml": "name: b\nimage: x\n"}, "someone else"))
+        copy(*args)
+
+    monkeypatch.setattr(push, "_copy_objects", racing)
+    commit = src.commit_edit("apps/a.yaml", lambda old: (old or b"") + b"state: stopped\n", "stop default/a (by test)")
+    assert landed and commit is not None
+    git("fetch", "-q", cwd=repo.work)
+    log = git("log", "--format=%s", "origin/main", cwd=repo.work)
+    assert log.splitlines()[:2] == ["stop default/a (by test)", "someone else"]
+    assert git("show", "origin/main:apps/a.yaml", cwd=repo.work) == "name: a\nimage: x\nstate: stopped\n"
+    assert git("show", "origin/main:apps/b.yaml", cwd=repo.work) == "name: b\nimage: x\n"

@@ -11,11 +11,13 @@ from __future__ import annotations
 import pathlib
 from collections.abc import Callable, Iterator
 
+import docker
 import pygit2
 import pytest
 import requests
 
-from tests.helpers import TEST_IMAGE, Daemon, GitRepo, cli, wait_for
+from tests.conftest import shared_daemons
+from tests.helpers import TEST_IMAGE, Daemon, GitRepo, new_token, wait_for
 
 LAUGHS = (
     'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n'
@@ -38,11 +40,11 @@ class Client:
         return requests.get(self.url + path, headers={"Authorization": f"Bearer {self.token}"}, timeout=60)
 
 
-@pytest.fixture
-def client(repo: GitRepo, daemons: Callable[..., Daemon], tmp_path: pathlib.Path) -> Client:
-    token = cli("token", "create", "--org", "default", "--name", "t", "--state", str(tmp_path / "state")).stdout
+def serving(repo: GitRepo, make: Callable[..., Daemon], state: pathlib.Path) -> Client:
+    """A daemon running one app, web, and a client with a token of its org."""
+    token = new_token(state, "default", "t")
     repo.push({"apps/web.yaml": f"name: web\nimage: {TEST_IMAGE}\ncommand: [sleep, '3600']\nmemory: 64\n"})
-    daemon = daemons(interval=300).start()
+    daemon = make(interval=300).start()
     c = Client(daemon.api, token.strip())
 
     def web_running() -> bool:
@@ -54,6 +56,20 @@ def client(repo: GitRepo, daemons: Callable[..., Daemon], tmp_path: pathlib.Path
 
     wait_for(web_running, 30, "web to run")
     return c
+
+
+@pytest.fixture(scope="module")
+def client(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+           docker_client: docker.DockerClient, images: object) -> Iterator[Client]:
+    """One daemon for the tests whose calls are all refused (they change nothing): starting one costs seconds."""
+    with shared_daemons(request, tmp_path_factory, docker_client) as (repo, root, make):
+        yield serving(repo, make, root / "state")
+
+
+@pytest.fixture
+def own_client(repo: GitRepo, daemons: Callable[..., Daemon], tmp_path: pathlib.Path) -> Client:
+    """A daemon of the test's own, for a test that changes the repository or the app."""
+    return serving(repo, daemons, tmp_path / "state")
 
 
 def test_bodies_are_bounded_and_checked(client: Client) -> None:
@@ -100,7 +116,7 @@ def test_bodies_are_bounded_and_checked(client: Client) -> None:
     assert client.get(f"/apps/{web}/logs?tail=5").status_code == 200
 
 
-def test_an_edit_git_cannot_write_is_a_conflict(client: Client, repo: GitRepo) -> None:
+def test_an_edit_git_cannot_write_is_a_conflict(own_client: Client, repo: GitRepo) -> None:
     """A committer can push apps/.git/x.yaml as raw objects; no index can hold that path."""
     bare = pygit2.Repository(str(repo.bare))
     head = bare.references["refs/heads/main"].peel(pygit2.Commit)
@@ -117,31 +133,31 @@ def test_an_edit_git_cannot_write_is_a_conflict(client: Client, repo: GitRepo) -
     root = raw_tree([(b"40000", b"apps", new_apps)])
     sig = pygit2.Signature("t", "t@localhost")
     bare.create_commit("refs/heads/main", sig, sig, "odd path", root, [head.id])
-    r = requests.post(client.url + "/webhooks/git", timeout=10)  # no secret: 404; the pass comes from the API
+    r = requests.post(own_client.url + "/webhooks/git", timeout=10)  # no secret: 404; the pass comes from the API
     assert r.status_code == 404
 
     def odd_app() -> str | None:
-        apps_now = client.get("/apps").json()["apps"]
+        apps_now = own_client.get("/apps").json()["apps"]
         return next((a["id"] for a in apps_now if a["name"] == "odd" and a["status"] == "running"), None)
 
-    web = client.get("/apps").json()["apps"][0]["id"]
-    client.post(f"/apps/{web}/restart", b"", "application/json")  # wakes a pass that reads the new commit
+    web = own_client.get("/apps").json()["apps"][0]["id"]
+    own_client.post(f"/apps/{web}/restart", b"", "application/json")  # wakes a pass that reads the new commit
     wait_for(odd_app, 30, "odd to run")
-    r = client.post(f"/apps/{odd_app()}/stop", b"", "application/json")
+    r = own_client.post(f"/apps/{odd_app()}/stop", b"", "application/json")
     assert r.status_code == 409 and r.json()["error"] == "path_unwritable", r.text
     assert "apps/.git/odd.yaml" in r.json()["message"]
 
 
-def test_deleting_the_last_app_is_applied(client: Client) -> None:
+def test_deleting_the_last_app_is_applied(own_client: Client) -> None:
     """Found by schemathesis: deleting the only app removed apps/ too, which reads as source_empty
     (never pruned), so the app was never removed."""
-    web = client.get("/apps").json()["apps"][0]["id"]
-    r = requests.delete(f"{client.url}/apps/{web}", headers={"Authorization": f"Bearer {client.token}"},
+    web = own_client.get("/apps").json()["apps"][0]["id"]
+    r = requests.delete(f"{own_client.url}/apps/{web}", headers={"Authorization": f"Bearer {own_client.token}"},
                         timeout=30)
     assert r.status_code == 202, r.text
 
     def removed() -> bool:
-        apps = client.get("/apps?include_removed=true").json()["apps"]
+        apps = own_client.get("/apps?include_removed=true").json()["apps"]
         return any(a["id"] == web and a["status"] == "removed" for a in apps)
 
     wait_for(removed, 30, "web to be removed")

@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import requests
 
-from tests.helpers import TEST_IMAGE, Daemon, GitRepo, cli, wait_for
+from tests.helpers import TEST_IMAGE, Daemon, GitRepo, new_token, wait_for
 
 SCHEMATHESIS = pathlib.Path(sys.executable).parent / "schemathesis"
 
@@ -46,7 +46,7 @@ def _st(daemon: Daemon, token: str, report: pathlib.Path, *extra: str) -> subpro
 def test_the_api_is_what_its_document_says(repo: GitRepo, daemons: Callable[..., Daemon],
                                            tmp_path: pathlib.Path) -> None:
     state = tmp_path / "state"
-    token = cli("token", "create", "--org", "default", "--name", "st", "--state", str(state)).stdout.strip()
+    token = new_token(state, "default", "st")
     repo.push({"apps/web.yaml": f"name: web\nimage: {TEST_IMAGE}\ncommand: [sleep, '3600']\nmemory: 64\n"})
     daemon = daemons(interval=300).start()
 

@@ -7,14 +7,13 @@ from collections.abc import Callable
 
 import requests
 
-from cynchrod.desired import config
-from tests.helpers import Daemon, GitRepo, cli, wait_for
+from tests.helpers import Daemon, GitRepo, new_token, wait_for
 
 
 def test_local_build_repos_need_the_operators_allow_list(repo: GitRepo, daemons: Callable[..., Daemon],
                                                           tmp_path: pathlib.Path) -> None:
     state = tmp_path / "state"
-    token = cli("token", "create", "--org", "acme", "--name", "t", "--state", str(state)).stdout.strip()
+    token = new_token(state, "acme", "t")
     repo.push({"apps/.keep": ""})
     allowed = tmp_path / "srv-git"
     (allowed / "x.git").mkdir(parents=True)
@@ -39,7 +38,7 @@ def test_local_build_repos_need_the_operators_allow_list(repo: GitRepo, daemons:
         assert r.status_code == 400 and "policy_violation" in r.text, (url, r.text)
     # From Git, a committer's manifest: the app fails with policy_violation and nothing is cloned.
     repo.push({"apps/thief.yaml": f"name: thief\norg: acme\nbuild: {{repo: 'file://{mirror}'}}\nport: 8080\n"})
-    admin = cli("token", "create", "--org", "ops", "--admin", "--name", "root", "--state", str(state)).stdout.strip()
+    admin = new_token(state, "ops", "root", admin=True)
 
     def thief() -> dict | None:  # type: ignore[type-arg]
         apps = requests.get(daemon.api + "/apps", headers={"Authorization": f"Bearer {admin}"}, timeout=5).json()
@@ -49,19 +48,3 @@ def test_local_build_repos_need_the_operators_allow_list(repo: GitRepo, daemons:
     assert (thief() or {})["last_error"].startswith("policy_violation: build.repo")
     assert not (state / "builds").exists() or not any((state / "builds").rglob("HEAD"))
     assert daemon.stop() == 0
-
-
-def test_the_url_rules() -> None:
-    allow = ("/srv/git", "file:///opt/repos/")
-    assert config.repo_allowed("https://git.example/a.git", ())
-    assert config.repo_allowed("git@git.example:a/b.git", ())
-    assert config.repo_allowed("ssh://git@git.example/a.git", ())
-    assert not config.repo_allowed("/srv/git/a.git", ())
-    assert config.repo_allowed("/srv/git/a.git", allow)
-    assert config.repo_allowed("file:///srv/git/a.git", allow)
-    assert config.repo_allowed("/opt/repos/x", allow)
-    assert not config.repo_allowed("/srv/git/../../var/lib/cynchrod/state/repos/x.git", allow)
-    assert not config.repo_allowed("/srv/gitx/a.git", allow)
-    assert not config.repo_allowed("file:///etc", allow)
-    assert not config.repo_allowed("./x", allow)
-    assert not config.repo_allowed("file://localhost/srv/gitx", allow)

@@ -19,7 +19,7 @@ import time
 import docker
 import requests
 
-from tests.helpers import GitRepo, cli, manifest, owned, wait_for
+from tests.helpers import GitRepo, manifest, new_token, owned, wait_for
 from tests.reliability.dockerproxy import DockerProxy
 
 SECRET = "starvation-webhook-secret"
@@ -48,7 +48,7 @@ def _webhook(api: str) -> requests.Response:
 def test_slow_header_clients_take_nothing(repo: GitRepo, daemons, tmp_path: pathlib.Path,
                                           docker_client: docker.DockerClient, owner: str) -> None:
     state = tmp_path / "state"
-    token = cli("token", "create", "--org", "default", "--name", "t", "--state", str(state)).stdout.strip()
+    token = new_token(state, "default", "t")
     repo.push({"apps/a.yaml": manifest("a")})
     daemon = daemons(interval=300, env={"CYNCHROD_WORKERS": "2", "CYNCHROD_WEBHOOK_SECRET": SECRET}).start()
     wait_for(lambda: _up(daemon.api), 30, "the API")
@@ -100,7 +100,7 @@ def test_a_hung_docker_holds_no_worker(repo: GitRepo, daemons, tmp_path: pathlib
                                        docker_client: docker.DockerClient) -> None:
     proxy = DockerProxy(tmp_path / "docker.sock")
     state = tmp_path / "state"
-    token = cli("token", "create", "--org", "default", "--name", "t", "--state", str(state)).stdout.strip()
+    token = new_token(state, "default", "t")
     headers = {"Authorization": f"Bearer {token}"}
     try:
         repo.push({"apps/a.yaml": manifest("a")})
@@ -167,7 +167,7 @@ def test_a_thousand_log_streams_leave_nothing_behind(repo: GitRepo, daemons, tmp
     from cynchrod.cli.client import websocket
 
     state = tmp_path / "state"
-    token = cli("token", "create", "--org", "default", "--name", "t", "--state", str(state)).stdout.strip()
+    token = new_token(state, "default", "t")
     headers = {"Authorization": f"Bearer {token}"}
     repo.push({"apps/a.yaml": manifest("a", command="[sh, -c, 'while true; do echo tick; sleep 0.05; done']")})
     daemon = daemons(interval=300, env={"CYNCHROD_WORKERS": "2"}).start()

@@ -82,3 +82,20 @@ def test_runtime_and_registry_from_the_file_flag_and_environment(tmp_path: pathl
     path.write_text("registry: {username: x}\n")
     with pytest.raises(config.ConfigError, match="url"):
         config.load_file(path)
+
+
+def test_build_repo_url_rules() -> None:
+    """build.repo on this machine only where builds.localRepos allows it (the daemon's side: test_build_repos)."""
+    allow = ("/srv/git", "file:///opt/repos/")
+    assert config.repo_allowed("https://git.example/a.git", ())
+    assert config.repo_allowed("git@git.example:a/b.git", ())
+    assert config.repo_allowed("ssh://git@git.example/a.git", ())
+    assert not config.repo_allowed("/srv/git/a.git", ())
+    assert config.repo_allowed("/srv/git/a.git", allow)
+    assert config.repo_allowed("file:///srv/git/a.git", allow)
+    assert config.repo_allowed("/opt/repos/x", allow)
+    assert not config.repo_allowed("/srv/git/../../var/lib/cynchrod/state/repos/x.git", allow)
+    assert not config.repo_allowed("/srv/gitx/a.git", allow)
+    assert not config.repo_allowed("file:///etc", allow)
+    assert not config.repo_allowed("./x", allow)
+    assert not config.repo_allowed("file://localhost/srv/gitx", allow)
