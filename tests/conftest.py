@@ -45,6 +45,7 @@ DOCKER_FIXTURES = frozenset({"docker_client", "images", "owner", "harness", "dae
 IMAGES_LOCK = pathlib.Path(tempfile.gettempdir()) / "cynchrod-test-images.lock"
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's, which reads the groups into the node ids
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Markers by what each test needs, and one xdist group per shared resource."""
     swarm = config.rootpath / "tests" / "swarm"

@@ -13,7 +13,7 @@ from cynchrod import store
 from tests.helpers import Daemon, GitRepo, wait_for
 from tests.swarm.conftest import LAB, Lab
 
-pytestmark = pytest.mark.swarm
+pytestmark = [pytest.mark.swarm, pytest.mark.xdist_group("swarm")]  # one lab per machine: one worker
 
 
 def test_node_stopped_tasks_rescheduled_status_recovers(lab: Lab, swarm_owner: str, tmp_path: pathlib.Path) -> None:

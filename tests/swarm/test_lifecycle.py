@@ -12,7 +12,7 @@ from cynchrod.runtime import swarm
 from tests.helpers import GitRepo, git, wait_for
 from tests.swarm.conftest import Lab, SwarmHarness
 
-pytestmark = pytest.mark.swarm
+pytestmark = [pytest.mark.swarm, pytest.mark.xdist_group("swarm")]  # one lab per machine: one worker
 
 
 def running_tasks(sw: SwarmHarness, name: str) -> list[dict]:  # type: ignore[type-arg]

@@ -14,7 +14,7 @@ from cynchrod.core import planning
 from tests.helpers import wait_for
 from tests.swarm.conftest import Lab, SwarmHarness
 
-pytestmark = pytest.mark.swarm
+pytestmark = [pytest.mark.swarm, pytest.mark.xdist_group("swarm")]  # one lab per machine: one worker
 
 
 def app(lab: Lab, name: str, extra: str = "", command: str = "[sleep, '3600']") -> str:
