@@ -20,6 +20,8 @@ class Row:
     deployed_hash: str | None = None
     source: str = "repo"
     refusal: str | None = None
+    created_at: str = "2026-01-01"
+    domains: frozenset[str] = frozenset()
 
 
 def service(name: str, image: str, replicas: int) -> specs.ServiceSpec:

@@ -3,7 +3,6 @@ back, the store keeps it with the error that states it, and an older state dir i
 
 from __future__ import annotations
 
-import dataclasses
 import pathlib
 import sqlite3
 
@@ -11,17 +10,7 @@ from cynchrod import store
 from cynchrod.core import decisions, specs
 from cynchrod.core.codes import Code
 from cynchrod.core.errors import PermanentError
-
-
-@dataclasses.dataclass(frozen=True)
-class Row:
-    status: str = decisions.RUNNING
-    last_error: str | None = None
-    deployed_hash: str | None = None
-    source: str = "repo"
-    refusal: str | None = None
-    created_at: str = "2026-01-01"
-    domains: frozenset[str] = frozenset()
+from tests.unit.test_decisions import Row
 
 
 def spec(name: str, *, domain: str | None = None) -> specs.AppSpec:
