@@ -198,16 +198,18 @@ def _wants_json() -> bool:
 
 
 def _session_token() -> store.Token | None:
-    """The live token of this session; a revoked or unknown one ends the session."""
-    token_id = session.get("tid")
-    if not isinstance(token_id, str):
+    """The live token of this session. The cookie holds only the session's id: the session itself
+    is a row of the store, so a sign-out, a revoked token or the expiry ends every copy of the cookie."""
+    sid = session.get("sid")
+    if not isinstance(sid, str):
         return None
-    token = daemon().store.token_by_id(token_id)
+    token = daemon().store.session_token(sid)
     if token is None or token.revoked_at is not None:
-        session.pop("tid", None)
+        session.pop("sid", None)
         flash("Your session ended: its token was revoked." if token else "Your session ended.", "error")
         return None
     g.token_name = token.name
+    g.session_id = sid
     return token
 
 
@@ -268,7 +270,7 @@ def signin_post() -> str | BaseResponse | tuple[str, int]:
         else:
             session.clear()
             session.permanent = True
-            session["tid"] = token.id
+            session["sid"] = daemon().store.open_session(token.id, ttl_s=SESSION_HOURS * 3600)
             session["csrf"] = secrets.token_urlsafe(32)
             return redirect(url_for("dashboard.apps"))
     return _page("signin.html", error=reason), 401
@@ -276,6 +278,8 @@ def signin_post() -> str | BaseResponse | tuple[str, int]:
 
 @bp.post("/signout")
 def signout() -> BaseResponse:
+    if isinstance(sid := session.get("sid"), str):
+        daemon().store.end_session(sid)
     session.clear()
     flash("You are signed out.", "info")
     return redirect(url_for("dashboard.signin"))
@@ -484,5 +488,5 @@ def logs_ticket(app_id: str) -> Response | tuple[Response, int]:
     app = _visible(app_id)
     if app is None:
         return error_response("not_found", f"no app {app_id}")
-    ticket = daemon().tickets.issue(g.token, app.id)
+    ticket = daemon().tickets.issue(g.token, app.id, session=g.session_id)
     return Response(json.dumps({"ticket": ticket, "expires_in": int(TICKET_TTL_S)}), mimetype="application/json")

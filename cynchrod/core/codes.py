@@ -141,6 +141,7 @@ class Code(enum.StrEnum):
 
     # -- a log stream's close reasons (besides unauthorized, not_found, too_many_streams ...) ---------
     TOKEN_REVOKED = ("token_revoked", STREAM, True, None, "the stream's token was revoked")
+    SIGNED_OUT = ("signed_out", STREAM, True, None, "the dashboard session that opened the stream ended")
     STREAM_ENDED = ("stream_ended", STREAM, False, None, "the followed unit's log ended")
 
     # -- /healthz problems (besides docker_unavailable, state_unwritable, reconciler_unavailable) -----

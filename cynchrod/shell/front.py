@@ -100,13 +100,14 @@ class Tickets:
     def __init__(self, db: store.Store) -> None:
         self._db = db
 
-    def issue(self, token: store.Token, app_id: str) -> str:
+    def issue(self, token: store.Token, app_id: str, *, session: str | None = None) -> str:
+        """A ticket for this token (and, from the dashboard, its session: the stream ends with it)."""
         ticket = "tkt_" + random.token_urlsafe(24)
-        self._db.issue_ticket(ticket, token_id=token.id, app_id=app_id, ttl_s=TICKET_TTL_S)
+        self._db.issue_ticket(ticket, token_id=token.id, app_id=app_id, ttl_s=TICKET_TTL_S, session=session)
         return ticket
 
-    def redeem(self, ticket: str, app_id: str) -> str | None:
-        """The token id the ticket was issued to, once, for this app, before it expires."""
+    def redeem(self, ticket: str, app_id: str) -> tuple[str, str | None] | None:
+        """The token id (and session hash) the ticket was issued to, once, for this app, before it expires."""
         return self._db.redeem_ticket(ticket, app_id)
 
 

@@ -83,7 +83,8 @@ CREATE TABLE IF NOT EXISTS tickets (
     hash TEXT PRIMARY KEY,
     token_id TEXT NOT NULL,
     app_id TEXT NOT NULL,
-    expires_at REAL NOT NULL
+    expires_at REAL NOT NULL,
+    session TEXT
 );
 CREATE TABLE IF NOT EXISTS reservations (
     org TEXT NOT NULL,
@@ -97,6 +98,13 @@ CREATE TABLE IF NOT EXISTS secrets (
     sealed TEXT NOT NULL,
     updated_at TEXT NOT NULL,
     PRIMARY KEY (org, name)
+);
+-- Dashboard sessions: the cookie carries a random id and only its hash is kept here, so a
+-- sign-out (the row deleted), a revoked token or the expiry ends every copy of the cookie.
+CREATE TABLE IF NOT EXISTS sessions (
+    hash TEXT PRIMARY KEY,
+    token_id TEXT NOT NULL,
+    expires_at REAL NOT NULL
 );
 """
 
@@ -121,6 +129,9 @@ def migrate(db: sqlite3.Connection) -> None:
     if "attempts" not in columns:  # a state dir from before repeated failures were merged
         db.execute("ALTER TABLE deployments ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1")
         db.execute("ALTER TABLE deployments ADD COLUMN last_seen TEXT")
+    if "session" not in {r["name"] for r in db.execute("PRAGMA table_info(tickets)")}:
+        # A state dir from before server-side sessions: a ticket may carry the session it was issued to.
+        db.execute("ALTER TABLE tickets ADD COLUMN session TEXT")
 
 
 @contextmanager

@@ -1,4 +1,4 @@
-"""API tokens (only their hash is kept) and single-use log-stream tickets."""
+"""API tokens (only their hash is kept), dashboard sessions and single-use log-stream tickets."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import time
 
 from cynchrod.store.db import Database, now
 from cynchrod.store.records import TOKEN_PREFIX, Token, token_hash
+
+#: Marks a session id (never a token: a cookie's id cannot be used as a bearer token).
+SESSION_PREFIX = "ses_"
 
 
 def _token(row: sqlite3.Row) -> Token:
@@ -59,23 +62,54 @@ class Tokens(Database):
                              (now(), id_or_name, id_or_name))
             return cur.rowcount
 
+    # -- dashboard sessions (the cookie holds the id; only its hash is kept) ------
+
+    def open_session(self, token_id: str, *, ttl_s: float) -> str:
+        """A new session of this token; its id is returned once, for the signed cookie."""
+        session = SESSION_PREFIX + secrets.token_urlsafe(32)
+        now_s = time.time()
+        with self.transaction(apps_changed=False) as db:
+            db.execute("DELETE FROM sessions WHERE expires_at < ?", (now_s,))
+            db.execute("INSERT INTO sessions (hash, token_id, expires_at) VALUES (?,?,?)",
+                       (token_hash(session), token_id, now_s + ttl_s))
+        return session
+
+    def session_token(self, session: str) -> Token | None:
+        """The token of a live session (not signed out, not expired), revoked or not; None if the
+        session is over."""
+        rows = self._query("SELECT t.id, t.name, t.org, t.admin, t.created_at, t.revoked_at FROM sessions s"
+                           " JOIN tokens t ON t.id = s.token_id WHERE s.hash = ? AND s.expires_at > ?",
+                           (token_hash(session), time.time()))
+        return _token(rows[0]) if rows else None
+
+    def is_live_session(self, session_hash: str) -> bool:
+        return bool(self._query("SELECT 1 FROM sessions WHERE hash = ? AND expires_at > ?",
+                                (session_hash, time.time())))
+
+    def end_session(self, session: str) -> None:
+        with self.transaction(apps_changed=False) as db:
+            db.execute("DELETE FROM sessions WHERE hash = ?", (token_hash(session),))
+
     # -- log-stream tickets (single use; only their hash is kept) ----------------
 
-    def issue_ticket(self, ticket: str, *, token_id: str, app_id: str, ttl_s: float) -> None:
+    def issue_ticket(self, ticket: str, *, token_id: str, app_id: str, ttl_s: float,
+                     session: str | None = None) -> None:
         now_s = time.time()
         with self.transaction(apps_changed=False) as db:
             db.execute("DELETE FROM tickets WHERE expires_at < ?", (now_s,))
-            db.execute("INSERT INTO tickets (hash, token_id, app_id, expires_at) VALUES (?,?,?,?)",
-                       (token_hash(ticket), token_id, app_id, now_s + ttl_s))
+            db.execute("INSERT INTO tickets (hash, token_id, app_id, expires_at, session) VALUES (?,?,?,?,?)",
+                       (token_hash(ticket), token_id, app_id, now_s + ttl_s,
+                        token_hash(session) if session else None))
 
-    def redeem_ticket(self, ticket: str, app_id: str) -> str | None:
-        """The token id the ticket was issued to, once (any process), for this app, before it expires."""
+    def redeem_ticket(self, ticket: str, app_id: str) -> tuple[str, str | None] | None:
+        """What the ticket was issued to, once (any process), for this app, before it expires: the
+        token id and, for a dashboard session's ticket, the session's hash (its stream ends with it)."""
         with self.transaction(apps_changed=False) as db:
-            row = db.execute("SELECT token_id, app_id, expires_at FROM tickets WHERE hash = ?",
+            row = db.execute("SELECT token_id, app_id, expires_at, session FROM tickets WHERE hash = ?",
                              (token_hash(ticket),)).fetchone()
             if row is None:
                 return None
             db.execute("DELETE FROM tickets WHERE hash = ?", (token_hash(ticket),))
         if row["app_id"] != app_id or row["expires_at"] < time.time():
             return None
-        return str(row["token_id"])
+        return str(row["token_id"]), row["session"]

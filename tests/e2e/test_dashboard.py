@@ -8,6 +8,7 @@ its own. The test that counts passes runs first, before any test wakes one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -16,14 +17,17 @@ import pathlib
 import re
 import secrets
 import subprocess
+import time
 from collections.abc import Iterator
 
 import docker
 import pytest
 import requests
+import simple_websocket
 from playwright.sync_api import Browser, BrowserContext, Dialog, Locator, Page, expect, sync_playwright
 
 from cynchrod import runtime
+from cynchrod.cli.client import websocket
 from tests.conftest import Caddy, remove_owned
 from tests.helpers import TEST_IMAGE, Daemon, GitRepo, cli, git, new_token, wait_for
 
@@ -251,6 +255,39 @@ def test_sign_in_bad_good_and_the_landing_page(site: Site, page: Page) -> None:
     expect(page.get_by_role("status")).to_contain_text("signed out")
     page.goto(site.url + "/")
     assert page.url.endswith("/signin")
+
+
+def test_sign_out_ends_the_session_on_the_server(site: Site, page: Page) -> None:
+    """A copy of the cookie (a shared machine, a stolen backup) is dead once its session signs
+    out: reads, actions and log-stream tickets are refused, and an open log stream closes."""
+    sign_in(page, site, site.tokens["alice"])
+    web = site.app_id("web")
+    copy = {"cynchrod_session": next(c["value"] for c in page.context.cookies() if c["name"] == "cynchrod_session")}
+    csrf = page.locator("input[name=csrf_token]").first.get_attribute("value")
+    assert csrf
+    json_headers = {"Accept": "application/json", "X-CSRF-Token": csrf, "Origin": site.url}
+    assert requests.get(site.url + "/ui/apps.json", cookies=copy, timeout=10).status_code == 200
+    ticket = requests.post(f"{site.url}/ui/apps/{web}/logs/ticket", cookies=copy, headers=json_headers, timeout=10)
+    assert ticket.status_code == 200, ticket.text
+    ws = websocket(f"{site.url.replace('http', 'ws', 1)}/apps/{web}/logs/stream?ticket={ticket.json()['ticket']}")
+    try:
+        page.get_by_role("button", name="Sign out").click()
+        expect(page.get_by_role("status")).to_contain_text("signed out")
+        # The stream opened by that session ends with it (the pump checks each second).
+        deadline = time.monotonic() + 10
+        with pytest.raises(simple_websocket.ConnectionClosed) as closed:
+            while time.monotonic() < deadline:
+                ws.receive(timeout=1)
+        assert (closed.value.reason, closed.value.message) == (4401, "signed_out")
+    finally:
+        with contextlib.suppress(simple_websocket.ConnectionClosed):
+            ws.close()
+    assert requests.get(site.url + "/ui/apps.json", cookies=copy, timeout=10).status_code == 401
+    restart = requests.post(f"{site.url}/ui/apps/{web}/restart", cookies=copy, headers=json_headers, timeout=10)
+    assert restart.status_code in (401, 403), restart.text
+    again = requests.post(f"{site.url}/ui/apps/{web}/logs/ticket", cookies=copy, headers=json_headers, timeout=10)
+    assert again.status_code in (401, 403), again.text
+    assert not any(s.startswith("restart default/web") for s in site.log()[:3])
 
 
 def test_revoked_token_ends_the_session_at_once(site: Site, page: Page) -> None:

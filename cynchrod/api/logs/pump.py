@@ -2,8 +2,8 @@
 
 Called by the stream route (``routes.stream``). While it waits with nothing queued, the hub
 writes messages to the client's socket itself (``hub.Client.offer``); what is left waits for
-this loop. It also ends the stream when the token is revoked or the app removed (checked every
-second), with the close codes of ``frames``.
+this loop. It also ends the stream when the token is revoked, the dashboard session that opened
+it signs out or expires, or the app is removed (checked every second), with the close codes of ``frames``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ def _send(sub: Client, frames: list[Frame]) -> None:
     sub.ws.sock.sendall(rest + sub.data(frames))
 
 
-def pump(ws: Any, d: Front, token: store.Token, app: store.App) -> None:
+def pump(ws: Any, d: Front, token: store.Token, app: store.App, *, session: str | None = None) -> None:
+    """Serve one client until it leaves; ``session`` (a hash) is the dashboard session that opened it."""
     sub = Client(ws)
     try:
         hub = subscribe(d, app, sub)
@@ -52,6 +53,9 @@ def pump(ws: Any, d: Front, token: store.Token, app: store.App) -> None:
                 last_check = time.monotonic()
                 if not d.store.is_live_token(token.id):
                     ws.close(CLOSE_UNAUTHORIZED, "token_revoked")
+                    return
+                if session is not None and not d.store.is_live_session(session):
+                    ws.close(CLOSE_UNAUTHORIZED, "signed_out")
                     return
                 now = d.store.app(app.id)
                 if now is None or now.status == store.REMOVED:

@@ -58,21 +58,26 @@ def ticket(app_id: str) -> Response:
     return jsonify({"ticket": daemon().tickets.issue(token, app.id), "expires_in": int(TICKET_TTL_S)})
 
 
-def _stream_token(app_id: str) -> store.Token | None:
+def _stream_token(app_id: str) -> tuple[store.Token | None, str | None]:
+    """The stream's token, and the hash of the dashboard session its ticket was issued to."""
     d = daemon()
     if (secret := request.args.get("token")) is not None:
-        return d.store.authenticate(secret)
+        return d.store.authenticate(secret), None
     if (ticket_value := request.args.get("ticket")) is not None:
-        token_id = d.tickets.redeem(ticket_value, app_id)
-        token = d.store.token_by_id(token_id) if token_id else None
-        return token if token is not None and token.revoked_at is None else None
-    return None
+        issued = d.tickets.redeem(ticket_value, app_id)
+        token = d.store.token_by_id(issued[0]) if issued else None
+        if token is None or token.revoked_at is not None or issued is None:
+            return None, None
+        if issued[1] is not None and not d.store.is_live_session(issued[1]):
+            return None, None
+        return token, issued[1]
+    return None, None
 
 
 @sock.route("/apps/<app_id>/logs/stream")
 def stream(ws: Any, app_id: str) -> None:
     d = daemon()
-    token = _stream_token(app_id)
+    token, session = _stream_token(app_id)
     if token is None:
         ws.close(CLOSE_UNAUTHORIZED, "unauthorized")
         return
@@ -84,6 +89,6 @@ def stream(ws: Any, app_id: str) -> None:
         ws.close(CLOSE_BUSY, "too_many_streams")
         return
     try:
-        pump(ws, d, token, app)
+        pump(ws, d, token, app, session=session)
     finally:
         _streams.release()
