@@ -295,12 +295,16 @@ class Caddy:
         }
         if apps is not None:
             self.base["apps"] = apps
-        config = root / "caddy.json"
-        config.write_text(json.dumps(self.base))
-        env = {**os.environ, "HOME": str(root), "XDG_DATA_HOME": str(root / "xdg-data"),
-               "XDG_CONFIG_HOME": str(root / "xdg-config")}
+        self.root = root
+        (root / "caddy.json").write_text(json.dumps(self.base))
+        self.start()
+
+    def start(self) -> None:
+        """Caddy from its config file (at first, or after ``stop``: what a supervisor restarting it does)."""
+        env = {**os.environ, "HOME": str(self.root), "XDG_DATA_HOME": str(self.root / "xdg-data"),
+               "XDG_CONFIG_HOME": str(self.root / "xdg-config")}
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(["caddy", "run", "--config", str(config)], stdout=out,
+            self.proc = subprocess.Popen(["caddy", "run", "--config", str(self.root / "caddy.json")], stdout=out,
                                          stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
         wait_for(self._up, 15, "caddy's admin API")
 
@@ -331,6 +335,7 @@ class Caddy:
             conn.close()
 
     def stop(self) -> None:
+        """``kill -9``."""
         self.proc.kill()
         self.proc.wait(10)
 

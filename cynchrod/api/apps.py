@@ -11,16 +11,20 @@ from flask import Blueprint, Response, jsonify, request
 from cynchrod import store
 from cynchrod.api import ApiError, is_ascii_number, parse_body, read_body
 from cynchrod.api.auth import bearer, daemon, visible_app
-from cynchrod.shell import control
+from cynchrod.shell import control, liveness
 
 bp = Blueprint("apps", __name__)
 DEPLOYMENTS_SHOWN = 20
 
 
-def app_json(app: store.App) -> dict[str, Any]:
+def app_json(app: store.App, *, engine_up: bool | None = None) -> dict[str, Any]:
+    """An app as the API shows it; ``engine_up`` (read once per answer when not given) makes a
+    running app ``unknown`` while the reconciler cannot see the engine."""
+    up = liveness.engine_up(daemon().store) if engine_up is None else engine_up
     return {
         "id": app.id, "name": app.name, "org": app.org, "image": app.image, "domain": app.domain,
-        "port": app.port, "host_port": app.host_port, "status": app.status, "container_id": app.container_id,
+        "port": app.port, "host_port": app.host_port, "status": store.shown_status(app.status, engine_up=up),
+        "container_id": app.container_id,
         "created_at": app.created_at, "updated_at": app.updated_at, "last_error": app.last_error,
         "commit": app.commit, "path": app.path,
         "services": json.loads(app.services_json) if app.services_json else [],
@@ -68,8 +72,10 @@ def list_apps() -> Response:
     cached = _list_cache.get(key)
     if cached is None or cached[0] != version:
         apps = db.apps(org=org, include_removed=include_removed)
-        body = json.dumps({"apps": [app_json(a) for a in apps], "problems": [problem_json(p) for p in db.problems(
-            org=org)]}, separators=(",", ":")).encode()
+        up = liveness.engine_up(db)
+        body = json.dumps({"apps": [app_json(a, engine_up=up) for a in apps],
+                           "problems": [problem_json(p) for p in db.problems(org=org)]},
+                          separators=(",", ":")).encode()
         with _list_lock:
             _list_cache[key] = cached = (version, body)
     return Response(cached[1], mimetype="application/json")

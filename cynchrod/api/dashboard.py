@@ -68,7 +68,7 @@ from cynchrod.api import error_response
 from cynchrod.api.apps import DEPLOYMENTS_SHOWN, build_log, serving, webhook_json
 from cynchrod.api.auth import daemon
 from cynchrod.core.errors import CynchrodError
-from cynchrod.shell import control
+from cynchrod.shell import control, liveness
 from cynchrod.shell.front import TICKET_TTL_S
 
 bp = Blueprint("dashboard", __name__, template_folder="templates", static_folder="static",
@@ -288,11 +288,13 @@ def signout() -> BaseResponse:
 # -- the apps list -------------------------------------------------------------------
 
 
-def _status(app: store.App, last: store.Deployment | None) -> str:
-    """The app's status word; an action accepted but not yet taken up by a pass shows ``queued``."""
+def _status(app: store.App, last: store.Deployment | None, *, engine_up: bool | None = None) -> str:
+    """The app's status word; an action accepted but not yet taken up by a pass shows ``queued``,
+    and a running app ``unknown`` while the reconciler cannot see the engine."""
     if last is not None and last.status == store.QUEUED and app.status not in (store.REMOVED, store.DEPLOYING):
         return store.QUEUED
-    return app.status
+    up = liveness.engine_up(daemon().store) if engine_up is None else engine_up
+    return store.shown_status(app.status, engine_up=up)
 
 
 def _host() -> str:
@@ -300,9 +302,10 @@ def _host() -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _row(app: store.App, last: store.Deployment | None, host: str) -> dict[str, Any]:
+def _row(app: store.App, last: store.Deployment | None, host: str, *, engine_up: bool) -> dict[str, Any]:
     return {
-        "id": app.id, "name": app.name, "org": app.org, "image": app.image, "status": _status(app, last),
+        "id": app.id, "name": app.name, "org": app.org, "image": app.image,
+        "status": _status(app, last, engine_up=engine_up),
         "domain": app.domain, "service_domains": app.service_domains, "host_port": app.host_port,
         "url": f"http://{host}:{app.host_port}/" if app.host_port else None,
         "last_error": app.last_error, "serving": serving(app),
@@ -319,6 +322,8 @@ class _Listing:
     orgs: list[str]
     #: Broken files that declare no deployed app, as (path, their errors' texts).
     problems: list[tuple[str, list[str]]] = dataclasses.field(default_factory=list)
+    #: What the daemon cannot see now (``liveness.down``): the engine, the edge, with why and since when.
+    down: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
 
 _listings: dict[tuple[int, str | None, str], tuple[tuple[int, int], _Listing]] = {}
@@ -339,9 +344,11 @@ def _listing(token: store.Token, org: str | None, host: str) -> _Listing:
         problems: dict[str, list[str]] = {}
         for p in db.problems(org=scope):
             problems.setdefault(p.path, []).append(str(p))
-        listing = _Listing(rows=[_row(a, last.get(a.id), host) for a in apps],
+        down = liveness.down(db)
+        listing = _Listing(rows=[_row(a, last.get(a.id), host, engine_up=liveness.ENGINE_META not in down)
+                                 for a in apps],
                            removed=sum(a.status == store.REMOVED for a in apps), orgs=orgs,
-                           problems=list(problems.items()))
+                           problems=list(problems.items()), down=down)
         with _listings_lock:
             _listings[key] = cached = (version, listing)
     return cached[1]
@@ -366,7 +373,7 @@ def apps() -> str:
     if request.args.get("partial") == "rows":
         return render_template("_rows.html", rows=rows, csrf_token=_csrf())
     return _page("apps.html", rows=rows, org=org, show_removed=removed, q=q, removed_count=listing.removed,
-                 orgs=listing.orgs, poll_ms=POLL_MS, problems=listing.problems)
+                 orgs=listing.orgs, poll_ms=POLL_MS, problems=listing.problems, down=listing.down)
 
 
 @bp.get("/ui/apps.json")

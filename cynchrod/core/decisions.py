@@ -45,6 +45,14 @@ STOPPED = "stopped"
 FAILED = "failed"
 REMOVED = "removed"
 APP_STATUSES = (QUEUED, PENDING, DEPLOYING, RUNNING, STOPPED, FAILED, REMOVED)
+#: Shown, never stored: an app that should be running while the engine cannot be seen (a frozen or
+#: unreachable dockerd): what we last saw is no longer known to be true.
+UNKNOWN = "unknown"
+
+
+def shown_status(status: str, *, engine_up: bool) -> str:
+    """The status the API, the dashboard and ``/metrics`` show for a stored one."""
+    return UNKNOWN if not engine_up and status in (RUNNING, DEPLOYING) else status
 #: ``serving`` of a failed app whose units of an earlier version still run (its newest version
 #: was refused, held, or could not be applied): "failed — previous version running".
 PREVIOUS = "previous"

@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 from cynchrod import runtime, store
 from cynchrod.core import planning
+from cynchrod.core.codes import Code
 from cynchrod.core.errors import CynchrodError, PermanentError
 from cynchrod.daemon import watchers
 from cynchrod.desired import config, secrets, source
-from cynchrod.shell import builds, channel, control, metrics, reconciler
+from cynchrod.shell import builds, channel, control, liveness, metrics, reconciler
 from cynchrod.shell.front import PREVIEW_WAIT_S, Change, Unit, make_edge, make_runtime
 
 if TYPE_CHECKING:
@@ -46,6 +47,8 @@ class Daemon:
     rebuild: Callable[[], config.Settings] | None = None
     #: Called after a reload (the API workers are restarted to read the new config).
     on_reload: Callable[[], None] = lambda: None
+    #: Probes of the engine and the edge (``liveness``), started with the reconciler.
+    liveness: liveness.Liveness | None = None
     _thread: threading.Thread | None = None
     _watcher: threading.Thread | None = None
     #: One preview at a time: page loads during a long pass must not pile up behind it.
@@ -76,8 +79,13 @@ class Daemon:
                                     edge=front)
         ctl = control.Control(src=srcs, db=db, wake=rec.wakeup.request, max_apps=cfg.max_apps,
                               build_allowed=cfg.build_repo_allowed)
+        probes = [liveness.Probe(name="docker", meta=liveness.ENGINE_META, code=Code.DOCKER_UNAVAILABLE,
+                                 check=rt.ping, on_down=rec.view.lost, db=db)]
+        if front is not None:
+            probes.append(liveness.Probe(name="edge", meta=liveness.EDGE_META, code=Code.EDGE_UNAVAILABLE,
+                                         check=front.reassert, db=db))
         return cls(settings=cfg, store=db, source=srcs[0], runtime=rt, reconciler=rec, control=ctl, metrics=stats,
-                   secrets=vault)
+                   secrets=vault, liveness=liveness.Liveness(probes))
 
     _started_at: float = dataclasses.field(default_factory=time.monotonic)
 
@@ -96,6 +104,8 @@ class Daemon:
         self._thread = threading.Thread(target=self.reconciler.serve, name="reconciler",
                                         kwargs={"interval": self.settings.interval, "stop": self.stop_event})
         self._thread.start()
+        if self.liveness is not None:
+            self.liveness.start(self.stop_event)
         if self._watched():
             self._watcher = threading.Thread(target=self._watch, name="watch", daemon=True)
             self._watcher.start()
@@ -103,12 +113,13 @@ class Daemon:
     def health(self) -> list[dict[str, str]]:
         """What stops this daemon from doing its job now, as (code, message) pairs; [] when healthy.
 
-        Cheap enough for every probe: the view's event-stream state, the reconciler's
-        last pass, and one small write in the state dir (a full disk fails it).
+        Cheap enough for every probe: the liveness probes' findings (engine, edge), the view's
+        event-stream state, the reconciler's last pass, and one small write in the state dir
+        (a full disk fails it).
         """
-        problems = []
+        problems = list(self.liveness.problems()) if self.liveness is not None else []
         rec = self.reconciler
-        if rec.view.error is not None:
+        if rec.view.error is not None and not any(p["code"] == Code.DOCKER_UNAVAILABLE for p in problems):
             problems.append({"code": "docker_unavailable", "message": rec.view.error})
         if rec.last_crash is not None:
             problems.append({"code": "pass_crashed", "message": rec.last_crash})

@@ -276,6 +276,19 @@ class Edge:
             log.info("edge: routes re-asserted in Caddy (%d domain(s))", len(self._routes))
         return wrote
 
+    def reassert(self) -> bool:
+        """The liveness probe's check: the routes of the last ``sync`` put back if Caddy lost them
+        (restarted, or its config replaced); True when it wrote. Before any ``sync``, only Caddy's
+        admin API is asked for our server. Raises ``EdgeUnavailable`` when Caddy does not answer."""
+        with self._lock:
+            if self._routes is None:
+                self._request("GET", f"/id/{self.server_id}")
+                return False
+            wrote = self._assert()
+        if wrote:
+            log.warning("edge: Caddy had lost our routes (restarted?); %d domain(s) put back", len(self._routes))
+        return wrote
+
     def switch(self, domains: Iterable[str], old: int | None, new: int, *, org: str, app: str) -> None:
         """Send each of ``domains`` (one service's) to host port ``new`` instead of ``old``
         (other upstreams stay), in one config change."""

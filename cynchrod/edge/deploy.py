@@ -99,6 +99,9 @@ class Deployer:
     def prune_images(self, org: str, app: str, *, keep: int) -> list[str]:
         return self.runtime.prune_images(org, app, keep=keep)
 
+    def ping(self) -> None:
+        self.runtime.ping()
+
     def close(self) -> None:
         self.runtime.close()
 

@@ -211,6 +211,11 @@ class Runtime(Protocol):
         objects it removed (0 for a driver with nothing to recover)."""
         ...
 
+    def ping(self) -> None:
+        """One cheap call under a short deadline (the liveness probe, outside passes, not counted
+        as a pass's engine call); raises ``EngineUnavailable`` when the engine does not answer."""
+        ...
+
     def close(self) -> None: ...
 
 

@@ -28,6 +28,8 @@ T = TypeVar("T")
 
 #: Deadline of one engine call on a request or pass path.
 CALL_TIMEOUT_S = 30
+#: Deadline of the liveness probe's ping: a healthy engine answers in milliseconds.
+PING_TIMEOUT_S = 3.0
 #: Per-container log cap: the json-file driver rotates, so no log grows without bound.
 LOG_CONFIG = {"type": "json-file", "config": {"max-size": "10m", "max-file": "3"}}
 
@@ -224,6 +226,19 @@ class Driver:
             return converted(call, what)
         finally:
             self._log.debug("engine %s: %.1f ms", what.split(" ", 1)[0], (time.perf_counter() - started) * 1000)
+
+    def ping(self) -> None:
+        """``GET /_ping`` under ``PING_TIMEOUT_S`` (the client's own timeout is a pass's, far longer);
+        not counted in ``calls``: it is the liveness probe's, never a pass's."""
+        def call() -> None:
+            response = self.api.get(f"{self.api.base_url}/_ping", timeout=PING_TIMEOUT_S)
+            response.raise_for_status()
+
+        try:
+            call()
+        except (requests.RequestException, docker.errors.DockerException, OSError) as exc:
+            raise EngineUnavailable(f"the engine did not answer a ping within {PING_TIMEOUT_S:g}s "
+                                    f"({type(exc).__name__})") from exc
 
     def _app_labels(self, org: str, app: str) -> dict[str, str]:
         return {runtime.LABEL_OWNER: self.owner, runtime.LABEL_INSTANCE: self.instance,

@@ -51,6 +51,8 @@ class MemoryRuntime:
         self.removed_apps: list[tuple[str, str]] = []
         #: (org, app) -> error raised by the next action on that app.
         self.fail: dict[tuple[str, str], CynchrodError] = {}
+        #: Raised by ``ping`` while set (a frozen engine, for the liveness tests).
+        self.ping_error: CynchrodError | None = None
         self._ids = itertools.count(1)
 
     def list_units(self) -> list[runtime.Unit]:
@@ -113,6 +115,10 @@ class MemoryRuntime:
 
     def recover(self) -> int:
         return 0
+
+    def ping(self) -> None:
+        if self.ping_error is not None:
+            raise self.ping_error
 
     def close(self) -> None:
         pass

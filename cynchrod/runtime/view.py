@@ -177,6 +177,17 @@ class View:
                 self._stream = None
             stop.wait(RECONNECT_S)
 
+    def lost(self, reason: str) -> None:
+        """The engine stopped answering (the liveness probe's ping failed): what the view holds
+        can no longer be trusted. The next snapshot relists, and a stream that hangs on a frozen
+        engine is closed, so the event thread reconnects and relists when the engine is back."""
+        with self._lock:
+            self._live = False
+        self.error = reason
+        stream = self._stream
+        if stream is not None:
+            stream.close()
+
     def stop(self) -> None:
         self._stopping.set()
         stream = self._stream

@@ -1,7 +1,8 @@
 """Prometheus metrics (prometheus-client), one registry per daemon.
 
 The reconciler and the API report into a ``Metrics``; ``GET /metrics`` renders
-it. App counts by status are read from the store at scrape time.
+it. App counts by status, and whether the engine and the edge answer (``liveness``), are read
+from the store at scrape time.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from prometheus_client.registry import Collector
 
 from cynchrod import store
 from cynchrod.desired import secrets
+from cynchrod.shell import liveness
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -27,13 +29,21 @@ class _AppsByStatus(Collector):
         self._db = db
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        family = GaugeMetricFamily("cynchrod_apps", "Apps by status.", labels=["status"])
-        counts = dict.fromkeys(store.APP_STATUSES, 0)
+        down = liveness.down(self._db)
+        family = GaugeMetricFamily("cynchrod_apps", "Apps by status (unknown: the engine cannot be seen).",
+                                   labels=["status"])
+        counts = dict.fromkeys((*store.APP_STATUSES, store.UNKNOWN), 0)
+        engine_up = liveness.ENGINE_META not in down
         for app in self._db.apps():
-            counts[app.status] = counts.get(app.status, 0) + 1
+            status = store.shown_status(app.status, engine_up=engine_up)
+            counts[status] = counts.get(status, 0) + 1
         for status, count in counts.items():
             family.add_metric([status], count)
         yield family
+        yield GaugeMetricFamily("cynchrod_engine_up", "1 while the engine answers the reconciler's probe.",
+                                value=float(engine_up))
+        yield GaugeMetricFamily("cynchrod_edge_up", "1 while the edge (Caddy's admin API) answers, or none is set.",
+                                value=float(liveness.EDGE_META not in down))
 
 
 def directory_for(state_dir: pathlib.Path) -> pathlib.Path:

@@ -15,7 +15,18 @@ every part because they share the connection and its lock.
 
 from __future__ import annotations
 
-from cynchrod.core.decisions import APP_STATUSES, DEPLOYING, FAILED, PENDING, QUEUED, REMOVED, RUNNING, STOPPED
+from cynchrod.core.decisions import (
+    APP_STATUSES,
+    DEPLOYING,
+    FAILED,
+    PENDING,
+    QUEUED,
+    REMOVED,
+    RUNNING,
+    STOPPED,
+    UNKNOWN,
+    shown_status,
+)
 from cynchrod.core.errors import AppExists, QuotaFull
 from cynchrod.store.apps import Apps
 from cynchrod.store.db import SCHEMA, Database, now
@@ -33,9 +44,32 @@ from cynchrod.store.records import (
 from cynchrod.store.secrets import Secrets
 from cynchrod.store.tokens import Tokens
 
-__all__ = ["APP_STATUSES", "DEPLOYING", "FAILED", "PENDING", "QUEUED", "REMOVED", "RUNNING", "SCHEMA", "STOPPED",
-           "TOKEN_PREFIX", "App", "AppExists", "Database", "Deployment", "Problem", "QuotaFull", "Store", "Token",
-           "main_service", "now", "services_json", "token_hash"]
+__all__ = [
+    "APP_STATUSES",
+    "DEPLOYING",
+    "FAILED",
+    "PENDING",
+    "QUEUED",
+    "REMOVED",
+    "RUNNING",
+    "SCHEMA",
+    "STOPPED",
+    "TOKEN_PREFIX",
+    "UNKNOWN",
+    "App",
+    "AppExists",
+    "Database",
+    "Deployment",
+    "Problem",
+    "QuotaFull",
+    "Store",
+    "Token",
+    "main_service",
+    "now",
+    "services_json",
+    "shown_status",
+    "token_hash",
+]
 
 
 class Store(Apps, Tokens, Secrets, Meta):

@@ -2,8 +2,9 @@
 
 A daemon started with ``DOCKER_HOST=unix://<proxy.path>`` talks to the real engine
 through it; ``down()`` closes every connection and refuses new ones (an engine
-that went away), ``hang()`` accepts and never answers (a hung engine), ``up()``
-restores it.
+that went away), ``hang()`` accepts and never answers (a hung engine), ``freeze()`` keeps
+every connection open and passes nothing either way (a paused dockerd: the event stream
+just goes quiet), ``up()`` restores it.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class DockerProxy:
             with self._lock:
                 self._conns.append(client)
                 mode = self.mode
-            if mode == "hang":
+            if mode in ("hang", "freeze"):
                 continue  # held open, never answered
             engine = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             engine.connect(ENGINE)
@@ -52,11 +53,11 @@ class DockerProxy:
             threading.Thread(target=self._pipe, args=(client, engine), daemon=True).start()
             threading.Thread(target=self._pipe, args=(engine, client), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
-                dst.sendall(data)
+                if self.mode != "freeze":  # frozen: what is said is never heard
+                    dst.sendall(data)
         except OSError:
             pass
         finally:
@@ -87,6 +88,11 @@ class DockerProxy:
         self._drop_all()
         if self._server is None:
             self._listen()
+
+    def freeze(self) -> None:
+        """The engine is paused: open connections stay open and silent, new ones are never answered."""
+        with self._lock:
+            self.mode = "freeze"
 
     def up(self) -> None:
         with self._lock:

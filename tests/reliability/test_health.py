@@ -15,7 +15,7 @@ import urllib.request
 
 import docker
 
-from tests.helpers import GitRepo, manifest, owned, wait_for
+from tests.helpers import GitRepo, manifest, new_token, owned, wait_for
 from tests.reliability.dockerproxy import DockerProxy
 
 
@@ -53,6 +53,51 @@ def test_healthz_says_when_docker_is_unreachable_and_recovers(repo: GitRepo, dae
         assert daemon.stop() == 0
     finally:
         proxy.close()
+
+
+def test_a_frozen_engine_shows_on_healthz_metrics_and_statuses(repo: GitRepo, daemons, owner: str,
+                                                              tmp_path: pathlib.Path,
+                                                              docker_client: docker.DockerClient) -> None:
+    """A paused engine answers nothing and sends no event, and a pass with nothing to do asks it
+    nothing: only the liveness probe can see it. A death meanwhile is healed once it answers."""
+    proxy = DockerProxy(tmp_path / "docker.sock")
+    try:
+        repo.push({"apps/a.yaml": manifest("a")})
+        daemon = daemons(interval=300, env={"DOCKER_HOST": f"unix://{proxy.path}"}).start()
+        token = new_token(tmp_path / "state", "default")
+        wait_for(lambda: running(docker_client, owner), 30, "a to run")
+        wait_for(lambda: health(daemon.api) == (200, []), 15, "healthy")
+        assert status(daemon.api, token) == "running"
+
+        proxy.freeze()
+        [unit] = owned(docker_client, owner)
+        docker_client.api.kill(unit["Id"])  # unseen: the engine the daemon talks to is frozen
+        wait_for(lambda: "docker_unavailable" in health(daemon.api)[1], 40, "docker_unavailable on /healthz")
+        assert health(daemon.api)[0] == 503
+        assert status(daemon.api, token) == "unknown"  # not "running": we cannot see it
+        assert metric(daemon.api, "cynchrod_engine_up") == 0
+        assert metric(daemon.api, 'cynchrod_apps{status="unknown"}') == 1
+
+        proxy.up()
+        wait_for(lambda: running(docker_client, owner), 30, "a healed once the engine answers")
+        wait_for(lambda: health(daemon.api) == (200, []), 20, "healthy again")
+        assert status(daemon.api, token) == "running" and metric(daemon.api, "cynchrod_engine_up") == 1
+        assert daemon.stop() == 0
+    finally:
+        proxy.close()
+
+
+def status(api: str, token: str) -> str:
+    request = urllib.request.Request(f"{api}/apps", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        [app] = json.load(response)["apps"]
+    return str(app["status"])
+
+
+def metric(api: str, name: str) -> float:
+    with urllib.request.urlopen(f"{api}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return float(next(line.rsplit(" ", 1)[1] for line in text.splitlines() if line.startswith(name + " ")))
 
 
 def test_a_full_state_dir_is_reported_and_apps_still_heal(repo: GitRepo, daemons, owner: str,
