@@ -155,6 +155,9 @@ class Code(enum.StrEnum):
     API_UNREACHABLE = ("api_unreachable", CLI, False, None, "a client command could not reach the API")
     STREAM_CLOSED = ("stream_closed", CLI, False, None, "logs -f lost its stream")
 
+    # issue 24: hardening, third round
+    PORT_IN_USE = ("port_in_use", PASS, False, None, "the hostPort is held by something else on the host")
+
 
 def status_map() -> dict[str, int]:
     """code -> HTTP status, for every code the API answers with a status of its own."""

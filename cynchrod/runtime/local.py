@@ -44,7 +44,7 @@ import requests
 
 from cynchrod import runtime
 from cynchrod.core import planning, specs
-from cynchrod.core.errors import EngineUnavailable, PermanentError, RuntimeFailure, TemporaryError, UnitGone
+from cynchrod.core.errors import CynchrodError, EngineUnavailable, PermanentError, RuntimeFailure, TemporaryError, UnitGone
 from cynchrod.runtime import _docker, follow
 
 log = logging.getLogger(__name__)
@@ -551,8 +551,29 @@ class LocalRuntime(_docker.Driver):
         container_id: str = created["Id"]
         runtime.crashpoint(f"{point}after-create")
         fault("start", container_id, self.api)
-        self._call(lambda: self.api.start(container_id), f"start {name}")
+        try:
+            self._call(lambda: self.api.start(container_id), f"start {name}")
+        except CynchrodError as exc:
+            # Never leave the half-made container: the next try would meet its name (``name_in_use``)
+            # instead of the cause, which is said each time.
+            with contextlib.suppress(CynchrodError):  # an engine gone meanwhile: the resync removes it
+                self._call(lambda: self.api.remove_container(container_id, force=True), "remove")
+            raise self._start_failure(exc, service) from exc
         return self._served(container_id, spec, service, replica)
+
+    def _start_failure(self, exc: CynchrodError, service: specs.ServiceSpec) -> CynchrodError:
+        """A start that failed, in the project's words: a host port held by someone else is
+        ``port_in_use`` with the port and who holds it when that can be known (temporary: the
+        holder may go away); anything else as it came."""
+        text = exc.message
+        if service.host_port is None or not ("address already in use" in text or "already allocated" in text):
+            return exc
+        where = f"{self.publish_address}:{service.host_port}"
+        holders = self._call(lambda: self.api.containers(filters={"publish": str(service.host_port)}),
+                             "list containers")
+        who = (f"container {holders[0]['Names'][0].lstrip('/')} ({holders[0]['Id'][:12]})" if holders
+               else "a process outside Docker (see `ss -ltnp`)")
+        return TemporaryError(f"host port {where} is in use by {who}; retried with back-off", code="port_in_use")
 
     def _name_conflict(self, name: str) -> Exception:
         """Why a create found its name taken: our own container on its way out is a

@@ -9,6 +9,7 @@ converges.
 
 from __future__ import annotations
 
+import socket
 import time
 
 import pytest
@@ -57,3 +58,30 @@ def test_a_fault_at_each_apply_step_is_the_apps_own_retried_error(repo, harness:
     assert [c["State"] for c in containers] == [want], containers
     assert harness.app("a").status == ("stopped" if change == "stop" else "running")
     assert harness.containers()["b"]["Id"] == b_before
+
+
+def test_a_host_port_held_outside_cynchrod_is_port_in_use_every_time_and_leaves_nothing(
+        repo, harness: Harness) -> None:
+    """A process outside Docker holds the app's hostPort: each try says ``port_in_use`` with the
+    port (not ``name_in_use`` from the half-made container of the try before), leaves no container
+    behind, and once the port is free the app runs."""
+    holder = socket.socket()
+    holder.bind((harness.rt.publish_address, 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        repo.push({"apps/a.yaml": manifest("a", extra=f"port: 8080\nhostPort: {port}\n")})
+        later = time.monotonic()
+        for _ in range(3):
+            harness.sync()
+            app = harness.app("a")
+            assert app.status == "failed" and (app.last_error or "").startswith("port_in_use"), app.last_error
+            assert str(port) in (app.last_error or "")
+            assert harness.rt.api.containers(all=True, filters=harness.rt.owner_filter) == []
+            later += 600
+            harness.rec._clock = lambda t=later: t  # past the back-off
+    finally:
+        holder.close()
+    later += 600
+    harness.sync()
+    assert harness.app("a").status == "running"
