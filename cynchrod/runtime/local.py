@@ -44,7 +44,14 @@ import requests
 
 from cynchrod import runtime
 from cynchrod.core import planning, specs
-from cynchrod.core.errors import CynchrodError, EngineUnavailable, PermanentError, RuntimeFailure, TemporaryError, UnitGone
+from cynchrod.core.errors import (
+    CynchrodError,
+    EngineUnavailable,
+    PermanentError,
+    RuntimeFailure,
+    TemporaryError,
+    UnitGone,
+)
 from cynchrod.runtime import _docker, follow
 
 log = logging.getLogger(__name__)
