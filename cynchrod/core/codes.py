@@ -98,7 +98,8 @@ class Code(enum.StrEnum):
     DOCKER_UNAVAILABLE = ("docker_unavailable", PASS, False, 503, "the engine did not answer")
     RUNTIME_ERROR = ("runtime_error", PASS, False, 502, "the engine refused a call")
     EDGE_UNAVAILABLE = ("edge_unavailable", PASS, False, None, "Caddy's admin API did not answer or refused")
-    STATE_UNWRITABLE = ("state_unwritable", PASS, False, None, "the state directory cannot be written")
+    STATE_UNWRITABLE = ("state_unwritable", PASS, False, 507, "the state directory cannot be written (disk full, "
+                        "read-only): a call that must write there is refused, nothing of it is kept")
     STORE_BUSY = ("store_busy", PASS, False, None, "the store was locked past its busy timeout")
     STORE_ERROR = ("store_error", PASS, True, None, "the store failed in a way a retry will not fix")
     INTERRUPTED = ("interrupted", PASS, False, None, "the daemon stopped during this deployment")

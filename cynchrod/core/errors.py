@@ -19,9 +19,25 @@ subclass of the base): ``edge.EdgeUnavailable`` and the local driver's private
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 from cynchrod.core.codes import Code
+
+#: What a write into the state directory fails with when the disk is full or read-only.
+UNWRITABLE_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT})
+#: The same, as libgit2 and SQLite spell it in a message (pygit2 raises ``OSError`` and
+#: ``GitError`` with no ``errno``; sqlite3 an ``OperationalError``).
+UNWRITABLE_TEXTS = ("no space left", "read-only file system", "disk quota exceeded", "database or disk is full",
+                    "readonly database")
+
+
+def unwritable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the disk is full or read-only (not some other failure to write)."""
+    if isinstance(exc, OSError) and exc.errno in UNWRITABLE_ERRNOS:
+        return True
+    text = str(exc).lower()
+    return any(t in text for t in UNWRITABLE_TEXTS)
 
 
 class CynchrodError(Exception):
@@ -98,9 +114,14 @@ class EngineUnavailable(RuntimeFailure):
 
 class StateUnwritable(TemporaryError):
     """The state directory cannot be written (disk full, read-only): passes still heal,
-    nothing new is recorded until it can be."""
+    nothing new is recorded until it can be; an API call that must write answers 507."""
 
     code: str = Code.STATE_UNWRITABLE
+
+    @classmethod
+    def of(cls, exc: BaseException, what: str) -> StateUnwritable:
+        """``what`` (``"the mirror of URL"``) could not be written: ``exc`` said why."""
+        return cls(f"the state directory cannot be written ({what}): {exc}")
 
 
 class StoreError(PermanentError):

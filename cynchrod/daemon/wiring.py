@@ -241,14 +241,20 @@ def _next_spec(action: planning.Action) -> str:
 
 
 def _unwritable(state: pathlib.Path) -> str | None:
-    """Why nothing can be written in the state dir now (a byte written and synced), else None."""
-    probe = state / ".healthz"
-    try:
-        with open(probe, "wb") as out:
-            out.write(b"1")
-            out.flush()
-            os.fsync(out.fileno())
-        probe.unlink()
-    except OSError as exc:
-        return f"the state directory {state} cannot be written: {exc.strerror or exc}"
+    """Why nothing can be written in the state dir now (a byte written and synced), else None.
+
+    The store's directory and the mirrors' (``repos``, where commits of API calls are made):
+    either may be a mount of its own."""
+    for where in (state, state / "repos"):
+        if where != state and not where.is_dir():
+            continue
+        probe = where / ".healthz"
+        try:
+            with open(probe, "wb") as out:
+                out.write(b"1")
+                out.flush()
+                os.fsync(out.fileno())
+            probe.unlink()
+        except OSError as exc:
+            return f"the state directory {where} cannot be written: {exc.strerror or exc}"
     return None

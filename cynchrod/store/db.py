@@ -163,7 +163,7 @@ class Database:
         #: Bumped by every write of this process that may change app or deployment rows.
         self.version = 0
         self._live: tuple[tuple[int, int], dict[tuple[str, str], App]] | None = None
-        with self._lock:
+        with self._lock, converted():
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA busy_timeout=5000")
             migrate(self._db)
