@@ -155,6 +155,10 @@ class Code(enum.StrEnum):
     API_UNREACHABLE = ("api_unreachable", CLI, False, None, "a client command could not reach the API")
     STREAM_CLOSED = ("stream_closed", CLI, False, None, "logs -f lost its stream")
 
+    # issue 24: mount targets
+    INVALID_MOUNT = ("invalid_mount", MANIFEST, True, None, "a volume's mount path is not absolute and normalised, "
+                     "is /, covers /proc, /sys, /dev, /etc, /bin, /sbin, /usr or /lib{,32,64,x32}, or is given twice")
+
 
 def status_map() -> dict[str, int]:
     """code -> HTTP status, for every code the API answers with a status of its own."""
