@@ -26,7 +26,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 #: A class whose code the registry knows with the other permanence, and why.
 PERMANENCE_EXCEPTIONS = {
     # The engine's 409 (a name or a network taken mid-pass) inside the drivers: the next pass retries.
-    ("cynchrod.runtime._docker", "Conflict"),
+    ("cynchrod.core.errors", "EngineConflict"),
 }
 #: Error classes raised with a ``code=`` keyword, and the permanence that gives (``ClientError`` and
 #: ``ApiError`` carry codes met elsewhere, so their own flag is not the code's).

@@ -30,6 +30,7 @@ import pygit2
 
 from cynchrod.core.codes import Code
 from cynchrod.core.errors import ManifestError, SourceError, StateUnwritable
+from cynchrod.core.errors import MirrorDamaged as _Damaged
 from cynchrod.desired.manifests import MAX_MANIFEST_BYTES, is_manifest_path
 from cynchrod.desired.source import push
 from cynchrod.desired.source.followed import Followed, credential, unwritable_mirror
@@ -445,6 +446,3 @@ class Source(Followed):
         raise SourceError(f"push to {self._safe_url} rejected {PUSH_ATTEMPTS} times: others keep pushing",
                           code="push_conflict")
 
-
-class _Damaged(SourceError):
-    """An object of the mirror cannot be read: the mirror is cloned again (caught by ``Source.files``)."""

@@ -15,18 +15,15 @@ from collections.abc import Callable
 
 import pygit2
 
-from cynchrod.core.errors import PermanentError, SourceError
+from cynchrod.core.errors import PermanentError, PushRejected, SourceError
 from cynchrod.desired.config import local_repo_path
 from cynchrod.desired.source.followed import AUTHOR_EMAIL, AUTHOR_NAME, KEEP_FILE, credential, unwritable_mirror
 
 _PUSH_REF = "refs/cynchrod/push"
 
 
-class Rejected(SourceError):
-    """The remote moved on: fetch, re-apply, push again (caught by ``Source.commit_edit``, which
-    raises ``push_conflict`` when it keeps happening)."""
-
-    code = "push_conflict"
+#: The remote moved on: fetch, re-apply, push again (caught by ``Source.commit_edit``).
+Rejected = PushRejected
 
 
 class _PushCallbacks(pygit2.RemoteCallbacks):
