@@ -164,9 +164,3 @@ def status_map() -> dict[str, int]:
     """code -> HTTP status, for every code the API answers with a status of its own."""
     return {code.value: code.http for code in Code if code.http is not None}
 
-
-def code_of(text: str | None) -> Code | None:
-    """The code a ``last_error`` or ``error`` text (``code: message``) starts with, if any."""
-    if not text:
-        return None
-    return Code.of(text.split(":", 1)[0].split(" ", 1)[0])
