@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from cynchrod import runtime, store
 from cynchrod.core import planning
+from cynchrod.core.codes import Code
 from cynchrod.core.errors import CynchrodError, PermanentError
 from cynchrod.daemon import watchers
 from cynchrod.desired import config, secrets, source
@@ -109,19 +110,19 @@ class Daemon:
         problems = []
         rec = self.reconciler
         if rec.view.error is not None:
-            problems.append({"code": "docker_unavailable", "message": rec.view.error})
+            problems.append({"code": Code.DOCKER_UNAVAILABLE.value, "message": rec.view.error})
         if rec.last_crash is not None:
-            problems.append({"code": "pass_crashed", "message": rec.last_crash})
+            problems.append({"code": Code.PASS_CRASHED.value, "message": rec.last_crash})
         stale = 3 * rec.interval
         since = time.monotonic() - (rec.last_pass_at if rec.last_pass_at is not None else self._started_at)
         if since > stale:
-            problems.append({"code": "passes_stalled",
+            problems.append({"code": Code.PASSES_STALLED.value,
                              "message": f"no pass has finished for {since:.0f}s (3 intervals is {stale:.0f}s)"})
         # A byte written and synced decides: when it goes through, earlier store write
         # failures are over (the next write will tell otherwise).
         unwritable = _unwritable(self.settings.state)
         if unwritable:
-            problems.append({"code": "state_unwritable", "message": unwritable})
+            problems.append({"code": Code.STATE_UNWRITABLE.value, "message": unwritable})
         else:
             rec.state_error = None
         return problems

@@ -187,3 +187,39 @@ def test_no_code_is_compared_as_a_bare_string() -> None:
     assert [t for _, t in _bare_code_compares(
         'a == "domain_taken"\nb in ("x", "quota_exceeded")\nc.startswith("oom_killed:")\nd == Code.X\n')] == [
         "a == 'domain_taken'", "b in ('x', 'quota_exceeded')", "c.startswith('oom_killed:')"]
+
+
+def test_the_healthz_enum_is_every_problem_healthz_names() -> None:
+    """The OpenAPI document's ``/healthz`` problem codes are exactly those the daemon can report:
+    the registry's health codes and the ones ``Daemon.health`` and ``Front.health`` write."""
+    doc = json.loads((ROOT / "cynchrod" / "api" / "openapi.json").read_text())
+    [enum] = [v for p, v in _walk_lists(doc) if p[-3:] == ("properties", "code", "enum") and "Health" in p]
+    written = set()
+    for module in ("daemon/wiring.py", "shell/front.py"):
+        written |= {Code[n].value for n in re.findall(r'\{"code": Code\.([A-Z_]+)', (ROOT / "cynchrod" / module)
+                                                                                   .read_text())}
+    assert {c.value for c in Code if c.kind == codes.HEALTH} <= written
+    assert sorted(enum) == sorted(written)
+
+
+def _walk_lists(value: Any, path: tuple[str, ...] = ()) -> Any:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _walk_lists(v, (*path, str(k)))
+    elif isinstance(value, list):
+        yield path, value
+        for v in value:
+            yield from _walk_lists(v, path)
+
+
+def test_a_code_the_readme_names_is_registered() -> None:
+    """The README keeps no list of codes (it links troubleshooting, which explains every one); a code
+    it names in passing is a registered one. Snake-case words in backticks that are not codes are named here."""
+    not_codes: set[str] = set()
+    named = set(re.findall(r"`([a-z]+(?:_[a-z]+)+)`", (ROOT / "README.md").read_text()))
+    assert sorted(n for n in named - not_codes if Code.of(n) is None) == []
+
+
+def test_the_manifest_error_page_lists_every_manifest_code() -> None:
+    page = (ROOT / "docs" / "errors.md").read_text()
+    assert sorted(c.value for c in Code if c.kind == codes.MANIFEST and f"| `{c.value}` |" not in page) == []
