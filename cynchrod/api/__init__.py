@@ -26,7 +26,7 @@ from werkzeug.exceptions import HTTPException
 
 from cynchrod.core import codes
 from cynchrod.core.errors import ApiError as ApiError
-from cynchrod.core.errors import CynchrodError
+from cynchrod.core.errors import BodyTimeout, CynchrodError
 from cynchrod.desired import yamlio
 from cynchrod.shell import control
 
@@ -56,10 +56,6 @@ def _polled(response: Response) -> bool:
 BODY_TIMEOUT_S = 30.0
 
 
-class _SlowBody(Exception):
-    pass
-
-
 @contextlib.contextmanager
 def _deadline(seconds: float) -> Iterator[None]:
     """Under the gevent workers: the block ends with ``body_timeout`` after ``seconds``."""
@@ -71,11 +67,8 @@ def _deadline(seconds: float) -> Iterator[None]:
     if not monkey.is_module_patched("socket"):
         yield
         return
-    try:
-        with Timeout(seconds, _SlowBody):
-            yield
-    except _SlowBody:
-        raise ApiError("body_timeout", f"the request body did not arrive within {seconds:.0f}s") from None
+    with Timeout(seconds, BodyTimeout(f"the request body did not arrive within {seconds:.0f}s")):
+        yield
 
 
 def read_body() -> bytes:

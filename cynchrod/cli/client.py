@@ -33,15 +33,6 @@ _CLOSE_MESSAGES = {"app_removed": "the app was removed (deleted from the reposit
                                   "cynchrod status APP"}
 
 
-class Stopped(BaseException):
-    """``logs -f`` ended by a signal: the stream is closed and the command exits ``status``
-    (128 + the signal, as a shell reports a process the signal ended)."""
-
-    def __init__(self, status: int) -> None:
-        super().__init__(status)
-        self.status = status
-
-
 class Client:
     def __init__(self, api: str, token: str, *, timeout: float = TIMEOUT_S) -> None:
         self.api = api.rstrip("/")
@@ -263,7 +254,10 @@ def _closed(closed: Any, api: str) -> ClientError:
 
 
 def _stop_on(signum: int, frame: object) -> None:
-    raise Stopped(128 + signum)
+    """``logs -f`` ended by a signal: the stream is closed and the command exits 128 + the signal,
+    as a shell reports a process the signal ended (``SystemExit``: like Ctrl-C's ``KeyboardInterrupt``,
+    no ``except Exception`` on the way catches it)."""
+    raise SystemExit(128 + signum)
 
 
 def logs(client: Client, ref: str, *, tail: int, follow: bool, output: str, out: IO[str]) -> int:
@@ -301,8 +295,8 @@ def logs(client: Client, ref: str, *, tail: int, follow: bool, output: str, out:
                 _print_line(line, output=output, services=services or line["service"] != "main", out=out)
     except KeyboardInterrupt:
         return 130
-    except Stopped as stopped:
-        return stopped.status
+    except SystemExit as stopped:
+        return int(stopped.code or 0)
     finally:
         signal.signal(signal.SIGTERM, previous)
         if ws is not None:

@@ -98,7 +98,8 @@ class Code(enum.StrEnum):
     DOCKER_UNAVAILABLE = ("docker_unavailable", PASS, False, 503, "the engine did not answer")
     RUNTIME_ERROR = ("runtime_error", PASS, False, 502, "the engine refused a call")
     EDGE_UNAVAILABLE = ("edge_unavailable", PASS, False, None, "Caddy's admin API did not answer or refused")
-    STATE_UNWRITABLE = ("state_unwritable", PASS, False, None, "the state directory cannot be written")
+    STATE_UNWRITABLE = ("state_unwritable", PASS, False, 507, "the state directory cannot be written (disk full, "
+                        "read-only): a call that must write there is refused, nothing of it is kept")
     STORE_BUSY = ("store_busy", PASS, False, None, "the store was locked past its busy timeout")
     STORE_ERROR = ("store_error", PASS, True, None, "the store failed in a way a retry will not fix")
     INTERRUPTED = ("interrupted", PASS, False, None, "the daemon stopped during this deployment")
@@ -157,15 +158,11 @@ class Code(enum.StrEnum):
 
     # issue 24: hardening, third round
     PORT_IN_USE = ("port_in_use", PASS, False, None, "the hostPort is held by something else on the host")
+    INVALID_MOUNT = ("invalid_mount", MANIFEST, True, None, "a volume's mount path is not absolute and normalised, "
+                     "is /, covers /proc, /sys, /dev, /etc, /bin, /sbin, /usr or /lib{,32,64,x32}, or is given twice")
 
 
 def status_map() -> dict[str, int]:
     """code -> HTTP status, for every code the API answers with a status of its own."""
     return {code.value: code.http for code in Code if code.http is not None}
 
-
-def code_of(text: str | None) -> Code | None:
-    """The code a ``last_error`` or ``error`` text (``code: message``) starts with, if any."""
-    if not text:
-        return None
-    return Code.of(text.split(":", 1)[0].split(" ", 1)[0])

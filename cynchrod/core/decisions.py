@@ -20,6 +20,8 @@ The rules, each written once here:
   app that holds it keeps it, a second claim is held with ``domain_taken``.
 * **Refusals** (``quota_exceeded``, ``domain_taken``) are recorded as the row's ``refusal``
   (``Decision.refusal``), which the next pass reads back; never a prefix of ``last_error``.
+  So is the note a running app keeps until its next deployment (``oom_killed``: the row's
+  ``note``, ``Decision.note``).
 * **Back-off**: every failure backs off (1, 2, 4 ... 300 s), temporary ones
   included; a permanent failure waits for a new spec. Self-healing a unit that
   keeps dying backs off the same way (0, 0, 1, 2 ... 300 s), reset after a minute up.
@@ -32,7 +34,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-from cynchrod.core import codes, planning, specs
+from cynchrod.core import planning, specs
 from cynchrod.core.codes import Code
 from cynchrod.core.errors import CynchrodError, ManifestError, PermanentError
 
@@ -64,6 +66,8 @@ BACKOFF_MAX_S = 300.0
 HEAL_RESET_S = 60.0
 #: Holds the decisions themselves make (quota, domains): a refused app holds no place.
 REFUSALS = frozenset({Code.QUOTA_EXCEEDED, Code.DOMAIN_TAKEN})
+#: Notes a running app keeps (its ``last_error``) until its next deployment: why a healed unit had died.
+NOTES = frozenset({Code.OOM_KILLED})
 
 
 class Row(Protocol):
@@ -76,6 +80,10 @@ class Row(Protocol):
     @property
     def refusal(self) -> str | None:
         """The code of the refusal (one of ``REFUSALS``) the app was last held with, else None."""
+        ...
+    @property
+    def note(self) -> str | None:
+        """The code of the note (one of ``NOTES``) a running app keeps with its ``last_error``, else None."""
         ...
     @property
     def deployed_hash(self) -> str | None: ...
@@ -163,6 +171,8 @@ class Decision:
     serving: str | None = None
     #: The row's ``refusal`` to record: the code of a quota or domain hold (``REFUSALS``), else None.
     refusal: Code | None = None
+    #: The row's ``note`` to record with ``error``: the code of a note a running app keeps (``NOTES``).
+    note: Code | None = None
 
     @property
     def acts(self) -> bool:
@@ -262,9 +272,13 @@ def refusal_of(error: CynchrodError) -> Code | None:
     return code if code in REFUSALS else None
 
 
-def _noted(row: Row | None) -> str | None:
-    """An ``oom_killed`` note a running app keeps until its next deployment (other errors are cleared)."""
-    return row.last_error if row is not None and codes.code_of(row.last_error) is Code.OOM_KILLED else None
+def _noted(row: Row | None) -> tuple[str | None, Code | None]:
+    """(``last_error``, its code) of a note a running app keeps until its next deployment, read by the
+    row's ``note`` column (``NOTES``); (None, None) when it has none (other errors are cleared)."""
+    note = Code.of(row.note) if row is not None else None
+    if row is None or note not in NOTES:
+        return None, None
+    return row.last_error, note
 
 
 def domains(inputs: Inputs) -> dict[tuple[str, str], CynchrodError]:
@@ -340,7 +354,8 @@ def _in_sync(spec: specs.AppSpec, units: Sequence[planning.Unit]) -> bool:
 def _in_sync_decision(inputs: Inputs, key: tuple[str, str], spec: specs.AppSpec, row: Row | None) -> Decision:
     """What ``_decide_app`` decides for an app ``_in_sync`` with no hold, memory, wait or manifest
     error, without planning it: at 10,000 apps, planning each one made a no-op decision 3x slower."""
-    return Decision(key, spec, status=RUNNING, error=_noted(row), trigger=inputs.trigger,
+    error, note = _noted(row)
+    return Decision(key, spec, status=RUNNING, error=error, note=note, trigger=inputs.trigger,
                     record=row is None or row.deployed_hash != spec.hash)
 
 
@@ -362,10 +377,10 @@ def _decide_app(inputs: Inputs, spec: specs.AppSpec, units: list[planning.Unit],
         memory = dataclasses.replace(memory, heals=0)
     if not actions:
         status = running_status(spec, units, row)
-        error = _noted(row)
+        error, note = _noted(row)
         if manifest_failure is not None:
-            status, error = FAILED, manifest_text(errors)
-        return Decision(key, spec, status=status, error=error, failure=manifest_failure,
+            status, error, note = FAILED, manifest_text(errors), None
+        return Decision(key, spec, status=status, error=error, note=note, failure=manifest_failure,
                         trigger=inputs.trigger, record=not deployed, memory=after_success(memory)
                         if memory.failures and not memory.blocked_hash else memory)
     # Backed off: the row's error (and its refusal, if any) stand.

@@ -1,27 +1,45 @@
 """The error tree every layer raises, with the stable codes the CLI and API share.
 
-Library errors (pygit2, docker, jsonschema, ruamel.yaml) are converted into
-these at the module that owns the library, so callers only ever see our codes.
+Library errors (pygit2, docker, jsonschema, ruamel.yaml, sqlite3, OSError) are converted
+into these at the module that owns the library, so callers only ever see our codes.
 Every code is a member of ``cynchrod.core.codes.Code`` (its permanence, its HTTP
 status); each class's ``permanent`` agrees with it (``tests/unit/test_codes.py``).
 
-The tree, all here but for three kept beside their only raiser (each a
-subclass of the base): ``edge.EdgeUnavailable`` and the local driver's private
-``_Conflict`` (an engine 409), which are being reshaped with their modules.
+Every exception class of the package is defined here (``tests/unit/test_error_tree.py``);
+a module may re-export one under the name its callers use (``edge.EdgeUnavailable``,
+``runtime._docker.Conflict`` for ``EngineConflict``, ``desired.source.push.Rejected`` for
+``PushRejected``, ``shell.builds.NotFetched``).
 
     CynchrodError (ApiError, ClientError)
     ├── PermanentError: ManifestError, YamlError, StoreError, StateLocked, ConfigError,
     │   SecretMissing, SecretError, StagingUnavailable, NotFound, Conflict, Forbidden,
-    │   QuotaExceeded, InvalidManifest, AppExists, QuotaFull
-    └── TemporaryError: SourceError, StateUnwritable, ReconcilerUnavailable,
-        RuntimeFailure (UnitGone, EngineUnavailable)
+    │   QuotaExceeded, InvalidManifest, AppExists, QuotaFull, NotFetched
+    └── TemporaryError: SourceError (MirrorDamaged, PushRejected), StateUnwritable,
+        ReconcilerUnavailable, EdgeUnavailable, BodyTimeout,
+        RuntimeFailure (UnitGone, EngineUnavailable, EngineConflict)
 """
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 from cynchrod.core.codes import Code
+
+#: What a write into the state directory fails with when the disk is full or read-only.
+UNWRITABLE_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT})
+#: The same, as libgit2 and SQLite spell it in a message (pygit2 raises ``OSError`` and
+#: ``GitError`` with no ``errno``; sqlite3 an ``OperationalError``).
+UNWRITABLE_TEXTS = ("no space left", "read-only file system", "disk quota exceeded", "database or disk is full",
+                    "readonly database")
+
+
+def unwritable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the disk is full or read-only (not some other failure to write)."""
+    if isinstance(exc, OSError) and exc.errno in UNWRITABLE_ERRNOS:
+        return True
+    text = str(exc).lower()
+    return any(t in text for t in UNWRITABLE_TEXTS)
 
 
 class CynchrodError(Exception):
@@ -96,11 +114,40 @@ class EngineUnavailable(RuntimeFailure):
     code: str = Code.DOCKER_UNAVAILABLE
 
 
+class MirrorDamaged(SourceError):
+    """An object of a mirror cannot be read: the mirror is cloned again (``desired.source.mirror``)."""
+
+
+class PushRejected(SourceError):
+    """The remote moved on: fetch, re-apply, push again (``desired.source.push``; ``Source.commit_edit``
+    raises ``push_conflict`` when it keeps happening)."""
+
+    code: str = Code.PUSH_CONFLICT
+
+
+class EngineConflict(RuntimeFailure):
+    """The engine answered 409 (a name or a network taken mid-pass): the drivers look at why, the
+    next pass retries (``runtime._docker``). Temporary, unlike the API's permanent ``conflict``."""
+
+    code: str = Code.CONFLICT
+
+
+class EdgeUnavailable(TemporaryError):
+    """Caddy's admin API did not answer, or refused a change (``edge``)."""
+
+    code: str = Code.EDGE_UNAVAILABLE
+
+
 class StateUnwritable(TemporaryError):
     """The state directory cannot be written (disk full, read-only): passes still heal,
-    nothing new is recorded until it can be."""
+    nothing new is recorded until it can be; an API call that must write answers 507."""
 
     code: str = Code.STATE_UNWRITABLE
+
+    @classmethod
+    def of(cls, exc: BaseException, what: str) -> StateUnwritable:
+        """``what`` (``"the mirror of URL"``) could not be written: ``exc`` said why."""
+        return cls(f"the state directory cannot be written ({what}): {exc}")
 
 
 class StoreError(PermanentError):
@@ -147,6 +194,13 @@ class StagingUnavailable(PermanentError):
     """No tmpfs to stage secret files on (``desired.secrets``)."""
 
     code: str = Code.SECRET_STAGING_UNAVAILABLE
+
+
+class NotFetched(PermanentError):
+    """A build repository no pass has fetched yet, asked for by a caller that may not fetch it
+    (a preview: ``shell.builds``); the app waits for a pass that fetches it."""
+
+    code: str = Code.BUILD_SOURCE_UNAVAILABLE
 
 
 class AppExists(PermanentError):
@@ -199,6 +253,12 @@ class InvalidManifest(PermanentError):
     def __init__(self, message: str, errors: list[str]) -> None:
         super().__init__(message)
         self.errors = errors
+
+
+class BodyTimeout(TemporaryError):
+    """A request's body did not arrive in time (``api``, under the gevent workers)."""
+
+    code: str = Code.BODY_TIMEOUT
 
 
 class ApiError(CynchrodError):

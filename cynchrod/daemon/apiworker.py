@@ -34,6 +34,8 @@ from gunicorn import util
 from gunicorn.http import errors as http_errors
 from gunicorn.workers.ggevent import GeventWorker
 
+from cynchrod.core.codes import Code
+
 #: A worker takes a new connection while it holds at most this many more than another.
 SLACK = 1
 #: Longest a new connection is left to the other workers before this one takes it.
@@ -105,17 +107,18 @@ class _Server(StreamServer):  # type: ignore[misc]
 
 #: Requests gunicorn refuses before the app sees them, answered as the app answers its errors
 #: (JSON ``{"error", "message"}`` with a stable code) instead of gunicorn's HTML page:
-#: (exception, status, reason phrase, code, message). Messages are fixed sentences: gunicorn's
-#: own text can quote the request line, and so a ``?token=``. Every other request gunicorn
-#: cannot parse (a malformed request line, header or chunk) is ``400 bad_request``.
-FRONT_ERRORS: tuple[tuple[type[Exception], int, str, str, str], ...] = (
-    (http_errors.LimitRequestLine, 414, "URI Too Long", "uri_too_long",
+#: (exception, code, reason phrase, message); the status is the registry's (``Code.http``).
+#: Messages are fixed sentences: gunicorn's own text can quote the request line, and so a
+#: ``?token=``. Every other request gunicorn cannot parse (a malformed request line, header or
+#: chunk) is ``400 bad_request``.
+FRONT_ERRORS: tuple[tuple[type[Exception], Code, str, str], ...] = (
+    (http_errors.LimitRequestLine, Code.URI_TOO_LONG, "URI Too Long",
      "the request line (method, path and query string) is over {line} bytes"),
-    (http_errors.LimitRequestHeaders, 431, "Request Header Fields Too Large", "headers_too_large",
+    (http_errors.LimitRequestHeaders, Code.HEADERS_TOO_LARGE, "Request Header Fields Too Large",
      "a header is over {field_size} bytes, or there are over {fields} headers"),
-    (http_errors.ExpectationFailed, 417, "Expectation Failed", "expectation_failed",
+    (http_errors.ExpectationFailed, Code.EXPECTATION_FAILED, "Expectation Failed",
      "the only Expect the server knows is 100-continue"),
-    (http_errors.UnsupportedTransferCoding, 501, "Not Implemented", "not_implemented",
+    (http_errors.UnsupportedTransferCoding, Code.NOT_IMPLEMENTED, "Not Implemented",
      "the only Transfer-Encoding the server knows is chunked"),
 )
 #: Errors of the app's own making that gunicorn finds (a header it may not send): a bug, a 500.
@@ -123,15 +126,20 @@ _APP_FAULTS = (http_errors.InvalidResponseHeader, http_errors.InvalidResponseHea
                http_errors.ConfigurationProblem)
 
 
+def _status(code: Code) -> int:
+    assert code.http is not None, code  # every code of this table has a status (tests/unit/test_error_tree.py)
+    return code.http
+
+
 def front_error(exc: BaseException) -> tuple[int, str, str, str]:
     """(status, reason, code, message) of what gunicorn's worker caught while serving a connection."""
-    for kind, status, reason, code, message in FRONT_ERRORS:
+    for kind, code, reason, message in FRONT_ERRORS:
         if isinstance(exc, kind):
-            return status, reason, code, message
+            return _status(code), reason, code.value, message
     if isinstance(exc, http_errors.ParseException) and not isinstance(exc, _APP_FAULTS):
-        return 400, "Bad Request", "bad_request", "the request could not be parsed (a malformed request line, " \
-                                                  "header or chunk)"
-    return 500, "Internal Server Error", "internal", "internal error"
+        return _status(Code.BAD_REQUEST), "Bad Request", Code.BAD_REQUEST.value, \
+            "the request could not be parsed (a malformed request line, header or chunk)"
+    return _status(Code.INTERNAL), "Internal Server Error", Code.INTERNAL.value, "internal error"
 
 
 class Worker(GeventWorker):  # type: ignore[misc]

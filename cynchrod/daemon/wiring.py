@@ -120,19 +120,19 @@ class Daemon:
         problems = list(self.liveness.problems()) if self.liveness is not None else []
         rec = self.reconciler
         if rec.view.error is not None and not any(p["code"] == Code.DOCKER_UNAVAILABLE for p in problems):
-            problems.append({"code": "docker_unavailable", "message": rec.view.error})
+            problems.append({"code": Code.DOCKER_UNAVAILABLE.value, "message": rec.view.error})
         if rec.last_crash is not None:
-            problems.append({"code": "pass_crashed", "message": rec.last_crash})
+            problems.append({"code": Code.PASS_CRASHED.value, "message": rec.last_crash})
         stale = 3 * rec.interval
         since = time.monotonic() - (rec.last_pass_at if rec.last_pass_at is not None else self._started_at)
         if since > stale:
-            problems.append({"code": "passes_stalled",
+            problems.append({"code": Code.PASSES_STALLED.value,
                              "message": f"no pass has finished for {since:.0f}s (3 intervals is {stale:.0f}s)"})
         # A byte written and synced decides: when it goes through, earlier store write
         # failures are over (the next write will tell otherwise).
         unwritable = _unwritable(self.settings.state)
         if unwritable:
-            problems.append({"code": "state_unwritable", "message": unwritable})
+            problems.append({"code": Code.STATE_UNWRITABLE.value, "message": unwritable})
         else:
             rec.state_error = None
         return problems
@@ -252,14 +252,20 @@ def _next_spec(action: planning.Action) -> str:
 
 
 def _unwritable(state: pathlib.Path) -> str | None:
-    """Why nothing can be written in the state dir now (a byte written and synced), else None."""
-    probe = state / ".healthz"
-    try:
-        with open(probe, "wb") as out:
-            out.write(b"1")
-            out.flush()
-            os.fsync(out.fileno())
-        probe.unlink()
-    except OSError as exc:
-        return f"the state directory {state} cannot be written: {exc.strerror or exc}"
+    """Why nothing can be written in the state dir now (a byte written and synced), else None.
+
+    The store's directory and the mirrors' (``repos``, where commits of API calls are made):
+    either may be a mount of its own."""
+    for where in (state, state / "repos"):
+        if where != state and not where.is_dir():
+            continue
+        probe = where / ".healthz"
+        try:
+            with open(probe, "wb") as out:
+                out.write(b"1")
+                out.flush()
+                os.fsync(out.fileno())
+            probe.unlink()
+        except OSError as exc:
+            return f"the state directory {where} cannot be written: {exc.strerror or exc}"
     return None

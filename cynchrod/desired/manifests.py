@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import posixpath
 import re
 import shlex
 from collections.abc import Callable, Iterable, Mapping
@@ -302,6 +303,7 @@ def _check_service(service: dict[str, Any], where: list[Any], err: Callable[[str
     if "hostPort" in service and replicas > 1:
         err(f"{prefix}hostPort: a host port can be bound by one replica only, and replicas is {replicas}",
             "host_port_replicas", [*where, "replicas" if "replicas" in service else "hostPort"])
+    targets: dict[str, int] = {}
     for i, entry in enumerate(service.get("volumes", [])):
         name, _, rest = entry.partition(":")
         target, _, mode = rest.partition(":")
@@ -312,12 +314,49 @@ def _check_service(service: dict[str, Any], where: list[Any], err: Callable[[str
         elif not _VOLUME_NAME.match(name):
             err(f"{prefix}volumes[{i}]: {name!r} is not a volume name (lowercase letters, digits, _ . -)",
                 "invalid_value", at)
-        elif not target.startswith("/") or ".." in target.split("/"):
-            err(f"{prefix}volumes[{i}]: the mount path must be absolute, without '..'", "invalid_value", at)
         elif target.rstrip("/") in ("/var/run/docker.sock", "/run/docker.sock"):
             err(f"{prefix}volumes[{i}]: the Docker socket is never mounted", "policy_violation", at)
+        elif (why := mount_target_problem(target)) is not None:
+            err(f"{prefix}volumes[{i}]: {target!r}: {why}", Code.INVALID_MOUNT, at)
+        elif target in targets:
+            err(f"{prefix}volumes[{i}]: {target!r} is already the mount path of volumes[{targets[target]}]",
+                Code.INVALID_MOUNT, at)
         elif mode not in ("", "ro", "rw"):
             err(f"{prefix}volumes[{i}]: mode must be ro or rw, got {mode!r}", "invalid_value", at)
+        targets.setdefault(target, i)
+
+
+#: Mount paths a volume may not cover: the kernel's filesystems (the path and anything under it: the
+#: engine mounts them itself and refuses, or the container fails to start) ...
+KERNEL_DIRS = ("/proc", "/sys", "/dev")
+#: ... and the image's system directories (the path itself: the volume would hide the image's programs,
+#: libraries or configuration; a folder below them, ``/etc/nginx/conf.d``, ``/usr/share/nginx/html``, is fine).
+SYSTEM_DIRS = re.compile(r"/(?:etc|bin|sbin|usr|lib|lib32|lib64|libx32)")
+
+
+def mount_target_problem(target: str) -> str | None:
+    """Why a volume's mount path (in the container) is refused, else None.
+
+    The rule: absolute; normalised (no ``.``, ``..``, empty component or trailing ``/``: the
+    engine would read ``/data/`` and ``/data`` as one path and the spec hash as two); not ``/``;
+    not ``/proc``, ``/sys``, ``/dev`` or under them; not exactly ``/etc``, ``/bin``, ``/sbin``,
+    ``/usr`` or ``/lib`` (``/lib32``, ``/lib64``, ``/libx32``); each path once per service (checked
+    by the caller). Each refusal used to be a runtime failure or a container that could not start
+    (``invalid mount config`` for ``data:/``)."""
+    if not target.startswith("/"):
+        return "a mount path must be absolute (start with /)"
+    normal = posixpath.normpath(target)
+    if normal.startswith("//"):
+        normal = "/" + normal.lstrip("/")
+    if normal != target:
+        return f"a mount path must be normalised (no '.', '..', '//' or trailing '/'): write {normal!r}"
+    if target == "/":
+        return "a volume cannot be mounted over the container's whole filesystem"
+    if any(target == d or target.startswith(d + "/") for d in KERNEL_DIRS):
+        return "/proc, /sys and /dev (and what is under them) belong to the kernel's filesystems"
+    if SYSTEM_DIRS.fullmatch(target):
+        return "a volume over a system directory would hide the image's own files (mount a folder below it)"
+    return None
 
 
 def _cycle(graph: dict[str, list[str]]) -> list[str]:

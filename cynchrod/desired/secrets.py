@@ -39,7 +39,7 @@ from cryptography.fernet import Fernet, InvalidToken
 
 from cynchrod import store
 from cynchrod.core import specs
-from cynchrod.core.errors import PermanentError
+from cynchrod.core.errors import PermanentError, StateUnwritable
 from cynchrod.core.errors import SecretError as SecretError
 from cynchrod.core.errors import SecretMissing as SecretMissing
 from cynchrod.core.errors import StagingUnavailable as StagingUnavailable
@@ -100,15 +100,20 @@ def load_key(state_dir: pathlib.Path) -> bytes:
         if not path.exists():
             # Written whole under another name, then linked into place: processes starting
             # at once all read the one complete key.
-            state_dir.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".secret-key-")
             try:
-                with os.fdopen(fd, "wb") as out:
-                    out.write(Fernet.generate_key())
-                with contextlib.suppress(FileExistsError):
-                    os.link(tmp, path)
-            finally:
-                os.unlink(tmp)
+                state_dir.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".secret-key-")
+                try:
+                    with os.fdopen(fd, "wb") as out:
+                        out.write(Fernet.generate_key())
+                        out.flush()
+                        os.fsync(out.fileno())  # a full disk says so here, not as an empty key later
+                    with contextlib.suppress(FileExistsError):
+                        os.link(tmp, path)
+                finally:
+                    os.unlink(tmp)
+            except OSError as exc:
+                raise StateUnwritable.of(exc, str(path)) from exc
         key = path.read_bytes().strip()
     try:
         Fernet(key)

@@ -38,18 +38,12 @@ from typing import Any
 import requests
 
 from cynchrod.core import planning, specs
-from cynchrod.core.errors import TemporaryError
+from cynchrod.core.errors import EdgeUnavailable as EdgeUnavailable
 
 log = logging.getLogger(__name__)
 
 #: Seconds one admin API call may take.
 TIMEOUT_S = 5.0
-
-
-class EdgeUnavailable(TemporaryError):
-    """Caddy's admin API did not answer, or refused a change."""
-
-    code = "edge_unavailable"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,7 +20,7 @@ import docker.errors
 import requests
 
 from cynchrod import runtime
-from cynchrod.core.errors import EngineUnavailable, PermanentError, RuntimeFailure, UnitGone
+from cynchrod.core.errors import EngineConflict, EngineUnavailable, PermanentError, RuntimeFailure, UnitGone
 
 log = logging.getLogger("cynchrod.runtime")
 
@@ -53,10 +53,8 @@ def converted(call: Callable[[], T], what: str) -> T:
         raise EngineUnavailable(f"{what}: docker unreachable ({type(exc).__name__})") from exc
 
 
-class Conflict(RuntimeFailure):
-    """The engine answered 409; the caller looks at why."""
-
-    code = "conflict"
+#: The engine answered 409; the caller looks at why (the tree's ``EngineConflict``).
+Conflict = EngineConflict
 
 def stamp_seconds(stamp: str) -> float:
     """An RFC 3339 nano timestamp as epoch seconds (for ``since``), or 0 when unreadable."""

@@ -29,6 +29,7 @@ from typing import Protocol
 
 from cynchrod.core import specs
 from cynchrod.core.errors import CynchrodError, PermanentError, SourceError
+from cynchrod.core.errors import NotFetched as NotFetched
 from cynchrod.desired import config, source
 
 log = logging.getLogger("cynchrod.builds")  # the name the logs have always shown
@@ -38,10 +39,6 @@ MAX_LOG_BYTES = 4 * 1024 * 1024
 
 
 BUILDING = "building"
-
-
-class NotFetched(Exception):
-    """A build repository no pass has fetched yet, asked for by a caller that may not fetch it (a preview)."""
 
 
 def deny_local(org: str, url: str) -> bool:

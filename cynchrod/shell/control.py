@@ -9,7 +9,9 @@ one source of truth: the container change is the next pass applying the commit.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import posixpath
 import time
 from collections.abc import Callable, Sequence
@@ -23,8 +25,11 @@ from cynchrod.core.errors import Forbidden as Forbidden
 from cynchrod.core.errors import InvalidManifest as InvalidManifest
 from cynchrod.core.errors import NotFound as NotFound
 from cynchrod.core.errors import QuotaExceeded as QuotaExceeded
+from cynchrod.core.errors import StateUnwritable
 from cynchrod.desired import edits, manifests, source
 from cynchrod.shell import builds
+
+log = logging.getLogger("cynchrod.control")
 
 
 def _runs(path: str, raw: bytes) -> bool:
@@ -99,7 +104,12 @@ class Control:
     def _accepted(self, app: store.App, action: str, commit: str | None, *, trigger: str = "api") -> Accepted:
         deployment = None
         if commit is not None:
-            deployment = self.store.queue_deployment(app.id, commit=commit, trigger=trigger)
+            try:
+                deployment = self.store.queue_deployment(app.id, commit=commit, trigger=trigger)
+            except StateUnwritable as exc:
+                # The commit is in Git: the call is done, and the pass it wakes applies it (and
+                # records its deployment once the state dir can be written).
+                log.warning("%s: the deployment of commit %s is not queued: %s", app.id, commit[:12], exc)
             self.wake("api")
         return Accepted(app=app, action=action, commit=commit, deployment_id=deployment)
 
@@ -215,7 +225,14 @@ class Control:
 
             commit = self.blocking(lambda: target.commit_edit(path, write,
                                                               f"create {spec.org}/{spec.name} (by {token.name})"))
-            app = self.store.ensure_app(dataclasses.replace(spec, path=path, source=target.url), commit=commit)
+            try:
+                app = self.store.ensure_app(dataclasses.replace(spec, path=path, source=target.url), commit=commit)
+            except StateUnwritable as exc:
+                # Git has the app (the one source of truth): the next pass makes its row and deploys it.
+                self.wake("api")
+                raise StateUnwritable(f"{spec.org}/{spec.name} is committed ({str(commit)[:12]}) and will be "
+                                      f"deployed, but its row could not be written: {exc.message}") from exc
         finally:
-            self.store.release_app(spec.org, spec.name)
+            with contextlib.suppress(StateUnwritable):  # a reservation expires by itself
+                self.store.release_app(spec.org, spec.name)
         return self._accepted(app, "create", commit)

@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from cynchrod import store
 from cynchrod.core import decisions, specs
-from cynchrod.core.errors import CynchrodError, ManifestError, PermanentError, SourceError
+from cynchrod.core.errors import CynchrodError, ManifestError, PermanentError, SourceError, StateUnwritable
 from cynchrod.desired import manifests, source
 from cynchrod.desired import secrets as secrets_mod
 from cynchrod.shell import builds as builds_mod
@@ -127,7 +127,7 @@ class DesiredState:
                 else:
                     commit = src.fetch()
                     log.debug("fetched %s: %.1f ms", commit[:12], (time.perf_counter() - started) * 1000)
-            except SourceError as exc:
+            except (SourceError, StateUnwritable) as exc:  # the mirror's last commit is read instead
                 fetched.errors.append(str(exc))
                 try:
                     commit = src.resolve()

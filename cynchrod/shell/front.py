@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from cynchrod import edge, runtime, store
+from cynchrod.core.codes import Code
 from cynchrod.core.errors import TemporaryError
 from cynchrod.desired import config, secrets, source
 from cynchrod.edge import deploy
@@ -142,7 +143,7 @@ class Front:
         try:
             found = self.channel.call("health", timeout=HEALTH_WAIT_S)
         except channel.ReconcilerUnavailable as exc:
-            return [{"code": "reconciler_unavailable", "message": exc.message}]
+            return [{"code": Code.RECONCILER_UNAVAILABLE.value, "message": exc.message}]
         return [dict(p) for p in found]
 
     def app_units(self, org: str, name: str) -> list[Unit]:

@@ -40,6 +40,7 @@ from typing import TypeVar
 from cynchrod import edge as edge_mod
 from cynchrod import runtime, store
 from cynchrod.core import decisions, planning, specs
+from cynchrod.core.codes import Code
 from cynchrod.core.decisions import TRIGGERS
 from cynchrod.core.errors import CynchrodError, ManifestError, StateUnwritable
 from cynchrod.desired import secrets as secrets_mod
@@ -103,7 +104,7 @@ class Executed:
     #: The error that stopped the app's actions (those after it were not run).
     error: CynchrodError | None = None
     #: Why a healed unit had died (code, message), when it was OOM-killed.
-    note: tuple[str, str] | None = None
+    note: tuple[Code, str] | None = None
 
     @property
     def described(self) -> list[str]:
@@ -343,7 +344,7 @@ class Reconciler:
         An unreachable edge is logged and retried next pass: it never stops a pass."""
         if self.edge is None:
             return
-        taken = [d.key for d in plan if d.failure is not None and d.failure.code == "domain_taken"]
+        taken = [d.key for d in plan if d.failure is not None and d.failure.code == Code.DOMAIN_TAKEN]
         try:
             self.edge.sync(edge_mod.routes(inputs.desired, self.view.snapshot(), taken))
         except CynchrodError as exc:
@@ -373,7 +374,7 @@ class Reconciler:
         deployment = None if row is None else self._book(lambda: self.store.start_deployment(
             row.id, commit=result.commit_of(spec), trigger=d.trigger, spec_hash=spec.hash,
             build_deployment=build_deployment))
-        note: tuple[str, str] | None = None
+        note: tuple[Code, str] | None = None
         kind = ""
         try:
             if d.trigger == "self-heal":
@@ -419,7 +420,7 @@ class Reconciler:
         if self.secrets is not None:
             self.secrets.unstage(org, app)
 
-    def _death_note(self, d: decisions.Decision) -> tuple[str, str] | None:
+    def _death_note(self, d: decisions.Decision) -> tuple[Code, str] | None:
         """Why a unit being healed died, when it was OOM-killed."""
         for action in d.actions:
             unit, service = action.unit, action.service_spec
@@ -427,7 +428,7 @@ class Reconciler:
                 continue
             oom = unit.state == planning.OOM_KILLED or self.runtime.exit_details(unit)[1]
             if oom:
-                return "oom_killed", (f"service {service.name} of {d.key[0]}/{d.key[1]} was killed for "
+                return Code.OOM_KILLED, (f"service {service.name} of {d.key[0]}/{d.key[1]} was killed for "
                                       f"exceeding its memory limit of {service.memory} MB; restarted")
         return None
 
@@ -491,15 +492,16 @@ class Reconciler:
         d, row, note = ran.decision, ran.row, ran.note
         org, name = d.key
         self._remember(d.key, decisions.after_success(d.memory))
-        error = d.error
+        error, noted = d.error, d.note
         if error is None and note is not None:
-            error = f"{note[0]}: {note[1]}"  # running again, but say why it had died
+            error, noted = f"{note[0]}: {note[1]}", note[0]  # running again, but say why it had died
         if row is not None:
-            self._book(lambda: self._record_applied(d, row, ran.deployment, note, result, error))
+            self._book(lambda: self._record_applied(d, row, ran.deployment, note, result, error, noted))
         return AppOutcome(org, name, d.status, ran.described, error)
 
     def _record_applied(self, d: decisions.Decision, row: store.App, deployment: int | None,
-                        note: tuple[str, str] | None, result: PassResult, error: str | None) -> None:
+                        note: tuple[Code, str] | None, result: PassResult, error: str | None,
+                        noted: Code | None) -> None:
         spec = d.spec
         assert spec is not None
         if deployment is not None:
@@ -508,8 +510,8 @@ class Reconciler:
                                          error=note[1] if note else None)
         if d.failure is not None and row.last_error != d.error:
             self._record_failure(row, d, result)
-        self.store.update_app(row.id, status=d.status, last_error=error, deployed_hash=spec.hash, serving=d.serving,
-                              **self._unit_fields(spec, row))
+        self.store.update_app(row.id, status=d.status, last_error=error, note=noted, deployed_hash=spec.hash,
+                              serving=d.serving, **self._unit_fields(spec, row))
 
     def _remember(self, key: tuple[str, str], memory: decisions.Backoff) -> None:
         if memory == _NO_MEMORY:
@@ -531,18 +533,18 @@ class Reconciler:
             return AppOutcome(org, name, d.status)
         if d.retry_in is not None:
             self.wakeup.request_at(d.retry_in, "self-heal")
-        if d.failure is not None and d.failure.code == "quota_exceeded" and row is None:
+        if d.failure is not None and d.failure.code == Code.QUOTA_EXCEEDED and row is None:
             # A refused new app gets a row, so the API and the next pass can see why.
             row = self._row(d.spec, result)
         if row is None:
             row = self._row(d.spec, result)
-        elif not d.failure or d.failure.code != "quota_exceeded":
+        elif not d.failure or d.failure.code != Code.QUOTA_EXCEEDED:
             self.store.record_spec(row, d.spec, commit=result.commit_of(d.spec))
         error = d.error
         if d.failure is not None and row.last_error != error:
             log.warning("%s/%s: %s", org, name, error)
             # A failed build has failed its own deployment already.
-            if d.failure.code != "build_failed":
+            if d.failure.code != Code.BUILD_FAILED:
                 self._record_failure(row, d, result)
         elif d.record and d.status in (decisions.RUNNING, decisions.STOPPED):
             # A spec change that needed no unit change is still a deployment.
@@ -551,7 +553,7 @@ class Reconciler:
             self.store.finish_deployment(done, status=d.status)
             row = self.store.app(row.id) or row
         fields = self._unit_fields(d.spec, row)
-        fields.update(status=d.status, last_error=error, serving=d.serving, refusal=d.refusal)
+        fields.update(status=d.status, last_error=error, serving=d.serving, refusal=d.refusal, note=d.note)
         if d.record and d.status in (decisions.RUNNING, decisions.STOPPED):
             fields["deployed_hash"] = d.spec.hash
         if any(getattr(row, k) != v for k, v in fields.items()):

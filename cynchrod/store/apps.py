@@ -65,12 +65,13 @@ class Apps(Database):
         return App(**dict(row))
 
     def update_app(self, app_id: str, **fields: Any) -> None:
-        """Set ``fields`` of a row. A ``last_error`` written without a ``refusal`` clears the
-        refusal: it belongs to the error that states it (``Decision.refusal``)."""
+        """Set ``fields`` of a row. A ``last_error`` written without a ``refusal`` (or a ``note``)
+        clears it: each belongs to the error that states it (``Decision.refusal``, ``Decision.note``)."""
         if not fields:
             return
         if "last_error" in fields:
             fields.setdefault("refusal", None)
+            fields.setdefault("note", None)
         fields["updated_at"] = now()
         cols = ", ".join(f'"{k}" = ?' for k in fields)
         with self.transaction() as db:

@@ -43,7 +43,8 @@ CREATE TABLE IF NOT EXISTS apps (
     source TEXT NOT NULL DEFAULT '',
     services_json TEXT,
     serving TEXT,
-    refusal TEXT
+    refusal TEXT,
+    note TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS apps_live ON apps(org, name) WHERE status != 'removed';
 CREATE TABLE IF NOT EXISTS deployments (
@@ -125,6 +126,11 @@ def migrate(db: sqlite3.Connection) -> None:
         for code in decisions.REFUSALS:
             db.execute("UPDATE apps SET refusal = ? WHERE status = ? AND substr(last_error, 1, ?) = ?",
                    (code, FAILED, len(code), code))
+    if "note" not in columns:  # a state dir from before notes had a column: read the old prefixes once
+        db.execute("ALTER TABLE apps ADD COLUMN note TEXT")
+        for code in decisions.NOTES:
+            db.execute("UPDATE apps SET note = ? WHERE status != ? AND substr(last_error, 1, ?) = ?",
+                       (code, FAILED, len(code) + 1, f"{code}:"))
     columns = {r["name"] for r in db.execute("PRAGMA table_info(deployments)")}
     if "attempts" not in columns:  # a state dir from before repeated failures were merged
         db.execute("ALTER TABLE deployments ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1")
@@ -174,7 +180,7 @@ class Database:
         #: Bumped by every write of this process that may change app or deployment rows.
         self.version = 0
         self._live: tuple[tuple[int, int], dict[tuple[str, str], App]] | None = None
-        with self._lock:
+        with self._lock, converted():
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA busy_timeout=5000")
             migrate(self._db)

@@ -58,6 +58,9 @@ class App:
     serving: str | None = None
     #: Of a failed app: the code of the refusal it is held with (``decisions.REFUSALS``: quota, domain).
     refusal: str | None = None
+    #: Of a running app: the code of the note it keeps until its next deployment (``decisions.NOTES``:
+    #: ``oom_killed``, when a healed unit had been killed for its memory).
+    note: str | None = None
 
     @property
     def key(self) -> tuple[str, str]:

@@ -138,6 +138,7 @@ def test_oom_killed_is_reported(repo, harness: Harness) -> None:
     app = harness.app("hog")
     assert app.last_error is not None and app.last_error.startswith(
         "oom_killed: service main of default/hog was killed for exceeding its memory limit of 64 MB")
+    assert app.note == "oom_killed"  # the column the next pass reads back, not the text's prefix
     heal = harness.db.deployments(app.id)[0]
     assert (heal.trigger, heal.error_code) == ("self-heal", "oom_killed")
 

@@ -225,3 +225,16 @@ def test_a_body_is_checked_before_the_app(client: Client) -> None:
         assert r.status_code == 400 and r.json()["error"] == "invalid_body", (body, r.text)
     r = client.post("/apps/app_nope/rollback", b"\x00", "application/json")
     assert r.status_code == 400 and r.json()["error"] == "invalid_body", r.text
+
+
+def test_a_volume_over_the_root_is_refused_before_any_commit(client: Client) -> None:
+    """Issue 24, item 6: ``volumes: ["data:/"]`` was accepted (202) and failed at run time with the
+    engine's ``invalid mount config``; now it is a manifest error with its body line and reason."""
+    body = f"name: rooted\nimage: {TEST_IMAGE}\nmemory: 64\nvolumes:\n  - data:/\n  - conf:/etc\n"
+    r = client.post("/apps", body, "application/yaml")
+    assert (r.status_code, r.json()["error"]) == (400, "invalid_manifest"), r.text
+    assert r.json()["errors"] == [
+        "body:5: invalid_mount: volumes[0]: '/': a volume cannot be mounted over the container's whole filesystem",
+        "body:6: invalid_mount: volumes[1]: '/etc': a volume over a system directory would hide the image's own "
+        "files (mount a folder below it)"]
+    assert "rooted" not in [a["name"] for a in client.get("/apps").json()["apps"]]

@@ -20,6 +20,7 @@ class Row:
     deployed_hash: str | None = None
     source: str = "repo"
     refusal: str | None = None
+    note: str | None = None
     created_at: str = "2026-01-01"
     domains: frozenset[str] = frozenset()
 

@@ -28,6 +28,7 @@ class Row:
     deployed_hash: str | None = None
     source: str = ""
     refusal: str | None = None
+    note: str | None = None
     spec: specs.AppSpec | None = None
 
     @property

@@ -87,7 +87,7 @@ restartedAt: 2026-11-28T10:00:00Z
     ("name: web\nimage: i\nvolumes: ['sock:/var/run/docker.sock']\n",
      ["apps/x.yaml:3: policy_violation: volumes[0]: the Docker socket is never mounted"]),
     ("name: web\nimage: i\nvolumes: ['data:../x']\n",
-     ["apps/x.yaml:3: invalid_value: volumes[0]: the mount path must be absolute, without '..'"]),
+     ["apps/x.yaml:3: invalid_mount: volumes[0]: '../x': a mount path must be absolute (start with /)"]),
     ("name: web\nservices:\n  a: {image: i, depends_on: [b]}\n  b: {image: i, depends_on: [a]}\n",
      ["apps/x.yaml:2: invalid_value: services: depends_on has a cycle: a -> b -> a"]),
     ("name: web\nservices:\n  a: {image: i, depends_on: [nope]}\n",

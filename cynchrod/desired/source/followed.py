@@ -9,13 +9,15 @@ mirror's fetches and by ``push``).
 from __future__ import annotations
 
 import abc
+import contextlib
 import os
+import pathlib
 from collections.abc import Callable, Iterable
 from urllib.parse import urlparse
 
 import pygit2
 
-from cynchrod.core.errors import ManifestError
+from cynchrod.core.errors import ManifestError, StateUnwritable, unwritable
 
 APPS_DIR = "apps"
 #: Committed into an emptied apps/ so that deleting the last app is applied.
@@ -33,6 +35,30 @@ def credential(url: str) -> pygit2.UserPass | pygit2.Keypair | None:
         return pygit2.UserPass("x-access-token", token)
     if (scheme == "ssh" or "@" in url.split(":", 1)[0]) and key:
         return pygit2.Keypair("git", key + ".pub", key, "")
+    return None
+
+
+def unwritable_mirror(repo: pygit2.Repository, exc: BaseException) -> StateUnwritable | None:
+    """A ``StateUnwritable`` when libgit2 failed to write into ``repo`` (a mirror under the state dir)
+    because its disk is full or read-only, else None.
+
+    libgit2's message is not to be trusted after a failed write (a full disk showed ``reference
+    'refs/heads/main' not found``, left over from an earlier lookup), so when it says nothing of the
+    disk, a small write beside the objects decides."""
+    where = f"the mirror {repo.path}"
+    if unwritable(exc):
+        return StateUnwritable.of(exc, where)
+    probe = pathlib.Path(repo.path) / "objects" / f".probe-{os.getpid()}"
+    try:
+        with open(probe, "wb") as out:
+            out.write(b"1")
+            out.flush()
+            os.fsync(out.fileno())
+    except OSError as failed:
+        return StateUnwritable.of(failed, where) if unwritable(failed) else None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
     return None
 
 

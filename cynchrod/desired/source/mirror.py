@@ -28,10 +28,12 @@ from urllib.parse import urlparse
 
 import pygit2
 
-from cynchrod.core.errors import ManifestError, SourceError
+from cynchrod.core.codes import Code
+from cynchrod.core.errors import ManifestError, SourceError, StateUnwritable
+from cynchrod.core.errors import MirrorDamaged as _Damaged
 from cynchrod.desired.manifests import MAX_MANIFEST_BYTES, is_manifest_path
 from cynchrod.desired.source import push
-from cynchrod.desired.source.followed import Followed, credential
+from cynchrod.desired.source.followed import Followed, credential, unwritable_mirror
 
 log = logging.getLogger("cynchrod.source")  # the name the logs have always shown
 
@@ -94,8 +96,7 @@ class Source(Followed):
         """This mirror's writer lock: one writer at a time in every process."""
         with self._writing:
             if self._flock_depth == 0:
-                self.mirror.parent.mkdir(parents=True, exist_ok=True)
-                handle = open(self.mirror.with_name(self.mirror.name + ".lock"), "ab")  # noqa: SIM115 (held open)
+                handle = self._lock_file()
                 try:
                     fcntl.flock(handle, fcntl.LOCK_EX)
                 except BaseException:
@@ -110,6 +111,18 @@ class Source(Followed):
                 if self._flock_depth == 0 and self._flock_file is not None:
                     self._flock_file.close()  # releases the flock
                     self._flock_file = None
+
+    def _lock_file(self) -> IO[bytes]:
+        """The writers' lock file, opened (a read-only state dir still takes a lock: flock needs no write)."""
+        lock = self.mirror.with_name(self.mirror.name + ".lock")
+        try:
+            self.mirror.parent.mkdir(parents=True, exist_ok=True)
+            return open(lock, "ab")
+        except OSError as exc:
+            if lock.exists():
+                with contextlib.suppress(OSError):
+                    return open(lock, "rb")
+            raise StateUnwritable.of(exc, f"the mirror of {self._safe_url}") from exc
 
     def _clone_once(self) -> None:
         if (self.mirror / "HEAD").exists():
@@ -202,7 +215,7 @@ class Source(Followed):
             try:
                 return self._fetch()
             except SourceError as exc:
-                if exc.code == "branch_not_found" or not self._heal(exc.message):
+                if exc.code == Code.BRANCH_NOT_FOUND or not self._heal(exc.message):
                     raise
             return self._fetch()
 
@@ -211,10 +224,13 @@ class Source(Followed):
         try:
             repo.remotes["origin"].fetch(prune=pygit2.enums.FetchPrune.PRUNE, callbacks=_callbacks(self.url))
             ref = repo.references.get(self._tracking_ref)
-        except (pygit2.GitError, KeyError, ValueError) as exc:
+        except (pygit2.GitError, OSError, KeyError, ValueError) as exc:
+            full = unwritable_mirror(repo, exc)  # the mirror's refs or objects: the state dir, not the remote
+            if full is not None:
+                raise full from exc
             raise SourceError(f"cannot fetch {self._safe_url}: {exc}") from exc
         if ref is None:
-            raise SourceError(f"branch {self.branch!r} not found in {self._safe_url}", code="branch_not_found")
+            raise SourceError(f"branch {self.branch!r} not found in {self._safe_url}", code=Code.BRANCH_NOT_FOUND)
         return str(ref.target)
 
     def resolve(self) -> str:
@@ -226,7 +242,7 @@ class Source(Followed):
             except (pygit2.GitError, ValueError) as exc:
                 raise SourceError(f"cannot read branch {self.branch!r} of {self._safe_url}: {exc}") from exc
             if target is None:
-                raise SourceError(f"branch {self.branch!r} not found in {self._safe_url}", code="branch_not_found")
+                raise SourceError(f"branch {self.branch!r} not found in {self._safe_url}", code=Code.BRANCH_NOT_FOUND)
             return target
 
     @property
@@ -419,12 +435,14 @@ class Source(Followed):
                 except push.Rejected:
                     pass
                 else:
-                    self._net().references.create(self._tracking_ref, pygit2.Oid(hex=outcome), force=True)
+                    try:
+                        self._net().references.create(self._tracking_ref, pygit2.Oid(hex=outcome), force=True)
+                    except (pygit2.GitError, OSError) as exc:
+                        # The commit is pushed (Git has it): the next fetch moves the ref.
+                        log.warning("the mirror of %s did not record the pushed commit %s: %s", self._safe_url,
+                                    outcome[:12], exc)
                     return outcome
             time.sleep(random.uniform(0.02, 0.1) * (attempt + 1))
         raise SourceError(f"push to {self._safe_url} rejected {PUSH_ATTEMPTS} times: others keep pushing",
                           code="push_conflict")
 
-
-class _Damaged(SourceError):
-    """An object of the mirror cannot be read: the mirror is cloned again (caught by ``Source.files``)."""

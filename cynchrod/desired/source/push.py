@@ -15,18 +15,15 @@ from collections.abc import Callable
 
 import pygit2
 
-from cynchrod.core.errors import PermanentError, SourceError
+from cynchrod.core.errors import PermanentError, PushRejected, SourceError
 from cynchrod.desired.config import local_repo_path
-from cynchrod.desired.source.followed import AUTHOR_EMAIL, AUTHOR_NAME, KEEP_FILE, credential
+from cynchrod.desired.source.followed import AUTHOR_EMAIL, AUTHOR_NAME, KEEP_FILE, credential, unwritable_mirror
 
 _PUSH_REF = "refs/cynchrod/push"
 
 
-class Rejected(SourceError):
-    """The remote moved on: fetch, re-apply, push again (caught by ``Source.commit_edit``, which
-    raises ``push_conflict`` when it keeps happening)."""
-
-    code = "push_conflict"
+#: The remote moved on: fetch, re-apply, push again (caught by ``Source.commit_edit``).
+Rejected = PushRejected
 
 
 class _PushCallbacks(pygit2.RemoteCallbacks):
@@ -66,13 +63,19 @@ def commit_on(repo: pygit2.Repository, tip: str, path: str, edit: Callable[[byte
             except KeyError:
                 keep = [*apps_prefix.split("/"), KEEP_FILE]
                 tree = _replace_path(repo, repo[tree].peel(pygit2.Tree), keep, repo.create_blob(b"")) or tree
-    except (pygit2.GitError, ValueError) as exc:
+    except (pygit2.GitError, OSError, ValueError) as exc:
+        full = unwritable_mirror(repo, exc)  # libgit2 could not write an object into the mirror
+        if full is not None:
+            raise full from exc
         raise PermanentError(f"Git cannot write {path!r} ({exc}); rename the file in the repository",
                              code="path_unwritable") from exc
     if tree == commit.tree.id:
         return None
     author = pygit2.Signature(AUTHOR_NAME, AUTHOR_EMAIL)
-    return str(repo.create_commit(None, author, author, message, tree, [commit.id]))
+    try:
+        return str(repo.create_commit(None, author, author, message, tree, [commit.id]))
+    except (pygit2.GitError, OSError) as exc:
+        raise (unwritable_mirror(repo, exc) or exc) from exc
 
 
 def push_to(repo: pygit2.Repository, commit: str, *, url: str, branch: str, safe_url: str) -> None:
