@@ -506,8 +506,9 @@ class SwarmRuntime(_docker.Driver):
         services = None
         if stale.specs:
             services = self._watch_call(lambda: api.services(filters={"id": sorted(stale.specs)}), "list services")
-        with self._lock:
-            there = {*(stale.tasks & self._services.keys()), *(s["ID"] for s in services or () if s["ID"] in named)}
+        with self._lock:  # the services whose spec was read are there when the read found them
+            there = {*((stale.tasks - stale.specs) & self._services.keys()),
+                     *(s["ID"] for s in services or () if s["ID"] in named)}
         tasks = []
         if there:
             try:

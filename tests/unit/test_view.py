@@ -337,3 +337,14 @@ def test_units_keep_their_fields_through_a_part_read() -> None:
     (only,) = v.app_units("d", "a")
     expected = rt.reread(FakeApi(rt.api.services_now, stream.tasks_now), stale_of(tasks={"s1"})).units[0]
     assert dataclasses.asdict(only) == dataclasses.asdict(expected) and only.state == planning.EXITED
+
+
+def test_reread_of_a_removed_service_and_its_containers_events_asks_for_no_tasks_of_it() -> None:
+    main = FakeApi([service("s1", "a"), service("s2", "b")], [task("t1", "s1", "a"), task("t2", "s2", "b")])
+    rt = swarm_rt(main)
+    rt.list_units()
+    stream = FakeApi([service("s2", "b")], [task("t2", "s2", "b")])
+    # ``docker service rm``: the service's remove event and its task containers' destroy events.
+    found = rt.reread(stream, stale_of(specs={"s1"}, tasks={"s1"}))
+    assert found.units == () and found.scope == {("d", "a", "main")}
+    assert stream.calls == ["services ['id']"]
