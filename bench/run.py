@@ -507,26 +507,55 @@ def swarm_rows(tmp: pathlib.Path, n_cold: int, n_noop: int, passes: int) -> list
         made = time.perf_counter() - t0
         assert len(manager.api.services(filters={"label": [f"{runtime.LABEL_OWNER}={owner}"]})) == n_noop
         assert all(not a.actions for a in rec.run_pass().apps)
-        walls, cpus, calls = [], [], []
-        for _ in range(passes):
-            before = rt.calls
-            cpu0, t1 = time.process_time(), time.perf_counter()
-            result = rec.run_pass()
-            walls.append(time.perf_counter() - t1)
-            cpus.append(time.process_time() - cpu0)
-            calls.append(rt.calls - before)
-            assert all(not a.actions for a in result.apps) and len(result.apps) == n_noop
-        lists = []
+
+        def timed_passes() -> tuple[list[float], list[float], list[int]]:
+            walls, cpus, calls = [], [], []
+            requests: list[str] = []
+            hook = lambda resp, *a, **k: requests.append(resp.request.path_url)  # noqa: E731
+            rt.api.hooks["response"].append(hook)
+            for _ in range(passes):
+                before, asked = rt.calls, len(requests)
+                cpu0, t1 = time.process_time(), time.perf_counter()
+                result = rec.run_pass()
+                walls.append(time.perf_counter() - t1)
+                cpus.append(time.process_time() - cpu0)
+                assert rt.calls - before == len(requests) - asked  # the driver's count is the HTTP requests'
+                calls.append(rt.calls - before)
+                assert all(not a.actions for a in result.apps) and len(result.apps) == n_noop
+            rt.api.hooks["response"].remove(hook)
+            return walls, cpus, calls
+
+        # Without its event thread (``cynchrod sync``) the view relists for each pass: what every
+        # pass cost before the swarm driver fed the view by events.
+        relist_walls, _, relist_calls = timed_passes()
+        # As in the daemon: the view follows the manager's events; a no-op pass reads nothing.
+        stop = threading.Event()
+        events = threading.Thread(target=rec.view.run, args=(stop,), daemon=True)
+        events.start()
+        wait(lambda: rec.view._live, 30)
+        watch_before = rt.watch_calls
+        walls, cpus, calls = timed_passes()
+        stop.set()
+        rec.view.stop()
+        events.join(5)
+        lists, task_lists = [], []
         owner_filter = {"label": runtime.owner_labels(owner)}
         for _ in range(passes):
             t1 = time.perf_counter()
             manager.api.services(filters=owner_filter)
             manager.api.tasks(filters=owner_filter)
             lists.append(time.perf_counter() - t1)
+            t1 = time.perf_counter()
+            manager.api.tasks(filters=owner_filter)
+            task_lists.append(time.perf_counter() - t1)
         rows.append({"scenario": f"swarm no-op pass N={n_noop} services", "cynchrod_s": median(walls),
                      "cynchrod_cpu_s": median(cpus), "docker_calls_per_pass": median(calls),
                      "bare_services_and_tasks_list_s": median(lists),
                      "ratio_vs_bare_list": median(walls) / median(lists),
+                     "relisting_pass_s": median(relist_walls), "relisting_pass_calls": median(relist_calls),
+                     "relisting_ratio_vs_bare_list": median(relist_walls) / median(lists),
+                     "event_thread_reads_during_passes": rt.watch_calls - watch_before,
+                     "poll_tasks_list_s": median(task_lists), "poll_every_s": swarm.POLL_S,
                      "making_the_stopped_services_s": made, "passes": passes})
         log(str(rows[-1]))
         remove(f"{runtime.LABEL_OWNER}={owner}")
@@ -1156,11 +1185,16 @@ def main() -> int:
         for row in previous["rows"]:
             # Only the swarm lab's: a scenario a full run no longer measures is gone, not kept stale.
             if row["scenario"] not in fresh and row["scenario"].startswith("swarm "):
-                results["rows"].append({**row, "from_earlier_run": row.get("from_earlier_run", previous["date"])})
+                when = row.get("from_earlier_run") or row.get("from_partial_run", previous["date"]).split(",")[0]
+                results["rows"].append({**{k: v for k, v in row.items() if k != "from_partial_run"},
+                                        "from_earlier_run": when})
     if args.only and out.exists():
-        # Keep the other scenarios' rows from the last full run; replace the re-run ones.
+        # Keep the other scenarios' rows from the last full run; replace the re-run ones. The header
+        # (date, command, host) stays the full run's; each re-run row says its own run.
         previous = json.loads(out.read_text())
-        fresh = {r["scenario"]: r for r in results["rows"]}
+        rerun = f"{results['date']}, {results['command']}"
+        results.update({k: previous[k] for k in ("date", "started_at", "command", "host") if k in previous})
+        fresh = {r["scenario"]: {**r, "from_partial_run": rerun} for r in results["rows"]}
         results["rows"] = [fresh.pop(r["scenario"], r) for r in previous["rows"]] + list(fresh.values())
         results["partial_rerun"] = sorted(set(previous.get("partial_rerun", [])) | only)
     out.write_text(json.dumps(results, indent=2) + "\n")

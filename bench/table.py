@@ -33,13 +33,14 @@ def fmt(value: object) -> str:
 def table(data: dict[str, Any]) -> list[str]:
     out = ["| scenario | cynchrod | peer | ratio |", "| --- | --- | --- | --- |"]
     for row in data["rows"]:
-        name = row["scenario"] + (f" (earlier run, {row['from_earlier_run']})" if "from_earlier_run" in row else "")
+        name = row["scenario"] + (f" (earlier run, {row['from_earlier_run']})" if "from_earlier_run" in row else "") \
+            + (f" (re-run {row['from_partial_run']})" if "from_partial_run" in row else "")
         ours = {k: v for k, v in row.items() if k.startswith(("cynchrod", "idle", "during", "noop_decide",
                                                                  "org_body", "admin_body", "process_",
                                                                  "breakdown"))}
         ratios = {k: v for k, v in row.items() if k.startswith(("ratio", "overhead"))}
         peers = {k: v for k, v in row.items() if k not in ours and k not in ratios and k != "scenario"
-                 and k not in ("runs", "passes", "from_earlier_run")}
+                 and k not in ("runs", "passes", "from_earlier_run", "from_partial_run")}
         out.append(f"| {name} | {', '.join(f'{k}={fmt(v)}' for k, v in ours.items())} | "
                    f"{', '.join(f'{k}={fmt(v)}' for k, v in peers.items())} | "
                    f"{', '.join(f'{k}={fmt(v)}' for k, v in ratios.items())} |")

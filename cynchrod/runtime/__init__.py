@@ -103,6 +103,19 @@ def mine(labels: dict[str, str], *, owner: str, instance: str) -> bool:
     return labels.get(LABEL_OWNER) == owner and labels.get(LABEL_INSTANCE, instance) == instance
 
 
+#: The services of apps a read covers: (org, app, service).
+Scope = frozenset[tuple[str, str, str]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Listing:
+    """What a ``STALE`` event's read found: every unit of the services in ``scope`` (all of
+    them when None), in place of what the view held there."""
+
+    units: tuple[Unit, ...]
+    scope: Scope | None = None
+
+
 @dataclasses.dataclass(frozen=True)
 class Event:
     """A change the engine reported.
@@ -110,17 +123,23 @@ class Event:
     ``RELIST``: the stream (re)connected, anything may have been missed, list
     everything again. ``STATE``: a unit's state changed (``unit`` is what the
     labels say, its endpoint unknown). ``GONE``: the instance no longer exists.
+    ``STALE``: part of what the view holds may have changed, and the event cannot
+    say how (an engine whose events name objects, not their state: Swarm's); the
+    view calls ``read`` (the driver's own read of that part alone) and puts the
+    ``Listing`` in place of what it held there.
     """
 
     kind: str
     instance: str = ""
     unit: Unit | None = None
     oom: bool = False
+    read: Callable[[], Listing] | None = None
 
 
 RELIST = "relist"
 STATE = "state"
 GONE = "gone"
+STALE = "stale"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,6 +26,8 @@ log = logging.getLogger("cynchrod.runtime")
 
 T = TypeVar("T")
 
+#: Pinned, so that making a client asks the engine nothing (every engine since 20.10 speaks it).
+API_VERSION = "1.41"
 #: Deadline of one engine call on a request or pass path.
 CALL_TIMEOUT_S = 30
 #: Deadline of the liveness probe's ping: a healthy engine answers in milliseconds.

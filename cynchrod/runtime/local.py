@@ -57,7 +57,6 @@ from cynchrod.runtime import _docker, follow
 log = logging.getLogger(__name__)
 
 PULL_TIMEOUT_S = 300
-API_VERSION = "1.41"
 #: The other name of a slot, for a container started beside its old one (``start_beside``), and back.
 ALT_SUFFIX = ".b"
 _EXIT_RE = re.compile(r"Exited \((-?\d+)\)")
@@ -298,10 +297,9 @@ class LocalRuntime(_docker.Driver):
         self.secrets_dir = secrets_dir
         self.publish_address = publish_address
         self.stop_timeout = stop_timeout
-        # The API version is pinned (every engine since 20.10 speaks it): making a client
-        # asks the engine nothing, so a daemon starts while Docker is down.
+        # The API version is pinned (``_docker.API_VERSION``): a daemon starts while Docker is down.
         timeout = call_timeout if call_timeout is not None else _docker.CALL_TIMEOUT_S + stop_timeout
-        self._client = client or docker.DockerClient.from_env(version=API_VERSION, timeout=timeout)
+        self._client = client or docker.DockerClient.from_env(version=_docker.API_VERSION, timeout=timeout)
         self.api = self._client.api
         self.calls = 0
 

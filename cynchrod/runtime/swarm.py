@@ -38,10 +38,17 @@ The mapping:
   a listing compares it with the service's spec now (defaults the engine adds left
   out), so a ``docker service update`` by hand shows as a changed unit and is put
   back; ``docker service rm`` shows as missing units.
-* Observing: a relist is one services list and one tasks list. ``watch`` follows
-  service and node events (each a relist) and, in between, lists again every
-  ``POLL_S`` (every ``SETTLE_S`` while some task is not running) and relists when
-  something changed: Swarm has no task events.
+* Observing: the view (``view.View``) is fed by the manager's events, as on one
+  host; a pass with nothing to do makes no engine call. A relist (start-up, each
+  reconnect, each resync) is one services list and one tasks list. In between,
+  ``watch`` turns the events into ``STALE`` parts that the view reads again alone
+  (``Stale``, ``reread``; on the stream's own connection, counted in
+  ``watch_calls``): a service's create/update/remove, its spec and tasks; a task
+  container's start/die/destroy on the manager, that service's tasks; a node's
+  update, every task. Docker 20.10 has no task events and the manager gives no
+  container events of other nodes (measured: a task killed on a worker says
+  nothing), so the tasks alone (one list, with the services as last read) are read
+  again every ``POLL_S``, every ``SETTLE_S`` while some task is not running.
 * Repo apps (``registry`` set): built on the manager, pushed, run by digest so
   every node can pull them; pruned (and deleted with their app) in the registry
   through its HTTP API.
@@ -61,7 +68,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import docker
 import docker.errors
@@ -84,7 +91,6 @@ from docker.types import (
 from cynchrod import runtime
 from cynchrod.core import planning, specs
 from cynchrod.core.errors import (
-    CynchrodError,
     EngineUnavailable,
     PermanentError,
     RuntimeFailure,
@@ -95,6 +101,7 @@ from cynchrod.runtime import _docker, follow
 from cynchrod.runtime._docker import CALL_TIMEOUT_S, converted, has_registry
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 LABEL_APPLIED = "io.cynchrod.applied"
 LABEL_SECRET = "io.cynchrod.secret"
@@ -217,12 +224,55 @@ def split_reference(image: str) -> tuple[str, str]:
     return image, "latest"
 
 
+class Stale:
+    """What the manager's events say must be read again (pure: fed raw events, read by ``reread``).
+
+    Docker 20.10's events name objects, not their state, and have no task events: a service's
+    ``create``/``update``/``remove`` (its spec: ``specs``); a task container's ``start``/``die``/
+    ``destroy`` on the manager itself, the only node whose events the manager gives (that
+    service's tasks: ``tasks``); a node's ``update`` (down, ready: every task, ``everything``).
+    A task that dies on another node says nothing: the poll (``everything``) finds it."""
+
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+        self.specs: set[str] = set()
+        self.tasks: set[str] = set()
+        self.everything = False
+        #: A node changed: hostnames are read again.
+        self.nodes = False
+
+    def note(self, raw: dict[str, Any]) -> bool:
+        """Take one raw event in; False when it is none of ours (nothing to read for it)."""
+        kind = raw.get("Type")
+        actor = raw.get("Actor") or {}
+        attrs = actor.get("Attributes") or {}
+        if kind == "node":
+            self.nodes = self.everything = True
+        elif kind == "service" and str(attrs.get("name", "")).startswith(f"{self.owner}_") and actor.get("ID"):
+            self.specs.add(str(actor["ID"]))
+        elif kind == "container" and attrs.get(runtime.LABEL_OWNER) == self.owner \
+                and attrs.get("com.docker.swarm.service.id"):
+            self.tasks.add(str(attrs["com.docker.swarm.service.id"]))
+        else:
+            return False
+        return True
+
+
+def service_key(svc: dict[str, Any]) -> tuple[str, str, str]:
+    """The (org, app, service) a swarm service runs, from its labels: its units' scope."""
+    labels = svc["Spec"].get("Labels") or {}
+    return (labels.get(runtime.LABEL_ORG, ""), labels.get(runtime.LABEL_APP, ""),
+            labels.get(runtime.LABEL_SERVICE, specs.MAIN_SERVICE))
+
+
 class _Events:
-    """Service and node events, and a diffing poll in between (Swarm has no task events)."""
+    """The manager's events as ``STALE`` parts for the view to read again (``Stale``), and a poll
+    of the tasks alone in between (a task dies on a worker without an event)."""
 
     def __init__(self, rt: SwarmRuntime) -> None:
         self._rt = rt
-        self._client = docker.DockerClient(base_url=rt.base_url, timeout=None)
+        # Its own connection: the stream holds one, and the reads it asks for are not the passes' calls.
+        self._client = docker.DockerClient(base_url=rt.base_url, version=_docker.API_VERSION, timeout=CALL_TIMEOUT_S)
         self._stream: Any = None
         self._closed = threading.Event()
         self._queue: queue.Queue[dict[str, Any] | Exception] = queue.Queue()
@@ -236,10 +286,20 @@ class _Events:
         except Exception as exc:
             self._queue.put(EngineUnavailable(f"event stream broke ({type(exc).__name__})"))
 
+    def _next(self, timeout: float) -> dict[str, Any] | None:
+        try:
+            item = self._queue.get(timeout=max(timeout, 0))
+        except queue.Empty:
+            return None
+        if isinstance(item, Exception):
+            raise item
+        return item
+
     def __iter__(self) -> Iterator[runtime.Event]:
         try:
             self._stream = converted(lambda: self._client.api.events(
-                filters={"type": ["service", "node"]}, decode=True), "events")
+                filters={"type": ["service", "node", "container"],
+                         "event": ["create", "update", "remove", "start", "die", "destroy"]}, decode=True), "events")
         except RuntimeFailure:
             self.close()
             raise
@@ -249,45 +309,28 @@ class _Events:
         self._reader.start()
         # Subscribed first, then relisted: nothing between the two is missed.
         yield runtime.Event(runtime.RELIST)
+        poll_at = time.monotonic() + self._rt.poll_s
         while not self._closed.is_set():
-            try:
-                item = self._queue.get(timeout=SETTLE_S if self._rt.unsettled else POLL_S)
-            except queue.Empty:
-                item = None
+            stale = Stale(self._rt.owner)
+            raw = self._next(poll_at - time.monotonic())
             if self._closed.is_set():
                 return
-            if isinstance(item, Exception):
-                raise item
-            if item is not None:
-                if not self._ours(item):
-                    continue
+            if raw is None:
+                stale.everything = True  # the poll
+            elif not stale.note(raw):
+                continue
+            else:
                 deadline = time.monotonic() + COALESCE_S
                 while (left := deadline - time.monotonic()) > 0:
-                    with contextlib.suppress(queue.Empty):
-                        more = self._queue.get(timeout=left)
-                        if isinstance(more, Exception):
-                            raise more
-                yield runtime.Event(runtime.RELIST)
-                continue
-            yield from self._poll()
-
-    def _ours(self, raw: dict[str, Any]) -> bool:
-        if raw.get("Type") == "node":
-            self._rt.forget_nodes()
-            return True
-        name = (raw.get("Actor", {}).get("Attributes") or {}).get("name", "")
-        return str(name).startswith(f"{self._rt.owner}_")
-
-    def _poll(self) -> Iterator[runtime.Event]:
-        """List again; when anything changed (a task replaced, one now running), a relist:
-        it wakes a pass, which records the new state (the swarm healed it, not us)."""
-        before = self._rt.last_listing
-        try:
-            fresh = {u.instance: u for u in self._rt.list_units()}
-        except CynchrodError as exc:
-            raise EngineUnavailable(f"poll failed: {exc.message}") from exc
-        if fresh != before:
-            yield runtime.Event(runtime.RELIST)
+                    more = self._next(left)
+                    if more is not None:
+                        stale.note(more)
+            if stale.nodes:
+                self._rt.forget_nodes()
+            yield runtime.Event(runtime.STALE, read=functools.partial(self._rt.reread, self._client.api, stale))
+            # The view has read it by now: poll soon while some task is not running yet.
+            soon = time.monotonic() + self._rt.poll_s
+            poll_at = soon if stale.everything else min(poll_at, soon)
 
     def close(self) -> None:
         self._closed.set()
@@ -372,17 +415,25 @@ class SwarmRuntime(_docker.Driver):
         self.stop_timeout = stop_timeout
         #: The manager (``DOCKER_HOST`` when not given); event and log streams open their own clients.
         self.base_url = base_url or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
-        self._client = docker.DockerClient(base_url=self.base_url, timeout=CALL_TIMEOUT_S + stop_timeout)
+        # The API version is pinned (every engine since 20.10 speaks it): making a client asks nothing.
+        self._client = docker.DockerClient(base_url=self.base_url, version=_docker.API_VERSION,
+                                           timeout=CALL_TIMEOUT_S + stop_timeout)
         self.api = self._client.api
         self.registry = registry
         #: Reads a secret's value by (org, name): nothing is staged on a disk.
         self.secret_value = secret_value
         self.apply_wait_s = apply_wait_s
         self.calls = 0
-        #: What the last listing saw (the event stream reports changes against it).
-        self.last_listing: dict[str, runtime.Unit] = {}
-        #: Some task was not running at the last listing: the event stream lists again soon.
-        self.unsettled = False
+        #: Reads the event stream asked for (its own connection): not the passes' ``calls``.
+        self.watch_calls = 0
+        #: Our services by id, as last read: a read of tasks alone makes units with them.
+        self._services: dict[str, dict[str, Any]] = {}
+        #: Per service id, the read (a number taken when it began) that last wrote its entry,
+        #: removal included: a read that began earlier never writes over it.
+        self._read_by: dict[str, int] = {}
+        self._reads = 0
+        #: The services with a task not running, or not as many as wanted: the stream polls soon.
+        self._unsettled: set[str] = set()
         self._nodes: dict[str, str] = {}
         self._lock = threading.Lock()
         self._logged_in = False
@@ -413,29 +464,100 @@ class SwarmRuntime(_docker.Driver):
         with self._lock:
             self._nodes = {}
 
-    def _node(self, node_id: str) -> str:
+    @property
+    def poll_s(self) -> float:
+        """How long the event stream waits before it reads the tasks again: soon while some task
+        is not running (a worker's tasks change without an event)."""
+        return SETTLE_S if self._unsettled else POLL_S
+
+    def _node(self, node_id: str, api: Any = None) -> str:
         with self._lock:
             known = self._nodes.get(node_id)
         if known is not None or not node_id:
             return known or ""
-        nodes = self._call(lambda: self.api.nodes(), "list nodes")
+        nodes = (self._call(lambda: self.api.nodes(), "list nodes") if api is None
+                 else self._watch_call(lambda: api.nodes(), "list nodes"))
         with self._lock:
             self._nodes = {n["ID"]: (n.get("Description") or {}).get("Hostname", n["ID"][:12]) for n in nodes}
             return self._nodes.get(node_id, node_id[:12])
 
+    def _watch_call(self, call: Callable[[], T], what: str) -> T:
+        self.watch_calls += 1
+        return converted(call, what)
+
     def list_units(self) -> list[runtime.Unit]:
-        """Every unit of this owner and instance: one services list and one tasks list."""
+        """Every unit of this owner and instance: one services list and one tasks list (a relist)."""
+        began = self._began()
         owner = {"label": runtime.owner_labels(self.owner)}
         services = self._call(lambda: self.api.services(filters=owner), "list services")
         tasks = self._call(lambda: self.api.tasks(filters=owner), "list tasks")
-        units = self._units(services, tasks)
-        with self._lock:
-            self.last_listing = {u.instance: u for u in units}
-        return units
+        return list(self._listed(began, tasks, None, services=services).units)
 
-    def _units(self, services: list[dict[str, Any]], tasks: list[dict[str, Any]]) -> list[runtime.Unit]:
-        mine = {s["ID"]: s for s in services
-                if runtime.mine(s["Spec"].get("Labels") or {}, owner=self.owner, instance=self.instance)}
+    def reread(self, api: Any, stale: Stale) -> runtime.Listing:
+        """What ``stale`` names, read again through ``api`` (the event stream's connection): every
+        task (one tasks list, with the services as last read), or the named services' specs (one
+        services list) and tasks (one tasks list)."""
+        began = self._began()
+        owner = {"label": runtime.owner_labels(self.owner)}
+        if stale.everything:
+            tasks = self._watch_call(lambda: api.tasks(filters=owner), "list tasks")
+            return self._listed(began, tasks, None, api=api)
+        named = stale.specs | stale.tasks
+        services = None
+        if stale.specs:
+            services = self._watch_call(lambda: api.services(filters={"id": sorted(stale.specs)}), "list services")
+        with self._lock:  # the services whose spec was read are there when the read found them
+            there = {*((stale.tasks - stale.specs) & self._services.keys()),
+                     *(s["ID"] for s in services or () if s["ID"] in named)}
+        tasks = []
+        if there:
+            try:
+                tasks = self._watch_call(lambda: api.tasks(filters={"service": sorted(there)}), "list tasks")
+            except UnitGone:  # one was removed meanwhile (its event follows): read them all
+                tasks = self._watch_call(lambda: api.tasks(filters=owner), "list tasks")
+        return self._listed(began, tasks, named, services=services, asked=stale.specs, api=api)
+
+    def _began(self) -> int:
+        with self._lock:
+            self._reads += 1
+            return self._reads
+
+    def _listed(self, began: int, tasks: list[dict[str, Any]], named: set[str] | None, *,
+                services: list[dict[str, Any]] | None = None, asked: set[str] | None = None,
+                api: Any = None) -> runtime.Listing:
+        """The units a read found (it began as read number ``began``): of every service (``named``
+        None) or of the ``named`` ones. ``services``: the specs it read, of the ids ``asked`` (None:
+        all of ours); without them, the specs as last read serve."""
+        with self._lock:
+            before = dict(self._services)
+            if services is not None:
+                fresh = {s["ID"]: s for s in services
+                         if runtime.mine(s["Spec"].get("Labels") or {}, owner=self.owner, instance=self.instance)}
+                for sid in before.keys() | fresh.keys() if asked is None else asked:
+                    if self._read_by.get(sid, 0) > began:
+                        continue  # a read that began later wrote it
+                    self._read_by[sid] = began
+                    if sid in fresh:
+                        self._services[sid] = fresh[sid]
+                    else:
+                        self._services.pop(sid, None)
+                if asked is None:  # older marks protect nothing now
+                    self._read_by = {sid: n for sid, n in self._read_by.items() if n >= began}
+            if named is None:
+                covered, scope = dict(self._services), None
+            else:
+                covered = {sid: svc for sid, svc in self._services.items() if sid in named}
+                scope = runtime.Scope(service_key(before.get(sid) or self._services[sid])
+                                      for sid in named if sid in before or sid in self._services)
+        units, unsettled = self._units(covered, tasks, api)
+        with self._lock:
+            self._unsettled = unsettled if named is None else (self._unsettled - named) | unsettled
+        return runtime.Listing(tuple(units), scope)
+
+    def _units(self, mine: dict[str, dict[str, Any]], tasks: list[dict[str, Any]],
+               api: Any = None) -> tuple[list[runtime.Unit], set[str]]:
+        """The units of the services ``mine`` (each slot's current task), and the ids of those
+        not settled (a task not running, or not as many tasks as replicas wanted)."""
         by_slot: dict[tuple[str, int], dict[str, Any]] = {}
         for task in tasks:
             service_id = task.get("ServiceID", "")
@@ -446,21 +568,21 @@ class SwarmRuntime(_docker.Driver):
             if held is None or task["Version"]["Index"] > held["Version"]["Index"]:
                 by_slot[key] = task
         units = []
-        unsettled = False
+        unsettled: set[str] = set()
         counts: dict[str, int] = {}
         for (service_id, slot), task in by_slot.items():
-            svc = mine[service_id]
-            unit = self._unit(svc, task, slot)
+            unit = self._unit(mine[service_id], task, slot, api)
             units.append(unit)
             counts[service_id] = counts.get(service_id, 0) + 1
-            unsettled = unsettled or unit.state != planning.RUNNING
+            if unit.state != planning.RUNNING:
+                unsettled.add(service_id)
         for service_id, svc in mine.items():
             want = ((svc["Spec"].get("Mode") or {}).get("Replicated") or {}).get("Replicas", 0)
-            unsettled = unsettled or counts.get(service_id, 0) != want
-        self.unsettled = unsettled
-        return units
+            if counts.get(service_id, 0) != want:
+                unsettled.add(service_id)
+        return units, unsettled
 
-    def _unit(self, svc: dict[str, Any], task: dict[str, Any], slot: int) -> runtime.Unit:
+    def _unit(self, svc: dict[str, Any], task: dict[str, Any], slot: int, api: Any = None) -> runtime.Unit:
         labels = dict((task.get("Spec", {}).get("ContainerSpec") or {}).get("Labels") or {})
         status = task.get("Status") or {}
         state_name = status.get("State", "")
@@ -477,8 +599,9 @@ class SwarmRuntime(_docker.Driver):
             labels[runtime.LABEL_HASH] = "drift"  # changed by hand: recreated (the service put back)
         ports = [p.get("PublishedPort") for p in (status.get("PortStatus") or {}).get("Ports") or []
                  if p.get("PublishedPort")]
+        node = self._node(task.get("NodeID", ""), api)
         unit = runtime.unit_from_labels(labels, instance=task["ID"], state=state, exit_code=exit_code,
-                                        endpoint=ports[0] if ports else None, node=self._node(task.get("NodeID", "")))
+                                        endpoint=ports[0] if ports else None, node=node)
         return dataclasses.replace(unit, replica=max(slot - 1, 0))
 
     def _drifted(self, svc: dict[str, Any]) -> bool:
@@ -515,7 +638,7 @@ class SwarmRuntime(_docker.Driver):
                 [current[s] for s in sorted(current)])
 
     def watch(self) -> _Events:
-        self.calls += 1
+        self.watch_calls += 1  # the subscription
         return _Events(self)
 
     # -- acting -------------------------------------------------------------

@@ -7,6 +7,14 @@ and the results of the reconciler's own actions (``put`` / ``drop``). A pass wit
 nothing to do therefore costs no engine call, and a death updates the view
 itself before it wakes the pass, so the pass never sees a stale ``running``.
 
+Both drivers feed it. The one-host engine's events carry the unit (``STATE``,
+``GONE``). Swarm's name a service or a node but not what became of its tasks, so
+the swarm driver's events are ``STALE``: the view reads again that part alone
+(the driver's own read, on the event thread) and puts it in place, with the same
+rule as a relist: what an action or an event said after the read began is kept,
+so a read never undoes a newer fact. Either way the view changes, then wakes the
+pass.
+
 Without the event thread (``cynchrod sync``, tests that drive passes by hand) the
 view is not *live* and every snapshot relists: one list call, as before.
 """
@@ -81,26 +89,49 @@ class View:
         with self._lock:
             started = self._seq
         units = self.runtime.list_units()  # raises: the pass fails, the view stays as it was
+        self._install(units, None, started)
         with self._lock:
-            fresh: dict[str, runtime.Unit] = {}
+            self._listed_at = self._clock()
+            self.relists += 1
+
+    def _install(self, units: Iterable[runtime.Unit], scope: runtime.Scope | None, started: int) -> bool:
+        """Put what a read that began at event sequence ``started`` found in place of what the
+        view holds in ``scope`` (everything when None); what an action or an event said about an
+        instance after the read began is kept. True when the view changed."""
+        with self._lock:
+            held = self._units if scope is None else {
+                i: u for i, u in self._units.items() if (u.org, u.app, u.service) in scope}
             newer = {i for i, seq in self._touched.items() if seq > started}
+            fresh: dict[str, runtime.Unit] = {}
             for u in units:
                 if u.instance in newer:
                     continue
-                old = self._units.get(u.instance)
+                old = held.get(u.instance)
                 if u.state == planning.EXITED and u.instance in self._oom:
                     u = dataclasses.replace(u, state=planning.OOM_KILLED)
                 if u.endpoint is None and old is not None:
                     u = dataclasses.replace(u, endpoint=old.endpoint)
-                fresh[u.instance] = u
+                # The same unit stays the same object: what a pass keeps per unit stays valid.
+                fresh[u.instance] = old if old == u else u
             for instance in newer:
-                if instance in self._units:
-                    fresh[instance] = self._units[instance]
-            self._units = fresh
-            self._touched.clear()
-            self._oom &= set(fresh)
-            self._listed_at = self._clock()
-            self.relists += 1
+                if instance in held:
+                    fresh[instance] = held[instance]
+            changed = fresh != held
+            if changed:
+                # What this read says is newer than what a read that began before it says.
+                self._seq += 1
+                for instance in {i for i in held.keys() | fresh.keys() if held.get(i) != fresh.get(i)}:
+                    self._touched[instance] = self._seq
+            if scope is None:
+                self._units = fresh
+                self._oom &= fresh.keys()
+            else:
+                for instance in held:
+                    del self._units[instance]
+                self._units.update(fresh)
+                self._oom -= held.keys() - fresh.keys()
+            self._touched = {i: seq for i, seq in self._touched.items() if seq > started}
+            return changed
 
     def put(self, units: Iterable[runtime.Unit]) -> None:
         """What an action left serving."""
@@ -123,6 +154,14 @@ class View:
         if event.kind == runtime.RELIST:
             self.relist()
             self.on_change(event)
+            return
+        if event.kind == runtime.STALE:
+            assert event.read is not None
+            with self._lock:
+                started = self._seq
+            found = event.read()  # raises: the stream reconnects, and relists
+            if self._install(found.units, found.scope, started):
+                self.on_change(event)
             return
         with self._lock:
             self._seq += 1

@@ -195,8 +195,10 @@ class Reconciler:
         return self.store.start_deployment(app.id, commit=app.commit, trigger="build", spec_hash="")
 
     def _on_event(self, event: runtime.Event) -> None:
-        """The view changed: a unit died or vanished wakes a self-heal pass at once."""
-        if event.kind == runtime.RELIST or (event.unit is not None and event.unit.state != planning.RUNNING) \
+        """The view changed: a unit died or vanished wakes a self-heal pass at once, and so does a
+        relist or a part read again that changed (a swarm replaced a task: the pass records it)."""
+        if event.kind in (runtime.RELIST, runtime.STALE) \
+                or (event.unit is not None and event.unit.state != planning.RUNNING) \
                 or event.kind == runtime.GONE or event.oom:
             self.wakeup.request("self-heal")
 

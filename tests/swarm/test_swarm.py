@@ -4,6 +4,8 @@ limits, names across nodes, secrets, drift, failures the swarm would retry forev
 from __future__ import annotations
 
 import collections
+import json
+import threading
 import time
 import urllib.request
 
@@ -187,3 +189,51 @@ def test_logs_tail_and_follow_name_node_and_replica(sw: SwarmHarness, lab: Lab) 
         assert all(x.service == "main" and x.line.startswith("tick-") for x in got)
     finally:
         stream.close()
+
+
+def test_with_the_view_fed_by_events_a_noop_pass_makes_no_engine_call_and_a_killed_task_is_healed(
+        sw: SwarmHarness, lab: Lab) -> None:
+    """As in the daemon: the view follows the manager's events (and its poll of the tasks), the
+    passes run when it wakes them. A pass with nothing to do makes no engine call at all; a task
+    killed by hand, on a worker (no event: the poll finds it) and on the manager (its container's
+    events), is replaced and the app's row shows the new tasks, with no relist."""
+    sw.repo.push({"apps/heal.yaml": app(lab, "heal", "replicas: 3\n")})  # type: ignore[attr-defined]
+    assert [a.status for a in sw.sync().apps] == ["running"]
+    name = sw.rt.service_name("default", "heal", "main")
+    stop = threading.Event()
+    loop = threading.Thread(target=sw.rec.serve, kwargs={"interval": 300, "stop": stop}, daemon=True)
+    loop.start()
+    try:
+        wait_for(lambda: sw.rec.view._live and sw.rec.last_pass_at is not None, 30, "the view to follow events")
+        requests: list[str] = []
+        sw.api.hooks["response"].append(
+            lambda response, *a, **k: requests.append(f"{response.request.method} {response.request.path_url}"))
+        before, relists = sw.rt.calls, sw.rec.view.relists
+        for _ in range(3):
+            assert [a.actions for a in sw.rec.run_pass().apps] == [[]]
+        assert requests == [] and sw.rt.calls == before, requests
+        manager = next(iter(lab.nodes))
+
+        def units() -> list[dict]:  # type: ignore[type-arg]
+            services = json.loads(sw.app("heal").services_json or "[]")
+            return services[0]["units"] if services else []
+
+        for where in ("a worker", "the manager"):
+            tasks = sw.tasks(name)
+            victim = next(t for t in tasks if (container(lab, t)[0] == manager) == (where == "the manager"))
+            node, c = container(lab, victim)
+            c.kill()
+
+            def healed(killed: str = victim["ID"][:12]) -> bool:
+                now = units()
+                return (len(now) == 3 and all(u["state"] == "running" for u in now)
+                        and killed not in {u["instance"] for u in now})
+
+            wait_for(healed, 60, f"the task killed on {where} ({node}) to be replaced and recorded")
+            assert sw.app("heal").status == "running"
+        assert sw.rec.view.relists == relists  # followed by events and polls, never a relist
+        assert sw.rt.watch_calls > 0
+    finally:
+        stop.set()
+        loop.join(30)
+    assert not loop.is_alive()
