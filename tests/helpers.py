@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import ClassVar
 
 import docker
@@ -172,3 +172,16 @@ def owned(client: docker.DockerClient, owner: str) -> list[dict]:  # type: ignor
         all=True, filters={"label": [f"{runtime.LABEL_OWNER}={owner}"]})
     return rows
 
+
+
+@contextlib.contextmanager
+def tmpfs(path: pathlib.Path, size: str) -> Iterator[pathlib.Path]:
+    """A fresh tmpfs of ``size`` (``16m``) mounted at ``path`` (made): a disk that fills up.
+    Unmounted lazily at the end: a daemon stopped after this may still hold files there."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            subprocess.run(["umount", "-l", str(path)], check=True)

@@ -13,38 +13,21 @@ work and nothing was lost.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import pathlib
 import subprocess
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 
 import pytest
 import requests
 
-from tests.helpers import TEST_IMAGE, Daemon, GitRepo, git, new_token, wait_for
-
-
-def health(api: str) -> tuple[int, list[str]]:
-    try:
-        with urllib.request.urlopen(f"{api}/healthz", timeout=5) as response:
-            return response.status, [p["code"] for p in json.load(response)["problems"]]
-    except urllib.error.HTTPError as exc:
-        return exc.code, [p["code"] for p in json.load(exc)["problems"]]
+from tests.helpers import TEST_IMAGE, Daemon, GitRepo, git, new_token, tmpfs, wait_for
+from tests.reliability.test_health import health
 
 
 @pytest.fixture
 def state(tmp_path: pathlib.Path) -> Iterator[pathlib.Path]:
-    path = tmp_path / "state"
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(path)], check=True)
-    try:
+    with tmpfs(tmp_path / "state", "16m") as path:
         yield path
-    finally:  # lazily: the daemons fixture stops a daemon still holding files there after this
-        with contextlib.suppress(subprocess.CalledProcessError):
-            subprocess.run(["umount", "-l", str(path)], check=True)
 
 
 class Api:

@@ -6,7 +6,6 @@ that goes away, and a state dir on a small tmpfs that fills up.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import pathlib
 import subprocess
@@ -15,7 +14,7 @@ import urllib.request
 
 import docker
 
-from tests.helpers import GitRepo, manifest, new_token, owned, wait_for
+from tests.helpers import GitRepo, manifest, new_token, owned, tmpfs, wait_for
 from tests.reliability.dockerproxy import DockerProxy
 
 
@@ -103,10 +102,7 @@ def metric(api: str, name: str) -> float:
 def test_a_full_state_dir_is_reported_and_apps_still_heal(repo: GitRepo, daemons, owner: str,
                                                          tmp_path: pathlib.Path,
                                                          docker_client: docker.DockerClient) -> None:
-    state = tmp_path / "state"
-    state.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(state)], check=True)
-    try:
+    with tmpfs(tmp_path / "state", "16m") as state:
         repo.push({"apps/a.yaml": manifest("a")})
         daemon = daemons(interval=300).start()
         wait_for(lambda: running(docker_client, owner), 30, "a to run")
@@ -121,6 +117,3 @@ def test_a_full_state_dir_is_reported_and_apps_still_heal(repo: GitRepo, daemons
         (state / "fill").unlink()
         wait_for(lambda: health(daemon.api) == (200, []), 70, "healthy once there is room")
         assert daemon.stop() == 0
-    finally:  # lazily: the daemons fixture stops a daemon still holding files there after this
-        with contextlib.suppress(subprocess.CalledProcessError):
-            subprocess.run(["umount", "-l", str(state)], check=True)

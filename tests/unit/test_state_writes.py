@@ -8,7 +8,6 @@ daemon's API answer (507) is ``tests/reliability/test_full_state.py``.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import pathlib
 import sqlite3
@@ -22,18 +21,13 @@ from cynchrod import store
 from cynchrod.core.errors import StateUnwritable, unwritable
 from cynchrod.desired import secrets
 from cynchrod.desired.source import push
+from tests.helpers import tmpfs
 
 
 @pytest.fixture
 def small(tmp_path: pathlib.Path) -> Iterator[pathlib.Path]:
-    path = tmp_path / "small"
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)], check=True)
-    try:
+    with tmpfs(tmp_path / "small", "1m") as path:
         yield path
-    finally:
-        with contextlib.suppress(subprocess.CalledProcessError):
-            subprocess.run(["umount", "-l", str(path)], check=True)
 
 
 def fill(where: pathlib.Path) -> pathlib.Path:
