@@ -161,6 +161,10 @@ class Code(enum.StrEnum):
     INVALID_MOUNT = ("invalid_mount", MANIFEST, True, None, "a volume's mount path is not absolute and normalised, "
                      "is /, covers /proc, /sys, /dev, /etc, /bin, /sbin, /usr or /lib{,32,64,x32}, or is given twice")
 
+    # --- image updates (issue 23) ---
+    INVALID_UPDATE = ("invalid_update", MANIFEST, True, None, "an update: block with no or several strategies, "
+                      "a bad semver range or regex, a sort without regex, or an interval outside 5s..24h")
+
 
 def status_map() -> dict[str, int]:
     """code -> HTTP status, for every code the API answers with a status of its own."""

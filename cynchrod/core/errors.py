@@ -13,7 +13,7 @@ a module may re-export one under the name its callers use (``edge.EdgeUnavailabl
     CynchrodError (ApiError, ClientError)
     ├── PermanentError: ManifestError, YamlError, StoreError, StateLocked, ConfigError,
     │   SecretMissing, SecretError, StagingUnavailable, NotFound, Conflict, Forbidden,
-    │   QuotaExceeded, InvalidManifest, AppExists, QuotaFull, NotFetched
+    │   QuotaExceeded, InvalidManifest, AppExists, QuotaFull, NotFetched, UpdatePolicyError
     └── TemporaryError: SourceError (MirrorDamaged, PushRejected), StateUnwritable,
         ReconcilerUnavailable, EdgeUnavailable, BodyTimeout,
         RuntimeFailure (UnitGone, EngineUnavailable, EngineConflict)
@@ -88,6 +88,16 @@ class ManifestError(PermanentError):
 
     def __str__(self) -> str:
         return f"{self.path}:{self.line}: {self.code}: {self.message}"
+
+
+class UpdatePolicyError(PermanentError):
+    """A manifest's ``update:`` block cannot be used; ``key`` names the key at fault (for file:line)."""
+
+    code: str = Code.INVALID_UPDATE
+
+    def __init__(self, message: str, *, key: str) -> None:
+        super().__init__(message, code=Code.INVALID_UPDATE)
+        self.key = key
 
 
 class SourceError(TemporaryError):

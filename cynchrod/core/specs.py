@@ -13,6 +13,8 @@ import json
 import re
 from typing import Any
 
+from cynchrod.core import updates
+
 DEFAULT_ORG = "default"
 #: An org or app name: a DNS label. The one home of the rule; ``schemas/app.schema.json``
 #: carries the same pattern (a unit test keeps them equal) for editors.
@@ -81,6 +83,8 @@ class ServiceSpec:
     #: Host name routed to this service's ``port`` by the edge (multi-service apps).
     #: Not part of the hash either: a route changes, the container stays.
     domain: str | None = None
+    #: The ``update:`` block (image updates). Not part of the hash: a policy change remakes nothing.
+    update: updates.UpdatePolicy | None = None
 
     def canonical(self, *, restarted_at: str | None) -> str:
         """Everything that, when changed, needs a new container, as canonical JSON.
@@ -90,6 +94,7 @@ class ServiceSpec:
         body = dataclasses.asdict(self)
         del body["replicas"]
         del body["domain"]
+        del body["update"]
         body["restarted_at"] = restarted_at
         return json.dumps(body, sort_keys=True, separators=(",", ":"))
 
@@ -207,6 +212,7 @@ class AppSpec:
                 if s.get("build") else None,
                 replicas=int(s.get("replicas", 1)),
                 domain=s.get("domain"),
+                update=updates.UpdatePolicy(**s["update"]) if s.get("update") else None,
             )
             for s in data["services"]
         )

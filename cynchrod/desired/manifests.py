@@ -17,7 +17,7 @@ import shlex
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from cynchrod.core import specs
+from cynchrod.core import specs, updates
 from cynchrod.core.codes import Code
 from cynchrod.core.errors import ManifestError
 from cynchrod.desired import validation, yamlio
@@ -220,7 +220,8 @@ def _parse(path: str, raw: bytes, *, org: str | None) -> Result:
     return Result(path, _to_spec(path, data))
 
 
-_SERVICE_ONLY_IN_SERVICES = ("image", "build", "command", "port", "hostPort", "volumes", "secrets", "healthcheck")
+_SERVICE_ONLY_IN_SERVICES = ("image", "build", "command", "port", "hostPort", "volumes", "secrets", "healthcheck",
+                             "update")
 _VOLUME_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 
 
@@ -288,6 +289,8 @@ def _check_domains(data: dict[str, Any], err: Callable[[str, str, list[Any]], No
 def _check_service(service: dict[str, Any], where: list[Any], err: Callable[[str, str, list[Any]], None],
                    *, replicas: int) -> None:
     prefix = ".".join(map(str, where)) + "." if where else ""
+    if "update" in service:
+        _check_update(service, where, prefix, err)
     for key in ("context", "dockerfile"):
         value = str((service.get("build") or {}).get(key, ""))
         if value.startswith(("/", "~")) or ".." in value.replace("\\", "/").split("/"):
@@ -324,6 +327,20 @@ def _check_service(service: dict[str, Any], where: list[Any], err: Callable[[str
         elif mode not in ("", "ro", "rw"):
             err(f"{prefix}volumes[{i}]: mode must be ro or rw, got {mode!r}", "invalid_value", at)
         targets.setdefault(target, i)
+
+
+def _check_update(service: dict[str, Any], where: list[Any], prefix: str,
+                  err: Callable[[str, str, list[Any]], None]) -> None:
+    block = service["update"]
+    if "image" not in service:
+        err(f"{prefix}update: needs image (a built image has no registry to watch)", Code.INVALID_UPDATE,
+            [*where, "update"])
+        return
+    try:
+        updates.parse_policy(block)
+    except updates.PolicyError as exc:
+        at = [*where, "update", exc.key] if exc.key in block else [*where, "update"]
+        err(f"{prefix}update.{exc.key}: {exc}", Code.INVALID_UPDATE, at)
 
 
 #: Mount paths a volume may not cover: the kernel's filesystems (the path and anything under it: the
@@ -420,6 +437,7 @@ def _service(name: str, data: dict[str, Any], app: dict[str, Any]) -> specs.Serv
         replicas=int(data.get("replicas", app.get("replicas", 1))),
         # The app's own domain stays on the app (a single service's keys are the app's).
         domain=data.get("domain") if data is not app else None,
+        update=updates.parse_policy(data["update"]) if "update" in data else None,
     )
 
 
