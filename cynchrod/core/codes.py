@@ -164,6 +164,12 @@ class Code(enum.StrEnum):
     # --- image updates (issue 23) ---
     INVALID_UPDATE = ("invalid_update", MANIFEST, True, None, "an update: block with no or several strategies, "
                       "a bad semver range or regex, a sort without regex, or an interval outside 5s..24h")
+    REGISTRY_UNREACHABLE = ("registry_unreachable", PASS, False, None, "an image update check could not reach the "
+                            "registry, it timed out, or it answered an error (the check backs off and retries)")
+    REGISTRY_UNAUTHORIZED = ("registry_unauthorized", PASS, False, None, "the registry refused the credentials (or "
+                             "their absence) for the repository")
+    REGISTRY_GARBAGE = ("registry_garbage", PASS, False, None, "the registry answered something that is not a tag "
+                        "list or a manifest digest")
 
 
 def status_map() -> dict[str, int]:

@@ -15,7 +15,7 @@ a module may re-export one under the name its callers use (``edge.EdgeUnavailabl
     │   SecretMissing, SecretError, StagingUnavailable, NotFound, Conflict, Forbidden,
     │   QuotaExceeded, InvalidManifest, AppExists, QuotaFull, NotFetched, UpdatePolicyError
     └── TemporaryError: SourceError (MirrorDamaged, PushRejected), StateUnwritable,
-        ReconcilerUnavailable, EdgeUnavailable, BodyTimeout,
+        ReconcilerUnavailable, EdgeUnavailable, BodyTimeout, RegistryError,
         RuntimeFailure (UnitGone, EngineUnavailable, EngineConflict)
 """
 
@@ -104,6 +104,12 @@ class SourceError(TemporaryError):
     """The manifests repository could not be fetched or read."""
 
     code: str = Code.SOURCE_UNAVAILABLE
+
+
+class RegistryError(TemporaryError):
+    """A registry could not answer an image update check (down, slow, refused, garbage): the check backs off."""
+
+    code: str = Code.REGISTRY_UNREACHABLE
 
 
 class RuntimeFailure(TemporaryError):
