@@ -170,6 +170,8 @@ class Code(enum.StrEnum):
                              "their absence) for the repository")
     REGISTRY_GARBAGE = ("registry_garbage", PASS, False, None, "the registry answered something that is not a tag "
                         "list or a manifest digest")
+    IMAGE_UPDATE_FAILED = ("image_update_failed", PASS, True, None, "an image update was not committed: the "
+                           "manifest changed meanwhile (a person's change wins) or cannot be edited")
 
 
 def status_map() -> dict[str, int]:

@@ -261,3 +261,21 @@ def display_version(image: str) -> str:
     if ref.digest:
         text += "@" + ref.digest.split(":", 1)[-1][:12]
     return text
+
+
+def is_rollback(policy: UpdatePolicy, *, before: str, after: str, bumped_to: str | None) -> bool:
+    """Whether a change of the declared image from ``before`` to ``after`` (not made by the daemon)
+    goes back: an older tag by the policy's order, or, when the daemon had bumped ``before``, any
+    other reference of the same tag (a digest removed or replaced by hand)."""
+    if after in (before, bumped_to):
+        return False
+    try:
+        old, new = parse_reference(before), parse_reference(after)
+    except ValueError:
+        return False
+    if old.key != new.key:
+        return False  # another image: a person's new choice, not a rollback
+    if old.tag is not None and new.tag is not None and old.tag != new.tag:
+        older, newer = _key(policy, new.tag), _key(policy, old.tag)
+        return older is not None and newer is not None and older < newer
+    return bumped_to is not None and before == bumped_to

@@ -30,6 +30,27 @@ def set_keys(raw: bytes, values: dict[str, Any]) -> bytes:
     return yamlio.dump_roundtrip(doc, indent=yamlio.guess_indent(raw.decode("utf-8")))  # the file's own indentation
 
 
+def set_image(raw: bytes, service: str | None, expected: str, image: str) -> bytes:
+    """Replace the ``image`` of the app (``service`` None) or of ``services.<service>``, keeping the
+    file's comments, layout and the value's quoting. The image must still be ``expected`` (what the
+    update was chosen from): else a ``PermanentError`` (``image_update_failed``) and nothing is written,
+    so a person's concurrent change always wins."""
+    try:
+        doc = yamlio.load_roundtrip(raw)
+    except yamlio.YamlError as exc:
+        raise PermanentError(f"the manifest cannot be edited: line {exc.line}: {exc.message}",
+                             code="image_update_failed") from exc
+    node = doc
+    if service is not None:
+        node = (doc.get("services") or {}).get(service) if yamlio.is_mapping(doc) else None
+    if not yamlio.is_mapping(node) or node.get("image") != expected:
+        where = "image" if service is None else f"services.{service}.image"
+        raise PermanentError(f"{where} is no longer {expected!r} in the manifest: the update is not applied",
+                             code="image_update_failed")
+    node["image"] = yamlio.same_style(node["image"], image)
+    return yamlio.dump_roundtrip(doc, indent=yamlio.guess_indent(raw.decode("utf-8")))
+
+
 def new_manifest(data: dict[str, Any], *, header: str | None = None) -> bytes:
     """A manifest file for ``POST /apps``: keys in the documented order."""
     order = ["name", "org", "image", "command", "port", "hostPort", "domain", "env", "cpu", "memory", "state",

@@ -277,3 +277,13 @@ def double_quoted(text: str) -> str:
     """A string written with double quotes (timestamps that must stay strings)."""
     quoted: str = DoubleQuotedScalarString(text)
     return quoted
+
+
+def same_style(old: Any, text: str) -> str:
+    """``text`` written the way ``old`` was (plain, 'single' or "double" quoted, literal ...)."""
+    from ruamel.yaml.scalarstring import ScalarString
+
+    if isinstance(old, ScalarString):
+        styled: str = type(old)(text)
+        return styled
+    return text

@@ -110,8 +110,25 @@ class Control:
                 # The commit is in Git: the call is done, and the pass it wakes applies it (and
                 # records its deployment once the state dir can be written).
                 log.warning("%s: the deployment of commit %s is not queued: %s", app.id, commit[:12], exc)
-            self.wake("api")
+            self.wake("update" if trigger == "update" else "api")
         return Accepted(app=app, action=action, commit=commit, deployment_id=deployment)
+
+    def bump_image(self, app: store.App, *, service: str | None, expected: str, image: str,
+                   message: str) -> Accepted:
+        """Commit an image update (``shell.updates``): the manifest's ``image`` (of ``service``, or of the
+        app when None) from ``expected`` to ``image``, as the daemon, through the same compare-and-swap
+        commit-back as every imperative call; the deployment it queues has trigger ``update``."""
+        if not app.path:
+            raise Conflict(f"app {app.org}/{app.name} has no manifest in the repository", code="not_in_repo")
+
+        def edit(old: bytes | None) -> bytes | None:
+            if old is None:
+                raise Conflict(f"{app.path} is no longer in the repository", code="not_in_repo")
+            return edits.set_image(old, service, expected, image)
+
+        src = self._source_of(app)
+        commit = self.blocking(lambda: src.commit_edit(app.path, edit, message))
+        return self._accepted(app, "update", commit, trigger="update")
 
     def restart(self, app: store.App, *, actor: str) -> Accepted:
         """Recreate a running app's containers. A stopped app is refused (``app_stopped``):

@@ -43,6 +43,7 @@ from cynchrod.store.records import (
 )
 from cynchrod.store.secrets import Secrets
 from cynchrod.store.tokens import Tokens
+from cynchrod.store.updates import Updates, UpdateState
 
 __all__ = [
     "APP_STATUSES",
@@ -64,6 +65,8 @@ __all__ = [
     "QuotaFull",
     "Store",
     "Token",
+    "UpdateState",
+    "Updates",
     "main_service",
     "now",
     "services_json",
@@ -72,5 +75,5 @@ __all__ = [
 ]
 
 
-class Store(Apps, Tokens, Secrets, Meta):
+class Store(Apps, Tokens, Secrets, Meta, Updates):
     """The whole store over one SQLite file (see ``db.Database`` for threads and processes)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pathlib
+
 import pytest
 
 from cynchrod.core import updates
@@ -138,3 +140,66 @@ def test_bad_update_blocks_are_located(raw: bytes, line: int, code: str) -> None
     result = manifests.parse("a.yaml", raw)
     assert result.spec is None
     assert [(e.code, e.line) for e in result.errors] == [(code, line)], [str(e) for e in result.errors]
+
+
+ROUND_TRIP = """\
+# the shop's front end
+name: web   # keep me
+org: shop
+image: "127.0.0.1:5000/shop/web:1.4.2"  # pinned by the bot
+update:
+    semver: '^1.4'
+env:
+    A: '1'
+"""
+
+
+def test_the_bump_keeps_comments_layout_and_quoting() -> None:
+    from cynchrod.desired import edits
+
+    out = edits.set_image(ROUND_TRIP.encode(), None, "127.0.0.1:5000/shop/web:1.4.2", "127.0.0.1:5000/shop/web:1.5.0")
+    assert out.decode() == ROUND_TRIP.replace("web:1.4.2", "web:1.5.0")
+    single = ROUND_TRIP.replace('"127.0.0.1:5000/shop/web:1.4.2"', "'127.0.0.1:5000/shop/web:1.4.2'")
+    out = edits.set_image(single.encode(), None, "127.0.0.1:5000/shop/web:1.4.2", "127.0.0.1:5000/shop/web:1.5.0")
+    assert out.decode() == single.replace("web:1.4.2", "web:1.5.0")
+
+
+def test_a_service_bump_and_a_changed_manifest() -> None:
+    from cynchrod.core.errors import PermanentError
+    from cynchrod.desired import edits
+
+    raw = b"name: a\nservices:\n  db:\n    image: r.io/db:1\n  web:\n    image: r.io/web:1  # x\n"
+    assert edits.set_image(raw, "web", "r.io/web:1", "r.io/web:2") == raw.replace(b"web:1", b"web:2")
+    with pytest.raises(PermanentError) as caught:
+        edits.set_image(raw, "web", "r.io/web:0", "r.io/web:2")
+    assert caught.value.code == "image_update_failed"
+
+
+@pytest.mark.parametrize(("before", "after", "bumped", "expected"), [
+    ("r.io/w:1.5.0", "r.io/w:1.4.2", "r.io/w:1.5.0", True),  # our bump reverted
+    ("r.io/w:1.5.0", "r.io/w:1.4.2", None, True),  # a person's older tag
+    ("r.io/w:1.4.2", "r.io/w:1.6.0", None, False),  # a person's newer tag
+    ("r.io/w:1.4.2", "r.io/w:1.5.0", "r.io/w:1.5.0", False),  # ours
+    ("r.io/w:1.5.0", "r.io/other:1.0.0", None, False),  # another image
+    ("r.io/w:1@sha256:" + "a" * 64, "r.io/w:1", "r.io/w:1@sha256:" + "a" * 64, True),  # digest bump undone
+])
+def test_rollbacks(before: str, after: str, bumped: str | None, expected: bool) -> None:
+    assert updates.is_rollback(UpdatePolicy(semver=">=0"), before=before, after=after, bumped_to=bumped) is expected
+
+
+def test_an_older_state_dir_gets_the_table(tmp_path: pathlib.Path) -> None:
+    import sqlite3
+
+    from cynchrod import store
+
+    db = store.Store(tmp_path / "cynchrod.db")
+    db.close()
+    with sqlite3.connect(tmp_path / "cynchrod.db") as raw:  # as a version before image updates left it
+        raw.execute("DROP TABLE image_updates")
+    db = store.Store(tmp_path / "cynchrod.db")
+    state = store.UpdateState(app_id="a1", service="main", image="r.io/w:1", reason="up_to_date", failed=("2",))
+    db.put_update_state(state)
+    assert db.update_states("a1") == [state]
+    db.drop_update_states("a1", keep=set())
+    assert db.update_states() == []
+    db.close()
