@@ -76,8 +76,10 @@ class Pusher:
         self.ctx = pathlib.Path(tempfile.mkdtemp(prefix="cynchrod-updates-"))
         shutil.copy("/bin/busybox", self.ctx / "busybox")
 
-    def push(self, host: str, repo: str, tag: str, *, content: str = "one") -> str:
+    def push(self, host: str, repo: str, tag: str, *, content: str = "one", broken: bool = False) -> str:
+        """``broken``: an image with no programs at all (its containers cannot start)."""
         (self.ctx / "Dockerfile").write_text(
+            f'FROM scratch\nCOPY Dockerfile /Dockerfile\nLABEL {LABEL}.content="{content}"\n' if broken else
             "FROM scratch\nCOPY busybox /bin/busybox\n"
             'RUN ["/bin/busybox", "--install", "-s", "/bin"]\n'
             f'LABEL {LABEL}.content="{content}"\n'

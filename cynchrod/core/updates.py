@@ -217,6 +217,8 @@ def choose(policy: UpdatePolicy, image: str, tags: Iterable[str], *, failed: Ite
     skip = set(failed)
     best = next((t for t in reversed(allowed) if t not in skip), None)
     newest = allowed[-1]
+    if ref.tag in skip and newest == ref.tag:
+        return Choice(newest, "failed_before")  # running what failed: shown, never proposed again
     if current is not None and _key(policy, newest) is not None and not _key(policy, newest) > current:
         return Choice(None, "up_to_date")
     if newest == ref.tag:

@@ -5,13 +5,15 @@ the test's (``due``): a check runs when the test says an interval has passed, so
 from __future__ import annotations
 
 import concurrent.futures
+import json
+import pathlib
 from collections.abc import Iterator
 
 import pytest
 
 from cynchrod.desired import registry
 from cynchrod.shell import control, metrics, updates
-from tests.helpers import GitRepo, git
+from tests.helpers import GitRepo, git, wait_for
 from tests.registryd import LocalRegistry, Proxy, Pusher
 
 pytestmark = pytest.mark.xdist_group("registry")
@@ -191,3 +193,85 @@ def test_two_apps_on_one_repository_ask_once_and_bad_registries_delay_nothing(ri
     finally:
         for p in (counting, slow, garbage):
             p.stop()
+
+
+def test_a_failed_update_is_not_retried_with_the_same_tag(rig, repo: GitRepo, reg) -> None:  # type: ignore[no-untyped-def]
+    harness, checker, clock, _ = rig
+    served, pusher = reg
+    pusher.push(served.host, "shop/flaky", "1.0.0", content="flaky 1.0.0")
+    pusher.push(served.host, "shop/flaky", "1.1.0", content="flaky 1.1.0", broken=True)
+    repo.push({"apps/web.yaml": manifest(f"{served.host}/shop/flaky:1.0.0", update="semver: '^1.0'")})
+    harness.sync()
+    check(checker)
+    assert state(harness)["bumped_to"] == f"{served.host}/shop/flaky:1.1.0"
+    harness.watch()
+    harness.sync()
+    # The new container cannot run (its image has no programs): the app fails as its units die.
+    wait_for(lambda: harness.sync("self-heal") and harness.app("web").status == "failed", 60, "the update to fail")
+    git("fetch", "-q", "origin", cwd=repo.work)
+    commits = git("rev-list", "--count", "origin/main", cwd=repo.work)
+    for _ in range(2):
+        clock.now += 31
+        check(checker)
+        assert state(harness)["reason"] == "failed_before" and state(harness)["failed"] == ["1.1.0"]
+    git("fetch", "-q", "origin", cwd=repo.work)
+    assert git("rev-list", "--count", "origin/main", cwd=repo.work) == commits
+    # A newer tag is still taken.
+    pusher.push(served.host, "shop/flaky", "1.2.0", content="flaky 1.2.0")
+    clock.now += 31
+    check(checker)
+    assert state(harness)["reason"] == "committed" and state(harness)["candidate"] == "1.2.0"
+    harness.sync()
+    assert harness.app("web").status == "running"
+
+
+def test_basic_auth_with_the_orgs_encrypted_credentials(harness, repo: GitRepo, reg, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
+    from cynchrod.daemon import wiring
+
+    served, _ = reg
+    (tmp_path / "locked").mkdir()
+    locked = LocalRegistry(tmp_path / "locked", htpasswd=("bot", "s3cret"), storage=served.storage)
+    try:
+        ctl = control.Control(src=harness.src, db=harness.db, wake=lambda trigger: None)
+        checker = updates.Checker(db=harness.db, ctl=ctl,
+                                  credentials=lambda org: wiring._registry_auths(harness.secrets, org))
+        # Declared through the open registry (so the pass can pull), watched through the locked one.
+        repo.push({"apps/web.yaml": manifest(f"{locked.host}/shop/web:1.4.2", update="semver: '~1.4'")})
+        # Recorded without a pass: the engine cannot pull through the locked registry without a login.
+        from cynchrod.desired import manifests
+
+        spec = manifests.parse("apps/web.yaml", (repo.work / "apps/web.yaml").read_bytes()).spec
+        assert spec is not None
+        app = harness.db.ensure_app(spec, commit=None)
+        harness.db.record_spec(app, spec, commit=None)
+        check(checker)
+        assert state(harness)["error_code"] == "registry_unauthorized"
+        harness.secrets.set("default", registry.AUTH_SECRET,
+                            json.dumps({locked.host: {"username": "bot", "password": "s3cret"}}).encode())
+        checker.close()  # a new checker: the refusal put the registry in back-off for this one
+        checker = updates.Checker(db=harness.db, ctl=ctl,
+                                  credentials=lambda org: wiring._registry_auths(harness.secrets, org))
+        check(checker)
+        assert state(harness)["error_code"] is None and state(harness)["reason"] == "up_to_date"
+        checker.close()
+    finally:
+        locked.stop()
+
+
+def test_an_api_rollback_pauses_updates(rig, repo: GitRepo, reg) -> None:  # type: ignore[no-untyped-def]
+    harness, checker, clock, _ = rig
+    served, _ = reg
+    repo.push({"apps/web.yaml": manifest(f"{served.host}/shop/web:1.4.2")})
+    harness.sync()
+    check(checker)
+    harness.sync()
+    assert running_image(harness).endswith(":1.5.0")
+    checker.control.rollback(harness.app("web"), actor="alice")
+    harness.sync()
+    assert running_image(harness).endswith(":1.4.2")
+    for _ in range(2):
+        clock.now += 31
+        check(checker)
+        assert state(harness)["reason"] == "paused" and state(harness)["candidate"] == "1.5.0"
+    assert running_image(harness).endswith(":1.4.2")
+    assert head(repo)[0].startswith("cynchrod <cynchrod@localhost>|rollback")

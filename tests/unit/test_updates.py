@@ -75,6 +75,8 @@ IMG = "127.0.0.1:5000/shop/web:1.4.2"
     (UpdatePolicy(semver="^1.4"), IMG, {"paused": True}, Choice("v1.6.0", "paused")),
     (UpdatePolicy(semver="^1.4"), IMG, {"failed": ["v1.6.0"]}, Choice("1.5.0", "newer")),
     (UpdatePolicy(semver="~1.4"), IMG, {"failed": ["1.4.3"]}, Choice("1.4.3", "failed_before")),
+    (UpdatePolicy(semver="~1.4"), IMG.replace("1.4.2", "1.4.3"), {"failed": ["1.4.3"]},
+     Choice("1.4.3", "failed_before")),
     (UpdatePolicy(semver=">=1.7.0-rc.0 <2"), IMG, {}, Choice("1.7.0-rc.1", "newer")),
     (UpdatePolicy(regex=r"^main-.*$", sort="alpha"), "r.io/w:main-aaa", {}, Choice("main-abc", "newer")),
 ])
