@@ -144,6 +144,14 @@ class Outbox(Database):
         rows = self._query(sql + " ORDER BY id DESC LIMIT ?", (*args, limit))
         return [Notification(**dict(r)) for r in rows]
 
+    def dead_notifications(self, *, org: str | None = None) -> int:
+        """How many messages (of ``org``) were given up on."""
+        sql, args = "SELECT COUNT(*) AS n FROM outbox WHERE status = ?", [DEAD]
+        if org is not None:
+            sql += " AND org = ?"
+            args.append(org)
+        return int(self._query(sql, tuple(args))[0]["n"])
+
     def notification_counts(self) -> dict[str, Any]:
         """Rows by status, and failed attempts in all (of rows still kept)."""
         counts: dict[str, Any] = dict.fromkeys((QUEUED, SENT, DEAD), 0)

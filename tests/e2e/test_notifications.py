@@ -7,14 +7,27 @@ import hashlib
 import hmac
 import json
 import pathlib
+import re
 from collections.abc import Callable
 
 import requests
 
+from cynchrod import store
 from tests.helpers import Daemon, GitRepo, free_port, manifest, new_token, wait_for
 from tests.integration.test_notify import Receiver
 
 SECRET = "a-notify-secret-of-some-length"
+
+
+def dashboard(daemon: Daemon, token: str) -> str:
+    """The apps page as a signed-in user of ``token`` sees it."""
+    browser = requests.Session()
+    form = browser.get(daemon.api + "/signin", timeout=5).text
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', form)
+    assert csrf is not None
+    signed = browser.post(daemon.api + "/signin", data={"token": token, "csrf_token": csrf.group(1)}, timeout=5)
+    assert signed.status_code == 200, signed.text
+    return signed.text
 
 
 def test_the_outbox_survives_a_restart_and_each_org_sees_its_own(repo: GitRepo, daemons: Callable[..., Daemon],
@@ -64,6 +77,18 @@ delivery: {{backoff: 0.2, maxBackoff: 0.5, attempts: 100, timeout: 1}}
     assert (bad.status_code, bad.json()["error"]) == (400, "invalid_query")
     metrics = requests.get(first.api + "/metrics", timeout=5).text
     assert 'cynchrod_notifications{state="queued"} 2.0' in metrics
+
+    # A message given up on shows on the dashboard of its org, not on another org's.
+    db = store.Store(state / "cynchrod.db")
+    try:
+        with db.transaction(apps_changed=False) as raw:
+            raw.execute("INSERT INTO outbox (dedupe, target, target_name, kind, event, org, app, body, status,"
+                        " attempts, next_at, last_error, created_at) VALUES ('gone', 't_x', 'webhook https://x',"
+                        " 'webhook', 'failed', 'acme', 'b', '{}', 'dead', 12, 0, 'HTTP 503', 'x')")
+    finally:
+        db.close()
+    assert "Notifications not delivered" in dashboard(first, acme)
+    assert "Notifications not delivered" not in dashboard(first, new_token(state, "default"))
     first.stop()
 
     receiver = Receiver(port)
