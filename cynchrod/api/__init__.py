@@ -147,7 +147,7 @@ def status_of(exc: CynchrodError) -> int:
 
 def create_app(daemon: Any) -> Flask:
     """The Flask app for ``daemon`` (a ``cynchrod.shell.front.Front``)."""
-    from cynchrod.api import apps, dashboard, logs, meta, notifications, secrets, webhooks
+    from cynchrod.api import apps, dashboard, logs, meta, notifications, passes, secrets, webhooks
 
     app = Flask("cynchrod")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY + 1  # read_body tells "over" from "exactly 1 MiB"
@@ -156,6 +156,7 @@ def create_app(daemon: Any) -> Flask:
     app.register_blueprint(logs.bp)
     app.register_blueprint(meta.bp)
     app.register_blueprint(notifications.bp)
+    app.register_blueprint(passes.bp)
     app.register_blueprint(secrets.bp)
     app.register_blueprint(webhooks.bp)
     dashboard.init_app(app, daemon.settings.state)

@@ -161,6 +161,9 @@ class Code(enum.StrEnum):
     INVALID_MOUNT = ("invalid_mount", MANIFEST, True, None, "a volume's mount path is not absolute and normalised, "
                      "is /, covers /proc, /sys, /dev, /etc, /bin, /sbin, /usr or /lib{,32,64,x32}, or is given twice")
 
+    # --- notify: notifications, commit statuses, webhooks that tell the truth ---
+    WAIT_TIMEOUT = ("wait_timeout", CLI, False, None, "cynchrod wait saw no outcome of the commit in time")
+
 
 def status_map() -> dict[str, int]:
     """code -> HTTP status, for every code the API answers with a status of its own."""

@@ -23,6 +23,8 @@ import dataclasses
 import re
 from typing import Any
 
+from cynchrod.core.codes import Code
+
 #: Event names, as ``on:`` filters and the event JSON's ``event`` name them.
 FAILED = "failed"
 RECOVERED = "recovered"
@@ -39,9 +41,10 @@ FAILING = frozenset({"failed", "crashed", "unhealthy"})
 HEALTHY = frozenset({"running", "completed"})
 ROLLED_BACK_STATUSES = frozenset({"rolled_back"})
 #: A failure whose code has an event of its own; any other failure is ``failed``.
-EVENT_OF_CODE = {"quota_exceeded": QUOTA, "secret_missing": SECRET_MISSING, "build_failed": BUILD_FAILED}
+EVENT_OF_CODE = {Code.QUOTA_EXCEEDED.value: QUOTA, Code.SECRET_MISSING.value: SECRET_MISSING,
+                 Code.BUILD_FAILED.value: BUILD_FAILED}
 #: Deployment failures that are no outcome of the commit: replaced by a newer one, or retried after a stop.
-NOT_AN_OUTCOME = frozenset({"superseded", "interrupted"})
+NOT_AN_OUTCOME = frozenset({Code.SUPERSEDED.value, Code.INTERRUPTED.value})
 #: A deployment row folded into its predecessor (the same failure again): its outcome is a failure.
 FOLDED = "folded"
 

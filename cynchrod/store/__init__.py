@@ -8,7 +8,8 @@ never erased.
 Its parts, one module each over one connection (``db.Database``: schema, migrations,
 transactions): ``apps`` (apps, deployments, quota reservations), ``tokens`` (API tokens,
 log tickets), ``secrets`` (sealed secrets, webhook secrets), ``meta``, ``outbox`` (status
-changes and the notifications queued from them); ``records`` holds the
+changes and the notifications queued from them), ``passes`` (passes a webhook asked for,
+and their outcome); ``records`` holds the
 row values. ``Store`` joins the parts as mixins rather than delegating to them: callers keep
 one flat API (``db.update_app``, ``db.create_token``), and a transaction or a ``batch`` spans
 every part because they share the connection and its lock.
@@ -33,6 +34,7 @@ from cynchrod.store.apps import Apps
 from cynchrod.store.db import SCHEMA, Database, now
 from cynchrod.store.meta import Meta
 from cynchrod.store.outbox import Message, Notification, Outbox
+from cynchrod.store.passes import Passes, PassRecord
 from cynchrod.store.records import (
     TOKEN_PREFIX,
     App,
@@ -64,6 +66,7 @@ __all__ = [
     "Deployment",
     "Message",
     "Notification",
+    "PassRecord",
     "Problem",
     "QuotaFull",
     "Store",
@@ -76,5 +79,5 @@ __all__ = [
 ]
 
 
-class Store(Apps, Tokens, Secrets, Meta, Outbox):
+class Store(Apps, Tokens, Secrets, Meta, Outbox, Passes):
     """The whole store over one SQLite file (see ``db.Database`` for threads and processes)."""

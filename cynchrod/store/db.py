@@ -148,6 +148,21 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox(status, next_at);
 CREATE INDEX IF NOT EXISTS outbox_org ON outbox(org, id);
+-- Passes a webhook asked for (``store/passes.py``): the next pass that fetches takes them and
+-- writes its outcome per app, so the caller can wait for it (``GET /passes/{id}``, ``cynchrod wait``).
+CREATE TABLE IF NOT EXISTS passes (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    trigger TEXT NOT NULL,
+    requested_commit TEXT,
+    status TEXT NOT NULL,
+    "commit" TEXT,
+    requested_at TEXT NOT NULL,
+    started_at TEXT,
+    finished_at TEXT,
+    source_error TEXT,
+    apps_json TEXT
+);
+CREATE INDEX IF NOT EXISTS passes_status ON passes(status);
 """
 
 #: Made after the columns they read exist (``migrate`` adds those of an older state dir first).
