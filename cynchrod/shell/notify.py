@@ -247,12 +247,16 @@ class Notifier:
         threading.Thread(target=wake_on_stop, name="notifier-stop", daemon=True).start()
 
     def serve(self, stop: threading.Event) -> None:
+        said: str | None = None
         try:
             while not stop.is_set():
                 try:
                     self.step()
+                    said = None
                 except CynchrodError as exc:  # a busy or full store: try again at the next step
-                    log.warning("notifications: %s", exc)
+                    if str(exc) != said:  # once, not every second
+                        log.warning("notifications wait: %s", exc)
+                    said = str(exc)
                 except Exception:
                     log.exception("notifications: a step crashed")
                 self._wake.wait(self._sleep())

@@ -270,3 +270,17 @@ def test_an_old_state_dir_gets_the_outbox(tmp_path: pathlib.Path) -> None:
         assert (queued.event, json.loads(queued.body)["code"]) == ("failed", "crash_loop")
     finally:
         db.close()
+
+
+def test_an_idle_notifier_writes_nothing(tmp_path: pathlib.Path) -> None:
+    db = store.Store(tmp_path / "cynchrod.db")
+    watcher = sqlite3.connect(tmp_path / "cynchrod.db")
+    try:
+        n = notifier(db, settings(notify=(config.NotifyTarget(kind="webhook", url="http://127.0.0.1:9/x"),)))
+        before = watcher.execute("PRAGMA data_version").fetchone()[0]
+        for _ in range(5):
+            n.drain()
+        assert watcher.execute("PRAGMA data_version").fetchone()[0] == before
+    finally:
+        watcher.close()
+        db.close()
