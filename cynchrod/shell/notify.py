@@ -196,6 +196,9 @@ def send(target: config.NotifyTarget | config.Forge, message: store.Notification
 def _apprise(url: str, event: dict[str, Any], *, timeout: float) -> str | None:
     import apprise  # imported on first use: a daemon with no Apprise target never loads it
 
+    # Apprise says "Sent ... notification" at INFO for every message: its warnings and errors are enough.
+    logging.getLogger("apprise").setLevel(logging.WARNING)
+
     notifier = apprise.Apprise()
     # Apprise's own timeouts (connect, read), in its URL arguments, unless the URL sets them.
     sep = "&" if "?" in url else "?"
