@@ -220,13 +220,6 @@ class StateLock:
             self._file.close()
 
 
-def build(cfg: config.Settings, *, recover: bool = False) -> reconciler.Reconciler:
-    d = daemon.Daemon.build(cfg)
-    if recover:
-        d.recover()
-    return d.reconciler
-
-
 def print_result(result: reconciler.PassResult, out: IO[str]) -> None:
     print(f"commit {result.commit or '-'} ({result.duration_s:.2f}s)", file=out)
     if result.source_error:
@@ -322,13 +315,19 @@ def _main(argv: Sequence[str] | None = None) -> int:
             return cmd_plan(cfg, out)
         with StateLock(cfg.state):
             if args.command == "sync":
-                rec = build(cfg, recover=True)
+                one = daemon.Daemon.build(cfg)
+                one.recover()
+                rec = one.reconciler
                 rec.log_manifest_errors = False  # print_result shows them
                 rec.store.interrupt_unfinished()
                 rec.progress = Progress(sys.stderr)
                 result = rec.sync("poll")
                 rec.progress.done()
                 print_result(result, out)
+                if one.notifier is not None:
+                    # One attempt at what the pass has to tell (bounded by the delivery timeout); what
+                    # fails stays in the outbox for the daemon, or the next sync.
+                    one.notifier.drain(timeout=cfg.delivery.timeout_s + 1)
                 return 0 if result.ok else 1
             if not cfg.sources:
                 raise CynchrodError("--repo (or CYNCHROD_REPO) is required", code="usage")

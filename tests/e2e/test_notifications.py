@@ -13,7 +13,7 @@ from collections.abc import Callable
 import requests
 
 from cynchrod import store
-from tests.helpers import Daemon, GitRepo, free_port, manifest, new_token, wait_for
+from tests.helpers import Daemon, GitRepo, cli, free_port, manifest, new_token, wait_for
 from tests.integration.test_notify import Receiver
 
 SECRET = "a-notify-secret-of-some-length"
@@ -102,5 +102,22 @@ delivery: {{backoff: 0.2, maxBackoff: 0.5, attempts: 100, timeout: 1}}
                 SECRET.encode(), body, hashlib.sha256).hexdigest()
         second.stop()
         assert len(receiver.got) == 2  # once each: the restart did not send them again
+    finally:
+        receiver.close()
+
+
+def test_sync_tells_what_its_pass_changed(repo: GitRepo, owner: str, tmp_path: pathlib.Path) -> None:
+    """A one-shot ``cynchrod sync`` delivers what its pass has to tell once; a target that is down
+    keeps its message in the outbox for the daemon (or the next sync)."""
+    receiver = Receiver()
+    try:
+        cfg = tmp_path / "cynchrod.yaml"
+        cfg.write_text(f"notify:\n  - webhook: {receiver.url}/hook\n    on: [secret_missing]\n")
+        repo.push({"apps/a.yaml": manifest("a", extra="secrets: [pw]\n")})
+        synced = cli("sync", "--repo", repo.url, "--state", str(tmp_path / "state"), "--owner", owner,
+                     "--config", str(cfg))
+        assert synced.returncode == 1, synced.stdout + synced.stderr  # the app failed
+        [(path, _, body)] = receiver.got
+        assert path == "/hook" and json.loads(body)["event"] == "secret_missing"
     finally:
         receiver.close()
