@@ -65,6 +65,17 @@ def receiver() -> Iterator[Receiver]:
     r.close()
 
 
+class Clock:
+    """The notifier's clock, moved by the test: back-off runs out when the test says so."""
+
+    def __init__(self) -> None:
+        # Ahead of the wall clock, which stamps new messages: they are due at once.
+        self.now = time.time() + 3600
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def settings(**kw: Any) -> config.Settings:
     kw.setdefault("delivery", config.Delivery(backoff_s=0.05, max_backoff_s=0.2, attempts=5, timeout_s=2))
     return config.Settings(**kw)
@@ -186,12 +197,13 @@ def test_a_receiver_down_then_back_and_a_restart_between(harness: Harness, repo:
     target = config.NotifyTarget(kind="webhook", url=f"http://127.0.0.1:{port}/hook")
     cfg = settings(notify=(target,), delivery=config.Delivery(backoff_s=0.05, max_backoff_s=0.1, attempts=1000,
                                                               timeout_s=1))
-    n = notifier(harness.db, cfg)
+    clock = Clock()
+    n = notify.Notifier(harness.db, notify.Targets(lambda: cfg), clock=clock)
     repo.push({"apps/a.yaml": manifest("a", extra="secrets: [pw]\n")})
     harness.sync()
     for _ in range(3):
         n.drain()
-        time.sleep(0.1)  # the back-off's base: let retries come due
+        clock.now += 1  # past the back-off (0.05, 0.1, 0.1 ... s): the next try is due
     [queued] = harness.db.notifications()
     assert queued.status == "queued" and queued.attempts >= 2 and queued.last_error
 
@@ -200,7 +212,8 @@ def test_a_receiver_down_then_back_and_a_restart_between(harness: Harness, repo:
     try:
         back = Receiver(port)
         try:
-            settle(notifier(again, cfg), again)
+            clock.now += 1
+            settle(notify.Notifier(again, notify.Targets(lambda: cfg), clock=clock), again)
             assert len(back.got) == 1
             [sent] = again.notifications()
             assert sent.status == "sent" and sent.attempts > queued.attempts
@@ -283,4 +296,29 @@ def test_an_idle_notifier_writes_nothing(tmp_path: pathlib.Path) -> None:
         assert watcher.execute("PRAGMA data_version").fetchone()[0] == before
     finally:
         watcher.close()
+        db.close()
+
+
+def test_a_message_whose_target_left_the_config_is_dead(tmp_path: pathlib.Path) -> None:
+    db = store.Store(tmp_path / "cynchrod.db")
+    try:
+        with db.transaction() as raw:
+            raw.execute("INSERT INTO apps (id, org, name, status, created_at, updated_at) VALUES"
+                        " ('app_1', 'default', 'a', 'running', 'x', 'x')")
+        down = config.NotifyTarget(kind="webhook", url=f"http://127.0.0.1:{free_port()}/x")
+        current = [settings(notify=(down,))]
+        clock = Clock()
+        n = notify.Notifier(db, notify.Targets(lambda: current[0]), poll_s=0.05, clock=clock)
+        db.update_app("app_1", status="failed", last_error="start_failed: boom")
+        n.drain()
+        [queued] = db.notifications()
+        assert (queued.status, queued.attempts) == ("queued", 1)
+        current[0] = settings()  # a reloaded config without that target
+        n.drain()
+        assert db.notifications()[0].status == "queued"  # its back-off is not over
+        clock.now += 1
+        n.drain()
+        [dead] = db.notifications()
+        assert (dead.status, dead.last_error) == ("dead", "the target is no longer configured")
+    finally:
         db.close()
