@@ -149,7 +149,7 @@ def create_app(daemon: Any, *, failures: Any = None) -> Flask:
     """The Flask app for ``daemon`` (a ``cynchrod.shell.front.Front``). ``failures``: the
     authentication back-off's table (``throttle.Table``) the API workers share; by default one
     of this process's own."""
-    from cynchrod.api import apps, dashboard, logs, meta, secrets, throttle, webhooks
+    from cynchrod.api import apps, dashboard, logs, meta, notifications, passes, secrets, throttle, webhooks
 
     app = Flask("cynchrod")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY + 1  # read_body tells "over" from "exactly 1 MiB"
@@ -159,6 +159,8 @@ def create_app(daemon: Any, *, failures: Any = None) -> Flask:
     app.register_blueprint(apps.bp)
     app.register_blueprint(logs.bp)
     app.register_blueprint(meta.bp)
+    app.register_blueprint(notifications.bp)
+    app.register_blueprint(passes.bp)
     app.register_blueprint(secrets.bp)
     app.register_blueprint(webhooks.bp)
     dashboard.init_app(app, daemon.settings.state)

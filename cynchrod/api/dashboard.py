@@ -331,6 +331,8 @@ class _Listing:
     problems: list[tuple[str, list[str]]] = dataclasses.field(default_factory=list)
     #: What the daemon cannot see now (``liveness.down``): the engine, the edge, with why and since when.
     down: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    #: Notifications and commit statuses given up on (``GET /notifications?status=dead``).
+    dead: int = 0
 
 
 _listings: dict[tuple[int, str | None, str], tuple[tuple[int, int], _Listing]] = {}
@@ -355,7 +357,7 @@ def _listing(token: store.Token, org: str | None, host: str) -> _Listing:
         listing = _Listing(rows=[_row(a, last.get(a.id), host, engine_up=liveness.ENGINE_META not in down)
                                  for a in apps],
                            removed=sum(a.status == store.REMOVED for a in apps), orgs=orgs,
-                           problems=list(problems.items()), down=down)
+                           problems=list(problems.items()), down=down, dead=db.dead_notifications(org=scope))
         with _listings_lock:
             _listings[key] = cached = (version, listing)
     return cached[1]
@@ -380,7 +382,8 @@ def apps() -> str:
     if request.args.get("partial") == "rows":
         return render_template("_rows.html", rows=rows, csrf_token=_csrf())
     return _page("apps.html", rows=rows, org=org, show_removed=removed, q=q, removed_count=listing.removed,
-                 orgs=listing.orgs, poll_ms=POLL_MS, problems=listing.problems, down=listing.down)
+                 orgs=listing.orgs, poll_ms=POLL_MS, problems=listing.problems, down=listing.down,
+                 dead=listing.dead)
 
 
 @bp.get("/ui/apps.json")

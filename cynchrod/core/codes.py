@@ -167,6 +167,9 @@ class Code(enum.StrEnum):
     NOT_A_WEBSOCKET = ("not_a_websocket", API, True, 400, "a plain GET of the log stream's URL, which only "
                        "answers a WebSocket upgrade")
 
+    # --- notify: notifications, commit statuses, webhooks that tell the truth ---
+    WAIT_TIMEOUT = ("wait_timeout", CLI, False, None, "cynchrod wait saw no outcome of the commit in time")
+
 
 def status_map() -> dict[str, int]:
     """code -> HTTP status, for every code the API answers with a status of its own."""
