@@ -362,13 +362,17 @@ def reopen_since(lasts: list[str], start: float) -> float:
 class _ServiceLogs(follow.Follower):
     """An app's live log lines: one reader per service (``follow.Follower``), attached again
     when a service is replaced. Each line names its node and task; each task's lines are
-    given once (``_docker.Given``) when a service's stream is opened again."""
+    given once (``_docker.Given``, which asks the engine about a possible repeat as the local
+    driver's follower does) when a service's stream is opened again or its task's log rotates."""
+
+    #: Lines read past those given when ``_docker.Given`` asks how many a task's log holds with a timestamp.
+    VERIFY_TAIL = 2000
 
     def __init__(self, rt: SwarmRuntime, org: str, app: str, since: float, ended: threading.Event | None) -> None:
         super().__init__(app, since, ended, docker.DockerClient(base_url=rt.base_url, timeout=None))
         self._rt, self._org = rt, org
-        #: Per service, node and replica (a task): what it gave.
-        self._given: dict[tuple[str, str, int], _docker.Given] = {}
+        #: Per service and task (the details of its lines' heads): what it gave.
+        self._given: dict[tuple[str, str], _docker.Given] = {}
 
     def _streams(self) -> Iterator[follow.Stream]:
         for svc in self._rt.app_services(self._org, self._app):
@@ -377,26 +381,45 @@ class _ServiceLogs(follow.Follower):
                 continue
             name = (svc["Spec"].get("Labels") or {}).get(runtime.LABEL_SERVICE, specs.MAIN_SERVICE)
             since = reopen_since([g.last for key, g in self._given.items() if key[0] == name], self._start)
-            yield service_id, functools.partial(self._open, service_id, since), functools.partial(self._lines_of, name)
+            yield (service_id, functools.partial(self._open, service_id, since),
+                   functools.partial(self._lines_of, name, service_id))
 
     def _open(self, service_id: str, since: float) -> Any:
         return converted(lambda: self._client.api.service_logs(
             service_id, stdout=True, stderr=True, follow=True, timestamps=True, details=True, since=since,
             is_tty=False), "service logs")
 
-    def _lines_of(self, name: str, stream: Any) -> Iterator[runtime.LogLine]:
+    def _lines_of(self, name: str, service_id: str, stream: Any) -> Iterator[runtime.LogLine]:
         for key, given in self._given.items():
             if key[0] == name:
                 given.reopened()
 
         def line_of(raw: _docker.RawLine) -> tuple[runtime.LogLine, _docker.Given]:
-            line = self._rt.log_line(name, raw)
-            given = self._given.get((name, line.node, line.replica))
+            task = _docker.source_of(raw[0])
+            given = self._given.get((name, task))
             if given is None:
-                given = self._given[(name, line.node, line.replica)] = _docker.Given()
-            return line, given
+                given = self._given[(name, task)] = _docker.Given(
+                    functools.partial(self._logged_at, service_id, task))
+            return self._rt.log_line(name, raw), given
 
         return _docker.followed(stream, details=True, line_of=line_of)
+
+
+    def _logged_at(self, service_id: str, task: str, key: str, given: int) -> int | None:
+        """How many lines a task's log holds stamped ``key`` (a ``_docker.stamp_key``), read from the
+        service's last lines (the engine's tail is each task's); None when they do not reach back past
+        it or the engine fails."""
+        want = given + self.VERIFY_TAIL
+        try:
+            frames = self._client.api.service_logs(service_id, stdout=True, stderr=True, timestamps=True,
+                                                   details=True, tail=want, is_tty=False)
+            keys = [_docker.stamp_key(head.partition(" ")[0])
+                    for head, _, _ in _docker.whole_lines(frames, details=True) if _docker.source_of(head) == task]
+        except (requests.RequestException, docker.errors.DockerException, OSError):
+            return None
+        if len(keys) >= want and keys[0] >= key:
+            return None  # the lines since then are more than were read
+        return keys.count(key)
 
 
 class SwarmRuntime(_docker.Driver):

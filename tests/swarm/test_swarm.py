@@ -231,6 +231,34 @@ def test_long_lines_come_whole_and_cut_at_32_kib_from_tail_and_follow(sw: SwarmH
         assert mine[:6] == ["before 0", whole, "after 0", "before 1", whole, "after 1"], [m[:20] for m in mine]
 
 
+def test_a_rotation_that_sends_the_last_line_again_gives_it_once(sw: SwarmHarness, lab: Lab,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 20: the Swarm follower reads through the same code as the local one, and asks the
+    engine about a possible repeat as it does (``_docker.Given`` with a question): json-file rotating
+    every 20 KB under a follower, four times, each line of the task comes once and none is lost."""
+    from cynchrod.runtime import _docker
+    from tests.helpers import breaks
+
+    monkeypatch.setattr(_docker, "LOG_CONFIG", {"type": "json-file", "config": {"max-size": "20k", "max-file": "3"}})
+    writer = ("[sh, -c, 'x=$(printf %1000s | tr \" \" x); i=0;"
+              " while [ $i -lt 80 ]; do echo \"line $i $x\"; i=$((i+1)); sleep 0.02; done; sleep 3600']")
+    sw.repo.push({"apps/writer.yaml": app(lab, "writer", command=writer)})  # type: ignore[attr-defined]
+    assert [a.status for a in sw.sync().apps] == ["running"]
+    follower = sw.rt.follow("default", "writer", since=time.time() - 60)
+    timer = threading.Timer(40, follower.close)
+    timer.start()
+    numbers: list[int] = []
+    try:
+        for batch in follower.batches():
+            numbers += [int(line.line.split()[1]) for line in batch if line.line.startswith("line ")]
+            if numbers and numbers[-1] == 79:
+                break
+    finally:
+        timer.cancel()
+        follower.close()
+    assert (numbers[:1], numbers[-1:], breaks(numbers)) == ([0], [79], [])
+
+
 def test_with_the_view_fed_by_events_a_noop_pass_makes_no_engine_call_and_a_killed_task_is_healed(
         sw: SwarmHarness, lab: Lab) -> None:
     """As in the daemon: the view follows the manager's events (and its poll of the tasks), the
