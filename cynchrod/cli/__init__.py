@@ -82,6 +82,8 @@ def _settings_flags(p: argparse.ArgumentParser, *names: str) -> None:
                     {"choices": config.RUNTIMES}),
         "workers": ("API worker processes beside the reconciler process (default 0: one per core)",
                     {"type": int, "metavar": "N"}),
+        "auth-failures": ("wrong credentials a client address may send before it backs off with 429 (default 10)",
+                          {"type": int, "metavar": "N"}),
     }
     for name in names:
         text, kw = flags[name]
@@ -113,7 +115,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"cynchrod {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _settings_flags(_sub(sub, "serve", "run the daemon: reconcile every interval and serve the API"),
-                    *_SOURCE, *_APPLY, "interval", "resync", "watch", "listen", "workers")
+                    *_SOURCE, *_APPLY, "interval", "resync", "watch", "listen", "workers",
+                    "auth-failures")
     _settings_flags(_sub(sub, "sync", "run one pass now, showing progress, and print a summary"), *_SOURCE, *_APPLY)
     _settings_flags(_sub(sub, "plan", "print what a pass would do, with reasons; change nothing"),
                     *_SOURCE, "owner", "publish-address")

@@ -24,7 +24,7 @@ _FILE_KEYS = {"repo": "repo", "branch": "branch", "path": "path", "state": "stat
               "listen": "listen", "owner": "owner", "publishAddress": "publish_address", "resync": "resync",
               "watch": "watch",
               "concurrency": "concurrency", "stopTimeout": "stop_timeout", "runtime": "runtime",
-              "workers": "workers"}
+              "workers": "workers", "authFailures": "auth_failures"}
 RUNTIMES = ("docker", "swarm")
 DEFAULT_MAX_APPS = decisions.DEFAULT_MAX_APPS
 
@@ -132,6 +132,8 @@ class Settings:
     stop_timeout: int = 10
     #: API worker processes (0: one per CPU core).
     workers: int = 0
+    #: Wrong credentials a client address may send before it backs off (``cynchrod.api.throttle``).
+    auth_failures: int = 10
     default_max_apps: int = DEFAULT_MAX_APPS
     org_max_apps: tuple[tuple[str, int], ...] = ()
     #: Every followed repository: ``--repo`` (repeatable) or the config's ``sources``.
@@ -224,6 +226,8 @@ class Settings:
             raise ConfigError(f"watch: {settings.watch!r} must be on or off")
         if settings.runtime not in RUNTIMES:
             raise ConfigError(f"runtime: {settings.runtime!r} must be one of {', '.join(RUNTIMES)}")
+        if not 1 <= settings.auth_failures <= 1_000_000:
+            raise ConfigError(f"authFailures: {settings.auth_failures} must be from 1 to 1000000")
         if settings.resync <= 0 or settings.interval <= 0 or settings.concurrency < 1 or settings.stop_timeout < 0 \
                 or not 0 <= settings.workers <= 64:
             raise ConfigError("interval and concurrency must be positive, stop timeout not negative, "

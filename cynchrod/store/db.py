@@ -9,6 +9,7 @@ from __future__ import annotations
 import _thread
 import contextlib
 import pathlib
+import re
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -135,9 +136,36 @@ def migrate(db: sqlite3.Connection) -> None:
     if "attempts" not in columns:  # a state dir from before repeated failures were merged
         db.execute("ALTER TABLE deployments ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1")
         db.execute("ALTER TABLE deployments ADD COLUMN last_seen TEXT")
+    if db.execute("SELECT 1 FROM meta WHERE key = ?", (_DOMAIN_TEXTS,)).fetchone() is None:
+        _rewrite_domain_taken_texts(db)
     if "session" not in {r["name"] for r in db.execute("PRAGMA table_info(tickets)")}:
         # A state dir from before server-side sessions: a ticket may carry the session it was issued to.
         db.execute("ALTER TABLE tickets ADD COLUMN session TEXT")
+
+
+#: ``meta`` key set once the texts below were rewritten (so later starts skip the scan).
+_DOMAIN_TEXTS = "migrated:domain_taken_texts"
+_HOLDER_RE = re.compile(r"domain (\S+) belongs to app ([^/\s]+)/[^;\s]+")
+
+
+def _rewrite_domain_taken_texts(db: sqlite3.Connection) -> None:
+    """A state dir from before issue 24 item 8: ``domain_taken`` texts naming another org's app
+    (in app rows and deployment history) now say only that the domain is taken, as a pass says it."""
+
+    def scrubbed(text: str, org: str) -> str:
+        return _HOLDER_RE.sub(lambda m: m.group(0) if m.group(2) == org
+                              else f"domain {m.group(1)} is taken by an app of another org", text)
+
+    for row in db.execute("SELECT id, org, last_error FROM apps WHERE last_error LIKE '%belongs to app %'"
+                          ).fetchall():
+        if (new := scrubbed(row["last_error"], row["org"])) != row["last_error"]:
+            db.execute("UPDATE apps SET last_error = ? WHERE id = ?", (new, row["id"]))
+    for row in db.execute("SELECT d.id, a.org, d.error FROM deployments d JOIN apps a ON a.id = d.app_id"
+                          " WHERE d.error_code = ? AND d.error LIKE '%belongs to app %'",
+                          (Code.DOMAIN_TAKEN.value,)).fetchall():
+        if (new := scrubbed(row["error"], row["org"])) != row["error"]:
+            db.execute("UPDATE deployments SET error = ? WHERE id = ?", (new, row["id"]))
+    db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (_DOMAIN_TEXTS, "1"))
 
 
 @contextmanager
