@@ -23,7 +23,7 @@ from cynchrod.core.codes import Code
 from cynchrod.core.errors import CynchrodError, PermanentError, SecretMissing
 from cynchrod.daemon import watchers
 from cynchrod.desired import config, registry, secrets, source
-from cynchrod.shell import builds, channel, control, liveness, metrics, reconciler, updates
+from cynchrod.shell import builds, channel, control, liveness, metrics, notify, reconciler, updates
 from cynchrod.shell.front import PREVIEW_WAIT_S, Change, Unit, make_edge, make_runtime
 
 if TYPE_CHECKING:
@@ -51,6 +51,8 @@ class Daemon:
     liveness: liveness.Liveness | None = None
     #: Image updates (``shell.updates``): its own thread, started with the reconciler.
     checker: updates.Checker | None = None
+    #: Notifications and commit statuses (``shell/notify``), started with the reconciler.
+    notifier: notify.Notifier | None = None
     _thread: threading.Thread | None = None
     _checker_thread: threading.Thread | None = None
     _watcher: threading.Thread | None = None
@@ -87,9 +89,13 @@ class Daemon:
         if front is not None:
             probes.append(liveness.Probe(name="edge", meta=liveness.EDGE_META, code=Code.EDGE_UNAVAILABLE,
                                          check=front.reassert, db=db))
-        checker = updates.Checker(db=db, ctl=ctl, credentials=lambda org: _registry_auths(vault, org), stats=stats)
-        return cls(settings=cfg, store=db, source=srcs[0], runtime=rt, reconciler=rec, control=ctl, metrics=stats,
-                   secrets=vault, liveness=liveness.Liveness(probes), checker=checker)
+        made = cls(settings=cfg, store=db, source=srcs[0], runtime=rt, reconciler=rec, control=ctl, metrics=stats,
+                   secrets=vault, liveness=liveness.Liveness(probes),
+                   checker=updates.Checker(db=db, ctl=ctl, credentials=lambda org: _registry_auths(vault, org),
+                                           stats=stats))
+        # Reads the settings at each use, so a reloaded config's targets apply at once.
+        made.notifier = notify.Notifier(db, notify.Targets(lambda: made.settings))
+        return made
 
     _started_at: float = dataclasses.field(default_factory=time.monotonic)
 
@@ -110,6 +116,8 @@ class Daemon:
         self._thread.start()
         if self.liveness is not None:
             self.liveness.start(self.stop_event)
+        if self.notifier is not None:
+            self.notifier.start(self.stop_event)
         if self._watched():
             self._watcher = threading.Thread(target=self._watch, name="watch", daemon=True)
             self._watcher.start()
