@@ -10,9 +10,11 @@ import urllib.request
 from collections.abc import Callable, Iterator
 
 import pytest
+import requests
 
 from tests.helpers import Daemon, GitRepo, cli, git, new_token, wait_for
 from tests.registryd import LocalRegistry, Pusher
+from tests.reliability.test_domain_taken import sign_in
 
 pytestmark = pytest.mark.xdist_group("registry")
 
@@ -67,10 +69,15 @@ def test_a_new_tag_is_committed_and_running_within_one_interval(
     assert shown.returncode == 0 and "update available: 2.0.0" in shown.stdout, shown.stdout + shown.stderr
     metrics = urllib.request.urlopen(daemon.api + "/metrics", timeout=10).read().decode()
     assert "cynchrod_updates_available 1.0" in metrics
+    ui = requests.Session()
+    assert sign_in(ui, daemon.api, token).status_code == 200
+    page = ui.get(f"{daemon.api}/ui/apps/{peek['app']['id']}", timeout=10).text
+    assert 'id="image-updates"' in page and "update available" in page and "<code>2.0.0</code>" in page
     # A new tag in range: committed and running within one interval (5 s) and a pass.
     pusher.push(served.host, "shop/web", "1.5.0", content="1.5.0")
     took = wait_for(lambda: details("web").get("app", {}).get("image") == f"{served.host}/shop/web:1.5.0"
                     and details("web")["app"]["status"] == "running", 30, "the update running")
+    print(f"\nthe update was running {took:.1f}s after the tag was pushed (interval 5s)")
     assert took < 5 + 10, took
     git("pull", "-q", "origin", "main", cwd=repo.work)
     assert git("log", "-1", "--format=%s", "--", "apps/web.yaml", cwd=repo.work).strip() == \
