@@ -92,7 +92,8 @@ class Daemon:
         made = cls(settings=cfg, store=db, source=srcs[0], runtime=rt, reconciler=rec, control=ctl, metrics=stats,
                    secrets=vault, liveness=liveness.Liveness(probes),
                    checker=updates.Checker(db=db, ctl=ctl, credentials=lambda org: _registry_auths(vault, org),
-                                           stats=stats))
+                                           stats=stats,
+                                           client=registry.Registry(insecure=registry.insecure_hosts(cfg.registry_url))))
         # Reads the settings at each use, so a reloaded config's targets apply at once.
         made.notifier = notify.Notifier(db, notify.Targets(lambda: made.settings))
         return made

@@ -15,7 +15,8 @@ Credentials are an org secret named ``registry-auths`` (encrypted at rest like e
 (``{"auths": {"HOST": {"auth": "base64(user:pass)"}}}``). They are sent to their host only.
 
 Scheme: ``http`` for loopback registries (127.0.0.0/8, ``::1``, ``localhost``: what dockerd trusts
-without TLS), ``https`` for every other host unless it is listed in ``insecure``.
+without TLS), ``https`` for every other host unless it is listed in ``insecure`` (the daemon lists the
+host of the config's ``registry.url`` when that URL is ``http://``: the swarm lab's registry).
 """
 
 from __future__ import annotations
@@ -85,6 +86,12 @@ def parse_auths(raw: bytes | None) -> dict[str, Credentials]:
     except (ValueError, TypeError, KeyError, AttributeError, binascii.Error, UnicodeDecodeError):
         raise RegistryError(f"the org secret {AUTH_SECRET} is not JSON of host -> username/password",
                             code=Code.REGISTRY_UNAUTHORIZED) from None
+
+
+def insecure_hosts(url: str) -> list[str]:
+    """The host of a configured ``http://`` registry URL (spoken to without TLS), else none."""
+    parts = parse.urlsplit(url)
+    return [parts.netloc] if parts.scheme == "http" and parts.netloc else []
 
 
 def is_loopback(host: str) -> bool:

@@ -160,3 +160,5 @@ def test_loopback_is_plain_http_and_other_hosts_tls() -> None:
     assert registry.is_loopback("localhost:5000") and not registry.is_loopback("registry.example.com")
     assert registry.Registry()._base("r.example.com") == "https://r.example.com"
     assert registry.Registry(insecure=["r.lan:5000"])._base("r.lan:5000") == "http://r.lan:5000"
+    assert registry.insecure_hosts("http://10.213.0.1:5000") == ["10.213.0.1:5000"]
+    assert registry.insecure_hosts("https://r.example.com") == registry.insecure_hosts("") == []
