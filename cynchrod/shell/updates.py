@@ -94,9 +94,14 @@ class Checker:
         return cached[1]
 
     def tick(self) -> list[concurrent.futures.Future[None]]:
-        """Start the checks that are due; returns their futures (tests wait on them)."""
+        """Start the checks that are due; returns their futures (tests wait on them).
+
+        A group (one repository, one set of credentials) is checked when any of its services is due,
+        and then for all of them: services added at different times fall into one schedule, so a
+        repository is asked once per interval however many apps follow it."""
         now = self.clock()
         groups: dict[_Group, list[_Item]] = {}
+        due: set[_Group] = set()
         auths: dict[str, dict[str, registry.Credentials] | RegistryError] = {}
         for app in self.store.live_apps().values():
             spec = self._spec(app)
@@ -104,7 +109,7 @@ class Checker:
                 continue
             for service in spec.services:
                 policy = service.update
-                if policy is None or service.build is not None or self._due.get((app.id, service.name), 0) > now:
+                if policy is None or service.build is not None:
                     continue
                 try:
                     ref = updates.parse_reference(service.image)
@@ -120,17 +125,23 @@ class Checker:
                                                        code=Code.REGISTRY_UNAUTHORIZED)
                 org_auths = auths[app.org]
                 item = _Item(app, spec, service, policy, ref)
+                is_due = self._due.get((app.id, service.name), 0) <= now
                 if isinstance(org_auths, RegistryError):
-                    self._due[(app.id, service.name)] = now + policy.interval
-                    self._record_error(item, org_auths)
+                    if is_due:
+                        self._due[(app.id, service.name)] = now + policy.interval
+                        self._record_error(item, org_auths)
                     continue
-                groups.setdefault((ref.registry, ref.repository, org_auths.get(ref.registry)), []).append(item)
+                group = (ref.registry, ref.repository, org_auths.get(ref.registry))
+                groups.setdefault(group, []).append(item)
+                if is_due:
+                    due.add(group)
         futures = []
         with self._lock:
-            for group, items in groups.items():
+            for group in due:
                 if group in self._inflight:
                     continue
                 self._inflight.add(group)
+                items = groups[group]
                 for item in items:
                     self._due[(item.app.id, item.service.name)] = now + item.policy.interval
                 futures.append(self._pool.submit(self._check_group, group, items))

@@ -275,3 +275,24 @@ def test_an_api_rollback_pauses_updates(rig, repo: GitRepo, reg) -> None:  # typ
         assert state(harness)["reason"] == "paused" and state(harness)["candidate"] == "1.5.0"
     assert running_image(harness).endswith(":1.4.2")
     assert head(repo)[0].startswith("cynchrod <cynchrod@localhost>|rollback")
+
+
+def test_apps_added_later_join_their_repositorys_schedule(rig, repo: GitRepo, reg) -> None:  # type: ignore[no-untyped-def]
+    harness, checker, clock, _ = rig
+    served, _ = reg
+    counting = Proxy(served.host)
+    try:
+        repo.push({"apps/a.yaml": manifest(f"{counting.host}/shop/web:1.4.2", name="a", update="semver: '~1.4'")})
+        harness.rec.sync("poll")
+        check(checker)
+        clock.now += 10
+        repo.push({"apps/b.yaml": manifest(f"{counting.host}/shop/web:1.4.2", name="b", update="semver: '~1.4'")})
+        harness.rec.sync("poll")
+        check(checker)  # b is new: the repository is asked for a and b together
+        assert counting.count["/v2/shop/web/tags/list"] == 2
+        for expected in (2, 2, 3, 3, 3, 4):  # then once per interval (30 s) for both
+            clock.now += 10
+            check(checker)
+            assert counting.count["/v2/shop/web/tags/list"] == expected
+    finally:
+        counting.stop()
