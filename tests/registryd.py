@@ -92,8 +92,19 @@ class Pusher:
         return name
 
     def cleanup(self) -> None:
+        """Remove the pushed tags, and the copies the engine pulled back through a registry or a proxy
+        for the apps under test (named by those hosts, carrying this module's label)."""
         for name in self.tags:
             subprocess.run(["docker", "rmi", "-f", name], capture_output=True)
+        listed = subprocess.run(["docker", "images", "--filter", f"label={LABEL}", "--format",
+                                 "{{.Repository}}:{{.Tag}}"], capture_output=True, text=True).stdout.split()
+        pulled = [n for n in listed if n.startswith("127.0.0.1:") and not n.endswith(":<none>")]
+        if pulled:
+            subprocess.run(["docker", "rmi", "-f", *pulled], capture_output=True)
+        dangling = subprocess.run(["docker", "images", "-q", "--filter", f"label={LABEL}", "--filter", "dangling=true"],
+                                  capture_output=True, text=True).stdout.split()
+        if dangling:
+            subprocess.run(["docker", "rmi", *sorted(set(dangling))], capture_output=True)
         shutil.rmtree(self.ctx, ignore_errors=True)
 
 

@@ -40,8 +40,10 @@ def get(daemon: Daemon, token: str, path: str) -> dict:  # type: ignore[type-arg
 
 
 def test_a_new_tag_is_committed_and_running_within_one_interval(
-        daemons: Callable[..., Daemon], repo: GitRepo, reg: tuple[LocalRegistry, Pusher],
+        reg: tuple[LocalRegistry, Pusher], daemons: Callable[..., Daemon], repo: GitRepo,
         tmp_path: pathlib.Path) -> None:
+    # ``reg`` first: it is torn down last, once the daemon and its containers are gone, so the
+    # images the engine pulled from it can be removed.
     served, pusher = reg
     repo.push({
         "apps/web.yaml": f"name: web\nimage: '{served.host}/shop/web:1.4.2'  # followed\ncommand: [sleep, '3600']\n"
