@@ -161,6 +161,14 @@ class Code(enum.StrEnum):
     INVALID_MOUNT = ("invalid_mount", MANIFEST, True, None, "a volume's mount path is not absolute and normalised, "
                      "is /, covers /proc, /sys, /dev, /etc, /bin, /sbin, /usr or /lib{,32,64,x32}, or is given twice")
 
+    # --- compose files as apps (issue 21) ---
+    UNSUPPORTED_KEY = ("unsupported_key", MANIFEST, True, None, "a Compose key outside the subset cynchrod runs "
+                       "(docs/compose.md lists the supported keys)")
+    INTERPOLATION_FAILED = ("interpolation_failed", MANIFEST, True, None, "a ${VAR:?message} with VAR unset, or a "
+                            "malformed ${...} in a compose file")
+    FILE_NOT_FOUND = ("file_not_found", MANIFEST, True, None, "an env_file, include or x-cynchrod.files entry that "
+                      "is not a file of the app's directory")
+
 
 def status_map() -> dict[str, int]:
     """code -> HTTP status, for every code the API answers with a status of its own."""

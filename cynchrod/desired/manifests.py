@@ -45,7 +45,10 @@ _SCHEMA = validation.Schema("app.schema.json")
 
 
 def is_manifest_path(path: str) -> bool:
-    return path.endswith(MANIFEST_SUFFIXES)
+    """Files a source lists: YAML (manifests and compose files) and the ``.env``/``*.env`` files a
+    compose app reads (``.env`` beside a native manifest is listed and left alone)."""
+    name = posixpath.basename(path)
+    return path.endswith(MANIFEST_SUFFIXES) or name == ".env" or name.endswith(".env") or name.startswith(".env.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -452,11 +455,29 @@ class Desired:
     failed_orgs: Mapping[str, str | None] = dataclasses.field(default_factory=dict)
 
 
+def _compose_groups(files: list[tuple[str, str]]) -> dict[str, list[tuple[str, str]]]:
+    """Compose app directories (those holding a ``compose.yaml`` or one of its other names) and the
+    files listed under each: one app per directory, parsed and cached as one."""
+    from cynchrod.desired import compose  # compose builds on this module
+
+    dirs = sorted({posixpath.dirname(p) for p, _ in files if compose.is_compose_file(p)})
+    groups: dict[str, list[tuple[str, str]]] = {d: [] for d in dirs}
+    for path, oid in files:
+        parent = posixpath.dirname(path)
+        while parent and parent not in groups:
+            parent = posixpath.dirname(parent)
+        if parent:
+            groups[parent].append((path, oid))
+    return groups
+
+
 class Cache:
-    """Parse results keyed by blob id; only ids seen in the last load are kept."""
+    """Parse results keyed by blob id (a compose app: by the ids of its directory's files); only
+    those seen in the last load are kept."""
 
     def __init__(self, *, org: str | None = None) -> None:
         self._results: dict[str, Result] = {}
+        self._unreadable = ""
         self.parses = 0
         self.org = org
 
@@ -474,7 +495,26 @@ class Cache:
         failed: set[str] = set()
         orgs: dict[str, str | None] = {}
         claims: dict[tuple[str, str], list[specs.AppSpec]] = {}
-        for path, oid in sorted(files):
+        listed = sorted(files)
+        groups = _compose_groups(listed)
+        in_group = {path for members in groups.values() for path, _ in members}
+        singles = [(p, o) for p, o in listed if p not in in_group and p.endswith(MANIFEST_SUFFIXES)]
+        loaded: list[Result] = []
+        for directory, members in sorted(groups.items()):
+            key = "compose:" + directory + "\0" + "\0".join(f"{o}:{p}" for p, o in members)
+            result = self._results.get(key)
+            if result is None:
+                result = self._compose(directory, members, read)
+                if result is None:
+                    errors.append(ManifestError(f"cannot be read from the repository: {self._unreadable}",
+                                                code="unreadable", path=directory, line=1))
+                    failed.add(directory)
+                    orgs[directory] = self.org
+                    continue
+                self.parses += 1
+            kept[key] = result
+            loaded.append(result)
+        for path, oid in singles:
             key = f"{oid}:{path}"
             result = self._results.get(key)
             if result is None:
@@ -491,6 +531,9 @@ class Cache:
                 result = parse(path, raw, org=self.org)
                 self.parses += 1
             kept[key] = result
+            loaded.append(result)
+        for result in loaded:
+            path = result.path
             if result.spec is None:
                 errors.extend(result.errors)
                 failed.add(path)
@@ -510,3 +553,17 @@ class Cache:
                     orgs[other.path] = other.org
         self._results = kept
         return Desired(apps=apps, errors=tuple(errors), failed_paths=frozenset(failed), failed_orgs=orgs)
+
+    def _compose(self, directory: str, members: list[tuple[str, str]], read: Callable[[str], bytes]
+                 ) -> Result | None:
+        """Parse one compose directory; None (not cached: may be readable next pass) when a blob cannot be read."""
+        from cynchrod.desired import compose
+
+        contents: dict[str, bytes] = {}
+        for path, oid in members:
+            try:
+                contents[path] = read(oid)
+            except Exception as exc:
+                self._unreadable = f"{path}: {exc}"
+                return None
+        return compose.parse(directory, contents, org=self.org)

@@ -64,7 +64,11 @@ class WorkTreeSource(Followed):
             stat_cache: dict[str, tuple[int, int, str]] = {}
             for file in sorted(self.apps_dir.rglob("*")):
                 rel = file.relative_to(self.root).as_posix()
-                if not is_manifest_path(rel) or any(p.startswith(".") for p in file.relative_to(self.apps_dir).parts):
+                parts = file.relative_to(self.apps_dir).parts
+                # Hidden files and folders are not read, but for a compose app's .env (and .env.*).
+                hidden = any(p.startswith(".") for p in parts[:-1]) or (
+                    parts[-1].startswith(".") and not parts[-1].startswith(".env"))
+                if not is_manifest_path(rel) or hidden:
                     continue
                 if file.is_symlink():
                     refused.append(ManifestError("symlinks are not followed in the manifests directory",
