@@ -453,6 +453,9 @@ class Desired:
     failed_paths: frozenset[str]
     #: Each failed file's org as far as it can be read (``Result.org``; None: unknown).
     failed_orgs: Mapping[str, str | None] = dataclasses.field(default_factory=dict)
+    #: A compose app's errors found in its other files (an override, an included file, its ``.env``):
+    #: that file's path -> the app's path (its compose file), so the app keeps its last good spec.
+    owners: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 def _compose_groups(files: list[tuple[str, str]]) -> dict[str, list[tuple[str, str]]]:
@@ -532,9 +535,11 @@ class Cache:
                 self.parses += 1
             kept[key] = result
             loaded.append(result)
+        owners: dict[str, str] = {}
         for result in loaded:
             path = result.path
             if result.spec is None:
+                owners.update({e.path: path for e in result.errors if e.path != path})
                 errors.extend(result.errors)
                 failed.add(path)
                 orgs[path] = result.org
@@ -552,7 +557,8 @@ class Cache:
                     failed.add(other.path)
                     orgs[other.path] = other.org
         self._results = kept
-        return Desired(apps=apps, errors=tuple(errors), failed_paths=frozenset(failed), failed_orgs=orgs)
+        return Desired(apps=apps, errors=tuple(errors), failed_paths=frozenset(failed), failed_orgs=orgs,
+                       owners=owners)
 
     def _compose(self, directory: str, members: list[tuple[str, str]], read: Callable[[str], bytes]
                  ) -> Result | None:

@@ -172,7 +172,7 @@ class DesiredState:
                     desired[key] = spec
             by_path: dict[str, list[ManifestError]] = {}
             for err in errors:
-                by_path.setdefault(err.path, []).append(err)
+                by_path.setdefault(loaded.owners.get(err.path, err.path), []).append(err)
             # A file that now fails keeps its app's last good spec running.
             for key, app in rows.items():
                 if app.source in (src.url, "") and app.path in by_path and (spec := app.spec) is not None:
@@ -180,7 +180,8 @@ class DesiredState:
                     manifest_errors[key] = by_path.pop(app.path)
             # What is left belongs to no app: the desired state's problems, listed beside the apps.
             self._problems[src.url] = [
-                store.Problem(path=e.path, line=e.line, code=e.code, message=e.message, org=orgs.get(e.path, src.org))
+                store.Problem(path=e.path, line=e.line, code=e.code, message=e.message,
+                              org=orgs.get(loaded.owners.get(e.path, e.path), src.org))
                 for found in by_path.values() for e in found]
             problems.extend(self._problems[src.url])
             errors_text.extend(str(e) for e in errors)

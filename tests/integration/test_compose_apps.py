@@ -108,3 +108,20 @@ def test_a_compose_app_runs_with_its_env_and_limits_and_one_change_recreates_one
     parses = cache.parses
     assert harness.sync().ok
     assert cache.parses == parses
+
+
+def test_a_broken_override_or_env_keeps_the_last_good_app_running(repo, harness: Harness) -> None:
+    files = {"apps/shop/compose.yaml": COMPOSE, "apps/shop/.env": "DB_PASSWORD=pw\n", "apps/shop/web.env": "A=1\n"}
+    repo.push(files)
+    assert harness.sync().ok
+    before = {name: row["Id"] for name, row in rows(harness).items()}
+    repo.push({"apps/shop/compose.override.yaml": "services:\n  web:\n    privileged: true\n"})
+    result = harness.sync()
+    assert {name: row["Id"] for name, row in rows(harness).items()} == before
+    app = harness.app("shop", "team")
+    assert "apps/shop/compose.override.yaml:3: policy_violation: services.web.privileged" in (app.last_error or "")
+    repo.push({"apps/shop/compose.override.yaml": None, "apps/shop/.env": "NOTHING=here\n"})
+    harness.sync()
+    assert {name: row["Id"] for name, row in rows(harness).items()} == before
+    app = harness.app("shop", "team")
+    assert "apps/shop/compose.yaml:11: interpolation_failed" in (app.last_error or ""), result
