@@ -466,10 +466,10 @@ def _compose_groups(files: list[tuple[str, str]]) -> dict[str, list[tuple[str, s
     dirs = sorted({posixpath.dirname(p) for p, _ in files if compose.is_compose_file(p)})
     groups: dict[str, list[tuple[str, str]]] = {d: [] for d in dirs}
     for path, oid in files:
-        parent = posixpath.dirname(path)
-        while parent and parent not in groups:
-            parent = posixpath.dirname(parent)
-        if parent:
+        parent, up = posixpath.dirname(path), ""
+        while parent not in groups and parent != up:  # up to "" (relative) or "/" (absolute: cynchrod validate)
+            parent, up = posixpath.dirname(parent), parent
+        if parent in groups:
             groups[parent].append((path, oid))
     return groups
 

@@ -163,3 +163,10 @@ def test_cache_parses_each_app_once_and_native_manifests_beside() -> None:
     desired = cache.load(changed, read)
     assert cache.parses == 5  # that app alone
     assert "rotated" in dict(service(desired.apps[("shop", "shop")], "web").env)["DATABASE_URL"]
+
+
+def test_absolute_paths_as_cynchrod_validate_gives_them() -> None:
+    files = {f"/abs{p[len('apps'):]}": raw for p, raw in files_of("wordpress").items()}
+    files["/abs/solo.yaml"] = b"name: solo\nimage: busybox\n"
+    desired = manifests.Cache().load([(p, p) for p in files], files.__getitem__)
+    assert desired.errors == () and sorted(desired.apps) == [("default", "solo"), ("default", "wordpress")]
