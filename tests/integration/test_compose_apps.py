@@ -46,8 +46,12 @@ services:
     command: sleep 3600
     volumes: [cache:/cache, /scratch]
     mem_limit: 64m
+    secrets: [db-password]
 volumes:
   cache:
+secrets:
+  db-password:
+    external: true
 x-cynchrod:
   org: team
 """
@@ -70,6 +74,7 @@ def rows(harness: Harness) -> dict[str, dict[str, Any]]:
 
 def test_a_compose_app_runs_with_its_env_and_limits_and_one_change_recreates_one_service(
         repo, harness: Harness, docker_client: docker.DockerClient) -> None:
+    harness.secrets.set("team", "db-password", b"s3cret\n")
     repo.push({"apps/shop/compose.yaml": COMPOSE, "apps/shop/.env": "GREETING=hello-from-dotenv\nDB_PASSWORD=pw\n",
                "apps/shop/web.env": "FROM_ENV_FILE=yes\n", "apps/native.yaml": f"name: native\nimage: {TEST_IMAGE}\n"
                "command: [sleep, '3600']\nmemory: 64\n"})
@@ -93,6 +98,8 @@ def test_a_compose_app_runs_with_its_env_and_limits_and_one_change_recreates_one
     assert worker["HostConfig"]["Memory"] == 64 * 2**20
     mounts = {m["Destination"]: m for m in worker["Mounts"]}
     assert mounts["/cache"]["Type"] == "volume" and mounts["/scratch"]["Type"] == "volume"
+    exec_id = docker_client.api.exec_create(found["worker"]["Id"], ["cat", "/run/secrets/db-password"])["Id"]
+    assert docker_client.api.exec_start(exec_id) == b"s3cret\n"
     assert (harness.app("native").status, harness.app("shop", "team").status) == ("running", "running")
 
     # A push that changes the web service alone (through .env) recreates web, not worker.
@@ -111,6 +118,7 @@ def test_a_compose_app_runs_with_its_env_and_limits_and_one_change_recreates_one
 
 
 def test_a_broken_override_or_env_keeps_the_last_good_app_running(repo, harness: Harness) -> None:
+    harness.secrets.set("team", "db-password", b"s3cret\n")
     files = {"apps/shop/compose.yaml": COMPOSE, "apps/shop/.env": "DB_PASSWORD=pw\n", "apps/shop/web.env": "A=1\n"}
     repo.push(files)
     assert harness.sync().ok

@@ -170,3 +170,9 @@ def test_absolute_paths_as_cynchrod_validate_gives_them() -> None:
     files["/abs/solo.yaml"] = b"name: solo\nimage: busybox\n"
     desired = manifests.Cache().load([(p, p) for p in files], files.__getitem__)
     assert desired.errors == () and sorted(desired.apps) == [("default", "solo"), ("default", "wordpress")]
+
+
+def test_external_secrets_are_cynchrods_own() -> None:
+    spec = parse("secrets-external").spec
+    assert service(spec, "db").secrets == ("db-password",)
+    assert service(spec, "app").secrets == ("api-token", "db-password")

@@ -27,11 +27,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cynchrod.compose")
 
-TOP_KEYS = frozenset({"version", "name", "services", "volumes", "include"})
+TOP_KEYS = frozenset({"version", "name", "services", "volumes", "include", "secrets"})
 SERVICE_KEYS = frozenset({
     "image", "command", "entrypoint", "environment", "env_file", "ports", "expose", "volumes", "tmpfs", "restart",
     "depends_on", "healthcheck", "labels", "user", "working_dir", "hostname", "stop_signal", "stop_grace_period",
-    "init", "read_only", "deploy", "container_name", "profiles", "cpus", "mem_limit", "mem_reservation",
+    "init", "read_only", "deploy", "container_name", "profiles", "cpus", "mem_limit", "mem_reservation", "secrets",
 })
 #: Keys the manifest policy forbids, with the rule each breaks (a false/empty value is the default: allowed).
 POLICY = {
@@ -210,9 +210,10 @@ def to_result(loader: _Loader, merged: dict[str, Any]) -> manifests.Result:
     for key in merged:
         if key in TOP_KEYS or key == "x-cynchrod" or str(key).startswith("x-"):
             continue
-        rules.unsupported([key], {"secrets": "not yet", "configs": "not yet",
+        rules.unsupported([key], {"configs": "not yet",
                                   "networks": "each app gets one private network"}.get(key, ""))
     declared_volumes = _top_volumes(rules, merged.get("volumes") or {})
+    declared_secrets = _top_secrets(rules, merged.get("secrets") or {})
     services = dict(merged.get("services") or {})
     active = set(ext.get("profiles") or [])
     enabled = {n: s for n, s in services.items() if not (s or {}).get("profiles")
@@ -222,7 +223,8 @@ def to_result(loader: _Loader, merged: dict[str, Any]) -> manifests.Result:
                   Code.MISSING_KEY, ["services"])
     if len(enabled) > 32:
         rules.err(f"services: {len(enabled)} services, over the 32 an app may have", Code.OUT_OF_RANGE, ["services"])
-    built = [_service(rules, n, s or {}, enabled, declared_volumes) for n, s in sorted(enabled.items())]
+    built = [_service(rules, n, s or {}, enabled, declared_volumes, declared_secrets)
+             for n, s in sorted(enabled.items())]
     graph = {n: list((s or {}).get("depends_on") or []) for n, s in enabled.items()}
     cycle = manifests._cycle(graph)
     if cycle:
@@ -251,8 +253,45 @@ def _top_volumes(rules: _Rules, volumes: Mapping[str, Any]) -> set[str]:
     return set(volumes)
 
 
+def _top_secrets(rules: _Rules, secrets: Mapping[str, Any]) -> set[str]:
+    """Top-level secrets: ``external: true`` ones are cynchrod's own (``cynchrod secret set ORG/NAME``);
+    ``file:`` and ``environment:`` are not supported yet."""
+    for name, body in secrets.items():
+        where = ["secrets", name]
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", str(name)):
+            rules.err(f"secrets.{name}: not a secret name (letters, digits, _ . -)", Code.INVALID_VALUE, where)
+        elif (body or {}).get("external") is not True:
+            kind = next((k for k in ("file", "environment") if k in (body or {})), None)
+            rules.unsupported([*where, kind] if kind else where, "secrets come from cynchrod's encrypted store: "
+                              "set it with cynchrod secret set ORG/NAME and declare it external: true")
+        else:
+            for key in body:
+                if key not in ("external", "name") or (key == "name" and body["name"] != name):
+                    rules.unsupported([*where, key])
+    return set(secrets)
+
+
+def _service_secrets(rules: _Rules, name: str, svc: dict[str, Any], declared: set[str]) -> list[str]:
+    found: list[str] = []
+    for i, entry in enumerate(svc.get("secrets") or []):
+        where = ["services", name, "secrets", i]
+        if isinstance(entry, dict):
+            extra = sorted(set(entry) - {"source", "target"})
+            if extra or entry.get("target", entry["source"]) != entry["source"]:
+                rules.unsupported([*where, extra[0] if extra else "target"],
+                                  "a secret is mounted at /run/secrets/<its name>")
+                continue
+            entry = entry["source"]
+        if entry not in declared:
+            rules.err(f"services.{name}.secrets[{i}]: secret {entry!r} is not declared in the top-level secrets",
+                      Code.INVALID_VALUE, where)
+            continue
+        found.append(str(entry))
+    return found
+
+
 def _service(rules: _Rules, name: str, svc: dict[str, Any], enabled: Mapping[str, Any],
-             volumes: set[str]) -> specs.ServiceSpec | None:
+             volumes: set[str], secrets: set[str]) -> specs.ServiceSpec | None:
     at = ["services", name]
     before = len(rules.errors)
     if not specs.NAME_RE.match(name):
@@ -315,6 +354,7 @@ def _service(rules: _Rules, name: str, svc: dict[str, Any], enabled: Mapping[str
     tmpfs.extend([tmpfs_value] if isinstance(tmpfs_value, str) else tmpfs_value or [])
     depends, conditions = _depends(rules, name, svc, enabled)
     health = _health(rules, name, svc)
+    used_secrets = _service_secrets(rules, name, svc, secrets)
     labels = _pairs(svc.get("labels"))
     for key in labels:
         if key.startswith("io.cynchrod."):
@@ -336,6 +376,7 @@ def _service(rules: _Rules, name: str, svc: dict[str, Any], enabled: Mapping[str
         name=name, image=str(svc["image"]), command=_command(svc.get("command")), env=tuple(sorted(env.items())),
         port=port, host_port=host_port, cpu=cpu, memory=memory, volumes=tuple(mounts),
         depends_on=tuple(sorted(depends)), healthcheck=health, replicas=replicas,
+        secrets=tuple(sorted(set(used_secrets))),
         entrypoint=_command(svc.get("entrypoint")), user=_opt(svc.get("user")),
         working_dir=_opt(svc.get("working_dir")), hostname=_opt(svc.get("hostname")),
         stop_signal=_opt(svc.get("stop_signal")),
