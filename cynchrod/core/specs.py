@@ -43,6 +43,17 @@ class Healthcheck:
 
 
 @dataclasses.dataclass(frozen=True)
+class Bind:
+    """Repository files bind-mounted into a container (Compose's relative bind mounts): ``source`` is
+    the host path of their copy under the state dir, named by their content, so new content is a
+    new path (a new hash, a new container) and the same content is the same path."""
+
+    source: str
+    target: str
+    read_only: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
 class Port:
     """A published port beyond a service's first (``port``/``host_port``): Compose's ``ports`` list."""
 
@@ -111,6 +122,7 @@ class ServiceSpec:
     memory_reservation: int | None = None
     #: ``depends_on`` conditions other than ``service_started`` (service -> condition), sorted.
     depends_on_conditions: tuple[tuple[str, str], ...] = ()
+    binds: tuple[Bind, ...] = ()
 
     def canonical(self, *, restarted_at: str | None) -> str:
         """Everything that, when changed, needs a new container, as canonical JSON.
@@ -136,7 +148,7 @@ _HASH_OPTIONAL: dict[str, Any] = {
     for f in dataclasses.fields(ServiceSpec)
     if f.name in ("entrypoint", "user", "working_dir", "hostname", "stop_signal", "stop_grace_period", "init",
                   "read_only", "tmpfs", "labels", "expose", "ports", "cpu_reservation", "memory_reservation",
-                  "depends_on_conditions")
+                  "depends_on_conditions", "binds")
 }
 
 
@@ -265,6 +277,7 @@ class AppSpec:
                 cpu_reservation=s.get("cpu_reservation"),
                 memory_reservation=s.get("memory_reservation"),
                 depends_on_conditions=tuple((k, v) for k, v in s.get("depends_on_conditions", ())),
+                binds=tuple(Bind(**b) for b in s.get("binds", ())),
             )
             for s in data["services"]
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import pathlib
 import posixpath
 import re
 import shlex
@@ -478,9 +479,11 @@ class Cache:
     """Parse results keyed by blob id (a compose app: by the ids of its directory's files); only
     those seen in the last load are kept."""
 
-    def __init__(self, *, org: str | None = None) -> None:
+    def __init__(self, *, org: str | None = None, files_dir: pathlib.Path | None = None) -> None:
         self._results: dict[str, Result] = {}
         self._unreadable = ""
+        #: Where compose apps' bind-mounted repository files are copied (None: not copied, ``validate``).
+        self.files_dir = files_dir
         self.parses = 0
         self.org = org
 
@@ -572,4 +575,4 @@ class Cache:
             except Exception as exc:
                 self._unreadable = f"{path}: {exc}"
                 return None
-        return compose.parse(directory, contents, org=self.org)
+        return compose.parse(directory, contents, org=self.org, files_dir=self.files_dir)

@@ -507,6 +507,8 @@ class LocalRuntime(_docker.Driver):
                 continue  # anonymous: the engine makes it with the container
             binds[self._ensure_volume(spec, volume.name)] = {"bind": volume.path,
                                                              "mode": "ro" if volume.read_only else "rw"}
+        for bind in service.binds:  # repository files copied under the state dir (compose apps)
+            binds[bind.source] = {"bind": bind.target, "mode": "ro" if bind.read_only else "rw"}
         for secret in service.secrets:
             if self.secrets_dir is None:
                 raise PermanentError("this runtime has no secrets directory", code="secret_missing")

@@ -90,6 +90,7 @@ from docker.types import (
 
 from cynchrod import runtime
 from cynchrod.core import planning, specs
+from cynchrod.core.codes import Code
 from cynchrod.core.errors import (
     EngineUnavailable,
     PermanentError,
@@ -741,6 +742,10 @@ class SwarmRuntime(_docker.Driver):
             h = service.healthcheck
             health = Healthcheck(test=list(h.test), interval=int(h.interval * _NS), timeout=int(h.timeout * _NS),
                                  retries=h.retries, start_period=int(h.start_period * _NS))
+        if service.binds:
+            # The copies are on this host only; a task on another node would not find them.
+            raise PermanentError(f"{spec.org}/{spec.name} [{service.name}]: bind mounts of repository files run on "
+                                 "the docker runtime only", code=Code.UNSUPPORTED_KEY)
         mounts = [Mount(v.path, self._volume_name(spec, v.name), type="volume", read_only=v.read_only,
                         labels=self._app_labels(spec.org, spec.name)) if v.name
                   else Mount(v.path, None, type="volume") for v in service.volumes]

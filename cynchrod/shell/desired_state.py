@@ -89,7 +89,9 @@ class DesiredState:
         self.secrets = secrets
         self.builds = builds
         self.max_apps = max_apps
-        self.caches = {s.url: manifests.Cache(org=s.org) for s in self.sources}
+        # Compose apps' bind-mounted repository files are copied under the state dir (see compose.files).
+        files_dir = secrets.state_dir / "files" if secrets is not None else None
+        self.caches = {s.url: manifests.Cache(org=s.org, files_dir=files_dir) for s in self.sources}
         #: Log each manifest error of a newly read commit (the daemon); ``plan`` and ``sync``
         #: print them in their own output instead, so each is shown once.
         self.log_manifest_errors = True

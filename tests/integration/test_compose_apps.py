@@ -133,3 +133,39 @@ def test_a_broken_override_or_env_keeps_the_last_good_app_running(repo, harness:
     assert {name: row["Id"] for name, row in rows(harness).items()} == before
     app = harness.app("shop", "team")
     assert "apps/shop/compose.yaml:11: interpolation_failed" in (app.last_error or ""), result
+
+
+SITE = f"""services:
+  web:
+    image: {TEST_IMAGE}
+    command: [httpd, -f, -p, "8080", -h, /www]
+    ports: ["8080"]
+    volumes:
+      - ./site:/www
+      - ./motd.txt:/etc/motd.txt
+  other:
+    image: {TEST_IMAGE}
+    command: [sleep, "3600"]
+"""
+
+
+def test_a_bind_mounted_repository_file_is_served_read_only_and_a_change_recreates_its_service(
+        repo, harness: Harness, docker_client: docker.DockerClient) -> None:
+    repo.push({"apps/site/compose.yaml": SITE, "apps/site/site/index.html": "from the repo\n",
+               "apps/site/motd.txt": "motd\n"})
+    assert harness.sync().ok
+    found = {r["Labels"][runtime.LABEL_SERVICE]: r for r in harness.rt.api.containers(
+        all=True, filters=harness.rt.owner_filter) if r["Labels"][runtime.LABEL_APP] == "site"}
+    port = int(found["web"]["Ports"][0]["PublicPort"])
+    wait_for(lambda: served(port) == b"from the repo\n", 10, "the bind-mounted page")
+    exec_id = docker_client.api.exec_create(found["web"]["Id"], ["sh", "-c", "echo x > /www/new; echo $?"])["Id"]
+    assert docker_client.api.exec_start(exec_id).strip().endswith(b"1")  # read-only
+    exec_id = docker_client.api.exec_create(found["web"]["Id"], ["cat", "/etc/motd.txt"])["Id"]
+    assert docker_client.api.exec_start(exec_id) == b"motd\n"
+    repo.push({"apps/site/site/index.html": "changed in the repo\n"})
+    assert harness.sync().ok
+    after = {r["Labels"][runtime.LABEL_SERVICE]: r for r in harness.rt.api.containers(
+        all=True, filters=harness.rt.owner_filter) if r["Labels"][runtime.LABEL_APP] == "site"}
+    assert after["other"]["Id"] == found["other"]["Id"] and after["web"]["Id"] != found["web"]["Id"]
+    port = int(after["web"]["Ports"][0]["PublicPort"])
+    wait_for(lambda: served(port) == b"changed in the repo\n", 10, "the changed page")

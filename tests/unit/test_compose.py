@@ -176,3 +176,24 @@ def test_external_secrets_are_cynchrods_own() -> None:
     spec = parse("secrets-external").spec
     assert service(spec, "db").secrets == ("db-password",)
     assert service(spec, "app").secrets == ("api-token", "db-password")
+
+
+def test_bind_mounts_of_repository_files_are_copied_by_content(tmp_path: pathlib.Path) -> None:
+    files = files_of("bind-ok")
+    web = service(compose.parse("apps/bind-ok", files, files_dir=tmp_path).spec, "web")
+    conf, site = web.binds
+    assert (conf.target, conf.read_only, site.target, site.read_only) == (
+        "/etc/nginx/conf.d/default.conf", True, "/usr/share/nginx/html", True)
+    assert pathlib.Path(conf.source).read_text() == "server { listen 80; }\n"
+    assert pathlib.Path(conf.source).name == "default.conf"
+    assert sorted(p.relative_to(site.source).as_posix() for p in pathlib.Path(site.source).rglob("*")) == [
+        "a", "a/b.txt", "index.html"]
+    assert oct(pathlib.Path(site.source, "index.html").stat().st_mode & 0o777) == "0o644"
+    # The same content is the same copy (no new container); a change is a new one (only for that mount).
+    again = service(compose.parse("apps/bind-ok", files, files_dir=tmp_path).spec, "web")
+    assert again.binds == web.binds
+    files["apps/bind-ok/site/index.html"] = b"changed\n"
+    changed = service(compose.parse("apps/bind-ok", files, files_dir=tmp_path).spec, "web")
+    assert changed.binds[0] == conf and changed.binds[1].source != site.source
+    assert pathlib.Path(changed.binds[1].source, "index.html").read_text() == "changed\n"
+    assert pathlib.Path(site.source, "index.html").read_text() == "index\n"  # the running copy is untouched

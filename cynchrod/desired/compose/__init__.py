@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import pathlib
 import posixpath
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -66,12 +67,14 @@ class _File:
 _Failed = errors.ManifestErrors
 
 
-def parse(directory: str, files: Mapping[str, bytes], *, org: str | None = None) -> manifests.Result:
-    """Parse one compose app directory (``files``: repo path -> content of every file listed under it).
+def parse(directory: str, files: Mapping[str, bytes], *, org: str | None = None,
+          files_dir: pathlib.Path | None = None) -> manifests.Result:
+    """Parse one compose app directory (``files``: repo path -> content of every file listed under it;
+    ``files_dir``: where the repository files it bind-mounts are copied, see ``compose.files``).
     Never raises for bad input: whatever goes wrong is this app's error."""
     main = main_file(directory, files) or f"{directory}/{COMPOSE_NAMES[0]}"
     try:
-        result = _Loader(directory, files, main, org=org).run()
+        result = _Loader(directory, files, main, org=org, files_dir=files_dir).run()
     except _Failed as failed:
         result = manifests.Result(main, None, tuple(failed.errors))
     except Exception as exc:
@@ -84,7 +87,9 @@ def parse(directory: str, files: Mapping[str, bytes], *, org: str | None = None)
 
 
 class _Loader:
-    def __init__(self, directory: str, files: Mapping[str, bytes], main: str, *, org: str | None) -> None:
+    def __init__(self, directory: str, files: Mapping[str, bytes], main: str, *, org: str | None,
+                 files_dir: pathlib.Path | None = None) -> None:
+        self.files_dir = files_dir
         self.directory = directory
         self.files = files
         self.main = main
@@ -102,8 +107,7 @@ class _Loader:
             raise self.fail(f"{what}: {name!r} must be a file of the app's directory {self.directory}/",
                             Code.POLICY_VIOLATION, at, line)
         if joined not in self.files:
-            raise self.fail(f"{what}: {name!r} is not a file of {self.directory}/ (cynchrod reads YAML, .env and "
-                            "*.env files there)", Code.FILE_NOT_FOUND, at, line)
+            raise self.fail(f"{what}: {name!r} is not a file of {self.directory}/", Code.FILE_NOT_FOUND, at, line)
         return joined
 
     def run(self) -> manifests.Result:

@@ -21,6 +21,7 @@ from cynchrod.core import specs
 from cynchrod.core.codes import Code
 from cynchrod.core.errors import ManifestError
 from cynchrod.desired import manifests, validation
+from cynchrod.desired.compose import files
 
 if TYPE_CHECKING:
     from cynchrod.desired.compose import _Loader
@@ -325,8 +326,8 @@ def _service(rules: _Rules, name: str, svc: dict[str, Any], enabled: Mapping[str
     if "container_name" in svc:
         log.warning("%s: services.%s.container_name is ignored: cynchrod names containers", rules.loader.main, name)
     env: dict[str, str] = {}
-    files = svc.get("env_file")
-    for i, entry in enumerate([files] if isinstance(files, (str, dict)) else files or []):
+    env_files = svc.get("env_file")
+    for i, entry in enumerate([env_files] if isinstance(env_files, (str, dict)) else env_files or []):
         item = entry if isinstance(entry, dict) else {"path": entry}
         extra = set(item) - {"path", "required"}
         if extra:
@@ -349,7 +350,7 @@ def _service(rules: _Rules, name: str, svc: dict[str, Any], enabled: Mapping[str
         rules.err(f"services.{name}.ports: a published port can be bound by one replica only, and replicas is "
                   f"{replicas}", "host_port_replicas", [*at, "ports"])
     cpu, memory, cpu_res, mem_res = _resources(rules, name, svc)
-    mounts, tmpfs = _volumes(rules, name, svc, volumes)
+    mounts, tmpfs, binds = _volumes(rules, name, svc, volumes)
     tmpfs_value = svc.get("tmpfs")
     tmpfs.extend([tmpfs_value] if isinstance(tmpfs_value, str) else tmpfs_value or [])
     depends, conditions = _depends(rules, name, svc, enabled)
@@ -384,7 +385,7 @@ def _service(rules: _Rules, name: str, svc: dict[str, Any], enabled: Mapping[str
         init=svc.get("init"), read_only=bool(svc.get("read_only", False)), tmpfs=tuple(tmpfs),
         labels=tuple(sorted((k, _text(v)) for k, v in labels.items())), expose=tuple(sorted(set(expose))),
         ports=tuple(ports), cpu_reservation=cpu_res, memory_reservation=mem_res,
-        depends_on_conditions=tuple(sorted(conditions.items())),
+        depends_on_conditions=tuple(sorted(conditions.items())), binds=tuple(binds),
     )
 
 
@@ -474,7 +475,8 @@ def _resources(rules: _Rules, name: str, svc: dict[str, Any]
 
 
 def _volumes(rules: _Rules, name: str, svc: dict[str, Any], declared: set[str]
-             ) -> tuple[list[specs.Volume], list[str]]:
+             ) -> tuple[list[specs.Volume], list[str], list[specs.Bind]]:
+    binds: list[specs.Bind] = []
     mounts: list[specs.Volume] = []
     tmpfs: list[str] = []
     targets: set[str] = set()
@@ -489,6 +491,7 @@ def _volumes(rules: _Rules, name: str, svc: dict[str, Any], declared: set[str]
                 continue
             kind, source, target = entry.get("type"), str(entry.get("source") or ""), str(entry.get("target", ""))
             read_only = bool(entry.get("read_only", False))
+            writable = entry.get("read_only") is False
             if kind == "tmpfs":
                 tmpfs.append(target)
                 continue
@@ -506,16 +509,29 @@ def _volumes(rules: _Rules, name: str, svc: dict[str, Any], declared: set[str]
                 rules.unsupported(where, f"mount options {mode!r} (ro and rw are supported)")
                 continue
             read_only = mode == "ro"
+            writable = mode == "rw"
         if target.rstrip("/") in ("/var/run/docker.sock", "/run/docker.sock") or "docker.sock" in source:
             rules.err(f"{field}: the Docker socket is never mounted", Code.POLICY_VIOLATION, where)
             continue
         if kind == "bind":
             inside = posixpath.normpath(posixpath.join(directory, source))
             if source.startswith(("/", "~")) or inside.startswith("..") or inside == ".":
-                rules.err(f"{field}: {source!r} mounts a host path outside the repository; only named volumes (and, "
-                          "later, files of the repository) are allowed", Code.POLICY_VIOLATION, where)
+                rules.err(f"{field}: {source!r} mounts a host path outside the repository; only named volumes and "
+                          "files of the app's directory are allowed", Code.POLICY_VIOLATION, where)
+            elif not inside.startswith(directory + "/"):
+                rules.unsupported(where, f"a bind mount names files of the app's directory {directory}/")
+            elif writable:
+                rules.unsupported(where, "files of the repository are mounted read-only (use a named volume to write)")
+            elif (why := manifests.mount_target_problem(target)) is not None:
+                rules.err(f"{field}: {target!r}: {why}", Code.INVALID_MOUNT, where)
             else:
-                rules.unsupported(where, "bind mounts of repository files are not supported yet; use a named volume")
+                members = {p: data for p, data in rules.loader.files.items()
+                           if p == inside or p.startswith(inside + "/")}
+                if not members:
+                    rules.err(f"{field}: {source!r} is not a file or folder of {directory}/ (files over 1 MiB, "
+                              "symlinks and hidden files are not copied)", Code.FILE_NOT_FOUND, where)
+                else:
+                    binds.append(specs.Bind(files.materialise(rules.loader.files_dir, inside, members), target))
             continue
         if (why := manifests.mount_target_problem(target)) is not None:
             rules.err(f"{field}: {target!r}: {why}", Code.INVALID_MOUNT, where)
@@ -529,7 +545,7 @@ def _volumes(rules: _Rules, name: str, svc: dict[str, Any], declared: set[str]
                       where)
             continue
         mounts.append(specs.Volume(name=source, path=target, read_only=read_only))
-    return mounts, tmpfs
+    return mounts, tmpfs, binds
 
 
 def _depends(rules: _Rules, name: str, svc: dict[str, Any], enabled: Mapping[str, Any]
