@@ -16,6 +16,7 @@ import http.client
 import json
 import os
 import pathlib
+import re
 import secrets
 import shutil
 import subprocess
@@ -43,6 +44,19 @@ DAEMON_LOG_SHOWN = 20_000
 DOCKER_FIXTURES = frozenset({"docker_client", "images", "owner", "harness", "daemons", "lab"})
 #: Held while the test images are built: two workers build them at once otherwise.
 IMAGES_LOCK = pathlib.Path(tempfile.gettempdir()) / "cynchrod-test-images.lock"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Refuse a pytest that silently ignores ``xdist_group``: pytest 9.2.0 under ``--dist loadgroup``
+    spreads one group over several workers (pytest-xdist #1386), so two tests sharing a module's
+    daemon would run at once. setup.cfg pins ``pytest<9.2``; this catches an install that did not."""
+    if getattr(config.option, "dist", "no") == "loadgroup" and _version(pytest.__version__) >= (9, 2):
+        raise pytest.UsageError(f"pytest {pytest.__version__} ignores xdist_group under --dist loadgroup "
+                                "(pytest-xdist #1386): install through constraints.txt (pytest<9.2)")
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:2])
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's, which reads the groups into the node ids

@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 from cynchrod import runtime, store
+from cynchrod.core import errors
 from cynchrod.desired import source
-from cynchrod.desired.source import push
+from cynchrod.desired.source import mirror, push
 from cynchrod.runtime import local
 from cynchrod.shell import control, reconciler
 from tests.helpers import TEST_IMAGE, GitRepo, cli, git, new_token
@@ -214,3 +215,38 @@ def test_a_push_landing_during_ours_is_never_overwritten(repo: GitRepo, tmp_path
     assert log.splitlines()[:2] == ["stop default/a (by test)", "someone else"]
     assert git("show", "origin/main:apps/a.yaml", cwd=repo.work) == "name: a\nimage: x\nstate: stopped\n"
     assert git("show", "origin/main:apps/b.yaml", cwd=repo.work) == "name: b\nimage: x\n"
+
+
+def test_a_branch_locked_by_another_writer_is_a_rejection_not_a_crash(repo: GitRepo, tmp_path: pathlib.Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """``git push`` holds ``refs/heads/<branch>.lock`` while it moves the branch: our compare-and-swap
+    then fails on the lock (libgit2 raises OSError, not GitError), which is another writer winning
+    the race, so the edit is replayed on the new tip (seen once as a 500 in
+    ``test_commit_back_racing_an_external_push``). A lock that never goes away ends as
+    ``push_conflict`` (503), not an uncaught error."""
+    repo.push({"apps/a.yaml": "name: a\nimage: x\n"})
+    src = source.Source(repo.url, state_dir=tmp_path / "state")
+    lock = pathlib.Path(push.local_repo_path(repo.url) or "") / "refs" / "heads" / "main.lock"
+    copy = push._copy_objects
+    held: list[int] = []
+
+    def locking_once(*args: Any) -> None:
+        copy(*args)
+        if not held:
+            held.append(1)
+            lock.write_text("")  # taken by another writer between our read and our update
+        else:
+            lock.unlink(missing_ok=True)
+
+    monkeypatch.setattr(push, "_copy_objects", locking_once)
+    commit = src.commit_edit("apps/a.yaml", lambda old: (old or b"") + b"state: stopped\n", "stop default/a (by test)")
+    assert commit is not None and held
+    assert git("show", f"{commit}:apps/a.yaml", cwd=str(push.local_repo_path(repo.url))) == \
+        "name: a\nimage: x\nstate: stopped\n"
+
+    monkeypatch.setattr(push, "_copy_objects", copy)
+    monkeypatch.setattr(mirror, "PUSH_ATTEMPTS", 2)
+    lock.write_text("")
+    with pytest.raises(errors.SourceError) as failed:
+        src.commit_edit("apps/a.yaml", lambda old: (old or b"") + b"cpu: 0.5\n", "edit (by test)")
+    assert failed.value.code == "push_conflict"

@@ -132,6 +132,12 @@ def _push_local(repo: pygit2.Repository, path: pathlib.Path, commit: str, *, bra
             ref.set_target(new.id, f"push: {new.message.splitlines()[0] if new.message else ''}")
         except pygit2.GitError as exc:
             raise Rejected(f"{ref_name} moved on while pushing (stale info): {exc}") from exc
+        except OSError as exc:
+            # libgit2 reports the ref's lock file held by another writer (a ``git push`` moving
+            # the branch right now) as an OS error: that writer won the race, as above.
+            if "lock" in str(exc):
+                raise Rejected(f"{ref_name} is being moved by another writer: {exc}") from exc
+            raise SourceError(f"push to {safe_url} failed: {exc}", code="push_failed") from exc
     finally:
         remote.free()
 
