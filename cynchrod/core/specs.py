@@ -123,6 +123,8 @@ class ServiceSpec:
     #: ``depends_on`` conditions other than ``service_started`` (service -> condition), sorted.
     depends_on_conditions: tuple[tuple[str, str], ...] = ()
     binds: tuple[Bind, ...] = ()
+    tty: bool = False
+    stdin_open: bool = False
 
     def canonical(self, *, restarted_at: str | None) -> str:
         """Everything that, when changed, needs a new container, as canonical JSON.
@@ -148,7 +150,7 @@ _HASH_OPTIONAL: dict[str, Any] = {
     for f in dataclasses.fields(ServiceSpec)
     if f.name in ("entrypoint", "user", "working_dir", "hostname", "stop_signal", "stop_grace_period", "init",
                   "read_only", "tmpfs", "labels", "expose", "ports", "cpu_reservation", "memory_reservation",
-                  "depends_on_conditions", "binds")
+                  "depends_on_conditions", "binds", "tty", "stdin_open")
 }
 
 
@@ -278,6 +280,8 @@ class AppSpec:
                 memory_reservation=s.get("memory_reservation"),
                 depends_on_conditions=tuple((k, v) for k, v in s.get("depends_on_conditions", ())),
                 binds=tuple(Bind(**b) for b in s.get("binds", ())),
+                tty=bool(s.get("tty", False)),
+                stdin_open=bool(s.get("stdin_open", False)),
             )
             for s in data["services"]
         )

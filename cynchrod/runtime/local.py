@@ -568,6 +568,8 @@ class LocalRuntime(_docker.Driver):
                 hostname=service.hostname,
                 stop_signal=service.stop_signal,
                 stop_timeout=None if service.stop_grace_period is None else int(service.stop_grace_period),
+                tty=service.tty,
+                stdin_open=service.stdin_open,
             )
             return result
 

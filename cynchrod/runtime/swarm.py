@@ -761,7 +761,8 @@ class SwarmRuntime(_docker.Driver):
             else labels, mounts=mounts or None, stop_grace_period=int(grace * _NS),
             secrets=self._ensure_secrets(spec, service) or None, healthcheck=health,
             init=True if service.init is None else service.init, hostname=service.hostname, user=service.user,
-            workdir=service.working_dir, stop_signal=service.stop_signal, read_only=service.read_only or None)
+            workdir=service.working_dir, stop_signal=service.stop_signal, read_only=service.read_only or None,
+            tty=service.tty or None, open_stdin=service.stdin_open or None)
         cpu, memory = int(service.cpu * _NS), service.memory * 1024 * 1024
         cpu_reserved = cpu if service.cpu_reservation is None else int(service.cpu_reservation * _NS)
         mem_reserved = memory if service.memory_reservation is None else service.memory_reservation * 1024 * 1024

@@ -197,3 +197,11 @@ def test_bind_mounts_of_repository_files_are_copied_by_content(tmp_path: pathlib
     assert changed.binds[0] == conf and changed.binds[1].source != site.source
     assert pathlib.Path(changed.binds[1].source, "index.html").read_text() == "changed\n"
     assert pathlib.Path(site.source, "index.html").read_text() == "index\n"  # the running copy is untouched
+
+
+def test_configs_are_read_only_files(tmp_path: pathlib.Path) -> None:
+    proxy = service(compose.parse("apps/configs", files_of("configs"), files_dir=tmp_path).spec, "proxy")
+    got = {b.target: pathlib.Path(b.source).read_text() for b in proxy.binds}
+    assert got == {"/etc/caddy/Caddyfile": ':80 {\n  respond "ok"\n}\n', "/banner": "Welcome to example\n",
+                   "/motd": "be nice"}
+    assert all(b.read_only for b in proxy.binds) and (proxy.tty, proxy.stdin_open) == (True, True)

@@ -28,7 +28,7 @@ def test_each_new_field_set_changes_the_hash_and_survives_json() -> None:
         "stop_grace_period": 3.0, "init": False, "read_only": True, "tmpfs": ("/tmp",), "labels": (("a", "b"),),
         "expose": (9000,), "ports": (specs.Port(9000, 19000),), "cpu_reservation": 0.25, "memory_reservation": 64,
         "depends_on_conditions": (("db", "service_healthy"),),
-        "binds": (specs.Bind("/state/files/ab/x.conf", "/etc/x.conf"),),
+        "binds": (specs.Bind("/state/files/ab/x.conf", "/etc/x.conf"),), "tty": True, "stdin_open": True,
     }
     seen = {base.hash(restarted_at=None)}
     for key, value in changes.items():

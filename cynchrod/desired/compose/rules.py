@@ -28,11 +28,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cynchrod.compose")
 
-TOP_KEYS = frozenset({"version", "name", "services", "volumes", "include", "secrets"})
+TOP_KEYS = frozenset({"version", "name", "services", "volumes", "include", "secrets", "configs"})
 SERVICE_KEYS = frozenset({
     "image", "command", "entrypoint", "environment", "env_file", "ports", "expose", "volumes", "tmpfs", "restart",
     "depends_on", "healthcheck", "labels", "user", "working_dir", "hostname", "stop_signal", "stop_grace_period",
     "init", "read_only", "deploy", "container_name", "profiles", "cpus", "mem_limit", "mem_reservation", "secrets",
+    "configs", "tty", "stdin_open",
 })
 #: Keys the manifest policy forbids, with the rule each breaks (a false/empty value is the default: allowed).
 POLICY = {
@@ -211,10 +212,11 @@ def to_result(loader: _Loader, merged: dict[str, Any]) -> manifests.Result:
     for key in merged:
         if key in TOP_KEYS or key == "x-cynchrod" or str(key).startswith("x-"):
             continue
-        rules.unsupported([key], {"configs": "not yet",
+        rules.unsupported([key], {
                                   "networks": "each app gets one private network"}.get(key, ""))
     declared_volumes = _top_volumes(rules, merged.get("volumes") or {})
     declared_secrets = _top_secrets(rules, merged.get("secrets") or {})
+    declared_configs = _top_configs(rules, merged.get("configs") or {})
     services = dict(merged.get("services") or {})
     active = set(ext.get("profiles") or [])
     enabled = {n: s for n, s in services.items() if not (s or {}).get("profiles")
@@ -224,7 +226,7 @@ def to_result(loader: _Loader, merged: dict[str, Any]) -> manifests.Result:
                   Code.MISSING_KEY, ["services"])
     if len(enabled) > 32:
         rules.err(f"services: {len(enabled)} services, over the 32 an app may have", Code.OUT_OF_RANGE, ["services"])
-    built = [_service(rules, n, s or {}, enabled, declared_volumes, declared_secrets)
+    built = [_service(rules, n, s or {}, enabled, declared_volumes, declared_secrets, declared_configs)
              for n, s in sorted(enabled.items())]
     graph = {n: list((s or {}).get("depends_on") or []) for n, s in enabled.items()}
     cycle = manifests._cycle(graph)
@@ -272,6 +274,64 @@ def _top_secrets(rules: _Rules, secrets: Mapping[str, Any]) -> set[str]:
     return set(secrets)
 
 
+def _top_configs(rules: _Rules, configs: Mapping[str, Any]) -> dict[str, str]:
+    """Top-level configs (``file:`` of the app's directory, ``content:``, ``environment:`` from
+    ``.env``) copied like bind-mounted files; name -> host path of the copy."""
+    loader = rules.loader
+    found: dict[str, str] = {}
+    for name, body in configs.items():
+        where = ["configs", name]
+        body = body or {}
+        extra = sorted(k for k in body if k not in ("file", "content", "environment", "name") and
+                       not str(k).startswith("x-"))
+        if extra:
+            rules.unsupported([*where, extra[0]], "configs come from file:, content: or environment:")
+            continue
+        if "file" in body:
+            inside = posixpath.normpath(posixpath.join(loader.directory, str(body["file"])))
+            if not inside.startswith(loader.directory + "/"):
+                rules.err(f"configs.{name}.file: {body['file']!r} must be a file of the app's directory",
+                          Code.POLICY_VIOLATION, [*where, "file"])
+                continue
+            if inside not in loader.files:
+                rules.err(f"configs.{name}.file: {body['file']!r} is not a file of {loader.directory}/",
+                          Code.FILE_NOT_FOUND, [*where, "file"])
+                continue
+            content = loader.files[inside]
+        elif "content" in body:
+            content = str(body["content"]).encode()
+        elif "environment" in body:
+            content = loader.env.get(str(body["environment"]), "").encode()
+        else:
+            rules.err(f"configs.{name}: give file, content or environment", Code.MISSING_KEY, where)
+            continue
+        leaf = f"{loader.directory}/{name}"
+        found[name] = files.materialise(loader.files_dir, leaf, {leaf: content})
+    return found
+
+
+def _service_configs(rules: _Rules, name: str, svc: dict[str, Any], declared: Mapping[str, str]
+                     ) -> list[specs.Bind]:
+    binds: list[specs.Bind] = []
+    for i, entry in enumerate(svc.get("configs") or []):
+        where = ["services", name, "configs", i]
+        item = entry if isinstance(entry, dict) else {"source": entry}
+        extra = sorted(set(item) - {"source", "target"})
+        if extra:
+            rules.unsupported([*where, extra[0]], "a config is a read-only file")
+            continue
+        source = str(item["source"])
+        target = str(item.get("target") or f"/{source}")
+        if source not in declared:
+            rules.err(f"services.{name}.configs[{i}]: config {source!r} is not declared in the top-level configs",
+                      Code.INVALID_VALUE, where)
+        elif (why := manifests.mount_target_problem(target)) is not None:
+            rules.err(f"services.{name}.configs[{i}]: {target!r}: {why}", Code.INVALID_MOUNT, where)
+        else:
+            binds.append(specs.Bind(declared[source], target))
+    return binds
+
+
 def _service_secrets(rules: _Rules, name: str, svc: dict[str, Any], declared: set[str]) -> list[str]:
     found: list[str] = []
     for i, entry in enumerate(svc.get("secrets") or []):
@@ -292,7 +352,7 @@ def _service_secrets(rules: _Rules, name: str, svc: dict[str, Any], declared: se
 
 
 def _service(rules: _Rules, name: str, svc: dict[str, Any], enabled: Mapping[str, Any],
-             volumes: set[str], secrets: set[str]) -> specs.ServiceSpec | None:
+             volumes: set[str], secrets: set[str], configs: Mapping[str, str]) -> specs.ServiceSpec | None:
     at = ["services", name]
     before = len(rules.errors)
     if not specs.NAME_RE.match(name):
@@ -351,6 +411,7 @@ def _service(rules: _Rules, name: str, svc: dict[str, Any], enabled: Mapping[str
                   f"{replicas}", "host_port_replicas", [*at, "ports"])
     cpu, memory, cpu_res, mem_res = _resources(rules, name, svc)
     mounts, tmpfs, binds = _volumes(rules, name, svc, volumes)
+    binds.extend(_service_configs(rules, name, svc, configs))
     tmpfs_value = svc.get("tmpfs")
     tmpfs.extend([tmpfs_value] if isinstance(tmpfs_value, str) else tmpfs_value or [])
     depends, conditions = _depends(rules, name, svc, enabled)
@@ -386,6 +447,7 @@ def _service(rules: _Rules, name: str, svc: dict[str, Any], enabled: Mapping[str
         labels=tuple(sorted((k, _text(v)) for k, v in labels.items())), expose=tuple(sorted(set(expose))),
         ports=tuple(ports), cpu_reservation=cpu_res, memory_reservation=mem_res,
         depends_on_conditions=tuple(sorted(conditions.items())), binds=tuple(binds),
+        tty=bool(svc.get("tty", False)), stdin_open=bool(svc.get("stdin_open", False)),
     )
 
 
