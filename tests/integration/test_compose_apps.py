@@ -10,8 +10,9 @@ from typing import Any
 import docker
 
 from cynchrod import runtime
+from cynchrod.shell import control
 from tests.conftest import Harness
-from tests.helpers import TEST_IMAGE, wait_for
+from tests.helpers import TEST_IMAGE, git, wait_for
 
 COMPOSE = f"""# a web and a worker, written as a Compose user would
 services:
@@ -170,3 +171,23 @@ def test_a_bind_mounted_repository_file_is_served_read_only_and_a_change_recreat
     assert after["other"]["Id"] == found["other"]["Id"] and after["web"]["Id"] != found["web"]["Id"]
     port = int(after["web"]["Ports"][0]["PublicPort"])
     wait_for(lambda: served(port) == b"changed in the repo\n", 10, "the changed page")
+
+
+def test_stop_start_and_restart_are_commits_to_the_x_cynchrod_block(repo, harness: Harness) -> None:
+    text = f"# my stack\nservices:\n  web:\n    image: {TEST_IMAGE}   # pinned\n    command: [sleep, '3600']\n"
+    repo.push({"apps/stack/compose.yaml": text})
+    assert harness.sync().ok
+    ctl = control.Control(src=[harness.src], db=harness.db, wake=lambda trigger: None)
+    ctl.stop(harness.app("stack"), actor="test")
+    git("pull", "-q", "--rebase", "origin", "main", cwd=repo.work)
+    stopped = (repo.work / "apps/stack/compose.yaml").read_text()
+    assert stopped.startswith(text) and stopped.endswith("x-cynchrod:\n  state: stopped\n"), stopped
+    assert harness.sync().ok
+    assert harness.app("stack").status == "stopped"
+    ctl.start(harness.app("stack"), actor="test")
+    ctl.restart(harness.app("stack"), actor="test")
+    git("pull", "-q", "--rebase", "origin", "main", cwd=repo.work)
+    block = (repo.work / "apps/stack/compose.yaml").read_text().split("x-cynchrod:\n")[1]
+    assert block.startswith("  state: running\n  restartedAt: ")
+    assert harness.sync().ok
+    assert harness.app("stack").status == "running"
