@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fnmatch
 import pathlib
+import time
 
 import pytest
 
@@ -205,3 +206,17 @@ def test_configs_are_read_only_files(tmp_path: pathlib.Path) -> None:
     assert got == {"/etc/caddy/Caddyfile": ':80 {\n  respond "ok"\n}\n', "/banner": "Welcome to example\n",
                    "/motd": "be nice"}
     assert all(b.read_only for b in proxy.binds) and (proxy.tty, proxy.stdin_open) == (True, True)
+
+
+def test_anchors_and_merge_keys() -> None:
+    spec = parse("anchors").spec
+    a, b = service(spec, "a"), service(spec, "b")
+    assert dict(a.env) == {"TZ": "Europe/Berlin", "LOG_LEVEL": "info"} and a.memory == 128
+    assert dict(b.env) == {"TZ": "Europe/Berlin", "LOG_LEVEL": "debug"} and b.memory == 128
+
+
+def test_a_billion_laughs_is_refused_fast() -> None:
+    started = time.perf_counter()
+    result = parse("billion-laughs")
+    assert [e.code for e in result.errors] == ["manifest_too_large"]
+    assert time.perf_counter() - started < 2

@@ -157,12 +157,10 @@ class _Loader:
 
     def load(self, path: str, env: Mapping[str, str] | None = None) -> _File:
         try:
-            doc = yamlio.load_roundtrip(self.files[path])
+            doc = yamlio.load_roundtrip(self.files[path], aliases=True)  # plain() bounds what they expand to
             data = yamlio.plain(doc)
         except yamlio.YamlError as exc:
             message = exc.message
-            if exc.code == Code.YAML_ALIAS:
-                message = "YAML aliases (*name) are not supported in compose files yet: repeat the values"
             code = Code.MANIFEST_TOO_LARGE if exc.code == Code.TOO_LARGE else exc.code
             raise self.fail(message, code, path, exc.line) from exc
         if doc is None or not yamlio.is_mapping(doc) or not isinstance(data, dict):
