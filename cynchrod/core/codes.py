@@ -182,6 +182,14 @@ class Code(enum.StrEnum):
     IMAGE_UPDATE_FAILED = ("image_update_failed", PASS, True, None, "an image update was not committed: the "
                            "manifest changed meanwhile (a person's change wins) or cannot be edited")
 
+    # --- compose files as apps (issue 21) ---
+    UNSUPPORTED_KEY = ("unsupported_key", MANIFEST, True, None, "a Compose key outside the subset cynchrod runs "
+                       "(docs/compose.md lists the supported keys)")
+    INTERPOLATION_FAILED = ("interpolation_failed", MANIFEST, True, None, "a ${VAR:?message} with VAR unset, or a "
+                            "malformed ${...} in a compose file")
+    FILE_NOT_FOUND = ("file_not_found", MANIFEST, True, None, "an env_file, include or x-cynchrod.files entry that "
+                      "is not a file of the app's directory")
+
 
 def status_map() -> dict[str, int]:
     """code -> HTTP status, for every code the API answers with a status of its own."""

@@ -100,6 +100,24 @@ class UpdatePolicyError(PermanentError):
         self.key = key
 
 
+class ManifestErrors(ManifestError):
+    """Several located errors of one compose app at once (desired/compose); ``errors`` holds them all."""
+
+    def __init__(self, errors: list[ManifestError]) -> None:
+        first = errors[0] if errors else ManifestError("failed")
+        super().__init__(first.message, code=first.code, path=first.path, line=first.line)
+        self.errors = errors
+
+
+class InterpolationError(ManifestError):
+    """A ``${VAR:?message}`` with VAR unset, or a ``$`` expression that cannot be read (compose files)."""
+
+    code: str = Code.INTERPOLATION_FAILED
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code=Code.INTERPOLATION_FAILED)
+
+
 class SourceError(TemporaryError):
     """The manifests repository could not be fetched or read."""
 

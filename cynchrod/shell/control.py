@@ -136,24 +136,23 @@ class Control:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{time.time_ns() % 10**9:09d}Z"
 
         def edit(old: bytes | None) -> bytes | None:
-            parsed = manifests.parse(app.path, old or b"")
-            if parsed.spec is not None and parsed.spec.state == "stopped":
+            if edits.declared_state(app.path, old) == "stopped":
                 raise Conflict(f"app {app.org}/{app.name} is stopped (state: stopped); start it instead: "
                                f"POST /apps/{app.id}/start or cynchrod start {app.org}/{app.name}",
                                code="app_stopped")
-            return edits.set_keys(old or b"", {"restartedAt": stamp})
+            return edits.set_keys(old or b"", {"restartedAt": stamp}, path=app.path)
 
         return self._edit(app, "restart", actor, edit)
 
     def stop(self, app: store.App, *, actor: str) -> Accepted:
-        return self._edit(app, "stop", actor, lambda old: edits.set_keys(old or b"", {"state": "stopped"}))
+        return self._edit(app, "stop", actor,
+                          lambda old: edits.set_keys(old or b"", {"state": "stopped"}, path=app.path))
 
     def start(self, app: store.App, *, actor: str) -> Accepted:
         def edit(old: bytes | None) -> bytes | None:
-            result = manifests.parse(app.path, old or b"")
-            if result.spec is not None and result.spec.state == "running":
+            if edits.declared_state(app.path, old) == "running":
                 return old  # already running: no commit
-            return edits.set_keys(old or b"", {"state": "running"})
+            return edits.set_keys(old or b"", {"state": "running"}, path=app.path)
 
         return self._edit(app, "start", actor, edit)
 
