@@ -344,7 +344,7 @@ def _check_update(service: dict[str, Any], where: list[Any], prefix: str,
         updates.parse_policy(block)
     except updates.PolicyError as exc:
         at = [*where, "update", exc.key] if exc.key in block else [*where, "update"]
-        err(f"{prefix}update.{exc.key}: {exc}", Code.INVALID_UPDATE, at)
+        err(f"{prefix}update.{exc.key}: {exc.message}", Code.INVALID_UPDATE, at)
 
 
 #: Mount paths a volume may not cover: the kernel's filesystems (the path and anything under it: the

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from cynchrod import runtime
 from cynchrod.desired import registry
 from cynchrod.shell import control, metrics, updates
 from tests.helpers import GitRepo, git, wait_for
@@ -296,3 +297,31 @@ def test_apps_added_later_join_their_repositorys_schedule(rig, repo: GitRepo, re
             assert counting.count["/v2/shop/web/tags/list"] == expected
     finally:
         counting.stop()
+
+
+def test_a_compose_apps_service_is_bumped_by_a_commit_to_its_compose_file(rig, repo: GitRepo, reg) -> None:  # type: ignore[no-untyped-def]
+    harness, checker, _, _ = rig
+    served, pusher = reg
+    for tag in ("1.4.2", "1.5.0"):
+        pusher.push(served.host, "shop/composed", tag, content=f"composed {tag}")
+
+    def compose_file(tag: str) -> str:
+        return ("# the shop, as Compose\nservices:\n  web:\n"
+                f"    image: '{served.host}/shop/composed:{tag}'   # the bot bumps this\n"
+                "    command: [sleep, '3600']\n    mem_limit: 64m\n"
+                "    x-cynchrod:\n      update: {semver: '^1.4', interval: 30s}\n"
+                "  side:\n    image: '" + f"{served.host}/shop/composed:1.4.2'   # not followed\n"
+                "    command: [sleep, '3600']\n    mem_limit: 64m\n"
+                "x-cynchrod:\n  org: shop   # keep\n")
+
+    repo.push({"apps/shop/compose.yaml": compose_file("1.4.2")})
+    harness.sync()
+    check(checker)
+    git("pull", "-q", "origin", "main", cwd=repo.work)
+    assert git("log", "-1", "--format=%an <%ae>|%s", cwd=repo.work).strip() == \
+        "cynchrod <cynchrod@localhost>|update shop/shop: composed 1.4.2 → 1.5.0"
+    assert (repo.work / "apps/shop/compose.yaml").read_text() == compose_file("1.5.0")  # comments and quoting kept
+    harness.sync()
+    images = {r["Labels"][runtime.LABEL_SERVICE]: r["Image"]
+              for r in harness.rt.api.containers(filters=harness.rt.owner_filter)}
+    assert images == {"web": f"{served.host}/shop/composed:1.5.0", "side": f"{served.host}/shop/composed:1.4.2"}

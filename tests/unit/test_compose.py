@@ -220,3 +220,29 @@ def test_a_billion_laughs_is_refused_fast() -> None:
     result = parse("billion-laughs")
     assert [e.code for e in result.errors] == ["manifest_too_large"]
     assert time.perf_counter() - started < 2
+
+
+def test_update_blocks_map_onto_the_same_policy_as_a_manifests() -> None:
+    from cynchrod.core import updates
+    spec = parse("updates").spec
+    assert service(spec, "web").update == updates.UpdatePolicy(semver="^1.4", interval=30.0)
+    assert service(spec, "worker").update == updates.UpdatePolicy(digest=True, commit=False)
+    assert service(spec, "db").update is None
+    app = parse("update-app").spec
+    assert service(app, "web").update == updates.UpdatePolicy(regex=r"^v(\d+)\.(\d+)\.(\d+)$", interval=3600.0)
+
+
+def test_an_update_block_changes_no_hash() -> None:
+    plain = compose.parse("apps/a", {"apps/a/compose.yaml": b"services:\n  web:\n    image: web:1.0\n"}).spec
+    followed = compose.parse("apps/a", {"apps/a/compose.yaml": b"services:\n  web:\n    image: web:1.0\n"
+                                        b"    x-cynchrod:\n      update: {semver: '^1'}\n"}).spec
+    assert plain is not None and followed is not None
+    assert service(followed, "web").update is not None
+    assert service(plain, "web").hash(restarted_at=None) == service(followed, "web").hash(restarted_at=None)
+
+
+def test_an_interpolated_image_may_be_followed_without_commits() -> None:
+    result = compose.parse("apps/a", {"apps/a/.env": b"TAG=1.0\n", "apps/a/compose.yaml": (
+        b"services:\n  web:\n    image: web:${TAG}\n    x-cynchrod:\n      update: {semver: '^1', commit: false}\n")})
+    assert result.errors == ()
+    assert service(result.spec, "web").update is not None

@@ -251,6 +251,18 @@ class _Loader:
                     return loaded.path, yamlio.line_of(loaded.doc, where[:depth])
         return self.main, 1
 
+    def raw_value(self, where: list[Any]) -> tuple[str, Any]:
+        """The file that sets a key of the merged model and its value there as written (before
+        interpolation): what an edit of that file would find."""
+        path, _ = self.locate(where)
+        loaded = next(f for f in reversed(self.loaded) if f.path == path)
+        node: Any = loaded.doc
+        for part in where:
+            if not _has(node, [part]):
+                return path, None
+            node = node[part]
+        return path, node
+
     def env_file(self, name: str, *, required: bool, at: list[Any]) -> dict[str, str]:
         path, line = self.locate(at)
         joined = posixpath.normpath(posixpath.join(self.directory, name))

@@ -17,7 +17,7 @@ import shlex
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from cynchrod.core import specs
+from cynchrod.core import specs, updates
 from cynchrod.core.codes import Code
 from cynchrod.core.errors import ManifestError
 from cynchrod.desired import manifests, validation
@@ -52,7 +52,9 @@ DEPENDS_CONDITIONS = ("service_started", "service_healthy", "service_completed_s
 DEPLOY_KEYS = frozenset({"replicas", "resources"})
 RESOURCE_KEYS = frozenset({"cpus", "memory"})
 HEALTH_KEYS = frozenset({"test", "interval", "timeout", "retries", "start_period", "disable"})
-X_CYNCHROD_KEYS = frozenset({"org", "domain", "state", "restartedAt", "files", "profiles"})
+X_CYNCHROD_KEYS = frozenset({"org", "domain", "state", "restartedAt", "files", "profiles", "update"})
+#: cynchrod's keys of one service, under ``services.<name>.x-cynchrod``.
+X_SERVICE_KEYS = frozenset({"update"})
 _APP_SCHEMA = validation.load_document("app.schema.json")
 _X_SCHEMA = validation.Schema("x-cynchrod", document={
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -62,8 +64,16 @@ _X_SCHEMA = validation.Schema("x-cynchrod", document={
         **{k: _APP_SCHEMA["properties"][k] for k in ("org", "domain", "state", "restartedAt")},
         "files": {"type": "array", "items": {"type": "string"}, "minItems": 1},
         "profiles": {"type": "array", "items": {"type": "string"}},
+        "update": _APP_SCHEMA["$defs"]["update"],
     },
 })
+_X_SERVICE_SCHEMA = validation.Schema("x-cynchrod of a service", document={
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {"update": _APP_SCHEMA["$defs"]["update"]},
+})
+UPDATE_KEYS = frozenset(_APP_SCHEMA["$defs"]["update"]["properties"])
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(h|ms|m|s|us|ns)")
 _DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
 _BYTES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([bkmg]?)b?\s*$", re.I)
@@ -192,14 +202,7 @@ def to_result(loader: _Loader, merged: dict[str, Any]) -> manifests.Result:
     ext = merged.get("x-cynchrod") or {}
     org = loader.default_org()
     main = loader.main
-    for problem in _X_SCHEMA.problems(ext):
-        where = ["x-cynchrod", *problem.path]
-        if problem.rule == "additionalProperties":
-            for key in sorted(set(ext) - X_CYNCHROD_KEYS):
-                rules.err(f"x-cynchrod.{key} is not a cynchrod key" + manifests._did_you_mean(key, X_CYNCHROD_KEYS),
-                          Code.UNKNOWN_KEY, ["x-cynchrod", key])
-        else:
-            rules.err(f"{'.'.join(map(str, where))}: {problem.message}", problem.code, where)
+    _x_problems(rules, ["x-cynchrod"], ext, _X_SCHEMA, X_CYNCHROD_KEYS, "a cynchrod key")
     if isinstance(ext.get("org"), str):
         org = ext["org"]
         if loader.org is not None and org != loader.org:
@@ -226,8 +229,13 @@ def to_result(loader: _Loader, merged: dict[str, Any]) -> manifests.Result:
                   Code.MISSING_KEY, ["services"])
     if len(enabled) > 32:
         rules.err(f"services: {len(enabled)} services, over the 32 an app may have", Code.OUT_OF_RANGE, ["services"])
-    built = [_service(rules, n, s or {}, enabled, declared_volumes, declared_secrets, declared_configs)
-             for n, s in sorted(enabled.items())]
+    app_update = ext.get("update") if isinstance(ext.get("update"), dict) else None
+    if app_update is not None and len(enabled) > 1:
+        rules.err(f"x-cynchrod.update: the app has {len(enabled)} services: put the block on a service, "
+                  "services.<name>.x-cynchrod.update", Code.INVALID_UPDATE, ["x-cynchrod", "update"])
+        app_update = None
+    built = [_service(rules, n, s or {}, enabled, declared_volumes, declared_secrets, declared_configs,
+                      app_update=app_update) for n, s in sorted(enabled.items())]
     graph = {n: list((s or {}).get("depends_on") or []) for n, s in enabled.items()}
     cycle = manifests._cycle(graph)
     if cycle:
@@ -243,6 +251,60 @@ def to_result(loader: _Loader, merged: dict[str, Any]) -> manifests.Result:
     return manifests.Result(main, specs.AppSpec(
         org=org, name=name, services=tuple(s for s in built if s is not None), domain=domain,
         state=ext.get("state", "running"), restarted_at=None if restarted is None else str(restarted), path=main))
+
+
+def _x_problems(rules: _Rules, at: list[Any], block: Any, schema: validation.Schema, keys: frozenset[str],
+                what: str) -> bool:
+    """Schema problems of an ``x-cynchrod`` block (the app's or a service's); True when there were some."""
+    problems = schema.problems(block)
+    for problem in problems:  # True only for problems of the update block: other keys' do not hide it
+        where = [*at, *problem.path]
+        if problem.rule == "additionalProperties":
+            parent = block
+            for part in problem.path:
+                parent = parent[part]
+            allowed = keys if not problem.path else UPDATE_KEYS
+            kind = what if not problem.path else "an update key"
+            for key in sorted(set(parent) - allowed):
+                rules.err(f"{_field([*where, key])} is not {kind}" + manifests._did_you_mean(key, allowed),
+                          Code.UNKNOWN_KEY, [*where, key])
+        else:
+            code = Code.INVALID_UPDATE if "update" in problem.path[:1] else problem.code
+            rules.err(f"{_field(where)}: {problem.message}", code, where)
+    return any(p.path[:1] == ("update",) for p in problems)
+
+
+def _update(rules: _Rules, name: str, svc: dict[str, Any], app_block: Any) -> updates.UpdatePolicy | None:
+    """The service's ``update`` block (``services.<name>.x-cynchrod.update``, or the app's
+    ``x-cynchrod.update`` for its one service) as the ``UpdatePolicy`` a manifest's gives."""
+    own = svc.get("x-cynchrod")
+    at = ["services", name, "x-cynchrod"]
+    if own is not None and _x_problems(rules, at, own, _X_SERVICE_SCHEMA, X_SERVICE_KEYS,
+                                       "a cynchrod key of a service (update is)"):
+        return None
+    block, where = ((own or {}).get("update"), [*at, "update"]) if (own or {}).get("update") is not None \
+        else (app_block, ["x-cynchrod", "update"])
+    if block is None:
+        return None
+    try:
+        policy = updates.parse_policy(block)
+    except updates.PolicyError as exc:
+        at_key = [*where, exc.key] if exc.key in block else where
+        rules.err(f"{_field(where)}.{exc.key}: {exc.message}", Code.INVALID_UPDATE, at_key)
+        return None
+    if policy.commit:
+        path, raw = rules.loader.raw_value(["services", name, "image"])
+        if path != rules.loader.main:
+            rules.err(f"services.{name}.image: set in {path}, so the bump cannot edit it: write the image in "
+                      f"{posixpath.basename(rules.loader.main)}, or set commit: false", Code.INVALID_UPDATE,
+                      ["services", name, "image"])
+            return None
+        if raw != svc.get("image"):
+            rules.err(f"services.{name}.image: written with ${{...}}, so the bump cannot edit it: write the image "
+                      f"in full in {posixpath.basename(path)}, or set commit: false", Code.INVALID_UPDATE,
+                      ["services", name, "image"])
+            return None
+    return policy
 
 
 def _top_volumes(rules: _Rules, volumes: Mapping[str, Any]) -> set[str]:
@@ -352,7 +414,8 @@ def _service_secrets(rules: _Rules, name: str, svc: dict[str, Any], declared: se
 
 
 def _service(rules: _Rules, name: str, svc: dict[str, Any], enabled: Mapping[str, Any],
-             volumes: set[str], secrets: set[str], configs: Mapping[str, str]) -> specs.ServiceSpec | None:
+             volumes: set[str], secrets: set[str], configs: Mapping[str, str], *,
+             app_update: Any = None) -> specs.ServiceSpec | None:
     at = ["services", name]
     before = len(rules.errors)
     if not specs.NAME_RE.match(name):
@@ -432,6 +495,7 @@ def _service(rules: _Rules, name: str, svc: dict[str, Any], enabled: Mapping[str
         rules.err(f"services.{name}.restart: {restart!r}: not supported: cynchrod restarts every service that stops "
                   "(always, unless-stopped)", Code.UNSUPPORTED_KEY, [*at, "restart"])
     grace = svc.get("stop_grace_period")
+    update = _update(rules, name, svc, app_update) if "image" in svc else None
     if len(rules.errors) > before:
         return None
     return specs.ServiceSpec(
@@ -447,7 +511,7 @@ def _service(rules: _Rules, name: str, svc: dict[str, Any], enabled: Mapping[str
         labels=tuple(sorted((k, _text(v)) for k, v in labels.items())), expose=tuple(sorted(set(expose))),
         ports=tuple(ports), cpu_reservation=cpu_res, memory_reservation=mem_res,
         depends_on_conditions=tuple(sorted(conditions.items())), binds=tuple(binds),
-        tty=bool(svc.get("tty", False)), stdin_open=bool(svc.get("stdin_open", False)),
+        tty=bool(svc.get("tty", False)), stdin_open=bool(svc.get("stdin_open", False)), update=update,
     )
 
 
