@@ -129,6 +129,8 @@ class ServiceSpec:
     binds: tuple[Bind, ...] = ()
     tty: bool = False
     stdin_open: bool = False
+    #: Further names of the service on the app's private network (Compose's ``networks.<n>.aliases``).
+    aliases: tuple[str, ...] = ()
 
     def canonical(self, *, restarted_at: str | None) -> str:
         """Everything that, when changed, needs a new container, as canonical JSON.
@@ -155,7 +157,7 @@ _HASH_OPTIONAL: dict[str, Any] = {
     for f in dataclasses.fields(ServiceSpec)
     if f.name in ("entrypoint", "user", "working_dir", "hostname", "stop_signal", "stop_grace_period", "init",
                   "read_only", "tmpfs", "labels", "expose", "ports", "cpu_reservation", "memory_reservation",
-                  "depends_on_conditions", "binds", "tty", "stdin_open")
+                  "depends_on_conditions", "binds", "tty", "stdin_open", "aliases")
 }
 
 
@@ -288,6 +290,7 @@ class AppSpec:
                 binds=tuple(Bind(**b) for b in s.get("binds", ())),
                 tty=bool(s.get("tty", False)),
                 stdin_open=bool(s.get("stdin_open", False)),
+                aliases=tuple(s.get("aliases", ())),
             )
             for s in data["services"]
         )

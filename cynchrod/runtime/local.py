@@ -456,7 +456,7 @@ class LocalRuntime(_docker.Driver):
             network_mode=network,
         )
         networking = (self.api.create_networking_config(
-            {network: self.api.create_endpoint_config(aliases=[service.name])}) if network else None)
+            {network: self.api.create_endpoint_config(aliases=[service.name, *service.aliases])}) if network else None)
         health = None
         if service.healthcheck is not None:
             h = service.healthcheck

@@ -757,7 +757,8 @@ class SwarmRuntime(_docker.Driver):
         labels.pop(runtime.LABEL_REPLICA)
         networks = []
         if spec.multi:
-            networks.append(NetworkAttachmentConfig(self._ensure_network(spec), aliases=[service.name]))
+            networks.append(NetworkAttachmentConfig(self._ensure_network(spec),
+                                                    aliases=[service.name, *service.aliases]))
         health = None
         if service.healthcheck is not None:
             h = service.healthcheck

@@ -191,3 +191,31 @@ def test_stop_start_and_restart_are_commits_to_the_x_cynchrod_block(repo, harnes
     assert block.startswith("  state: running\n  restartedAt: ")
     assert harness.sync().ok
     assert harness.app("stack").status == "running"
+
+
+def test_a_named_network_and_its_aliases_reach_a_service(repo, harness: Harness,
+                                                         docker_client: docker.DockerClient) -> None:
+    repo.push({"apps/shop/compose.yaml": f"""services:
+  web:
+    image: {TEST_IMAGE}
+    command: [sh, -c, "mkdir -p /tmp/w && echo by-alias > /tmp/w/index.html && exec httpd -f -p 8080 -h /tmp/w"]
+    networks:
+      backend:
+        aliases: [web.internal]
+  client:
+    image: {TEST_IMAGE}
+    command: sleep 3600
+    networks: [backend]
+networks:
+  backend:
+"""})
+    harness.sync()
+    client = docker_client.containers.get(rows(harness)["client"]["Id"])
+
+    def fetched() -> bytes:
+        code, out = client.exec_run(["wget", "-q", "-O", "-", "http://web.internal:8080/"])
+        return bytes(out) if code == 0 else b""
+
+    wait_for(lambda: fetched() == b"by-alias\n", timeout=10, what="web by its alias")
+    code, _ = client.exec_run(["wget", "-q", "-O", "-", "http://web:8080/"])  # the service's name still works
+    assert code == 0

@@ -4,6 +4,7 @@ app written the way real projects write them, with the errors it must give (``ex
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import pathlib
 import time
@@ -246,3 +247,22 @@ def test_an_interpolated_image_may_be_followed_without_commits() -> None:
         b"services:\n  web:\n    image: web:${TAG}\n    x-cynchrod:\n      update: {semver: '^1', commit: false}\n")})
     assert result.errors == ()
     assert service(result.spec, "web").update is not None
+
+
+def test_one_network_and_its_aliases_map_onto_the_apps_private_network() -> None:
+    spec = parse("networks").spec
+    assert service(spec, "api").aliases == ("api.internal", "legacy-api")
+    assert service(spec, "proxy").aliases == () and service(spec, "db").aliases == ()
+    assert service(spec, "api").hash(restarted_at=None) != dataclasses.replace(
+        service(spec, "api"), aliases=()).hash(restarted_at=None)
+    # No alias: the hash a spec had before aliases existed.
+    assert "aliases" not in service(spec, "db").canonical(restarted_at=None)
+    again = specs.AppSpec.from_json(spec.to_json()) if spec is not None else None
+    assert again == spec
+
+
+def test_two_networks_in_one_app_are_refused_even_across_services() -> None:
+    result = compose.parse("apps/a", {"apps/a/compose.yaml": (
+        b"services:\n  web:\n    image: w\n  api:\n    image: a\n    networks: [back]\nnetworks:\n  back:\n")})
+    assert [e.code for e in result.errors] == ["unsupported_key"]
+    assert "back and default" in result.errors[0].message

@@ -28,13 +28,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cynchrod.compose")
 
-TOP_KEYS = frozenset({"version", "name", "services", "volumes", "include", "secrets", "configs"})
+TOP_KEYS = frozenset({"version", "name", "services", "volumes", "include", "secrets", "configs", "networks"})
 SERVICE_KEYS = frozenset({
     "image", "command", "entrypoint", "environment", "env_file", "ports", "expose", "volumes", "tmpfs", "restart",
     "depends_on", "healthcheck", "labels", "user", "working_dir", "hostname", "stop_signal", "stop_grace_period",
     "init", "read_only", "deploy", "container_name", "profiles", "cpus", "mem_limit", "mem_reservation", "secrets",
-    "configs", "tty", "stdin_open",
+    "configs", "tty", "stdin_open", "networks",
 })
+#: A top-level network's keys cynchrod takes (its one private network is a bridge it makes).
+NETWORK_KEYS = frozenset({"driver"})
+_HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}"
+                        r"[A-Za-z0-9])?)*$")
 #: Keys the manifest policy forbids, with the rule each breaks (a false/empty value is the default: allowed).
 POLICY = {
     "privileged": "a privileged container owns the host",
@@ -215,8 +219,7 @@ def to_result(loader: _Loader, merged: dict[str, Any]) -> manifests.Result:
     for key in merged:
         if key in TOP_KEYS or key == "x-cynchrod" or str(key).startswith("x-"):
             continue
-        rules.unsupported([key], {
-                                  "networks": "each app gets one private network"}.get(key, ""))
+        rules.unsupported([key])
     declared_volumes = _top_volumes(rules, merged.get("volumes") or {})
     declared_secrets = _top_secrets(rules, merged.get("secrets") or {})
     declared_configs = _top_configs(rules, merged.get("configs") or {})
@@ -234,8 +237,9 @@ def to_result(loader: _Loader, merged: dict[str, Any]) -> manifests.Result:
         rules.err(f"x-cynchrod.update: the app has {len(enabled)} services: put the block on a service, "
                   "services.<name>.x-cynchrod.update", Code.INVALID_UPDATE, ["x-cynchrod", "update"])
         app_update = None
+    aliases = _networks(rules, merged.get("networks") or {}, enabled)
     built = [_service(rules, n, s or {}, enabled, declared_volumes, declared_secrets, declared_configs,
-                      app_update=app_update) for n, s in sorted(enabled.items())]
+                      app_update=app_update, aliases=aliases.get(n, ())) for n, s in sorted(enabled.items())]
     graph = {n: list((s or {}).get("depends_on") or []) for n, s in enabled.items()}
     cycle = manifests._cycle(graph)
     if cycle:
@@ -305,6 +309,47 @@ def _update(rules: _Rules, name: str, svc: dict[str, Any], app_block: Any) -> up
                       ["services", name, "image"])
             return None
     return policy
+
+
+def _networks(rules: _Rules, declared: Mapping[str, Any], enabled: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
+    """Compose's networks onto the app's one private network: the services may use one network
+    between them (``default`` when they name none), declared with ``driver: bridge`` at most; its
+    ``aliases`` are further names of the service on it. Service name -> aliases."""
+    for name, body in declared.items():
+        for key, value in (body or {}).items():
+            if str(key).startswith("x-") or (key == "driver" and value in ("bridge", "overlay")):
+                continue
+            rules.unsupported(["networks", name, key], "each app has one private bridge network made by cynchrod")
+    used: dict[str, str] = {}  # the network -> the first service on it
+    found: dict[str, tuple[str, ...]] = {}
+    for service, body in sorted(enabled.items()):
+        value = (body or {}).get("networks")
+        where = ["services", service, "networks"]
+        entries: dict[str, Any] = {"default": None} if value is None else \
+            {str(n): None for n in value} if isinstance(value, list) else {str(k): v for k, v in value.items()}
+        for network, options in entries.items():
+            at = [*where, network] if isinstance(value, dict) else where
+            if network != "default" and network not in declared:
+                rules.err(f"services.{service}.networks: network {network!r} is not declared in the top-level "
+                          "networks", Code.INVALID_VALUE, at)
+                continue
+            if used and network not in used:
+                rules.unsupported(where, f"{next(iter(used))} and {network}: each app has one private network that "
+                                  "all its services share")
+                continue
+            used.setdefault(network, service)
+            for key in options or {}:
+                if key != "aliases" and not str(key).startswith("x-"):
+                    rules.unsupported([*at, key], "a service's network takes aliases only")
+            names: list[str] = []
+            for i, alias in enumerate((options or {}).get("aliases") or []):
+                if not _HOST_NAME.match(str(alias)):
+                    rules.err(f"services.{service}.networks.{network}.aliases[{i}]: {alias!r} is not a host name "
+                              "(letters, digits, - and .)", Code.INVALID_VALUE, [*at, "aliases", i])
+                else:
+                    names.append(str(alias))
+            found[service] = tuple(sorted({*found.get(service, ()), *names}))
+    return found
 
 
 def _top_volumes(rules: _Rules, volumes: Mapping[str, Any]) -> set[str]:
@@ -415,7 +460,7 @@ def _service_secrets(rules: _Rules, name: str, svc: dict[str, Any], declared: se
 
 def _service(rules: _Rules, name: str, svc: dict[str, Any], enabled: Mapping[str, Any],
              volumes: set[str], secrets: set[str], configs: Mapping[str, str], *,
-             app_update: Any = None) -> specs.ServiceSpec | None:
+             app_update: Any = None, aliases: tuple[str, ...] = ()) -> specs.ServiceSpec | None:
     at = ["services", name]
     before = len(rules.errors)
     if not specs.NAME_RE.match(name):
@@ -440,8 +485,6 @@ def _service(rules: _Rules, name: str, svc: dict[str, Any], enabled: Mapping[str
                           Code.POLICY_VIOLATION, where)
         elif key == "build":
             rules.unsupported(where, "build images from a native manifest's build: for now")
-        elif key == "networks":
-            rules.unsupported(where, "each app gets one private network; services reach each other by name")
         else:
             rules.unsupported(where)
     if "image" not in svc:
@@ -512,6 +555,7 @@ def _service(rules: _Rules, name: str, svc: dict[str, Any], enabled: Mapping[str
         ports=tuple(ports), cpu_reservation=cpu_res, memory_reservation=mem_res,
         depends_on_conditions=tuple(sorted(conditions.items())), binds=tuple(binds),
         tty=bool(svc.get("tty", False)), stdin_open=bool(svc.get("stdin_open", False)), update=update,
+        aliases=aliases,
     )
 
 
