@@ -175,6 +175,16 @@ class AppSpec:
     path: str = ""
     #: URL of the repository that declares it (several may be followed).
     source: str = ""
+    #: Values of the secrets the repository itself gives (a compose file's ``secrets: {x: {file:}}``
+    #: or ``{environment:}``), name -> value, sorted. Kept in memory only: never in ``repr``, the
+    #: recorded spec (``to_json``) or a hash; the staging tmpfs is the one place they are written,
+    #: and the keyed ``secret_digest`` of the services tells a change.
+    secret_values: tuple[tuple[str, bytes], ...] = dataclasses.field(default=(), repr=False)
+
+    @property
+    def inline_secrets(self) -> frozenset[str]:
+        """The names of ``secret_values`` (the rest of ``secret_names`` are the org's stored secrets)."""
+        return frozenset(name for name, _ in self.secret_values)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -244,6 +254,7 @@ class AppSpec:
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
+        del data["secret_values"]  # plaintext: never recorded
         for service in data["services"]:
             service["secret_digest"] = ""  # derived each pass; not part of the recorded spec
         return data

@@ -134,6 +134,8 @@ class Secrets:
         self.state_dir = state_dir
         self.staging = choose_staging(state_dir)
         self._ready = False
+        #: (org, app) -> the repository-given secret values last staged by this process.
+        self._staged_inline: dict[tuple[str, str], tuple[tuple[str, bytes], ...]] = {}
 
     @staticmethod
     def check_name(org: str, name: str) -> None:
@@ -182,7 +184,8 @@ class Secrets:
 
         Raises ``SecretMissing`` naming every missing secret.
         """
-        sealed = {name: self.db.secret(spec.org, name) for name in spec.secret_names}
+        inline = dict(spec.secret_values)
+        sealed = {name: self.db.secret(spec.org, name) for name in spec.secret_names if name not in inline}
         missing = sorted(n for n, v in sealed.items() if v is None)
         if missing:
             raise SecretMissing(f"secret(s) {', '.join(missing)} not set in org {spec.org} "
@@ -191,7 +194,10 @@ class Secrets:
         for service in spec.services:
             mac = hmac.new(self._mac_key, digestmod=hashlib.sha256)
             for name in service.secrets:
-                mac.update(name.encode() + b"\0" + (sealed[name] or "").encode() + b"\0")
+                if name in inline:  # keyed: the digest, a container label, says nothing of the value
+                    mac.update(b"inline\0" + name.encode() + b"\0" + inline[name] + b"\0")
+                else:
+                    mac.update(name.encode() + b"\0" + (sealed[name] or "").encode() + b"\0")
             out[service.name] = base64.b32encode(mac.digest()[:10]).decode().lower() if service.secrets else ""
         return out
 
@@ -256,8 +262,9 @@ class Secrets:
         self._prepare()
         target = self.app_dir(spec.org, spec.name)
         values = []
-        for name in spec.secret_names:
-            value = self._value(spec.org, name)
+        inline = dict(spec.secret_values)
+        for name in sorted(spec.secret_names):
+            value = inline[name] if name in inline else self._value(spec.org, name)
             if value is None:
                 raise SecretMissing(f"secret {name} not set in org {spec.org}")
             values.append((name, value))
@@ -275,6 +282,16 @@ class Secrets:
         except OSError as exc:
             raise StagingUnavailable(f"cannot stage the secrets of {spec.org}/{spec.name} in {target}: "
                                      f"{exc.strerror or exc}") from exc
+        self._staged_inline[(spec.org, spec.name)] = spec.secret_values
+
+    def stage_inline(self, spec: specs.AppSpec) -> None:
+        """Stage the secrets a repository gives (``AppSpec.secret_values``) when this process has not
+        staged these values yet: they are not in the store, so ``restage_all`` cannot stage them after
+        a restart; the first pass does (a dict lookup per pass after that)."""
+        if self.files and spec.secret_values and \
+                self._staged_inline.get((spec.org, spec.name)) != spec.secret_values:
+            self.stage(spec)
 
     def unstage(self, org: str, app: str) -> None:
+        self._staged_inline.pop((org, app), None)
         shutil.rmtree(self.app_dir(org, app), ignore_errors=True)

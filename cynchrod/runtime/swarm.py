@@ -839,7 +839,8 @@ class SwarmRuntime(_docker.Driver):
     def _ensure_secrets(self, spec: specs.AppSpec, service: specs.ServiceSpec) -> list[SecretReference]:
         if not service.secrets:
             return []
-        if self.secret_value is None:
+        inline = dict(spec.secret_values)  # given by the repository (a compose file's file:/environment:)
+        if self.secret_value is None and not set(service.secrets) <= set(inline):
             raise PermanentError("this runtime has no secret store", code="secret_missing")
         have = {s["Spec"]["Name"]: s["ID"] for s in self._call(
             lambda: self.api.secrets(filters=self._app_filter(spec.org, spec.name)), "list secrets")}
@@ -848,7 +849,7 @@ class SwarmRuntime(_docker.Driver):
             name = self._secret_name(spec, service, secret)
             secret_id = have.get(name)
             if secret_id is None:
-                value = self.secret_value(spec.org, secret)
+                value = inline[secret] if secret in inline else self.secret_value(spec.org, secret)  # type: ignore[misc]
                 labels = {**self._app_labels(spec.org, spec.name), runtime.LABEL_SERVICE: service.name,
                           LABEL_SECRET: secret}
                 try:

@@ -274,6 +274,8 @@ class DesiredState:
                     digests = self.secrets.digest(spec)
                     desired[key] = dataclasses.replace(spec, services=tuple(
                         dataclasses.replace(s, secret_digest=digests[s.name]) for s in spec.services))
+                    if trigger != PREVIEW:
+                        self.secrets.stage_inline(spec)  # once per value per process: not in the store
             except CynchrodError as exc:
                 held[key] = exc
         return held, waiting

@@ -219,3 +219,40 @@ networks:
     wait_for(lambda: fetched() == b"by-alias\n", timeout=10, what="web by its alias")
     code, _ = client.exec_run(["wget", "-q", "-O", "-", "http://web:8080/"])  # the service's name still works
     assert code == 0
+
+
+def test_secrets_from_repository_files_and_dotenv_are_staged_on_the_tmpfs_only(
+        repo, harness: Harness, docker_client: docker.DockerClient) -> None:
+    compose = f"""services:
+  app:
+    image: {TEST_IMAGE}
+    command: sleep 3600
+    secrets: [api-key, db-password]
+secrets:
+  api-key:
+    file: ./api-key.txt
+  db-password:
+    environment: DB_PASSWORD
+"""
+    repo.push({"apps/shop/compose.yaml": compose, "apps/shop/api-key.txt": "key-Zq81\n",
+               "apps/shop/.env": "DB_PASSWORD=pw-Xk2Q9\n"})
+    harness.sync()
+    app = docker_client.containers.get(rows(harness)["app"]["Id"])
+    assert app.exec_run(["cat", "/run/secrets/api-key"]).output == b"key-Zq81\n"
+    assert app.exec_run(["cat", "/run/secrets/db-password"]).output == b"pw-Xk2Q9"
+    first = app.id
+    # Plaintext only on the staging tmpfs: not in the store, the copies of repository files, labels.
+    state = harness.secrets.state_dir
+    for path in state.rglob("*"):
+        if path.is_file() and "mirror" not in path.parts and "repos" not in path.parts:
+            data = path.read_bytes()
+            assert b"key-Zq81" not in data and b"pw-Xk2Q9" not in data, path
+    assert "Zq81" not in str(app.attrs["Config"]["Labels"])
+    # A changed value recreates the service; an unchanged pass touches nothing.
+    harness.sync()
+    assert rows(harness)["app"]["Id"] == first
+    repo.push({"apps/shop/.env": "DB_PASSWORD=pw-new\n"})
+    harness.sync()
+    again = docker_client.containers.get(rows(harness)["app"]["Id"])
+    assert again.id != first
+    assert again.exec_run(["cat", "/run/secrets/db-password"]).output == b"pw-new"

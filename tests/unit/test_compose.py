@@ -266,3 +266,16 @@ def test_two_networks_in_one_app_are_refused_even_across_services() -> None:
         b"services:\n  web:\n    image: w\n  api:\n    image: a\n    networks: [back]\nnetworks:\n  back:\n")})
     assert [e.code for e in result.errors] == ["unsupported_key"]
     assert "back and default" in result.errors[0].message
+
+
+def test_secrets_from_a_file_or_dotenv_are_carried_in_memory_only() -> None:
+    spec = parse("secrets-repo").spec
+    assert spec is not None
+    assert service(spec, "api").secrets == ("api-key", "db-password", "vault-token")
+    assert service(spec, "worker").secrets == ("db-password",)
+    assert spec.secret_values == (("api-key", b"k-123\n"), ("db-password", b"hunter2"))
+    assert spec.inline_secrets == frozenset({"api-key", "db-password"})
+    # Never in what is recorded, logged or put on a container.
+    for text in (repr(spec), spec.json_text, *(s.canonical(restarted_at=None) for s in spec.services)):
+        assert "k-123" not in text and "hunter2" not in text
+    assert specs.AppSpec.from_json(spec.to_json()).secret_values == ()

@@ -82,6 +82,8 @@ _DURATION = re.compile(r"(\d+(?:\.\d+)?)(h|ms|m|s|us|ns)")
 _DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
 _BYTES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([bkmg]?)b?\s*$", re.I)
 _BYTE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
+#: As for a secret of the store (``desired.secrets``).
+MAX_SECRET_BYTES = 64 * 1024
 _PORT = re.compile(r"^(?:(?P<ip>\[[0-9a-fA-F:]*\]|\d+\.\d+\.\d+\.\d+):)?(?:(?P<published>\d+)?:)?(?P<target>\d+)"
                    r"(?:/(?P<protocol>tcp|udp|sctp))?$")
 #: Lists Compose unions when merging files; other lists are replaced.
@@ -221,7 +223,7 @@ def to_result(loader: _Loader, merged: dict[str, Any]) -> manifests.Result:
             continue
         rules.unsupported([key])
     declared_volumes = _top_volumes(rules, merged.get("volumes") or {})
-    declared_secrets = _top_secrets(rules, merged.get("secrets") or {})
+    declared_secrets, secret_values = _top_secrets(rules, merged.get("secrets") or {})
     declared_configs = _top_configs(rules, merged.get("configs") or {})
     services = dict(merged.get("services") or {})
     active = set(ext.get("profiles") or [])
@@ -254,7 +256,9 @@ def to_result(loader: _Loader, merged: dict[str, Any]) -> manifests.Result:
     restarted = ext.get("restartedAt")
     return manifests.Result(main, specs.AppSpec(
         org=org, name=name, services=tuple(s for s in built if s is not None), domain=domain,
-        state=ext.get("state", "running"), restarted_at=None if restarted is None else str(restarted), path=main))
+        state=ext.get("state", "running"), restarted_at=None if restarted is None else str(restarted), path=main,
+        secret_values=tuple(sorted((n, v) for n, v in secret_values.items()
+                                   if any(n in s.secrets for s in built if s is not None)))))
 
 
 def _x_problems(rules: _Rules, at: list[Any], block: Any, schema: validation.Schema, keys: frozenset[str],
@@ -363,22 +367,58 @@ def _top_volumes(rules: _Rules, volumes: Mapping[str, Any]) -> set[str]:
     return set(volumes)
 
 
-def _top_secrets(rules: _Rules, secrets: Mapping[str, Any]) -> set[str]:
+def _top_secrets(rules: _Rules, secrets: Mapping[str, Any]) -> tuple[set[str], dict[str, bytes]]:
     """Top-level secrets: ``external: true`` ones are cynchrod's own (``cynchrod secret set ORG/NAME``);
-    ``file:`` and ``environment:`` are not supported yet."""
+    ``file:`` (a file of the app's directory) and ``environment:`` (a variable of its ``.env``) are
+    values the repository gives, carried in memory and staged on the tmpfs like the others.
+    Returns the declared names and the repository's values."""
+    loader = rules.loader
+    values: dict[str, bytes] = {}
     for name, body in secrets.items():
         where = ["secrets", name]
+        body = body or {}
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", str(name)):
             rules.err(f"secrets.{name}: not a secret name (letters, digits, _ . -)", Code.INVALID_VALUE, where)
-        elif (body or {}).get("external") is not True:
-            kind = next((k for k in ("file", "environment") if k in (body or {})), None)
-            rules.unsupported([*where, kind] if kind else where, "secrets come from cynchrod's encrypted store: "
-                              "set it with cynchrod secret set ORG/NAME and declare it external: true")
+            continue
+        extra = sorted(k for k in body if k not in ("external", "name", "file", "environment")
+                       and not str(k).startswith("x-"))
+        if body.get("name", name) != name:
+            extra.insert(0, "name")
+        if extra:
+            rules.unsupported([*where, extra[0]], "a secret is external: true, file: or environment:")
+            continue
+        given = [k for k in ("external", "file", "environment") if body.get(k) not in (None, False)]
+        if len(given) != 1:
+            rules.err(f"secrets.{name}: give one of external: true, file: and environment:", Code.INVALID_VALUE,
+                      where)
+            continue
+        if given == ["file"]:
+            inside = posixpath.normpath(posixpath.join(loader.directory, str(body["file"])))
+            if str(body["file"]).startswith(("/", "~")) or not inside.startswith(loader.directory + "/"):
+                rules.err(f"secrets.{name}.file: {body['file']!r} must be a file of the app's directory",
+                          Code.POLICY_VIOLATION, [*where, "file"])
+                continue
+            if inside not in loader.files:
+                rules.err(f"secrets.{name}.file: {body['file']!r} is not a file of {loader.directory}/",
+                          Code.FILE_NOT_FOUND, [*where, "file"])
+                continue
+            value = loader.files[inside]
+        elif given == ["environment"]:
+            value = loader.env.get(str(body["environment"]), "").encode()
+            if not value:
+                rules.err(f"secrets.{name}.environment: {body['environment']} is not set (or empty) in the app's "
+                          ".env", Code.INVALID_VALUE, [*where, "environment"])
+                continue
         else:
-            for key in body:
-                if key not in ("external", "name") or (key == "name" and body["name"] != name):
-                    rules.unsupported([*where, key])
-    return set(secrets)
+            continue
+        if not value:
+            rules.err(f"secrets.{name}.file: the file is empty", Code.INVALID_VALUE, [*where, "file"])
+        elif len(value) > MAX_SECRET_BYTES:
+            rules.err(f"secrets.{name}: {len(value)} bytes, over the {MAX_SECRET_BYTES} a secret may have",
+                      Code.OUT_OF_RANGE, [*where, given[0]])
+        else:
+            values[str(name)] = value
+    return set(secrets), values
 
 
 def _top_configs(rules: _Rules, configs: Mapping[str, Any]) -> dict[str, str]:
