@@ -27,7 +27,7 @@ from typing import IO, Any
 from cynchrod import __version__, daemon, store
 from cynchrod.cli import client
 from cynchrod.core.errors import CynchrodError, StateLocked
-from cynchrod.desired import config, manifests, secrets, source
+from cynchrod.desired import compose, config, convert, manifests, secrets, source
 from cynchrod.shell import reconciler
 
 log = logging.getLogger("cynchrod")
@@ -123,6 +123,9 @@ def parser() -> argparse.ArgumentParser:
                     *_SOURCE, "owner", "publish-address")
     v = _sub(sub, "validate", "validate manifest files or a checkout, offline")
     v.add_argument("paths", nargs="+", metavar="PATH")
+    c = _sub(sub, "convert", "print a native manifest as a compose file, or a compose file as a native "
+             "manifest; what the other format cannot say is warned on stderr")
+    c.add_argument("file", metavar="FILE")
     rb = _sub(sub, "rollback", "commit an app's manifest as of a previous successful deployment")
     rb.add_argument("app", metavar="APP", help="app id, or ORG/NAME")
     _flag(rb, "--to", type=int, metavar="DEPLOYMENT_ID",
@@ -257,6 +260,35 @@ def cmd_validate(paths: Sequence[str], out: IO[str]) -> int:
     return 1 if desired.errors else 0
 
 
+def cmd_convert(path: str, out: IO[str]) -> int:
+    """``cynchrod convert FILE``: a compose file (with its directory: ``.env``, overrides, included
+    files) as a native manifest, or a native manifest as a compose file; offline."""
+    p = pathlib.Path(path)
+    if not p.is_file():
+        print(f"{p}:0: not_found: No such file or directory", file=sys.stderr)
+        return 1
+    if compose.is_compose_file(p.name):
+        key = p.resolve().parent.name or "app"
+        files = {f"{key}/{f.relative_to(p.parent).as_posix()}": f.read_bytes()
+                 for f in sorted(p.parent.rglob("*"))
+                 if f.is_file() and not f.is_symlink() and f.stat().st_size <= manifests.MAX_MANIFEST_BYTES
+                 and (not f.name.startswith(".") or f.name == ".env")}
+        result = compose.parse(key, files)
+        writer = convert.to_native
+    else:
+        result = manifests.parse(str(p), p.read_bytes())
+        writer = convert.to_compose
+    if result.spec is None:
+        for err in result.errors:
+            print(err, file=sys.stderr)
+        return 1
+    text, warnings = writer(result.spec)
+    out.write(text)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
 CLIENT_COMMANDS = ("apps", "status", "deployments", "logs", "restart", "stop", "start", "delete", "wait")
 
 
@@ -299,6 +331,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "validate":
             return cmd_validate(args.paths, out)
+        if args.command == "convert":
+            return cmd_convert(args.file, out)
         if args.command in CLIENT_COMMANDS:
             return cmd_client(args, out)
         if args.command == "token":

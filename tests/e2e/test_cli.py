@@ -236,3 +236,21 @@ def test_plan_prints_each_error_once_and_fails_on_any(repo: GitRepo, owner: str,
     repo.push({"apps/new.yaml": None, "apps/typo.yaml": None})
     clean = cli("plan", env=env)
     assert (clean.returncode, clean.stdout) == (0, "create default/web: missing\n"), clean
+
+
+def test_convert_prints_the_other_format_and_warns_on_stderr(tmp_path: pathlib.Path) -> None:
+    app = tmp_path / "shop"
+    app.mkdir()
+    (app / "compose.yaml").write_text("services:\n  web:\n    image: ${IMAGE}\n    ports: ['8080']\n"
+                                      "    tmpfs: [/tmp]\nx-cynchrod:\n  org: team\n")
+    (app / ".env").write_text("IMAGE=web:1.0\n")
+    out = cli("convert", str(app / "compose.yaml"))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "name: shop\norg: team\nimage: web:1.0\nport: 8080\n"
+    assert "services.web.tmpfs: not expressible in a native manifest (left out)" in out.stderr
+    (tmp_path / "web.yaml").write_text(GOOD)
+    back = cli("convert", str(tmp_path / "web.yaml"))
+    assert back.returncode == 0, back.stderr
+    assert back.stdout.startswith("name: web\nservices:\n  main:\n")
+    broken = cli("convert", str(app / "nope.yaml"))
+    assert broken.returncode == 1 and "not_found" in broken.stderr
