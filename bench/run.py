@@ -1034,6 +1034,104 @@ def _admin_up(port: int) -> bool:
 ISSUE15 = ["pushgit", "scaling", "sim"]
 
 
+def compose_file_app(i: int, rev: int = 0) -> dict[str, str | None]:
+    """One compose app as a project writes it: a web and a worker, a .env, an env_file; declared
+    stopped, so 300 of them need no 600 processes on a 2-core host."""
+    name = f"app{i:04d}"
+    return {
+        f"apps/{name}/compose.yaml": (
+            "services:\n  web:\n    image: ${IMAGE}\n    command: [sleep, '3600']\n    ports: ['8080']\n"
+            "    environment:\n      GREETING: ${GREETING:-hello}\n    env_file: [web.env]\n"
+            "    mem_limit: 64m\n    healthcheck:\n      test: [CMD, 'true']\n      interval: 5s\n"
+            "    depends_on:\n      worker: {condition: service_started}\n"
+            "  worker:\n    image: ${IMAGE}\n    command: sleep 3600\n    volumes: [cache:/cache]\n"
+            "    mem_limit: 64m\nvolumes:\n  cache:\nx-cynchrod:\n  state: stopped\n"),
+        f"apps/{name}/.env": f"IMAGE={IMAGE}\nGREETING=rev{rev}\n",
+        f"apps/{name}/web.env": "LOG_LEVEL=info\n",
+    }
+
+
+def compose_apps(tmp: pathlib.Path, n: int, passes: int, changes: int) -> dict[str, Any]:
+    """N compose apps (issue 21's cost): a no-op pass parses nothing and makes no engine call; a
+    commit touching one app's ``.env`` re-parses that app alone. Parses are counted by wrapping
+    ``compose.parse``; engine calls by the Docker client's response hook."""
+    from cynchrod.desired import compose as compose_mod
+
+    work = tmp / f"compose-{n}"
+    work.mkdir()
+    repo = Repo(work)
+    owner = f"bench-compose-{n}"
+    files: dict[str, str | None] = {}
+    for i in range(n):
+        files.update(compose_file_app(i))
+    repo.push(files)
+    rec, rt = harness(repo, work / "state", owner)
+    parsed: list[str] = []
+    real_parse = compose_mod.parse
+
+    def counting(directory: str, *args: Any, **kwargs: Any) -> Any:
+        parsed.append(directory)
+        return real_parse(directory, *args, **kwargs)
+
+    compose_mod.parse = counting  # type: ignore[assignment]
+    try:
+        t0 = time.perf_counter()
+        first = rec.run_pass()
+        first_s = time.perf_counter() - t0
+        assert len(first.apps) == n and len(parsed) == n, (len(first.apps), len(parsed))
+        # Their containers, created and never started (as the no-op rows make them): the pass has
+        # 600 units to compare with, and no 600 processes run.
+        from cynchrod.desired import manifests
+
+        desired = manifests.Cache().load(*_files(rec))
+        units = [(spec, svc) for spec in desired.apps.values() for svc in spec.services]
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda u: rt.api.create_container(
+                IMAGE, command=["sleep", "3600"], name=rt.container_name(u[0].org, u[0].name, u[1].name),
+                labels={**runtime.unit_labels(rt.owner, rt.instance, u[0], u[1], 0), LABEL: f"{RUN}-compose"}),
+                units))
+        assert all(not a.actions for a in rec.run_pass().apps)
+        stop = threading.Event()
+        events = threading.Thread(target=rec.view.run, args=(stop,), daemon=True)
+        events.start()
+        wait(lambda: rec.view._live, 30)
+        rec.run_pass()
+        parsed.clear()
+        calls: list[str] = []
+        rt.api.hooks["response"].append(lambda resp, *a, **k: calls.append(resp.request.path_url))
+        walls, cpus = [], []
+        for _ in range(passes):
+            cpu0, t0 = time.process_time(), time.perf_counter()
+            result = rec.run_pass()
+            walls.append(time.perf_counter() - t0)
+            cpus.append(time.process_time() - cpu0)
+            assert all(not a.actions for a in result.apps) and len(result.apps) == n
+        noop_parses, noop_calls = len(parsed) / passes, len(calls) / passes
+        change_walls, change_parses = [], []
+        for r in range(changes):
+            repo.push({"apps/app0007/.env": f"IMAGE={IMAGE}\nGREETING=rev{r + 1}\n"})
+            parsed.clear()
+            t0 = time.perf_counter()
+            rec.run_pass()
+            change_walls.append(time.perf_counter() - t0)
+            change_parses.append(sorted(set(parsed)))
+        stop.set()
+        rec.view.stop()
+        events.join(5)
+    finally:
+        compose_mod.parse = real_parse  # type: ignore[assignment]
+    assert all(p == ["apps/app0007"] for p in change_parses), change_parses
+    row = {"scenario": f"compose apps, no-op pass and one change, N={n}",
+           "cynchrod_noop_s": median(walls), "cynchrod_noop_cpu_s": median(cpus),
+           "noop_parses_per_pass": noop_parses, "noop_docker_calls_per_pass": noop_calls,
+           "change_one_env_pass_s": median(change_walls), "change_one_env_apps_parsed": len(change_parses[0]),
+           "first_pass_parse_all_s": first_s, "apps": n, "services": 2 * n, "containers": len(owner_rows(owner)),
+           "passes": passes}
+    remove_owner(owner)
+    log(f"compose N={n}: {row}")
+    return row
+
+
 def issue15_rows(tmp: pathlib.Path, only: set[str], quick: bool) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     if "pushgit" in only:
@@ -1118,12 +1216,12 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smaller N and fewer repeats")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
     parser.add_argument("--only", choices=["cold", "noop", "change", "push", "heal", "api", "logs", "memory", "dash",
-                                           "edge", "swarm", *ISSUE15],
+                                           "edge", "swarm", "compose", *ISSUE15],
                         action="append",
                         help="run these scenarios only; their rows replace the same rows in --out")
     args = parser.parse_args()
     only = set(args.only or ["cold", "noop", "change", "push", "heal", "api", "logs", "memory", "dash", "edge",
-                             *ISSUE15])
+                             "compose", *ISSUE15])
     quick = args.quick
     build_image()
     cleanup()
@@ -1172,6 +1270,8 @@ def main() -> int:
         if "edge" in only:
             section("edge", lambda: [edge_redeploys(tmp, 5 if quick else 10)])
         section("issue 15", lambda: issue15_rows(tmp, only, quick))
+        if "compose" in only:
+            section("compose", lambda: [compose_apps(tmp, 300, 20, 3 if quick else 10)])
         if "swarm" in only:
             section("swarm", lambda: swarm_rows(tmp, 10 if quick else 100, 300 if quick else 1000, 10))
         if failed:
