@@ -279,3 +279,9 @@ def test_secrets_from_a_file_or_dotenv_are_carried_in_memory_only() -> None:
     for text in (repr(spec), spec.json_text, *(s.canonical(restarted_at=None) for s in spec.services)):
         assert "k-123" not in text and "hunter2" not in text
     assert specs.AppSpec.from_json(spec.to_json()).secret_values == ()
+
+
+def test_a_service_x_cynchrod_that_is_not_a_mapping_is_an_error_not_a_crash() -> None:
+    result = compose.parse("apps/a", {"apps/a/compose.yaml": b"services:\n  web:\n    image: w:1\n"
+                                      b"    x-cynchrod: yes please\n"})
+    assert [(e.code, e.line) for e in result.errors] == [("invalid_type", 4)], result.errors

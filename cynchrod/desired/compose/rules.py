@@ -279,7 +279,7 @@ def _x_problems(rules: _Rules, at: list[Any], block: Any, schema: validation.Sch
         else:
             code = Code.INVALID_UPDATE if "update" in problem.path[:1] else problem.code
             rules.err(f"{_field(where)}: {problem.message}", code, where)
-    return any(p.path[:1] == ("update",) for p in problems)
+    return not isinstance(block, dict) or any(p.path[:1] == ("update",) for p in problems)
 
 
 def _update(rules: _Rules, name: str, svc: dict[str, Any], app_block: Any) -> updates.UpdatePolicy | None:
