@@ -54,6 +54,9 @@ class Unit:
     #: The host port the unit is reachable on, when it publishes one.
     endpoint: int | None = None
     node: str = ""
+    #: What the engine's healthcheck last said (``starting``, ``healthy``, ``unhealthy``); "" when
+    #: it said nothing (no healthcheck, or not yet).
+    health: str = ""
 
     @property
     def key(self) -> tuple[str, str]:

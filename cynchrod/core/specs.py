@@ -81,6 +81,15 @@ class ServiceSpec:
     #: Host name routed to this service's ``port`` by the edge (multi-service apps).
     #: Not part of the hash either: a route changes, the container stays.
     domain: str | None = None
+    #: ``depends_on`` entries with a condition other than ``service_started``: (service, condition).
+    #: Not part of the hash (nor are the next three): they say when and how long, not what runs.
+    conditions: tuple[tuple[str, str], ...] = ()
+    #: A unit that runs to completion (a migration): exiting 0 is ``completed``, and it is not restarted.
+    oneshot: bool = False
+    #: Seconds a unit without a healthcheck must stay up to be ready (None: the default, ``health``).
+    min_ready: float | None = None
+    #: Seconds a unit has to become ready (None: the default, ``health``).
+    health_timeout: float | None = None
 
     def canonical(self, *, restarted_at: str | None) -> str:
         """Everything that, when changed, needs a new container, as canonical JSON.
@@ -88,13 +97,18 @@ class ServiceSpec:
         Stored on the container as a label so ``plan`` can name the changed keys.
         """
         body = dataclasses.asdict(self)
-        del body["replicas"]
-        del body["domain"]
+        for key in _NOT_HASHED:
+            del body[key]
         body["restarted_at"] = restarted_at
         return json.dumps(body, sort_keys=True, separators=(",", ":"))
 
     def hash(self, *, restarted_at: str | None) -> str:
         return hashlib.sha256(self.canonical(restarted_at=restarted_at).encode()).hexdigest()[:16]
+
+
+#: Keys of a service that never need a new container: a change of count adds or removes units, a
+#: route changes without one, and the readiness keys say how a deployment is judged, not what runs.
+_NOT_HASHED = ("replicas", "domain", "conditions", "oneshot", "min_ready", "health_timeout")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +125,9 @@ class AppSpec:
     path: str = ""
     #: URL of the repository that declares it (several may be followed).
     source: str = ""
+    #: What a deployment that fails its readiness leaves: ``keep`` (the failed version, for
+    #: inspection) or ``rollback`` (the last healthy spec put back on the engine).
+    on_failure: str = "keep"
 
     @property
     def key(self) -> tuple[str, str]:
@@ -207,6 +224,10 @@ class AppSpec:
                 if s.get("build") else None,
                 replicas=int(s.get("replicas", 1)),
                 domain=s.get("domain"),
+                conditions=tuple((str(a), str(b)) for a, b in s.get("conditions", ())),
+                oneshot=bool(s.get("oneshot", False)),
+                min_ready=s.get("min_ready"),
+                health_timeout=s.get("health_timeout"),
             )
             for s in data["services"]
         )
@@ -219,4 +240,5 @@ class AppSpec:
             restarted_at=data.get("restarted_at"),
             path=data.get("path", ""),
             source=data.get("source", ""),
+            on_failure=data.get("on_failure", "keep"),
         )
