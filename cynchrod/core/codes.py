@@ -161,6 +161,11 @@ class Code(enum.StrEnum):
     INVALID_MOUNT = ("invalid_mount", MANIFEST, True, None, "a volume's mount path is not absolute and normalised, "
                      "is /, covers /proc, /sys, /dev, /etc, /bin, /sbin, /usr or /lib{,32,64,x32}, or is given twice")
 
+    # --- health-gated deploys (issue 22) ---
+    CRASHED = ("crashed", PASS, False, None, "a unit of a deployment exited before it was ready (with its exit code)")
+    UNHEALTHY = ("unhealthy", PASS, True, None, "a unit's healthcheck reports unhealthy, or it was not ready within "
+                 "health_timeout")
+
 
 def status_map() -> dict[str, int]:
     """code -> HTTP status, for every code the API answers with a status of its own."""

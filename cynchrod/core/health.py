@@ -1,11 +1,11 @@
 """Readiness: whether a deployment's units are ready, from engine facts alone (pure).
 
-Called by the reconciler for each app whose deployment is being gated (``shell.gates``), and
-by the planner for ``depends_on`` conditions. The facts are what the runtime's event-fed view
-holds of each unit (its state, its exit code, the healthcheck status the engine's
-``health_status`` events report) plus the time the gate opened, the time now, and — for a unit
-with a port and no healthcheck, once it has been up for ``min_ready`` — whether the port accepted
-a connection (the one fact the shell must probe, ``Verdict.probe``). No clock, no I/O.
+Called by the reconciler's gates (``shell.gates``) for each app whose deployment is being judged;
+the planner's ``depends_on`` conditions read the same facts (``planning.condition_met``). The facts
+are what the runtime's event-fed view holds of each unit (its state, its exit code, the healthcheck
+status the engine's ``health_status`` events report) plus the time the gate opened, the time now,
+and — for a unit with a port and no healthcheck, once it has been up for ``min_ready`` — whether the
+port accepted a connection (the one fact the shell must probe, ``Verdict.probe``). No clock, no I/O.
 
 A unit is ready when its healthcheck reports healthy, or, without one, when it has stayed up
 for ``min_ready`` seconds and its port, if any, accepts a connection. It fails the deployment
@@ -41,12 +41,6 @@ _RANK = {READY: 0, COMPLETED: 0, WAITING: 1, UNHEALTHY: 2, CRASHED: 3}
 
 #: The healthcheck statuses the engine reports (``Unit.health``; "" when it has said none yet).
 STARTING, HEALTHY_CHECK, UNHEALTHY_CHECK = "starting", "healthy", "unhealthy"
-
-#: ``depends_on`` conditions (Compose's words).
-SERVICE_STARTED = "service_started"
-SERVICE_HEALTHY = "service_healthy"
-SERVICE_COMPLETED = "service_completed_successfully"
-CONDITIONS = (SERVICE_STARTED, SERVICE_HEALTHY, SERVICE_COMPLETED)
 
 #: An app's health (``app_health``).
 PROGRESSING = "progressing"
@@ -95,10 +89,11 @@ class Verdict:
 
 
 def unit_verdict(unit: planning.Unit | None, service: specs.ServiceSpec, policy: Policy, *, since: float,
-                 now: float, port_open: bool | None = None) -> Verdict:
+                 now: float, port_open: bool | None = None, up_since: float | None = None) -> Verdict:
     """One unit of ``service``, gated since ``since``: ready, completed, waiting, unhealthy or crashed.
 
-    ``port_open`` is the answer of a probe the previous verdict asked for (None: not probed)."""
+    ``port_open`` is the answer of a probe the previous verdict asked for (None: not probed);
+    ``up_since`` when its units were last started (``min_ready`` counts from it; default ``since``)."""
     name = service.name
     deadline = since + policy.timeout
     if unit is None or unit.state in (planning.CREATED, planning.RESTARTING):
@@ -127,7 +122,7 @@ def unit_verdict(unit: planning.Unit | None, service: specs.ServiceSpec, policy:
         if now >= deadline:
             return Verdict(UNHEALTHY, f"service {name} was not healthy within {policy.timeout:g}s", name)
         return Verdict(WAITING, "waiting for its healthcheck", name, check_at=deadline)
-    up_at = since + policy.min_ready
+    up_at = (since if up_since is None else up_since) + policy.min_ready
     if now < up_at:
         return Verdict(WAITING, f"up for {policy.min_ready:g}s", name, check_at=up_at)
     if service.port is None or port_open:
@@ -157,7 +152,8 @@ def app_verdict(verdicts: Iterable[Verdict]) -> Verdict:
 
 
 def judge(spec: specs.AppSpec, units: Sequence[planning.Unit], *, since: float, now: float,
-          min_ready: float = MIN_READY_S, ports: Mapping[str, bool] | None = None) -> Verdict:
+          min_ready: float = MIN_READY_S, ports: Mapping[str, bool] | None = None,
+          up_since: float | None = None) -> Verdict:
     """A deployment of ``spec`` gated since ``since``: its units of this spec, every replica.
 
     ``ports`` holds probe answers by unit instance. Units of another spec (an old version
@@ -173,22 +169,9 @@ def judge(spec: specs.AppSpec, units: Sequence[planning.Unit], *, since: float, 
         policy = Policy.of(service, min_ready=min_ready)
         for replica in range(service.replicas):
             unit = mine.get((service.name, replica))
-            verdicts.append(unit_verdict(unit, service, policy, since=since, now=now,
+            verdicts.append(unit_verdict(unit, service, policy, since=since, now=now, up_since=up_since,
                                          port_open=ports.get(unit.instance) if unit is not None else None))
     return app_verdict(verdicts)
-
-
-def condition_met(condition: str, units: Sequence[planning.Unit], service: specs.ServiceSpec) -> bool:
-    """A ``depends_on`` condition on ``service``, given its units of the current spec (every replica)."""
-    if len(units) < service.replicas:
-        return False
-    if condition == SERVICE_COMPLETED:
-        return all(u.stopped and u.exit_code == 0 and u.state != planning.OOM_KILLED for u in units)
-    if condition == SERVICE_HEALTHY:
-        if service.healthcheck is None:
-            return all(u.state == planning.RUNNING for u in units)
-        return all(u.state == planning.RUNNING and u.health == HEALTHY_CHECK for u in units)
-    return True  # service_started: started in order, as before
 
 
 def app_health(status: str) -> str:

@@ -28,6 +28,7 @@ accepts TCP connections on its container address), removes one
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -43,7 +44,7 @@ import docker.errors
 import requests
 
 from cynchrod import runtime
-from cynchrod.core import planning, specs
+from cynchrod.core import health, planning, specs
 from cynchrod.core.errors import (
     CynchrodError,
     EngineUnavailable,
@@ -60,6 +61,8 @@ PULL_TIMEOUT_S = 300
 #: The other name of a slot, for a container started beside its old one (``start_beside``), and back.
 ALT_SUFFIX = ".b"
 _EXIT_RE = re.compile(r"Exited \((-?\d+)\)")
+#: A listed container's healthcheck status, in its ``Status`` ("Up 3 seconds (healthy)").
+_HEALTH_RE = re.compile(r"\((healthy|unhealthy|health: starting)\)")
 _STATE = {"running": planning.RUNNING, "paused": planning.RUNNING, "restarting": planning.RESTARTING,
           "exited": planning.EXITED, "created": planning.CREATED, "dead": planning.CREATED}
 
@@ -99,7 +102,8 @@ class _EventStream:
         try:
             self._client = rt_client(self._rt, timeout=None)
             self._stream = _docker.converted(lambda: self._client.api.events(
-                filters={"type": "container", "event": ["start", "die", "oom", "destroy", "pause", "unpause"],
+                filters={"type": "container", "event": ["start", "die", "oom", "destroy", "pause", "unpause",
+                                                         "health_status"],
                          "label": runtime.owner_labels(self._rt.owner)}, decode=True), "events")
         except RuntimeFailure:
             self.close()
@@ -343,9 +347,13 @@ class LocalRuntime(_docker.Driver):
             return None  # being removed, or another instance's
         match = _EXIT_RE.search(row.get("Status") or "")
         public = [p.get("PublicPort") for p in row.get("Ports") or [] if p.get("PublicPort")]
-        return runtime.unit_from_labels(labels, instance=row["Id"], state=state,
+        said = _HEALTH_RE.search(row.get("Status") or "") if state == planning.RUNNING else None
+        unit = runtime.unit_from_labels(labels, instance=row["Id"], state=state,
                                         exit_code=int(match.group(1)) if match else None,
                                         endpoint=public[0] if public else None)
+        if said is not None:
+            unit = dataclasses.replace(unit, health=said.group(1).removeprefix("health: "))
+        return unit
 
     def event(self, raw: dict[str, Any]) -> runtime.Event | None:
         """One engine event as ours, or None when it is not about one of our units."""
@@ -358,6 +366,11 @@ class LocalRuntime(_docker.Driver):
             return runtime.Event(runtime.GONE, instance)
         if action == "oom":
             return runtime.Event(runtime.STATE, instance, oom=True)
+        if action.startswith("health_status"):
+            # "health_status: healthy": the readiness gate's fact (``core.health``).
+            said = action.partition(":")[2].strip()
+            unit = runtime.unit_from_labels(attrs, instance=instance, state=planning.RUNNING)
+            return runtime.Event(runtime.STATE, instance, dataclasses.replace(unit, health=said))
         state = planning.EXITED if action == "die" else planning.RUNNING
         code = attrs.get("exitCode")
         unit = runtime.unit_from_labels(attrs, instance=instance, state=state,
@@ -421,10 +434,10 @@ class LocalRuntime(_docker.Driver):
         if not state.get("Running"):
             return f"it exited with code {state.get('ExitCode')}", False
         if service.healthcheck is not None:
-            health = (state.get("Health") or {}).get("Status")
-            if health == "unhealthy":
+            said = (state.get("Health") or {}).get("Status")
+            if said == health.UNHEALTHY_CHECK:
                 return "its healthcheck reports unhealthy", False
-            return None, health == "healthy"
+            return None, said == health.HEALTHY_CHECK
         networks = (info.get("NetworkSettings") or {}).get("Networks") or {}
         addresses = [n.get("IPAddress") for n in networks.values() if n.get("IPAddress")]
         if not addresses:
@@ -528,10 +541,10 @@ class LocalRuntime(_docker.Driver):
         )
         networking = (self.api.create_networking_config(
             {network: self.api.create_endpoint_config(aliases=[service.name])}) if network else None)
-        health = None
+        check = None
         if service.healthcheck is not None:
             h = service.healthcheck
-            health = {"test": list(h.test), "interval": int(h.interval * 1e9), "timeout": int(h.timeout * 1e9),
+            check = {"test": list(h.test), "interval": int(h.interval * 1e9), "timeout": int(h.timeout * 1e9),
                       "retries": h.retries, "start_period": int(h.start_period * 1e9)}
 
         def create() -> dict[str, Any]:
@@ -545,7 +558,7 @@ class LocalRuntime(_docker.Driver):
                 ports=ports,
                 host_config=host_config,
                 networking_config=networking,
-                healthcheck=health,
+                healthcheck=check,
             )
             return result
 

@@ -28,7 +28,7 @@ from cynchrod.core.decisions import (
     shown_status,
 )
 from cynchrod.core.errors import AppExists, QuotaFull
-from cynchrod.store.apps import Apps
+from cynchrod.store.apps import LOG_BYTES, LOG_LINES, Apps, bounded_log
 from cynchrod.store.db import SCHEMA, Database, now
 from cynchrod.store.meta import Meta
 from cynchrod.store.records import (
@@ -48,6 +48,8 @@ __all__ = [
     "APP_STATUSES",
     "DEPLOYING",
     "FAILED",
+    "LOG_BYTES",
+    "LOG_LINES",
     "PENDING",
     "QUEUED",
     "REMOVED",
@@ -64,6 +66,7 @@ __all__ = [
     "QuotaFull",
     "Store",
     "Token",
+    "bounded_log",
     "main_service",
     "now",
     "services_json",

@@ -59,7 +59,8 @@ CREATE TABLE IF NOT EXISTS deployments (
     started_at TEXT NOT NULL,
     finished_at TEXT,
     attempts INTEGER NOT NULL DEFAULT 1,
-    last_seen TEXT
+    last_seen TEXT,
+    log TEXT
 );
 CREATE INDEX IF NOT EXISTS deployments_app ON deployments(app_id, id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -135,6 +136,8 @@ def migrate(db: sqlite3.Connection) -> None:
     if "attempts" not in columns:  # a state dir from before repeated failures were merged
         db.execute("ALTER TABLE deployments ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1")
         db.execute("ALTER TABLE deployments ADD COLUMN last_seen TEXT")
+    if "log" not in columns:  # a state dir from before failed units' last log lines were kept
+        db.execute("ALTER TABLE deployments ADD COLUMN log TEXT")
     if "session" not in {r["name"] for r in db.execute("PRAGMA table_info(tickets)")}:
         # A state dir from before server-side sessions: a ticket may carry the session it was issued to.
         db.execute("ALTER TABLE tickets ADD COLUMN session TEXT")

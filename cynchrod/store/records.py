@@ -147,3 +147,5 @@ class Deployment:
     #: How many times in a row this same failure happened, and when it was last seen.
     attempts: int = 1
     last_seen: str | None = None
+    #: The last log lines of the unit that failed its readiness (bounded: ``LOG_LINES``, ``LOG_BYTES``).
+    log: str | None = None

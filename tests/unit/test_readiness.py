@@ -102,12 +102,12 @@ def test_judge_counts_only_the_units_of_the_spec_and_every_replica() -> None:
 
 def test_depends_on_conditions() -> None:
     exited0 = unit(ONESHOT, state=planning.EXITED, code=0)
-    assert health.condition_met(health.SERVICE_COMPLETED, [exited0], ONESHOT)
-    assert not health.condition_met(health.SERVICE_COMPLETED, [unit(ONESHOT)], ONESHOT)
-    assert not health.condition_met(health.SERVICE_COMPLETED, [], ONESHOT)
-    assert not health.condition_met(health.SERVICE_HEALTHY, [unit(CHECKED, health_=health.STARTING)], CHECKED)
-    assert health.condition_met(health.SERVICE_HEALTHY, [unit(CHECKED, health_=health.HEALTHY_CHECK)], CHECKED)
-    assert health.condition_met(health.SERVICE_STARTED, [unit()], PLAIN)
+    assert planning.condition_met(planning.SERVICE_COMPLETED, [exited0], ONESHOT)
+    assert not planning.condition_met(planning.SERVICE_COMPLETED, [unit(ONESHOT)], ONESHOT)
+    assert not planning.condition_met(planning.SERVICE_COMPLETED, [], ONESHOT)
+    assert not planning.condition_met(planning.SERVICE_HEALTHY, [unit(CHECKED, health_=health.STARTING)], CHECKED)
+    assert planning.condition_met(planning.SERVICE_HEALTHY, [unit(CHECKED, health_=health.HEALTHY_CHECK)], CHECKED)
+    assert planning.condition_met(planning.SERVICE_STARTED, [unit()], PLAIN)
 
 
 @pytest.mark.parametrize(("status", "want"), [
@@ -131,3 +131,43 @@ def test_the_new_keys_change_no_hash_and_old_rows_read_back() -> None:
     assert AppSpec.from_json(old) == plain
     assert AppSpec.from_json(keyed.to_json()) == keyed
     assert specs.AppSpec.from_json(plain.to_json()).services[0].conditions == ()
+
+
+SHOP = b"""name: shop
+on_failure: rollback
+services:
+  migrate: {image: img, oneshot: true}
+  web:
+    image: img
+    min_ready: 5
+    health_timeout: 90
+    depends_on: {migrate: {condition: service_completed_successfully}}
+"""
+
+
+def test_a_manifest_declares_the_keys_and_depends_on_as_a_map() -> None:
+    from cynchrod.desired import manifests
+    result = manifests.parse("apps/shop.yaml", SHOP)
+    assert result.errors == (), result.errors
+    spec = result.spec
+    assert spec is not None and spec.on_failure == "rollback"
+    migrate, web = spec.services
+    assert migrate.oneshot and not web.oneshot
+    assert (web.depends_on, web.conditions) == (("migrate",), (("migrate", planning.SERVICE_COMPLETED),))
+    assert (web.min_ready, web.health_timeout) == (5.0, 90.0)
+    bad = manifests.parse("apps/shop.yaml", SHOP.replace(b"service_completed_successfully", b"service_done"))
+    assert bad.spec is None and bad.errors
+
+
+def test_the_planner_holds_a_dependent_until_its_condition_and_leaves_a_completed_oneshot() -> None:
+    from cynchrod.desired import manifests
+    spec = manifests.parse("apps/shop.yaml", SHOP).spec
+    assert spec is not None
+    migrate = spec.services[0]
+    first = planning.plan_app(spec, [], spec.key)
+    assert [(a.kind, a.service) for a in first] == [(planning.CREATE, "migrate")]
+    done = planning.Unit(org="default", app="shop", service="migrate", replica=0, instance="m", state=planning.EXITED,
+                         spec_hash=spec.service_hash(migrate), exit_code=0)
+    assert [(a.kind, a.service) for a in planning.plan_app(spec, [done], spec.key)] == [(planning.CREATE, "web")]
+    failed = dataclasses.replace(done, exit_code=1)
+    assert [(a.kind, a.service) for a in planning.plan_app(spec, [failed], spec.key)] == [(planning.START, "migrate")]
