@@ -31,6 +31,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import gc
+import json
 import logging
 import threading
 import time
@@ -39,7 +40,7 @@ from typing import TypeVar
 
 from cynchrod import edge as edge_mod
 from cynchrod import runtime, store
-from cynchrod.core import decisions, planning, specs
+from cynchrod.core import decisions, health, planning, specs
 from cynchrod.core.codes import Code
 from cynchrod.core.decisions import TRIGGERS
 from cynchrod.core.errors import CynchrodError, ManifestError, StateUnwritable
@@ -172,6 +173,11 @@ class Reconciler:
         #: Each acted-on app's readiness gate (``gates``): ``deploying`` until its units are ready.
         self.gates = gates.Gates(rt=rt, db=db, clock=clock, min_ready=min_ready, book=self._book,
                                  wake=lambda delay: self.wakeup.request_at(delay, "self-heal"))
+        self.gates.on_ready = self._healthy
+        self.gates.on_failed = self._roll_back
+        #: Apps whose deployment failed its readiness with ``on_failure: rollback``: the failed
+        #: spec's hash, the last healthy spec put back in its place, and the error (until a new spec).
+        self._rollbacks: dict[tuple[str, str], tuple[str, specs.AppSpec, str]] = {}
         self._memory: dict[tuple[str, str], decisions.Backoff] = {}
         self._fields: dict[tuple[str, str], tuple[specs.AppSpec, tuple[runtime.Unit, ...], dict[str, object]]] = {}
         self._pass_lock = threading.Lock()
@@ -257,7 +263,8 @@ class Reconciler:
         inputs = self._observe(wanted, rows, result)
         # The open readiness gates are judged on what the view shows now, before deciding on it.
         self.gates.judge(inputs.desired, inputs.units)
-        plan = self._decide(dataclasses.replace(inputs, gates=self.gates.decided()))
+        inputs = self._rolled_back(dataclasses.replace(inputs, gates=self.gates.decided()))
+        plan = [self._rollback_status(d) for d in self._decide(inputs)]
         with contextlib.closing(self._execute(plan, inputs, rows, result)) as executed:
             self._record(plan, executed, rows, result)
 
@@ -300,6 +307,52 @@ class Reconciler:
         if known and result.problems != self._problems_written:
             self.store.set_problems(result.problems)
             self._problems_written = list(result.problems)
+
+    # -- on_failure: rollback ---------------------------------------------------------
+
+    def _healthy(self, key: tuple[str, str], spec: specs.AppSpec) -> None:
+        """A deployment passed its readiness: its spec is the app's last healthy one (in the store)."""
+        row = self.store.live_app(*key)
+        if row is not None and row.healthy_spec != spec.json_text and key not in self._rollbacks:
+            self._book(lambda: self.store.update_app(row.id, healthy_spec=spec.json_text))
+
+    def _roll_back(self, key: tuple[str, str], gate: gates.Gate) -> None:
+        """A deployment failed its readiness: with ``on_failure: rollback``, the last healthy spec
+        goes back on the engine (not in Git) from this pass on, until the app's spec changes."""
+        if gate.spec.on_failure != health.ROLLBACK:
+            return
+        row = self.store.live_app(*key)
+        if row is None or not row.healthy_spec:
+            log.warning("%s/%s: no healthy version to roll back to; the failed one is kept", *key)
+            return
+        previous = dataclasses.replace(specs.AppSpec.from_json(json.loads(row.healthy_spec)), path=gate.spec.path,
+                                       source=gate.spec.source, on_failure=gate.spec.on_failure)
+        if previous.hash == gate.spec.hash:
+            return
+        log.warning("%s/%s: rolling back to the last healthy version", *key)
+        self._rollbacks[key] = (gate.spec.hash, previous, f"{gate.error}; rolled back to the previous version")
+        self.gates.mark(key, serving=decisions.PREVIOUS)
+
+    def _rolled_back(self, inputs: decisions.Inputs) -> decisions.Inputs:
+        """The last healthy spec in place of a declared one that failed (until the declared one changes)."""
+        if not self._rollbacks:
+            return inputs
+        desired = dict(inputs.desired)
+        for key, (failed, previous, _) in list(self._rollbacks.items()):
+            declared = desired.get(key)
+            if declared is None or declared.hash != failed:
+                del self._rollbacks[key]  # a new commit: it is deployed (and judged) as any other
+                continue
+            desired[key] = previous
+        return dataclasses.replace(inputs, desired=desired)
+
+    def _rollback_status(self, d: decisions.Decision) -> decisions.Decision:
+        """A rolled-back app stays ``failed — previous version running`` until a new commit."""
+        rolled = self._rollbacks.get(d.key)
+        if rolled is None or d.spec is not rolled[1] or d.status not in (decisions.RUNNING, decisions.DEPLOYING):
+            return d
+        return dataclasses.replace(d, status=decisions.FAILED, error=rolled[2], serving=decisions.PREVIOUS,
+                                   trigger="rollback" if d.actions else d.trigger)
 
     # -- the stages ----------------------------------------------------------------
 
@@ -601,6 +654,9 @@ class Reconciler:
         fields.update(status=d.status, last_error=error, serving=d.serving, refusal=d.refusal, note=d.note)
         if d.record and d.status in (decisions.RUNNING, decisions.STOPPED):
             fields["deployed_hash"] = d.spec.hash
+        if d.status == decisions.RUNNING and row.healthy_spec is None and d.key not in self._rollbacks:
+            # Running from before health-gated deploys (or their first pass): its last healthy spec, once.
+            fields["healthy_spec"] = d.spec.json_text
         if any(getattr(row, k) != v for k, v in fields.items()):
             self.store.update_app(row.id, **fields)
         return AppOutcome(org, name, d.status, error=error)

@@ -44,7 +44,8 @@ CREATE TABLE IF NOT EXISTS apps (
     services_json TEXT,
     serving TEXT,
     refusal TEXT,
-    note TEXT
+    note TEXT,
+    healthy_spec TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS apps_live ON apps(org, name) WHERE status != 'removed';
 CREATE TABLE IF NOT EXISTS deployments (
@@ -132,6 +133,8 @@ def migrate(db: sqlite3.Connection) -> None:
         for code in decisions.NOTES:
             db.execute("UPDATE apps SET note = ? WHERE status != ? AND substr(last_error, 1, ?) = ?",
                        (code, FAILED, len(code) + 1, f"{code}:"))
+    if "healthy_spec" not in columns:  # a state dir from before health-gated deploys
+        db.execute("ALTER TABLE apps ADD COLUMN healthy_spec TEXT")
     columns = {r["name"] for r in db.execute("PRAGMA table_info(deployments)")}
     if "attempts" not in columns:  # a state dir from before repeated failures were merged
         db.execute("ALTER TABLE deployments ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1")

@@ -61,6 +61,9 @@ class App:
     #: Of a running app: the code of the note it keeps until its next deployment (``decisions.NOTES``:
     #: ``oom_killed``, when a healed unit had been killed for its memory).
     note: str | None = None
+    #: The last spec of the app whose deployment passed its readiness (``AppSpec.to_json`` as text):
+    #: what ``on_failure: rollback`` puts back (``shell.gates``).
+    healthy_spec: str | None = None
 
     @property
     def key(self) -> tuple[str, str]:

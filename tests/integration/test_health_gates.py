@@ -5,12 +5,13 @@ ready, then ``running``; a crash, an unhealthy unit or a oneshot's exit decide i
 from __future__ import annotations
 
 import datetime
+import urllib.request
 
 import docker
 
 from cynchrod import store
 from tests.conftest import Harness
-from tests.helpers import TEST_IMAGE
+from tests.helpers import TEST_IMAGE, free_port
 
 
 def manifest(name: str, *, command: str = "[sleep, '3600']", extra: str = "") -> str:
@@ -75,7 +76,9 @@ def test_a_healthy_healthcheck_makes_it_running(repo, harness: Harness) -> None:
 
 
 def test_a_crash_is_crashed_with_its_exit_code_and_its_log(repo, harness: Harness) -> None:
-    repo.push({"apps/boom.yaml": manifest("boom", command="[sh, -c, 'echo about to fail; exit 3']")})
+    # Up for 5 s before it is ready: it exits well within them, however loaded the machine.
+    repo.push({"apps/boom.yaml": manifest("boom", command="[sh, -c, 'echo about to fail; exit 3']",
+                                          extra="min_ready: 5\n")})
     harness.sync()
     deployment = first_deployment(harness, "boom")
     assert (deployment.status, deployment.error_code) == ("crashed", "crashed")
@@ -126,3 +129,55 @@ def test_a_failed_migration_never_starts_its_dependent(repo, harness: Harness) -
     deployment = first_deployment(harness, "shop")
     assert (deployment.status, deployment.error) == ("crashed", "service migrate exited with code 1")
     assert deployment.log is not None and "no database" in deployment.log
+
+
+def served(version: str, port: int, extra: str = "") -> str:
+    return (f"name: web\nimage: {TEST_IMAGE}\nmemory: 64\nport: 8080\nhostPort: {port}\non_failure: rollback\n"
+            f"command: [sh, -c, 'mkdir -p /w && echo {version} > /w/index.html && exec httpd -f -p 8080 -h /w']\n"
+            f"{extra}")
+
+
+def test_with_on_failure_rollback_the_previous_version_serves_again(repo, harness: Harness) -> None:
+    port = free_port()
+    repo.push({"apps/web.yaml": served("v1", port)})
+    harness.sync()
+    assert harness.app("web").status == "running"
+    assert fetch(port) == "v1"
+    v1_spec = harness.app("web").healthy_spec
+    assert v1_spec is not None
+
+    failing = "healthcheck: {test: [CMD, 'false'], interval: 0.2, retries: 1}\n"
+    repo.push({"apps/web.yaml": served("v2", port, failing)})
+    harness.sync()
+    app = harness.app("web")
+    assert (app.status, app.serving) == ("failed", "previous")
+    assert app.last_error is not None and app.last_error.startswith("unhealthy: service main: its healthcheck")
+    assert app.last_error.endswith("rolled back to the previous version")
+    assert fetch(port) == "v1"  # put back on the engine
+    deployments = harness.db.deployments(app.id)
+    assert [d.status for d in deployments][:2] == ["running", "unhealthy"]
+    assert deployments[0].trigger == "rollback"
+    assert harness.app("web").healthy_spec == v1_spec  # the failed version never was healthy
+    # Not in Git: the repository still declares v2, and the app stays failed until a new commit.
+    assert "v2" in (repo.work / "apps" / "web.yaml").read_text()
+    again = harness.sync()
+    assert [a.actions for a in again.apps] == [[]] and harness.app("web").status == "failed"
+
+    repo.push({"apps/web.yaml": served("v3", port)})
+    harness.sync()
+    assert (harness.app("web").status, fetch(port)) == ("running", "v3")
+
+
+def test_without_a_healthy_version_a_rollback_keeps_the_failed_one(repo, harness: Harness) -> None:
+    port = free_port()
+    failing = "healthcheck: {test: [CMD, 'false'], interval: 0.2, retries: 1}\n"
+    repo.push({"apps/web.yaml": served("v1", port, failing)})
+    harness.sync()
+    app = harness.app("web")
+    assert (app.status, app.serving) == ("failed", None)
+    assert [c["State"] for c in harness.containers().values()] == ["running"]
+
+
+def fetch(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as answer:
+        return str(answer.read().decode().strip())
