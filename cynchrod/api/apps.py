@@ -11,6 +11,7 @@ from flask import Blueprint, Response, jsonify, request
 from cynchrod import store
 from cynchrod.api import ApiError, is_ascii_number, parse_body, read_body
 from cynchrod.api.auth import bearer, daemon, visible_app
+from cynchrod.core import health
 from cynchrod.shell import control, liveness
 
 bp = Blueprint("apps", __name__)
@@ -29,6 +30,8 @@ def app_json(app: store.App, *, engine_up: bool | None = None) -> dict[str, Any]
         "commit": app.commit, "path": app.path,
         "services": json.loads(app.services_json) if app.services_json else [],
         "serving": serving(app),
+        # Argo CD's words for the status (docs/health.md): progressing, healthy, degraded, unknown.
+        "health": health.app_health(store.shown_status(app.status, engine_up=up)),
     }
 
 
