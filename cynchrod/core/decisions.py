@@ -401,7 +401,9 @@ def _decide_app(inputs: Inputs, spec: specs.AppSpec, units: list[planning.Unit],
         error, note = _noted(row)
         gate = inputs.gates.get(key)
         if gate is not None and gate.spec_hash == spec.hash and spec.state != "stopped":
-            status, error, note = gate.status, gate.error, None
+            status = gate.status
+            if status == FAILED:
+                error, note = gate.error, None
         if manifest_failure is not None:
             status, error, note = FAILED, manifest_text(errors), None
         return Decision(key, spec, status=status, error=error, note=note, failure=manifest_failure,

@@ -55,6 +55,8 @@ class Gate:
     status: str = decisions.DEPLOYING
     error: str | None = None
     serving: str | None = None
+    #: (code, message) the deployment records once ready: why a healed unit had died (``oom_killed``).
+    note: tuple[str, str] | None = None
 
     @property
     def open(self) -> bool:
@@ -109,14 +111,15 @@ class Gates:
         gate = self._gates.get(spec.key)
         return gate.deployment if gate is not None and gate.open and gate.spec.hash == spec.hash else None
 
-    def open(self, spec: specs.AppSpec, deployment: int | None, units: list[planning.Unit]) -> str:
+    def open(self, spec: specs.AppSpec, deployment: int | None, units: list[planning.Unit], *,
+             note: tuple[str, str] | None = None) -> str:
         """A pass applied ``spec``: judge it at once; the app's status to record now."""
         now = self._clock()
         gate = self._gates.get(spec.key)
         if gate is not None and gate.open and gate.spec.hash == spec.hash and gate.deployment == deployment:
             self._gates[spec.key] = dataclasses.replace(gate, started=now)
         else:
-            self._gates[spec.key] = Gate(spec, deployment, now, started=now)
+            self._gates[spec.key] = Gate(spec, deployment, now, started=now, note=note)
         return self._judge(spec.key, units)
 
     def forget(self, key: tuple[str, str]) -> None:
@@ -163,7 +166,10 @@ class Gates:
         status = decisions.COMPLETED if verdict.state == health.COMPLETED else decisions.RUNNING
         if gate.deployment is not None:
             deployment = gate.deployment
-            self._book(lambda: self.store.finish_deployment(deployment, status=status))
+            note = gate.note
+            self._book(lambda: self.store.finish_deployment(deployment, status=status,
+                                                            error_code=note[0] if note else None,
+                                                            error=note[1] if note else None))
         if status == decisions.COMPLETED:
             self._gates[key] = dataclasses.replace(gate, status=status, deployment=None)
         else:

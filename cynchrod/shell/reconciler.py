@@ -171,6 +171,8 @@ class Reconciler:
         self.view = view.View(rt, resync_s=resync_s, on_change=self._on_event)
         self._clock = clock
         #: Each acted-on app's readiness gate (``gates``): ``deploying`` until its units are ready.
+        # Readiness is timed on the clock given here (real seconds: min_ready, health_timeout), not on
+        # ``_clock``, which a test may freeze to skip a back-off.
         self.gates = gates.Gates(rt=rt, db=db, clock=clock, min_ready=min_ready, book=self._book,
                                  wake=lambda delay: self.wakeup.request_at(delay, "self-heal"))
         self.gates.on_ready = self._healthy
@@ -598,7 +600,7 @@ class Reconciler:
         status = d.status
         if self.gates.enabled and status == decisions.RUNNING and any(a.kind in _STARTS for a in d.actions):
             # Health-gated: ``deploying`` until its units are ready (``gates``; judged at once).
-            status = self.gates.open(spec, deployment, self.view.app_units(*d.key))
+            status = self.gates.open(spec, deployment, self.view.app_units(*d.key), note=note)
             if status == decisions.FAILED:
                 error, noted = self.gates.decided()[d.key].error, None
         elif deployment is not None:

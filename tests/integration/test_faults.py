@@ -73,7 +73,7 @@ def test_a_host_port_held_outside_cynchrod_is_port_in_use_every_time_and_leaves_
     holder.listen()
     port = holder.getsockname()[1]
     try:
-        repo.push({"apps/a.yaml": manifest("a", extra=f"port: 8080\nhostPort: {port}\n")})
+        repo.push({"apps/a.yaml": manifest("a", command=SERVED, extra=f"port: 8080\nhostPort: {port}\n")})
         later = time.monotonic()
         for _ in range(3):
             harness.sync()
