@@ -145,16 +145,22 @@ def status_of(exc: CynchrodError) -> int:
     return STATUS.get(exc.code) or (409 if exc.permanent else 503)
 
 
-def create_app(daemon: Any) -> Flask:
-    """The Flask app for ``daemon`` (a ``cynchrod.shell.front.Front``)."""
-    from cynchrod.api import apps, dashboard, logs, meta, secrets, webhooks
+def create_app(daemon: Any, *, failures: Any = None) -> Flask:
+    """The Flask app for ``daemon`` (a ``cynchrod.shell.front.Front``). ``failures``: the
+    authentication back-off's table (``throttle.Table``) the API workers share; by default one
+    of this process's own."""
+    from cynchrod.api import apps, dashboard, logs, meta, notifications, passes, secrets, throttle, webhooks
 
     app = Flask("cynchrod")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY + 1  # read_body tells "over" from "exactly 1 MiB"
     app.extensions["cynchrod"] = daemon
+    app.extensions["cynchrod.failures"] = failures if failures is not None \
+        else throttle.Table(free=daemon.settings.auth_failures)
     app.register_blueprint(apps.bp)
     app.register_blueprint(logs.bp)
     app.register_blueprint(meta.bp)
+    app.register_blueprint(notifications.bp)
+    app.register_blueprint(passes.bp)
     app.register_blueprint(secrets.bp)
     app.register_blueprint(webhooks.bp)
     dashboard.init_app(app, daemon.settings.state)
@@ -165,7 +171,10 @@ def create_app(daemon: Any) -> Flask:
         extra = getattr(exc, "extra", {})
         if isinstance(exc, control.InvalidManifest):
             extra = {"errors": exc.errors}
-        return error_response(exc.code, exc.message, status_of(exc), **extra)
+        response, status = error_response(exc.code, exc.message, status_of(exc), **extra)
+        if "retry_after" in extra:
+            response.headers["Retry-After"] = str(extra["retry_after"])
+        return response, status
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> tuple[Response, int]:

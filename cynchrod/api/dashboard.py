@@ -66,7 +66,7 @@ from werkzeug.wrappers import Response as BaseResponse
 from cynchrod import edge, store
 from cynchrod.api import error_response
 from cynchrod.api.apps import DEPLOYMENTS_SHOWN, build_log, serving, webhook_json
-from cynchrod.api.auth import daemon
+from cynchrod.api.auth import daemon, failed, refused_for
 from cynchrod.core import health
 from cynchrod.core.errors import CynchrodError
 from cynchrod.shell import control, liveness
@@ -184,6 +184,7 @@ def _guard() -> BaseResponse | tuple[Response, int] | None:
 @bp.after_request
 def _headers(response: Response) -> Response:
     response.headers.setdefault("Content-Security-Policy", CSP)
+    response.headers.setdefault("X-Frame-Options", "DENY")  # frame-ancestors for browsers without CSP 2
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
     response.headers.setdefault("Referrer-Policy", "same-origin")
     if response.mimetype == "text/html":
@@ -258,15 +259,21 @@ def signin() -> str | BaseResponse:
 
 @bp.post("/signin")
 def signin_post() -> str | BaseResponse | tuple[str, int]:
+    """A token becomes a session; a wrong or revoked one counts against this client (``throttle``)."""
     secret = request.form.get("token", "").strip()
     if not secret:
         reason = "Paste an API token to sign in."
+    elif (wait := refused_for()) is not None:
+        page = _page("signin.html", error=f"Too many failed sign-ins from this address: try again in {wait} s.")
+        return Response(page, 429, {"Retry-After": str(wait)})
     else:
         token = daemon().store.find_token(secret)
         if token is None:
+            failed()
             reason = ("That token is not valid: check that you pasted all of it. "
                       "Tokens are made with `cynchrod token create`.")
         elif token.revoked_at is not None:
+            failed()
             reason = f"That token was revoked on {token.revoked_at}. Ask for a new one."
         else:
             session.clear()
@@ -326,6 +333,8 @@ class _Listing:
     problems: list[tuple[str, list[str]]] = dataclasses.field(default_factory=list)
     #: What the daemon cannot see now (``liveness.down``): the engine, the edge, with why and since when.
     down: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    #: Notifications and commit statuses given up on (``GET /notifications?status=dead``).
+    dead: int = 0
 
 
 _listings: dict[tuple[int, str | None, str], tuple[tuple[int, int], _Listing]] = {}
@@ -350,7 +359,7 @@ def _listing(token: store.Token, org: str | None, host: str) -> _Listing:
         listing = _Listing(rows=[_row(a, last.get(a.id), host, engine_up=liveness.ENGINE_META not in down)
                                  for a in apps],
                            removed=sum(a.status == store.REMOVED for a in apps), orgs=orgs,
-                           problems=list(problems.items()), down=down)
+                           problems=list(problems.items()), down=down, dead=db.dead_notifications(org=scope))
         with _listings_lock:
             _listings[key] = cached = (version, listing)
     return cached[1]
@@ -375,7 +384,8 @@ def apps() -> str:
     if request.args.get("partial") == "rows":
         return render_template("_rows.html", rows=rows, csrf_token=_csrf())
     return _page("apps.html", rows=rows, org=org, show_removed=removed, q=q, removed_count=listing.removed,
-                 orgs=listing.orgs, poll_ms=POLL_MS, problems=listing.problems, down=listing.down)
+                 orgs=listing.orgs, poll_ms=POLL_MS, problems=listing.problems, down=listing.down,
+                 dead=listing.dead)
 
 
 @bp.get("/ui/apps.json")

@@ -7,7 +7,9 @@ GitLab (``X-Gitlab-Token``: the secret itself) and a generic
 (``hmac.compare_digest``). Without a configured secret the endpoint does not
 exist (404). The payload only says "something was pushed": which repositories
 to fetch comes from the config, never from the body. The reply comes before
-any fetch; bursts coalesce in the reconciler's wake-up queue.
+any fetch; bursts coalesce in the reconciler's wake-up queue. An accepted delivery's
+reply names the pass it queued (``pass``): ``GET /passes/<id>`` gives that pass's
+outcome per app once it ran, so a CI job can wait for it (``cynchrod wait``).
 """
 
 from __future__ import annotations
@@ -15,14 +17,17 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
 from cynchrod.api import ApiError, read_body
 from cynchrod.api.auth import daemon
+from cynchrod.core.errors import CynchrodError
 
 bp = Blueprint("webhooks", __name__)
+_SHA_RE = re.compile(r"^[0-9a-fA-F]{7,64}$")
 
 
 def _hmac_ok(secret: str, body: bytes, given: str, *, prefix: str = "") -> bool:
@@ -51,6 +56,14 @@ def event_kind() -> str:
     return "push"
 
 
+def pushed_commit(payload: Any) -> str | None:
+    """The commit a push delivery names (GitHub, Gitea, GitLab and the generic shape: ``after``)."""
+    after = payload.get("after") if isinstance(payload, dict) else None
+    if isinstance(after, str) and _SHA_RE.match(after) and after.strip("0"):
+        return after.lower()
+    return None
+
+
 def pushed_ref(payload: Any) -> str | None:
     return payload.get("ref") if isinstance(payload, dict) and isinstance(payload.get("ref"), str) else None
 
@@ -76,9 +89,18 @@ def _deliver(secret: str, branches: set[str], trigger: str, what: str) -> tuple[
     if ref is not None and ref not in branches:
         d.metrics.webhooks.labels(provider, "ignored").inc()
         return jsonify({"ok": True, "ignored": f"{ref} is not {what}"}), 202
+    # The pass this delivery queues: the reconciler's next pass that fetches answers it (GET /passes/<id>).
+    # A state dir that cannot be written still wakes the pass; the reply then names none.
+    try:
+        pass_id: int | None = d.store.request_pass(trigger=trigger, commit=pushed_commit(payload))
+    except CynchrodError:
+        pass_id = None
     d.wake(trigger, debounced=True)
     d.metrics.webhooks.labels(provider, "accepted").inc()
-    return jsonify({"ok": True, "event": kind, "queued": True}), 202
+    reply: dict[str, Any] = {"ok": True, "event": kind, "queued": True}
+    if pass_id is not None:
+        reply.update({"pass": pass_id, "pass_url": f"/passes/{pass_id}"})
+    return jsonify(reply), 202
 
 
 @bp.post("/webhooks/apps/<app_id>")

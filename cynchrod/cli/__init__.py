@@ -17,6 +17,7 @@ import functools
 import logging
 import os
 import pathlib
+import re
 import shutil
 import sys
 import tempfile
@@ -82,6 +83,8 @@ def _settings_flags(p: argparse.ArgumentParser, *names: str) -> None:
                     {"choices": config.RUNTIMES}),
         "workers": ("API worker processes beside the reconciler process (default 0: one per core)",
                     {"type": int, "metavar": "N"}),
+        "auth-failures": ("wrong credentials a client address may send before it backs off with 429 (default 10)",
+                          {"type": int, "metavar": "N"}),
     }
     for name in names:
         text, kw = flags[name]
@@ -113,7 +116,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"cynchrod {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _settings_flags(_sub(sub, "serve", "run the daemon: reconcile every interval and serve the API"),
-                    *_SOURCE, *_APPLY, "interval", "resync", "watch", "listen", "workers")
+                    *_SOURCE, *_APPLY, "interval", "resync", "watch", "listen", "workers",
+                    "auth-failures")
     _settings_flags(_sub(sub, "sync", "run one pass now, showing progress, and print a summary"), *_SOURCE, *_APPLY)
     _settings_flags(_sub(sub, "plan", "print what a pass would do, with reasons; change nothing"),
                     *_SOURCE, "owner", "publish-address")
@@ -144,6 +148,11 @@ def parser() -> argparse.ArgumentParser:
           help="keep printing new lines until Ctrl-C or SIGTERM; exit 1 when the stream ends otherwise "
                "(the app removed, the daemon gone)")
     _client_flags(lg)
+    wt = _sub(sub, "wait", "wait until a commit is applied and its apps settle; exit 1 when one failed")
+    _flag(wt, "--commit", required=True, metavar="SHA", help="the commit (7 to 40 hex digits) a push delivered")
+    _flag(wt, "--timeout", type=float, default=600.0, metavar="SECONDS",
+          help="give up (wait_timeout, exit 1) after this long (default 600)")
+    _client_flags(wt)
 
     t = _sub(sub, "token", "API tokens: create, list, revoke")
     tsub = t.add_subparsers(dest="token_command", required=True, metavar="ACTION")
@@ -214,13 +223,6 @@ class StateLock:
             self._file.close()
 
 
-def build(cfg: config.Settings, *, recover: bool = False) -> reconciler.Reconciler:
-    d = daemon.Daemon.build(cfg)
-    if recover:
-        d.recover()
-    return d.reconciler
-
-
 def print_result(result: reconciler.PassResult, out: IO[str]) -> None:
     print(f"commit {result.commit or '-'} ({result.duration_s:.2f}s)", file=out)
     if result.source_error:
@@ -255,7 +257,7 @@ def cmd_validate(paths: Sequence[str], out: IO[str]) -> int:
     return 1 if desired.errors else 0
 
 
-CLIENT_COMMANDS = ("apps", "status", "deployments", "logs", "restart", "stop", "start", "delete")
+CLIENT_COMMANDS = ("apps", "status", "deployments", "logs", "restart", "stop", "start", "delete", "wait")
 
 
 #: Exit status when the reader of stdout went away (``cynchrod apps | head``): what a shell
@@ -316,13 +318,19 @@ def _main(argv: Sequence[str] | None = None) -> int:
             return cmd_plan(cfg, out)
         with StateLock(cfg.state):
             if args.command == "sync":
-                rec = build(cfg, recover=True)
+                one = daemon.Daemon.build(cfg)
+                one.recover()
+                rec = one.reconciler
                 rec.log_manifest_errors = False  # print_result shows them
                 rec.store.interrupt_unfinished()
                 rec.progress = Progress(sys.stderr)
                 result = rec.sync("poll")
                 rec.progress.done()
                 print_result(result, out)
+                if one.notifier is not None:
+                    # One attempt at what the pass has to tell (bounded by the delivery timeout); what
+                    # fails stays in the outbox for the daemon, or the next sync.
+                    one.notifier.drain(timeout=cfg.delivery.timeout_s + 1)
                 return 0 if result.ok else 1
             if not cfg.sources:
                 raise CynchrodError("--repo (or CYNCHROD_REPO) is required", code="usage")
@@ -428,6 +436,10 @@ def cmd_client(args: argparse.Namespace, out: IO[str]) -> int:
         return client.status(api, args.app, output=args.output, out=out)
     if args.command == "deployments":
         return client.deployments(api, args.app, output=args.output, out=out)
+    if args.command == "wait":
+        if not re.fullmatch(r"[0-9a-fA-F]{7,64}", args.commit):
+            raise CynchrodError(f"--commit {args.commit}: give 7 to 40 hex digits of a commit id", code="usage")
+        return client.wait(api, args.commit, timeout=args.timeout, output=args.output, out=out)
     if args.command == "logs":
         if not 1 <= args.tail <= 2000:
             raise CynchrodError(f"--tail {args.tail}: give a number of lines from 1 to 2000", code="usage")

@@ -1,4 +1,4 @@
-"""The API client behind ``cynchrod apps|status|logs|deployments|restart|stop|start|delete``.
+"""The API client behind ``cynchrod apps|status|logs|deployments|restart|stop|start|delete|wait``.
 
 Called by ``cli`` only. It talks to a running daemon over HTTP (urllib) and, for
 ``logs -f``, a WebSocket (simple-websocket, which flask-sock already brings).
@@ -21,6 +21,7 @@ import urllib.request
 from collections.abc import Sequence
 from typing import IO, Any
 
+from cynchrod.core.codes import Code
 from cynchrod.core.errors import ClientError as ClientError
 
 DEFAULT_API = "http://127.0.0.1:8080"
@@ -319,3 +320,79 @@ def _print_tail(client: Client, app: dict[str, Any], *, tail: int, output: str,
         _print_line(line, output=output, services=services, out=out)
     seen = {(line["timestamp"], line["service"], line["line"]) for line in lines}
     return 0, services, seen, max((line["timestamp"] for line in lines), default="")
+
+
+#: Statuses an app stays in (a pass's outcome is final for it), and those of them that are failures.
+SETTLED = frozenset({"running", "stopped", "failed", "removed", "completed", "crashed", "unhealthy", "rolled_back"})
+FAILING = frozenset({"failed", "crashed", "unhealthy", "rolled_back"})
+
+
+def _outcome(client: Client, commit: str) -> tuple[str | None, list[dict[str, Any]]] | None:
+    """(the pass's source error, each app's org, app, status and error) once a pass that applied
+    ``commit`` is over and its apps have settled; None while not yet.
+
+    The pass a webhook queued (``GET /passes?commit=``) when there is one; else (a push seen by the
+    interval or a watch) the apps the last pass recorded at that commit, once ``/healthz`` says the
+    last pass read it."""
+    done = [p for p in client.call("GET", f"/passes?commit={urllib.parse.quote(commit)}")["passes"]
+            if p["status"] == "done"]
+    if done:
+        error, apps = done[0]["source_error"], list(done[0]["apps"])
+    else:
+        health = _healthz(client)
+        last = str((health.get("last_pass") or {}).get("commit") or "")
+        if not last.startswith(commit.lower()):
+            return None
+        error = None
+        apps = [{"org": a["org"], "app": a["name"], "status": a["status"], "error": a["last_error"]}
+                for a in client.call("GET", "/apps")["apps"] if str(a.get("commit") or "").startswith(commit.lower())]
+    settled = []
+    for app in apps:
+        if app["status"] not in SETTLED:  # queued behind a build, or still deploying: its row says more
+            row = client.details(f"{app['org']}/{app['app']}")["app"]
+            if row["status"] not in SETTLED:
+                return None
+            app = {**app, "status": row["status"], "error": row["last_error"]}
+        settled.append(app)
+    return error, settled
+
+
+def _healthz(client: Client) -> dict[str, Any]:
+    request = urllib.request.Request(client.api + "/healthz", headers={"Accept": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=client.timeout) as response:
+            found: dict[str, Any] = json.loads(response.read())
+    except urllib.error.HTTPError as exc:  # 503 while unhealthy: the body still says what the last pass read
+        found = json.loads(exc.read() or b"{}")
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        raise client.unreachable(getattr(exc, "reason", exc)) from None
+    return found
+
+
+def wait(client: Client, commit: str, *, timeout: float, output: str, out: IO[str],
+         every: float = 1.0) -> int:
+    """Wait until the daemon has applied ``commit`` and its apps have settled; 0 when none failed, 1 else
+    (and ``wait_timeout`` when that did not happen within ``timeout`` seconds)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            found = _outcome(client, commit)
+        except ClientError as exc:
+            # A daemon restarting (or not up yet) is waited for too, within the same time.
+            if exc.code != Code.API_UNREACHABLE or time.monotonic() >= deadline:
+                raise
+            found = None
+        if found is not None:
+            error, apps = found
+            failed = bool(error) or any(a["status"] in FAILING for a in apps)
+            if output == "json":
+                _dump({"commit": commit, "failed": failed, "source_error": error, "apps": apps}, out)
+            else:
+                table([(f"{a['org']}/{a['app']}", a["status"], _error(a.get("error"))) for a in apps],
+                      ("APP", "STATUS", "ERROR"), out)
+                if error:
+                    print(f"source error: {error}", file=out)
+            return 1 if failed else 0
+        if time.monotonic() >= deadline:
+            raise ClientError(f"commit {commit} was not applied within {timeout:g}s", code=Code.WAIT_TIMEOUT)
+        time.sleep(every)

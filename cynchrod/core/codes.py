@@ -109,7 +109,8 @@ class Code(enum.StrEnum):
     INVALID_BODY = ("invalid_body", API, True, 400, "the body is not valid JSON/YAML, or has the wrong shape")
     INVALID_TAIL = ("invalid_tail", API, True, 400, "tail is not an integer in range")
     INVALID_QUERY = ("invalid_query", API, True, 400, "a query parameter has the wrong form")
-    INVALID_SECRET = ("invalid_secret", API, True, 400, "a secret's name or org is malformed, or its value too large")
+    INVALID_SECRET = ("invalid_secret", API, True, 400,
+                      "a secret's name or org is malformed, or its value empty or too large")
     UNAUTHORIZED = ("unauthorized", API, True, 401, "no token, a wrong or revoked one, or a wrong signature")
     FORBIDDEN = ("forbidden", API, True, 403, "the token's org may not do this")
     CSRF_FAILED = ("csrf_failed", API, True, 403, "a dashboard form without the page's CSRF token")
@@ -160,6 +161,14 @@ class Code(enum.StrEnum):
     PORT_IN_USE = ("port_in_use", PASS, False, None, "the hostPort is held by something else on the host")
     INVALID_MOUNT = ("invalid_mount", MANIFEST, True, None, "a volume's mount path is not absolute and normalised, "
                      "is /, covers /proc, /sys, /dev, /etc, /bin, /sbin, /usr or /lib{,32,64,x32}, or is given twice")
+    # --- hardening: authentication back-off (issue 24 item 10) ---
+    TOO_MANY_ATTEMPTS = ("too_many_attempts", API, False, 429, "this client address failed to authenticate too "
+                         "often: wait Retry-After seconds")
+    NOT_A_WEBSOCKET = ("not_a_websocket", API, True, 400, "a plain GET of the log stream's URL, which only "
+                       "answers a WebSocket upgrade")
+
+    # --- notify: notifications, commit statuses, webhooks that tell the truth ---
+    WAIT_TIMEOUT = ("wait_timeout", CLI, False, None, "cynchrod wait saw no outcome of the commit in time")
 
     # --- health-gated deploys (issue 22) ---
     CRASHED = ("crashed", PASS, False, None, "a unit of a deployment exited before it was ready (with its exit code)")

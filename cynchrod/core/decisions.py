@@ -299,6 +299,15 @@ def _noted(row: Row | None) -> tuple[str | None, Code | None]:
     return row.last_error, note
 
 
+def _holder(domain: str, holder: tuple[str, str], claim: tuple[str, str]) -> str:
+    """Who holds ``domain``, as the claimant may be told: an app of its own org by name; another
+    org's app not at all (every other cross-org lookup is a 404, and this text reaches the
+    claimant's API answers, dashboard and CLI)."""
+    if holder[0] == claim[0]:
+        return f"domain {domain} belongs to app {holder[0]}/{holder[1]}"
+    return f"domain {domain} is taken by an app of another org"
+
+
 def domains(inputs: Inputs) -> dict[tuple[str, str], CynchrodError]:
     """Apps that claim a domain another app holds (any org), and why: first come keeps it.
 
@@ -323,8 +332,8 @@ def domains(inputs: Inputs) -> dict[tuple[str, str], CynchrodError]:
         holder = min(keys, key=lambda k: (not incumbent(k), inputs.rows[k].created_at if incumbent(k) else "", k))
         for key in keys:
             if key != holder:
-                refused[key] = PermanentError(f"domain {domain} belongs to app {holder[0]}/{holder[1]}; "
-                                              f"{key[1]} was not deployed", code=Code.DOMAIN_TAKEN)
+                refused[key] = PermanentError(f"{_holder(domain, holder, key)}; {key[1]} was not deployed",
+                                              code=Code.DOMAIN_TAKEN)
     return refused
 
 

@@ -82,6 +82,10 @@ class ApiServer(BaseApplication):  # type: ignore[misc]
 
         # Connections held per worker (workers may be more than ``api_workers`` for a moment, during a reload).
         self.share = Share(max(8, 4 * cfg.api_workers))
+        from cynchrod.api import throttle
+
+        # Authentication failures per client address, made before the fork: every worker counts in it.
+        self.failures = throttle.Table(free=cfg.auth_failures)
         super().__init__()
 
     def load_config(self) -> None:
@@ -109,7 +113,7 @@ class ApiServer(BaseApplication):  # type: ignore[misc]
     def load(self) -> Any:
         from cynchrod.api import create_app
 
-        return create_app(front.Front(self.settings, blocking=_in_thread_pool()))
+        return create_app(front.Front(self.settings, blocking=_in_thread_pool()), failures=self.failures)
 
 
 

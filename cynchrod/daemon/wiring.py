@@ -23,7 +23,7 @@ from cynchrod.core.codes import Code
 from cynchrod.core.errors import CynchrodError, PermanentError
 from cynchrod.daemon import watchers
 from cynchrod.desired import config, secrets, source
-from cynchrod.shell import builds, channel, control, liveness, metrics, reconciler
+from cynchrod.shell import builds, channel, control, liveness, metrics, notify, reconciler
 from cynchrod.shell.front import PREVIEW_WAIT_S, Change, Unit, make_edge, make_runtime
 
 if TYPE_CHECKING:
@@ -49,6 +49,8 @@ class Daemon:
     on_reload: Callable[[], None] = lambda: None
     #: Probes of the engine and the edge (``liveness``), started with the reconciler.
     liveness: liveness.Liveness | None = None
+    #: Notifications and commit statuses (``shell/notify``), started with the reconciler.
+    notifier: notify.Notifier | None = None
     _thread: threading.Thread | None = None
     _watcher: threading.Thread | None = None
     #: One preview at a time: page loads during a long pass must not pile up behind it.
@@ -84,8 +86,11 @@ class Daemon:
         if front is not None:
             probes.append(liveness.Probe(name="edge", meta=liveness.EDGE_META, code=Code.EDGE_UNAVAILABLE,
                                          check=front.reassert, db=db))
-        return cls(settings=cfg, store=db, source=srcs[0], runtime=rt, reconciler=rec, control=ctl, metrics=stats,
+        made = cls(settings=cfg, store=db, source=srcs[0], runtime=rt, reconciler=rec, control=ctl, metrics=stats,
                    secrets=vault, liveness=liveness.Liveness(probes))
+        # Reads the settings at each use, so a reloaded config's targets apply at once.
+        made.notifier = notify.Notifier(db, notify.Targets(lambda: made.settings))
+        return made
 
     _started_at: float = dataclasses.field(default_factory=time.monotonic)
 
@@ -106,6 +111,8 @@ class Daemon:
         self._thread.start()
         if self.liveness is not None:
             self.liveness.start(self.stop_event)
+        if self.notifier is not None:
+            self.notifier.start(self.stop_event)
         if self._watched():
             self._watcher = threading.Thread(target=self._watch, name="watch", daemon=True)
             self._watcher.start()

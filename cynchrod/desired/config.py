@@ -6,13 +6,14 @@ The CLI builds one ``Settings`` value; nothing else reads the environment.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import pathlib
 import re
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from cynchrod.core import decisions, specs
+from cynchrod.core import decisions, notices, specs
 from cynchrod.core.errors import ConfigError as ConfigError
 from cynchrod.desired import validation, yamlio
 
@@ -24,7 +25,7 @@ _FILE_KEYS = {"repo": "repo", "branch": "branch", "path": "path", "state": "stat
               "listen": "listen", "owner": "owner", "publishAddress": "publish_address", "resync": "resync",
               "watch": "watch",
               "concurrency": "concurrency", "stopTimeout": "stop_timeout", "runtime": "runtime",
-              "workers": "workers"}
+              "workers": "workers", "authFailures": "auth_failures"}
 RUNTIMES = ("docker", "swarm")
 DEFAULT_MAX_APPS = decisions.DEFAULT_MAX_APPS
 
@@ -67,7 +68,100 @@ def load_file(path: pathlib.Path) -> dict[str, Any]:
     if "orgs" in data:
         values["org_max_apps"] = tuple(sorted((org, o["max_apps"]) for org, o in data["orgs"].items()
                                               if "max_apps" in o))
+    if "notify" in data:
+        values["notify"] = tuple(_notify_target(t) for t in data["notify"])
+    if "forge" in data:
+        values["forge"] = _forge(data["forge"])
+    if "publicUrl" in data:
+        values["public_url"] = data["publicUrl"].rstrip("/")
+    if "delivery" in data:
+        d = data["delivery"]
+        values["delivery"] = Delivery(**{k: d[key] for key, k in (
+            ("backoff", "backoff_s"), ("maxBackoff", "max_backoff_s"), ("attempts", "attempts"),
+            ("timeout", "timeout_s")) if key in d})
     return values
+
+
+def _env(name: str, where: str) -> str:
+    value = os.environ.get(name, "")
+    if not value:
+        raise ConfigError(f"{where}: the environment variable {name} is not set")
+    return value
+
+
+def _notify_target(t: dict[str, Any]) -> NotifyTarget:
+    kind = "webhook" if "webhook" in t else "apprise"
+    secret = _env(t["secret_env"], f"notify: {kind} secret_env") if "secret_env" in t else ""
+    route = notices.Route(on=tuple(t["on"]) if "on" in t else None,
+                          orgs=tuple(t["orgs"]) if "orgs" in t else None,
+                          apps=tuple(t["apps"]) if "apps" in t else None)
+    return NotifyTarget(kind=kind, url=t[kind], secret=secret, route=route)
+
+
+FORGE_API = {"github": "https://api.github.com", "gitlab": "https://gitlab.com/api/v4",
+             "bitbucket": "https://api.bitbucket.org/2.0"}
+
+
+def _forge(f: dict[str, Any]) -> Forge:
+    kind = f["kind"]
+    api_url = f.get("api_url") or FORGE_API.get(kind, "")
+    if not api_url:
+        raise ConfigError(f"forge: api_url is required for {kind} (e.g. https://gitea.example.com/api/v1)")
+    return Forge(kind=kind, api_url=api_url.rstrip("/"), repository=f["repository"],
+                 token=_env(f["token_env"], "forge: token_env"))
+
+
+@dataclasses.dataclass(frozen=True)
+class NotifyTarget:
+    """One ``notify:`` entry: a generic ``webhook`` (HMAC-signed with ``secret``) or an ``apprise`` URL."""
+
+    kind: str
+    url: str = dataclasses.field(repr=False)
+    secret: str = dataclasses.field(default="", repr=False)
+    route: notices.Route = dataclasses.field(default_factory=notices.Route)
+
+    @property
+    def id(self) -> str:
+        """Stable across restarts and reloads while the entry is the same; the outbox keeps this, not the URL."""
+        return "t_" + hashlib.sha256(f"{self.kind}\0{self.url}".encode()).hexdigest()[:16]
+
+    @property
+    def name(self) -> str:
+        """What the API may show: the scheme and host of a webhook, the scheme of an Apprise URL
+        (their paths and credentials may be secrets)."""
+        parsed = urlparse(self.url)
+        if self.kind == "webhook":
+            return f"webhook {parsed.scheme}://{parsed.hostname or ''}{f':{parsed.port}' if parsed.port else ''}"
+        return f"apprise {parsed.scheme or self.url.split(':', 1)[0]}://"
+
+
+@dataclasses.dataclass(frozen=True)
+class Forge:
+    """``forge:``: commit statuses for the followed repository."""
+
+    kind: str
+    api_url: str
+    repository: str
+    token: str = dataclasses.field(repr=False)
+
+    @property
+    def id(self) -> str:
+        return "f_" + hashlib.sha256(f"{self.kind}\0{self.api_url}\0{self.repository}".encode()).hexdigest()[:16]
+
+    @property
+    def name(self) -> str:
+        return f"forge {self.kind} {self.repository}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Delivery:
+    """``delivery:``: how notifications are retried (seconds): backoff, 2 backoff ... maxBackoff, dead after
+    ``attempts``; each attempt gives up after ``timeout``."""
+
+    backoff_s: float = 5.0
+    max_backoff_s: float = 600.0
+    attempts: int = 12
+    timeout_s: float = 5.0
 
 
 _REMOTE_SCHEMES = ("https", "http", "ssh", "git")
@@ -132,6 +226,8 @@ class Settings:
     stop_timeout: int = 10
     #: API worker processes (0: one per CPU core).
     workers: int = 0
+    #: Wrong credentials a client address may send before it backs off (``cynchrod.api.throttle``).
+    auth_failures: int = 10
     default_max_apps: int = DEFAULT_MAX_APPS
     org_max_apps: tuple[tuple[str, int], ...] = ()
     #: Every followed repository: ``--repo`` (repeatable) or the config's ``sources``.
@@ -160,6 +256,13 @@ class Settings:
     #: ``builds.localRepos``: where ``build.repo`` may name a repository on this machine.
     build_local_repos: tuple[str, ...] = ()
     org_build_local_repos: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    #: ``notify:``: where events go (``shell/notify.py``).
+    notify: tuple[NotifyTarget, ...] = ()
+    #: ``forge:``: commit statuses of the followed repository.
+    forge: Forge | None = None
+    #: ``publicUrl``: the dashboard's address as people reach it (links in events and commit statuses).
+    public_url: str = ""
+    delivery: Delivery = dataclasses.field(default_factory=Delivery)
 
     def build_repo_allowed(self, org: str, url: str) -> bool:
         """Whether an app of ``org`` may build from ``url`` (``policy_violation`` when not)."""
@@ -179,7 +282,7 @@ class Settings:
     def flag_fields(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)
                 if f.name not in ("org_max_apps", "sources", "config_path", "build_local_repos",
-                                  "org_build_local_repos")]
+                                  "org_build_local_repos", "notify", "forge", "public_url", "delivery")]
 
     @classmethod
     def build(cls, values: dict[str, Any]) -> Settings:
@@ -194,9 +297,9 @@ class Settings:
                     out[key] = int(value)
                 elif kind == "pathlib.Path":
                     out[key] = pathlib.Path(value)
-                elif key in ("org_max_apps", "sources", "build_local_repos", "org_build_local_repos"):
+                elif key in ("org_max_apps", "sources", "build_local_repos", "org_build_local_repos", "notify"):
                     out[key] = tuple(value)
-                elif key == "repo" and isinstance(value, list):
+                elif key in ("forge", "delivery") or (key == "repo" and isinstance(value, list)):
                     out[key] = value
                 else:
                     out[key] = str(value)
@@ -224,6 +327,8 @@ class Settings:
             raise ConfigError(f"watch: {settings.watch!r} must be on or off")
         if settings.runtime not in RUNTIMES:
             raise ConfigError(f"runtime: {settings.runtime!r} must be one of {', '.join(RUNTIMES)}")
+        if not 1 <= settings.auth_failures <= 1_000_000:
+            raise ConfigError(f"authFailures: {settings.auth_failures} must be from 1 to 1000000")
         if settings.resync <= 0 or settings.interval <= 0 or settings.concurrency < 1 or settings.stop_timeout < 0 \
                 or not 0 <= settings.workers <= 64:
             raise ConfigError("interval and concurrency must be positive, stop timeout not negative, "

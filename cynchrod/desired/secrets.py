@@ -144,6 +144,8 @@ class Secrets:
 
     def set(self, org: str, name: str, value: bytes) -> None:
         self.check_name(org, name)
+        if not value:  # an unset shell variable, a missing file: an app would start with an empty password
+            raise SecretError("a secret value must not be empty")
         if len(value) > MAX_SECRET_BYTES:
             raise SecretError(f"a secret value is at most {MAX_SECRET_BYTES} bytes")
         self.db.put_secret(org, name, self._fernet.encrypt(value).decode())

@@ -142,6 +142,13 @@ GONE = "gone"
 STALE = "stale"
 
 
+#: The longest log line the drivers give, in bytes of its text: the rest of a longer one is dropped
+#: as it is read (a line is never held whole in memory) and the line ends with ``CUT_MARK``, its
+#: ``truncated`` set. The engine's own 16 KiB pieces of a long line are joined first.
+LINE_MAX_BYTES = 32 * 1024
+CUT_MARK = " [cut by cynchrod: line longer than 32 KiB]"
+
+
 @dataclasses.dataclass(frozen=True)
 class LogLine:
     service: str
@@ -150,13 +157,17 @@ class LogLine:
     replica: int = 0
     #: The node a line came from (swarm), else "".
     node: str = ""
+    #: The line was longer than the drivers give (32 KiB): its text ends with a marker saying so.
+    truncated: bool = False
 
-    def to_json(self) -> dict[str, str | int]:
-        out: dict[str, str | int] = {"service": self.service, "timestamp": self.timestamp, "line": self.line}
+    def to_json(self) -> dict[str, str | int | bool]:
+        out: dict[str, str | int | bool] = {"service": self.service, "timestamp": self.timestamp, "line": self.line}
         if self.replica:
             out["replica"] = self.replica
         if self.node:
             out["node"] = self.node
+        if self.truncated:
+            out["truncated"] = True
         return out
 
 

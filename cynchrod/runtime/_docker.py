@@ -12,7 +12,7 @@ import contextlib
 import logging
 import pathlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import docker
@@ -176,6 +176,153 @@ class Given:
         cutoff = key_at(stamp_seconds(self.last) - self.WINDOW_S)
         while recent and (recent[0] < cutoff or len(recent) > self.MAX_REMEMBERED):
             self.recent_keys.discard(recent.popleft())
+
+LINE_MAX_BYTES, CUT_MARK = runtime.LINE_MAX_BYTES, runtime.CUT_MARK
+#: Lines begun and not ended (the engine's pieces of a long line) that one stream keeps open at most:
+#: one per output (stdout, stderr) of each task; past this the oldest is given as it is.
+MAX_OPEN = 64
+
+#: A line read from an engine log stream: its head (``<timestamp>``, and `` <details>`` when asked
+#: for), its text, and whether the text was cut at ``LINE_MAX_BYTES``.
+RawLine = tuple[str, str, bool]
+
+
+def _text(data: bytes, cut: bool) -> str:
+    if not cut:
+        return data.decode("utf-8", "replace")
+    end = LINE_MAX_BYTES
+    while end > 0 and data[end] & 0xC0 == 0x80:  # not inside a character
+        end -= 1
+    return data[:end].decode("utf-8", "replace") + CUT_MARK
+
+
+class Joiner:
+    """Whole lines from the messages of an engine log stream (``timestamps``, and ``details`` for
+    services), each message as docker-py's ``logs(stream=True)`` and ``service_logs`` give it: one
+    multiplexed frame, ``<timestamp> [<details> ]<text>``.
+
+    The engine cuts a line longer than 16 KiB into pieces, each its own message with its own copy
+    of the head: every piece but the last lacks the final newline (moby's ``PartialLogMetaData``,
+    as json-file stores it), and all of them carry the first piece's timestamp. Pieces are joined
+    by their head, so stdout, stderr and the tasks of a service can interleave; only the first
+    ``LINE_MAX_BYTES`` of a line are kept, the rest is dropped as it comes. A line the stream ends
+    inside (a container's last output with no newline) is given by ``rest``."""
+
+    __slots__ = ("_details", "_open")
+
+    def __init__(self, *, details: bool = False) -> None:
+        self._details = details
+        #: Head -> (the text kept so far, cut).
+        self._open: dict[bytes, tuple[bytes, bool]] = {}
+
+    def feed(self, frame: bytes) -> RawLine | None:
+        """The line this message ends, or None (a piece kept, or an empty message)."""
+        space = frame.find(b" ")
+        if self._details and space >= 0:
+            space = frame.find(b" ", space + 1)
+        if space < 0:
+            return None
+        ended = frame.endswith(b"\n")
+        head, text = frame[:space], frame[space + 1:len(frame) - 1 if ended else len(frame)]
+        begun = self._open.pop(head, None) if self._open else None
+        if begun is not None:
+            kept, cut = begun
+            if not cut:
+                kept += text[:LINE_MAX_BYTES + 1 - len(kept)]
+                cut = len(kept) > LINE_MAX_BYTES
+            text = kept
+        else:
+            cut = len(text) > LINE_MAX_BYTES
+            if cut:
+                text = text[:LINE_MAX_BYTES + 1]
+        if ended:
+            return head.decode("ascii", "replace"), _text(text, cut), cut
+        self._open[head] = (text, cut)
+        if len(self._open) > MAX_OPEN:
+            oldest = next(iter(self._open))
+            kept, cut = self._open.pop(oldest)
+            return oldest.decode("ascii", "replace"), _text(kept, cut), cut
+        return None
+
+    def rest(self) -> list[RawLine]:
+        """The lines begun and not ended, as they are (the stream ended)."""
+        out = [(head.decode("ascii", "replace"), _text(kept, cut), cut) for head, (kept, cut) in self._open.items()]
+        self._open.clear()
+        return out
+
+
+def whole_lines(frames: Iterable[bytes], *, details: bool = False) -> Iterator[RawLine]:
+    """The lines of an engine log stream's messages (see ``Joiner``), as they end."""
+    joiner = Joiner(details=details)
+    feed = joiner.feed
+    for frame in frames:
+        line = feed(frame)
+        if line is not None:
+            yield line
+    yield from joiner.rest()
+
+
+def source_of(head: str) -> str:
+    """What wrote a line, from its head: its details (a service's task), "" for a container."""
+    return head.partition(" ")[2]
+
+
+#: A tail reads at most this many times ``n + 1`` messages a log (its long lines' pieces count).
+TAIL_READS = 4
+
+
+def tail_lines(read: Callable[[int], Iterable[bytes]], n: int, *, details: bool = False) -> list[RawLine]:
+    """The last ``n`` whole lines of a log, oldest first; ``read(k)`` gives its last ``k`` messages
+    (of each source: a service's tasks). The first line of a source that gave all ``k`` may have
+    begun before them (a piece of a long line): it is dropped, and the log read again with a
+    larger ``k`` (up to ``TAIL_READS`` times ``n + 1``) while that leaves fewer than ``n`` lines."""
+    asked = n + 1
+    while True:
+        counts: dict[str, int] = collections.defaultdict(int)
+
+        def counted(frames: Iterable[bytes], counts: dict[str, int]) -> Iterator[bytes]:
+            for frame in frames:
+                space = frame.find(b" ")
+                if details:
+                    counts[frame[space + 1:frame.find(b" ", space + 1)].decode("ascii", "replace")] += 1
+                else:
+                    counts[""] += 1
+                yield frame
+
+        kept: dict[str, collections.deque[RawLine]] = {}
+        for line in whole_lines(counted(read(asked), counts), details=details):
+            source = source_of(line[0])
+            if source not in kept:
+                kept[source] = collections.deque(maxlen=n + 1)
+            kept[source].append(line)
+        lines: list[RawLine] = []
+        short = False
+        for source, got in kept.items():
+            if counts[source] >= asked:  # its first line may be a piece of one begun earlier
+                got.popleft()
+                short = short or len(got) < n
+            lines.extend(got)
+        if not short or asked >= TAIL_READS * (n + 1):
+            lines.sort(key=lambda line: stamp_key(line[0].partition(" ")[0]))
+            return lines[-n:]
+        asked *= TAIL_READS
+
+
+def followed(frames: Iterable[bytes], *, details: bool = False,
+             line_of: Callable[[RawLine], tuple[runtime.LogLine, Given]]) -> Iterator[runtime.LogLine]:
+    """A followed stream's lines (``whole_lines``), each given once: ``line_of`` makes a line and
+    names the ``Given`` of its source (a container, a service's task). Both drivers' followers read
+    their engine streams through this."""
+    since_forget = 0
+    for raw in whole_lines(frames, details=details):
+        line, given = line_of(raw)
+        if given.fresh(line.timestamp, line.line):
+            yield line
+        since_forget += 1
+        if since_forget >= 256:
+            since_forget = 0
+            given.forget()
+
 
 @contextlib.contextmanager
 def build_errors(log: Callable[[str], None]) -> Iterator[None]:

@@ -67,12 +67,6 @@ _STATE = {"running": planning.RUNNING, "paused": planning.RUNNING, "restarting":
           "exited": planning.EXITED, "created": planning.CREATED, "dead": planning.CREATED}
 
 
-def split_log_line(line: str) -> tuple[str, str]:
-    """Docker's ``<RFC3339Nano timestamp> <text>`` into its two parts."""
-    stamp, _, text = line.partition(" ")
-    return stamp, text
-
-
 def fault(step: str, container_id: str, api: Any) -> None:
     """Testing hook: ``CYNCHROD_FAULT=<kill|remove>@<step>`` hurts the container just
     before the engine call of ``step`` (``stop``, ``remove``, ``start``, ``port``), as a
@@ -138,106 +132,26 @@ def rt_client(rt: LocalRuntime, *, timeout: float | None) -> docker.DockerClient
                      "connect")
 
 
-class _Dechunk:
-    """HTTP/1.1 chunked transfer coding, decoded from reads cut anywhere."""
-
-    def __init__(self) -> None:
-        self._buf = b""
-        #: Bytes of the current chunk still to come; negative: of the CRLF after it.
-        self._left = 0
-        self.done = False
-
-    def feed(self, data: bytes) -> bytes:
-        buf, out, pos = self._buf + data, [], 0
-        n = len(buf)
-        while pos < n and not self.done:
-            if self._left > 0:
-                take = min(self._left, n - pos)
-                out.append(buf[pos:pos + take])
-                pos += take
-                self._left -= take
-                if self._left == 0:
-                    self._left = -2
-            elif self._left < 0:
-                take = min(-self._left, n - pos)
-                pos += take
-                self._left += take
-            else:
-                eol = buf.find(b"\r\n", pos)
-                if eol < 0:
-                    break
-                size = int(buf[pos:eol].split(b";", 1)[0], 16)
-                pos = eol + 2
-                if size == 0:
-                    self.done = True
-                self._left = size
-        self._buf = buf[pos:]
-        return b"".join(out)
-
-
-class _Frames:
-    """The payloads of Docker's multiplexed stream (8-byte headers: stream, 0, 0, 0, size),
-    from data cut anywhere."""
-
-    def __init__(self) -> None:
-        self._buf = b""
-
-    def feed(self, data: bytes) -> bytes:
-        buf, out, pos = self._buf + data, [], 0
-        n = len(buf)
-        while n - pos >= 8:
-            end = pos + 8 + int.from_bytes(buf[pos + 4:pos + 8], "big")
-            if end > n:
-                break
-            out.append(buf[pos + 8:end])
-            pos = end
-        self._buf = buf[pos:]
-        return b"".join(out)
-
-
-def log_lines(response: Any) -> Iterator[list[bytes]]:
-    """The lines (``<timestamp> <text>``, no newline) of a followed container's log response,
-    a list per read: whatever arrived, up to 64 KiB at once, decoded in one pass (not two
-    reads through the HTTP client per line). Containers made here have no TTY, so the
-    stream is multiplexed."""
-    fp = response.raw._fp.fp  # the socket's buffered reader, past the response's headers
-    chunks, frames, pending = _Dechunk(), _Frames(), b""
-    while not chunks.done:
-        data = fp.read1(65536)
-        if not data:
-            return
-        *lines, pending = (pending + frames.feed(chunks.feed(data))).split(b"\n")
-        if lines:
-            yield lines
-
-
 class _AppLogs(follow.Follower):
-    """An app's live log lines: one reader per running container (``follow.Follower``).
-
-    Readers queue lists of lines (what one read brought), so a flood costs a queue
-    operation per 64 KiB, not per line; ``batches()`` gives them as they came."""
+    """An app's live log lines: one reader per running container (``follow.Follower``), its
+    engine stream read through ``_docker.followed`` (whole lines, each once)."""
 
     #: Lines read past those given when ``_docker.Given`` asks how many the log holds with a timestamp
     #: (a read from the file's end, within ``_docker.Given``'s budget of questions).
     VERIFY_TAIL = 2000
 
     def __init__(self, rt: LocalRuntime, org: str, app: str, since: float, ended: threading.Event | None) -> None:
-        # A deadline for opening each stream (a hung engine), none once it flows.
+        # A deadline for opening each stream (a hung engine), none once it flows (docker-py lifts it).
         super().__init__(app, since, ended, rt_client(rt, timeout=rt.stream_timeout))
         self._rt, self._org = rt, org
         #: What each container's stream gave (its last timestamp), to re-attach after it.
         self._given: dict[str, _docker.Given] = {}
 
     def _open(self, instance: str, since: float) -> Any:
-        api = self._client.api
-        params = {"stdout": 1, "stderr": 1, "follow": 1, "timestamps": 1, "since": since}
-        response = api._get(api._url("/containers/{0}/logs", instance), params=params, stream=True)
-        api._raise_for_status(response)
-        api._disable_socket_timeout(api._get_raw_response_socket(response))
         # Closed from another thread, docker-py's stream shuts the socket down, which ends the
-        # read blocked on it (closing the response alone waited for that read, which holds the
-        # buffered reader: for a quiet app, forever).
-        return docker.types.daemon.CancellableStream(log_lines(response), response)
+        # read blocked on it (for a quiet app, one that would otherwise wait forever).
+        return self._client.api.logs(instance, stdout=True, stderr=True, stream=True, follow=True,
+                                     timestamps=True, since=since)
 
     def _streams(self) -> Iterator[follow.Stream]:
         """Every running container of the app (one list call)."""
@@ -253,31 +167,29 @@ class _AppLogs(follow.Follower):
     def _opened(self, instance: str, since: float) -> Any:
         return _docker.converted(lambda: self._open(instance, since), "logs")
 
-    def _lines_of(self, unit: runtime.Unit, stream: Any) -> Iterator[list[runtime.LogLine]]:
+    def _lines_of(self, unit: runtime.Unit, stream: Any) -> Iterator[runtime.LogLine]:
         service, replica, node = unit.service, unit.replica, unit.node
         given = self._given.get(unit.instance)
         if given is None:
             given = self._given[unit.instance] = _docker.Given(functools.partial(self._logged_at, unit.instance))
         given.reopened()
-        fresh = given.fresh
-        for raw in stream:
-            batch = []
-            for line in raw:
-                stamp, _, text = line.decode("utf-8", "replace").partition(" ")
-                if fresh(stamp, text):
-                    batch.append(runtime.LogLine(service, stamp, text, replica, node))
-            given.forget()
-            yield batch
+        LogLine = runtime.LogLine
+
+        def line_of(raw: _docker.RawLine) -> tuple[runtime.LogLine, _docker.Given]:
+            return LogLine(service, raw[0], raw[1], replica, node, raw[2]), given
+
+        return _docker.followed(stream, line_of=line_of)
 
     def _logged_at(self, instance: str, key: str, given: int) -> int | None:
         """How many lines the container's log holds stamped ``key`` (a ``_docker.stamp_key``), read
         from its last lines; None when they do not reach back past it or the engine fails."""
         want = given + self.VERIFY_TAIL
         try:
-            data = self._client.api.logs(instance, stdout=True, stderr=True, timestamps=True, tail=want)
+            frames = self._client.api.logs(instance, stdout=True, stderr=True, stream=True, follow=False,
+                                           timestamps=True, tail=want)
+            keys = [_docker.stamp_key(head) for head, _, _ in _docker.whole_lines(frames)]
         except (requests.RequestException, docker.errors.DockerException, OSError):
             return None
-        keys = [_docker.stamp_key(raw[:raw.find(b" ")].decode("ascii", "replace")) for raw in data.split(b"\n") if raw]
         if len(keys) >= want and keys[0] >= key:
             return None  # the lines since then are more than were read
         return keys.count(key)
@@ -455,11 +367,14 @@ class LocalRuntime(_docker.Driver):
 
     def last_lines(self, unit: runtime.Unit, n: int) -> list[str]:
         """A unit's last ``n`` log lines (for an error message); [] when the engine cannot say."""
+        def read(k: int) -> Iterator[bytes]:
+            return self.api.logs(unit.instance, stdout=True, stderr=True, stream=True,  # type: ignore[no-any-return]
+                                 follow=False, timestamps=True, tail=k)
+
         try:
-            raw = self._call(lambda: self.api.logs(unit.instance, tail=n), "logs")
+            return [text for _, text, _ in self._call(lambda: _docker.tail_lines(read, n), "logs")]
         except RuntimeFailure:
             return []
-        return [str(line) for line in raw.decode("utf-8", "replace").splitlines()]
 
     def crowded(self) -> list[list[tuple[runtime.Unit, dict[str, str]]]]:
         """The slots (org, app, service, replica) that hold more than one of our units, each
@@ -705,18 +620,21 @@ class LocalRuntime(_docker.Driver):
     # -- logs ---------------------------------------------------------------
 
     def tail(self, org: str, app: str, n: int) -> list[runtime.LogLine]:
-        """The last ``n`` lines of the app's containers, oldest first: bounded reads."""
+        """The last ``n`` whole lines of the app's containers, oldest first: bounded reads
+        (``_docker.tail_lines``)."""
         lines: list[runtime.LogLine] = []
         for unit in self.app_units(org, app):
+            def read(k: int, instance: str = unit.instance) -> Iterator[bytes]:
+                return self.api.logs(instance, stdout=True, stderr=True, stream=True,  # type: ignore[no-any-return]
+                                     follow=False, timestamps=True, tail=k)
+
             try:
-                raw = self._call(lambda u=unit: self.api.logs(u.instance, timestamps=True, tail=n),  # type: ignore[misc]
-                                 "logs")
+                raw = self._call(lambda: _docker.tail_lines(read, n), "logs")
             except (UnitGone, _docker.Conflict):
                 continue  # gone, or being removed (Docker answers 409): it has no more lines to give
-            for text in raw.decode("utf-8", "replace").splitlines():
-                stamp, body = split_log_line(text)
-                lines.append(runtime.LogLine(unit.service, stamp, body, unit.replica, unit.node))
-        lines.sort(key=lambda line: line.timestamp)
+            lines.extend(runtime.LogLine(unit.service, head, text, unit.replica, unit.node, cut)
+                         for head, text, cut in raw)
+        lines.sort(key=lambda line: _docker.stamp_key(line.timestamp))
         return lines[-n:]
 
     def follow(self, org: str, app: str, *, since: float, ended: threading.Event | None = None) -> _AppLogs:

@@ -362,13 +362,17 @@ def reopen_since(lasts: list[str], start: float) -> float:
 class _ServiceLogs(follow.Follower):
     """An app's live log lines: one reader per service (``follow.Follower``), attached again
     when a service is replaced. Each line names its node and task; each task's lines are
-    given once (``_docker.Given``) when a service's stream is opened again."""
+    given once (``_docker.Given``, which asks the engine about a possible repeat as the local
+    driver's follower does) when a service's stream is opened again or its task's log rotates."""
+
+    #: Lines read past those given when ``_docker.Given`` asks how many a task's log holds with a timestamp.
+    VERIFY_TAIL = 2000
 
     def __init__(self, rt: SwarmRuntime, org: str, app: str, since: float, ended: threading.Event | None) -> None:
         super().__init__(app, since, ended, docker.DockerClient(base_url=rt.base_url, timeout=None))
         self._rt, self._org = rt, org
-        #: Per service, node and replica (a task): what it gave.
-        self._given: dict[tuple[str, str, int], _docker.Given] = {}
+        #: Per service and task (the details of its lines' heads): what it gave.
+        self._given: dict[tuple[str, str], _docker.Given] = {}
 
     def _streams(self) -> Iterator[follow.Stream]:
         for svc in self._rt.app_services(self._org, self._app):
@@ -377,28 +381,45 @@ class _ServiceLogs(follow.Follower):
                 continue
             name = (svc["Spec"].get("Labels") or {}).get(runtime.LABEL_SERVICE, specs.MAIN_SERVICE)
             since = reopen_since([g.last for key, g in self._given.items() if key[0] == name], self._start)
-            yield service_id, functools.partial(self._open, service_id, since), functools.partial(self._lines_of, name)
+            yield (service_id, functools.partial(self._open, service_id, since),
+                   functools.partial(self._lines_of, name, service_id))
 
     def _open(self, service_id: str, since: float) -> Any:
         return converted(lambda: self._client.api.service_logs(
             service_id, stdout=True, stderr=True, follow=True, timestamps=True, details=True, since=since,
             is_tty=False), "service logs")
 
-    def _lines_of(self, name: str, stream: Any) -> Iterator[list[runtime.LogLine]]:
+    def _lines_of(self, name: str, service_id: str, stream: Any) -> Iterator[runtime.LogLine]:
         for key, given in self._given.items():
             if key[0] == name:
                 given.reopened()
-        for chunk in stream:
-            batch, touched = [], set()
-            for raw in chunk.decode("utf-8", "replace").splitlines():
-                line = self._rt.log_line(name, raw)
-                given = self._given.setdefault((name, line.node, line.replica), _docker.Given())
-                touched.add(given)
-                if given.fresh(line.timestamp):
-                    batch.append(line)
-            for given in touched:
-                given.forget()
-            yield batch
+
+        def line_of(raw: _docker.RawLine) -> tuple[runtime.LogLine, _docker.Given]:
+            task = _docker.source_of(raw[0])
+            given = self._given.get((name, task))
+            if given is None:
+                given = self._given[(name, task)] = _docker.Given(
+                    functools.partial(self._logged_at, service_id, task))
+            return self._rt.log_line(name, raw), given
+
+        return _docker.followed(stream, details=True, line_of=line_of)
+
+
+    def _logged_at(self, service_id: str, task: str, key: str, given: int) -> int | None:
+        """How many lines a task's log holds stamped ``key`` (a ``_docker.stamp_key``), read from the
+        service's last lines (the engine's tail is each task's); None when they do not reach back past
+        it or the engine fails."""
+        want = given + self.VERIFY_TAIL
+        try:
+            frames = self._client.api.service_logs(service_id, stdout=True, stderr=True, timestamps=True,
+                                                   details=True, tail=want, is_tty=False)
+            keys = [_docker.stamp_key(head.partition(" ")[0])
+                    for head, _, _ in _docker.whole_lines(frames, details=True) if _docker.source_of(head) == task]
+        except (requests.RequestException, docker.errors.DockerException, OSError):
+            return None
+        if len(keys) >= want and keys[0] >= key:
+            return None  # the lines since then are more than were read
+        return keys.count(key)
 
 
 class SwarmRuntime(_docker.Driver):
@@ -1042,16 +1063,16 @@ class SwarmRuntime(_docker.Driver):
 
     # -- logs ---------------------------------------------------------------
 
-    def log_line(self, service: str, raw: str) -> runtime.LogLine:
-        """``<timestamp> <details> <text>`` from ``service_logs(details=True)``: the node and task named."""
-        stamp, _, rest = raw.partition(" ")
-        details, _, text = rest.partition(" ")
+    def log_line(self, service: str, raw: _docker.RawLine) -> runtime.LogLine:
+        """A line of ``service_logs(details=True)`` (head ``<timestamp> <details>``): its node and task named."""
+        head, text, cut = raw
+        stamp, _, details = head.partition(" ")
         attrs = dict(kv.split("=", 1) for kv in details.split(",") if "=" in kv)
-        if "com.docker.swarm.task.id" not in attrs:
-            text = rest  # no details part
+        if "com.docker.swarm.task.id" not in attrs and details:
+            text = f"{details} {text}"  # no details part
         node = self._node(attrs.get("com.docker.swarm.node.id", ""))
         replica = self._replica(attrs.get("com.docker.swarm.service.id", ""), attrs.get("com.docker.swarm.task.id", ""))
-        return runtime.LogLine(service, stamp, text, replica, node)
+        return runtime.LogLine(service, stamp, text, replica, node, cut)
 
     def _replica(self, service_id: str, task_id: str) -> int:
         """A task's replica (slot - 1), from one tasks list of its service when not known yet."""
@@ -1071,19 +1092,22 @@ class SwarmRuntime(_docker.Driver):
             return self._slots[task_id]
 
     def tail(self, org: str, app: str, n: int) -> list[runtime.LogLine]:
-        """The last ``n`` lines of every service of the app, across nodes, oldest first."""
+        """The last ``n`` whole lines of every service of the app, across nodes, oldest first
+        (``_docker.tail_lines``: the engine's tail counts each task's messages)."""
         lines: list[runtime.LogLine] = []
         for svc in self.app_services(org, app):
             name = (svc["Spec"].get("Labels") or {}).get(runtime.LABEL_SERVICE, specs.MAIN_SERVICE)
+
+            def read(k: int, service_id: str = svc["ID"]) -> Iterator[bytes]:
+                return self.api.service_logs(service_id, stdout=True, stderr=True, timestamps=True,  # type: ignore[no-any-return]
+                                             details=True, tail=k, is_tty=False)
+
             try:
-                chunks = self._call(lambda s=svc: list(self.api.service_logs(  # type: ignore[misc]
-                    s["ID"], stdout=True, stderr=True, timestamps=True, details=True, tail=n, is_tty=False)),
-                    "service logs")
+                raw = self._call(lambda: _docker.tail_lines(read, n, details=True), "service logs")
             except UnitGone:
                 continue
-            for chunk in chunks:
-                lines.extend(self.log_line(name, raw) for raw in chunk.decode("utf-8", "replace").splitlines())
-        lines.sort(key=lambda line: line.timestamp)
+            lines.extend(self.log_line(name, line) for line in raw)
+        lines.sort(key=lambda line: _docker.stamp_key(line.timestamp))
         return lines[-n:]
 
     def follow(self, org: str, app: str, *, since: float, ended: threading.Event | None = None) -> _ServiceLogs:

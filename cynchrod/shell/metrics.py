@@ -46,6 +46,24 @@ class _AppsByStatus(Collector):
                                 value=float(liveness.EDGE_META not in down))
 
 
+class _Notifications(Collector):
+    """The outbox's messages by state, read from the store at scrape time (every process sees them)."""
+
+    def __init__(self, db: store.Store) -> None:
+        self._db = db
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        counts = self._db.notification_counts()
+        family = GaugeMetricFamily("cynchrod_notifications",
+                                   "Notifications and commit statuses in the outbox, by state "
+                                   "(sent: kept 7 days; dead: gave up).", labels=["state"])
+        for state in ("queued", "sent", "dead"):
+            family.add_metric([state], counts[state])
+        yield family
+        yield GaugeMetricFamily("cynchrod_notification_failed_attempts",
+                                "Failed delivery attempts of the messages the outbox keeps.", value=counts["failed"])
+
+
 def directory_for(state_dir: pathlib.Path) -> pathlib.Path:
     """Where a daemon's counters live: never on the state dir's disk.
 
@@ -87,6 +105,7 @@ class Metrics:
         self._db = db
         if db is not None:
             self.registry.register(_AppsByStatus(db))
+            self.registry.register(_Notifications(db))
 
     def render(self) -> bytes:
         path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
@@ -96,4 +115,5 @@ class Metrics:
         multiprocess.MultiProcessCollector(merged, path=path)  # type: ignore[no-untyped-call]
         if self._db is not None:
             merged.register(_AppsByStatus(self._db))
+            merged.register(_Notifications(self._db))
         return generate_latest(merged)

@@ -238,6 +238,7 @@ class Reconciler:
         with self._pass_lock:
             started = time.perf_counter()
             result = PassResult(commit=None, trigger=trigger)
+            claimed = self._claim(trigger)
             try:
                 self._run(result)
                 if self.desired.new_commit:
@@ -255,7 +256,22 @@ class Reconciler:
                 self.last_pass_at = time.monotonic()
                 self.stats.pass_seconds.observe(result.duration_s)
                 self._book(lambda: self._note_pass(result))
+                if claimed:
+                    self._book(lambda: self.store.finish_passes(
+                        claimed, commit=result.commit, source_error=result.source_error or self.last_crash,
+                        apps=[{"org": a.org, "app": a.name, "status": a.status, "error": a.error}
+                              for a in result.apps]))
             return result
+
+    def _claim(self, trigger: str) -> list[int]:
+        """The passes a webhook asked for, which this one answers if it fetches (``store/passes.py``)."""
+        if trigger in desired_state.NO_FETCH_TRIGGERS:
+            return []
+        try:
+            return self.store.claim_passes()
+        except CynchrodError as exc:  # the next pass takes them
+            log.warning("requested passes not taken: %s", exc)
+            return []
 
     def _run(self, result: PassResult) -> None:
         """One pass, one call per stage. Execute yields each app as it ends and record writes

@@ -7,7 +7,9 @@ never erased.
 
 Its parts, one module each over one connection (``db.Database``: schema, migrations,
 transactions): ``apps`` (apps, deployments, quota reservations), ``tokens`` (API tokens,
-log tickets), ``secrets`` (sealed secrets, webhook secrets), ``meta``; ``records`` holds the
+log tickets), ``secrets`` (sealed secrets, webhook secrets), ``meta``, ``outbox`` (status
+changes and the notifications queued from them), ``passes`` (passes a webhook asked for,
+and their outcome); ``records`` holds the
 row values. ``Store`` joins the parts as mixins rather than delegating to them: callers keep
 one flat API (``db.update_app``, ``db.create_token``), and a transaction or a ``batch`` spans
 every part because they share the connection and its lock.
@@ -31,6 +33,8 @@ from cynchrod.core.errors import AppExists, QuotaFull
 from cynchrod.store.apps import LOG_BYTES, LOG_LINES, Apps, bounded_log
 from cynchrod.store.db import SCHEMA, Database, now
 from cynchrod.store.meta import Meta
+from cynchrod.store.outbox import Message, Notification, Outbox
+from cynchrod.store.passes import Passes, PassRecord
 from cynchrod.store.records import (
     TOKEN_PREFIX,
     App,
@@ -62,6 +66,9 @@ __all__ = [
     "AppExists",
     "Database",
     "Deployment",
+    "Message",
+    "Notification",
+    "PassRecord",
     "Problem",
     "QuotaFull",
     "Store",
@@ -75,5 +82,5 @@ __all__ = [
 ]
 
 
-class Store(Apps, Tokens, Secrets, Meta):
+class Store(Apps, Tokens, Secrets, Meta, Outbox, Passes):
     """The whole store over one SQLite file (see ``db.Database`` for threads and processes)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import _thread
 import contextlib
 import pathlib
+import re
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -110,7 +111,94 @@ CREATE TABLE IF NOT EXISTS sessions (
     expires_at REAL NOT NULL
 );
 """
+# Notifications and commit statuses (``store/outbox.py``). Every status change of an app or a
+# deployment is written to ``status_changes`` by these triggers, whoever writes the row: the one
+# hook point the notifier reads (``core/notices.py``), so a new status flows through unchanged.
+SCHEMA += """
+CREATE TABLE IF NOT EXISTS status_changes (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    app_id TEXT NOT NULL,
+    deployment_id INTEGER,
+    old TEXT,
+    new TEXT NOT NULL,
+    code TEXT,
+    error TEXT,
+    serving TEXT,
+    "commit" TEXT,
+    at TEXT NOT NULL
+);
+-- What people were last told of each app (a failure's event and code), so a failure that repeats
+-- pass after pass is told once.
+CREATE TABLE IF NOT EXISTS notify_state (app_id TEXT PRIMARY KEY, told TEXT NOT NULL);
+-- At-least-once delivery: a row per message and target, until it is sent or dead.
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    dedupe TEXT NOT NULL UNIQUE,
+    target TEXT NOT NULL,
+    target_name TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    event TEXT NOT NULL,
+    org TEXT NOT NULL,
+    app TEXT NOT NULL,
+    body TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_at REAL NOT NULL,
+    last_error TEXT,
+    created_at TEXT NOT NULL,
+    sent_at TEXT
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox(status, next_at);
+CREATE INDEX IF NOT EXISTS outbox_org ON outbox(org, id);
+-- Passes a webhook asked for (``store/passes.py``): the next pass that fetches takes them and
+-- writes its outcome per app, so the caller can wait for it (``GET /passes/{id}``, ``cynchrod wait``).
+CREATE TABLE IF NOT EXISTS passes (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    trigger TEXT NOT NULL,
+    requested_commit TEXT,
+    status TEXT NOT NULL,
+    "commit" TEXT,
+    requested_at TEXT NOT NULL,
+    started_at TEXT,
+    finished_at TEXT,
+    source_error TEXT,
+    apps_json TEXT
+);
+CREATE INDEX IF NOT EXISTS passes_status ON passes(status);
+"""
 
+#: Made after the columns they read exist (``migrate`` adds those of an older state dir first).
+TRIGGERS = """
+CREATE TRIGGER IF NOT EXISTS apps_status_changed AFTER UPDATE OF status, serving, refusal, last_error ON apps
+WHEN OLD.status IS NOT NEW.status OR OLD.serving IS NOT NEW.serving
+     OR (NEW.status != 'running' AND (OLD.refusal IS NOT NEW.refusal OR OLD.last_error IS NOT NEW.last_error))
+BEGIN
+    INSERT INTO status_changes (kind, app_id, old, new, code, error, serving, "commit", at)
+    VALUES ('app', NEW.id, OLD.status, NEW.status, NEW.refusal, NEW.last_error, NEW.serving, NEW."commit",
+            strftime('%Y-%m-%dT%H:%M:%SZ', 'now'));
+END;
+CREATE TRIGGER IF NOT EXISTS deployments_added AFTER INSERT ON deployments
+BEGIN
+    INSERT INTO status_changes (kind, app_id, deployment_id, old, new, code, error, "commit", at)
+    VALUES ('deployment', NEW.app_id, NEW.id, NULL, NEW.status, NEW.error_code, NEW.error, NEW."commit",
+            strftime('%Y-%m-%dT%H:%M:%SZ', 'now'));
+END;
+CREATE TRIGGER IF NOT EXISTS deployments_status_changed AFTER UPDATE OF status ON deployments
+WHEN OLD.status IS NOT NEW.status
+BEGIN
+    INSERT INTO status_changes (kind, app_id, deployment_id, old, new, code, error, "commit", at)
+    VALUES ('deployment', NEW.app_id, NEW.id, OLD.status, NEW.status, NEW.error_code, NEW.error, NEW."commit",
+            strftime('%Y-%m-%dT%H:%M:%SZ', 'now'));
+END;
+-- A deploying row folded into the same failure before it (``finish_deployment(merge=True)``).
+CREATE TRIGGER IF NOT EXISTS deployments_folded AFTER DELETE ON deployments WHEN OLD.status = 'deploying'
+BEGIN
+    INSERT INTO status_changes (kind, app_id, deployment_id, old, new, "commit", at)
+    VALUES ('deployment', OLD.app_id, OLD.id, OLD.status, 'folded', OLD."commit",
+            strftime('%Y-%m-%dT%H:%M:%SZ', 'now'));
+END;
+"""
 
 
 def migrate(db: sqlite3.Connection) -> None:
@@ -141,9 +229,37 @@ def migrate(db: sqlite3.Connection) -> None:
         db.execute("ALTER TABLE deployments ADD COLUMN last_seen TEXT")
     if "log" not in columns:  # a state dir from before failed units' last log lines were kept
         db.execute("ALTER TABLE deployments ADD COLUMN log TEXT")
+    if db.execute("SELECT 1 FROM meta WHERE key = ?", (_DOMAIN_TEXTS,)).fetchone() is None:
+        _rewrite_domain_taken_texts(db)
     if "session" not in {r["name"] for r in db.execute("PRAGMA table_info(tickets)")}:
         # A state dir from before server-side sessions: a ticket may carry the session it was issued to.
         db.execute("ALTER TABLE tickets ADD COLUMN session TEXT")
+    db.executescript(TRIGGERS)
+
+
+#: ``meta`` key set once the texts below were rewritten (so later starts skip the scan).
+_DOMAIN_TEXTS = "migrated:domain_taken_texts"
+_HOLDER_RE = re.compile(r"domain (\S+) belongs to app ([^/\s]+)/[^;\s]+")
+
+
+def _rewrite_domain_taken_texts(db: sqlite3.Connection) -> None:
+    """A state dir from before issue 24 item 8: ``domain_taken`` texts naming another org's app
+    (in app rows and deployment history) now say only that the domain is taken, as a pass says it."""
+
+    def scrubbed(text: str, org: str) -> str:
+        return _HOLDER_RE.sub(lambda m: m.group(0) if m.group(2) == org
+                              else f"domain {m.group(1)} is taken by an app of another org", text)
+
+    for row in db.execute("SELECT id, org, last_error FROM apps WHERE last_error LIKE '%belongs to app %'"
+                          ).fetchall():
+        if (new := scrubbed(row["last_error"], row["org"])) != row["last_error"]:
+            db.execute("UPDATE apps SET last_error = ? WHERE id = ?", (new, row["id"]))
+    for row in db.execute("SELECT d.id, a.org, d.error FROM deployments d JOIN apps a ON a.id = d.app_id"
+                          " WHERE d.error_code = ? AND d.error LIKE '%belongs to app %'",
+                          (Code.DOMAIN_TAKEN.value,)).fetchall():
+        if (new := scrubbed(row["error"], row["org"])) != row["error"]:
+            db.execute("UPDATE deployments SET error = ? WHERE id = ?", (new, row["id"]))
+    db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (_DOMAIN_TEXTS, "1"))
 
 
 @contextmanager

@@ -101,6 +101,12 @@ class Tokens(Database):
                        (token_hash(ticket), token_id, app_id, now_s + ttl_s,
                         token_hash(session) if session else None))
 
+    def ticket_token(self, ticket: str, app_id: str) -> str | None:
+        """The token id a live ticket for this app was issued to, without spending it."""
+        rows = self._query("SELECT token_id FROM tickets WHERE hash = ? AND app_id = ? AND expires_at > ?",
+                           (token_hash(ticket), app_id, time.time()))
+        return str(rows[0]["token_id"]) if rows else None
+
     def redeem_ticket(self, ticket: str, app_id: str) -> tuple[str, str | None] | None:
         """What the ticket was issued to, once (any process), for this app, before it expires: the
         token id and, for a dashboard session's ticket, the session's hash (its stream ends with it)."""

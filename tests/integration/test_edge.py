@@ -176,7 +176,7 @@ def test_a_domain_belongs_to_the_first_app_across_orgs(repo: GitRepo, edged: Har
     assert not result.ok
     taken = edged.app("shop", org="beta")
     assert taken.status == "failed" and (taken.last_error or "").startswith(
-        "domain_taken: domain shop.localhost belongs to app acme/shop")
+        "domain_taken: domain shop.localhost is taken by an app of another org")
     last = edged.db.last_deployment(taken.id)
     assert last is not None and last.error_code == "domain_taken"
     assert [r["Labels"][runtime.LABEL_ORG] for r in edged.rt.api.containers(filters=edged.rt.owner_filter)] \
@@ -339,7 +339,7 @@ def test_a_service_domain_another_app_holds_is_domain_taken(repo: GitRepo, edged
     assert not result.ok
     taken = edged.app("two", org="beta")
     assert taken.status == "failed" and (taken.last_error or "").startswith(
-        "domain_taken: domain api.localhost belongs to app acme/api"), taken.last_error
+        "domain_taken: domain api.localhost is taken by an app of another org"), taken.last_error
     assert [r["Labels"][runtime.LABEL_ORG] for r in edged.rt.api.containers(filters=edged.rt.owner_filter)] \
         == ["acme"]
     assert caddy.fetch("api.localhost") == (200, "held\n")

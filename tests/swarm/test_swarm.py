@@ -191,6 +191,74 @@ def test_logs_tail_and_follow_name_node_and_replica(sw: SwarmHarness, lab: Lab) 
         stream.close()
 
 
+def test_long_lines_come_whole_and_cut_at_32_kib_from_tail_and_follow(sw: SwarmHarness, lab: Lab) -> None:
+    """Issue 24 item 7 on Swarm: a service's tasks' 16 KiB pieces are joined (per task: two replicas
+    print at once), each line at most 32 KiB with the marker and ``truncated``; no timestamp inside."""
+    from cynchrod.runtime import CUT_MARK
+
+    started = time.time() - 1
+    printer = ("[sh, -c, 'i=0; while true; do echo \"before $i\"; head -c 102400 /dev/zero | tr \"\\0\" a; echo;"
+               " echo \"after $i\"; i=$((i+1)); sleep 1; done']")
+    sw.repo.push({"apps/long.yaml": app(lab, "long", "replicas: 2\n", command=printer)})  # type: ignore[attr-defined]
+    assert [a.status for a in sw.sync().apps] == ["running"]
+    whole = "a" * 32 * 1024 + CUT_MARK
+
+    def two_rounds() -> bool:
+        lines = sw.rt.tail("default", "long", 40)
+        return {x.replica for x in lines if x.line == "after 1"} == {0, 1}
+
+    wait_for(two_rounds, 30, "two rounds of both replicas")
+    tail = sw.rt.tail("default", "long", 40)
+    assert all(len(x.line) < 100 or (x.line, x.truncated) == (whole, True) for x in tail)
+    for replica in (0, 1):
+        mine = [x.line for x in tail if x.replica == replica]
+        start = mine.index("before 1")
+        assert mine[start:start + 3] == ["before 1", whole, "after 1"]
+    stream = sw.rt.follow("default", "long", since=started)
+    timer = threading.Timer(30, stream.close)
+    timer.start()
+    try:
+        got = []
+        for line in stream:
+            got.append(line)
+            if {x.replica for x in got if x.line == "after 1"} == {0, 1}:
+                break
+    finally:
+        timer.cancel()
+        stream.close()
+    for replica in (0, 1):
+        mine = [x.line for x in got if x.replica == replica]
+        assert mine[:6] == ["before 0", whole, "after 0", "before 1", whole, "after 1"], [m[:20] for m in mine]
+
+
+def test_a_rotation_that_sends_the_last_line_again_gives_it_once(sw: SwarmHarness, lab: Lab,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 20: the Swarm follower reads through the same code as the local one, and asks the
+    engine about a possible repeat as it does (``_docker.Given`` with a question): json-file rotating
+    every 20 KB under a follower, four times, each line of the task comes once and none is lost."""
+    from cynchrod.runtime import _docker
+    from tests.helpers import breaks
+
+    monkeypatch.setattr(_docker, "LOG_CONFIG", {"type": "json-file", "config": {"max-size": "20k", "max-file": "3"}})
+    writer = ("[sh, -c, 'x=$(printf %1000s | tr \" \" x); i=0;"
+              " while [ $i -lt 80 ]; do echo \"line $i $x\"; i=$((i+1)); sleep 0.02; done; sleep 3600']")
+    sw.repo.push({"apps/writer.yaml": app(lab, "writer", command=writer)})  # type: ignore[attr-defined]
+    assert [a.status for a in sw.sync().apps] == ["running"]
+    follower = sw.rt.follow("default", "writer", since=time.time() - 60)
+    timer = threading.Timer(40, follower.close)
+    timer.start()
+    numbers: list[int] = []
+    try:
+        for batch in follower.batches():
+            numbers += [int(line.line.split()[1]) for line in batch if line.line.startswith("line ")]
+            if numbers and numbers[-1] == 79:
+                break
+    finally:
+        timer.cancel()
+        follower.close()
+    assert (numbers[:1], numbers[-1:], breaks(numbers)) == ([0], [79], [])
+
+
 def test_with_the_view_fed_by_events_a_noop_pass_makes_no_engine_call_and_a_killed_task_is_healed(
         sw: SwarmHarness, lab: Lab) -> None:
     """As in the daemon: the view follows the manager's events (and its poll of the tasks), the

@@ -99,3 +99,15 @@ def test_build_repo_url_rules() -> None:
     assert not config.repo_allowed("file:///etc", allow)
     assert not config.repo_allowed("./x", allow)
     assert not config.repo_allowed("file://localhost/srv/gitx", allow)
+
+
+def test_auth_failures_is_read_and_bounded(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "cynchrod.yaml"
+    path.write_text("authFailures: 25\n")
+    assert config.Settings.build(config.load_file(path)).auth_failures == 25
+    assert config.Settings().auth_failures == 10
+    path.write_text("authFailures: 0\n")
+    with pytest.raises(config.ConfigError):
+        config.load_file(path)
+    with pytest.raises(config.ConfigError):
+        config.Settings.build({"auth_failures": 0})

@@ -85,7 +85,11 @@ def test_first_come_keeps_a_domain_across_orgs() -> None:
     rows = {holder.key: Row("a.example.com", "2026-01-02")}
     refused = decisions.domains(inputs([holder, claim], rows))
     assert list(refused) == [claim.key] and refused[claim.key].code == "domain_taken"
-    assert "belongs to app acme/shop" in refused[claim.key].message
+    # Another org's holder is not named (issue 24 item 8); the same org's is.
+    assert refused[claim.key].message == "domain a.example.com is taken by an app of another org; shop was not deployed"
+    same = spec("mine", org="acme", domain="a.example.com")
+    assert decisions.domains(inputs([holder, same], rows))[same.key].message \
+        == "domain a.example.com belongs to app acme/shop; mine was not deployed"
     # The refused app's row carries the domain too, but a refusal is no claim.
     rows[claim.key] = Row("a.example.com", "2026-01-01", status="failed", last_error="domain_taken: ...",
                          refusal="domain_taken")
@@ -195,7 +199,7 @@ def test_a_service_domain_is_claimed_like_an_app_domain() -> None:
     rows = {holder.key: Row(None, "2026-01-02", spec=holder)}
     refused = decisions.domains(inputs([holder, claim], rows))
     assert list(refused) == [claim.key] and refused[claim.key].code == "domain_taken"
-    assert "domain api.example belongs to app acme/two" in refused[claim.key].message
+    assert "domain api.example is taken by an app of another org" in refused[claim.key].message
     # The other way round: an app's domain held, a service claiming it.
     rows = {claim.key: Row("api.example", "2026-01-01", spec=claim)}
     assert list(decisions.domains(inputs([holder, claim], rows))) == [holder.key]

@@ -1,61 +1,81 @@
-"""Decoding Docker's followed log response (chunked HTTP carrying multiplexed frames) and
-encoding lines for the WebSocket, against the plain definitions, with reads cut anywhere."""
+"""Reading Docker's log messages into whole lines (the engine's 16 KiB pieces joined, a line cut
+at 32 KiB), giving each line once, and encoding lines for the WebSocket."""
 
 from __future__ import annotations
 
 import json
-import random
 
 from cynchrod.api.logs import PIECE_BYTES, encode_lines
-from cynchrod.runtime import LogLine
-from cynchrod.runtime.local import _Dechunk, _Frames
+from cynchrod.runtime import LogLine, _docker
+
+S1, S2 = "2026-11-29T20:00:00.100000000Z", "2026-11-29T20:00:00.200000000Z"
 
 
-def frame(payload: bytes, stream: int = 1) -> bytes:
-    return bytes([stream, 0, 0, 0]) + len(payload).to_bytes(4, "big") + payload
+def msg(head: str, text: bytes, *, ended: bool = True) -> bytes:
+    """One engine message as docker-py's ``logs(stream=True)`` gives it: one frame's payload."""
+    return head.encode() + b" " + text + (b"\n" if ended else b"")
 
 
-def chunked(parts: list[bytes]) -> bytes:
-    return b"".join(b"%x\r\n" % len(p) + p + b"\r\n" for p in parts) + b"0\r\n\r\n"
+def pieces(head: str, text: bytes) -> list[bytes]:
+    """A long line as the engine cuts it: 16 KiB pieces, each with the first piece's head, the
+    last alone ending in a newline."""
+    parts = [text[i:i + 16384] for i in range(0, len(text), 16384)]
+    return [msg(head, part, ended=i == len(parts) - 1) for i, part in enumerate(parts)]
 
 
-def cut(data: bytes, rng: random.Random) -> list[bytes]:
-    out, pos = [], 0
-    while pos < len(data):
-        step = rng.choice([1, 2, 3, 7, 9, 64, 1000])
-        out.append(data[pos:pos + step])
-        pos += step
-    return out
+def test_pieces_are_joined_by_head_and_a_line_past_32_kib_is_cut_with_a_marker() -> None:
+    long_out, long_err = b"o" * 100 * 1024, b"e" * 40 * 1024
+    out, err = pieces(S1, long_out), pieces(S2, long_err)
+    # stdout's and stderr's pieces interleave, and a short line falls between them.
+    frames = [msg("2026-11-29T20:00:00.000000001Z", b"first"), out[0], err[0], out[1],
+              msg("2026-11-29T20:00:00.300000000Z", "short \u2603".encode()), *err[1:], *out[2:],
+              msg("2026-11-29T20:00:00.400000000Z", b"")]
+    lines = list(_docker.whole_lines(frames))
+    assert [(head, len(text), cut) for head, text, cut in lines] == [
+        ("2026-11-29T20:00:00.000000001Z", 5, False), ("2026-11-29T20:00:00.300000000Z", 7, False),
+        (S2, 32 * 1024 + len(_docker.CUT_MARK), True), (S1, 32 * 1024 + len(_docker.CUT_MARK), True),
+        ("2026-11-29T20:00:00.400000000Z", 0, False)]
+    assert lines[2][1] == "e" * 32 * 1024 + _docker.CUT_MARK
+    assert lines[1][1] == "short \u2603"
+    # Exactly 32 KiB is whole; a byte more is cut.
+    assert list(_docker.whole_lines(pieces(S1, b"x" * 32 * 1024))) == [(S1, "x" * 32 * 1024, False)]
+    assert next(_docker.whole_lines(pieces(S1, b"x" * (32 * 1024 + 1))))[2] is True
 
 
-def test_frames_in_chunks_decode_whole_however_the_reads_are_cut() -> None:
-    rng = random.Random(15)
-    lines = [f"2026-11-29T20:00:{i % 60:02d}.{i:09d}Z line {i} é\u2603".encode() for i in range(500)]
-    lines.append(b"x" * 20000)  # longer than one read
-    frames = [frame(line + b"\n", stream=1 + i % 2) for i, line in enumerate(lines)]
-    # A chunk may hold several frames or part of one (the engine flushes per line, but the
-    # transfer coding does not promise it).
-    stream = b"".join(frames)
-    parts, pos = [], 0
-    while pos < len(stream):
-        step = rng.choice([5, 8, 40, 300])
-        parts.append(stream[pos:pos + step])
-        pos += step
-    body = chunked(parts) + b"trailing bytes after the last chunk are not data"
-    for _ in range(5):
-        chunks, decoded = _Dechunk(), _Frames()
-        payload = b"".join(decoded.feed(chunks.feed(piece)) for piece in cut(body, rng))
-        assert chunks.done
-        assert payload.split(b"\n")[:-1] == lines
+def test_a_cut_inside_a_character_keeps_whole_characters_and_a_stream_ending_mid_line_gives_it() -> None:
+    text = "\u2603".encode() * 20000  # 3 bytes each: 32 KiB falls inside one
+    (_, line, cut), = _docker.whole_lines(pieces(S1, text))
+    assert cut and line == "\u2603" * (32 * 1024 // 3) + _docker.CUT_MARK
+    # A container's last output with no newline comes as a piece that never ends.
+    assert list(_docker.whole_lines([msg(S1, b"a"), msg(S2, b"no newline", ended=False)])) == [
+        (S1, "a", False), (S2, "no newline", False)]
 
 
-def test_chunk_extensions_and_an_empty_read() -> None:
-    chunks = _Dechunk()
-    assert chunks.feed(b"") == b""
-    assert chunks.feed(b"3;ext=1\r\nabc\r\n") == b"abc"
-    assert not chunks.done
-    assert chunks.feed(b"0\r\n\r\n") == b""
-    assert chunks.done
+def test_service_messages_join_by_task_and_details() -> None:
+    task1, task2 = f"{S1} com.docker.swarm.task.id=t1", f"{S1} com.docker.swarm.task.id=t2"
+    frames = [*pieces(task1, b"a" * 20000)[:1], *pieces(task2, b"b" * 20000), *pieces(task1, b"a" * 20000)[1:]]
+    assert [(head, len(text)) for head, text, _ in _docker.whole_lines(frames, details=True)] == [
+        (task2, 20000), (task1, 20000)]
+
+
+def test_a_tail_drops_a_first_line_that_may_have_begun_before_its_read_and_reads_further() -> None:
+    """``tail=k`` counts the engine's messages: the window can begin inside a long line."""
+    log = [msg(f"2026-11-29T20:00:0{i}.000000000Z", b"line %d" % i) for i in range(3)]
+    log += pieces("2026-11-29T20:00:05.000000000Z", b"L" * 70000)  # five pieces
+    log += [msg(f"2026-11-29T20:00:0{i}.500000000Z", b"line %d" % i) for i in range(6, 8)]
+    asked: list[int] = []
+
+    def read(k: int) -> list[bytes]:
+        asked.append(k)
+        return log[-k:]
+
+    lines = _docker.tail_lines(read, 3)
+    assert [text[:6] for _, text, _ in lines] == ["LLLLLL", "line 6", "line 7"] and lines[0][2]
+    assert asked == [4, 16]  # 4 messages held only a piece of the long line: read again
+    asked.clear()
+    assert [text for _, text, _ in _docker.tail_lines(read, 2)] == ["line 6", "line 7"] and asked == [3]
+    assert [text[:6] for _, text, _ in _docker.tail_lines(read, 50)] == ["line 0", "line 1", "line 2", "LLLLLL",
+                                                                         "line 6", "line 7"]
 
 
 def test_encoded_pieces_are_the_lines_json() -> None:

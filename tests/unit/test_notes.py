@@ -65,6 +65,7 @@ def test_an_older_state_dir_gets_the_column_from_its_errors(tmp_path: pathlib.Pa
         db.ensure_app(specs.AppSpec(org="o", name=name, source="repo", services=SPEC.services), commit="c1")
     db.close()
     raw = sqlite3.connect(path)
+    raw.execute("DROP TRIGGER apps_status_changed")  # from before notifications, too
     raw.execute("ALTER TABLE apps DROP COLUMN note")  # as a state dir written before the column
     for name, status, error in (("oom", "running", NOTE), ("failed", "failed", "oom_killed: an old failure"),
                                 ("other", "running", None)):

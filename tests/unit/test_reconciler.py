@@ -271,3 +271,19 @@ def test_execute_alone_acts_and_leaves_the_outcome_to_record(world: World) -> No
     # Execution says where the work is (a worker took it), never how it ended.
     assert {k[1]: a.status for k, a in world.db.live_apps().items()} == {"ok": "deploying", "bad": "deploying"}
     assert world.rec._memory == {} and result.apps == []
+
+
+def test_a_requested_pass_is_answered_by_the_next_pass_that_fetches(world: World) -> None:
+    world.tree.write("a", manifest("a"))
+    world.tree.write("b", manifest("b", "secrets: [pw]\n"))
+    asked = world.db.request_pass(trigger="webhook", commit=None)
+    world.rec.run_pass("self-heal")  # puts back the last fetch: not the pass the delivery asked for
+    assert world.db.pass_record(asked).status == "queued"  # type: ignore[union-attr]
+    result = world.rec.run_pass("webhook")
+    found = world.db.pass_record(asked)
+    assert found is not None and found.status == "done" and found.commit == result.commit
+    assert [(a["app"], a["status"]) for a in found.apps] == [("a", "running"), ("b", "failed")]
+    assert found.apps[1]["error"].startswith("secret_missing")
+    generation = world.db.generation()
+    world.rec.run_pass("poll")  # nobody asked: nothing recorded, nothing written
+    assert world.db.generation() == generation

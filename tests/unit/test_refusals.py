@@ -67,6 +67,7 @@ def test_an_older_state_dir_gets_the_column_from_its_errors(tmp_path: pathlib.Pa
         db.ensure_app(spec(name), commit="c1")
     db.close()
     raw = sqlite3.connect(path)
+    raw.execute("DROP TRIGGER apps_status_changed")  # from before notifications, too
     raw.execute("ALTER TABLE apps DROP COLUMN refusal")  # as a state dir written before the column
     for name, status, error in (("q", "failed", "quota_exceeded: org o is at its max_apps of 1"),
                                 ("d", "failed", "domain_taken: domain x belongs to app o/y"),

@@ -13,10 +13,16 @@ import time
 import zlib
 from typing import Any
 
-from cynchrod.runtime import LogLine
+from cynchrod.runtime import CUT_MARK, LogLine
 
 #: Lines are encoded once per app in pieces of about this size, which messages then join.
 PIECE_BYTES = 16 * 1024
+#: No WebSocket message is longer than this (its JSON array) ...
+MESSAGE_BYTES = 64 * 1024
+#: ... so no line's JSON object is longer than this: a line the runtime gave whole (up to 32 KiB of
+#: text) whose escapes (control characters, ``\uXXXX`` for the rest of Unicode) make it longer is cut
+#: further, with the runtime's marker and ``truncated``.
+LINE_JSON_BYTES = MESSAGE_BYTES - 2
 
 # WebSocket close codes (4000-4999 are the application's).
 CLOSE_UNAUTHORIZED = 4401
@@ -40,19 +46,43 @@ def encode_lines(lines: list[LogLine]) -> list[tuple[str, int]]:
         service = services.get(line.service)
         if service is None:
             service = services[line.service] = _encode(line.service)
-        text = f'{{"service":{service},"timestamp":{_encode(line.timestamp)},"line":{_encode(line.line)}'
+        head = f'{{"service":{service},"timestamp":{_encode(line.timestamp)},"line":'
+        tail = ""
         if line.replica:
-            text += f',"replica":{int(line.replica)}'
+            tail += f',"replica":{int(line.replica)}'
         if line.node:
-            text += f',"node":{_encode(line.node)}'
-        out.append(text + "}")
-        size += len(text) + 2
+            tail += f',"node":{_encode(line.node)}'
+        body = _encode(line.line)
+        if len(head) + len(body) + len(tail) + 18 > LINE_JSON_BYTES:
+            body, cut = _fitted(line.line, LINE_JSON_BYTES - len(head) - len(tail) - 18)
+        else:
+            cut = line.truncated
+        text = head + body + tail + (',"truncated":true}' if cut else "}")
+        if out and size + len(text) > PIECE_BYTES:  # a long line starts a piece of its own
+            pieces.append((",".join(out), len(out)))
+            out, size = [], 0
+        out.append(text)
+        size += len(text) + 1
         if size >= PIECE_BYTES:
             pieces.append((",".join(out), len(out)))
             out, size = [], 0
     if out:
         pieces.append((",".join(out), len(out)))
     return pieces
+
+
+def _fitted(line: str, room: int) -> tuple[str, bool]:
+    """A line's JSON string in ``room`` bytes, its text cut (and marked as the runtime marks a cut)
+    as little as that needs: True when it was cut."""
+    mark = CUT_MARK if not line.endswith(CUT_MARK) else ""
+    text = line.removesuffix(CUT_MARK)
+    body = _encode(text + mark)
+    while len(body) > room:
+        keep = max(0, min(len(text) - 1, len(text) * (room - len(mark) - 2) // len(body)))
+        text = text[:keep]
+        body = _encode(text + CUT_MARK)
+        mark = CUT_MARK
+    return body, bool(mark) or line.endswith(CUT_MARK)
 
 
 class Frame:

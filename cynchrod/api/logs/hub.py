@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from cynchrod import store
 from cynchrod.api.logs import relay
-from cynchrod.api.logs.frames import Frame, deflates, encode_lines
+from cynchrod.api.logs.frames import MESSAGE_BYTES, Frame, deflates, encode_lines
 from cynchrod.core.errors import CynchrodError
 from cynchrod.runtime import LogStream
 
@@ -27,8 +27,8 @@ if TYPE_CHECKING:
 
 #: Lines a client may fall behind its app before it loses the oldest (it alone).
 QUEUE_LINES = 5000
-#: A message holds the lines waiting, up to this many bytes of JSON ...
-BATCH_BYTES = 64 * 1024
+#: A message holds the lines waiting, up to this many bytes of JSON (its whole payload) ...
+BATCH_BYTES = MESSAGE_BYTES
 #: ... gathered for at most this long after the first (unless this many are already waiting).
 BATCH_WAIT_S = 0.05
 BATCH_LINES = 500
@@ -275,7 +275,7 @@ class Hub:
                 texts: list[str] = []
                 size = lines = 0
                 for text, n in pieces:
-                    if texts and size + len(text) > BATCH_BYTES:
+                    if texts and size + len(text) + 2 > BATCH_BYTES:  # "[", the pieces, commas, "]"
                         messages.append((",".join(texts), lines))
                         texts, size, lines = [], 0, 0
                     texts.append(text)

@@ -7,14 +7,16 @@ work the same on every runtime.
 
 from __future__ import annotations
 
+import re
 import threading
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
+from werkzeug.routing import WebsocketMismatch
 
 from cynchrod import store
 from cynchrod.api import ApiError, is_ascii_number, sock
-from cynchrod.api.auth import bearer, daemon, visible_app
+from cynchrod.api.auth import bearer, daemon, failed, not_throttled, visible_app
 from cynchrod.api.logs.frames import CLOSE_BUSY, CLOSE_NOT_FOUND, CLOSE_UNAUTHORIZED
 from cynchrod.api.logs.pump import pump
 from cynchrod.shell.front import TICKET_TTL_S
@@ -74,11 +76,56 @@ def _stream_token(app_id: str) -> tuple[store.Token | None, str | None]:
     return None, None
 
 
+#: flask-sock registers its routes on a blueprint of its own, ``__flask_sock``.
+STREAM_ENDPOINT = "__flask_sock.stream"
+_STREAM_PATH = re.compile(r"/apps/([^/]+)/logs/stream")
+
+
+def _credential() -> bool:
+    return request.args.get("token") is not None or request.args.get("ticket") is not None
+
+
+@bp.before_app_request
+def _before_stream() -> None:
+    """Before the WebSocket upgrade (flask-sock's view upgrades first, then runs ``stream``): a
+    client backing off (``throttle``) is ``429 too_many_attempts``, and a plain GET gets an HTTP
+    answer in the order every endpoint checks: 401 for a wrong or missing token or ticket (a
+    ticket is looked at, not spent), 404 for an app it cannot see, else ``400 not_a_websocket``."""
+    if request.endpoint == STREAM_ENDPOINT:  # an upgrade request
+        if _credential():
+            not_throttled()
+        return
+    # The stream's rule matches upgrade requests only: a plain GET of its path is a routing error.
+    if not isinstance(request.routing_exception, WebsocketMismatch) or request.method != "GET":
+        return
+    plain = _STREAM_PATH.fullmatch(request.path)
+    if plain is None:
+        return
+    if _credential():
+        not_throttled()
+    d, app_id = daemon(), plain.group(1)
+    token: store.Token | None = None
+    if (secret := request.args.get("token")) is not None:
+        token = d.store.authenticate(secret)
+    elif (ticket_value := request.args.get("ticket")) is not None:
+        token_id = d.store.ticket_token(ticket_value, app_id)
+        token = d.store.token_by_id(token_id) if token_id else None
+        token = token if token is not None and token.revoked_at is None else None
+    if token is None:
+        if _credential():
+            failed()
+        raise ApiError("unauthorized", "a log stream needs ?token= or ?ticket=, valid for this app")
+    visible_app(token, app_id)
+    raise ApiError("not_a_websocket", "this URL is a WebSocket: send an upgrade request (Upgrade: websocket)")
+
+
 @sock.route("/apps/<app_id>/logs/stream")
 def stream(ws: Any, app_id: str) -> None:
     d = daemon()
     token, session = _stream_token(app_id)
     if token is None:
+        if _credential():
+            failed()
         ws.close(CLOSE_UNAUTHORIZED, "unauthorized")
         return
     app = d.store.app(app_id)
