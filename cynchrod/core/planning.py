@@ -140,7 +140,7 @@ def plan_app(spec: specs.AppSpec | None, units: Iterable[Unit], key: tuple[str, 
         actions.extend(Action(REMOVE, org, app, service, why, spec, u, replica) for u in group)
     for svc in spec.services:
         want = spec.service_hash(svc)
-        waits = bool(svc.conditions) and spec.state != "stopped" and _waits(spec, svc, by_slot)
+        waits = bool(svc.depends_on_conditions) and spec.state != "stopped" and _waits(spec, svc, by_slot)
         for replica in range(svc.replicas):
             group = by_slot.get((svc.name, replica), [])
             keep = _best(group, want) if group else None
@@ -195,7 +195,7 @@ def condition_met(condition: str, units: Iterable[Unit], service: specs.ServiceS
 
 def _waits(spec: specs.AppSpec, service: specs.ServiceSpec, by_slot: Mapping[tuple[str, int], list[Unit]]) -> bool:
     """``service`` has a ``depends_on`` condition its dependency's units of this spec do not meet yet."""
-    for name, condition in service.conditions:
+    for name, condition in service.depends_on_conditions:
         dep = next((s for s in spec.services if s.name == name), None)
         if dep is None:
             continue

@@ -47,6 +47,7 @@ from cynchrod.store.records import (
 )
 from cynchrod.store.secrets import Secrets
 from cynchrod.store.tokens import Tokens
+from cynchrod.store.updates import Updates, UpdateState
 
 __all__ = [
     "APP_STATUSES",
@@ -73,6 +74,8 @@ __all__ = [
     "QuotaFull",
     "Store",
     "Token",
+    "UpdateState",
+    "Updates",
     "bounded_log",
     "main_service",
     "now",
@@ -82,5 +85,5 @@ __all__ = [
 ]
 
 
-class Store(Apps, Tokens, Secrets, Meta, Outbox, Passes):
+class Store(Apps, Tokens, Secrets, Meta, Outbox, Passes, Updates):
     """The whole store over one SQLite file (see ``db.Database`` for threads and processes)."""

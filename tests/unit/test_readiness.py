@@ -125,12 +125,12 @@ def test_the_new_keys_change_no_hash_and_old_rows_read_back() -> None:
     assert plain.hash == keyed.hash
     old = plain.to_json()
     for service in old["services"]:
-        for key in ("conditions", "oneshot", "min_ready", "health_timeout"):
+        for key in ("oneshot", "min_ready", "health_timeout"):
             del service[key]
     del old["on_failure"]
     assert AppSpec.from_json(old) == plain
     assert AppSpec.from_json(keyed.to_json()) == keyed
-    assert specs.AppSpec.from_json(plain.to_json()).services[0].conditions == ()
+    assert specs.AppSpec.from_json(plain.to_json()).services[0].depends_on_conditions == ()
 
 
 SHOP = b"""name: shop
@@ -153,7 +153,7 @@ def test_a_manifest_declares_the_keys_and_depends_on_as_a_map() -> None:
     assert spec is not None and spec.on_failure == "rollback"
     migrate, web = spec.services
     assert migrate.oneshot and not web.oneshot
-    assert (web.depends_on, web.conditions) == (("migrate",), (("migrate", planning.SERVICE_COMPLETED),))
+    assert (web.depends_on, web.depends_on_conditions) == (("migrate",), (("migrate", planning.SERVICE_COMPLETED),))
     assert (web.min_ready, web.health_timeout) == (5.0, 90.0)
     bad = manifests.parse("apps/shop.yaml", SHOP.replace(b"service_completed_successfully", b"service_done"))
     assert bad.spec is None and bad.errors
