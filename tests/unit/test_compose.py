@@ -220,3 +220,12 @@ def test_a_billion_laughs_is_refused_fast() -> None:
     result = parse("billion-laughs")
     assert [e.code for e in result.errors] == ["manifest_too_large"]
     assert time.perf_counter() - started < 2
+
+
+def test_restart_no_is_a_oneshot_and_its_dependent_waits_for_it() -> None:
+    """Health-gated deploys (docs/health.md): a ``restart: "no"`` service runs once, and a dependent with
+    ``service_completed_successfully`` starts after it."""
+    result = parse("restart-no")
+    assert result.errors == () and result.spec is not None
+    assert service(result.spec, "migrate").oneshot and not service(result.spec, "web").oneshot
+    assert service(result.spec, "web").depends_on_conditions == (("migrate", "service_completed_successfully"),)
