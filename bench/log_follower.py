@@ -1,14 +1,15 @@
 """The live log follower's CPU per line (``Runtime.follow`` of the local driver, no API in between).
 
 Run: ``.venv/bin/python bench/log_follower.py [--lines 100000] [--repeats 3] [--reader old --reader new]``;
-prints one JSON row a scenario and reader (its ``--out`` file gets them too). A container of this run (labelled as an app's, under an owner
-of its own) prints its lines, then sleeps; once its log holds them all, a follower opened from its first
-line reads them, and the process's CPU time (every thread: the engine stream's reader and the consumer)
-over the lines read is the figure. Scenarios: ``short`` (lines of 80 bytes, one engine message each) and
-``long`` (lines of 100 KiB, which the engine splits into 16 KiB pieces: joined and cut at 32 KiB).
-Readers (``--reader``, more than one: their runs alternate on the same containers): ``new``, the driver's
-own (``_docker.LogStream``: the engine's frames parsed from 64 KiB reads), and ``old``, docker-py's
-``logs(stream=True)`` (one engine message an item, two HTTP-client reads each), the one before it.
+prints one JSON row a scenario and reader (its ``--out`` file gets them too). A container of this
+run (labelled as an app's, under an owner of its own) prints its lines, then sleeps; once its log
+holds them all, a follower opened from its first line reads them, and the process's CPU time (every
+thread: the engine stream's reader and the consumer) over the lines read is the figure. Scenarios:
+``short`` (lines of 80 bytes, one engine message each) and ``long`` (lines of 100 KiB, which the
+engine splits into 16 KiB pieces: joined and cut at 32 KiB). Readers (``--reader``, more than one:
+their runs alternate on the same containers): ``new``, the driver's own (``_docker.EngineStream``:
+the engine's frames parsed from 64 KiB reads), and ``old``, docker-py's ``logs(stream=True)`` (one
+engine message an item, two HTTP-client reads each), the one before it.
 CPU time, not wall time: the host is shared, and a process's own CPU is what it costs whatever the load.
 """
 

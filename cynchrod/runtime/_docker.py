@@ -21,6 +21,7 @@ from urllib.parse import quote
 import docker
 import docker.errors
 import requests
+import urllib3.exceptions
 
 from cynchrod import runtime
 from cynchrod.core.errors import EngineConflict, EngineUnavailable, PermanentError, RuntimeFailure, UnitGone
@@ -206,7 +207,7 @@ def _text(data: bytes, cut: bool) -> str:
 class Joiner:
     """Whole lines from the messages of an engine log stream (``timestamps``, and ``details`` for
     services): each message ``<timestamp> [<details> ]<text>``, one multiplexed frame (as docker-py's
-    ``logs(stream=True)`` and ``service_logs`` give them; ``LogStream`` reads them itself).
+    ``logs(stream=True)`` and ``service_logs`` give them; ``EngineStream`` reads them itself).
 
     The engine cuts a line longer than 16 KiB into pieces, each its own message with its own copy
     of the head: every piece but the last lacks the final newline (moby's ``PartialLogMetaData``,
@@ -401,7 +402,7 @@ def _frame_lines(data: bytes, chunks: Iterator[bytes], details: bool, joiner: Jo
     yield from joiner.rest()
 
 
-class LogStream:
+class EngineStream:
     """An engine log stream (``GET /containers/{id}/logs``, ``/services/{id}/logs``, with
     ``timestamps``) read through the client's public HTTP session (``requests``) in reads of up to
     ``READ_BYTES``, its messages parsed here (``stream_lines``): multiplexed frames (an 8-byte
@@ -427,7 +428,7 @@ class LogStream:
         self._done = True
         self._response.close()
 
-    def __enter__(self) -> LogStream:
+    def __enter__(self) -> EngineStream:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -439,7 +440,11 @@ class LogStream:
 
     def _chunks(self) -> Iterator[bytes]:
         try:
-            yield from self._response.iter_content(READ_BYTES)
+            # The HTTP client's own reads (its chunked coding), undecoded (the engine never compresses
+            # a log), its errors as ``requests``' (those ``converted`` knows).
+            yield from self._response.raw.stream(READ_BYTES, decode_content=False)
+        except urllib3.exceptions.HTTPError as exc:
+            raise requests.ConnectionError(f"log stream broken: {exc}") from exc
         finally:
             self._done = True  # the connection goes back to the pool: ``close`` leaves its socket be
             self._response.close()
@@ -449,7 +454,7 @@ class LogStream:
         return stream_lines(self._chunks(), details=self.details, counts=counts)
 
 
-def _logs(api: Any, path: str, params: dict[str, Any], *, details: bool) -> LogStream:
+def _logs(api: Any, path: str, params: dict[str, Any], *, details: bool) -> EngineStream:
     """``GET`` an engine log stream through the client's session (its address, API version and
     deadline); an engine error leaves as docker-py's (``converted`` makes it the project's)."""
     response = api.get(f"{api.base_url}/v{api.api_version}{path}", params=params, stream=True,
@@ -461,7 +466,7 @@ def _logs(api: Any, path: str, params: dict[str, Any], *, details: bool) -> LogS
             docker.errors.create_api_error_from_http_exception(exc)
         finally:
             response.close()
-    return LogStream(response, details=details)
+    return EngineStream(response, details=details)
 
 
 def _log_params(follow: bool, since: float | None, tail: int | None) -> dict[str, Any]:
@@ -473,14 +478,14 @@ def _log_params(follow: bool, since: float | None, tail: int | None) -> dict[str
 
 
 def container_logs(api: Any, container: str, *, follow: bool = False, since: float | None = None,
-                   tail: int | None = None) -> LogStream:
+                   tail: int | None = None) -> EngineStream:
     """A container's log (stdout and stderr, timestamped), whatever its TTY."""
     return _logs(api, f"/containers/{quote(container, safe='')}/logs", _log_params(follow, since, tail),
                  details=False)
 
 
 def service_logs(api: Any, service: str, *, follow: bool = False, since: float | None = None,
-                 tail: int | None = None) -> LogStream:
+                 tail: int | None = None) -> EngineStream:
     """A service's log (every task's, stdout and stderr, timestamped, with details)."""
     params = _log_params(follow, since, tail)
     params["details"] = 1
@@ -488,9 +493,9 @@ def service_logs(api: Any, service: str, *, follow: bool = False, since: float |
 
 
 def whole_lines(frames: Iterable[bytes], *, details: bool = False) -> Iterator[RawLine]:
-    """The lines of an engine log stream's messages (see ``Joiner``), as they end; a ``LogStream``
+    """The lines of an engine log stream's messages (see ``Joiner``), as they end; an ``EngineStream``
     is read as it comes (its own ``lines``)."""
-    if isinstance(frames, LogStream):
+    if isinstance(frames, EngineStream):
         yield from frames.lines()
         return
     joiner = Joiner(details=details)
@@ -531,7 +536,7 @@ def tail_lines(read: Callable[[int], Iterable[bytes]], n: int, *, details: bool 
 
         kept: dict[str, collections.deque[RawLine]] = {}
         frames = read(asked)
-        lines_read = (frames.lines(counts) if isinstance(frames, LogStream)
+        lines_read = (frames.lines(counts) if isinstance(frames, EngineStream)
                       else whole_lines(counted(frames, counts), details=details))
         for line in lines_read:
             source = source_of(line[0])
