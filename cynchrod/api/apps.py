@@ -17,10 +17,14 @@ bp = Blueprint("apps", __name__)
 DEPLOYMENTS_SHOWN = 20
 
 
-def app_json(app: store.App, *, engine_up: bool | None = None) -> dict[str, Any]:
+def app_json(app: store.App, *, engine_up: bool | None = None,
+             available: frozenset[str] | None = None) -> dict[str, Any]:
     """An app as the API shows it; ``engine_up`` (read once per answer when not given) makes a
-    running app ``unknown`` while the reconciler cannot see the engine."""
+    running app ``unknown`` while the reconciler cannot see the engine; ``available``: the ids of
+    apps with an image update available (read when not given)."""
     up = liveness.engine_up(daemon().store) if engine_up is None else engine_up
+    if available is None:
+        available = updates_available(app.id)
     return {
         "id": app.id, "name": app.name, "org": app.org, "image": app.image, "domain": app.domain,
         "port": app.port, "host_port": app.host_port, "status": store.shown_status(app.status, engine_up=up),
@@ -29,7 +33,13 @@ def app_json(app: store.App, *, engine_up: bool | None = None) -> dict[str, Any]
         "commit": app.commit, "path": app.path,
         "services": json.loads(app.services_json) if app.services_json else [],
         "serving": serving(app),
+        "update_available": app.id in available,
     }
+
+
+def updates_available(app_id: str | None = None) -> frozenset[str]:
+    """Ids of apps with a service whose image update is available (``commit: false``): one query."""
+    return frozenset(s.app_id for s in daemon().store.update_states(app_id) if s.reason == "available")
 
 
 def serving(app: store.App) -> str | None:
@@ -73,7 +83,8 @@ def list_apps() -> Response:
     if cached is None or cached[0] != version:
         apps = db.apps(org=org, include_removed=include_removed)
         up = liveness.engine_up(db)
-        body = json.dumps({"apps": [app_json(a, engine_up=up) for a in apps],
+        available = updates_available()
+        body = json.dumps({"apps": [app_json(a, engine_up=up, available=available) for a in apps],
                            "problems": [problem_json(p) for p in db.problems(org=org)]},
                           separators=(",", ":")).encode()
         with _list_lock:
@@ -111,6 +122,7 @@ def get_app_by_name(org: str, name: str) -> Response:
 def _details(app: store.App) -> Response:
     deployments = daemon().store.deployments(app.id, limit=DEPLOYMENTS_SHOWN)
     return jsonify({"app": app_json(app), "webhook": webhook_json(app),
+                    "updates": [s.to_json() for s in daemon().store.update_states(app.id)],
                     "deployments": [deployment_json(d) for d in deployments]})
 
 

@@ -461,6 +461,7 @@ def app_page(app_id: str) -> Any:
                  serving=serving(app) if status == store.FAILED else None,
                  deployments=deployments, units=units, units_error=error, changes=changes,
                  diff=_diff(changes or []), webhook=webhook_json(app), built=built,
+                 updates=[u.to_json() for u in d.store.update_states(app.id)],
                  manifest=manifest.decode("utf-8", "replace") if manifest is not None else None)
 
 

@@ -121,6 +121,23 @@ def status_text(app: dict[str, Any]) -> str:
     return str(app["status"])
 
 
+def update_text(u: dict[str, Any]) -> str:
+    """One service's image update state (``GET /apps/ID``'s ``updates``) on one line."""
+    if u.get("update_available"):
+        text = f"update available: {u.get('candidate')}"
+    else:
+        text = str(u.get("reason") or "not checked yet")
+        if u.get("candidate") and u.get("reason") != "committed":
+            text += f" (newest: {u['candidate']})"
+        elif u.get("reason") == "committed":
+            text += f" {u.get('bumped_to')} in {(u.get('bumped_commit') or '')[:12]}"
+    if u.get("paused"):
+        text += ", paused after a rollback until the manifest changes"
+    if u.get("error_code"):
+        text += f"; {u['error_code']}: {u.get('error')}"
+    return f"{text}; checked {u.get('checked_at') or 'never'}"
+
+
 def _dump(data: Any, out: IO[str]) -> None:
     print(json.dumps(data, indent=2), file=out)
 
@@ -182,6 +199,8 @@ def status(client: Client, ref: str, *, output: str, out: IO[str]) -> int:
               ("last error", app.get("last_error"))]
     if found.get("webhook"):
         fields.append(("webhook", found["webhook"]["url"]))
+    for u in found.get("updates") or []:
+        fields.append((f"update {u['service']}", update_text(u)))
     width = max(len(k) for k, _ in fields)
     for key, value in fields:
         print(f"{key + ':':<{width + 1}} {value if value not in (None, '') else '-'}", file=out)

@@ -170,6 +170,26 @@ class Code(enum.StrEnum):
     # --- notify: notifications, commit statuses, webhooks that tell the truth ---
     WAIT_TIMEOUT = ("wait_timeout", CLI, False, None, "cynchrod wait saw no outcome of the commit in time")
 
+    # --- image updates (issue 23) ---
+    INVALID_UPDATE = ("invalid_update", MANIFEST, True, None, "an update: block with no or several strategies, "
+                      "a bad semver range or regex, a sort without regex, or an interval outside 5s..24h")
+    REGISTRY_UNREACHABLE = ("registry_unreachable", PASS, False, None, "an image update check could not reach the "
+                            "registry, it timed out, or it answered an error (the check backs off and retries)")
+    REGISTRY_UNAUTHORIZED = ("registry_unauthorized", PASS, False, None, "the registry refused the credentials (or "
+                             "their absence) for the repository")
+    REGISTRY_GARBAGE = ("registry_garbage", PASS, False, None, "the registry answered something that is not a tag "
+                        "list or a manifest digest")
+    IMAGE_UPDATE_FAILED = ("image_update_failed", PASS, True, None, "an image update was not committed: the "
+                           "manifest changed meanwhile (a person's change wins) or cannot be edited")
+
+    # --- compose files as apps (issue 21) ---
+    UNSUPPORTED_KEY = ("unsupported_key", MANIFEST, True, None, "a Compose key outside the subset cynchrod runs "
+                       "(docs/compose.md lists the supported keys)")
+    INTERPOLATION_FAILED = ("interpolation_failed", MANIFEST, True, None, "a ${VAR:?message} with VAR unset, or a "
+                            "malformed ${...} in a compose file")
+    FILE_NOT_FOUND = ("file_not_found", MANIFEST, True, None, "an env_file, include or x-cynchrod.files entry that "
+                      "is not a file of the app's directory")
+
 
 def status_map() -> dict[str, int]:
     """code -> HTTP status, for every code the API answers with a status of its own."""

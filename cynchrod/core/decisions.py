@@ -60,7 +60,7 @@ def shown_status(status: str, *, engine_up: bool) -> str:
 PREVIOUS = "previous"
 
 #: Trigger names, as deployment rows record them, strongest first.
-TRIGGERS = ("api", "rollback", "webhook", "watch", "build", "self-heal", "poll")
+TRIGGERS = ("api", "rollback", "update", "webhook", "watch", "build", "self-heal", "poll")
 DEFAULT_MAX_APPS = 10
 BACKOFF_MAX_S = 300.0
 HEAL_RESET_S = 60.0

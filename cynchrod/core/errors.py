@@ -13,9 +13,9 @@ a module may re-export one under the name its callers use (``edge.EdgeUnavailabl
     CynchrodError (ApiError, ClientError)
     ├── PermanentError: ManifestError, YamlError, StoreError, StateLocked, ConfigError,
     │   SecretMissing, SecretError, StagingUnavailable, NotFound, Conflict, Forbidden,
-    │   QuotaExceeded, InvalidManifest, AppExists, QuotaFull, NotFetched
+    │   QuotaExceeded, InvalidManifest, AppExists, QuotaFull, NotFetched, UpdatePolicyError
     └── TemporaryError: SourceError (MirrorDamaged, PushRejected), StateUnwritable,
-        ReconcilerUnavailable, EdgeUnavailable, BodyTimeout,
+        ReconcilerUnavailable, EdgeUnavailable, BodyTimeout, RegistryError,
         RuntimeFailure (UnitGone, EngineUnavailable, EngineConflict)
 """
 
@@ -90,10 +90,44 @@ class ManifestError(PermanentError):
         return f"{self.path}:{self.line}: {self.code}: {self.message}"
 
 
+class UpdatePolicyError(PermanentError):
+    """A manifest's ``update:`` block cannot be used; ``key`` names the key at fault (for file:line)."""
+
+    code: str = Code.INVALID_UPDATE
+
+    def __init__(self, message: str, *, key: str) -> None:
+        super().__init__(message, code=Code.INVALID_UPDATE)
+        self.key = key
+
+
+class ManifestErrors(ManifestError):
+    """Several located errors of one compose app at once (desired/compose); ``errors`` holds them all."""
+
+    def __init__(self, errors: list[ManifestError]) -> None:
+        first = errors[0] if errors else ManifestError("failed")
+        super().__init__(first.message, code=first.code, path=first.path, line=first.line)
+        self.errors = errors
+
+
+class InterpolationError(ManifestError):
+    """A ``${VAR:?message}`` with VAR unset, or a ``$`` expression that cannot be read (compose files)."""
+
+    code: str = Code.INTERPOLATION_FAILED
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code=Code.INTERPOLATION_FAILED)
+
+
 class SourceError(TemporaryError):
     """The manifests repository could not be fetched or read."""
 
     code: str = Code.SOURCE_UNAVAILABLE
+
+
+class RegistryError(TemporaryError):
+    """A registry could not answer an image update check (down, slow, refused, garbage): the check backs off."""
+
+    code: str = Code.REGISTRY_UNREACHABLE
 
 
 class RuntimeFailure(TemporaryError):

@@ -13,6 +13,8 @@ import json
 import re
 from typing import Any
 
+from cynchrod.core import updates
+
 DEFAULT_ORG = "default"
 #: An org or app name: a DNS label. The one home of the rule; ``schemas/app.schema.json``
 #: carries the same pattern (a unit test keeps them equal) for editors.
@@ -40,6 +42,26 @@ class Healthcheck:
     timeout: float = 30.0
     retries: int = 3
     start_period: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Bind:
+    """Repository files bind-mounted into a container (Compose's relative bind mounts): ``source`` is
+    the host path of their copy under the state dir, named by their content, so new content is a
+    new path (a new hash, a new container) and the same content is the same path."""
+
+    source: str
+    target: str
+    read_only: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Port:
+    """A published port beyond a service's first (``port``/``host_port``): Compose's ``ports`` list."""
+
+    target: int
+    published: int | None = None
+    protocol: str = "tcp"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +103,32 @@ class ServiceSpec:
     #: Host name routed to this service's ``port`` by the edge (multi-service apps).
     #: Not part of the hash either: a route changes, the container stays.
     domain: str | None = None
+    #: The ``update:`` block (image updates). Not part of the hash: a policy change remakes nothing.
+    update: updates.UpdatePolicy | None = None
+    # --- set by Compose files (desired/compose); at their defaults they are left out of the
+    # hash (``_HASH_OPTIONAL``), so a spec that does not use them keeps the hash it had before
+    # they existed and an upgrade recreates no container.
+    entrypoint: tuple[str, ...] | None = None
+    user: str | None = None
+    working_dir: str | None = None
+    hostname: str | None = None
+    stop_signal: str | None = None
+    #: Seconds; None: the runtime's stop timeout.
+    stop_grace_period: float | None = None
+    #: None: the runtime's default (an init process).
+    init: bool | None = None
+    read_only: bool = False
+    tmpfs: tuple[str, ...] = ()
+    labels: tuple[tuple[str, str], ...] = ()
+    expose: tuple[int, ...] = ()
+    ports: tuple[Port, ...] = ()
+    cpu_reservation: float | None = None
+    memory_reservation: int | None = None
+    #: ``depends_on`` conditions other than ``service_started`` (service -> condition), sorted.
+    depends_on_conditions: tuple[tuple[str, str], ...] = ()
+    binds: tuple[Bind, ...] = ()
+    tty: bool = False
+    stdin_open: bool = False
 
     def canonical(self, *, restarted_at: str | None) -> str:
         """Everything that, when changed, needs a new container, as canonical JSON.
@@ -90,11 +138,25 @@ class ServiceSpec:
         body = dataclasses.asdict(self)
         del body["replicas"]
         del body["domain"]
+        del body["update"]
+        for key, default in _HASH_OPTIONAL.items():
+            if body[key] == default or (default == () and not body[key]):
+                del body[key]
         body["restarted_at"] = restarted_at
         return json.dumps(body, sort_keys=True, separators=(",", ":"))
 
     def hash(self, *, restarted_at: str | None) -> str:
         return hashlib.sha256(self.canonical(restarted_at=restarted_at).encode()).hexdigest()[:16]
+
+
+#: Fields added after the hash was first computed, with their defaults: left out of the hash when unset.
+_HASH_OPTIONAL: dict[str, Any] = {
+    f.name: f.default if f.default is not dataclasses.MISSING else None
+    for f in dataclasses.fields(ServiceSpec)
+    if f.name in ("entrypoint", "user", "working_dir", "hostname", "stop_signal", "stop_grace_period", "init",
+                  "read_only", "tmpfs", "labels", "expose", "ports", "cpu_reservation", "memory_reservation",
+                  "depends_on_conditions", "binds", "tty", "stdin_open")
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,6 +269,25 @@ class AppSpec:
                 if s.get("build") else None,
                 replicas=int(s.get("replicas", 1)),
                 domain=s.get("domain"),
+                update=updates.UpdatePolicy(**s["update"]) if s.get("update") else None,
+                entrypoint=tuple(s["entrypoint"]) if s.get("entrypoint") is not None else None,
+                user=s.get("user"),
+                working_dir=s.get("working_dir"),
+                hostname=s.get("hostname"),
+                stop_signal=s.get("stop_signal"),
+                stop_grace_period=s.get("stop_grace_period"),
+                init=s.get("init"),
+                read_only=bool(s.get("read_only", False)),
+                tmpfs=tuple(s.get("tmpfs", ())),
+                labels=tuple((k, v) for k, v in s.get("labels", ())),
+                expose=tuple(s.get("expose", ())),
+                ports=tuple(Port(**p) for p in s.get("ports", ())),
+                cpu_reservation=s.get("cpu_reservation"),
+                memory_reservation=s.get("memory_reservation"),
+                depends_on_conditions=tuple((k, v) for k, v in s.get("depends_on_conditions", ())),
+                binds=tuple(Bind(**b) for b in s.get("binds", ())),
+                tty=bool(s.get("tty", False)),
+                stdin_open=bool(s.get("stdin_open", False)),
             )
             for s in data["services"]
         )

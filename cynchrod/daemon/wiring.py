@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 from cynchrod import runtime, store
 from cynchrod.core import planning
 from cynchrod.core.codes import Code
-from cynchrod.core.errors import CynchrodError, PermanentError
+from cynchrod.core.errors import CynchrodError, PermanentError, SecretMissing
 from cynchrod.daemon import watchers
-from cynchrod.desired import config, secrets, source
-from cynchrod.shell import builds, channel, control, liveness, metrics, notify, reconciler
+from cynchrod.desired import config, registry, secrets, source
+from cynchrod.shell import builds, channel, control, liveness, metrics, notify, reconciler, updates
 from cynchrod.shell.front import PREVIEW_WAIT_S, Change, Unit, make_edge, make_runtime
 
 if TYPE_CHECKING:
@@ -49,9 +49,12 @@ class Daemon:
     on_reload: Callable[[], None] = lambda: None
     #: Probes of the engine and the edge (``liveness``), started with the reconciler.
     liveness: liveness.Liveness | None = None
+    #: Image updates (``shell.updates``): its own thread, started with the reconciler.
+    checker: updates.Checker | None = None
     #: Notifications and commit statuses (``shell/notify``), started with the reconciler.
     notifier: notify.Notifier | None = None
     _thread: threading.Thread | None = None
+    _checker_thread: threading.Thread | None = None
     _watcher: threading.Thread | None = None
     #: One preview at a time: page loads during a long pass must not pile up behind it.
     _previewing: threading.Lock = dataclasses.field(default_factory=threading.Lock)
@@ -87,7 +90,10 @@ class Daemon:
             probes.append(liveness.Probe(name="edge", meta=liveness.EDGE_META, code=Code.EDGE_UNAVAILABLE,
                                          check=front.reassert, db=db))
         made = cls(settings=cfg, store=db, source=srcs[0], runtime=rt, reconciler=rec, control=ctl, metrics=stats,
-                   secrets=vault, liveness=liveness.Liveness(probes))
+                   secrets=vault, liveness=liveness.Liveness(probes),
+                   checker=updates.Checker(db=db, ctl=ctl, credentials=lambda org: _registry_auths(vault, org),
+                                           stats=stats,
+                                           client=registry.Registry(insecure=registry.insecure_hosts(cfg.registry_url))))
         # Reads the settings at each use, so a reloaded config's targets apply at once.
         made.notifier = notify.Notifier(db, notify.Targets(lambda: made.settings))
         return made
@@ -116,6 +122,10 @@ class Daemon:
         if self._watched():
             self._watcher = threading.Thread(target=self._watch, name="watch", daemon=True)
             self._watcher.start()
+        if self.checker is not None:
+            self._checker_thread = threading.Thread(target=self.checker.serve, name="updates", args=(self.stop_event,),
+                                                    daemon=True)
+            self._checker_thread.start()
 
     def health(self) -> list[dict[str, str]]:
         """What stops this daemon from doing its job now, as (code, message) pairs; [] when healthy.
@@ -146,7 +156,7 @@ class Daemon:
 
     def stop(self, timeout: float = 30) -> None:
         self.stop_event.set()
-        for thread in (self._thread, self._watcher):
+        for thread in (self._thread, self._watcher, self._checker_thread):
             if thread is not None:
                 thread.join(timeout)
 
@@ -249,6 +259,14 @@ class Daemon:
         threading.Thread(target=run, name="preview", daemon=True).start()
         done.wait(wait_s)
         return found[0] if found else None
+
+
+def _registry_auths(vault: secrets.Secrets, org: str) -> bytes | None:
+    """The org's ``registry-auths`` secret (image updates' registry credentials), None when unset."""
+    try:
+        return vault.value(org, registry.AUTH_SECRET)
+    except SecretMissing:
+        return None
 
 
 def _next_spec(action: planning.Action) -> str:

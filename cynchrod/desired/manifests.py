@@ -11,13 +11,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import pathlib
 import posixpath
 import re
 import shlex
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from cynchrod.core import specs
+from cynchrod.core import specs, updates
 from cynchrod.core.codes import Code
 from cynchrod.core.errors import ManifestError
 from cynchrod.desired import validation, yamlio
@@ -45,7 +46,10 @@ _SCHEMA = validation.Schema("app.schema.json")
 
 
 def is_manifest_path(path: str) -> bool:
-    return path.endswith(MANIFEST_SUFFIXES)
+    """Files a source lists: YAML (manifests and compose files) and the ``.env``/``*.env`` files a
+    compose app reads (``.env`` beside a native manifest is listed and left alone)."""
+    name = posixpath.basename(path)
+    return path.endswith(MANIFEST_SUFFIXES) or name == ".env" or name.endswith(".env") or name.startswith(".env.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,7 +224,8 @@ def _parse(path: str, raw: bytes, *, org: str | None) -> Result:
     return Result(path, _to_spec(path, data))
 
 
-_SERVICE_ONLY_IN_SERVICES = ("image", "build", "command", "port", "hostPort", "volumes", "secrets", "healthcheck")
+_SERVICE_ONLY_IN_SERVICES = ("image", "build", "command", "port", "hostPort", "volumes", "secrets", "healthcheck",
+                             "update")
 _VOLUME_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 
 
@@ -288,6 +293,8 @@ def _check_domains(data: dict[str, Any], err: Callable[[str, str, list[Any]], No
 def _check_service(service: dict[str, Any], where: list[Any], err: Callable[[str, str, list[Any]], None],
                    *, replicas: int) -> None:
     prefix = ".".join(map(str, where)) + "." if where else ""
+    if "update" in service:
+        _check_update(service, where, prefix, err)
     for key in ("context", "dockerfile"):
         value = str((service.get("build") or {}).get(key, ""))
         if value.startswith(("/", "~")) or ".." in value.replace("\\", "/").split("/"):
@@ -324,6 +331,20 @@ def _check_service(service: dict[str, Any], where: list[Any], err: Callable[[str
         elif mode not in ("", "ro", "rw"):
             err(f"{prefix}volumes[{i}]: mode must be ro or rw, got {mode!r}", "invalid_value", at)
         targets.setdefault(target, i)
+
+
+def _check_update(service: dict[str, Any], where: list[Any], prefix: str,
+                  err: Callable[[str, str, list[Any]], None]) -> None:
+    block = service["update"]
+    if "image" not in service:
+        err(f"{prefix}update: needs image (a built image has no registry to watch)", Code.INVALID_UPDATE,
+            [*where, "update"])
+        return
+    try:
+        updates.parse_policy(block)
+    except updates.PolicyError as exc:
+        at = [*where, "update", exc.key] if exc.key in block else [*where, "update"]
+        err(f"{prefix}update.{exc.key}: {exc}", Code.INVALID_UPDATE, at)
 
 
 #: Mount paths a volume may not cover: the kernel's filesystems (the path and anything under it: the
@@ -420,6 +441,7 @@ def _service(name: str, data: dict[str, Any], app: dict[str, Any]) -> specs.Serv
         replicas=int(data.get("replicas", app.get("replicas", 1))),
         # The app's own domain stays on the app (a single service's keys are the app's).
         domain=data.get("domain") if data is not app else None,
+        update=updates.parse_policy(data["update"]) if "update" in data else None,
     )
 
 
@@ -450,13 +472,36 @@ class Desired:
     failed_paths: frozenset[str]
     #: Each failed file's org as far as it can be read (``Result.org``; None: unknown).
     failed_orgs: Mapping[str, str | None] = dataclasses.field(default_factory=dict)
+    #: A compose app's errors found in its other files (an override, an included file, its ``.env``):
+    #: that file's path -> the app's path (its compose file), so the app keeps its last good spec.
+    owners: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+def _compose_groups(files: list[tuple[str, str]]) -> dict[str, list[tuple[str, str]]]:
+    """Compose app directories (those holding a ``compose.yaml`` or one of its other names) and the
+    files listed under each: one app per directory, parsed and cached as one."""
+    from cynchrod.desired import compose  # compose builds on this module
+
+    dirs = sorted({posixpath.dirname(p) for p, _ in files if compose.is_compose_file(p)})
+    groups: dict[str, list[tuple[str, str]]] = {d: [] for d in dirs}
+    for path, oid in files:
+        parent, up = posixpath.dirname(path), ""
+        while parent not in groups and parent != up:  # up to "" (relative) or "/" (absolute: cynchrod validate)
+            parent, up = posixpath.dirname(parent), parent
+        if parent in groups:
+            groups[parent].append((path, oid))
+    return groups
 
 
 class Cache:
-    """Parse results keyed by blob id; only ids seen in the last load are kept."""
+    """Parse results keyed by blob id (a compose app: by the ids of its directory's files); only
+    those seen in the last load are kept."""
 
-    def __init__(self, *, org: str | None = None) -> None:
+    def __init__(self, *, org: str | None = None, files_dir: pathlib.Path | None = None) -> None:
         self._results: dict[str, Result] = {}
+        self._unreadable = ""
+        #: Where compose apps' bind-mounted repository files are copied (None: not copied, ``validate``).
+        self.files_dir = files_dir
         self.parses = 0
         self.org = org
 
@@ -474,7 +519,26 @@ class Cache:
         failed: set[str] = set()
         orgs: dict[str, str | None] = {}
         claims: dict[tuple[str, str], list[specs.AppSpec]] = {}
-        for path, oid in sorted(files):
+        listed = sorted(files)
+        groups = _compose_groups(listed)
+        in_group = {path for members in groups.values() for path, _ in members}
+        singles = [(p, o) for p, o in listed if p not in in_group and p.endswith(MANIFEST_SUFFIXES)]
+        loaded: list[Result] = []
+        for directory, members in sorted(groups.items()):
+            key = "compose:" + directory + "\0" + "\0".join(f"{o}:{p}" for p, o in members)
+            result = self._results.get(key)
+            if result is None:
+                result = self._compose(directory, members, read)
+                if result is None:
+                    errors.append(ManifestError(f"cannot be read from the repository: {self._unreadable}",
+                                                code="unreadable", path=directory, line=1))
+                    failed.add(directory)
+                    orgs[directory] = self.org
+                    continue
+                self.parses += 1
+            kept[key] = result
+            loaded.append(result)
+        for path, oid in singles:
             key = f"{oid}:{path}"
             result = self._results.get(key)
             if result is None:
@@ -491,7 +555,12 @@ class Cache:
                 result = parse(path, raw, org=self.org)
                 self.parses += 1
             kept[key] = result
+            loaded.append(result)
+        owners: dict[str, str] = {}
+        for result in loaded:
+            path = result.path
             if result.spec is None:
+                owners.update({e.path: path for e in result.errors if e.path != path})
                 errors.extend(result.errors)
                 failed.add(path)
                 orgs[path] = result.org
@@ -509,4 +578,19 @@ class Cache:
                     failed.add(other.path)
                     orgs[other.path] = other.org
         self._results = kept
-        return Desired(apps=apps, errors=tuple(errors), failed_paths=frozenset(failed), failed_orgs=orgs)
+        return Desired(apps=apps, errors=tuple(errors), failed_paths=frozenset(failed), failed_orgs=orgs,
+                       owners=owners)
+
+    def _compose(self, directory: str, members: list[tuple[str, str]], read: Callable[[str], bytes]
+                 ) -> Result | None:
+        """Parse one compose directory; None (not cached: may be readable next pass) when a blob cannot be read."""
+        from cynchrod.desired import compose
+
+        contents: dict[str, bytes] = {}
+        for path, oid in members:
+            try:
+                contents[path] = read(oid)
+            except Exception as exc:
+                self._unreadable = f"{path}: {exc}"
+                return None
+        return compose.parse(directory, contents, org=self.org, files_dir=self.files_dir)

@@ -84,9 +84,13 @@ def non_finite(value: Any, path: tuple[str | int, ...] = ()) -> Iterator[tuple[s
 
 
 class Schema:
-    def __init__(self, name: str) -> None:
-        self.document = load_document(name)
-        self._validator = jsonschema.Draft202012Validator(self.document)
+    """A schema file by name (or a document built by the caller); the draft its ``$schema`` names
+    (the vendored Compose Specification is draft-07, ours are 2020-12)."""
+
+    def __init__(self, name: str, *, document: dict[str, Any] | None = None) -> None:
+        self.document = document if document is not None else load_document(name)
+        cls = jsonschema.validators.validator_for(self.document, default=jsonschema.Draft202012Validator)
+        self._validator = cls(self.document)
         self.properties = frozenset(self.document.get("properties", {}))
 
     def problems(self, data: Any) -> list[Problem]:

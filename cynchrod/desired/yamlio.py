@@ -6,7 +6,10 @@ or ``load_roundtrip``, so the guards are the same everywhere:
 
 * size: at most ``MAX_BYTES`` (1 MiB);
 * aliases (``*name``) are refused before anything is built: expanding them
-  is how a few hundred bytes become gigabytes ("billion laughs");
+  is how a few hundred bytes become gigabytes ("billion laughs"); compose files
+  (``load_roundtrip(..., aliases=True)``) may use them, as real ones do
+  (``x-common: &common`` ... ``<<: *common``): ``plain`` then counts the values
+  it expands and stops at ``MAX_NODES``, so a billion laughs is refused all the same;
 * nesting: at most ``MAX_DEPTH`` levels of mappings and lists, checked on the
   parser's event stream, so a deep document is refused in microseconds instead
   of recursing (``RecursionError``) in the composer;
@@ -61,12 +64,12 @@ def _decode(raw: bytes | str) -> str:
         raise YamlError(f"not UTF-8 ({exc.reason})") from exc
 
 
-def _check_events(text: str) -> None:
+def _check_events(text: str, *, aliases: bool = False) -> None:
     """Walk the parser's events (no document is built): aliases, depth, node count."""
     depth = nodes = 0
     try:
         for event in YAML(typ="rt").parse(io.StringIO(text)):
-            if isinstance(event, AliasEvent):
+            if isinstance(event, AliasEvent) and not aliases:
                 raise YamlError("YAML aliases are not allowed", code="yaml_alias", line=_line(event))
             if isinstance(event, NodeEvent):
                 nodes += 1
@@ -109,14 +112,15 @@ def _compose(text: str, *, roundtrip: bool) -> list[Any]:
         raise YamlError(_first_line(exc)) from exc
 
 
-def load_roundtrip(raw: bytes | str) -> Any:
+def load_roundtrip(raw: bytes | str, *, aliases: bool = False) -> Any:
     """One document as ruamel's round-trip nodes (comments, order and line numbers kept).
 
     Guarded like ``load``; ``None`` for an empty document. Several documents are an
-    ``invalid_manifest`` error.
+    ``invalid_manifest`` error. ``aliases``: anchors and aliases are allowed (compose files);
+    ``plain`` bounds what they expand to.
     """
     text = _decode(raw)
-    _check_events(text)
+    _check_events(text, aliases=aliases)
     docs = _compose(text, roundtrip=True)
     if len(docs) > 1:
         raise YamlError(f"expected exactly one YAML document, found {len(docs)}", code="invalid_manifest")
@@ -129,12 +133,18 @@ def load(raw: bytes | str) -> Any:
     return plain(doc)
 
 
-def plain(node: Any, _depth: int = 0, _line: int = 1) -> Any:
+def plain(node: Any, _depth: int = 0, _line: int = 1, _left: list[int] | None = None) -> Any:
     """Round-trip nodes as plain JSON-like values; ``YamlError`` for anything else.
 
     Timestamps become ISO strings. Float values are kept as they are (``.nan``
     included): finiteness is a schema rule (``validation``), reported with its key.
+    At most ``MAX_NODES`` values are made (what aliases expand to counts).
     """
+    if _left is None:
+        _left = [MAX_NODES]
+    _left[0] -= 1
+    if _left[0] < 0:
+        raise YamlError(f"expands to more than {MAX_NODES} values (aliases?)", code="too_large", line=_line)
     if isinstance(node, (CommentedMap, CommentedSeq)) and node.lc.line is not None:
         _line = node.lc.line + 1
     if _depth > MAX_DEPTH:
@@ -151,10 +161,10 @@ def plain(node: Any, _depth: int = 0, _line: int = 1) -> Any:
             at = _key_line(node, key, _line)
             if not isinstance(key, str):
                 raise YamlError(f"keys must be strings, got {_describe(key)}", code="invalid_type", line=at)
-            out[_text(key, at)] = plain(value, _depth + 1, at)
+            out[_text(key, at)] = plain(value, _depth + 1, at, _left)
         return out
     if isinstance(node, list):
-        return [plain(v, _depth + 1, _item_line(node, i, _line)) for i, v in enumerate(node)]
+        return [plain(v, _depth + 1, _item_line(node, i, _line), _left) for i, v in enumerate(node)]
     raise YamlError(f"unsupported value {_describe(node)} (only strings, numbers, booleans, null, "
                     "mappings and lists)", code="invalid_type", line=_line)
 
@@ -277,3 +287,13 @@ def double_quoted(text: str) -> str:
     """A string written with double quotes (timestamps that must stay strings)."""
     quoted: str = DoubleQuotedScalarString(text)
     return quoted
+
+
+def same_style(old: Any, text: str) -> str:
+    """``text`` written the way ``old`` was (plain, 'single' or "double" quoted, literal ...)."""
+    from ruamel.yaml.scalarstring import ScalarString
+
+    if isinstance(old, ScalarString):
+        styled: str = type(old)(text)
+        return styled
+    return text

@@ -392,7 +392,7 @@ class LocalRuntime(_docker.Driver):
         fault("remove", container_id, self.api)
         self._ignore_missing(lambda: self.api.stop(container_id, timeout=self.stop_timeout), "stop")
         try:
-            self._call(lambda: self.api.remove_container(container_id, force=True), "remove")
+            self._call(lambda: self.api.remove_container(container_id, force=True, v=True), "remove")
         except UnitGone:
             pass
         except _docker.Conflict:
@@ -415,25 +415,39 @@ class LocalRuntime(_docker.Driver):
         network = self._ensure_network(spec) if spec.multi else None
         binds: dict[str, dict[str, str]] = {}
         for volume in service.volumes:
+            if not volume.name:
+                continue  # anonymous: the engine makes it with the container
             binds[self._ensure_volume(spec, volume.name)] = {"bind": volume.path,
                                                              "mode": "ro" if volume.read_only else "rw"}
+        for bind in service.binds:  # repository files copied under the state dir (compose apps)
+            binds[bind.source] = {"bind": bind.target, "mode": "ro" if bind.read_only else "rw"}
         for secret in service.secrets:
             if self.secrets_dir is None:
                 raise PermanentError("this runtime has no secrets directory", code="secret_missing")
             staged = self.secrets_dir / spec.org / spec.name / secret
             binds[str(staged)] = {"bind": f"/run/secrets/{secret}", "mode": "ro"}
-        ports = [service.port] if service.port else None
-        bindings: dict[int, Any] | None = None
+        anonymous = [v.path for v in service.volumes if not v.name]  # Compose's anonymous volumes
+        ports: list[Any] | None = [service.port] if service.port else None
+        bindings: dict[Any, Any] | None = None
         if service.port:
             bindings = {service.port: (self.publish_address, service.host_port) if service.host_port
                         else (self.publish_address,)}
+        for extra in service.ports:  # Compose's further published ports
+            key = extra.target if extra.protocol == "tcp" else f"{extra.target}/{extra.protocol}"
+            ports = [*(ports or []), (extra.target, extra.protocol) if extra.protocol != "tcp" else extra.target]
+            bindings = {**(bindings or {}), key: (self.publish_address, extra.published) if extra.published
+                        else (self.publish_address,)}
+        ports = [*(ports or []), *(p for p in service.expose if p not in (ports or []))] or None
         host_config = self.api.create_host_config(
             port_bindings=bindings,
             nano_cpus=int(service.cpu * 1e9),
             mem_limit=service.memory * 1024 * 1024,
             # Equal to the memory limit: no swap on top, so the limit is real.
             memswap_limit=service.memory * 1024 * 1024,
-            init=True,
+            mem_reservation=None if service.memory_reservation is None else service.memory_reservation * 1024 * 1024,
+            init=True if service.init is None else service.init,
+            read_only=service.read_only or None,
+            tmpfs={t.partition(":")[0]: t.partition(":")[2] for t in service.tmpfs} or None,
             log_config=_docker.LOG_CONFIG,
             binds=binds or None,
             network_mode=network,
@@ -452,12 +466,22 @@ class LocalRuntime(_docker.Driver):
                 command=list(service.command) if service.command else None,
                 name=name,
                 environment=dict(service.env),
-                labels={**runtime.unit_labels(self.owner, self.instance, spec, service, replica),
+                labels={**dict(service.labels),  # ours last: a user label never hides cynchrod's
+                        **runtime.unit_labels(self.owner, self.instance, spec, service, replica),
                         **(extra_labels or {})},
                 ports=ports,
+                volumes=anonymous or None,
                 host_config=host_config,
                 networking_config=networking,
                 healthcheck=health,
+                entrypoint=list(service.entrypoint) if service.entrypoint is not None else None,
+                user=service.user,
+                working_dir=service.working_dir,
+                hostname=service.hostname,
+                stop_signal=service.stop_signal,
+                stop_timeout=None if service.stop_grace_period is None else int(service.stop_grace_period),
+                tty=service.tty,
+                stdin_open=service.stdin_open,
             )
             return result
 

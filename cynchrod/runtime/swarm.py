@@ -90,6 +90,7 @@ from docker.types import (
 
 from cynchrod import runtime
 from cynchrod.core import planning, specs
+from cynchrod.core.codes import Code
 from cynchrod.core.errors import (
     EngineUnavailable,
     PermanentError,
@@ -760,17 +761,33 @@ class SwarmRuntime(_docker.Driver):
             h = service.healthcheck
             health = Healthcheck(test=list(h.test), interval=int(h.interval * _NS), timeout=int(h.timeout * _NS),
                                  retries=h.retries, start_period=int(h.start_period * _NS))
+        if service.binds:
+            # The copies are on this host only; a task on another node would not find them.
+            raise PermanentError(f"{spec.org}/{spec.name} [{service.name}]: bind mounts of repository files run on "
+                                 "the docker runtime only", code=Code.UNSUPPORTED_KEY)
         mounts = [Mount(v.path, self._volume_name(spec, v.name), type="volume", read_only=v.read_only,
-                        labels=self._app_labels(spec.org, spec.name)) for v in service.volumes]
+                        labels=self._app_labels(spec.org, spec.name)) if v.name
+                  else Mount(v.path, None, type="volume") for v in service.volumes]
+        mounts.extend(_tmpfs_mount(entry) for entry in service.tmpfs)
+        # Compose's keys (None when unset: left out of the body, so the drift digest of a spec
+        # without them is unchanged). Swarm's ``command`` is the entrypoint and ``args`` the command.
+        entry = list(service.entrypoint) if service.entrypoint is not None else None
+        command = list(service.command) if service.command else None
+        grace = self.stop_timeout if service.stop_grace_period is None else service.stop_grace_period
         container = ContainerSpec(
-            image, command=list(service.command) if service.command else None,
-            env=[f"{k}={v}" for k, v in service.env], labels=labels, mounts=mounts or None,
-            stop_grace_period=self.stop_timeout * _NS, secrets=self._ensure_secrets(spec, service) or None,
-            healthcheck=health, init=True)
+            image, command=entry if entry is not None else command, args=command if entry is not None else None,
+            env=[f"{k}={v}" for k, v in service.env], labels={**dict(service.labels), **labels} if service.labels
+            else labels, mounts=mounts or None, stop_grace_period=int(grace * _NS),
+            secrets=self._ensure_secrets(spec, service) or None, healthcheck=health,
+            init=True if service.init is None else service.init, hostname=service.hostname, user=service.user,
+            workdir=service.working_dir, stop_signal=service.stop_signal, read_only=service.read_only or None,
+            tty=service.tty or None, open_stdin=service.stdin_open or None)
         cpu, memory = int(service.cpu * _NS), service.memory * 1024 * 1024
+        cpu_reserved = cpu if service.cpu_reservation is None else int(service.cpu_reservation * _NS)
+        mem_reserved = memory if service.memory_reservation is None else service.memory_reservation * 1024 * 1024
         template = TaskTemplate(
-            container, resources=Resources(cpu_limit=cpu, mem_limit=memory, cpu_reservation=cpu,
-                                           mem_reservation=memory),
+            container, resources=Resources(cpu_limit=cpu, mem_limit=memory, cpu_reservation=cpu_reserved,
+                                           mem_reservation=mem_reserved),
             restart_policy=RestartPolicy("any", delay=5 * _NS), networks=networks or None,
             log_driver=DriverConfig(_docker.LOG_CONFIG["type"], _docker.LOG_CONFIG["config"]))
         ports: list[dict[str, Any]] = []
@@ -779,6 +796,11 @@ class SwarmRuntime(_docker.Driver):
             if service.host_port:
                 port["PublishedPort"] = service.host_port
             ports.append(port)
+        for extra in service.ports:
+            more: dict[str, Any] = {"Protocol": extra.protocol, "TargetPort": extra.target, "PublishMode": "host"}
+            if extra.published:
+                more["PublishedPort"] = extra.published
+            ports.append(more)
         update = UpdateConfig(parallelism=1, failure_action="rollback", monitor=UPDATE_MONITOR_S * _NS,
                               order="stop-first" if service.host_port else "start-first")
         body = {"Name": name, "Labels": dict(labels), "TaskTemplate": template, "UpdateConfig": update,
@@ -1109,3 +1131,17 @@ class SwarmRuntime(_docker.Driver):
 
     def follow(self, org: str, app: str, *, since: float, ended: threading.Event | None = None) -> _ServiceLogs:
         return _ServiceLogs(self, org, app, since, ended)
+
+
+def _tmpfs_mount(entry: str) -> Mount:
+    """A Compose ``tmpfs`` entry (``/run`` or ``/run:size=64m,mode=1777``) as a Swarm tmpfs mount."""
+    target, _, options = entry.partition(":")
+    size: int | str | None = None
+    mode: int | None = None
+    for option in filter(None, options.split(",")):
+        key, _, value = option.partition("=")
+        if key == "size":
+            size = value
+        elif key == "mode":
+            mode = int(value, 8)
+    return Mount(target, None, type="tmpfs", tmpfs_size=size, tmpfs_mode=mode)

@@ -110,8 +110,25 @@ class Control:
                 # The commit is in Git: the call is done, and the pass it wakes applies it (and
                 # records its deployment once the state dir can be written).
                 log.warning("%s: the deployment of commit %s is not queued: %s", app.id, commit[:12], exc)
-            self.wake("api")
+            self.wake("update" if trigger == "update" else "api")
         return Accepted(app=app, action=action, commit=commit, deployment_id=deployment)
+
+    def bump_image(self, app: store.App, *, service: str | None, expected: str, image: str,
+                   message: str) -> Accepted:
+        """Commit an image update (``shell.updates``): the manifest's ``image`` (of ``service``, or of the
+        app when None) from ``expected`` to ``image``, as the daemon, through the same compare-and-swap
+        commit-back as every imperative call; the deployment it queues has trigger ``update``."""
+        if not app.path:
+            raise Conflict(f"app {app.org}/{app.name} has no manifest in the repository", code="not_in_repo")
+
+        def edit(old: bytes | None) -> bytes | None:
+            if old is None:
+                raise Conflict(f"{app.path} is no longer in the repository", code="not_in_repo")
+            return edits.set_image(old, service, expected, image)
+
+        src = self._source_of(app)
+        commit = self.blocking(lambda: src.commit_edit(app.path, edit, message))
+        return self._accepted(app, "update", commit, trigger="update")
 
     def restart(self, app: store.App, *, actor: str) -> Accepted:
         """Recreate a running app's containers. A stopped app is refused (``app_stopped``):
@@ -119,24 +136,23 @@ class Control:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{time.time_ns() % 10**9:09d}Z"
 
         def edit(old: bytes | None) -> bytes | None:
-            parsed = manifests.parse(app.path, old or b"")
-            if parsed.spec is not None and parsed.spec.state == "stopped":
+            if edits.declared_state(app.path, old) == "stopped":
                 raise Conflict(f"app {app.org}/{app.name} is stopped (state: stopped); start it instead: "
                                f"POST /apps/{app.id}/start or cynchrod start {app.org}/{app.name}",
                                code="app_stopped")
-            return edits.set_keys(old or b"", {"restartedAt": stamp})
+            return edits.set_keys(old or b"", {"restartedAt": stamp}, path=app.path)
 
         return self._edit(app, "restart", actor, edit)
 
     def stop(self, app: store.App, *, actor: str) -> Accepted:
-        return self._edit(app, "stop", actor, lambda old: edits.set_keys(old or b"", {"state": "stopped"}))
+        return self._edit(app, "stop", actor,
+                          lambda old: edits.set_keys(old or b"", {"state": "stopped"}, path=app.path))
 
     def start(self, app: store.App, *, actor: str) -> Accepted:
         def edit(old: bytes | None) -> bytes | None:
-            result = manifests.parse(app.path, old or b"")
-            if result.spec is not None and result.spec.state == "running":
+            if edits.declared_state(app.path, old) == "running":
                 return old  # already running: no commit
-            return edits.set_keys(old or b"", {"state": "running"})
+            return edits.set_keys(old or b"", {"state": "running"}, path=app.path)
 
         return self._edit(app, "start", actor, edit)
 

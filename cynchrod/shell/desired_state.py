@@ -89,7 +89,9 @@ class DesiredState:
         self.secrets = secrets
         self.builds = builds
         self.max_apps = max_apps
-        self.caches = {s.url: manifests.Cache(org=s.org) for s in self.sources}
+        # Compose apps' bind-mounted repository files are copied under the state dir (see compose.files).
+        files_dir = secrets.state_dir / "files" if secrets is not None else None
+        self.caches = {s.url: manifests.Cache(org=s.org, files_dir=files_dir) for s in self.sources}
         #: Log each manifest error of a newly read commit (the daemon); ``plan`` and ``sync``
         #: print them in their own output instead, so each is shown once.
         self.log_manifest_errors = True
@@ -172,7 +174,7 @@ class DesiredState:
                     desired[key] = spec
             by_path: dict[str, list[ManifestError]] = {}
             for err in errors:
-                by_path.setdefault(err.path, []).append(err)
+                by_path.setdefault(loaded.owners.get(err.path, err.path), []).append(err)
             # A file that now fails keeps its app's last good spec running.
             for key, app in rows.items():
                 if app.source in (src.url, "") and app.path in by_path and (spec := app.spec) is not None:
@@ -180,7 +182,8 @@ class DesiredState:
                     manifest_errors[key] = by_path.pop(app.path)
             # What is left belongs to no app: the desired state's problems, listed beside the apps.
             self._problems[src.url] = [
-                store.Problem(path=e.path, line=e.line, code=e.code, message=e.message, org=orgs.get(e.path, src.org))
+                store.Problem(path=e.path, line=e.line, code=e.code, message=e.message,
+                              org=orgs.get(loaded.owners.get(e.path, e.path), src.org))
                 for found in by_path.values() for e in found]
             problems.extend(self._problems[src.url])
             errors_text.extend(str(e) for e in errors)

@@ -42,6 +42,9 @@ class _AppsByStatus(Collector):
         yield family
         yield GaugeMetricFamily("cynchrod_engine_up", "1 while the engine answers the reconciler's probe.",
                                 value=float(engine_up))
+        yield GaugeMetricFamily("cynchrod_updates_available", "App services with a newer image their update: "
+                                "block allows but does not commit (commit: false).",
+                                value=float(self._db.updates_available()))
         yield GaugeMetricFamily("cynchrod_edge_up", "1 while the edge (Caddy's admin API) answers, or none is set.",
                                 value=float(liveness.EDGE_META not in down))
 
@@ -102,6 +105,12 @@ class Metrics:
                                 ["provider", "result"], registry=self.registry)
         self.requests = Counter("cynchrod_api_requests", "API requests, by method and status code.",
                                 ["method", "code"], registry=self.registry)
+        self.update_checks = Counter("cynchrod_image_update_checks", "Image update checks (one per repository "
+                                     "asked), by registry.", ["registry"], registry=self.registry)
+        self.update_errors = Counter("cynchrod_image_update_errors", "Image update checks that failed, by registry "
+                                     "and code.", ["registry", "code"], registry=self.registry)
+        self.updates_committed = Counter("cynchrod_image_updates_committed", "Image updates committed to Git, by "
+                                         "registry.", ["registry"], registry=self.registry)
         self._db = db
         if db is not None:
             self.registry.register(_AppsByStatus(db))

@@ -47,6 +47,7 @@ from cynchrod.store.records import (
 )
 from cynchrod.store.secrets import Secrets
 from cynchrod.store.tokens import Tokens
+from cynchrod.store.updates import Updates, UpdateState
 
 __all__ = [
     "APP_STATUSES",
@@ -71,6 +72,8 @@ __all__ = [
     "QuotaFull",
     "Store",
     "Token",
+    "UpdateState",
+    "Updates",
     "main_service",
     "now",
     "services_json",
@@ -79,5 +82,5 @@ __all__ = [
 ]
 
 
-class Store(Apps, Tokens, Secrets, Meta, Outbox, Passes):
+class Store(Apps, Tokens, Secrets, Meta, Outbox, Passes, Updates):
     """The whole store over one SQLite file (see ``db.Database`` for threads and processes)."""

@@ -198,6 +198,28 @@ BEGIN
 END;
 """
 
+# Image updates (``store.updates``): one row per app service with an ``update:`` block. A state dir from
+# before gets the table from this script like any other (CREATE ... IF NOT EXISTS).
+SCHEMA += """
+CREATE TABLE IF NOT EXISTS image_updates (
+    app_id TEXT NOT NULL,
+    service TEXT NOT NULL,
+    image TEXT NOT NULL DEFAULT '',
+    checked_at TEXT,
+    candidate TEXT,
+    reason TEXT,
+    error_code TEXT,
+    error TEXT,
+    bumped_to TEXT,
+    bumped_commit TEXT,
+    bumped_at TEXT,
+    paused_spec TEXT,
+    failed TEXT NOT NULL DEFAULT '[]',
+    seen_commit TEXT,
+    PRIMARY KEY (app_id, service)
+);
+"""
+
 
 def migrate(db: sqlite3.Connection) -> None:
     """Create what is missing, and add the columns of a state dir written by an older version."""

@@ -250,3 +250,27 @@ def test_a_branch_locked_by_another_writer_is_a_rejection_not_a_crash(repo: GitR
     with pytest.raises(errors.SourceError) as failed:
         src.commit_edit("apps/a.yaml", lambda old: (old or b"") + b"cpu: 0.5\n", "edit (by test)")
     assert failed.value.code == "push_conflict"
+
+
+def test_both_sources_list_every_file_of_a_compose_directory(tmp_path: pathlib.Path) -> None:
+    """Under a directory holding compose.yaml every regular, visible file up to 1 MiB is listed (bind
+    mounts may name it) and .env too; elsewhere YAML (and .env) only."""
+    work = tmp_path / "w"
+    files = {"apps/native.yaml": "name: n\nimage: x\n", "apps/notes.txt": "not listed\n", "apps/.env": "A=1\n",
+             "apps/web/compose.yaml": "services: {web: {image: x}}\n", "apps/web/.env": "A=1\n",
+             "apps/web/conf/nginx.conf": "server {}\n", "apps/web/.hidden": "no\n",
+             "apps/web/big.bin": "x" * (1024 * 1024 + 1)}
+    for path, text in files.items():
+        (work / path).parent.mkdir(parents=True, exist_ok=True)
+        (work / path).write_text(text)
+    git("init", "-q", "-b", "main", str(work), cwd=tmp_path)
+    git("add", ".", cwd=work)
+    git("commit", "-q", "-m", "start", cwd=work)
+    expected = ["apps/.env", "apps/native.yaml", "apps/web/.env", "apps/web/compose.yaml", "apps/web/conf/nginx.conf"]
+    tree = source.open_source(str(work), state_dir=tmp_path / "state")
+    assert isinstance(tree, source.WorkTreeSource)
+    listed, refused = tree.files(tree.fetch())
+    assert (sorted(p for p, _ in listed), refused) == (expected, [])
+    mirror = source.Source(f"file://{work}", state_dir=tmp_path / "state2")
+    listed, refused = mirror.files(mirror.fetch())
+    assert (sorted(p for p, _ in listed), refused) == (expected, [])

@@ -23,7 +23,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import IO
+from typing import IO, Any
 from urllib.parse import urlparse
 
 import pygit2
@@ -31,6 +31,7 @@ import pygit2
 from cynchrod.core.codes import Code
 from cynchrod.core.errors import ManifestError, SourceError, StateUnwritable
 from cynchrod.core.errors import MirrorDamaged as _Damaged
+from cynchrod.desired.compose import COMPOSE_NAMES
 from cynchrod.desired.manifests import MAX_MANIFEST_BYTES, is_manifest_path
 from cynchrod.desired.source import push
 from cynchrod.desired.source.followed import Followed, credential, unwritable_mirror
@@ -46,6 +47,7 @@ _BAD_NAME = re.compile(r"[\x00-\x1f\x7f]|^\.{1,2}$|/")
 _MANIFEST_MODES = (pygit2.enums.FileMode.BLOB, pygit2.enums.FileMode.BLOB_EXECUTABLE)
 PUSH_ATTEMPTS = 6
 _SYMLINK = pygit2.enums.FileMode.LINK
+_COMPOSE_NAMES = frozenset(n.encode() for n in COMPOSE_NAMES)
 
 
 def _callbacks(url: str) -> pygit2.RemoteCallbacks | None:
@@ -290,11 +292,14 @@ class Source(Followed):
         return found, refused
 
     def _walk(self, repo: pygit2.Repository, tree: pygit2.Tree, prefix: str, found: list[tuple[str, str]],
-              refused: list[ManifestError], depth: int) -> None:
+              refused: list[ManifestError], depth: int, compose_dir: bool = False) -> None:
+        """``compose_dir``: under a compose app's directory, where every regular file up to the size
+        limit is listed (a bind mount may name it); one that is not is left out without an error."""
         try:
             entries = list(tree)
         except (pygit2.GitError, ValueError, KeyError) as exc:
             raise _Damaged(f"{prefix}/ unreadable: {exc}") from exc
+        compose_dir = compose_dir or any(bytes(e.raw_name or b"") in _COMPOSE_NAMES for e in entries)
         for entry in entries:
             raw = bytes(entry.raw_name or b"")
             shown = f"{prefix}/{raw.decode('utf-8', 'replace')}"
@@ -323,9 +328,12 @@ class Source(Followed):
                 except (KeyError, ValueError, pygit2.GitError) as exc:
                     raise _Damaged(f"{path}/ unreadable: {exc}") from exc
                 if isinstance(sub, pygit2.Tree):
-                    self._walk(repo, sub, path, found, refused, depth + 1)
+                    self._walk(repo, sub, path, found, refused, depth + 1, compose_dir)
                 continue
             if not is_manifest_path(path):
+                if compose_dir and not name.startswith(".") and mode in _MANIFEST_MODES and \
+                        self._size(repo, entry.id) <= MAX_MANIFEST_BYTES:
+                    found.append((path, str(entry.id)))
                 continue
             if mode == _SYMLINK:
                 refuse("symlinks are not followed in the manifests repository", at=path)
@@ -341,6 +349,13 @@ class Source(Followed):
                            "manifest_too_large", path)
                 else:
                     found.append((path, str(entry.id)))
+
+    @staticmethod
+    def _size(repo: pygit2.Repository, oid: Any) -> int:
+        try:
+            return int(repo.odb.read_header(oid)[1])
+        except (KeyError, ValueError, pygit2.GitError):
+            return 0  # missing: reading it says so, as this file's error
 
     def introduced(self, commit: str, paths: Iterable[str], *, limit: int = 1000) -> dict[str, int]:
         """For each path, how many first-parent commits back it was added (larger = earlier).

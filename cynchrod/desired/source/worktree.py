@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterable
 import pygit2
 
 from cynchrod.core.errors import ManifestError, SourceError
-from cynchrod.desired.manifests import is_manifest_path
+from cynchrod.desired.compose import COMPOSE_NAMES
+from cynchrod.desired.manifests import MAX_MANIFEST_BYTES, is_manifest_path
 from cynchrod.desired.source.followed import AUTHOR_EMAIL, AUTHOR_NAME, Followed
 
 
@@ -62,9 +63,23 @@ class WorkTreeSource(Followed):
             refused: list[ManifestError] = []
             paths: dict[str, str] = {}
             stat_cache: dict[str, tuple[int, int, str]] = {}
-            for file in sorted(self.apps_dir.rglob("*")):
+            listed = sorted(self.apps_dir.rglob("*"))
+            # Under a compose app's directory every regular file is listed (a bind mount may name it).
+            compose_dirs = {f.parent for f in listed if f.name in COMPOSE_NAMES and f.is_file()}
+            for file in listed:
                 rel = file.relative_to(self.root).as_posix()
-                if not is_manifest_path(rel) or any(p.startswith(".") for p in file.relative_to(self.apps_dir).parts):
+                if not is_manifest_path(rel) and any(d in file.parents for d in compose_dirs):
+                    if file.is_file() and not file.is_symlink() and file.stat().st_size <= MAX_MANIFEST_BYTES and \
+                            not any(p.startswith(".") for p in file.relative_to(self.apps_dir).parts):
+                        oid = str(pygit2.hash(file.read_bytes()))
+                        found.append((rel, oid))
+                        paths[oid] = rel
+                    continue
+                parts = file.relative_to(self.apps_dir).parts
+                # Hidden files and folders are not read, but for a compose app's .env (and .env.*).
+                hidden = any(p.startswith(".") for p in parts[:-1]) or (
+                    parts[-1].startswith(".") and not parts[-1].startswith(".env"))
+                if not is_manifest_path(rel) or hidden:
                     continue
                 if file.is_symlink():
                     refused.append(ManifestError("symlinks are not followed in the manifests directory",

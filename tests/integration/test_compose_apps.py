@@ -1,0 +1,193 @@
+"""Compose files as apps against a real dockerd and a real git repository: a pushed
+``apps/<name>/compose.yaml`` runs as a multi-service app; its ``.env`` reaches the containers,
+its limits and plain keys apply, and a push changing one service recreates that service alone."""
+
+from __future__ import annotations
+
+import urllib.request
+from typing import Any
+
+import docker
+
+from cynchrod import runtime
+from cynchrod.shell import control
+from tests.conftest import Harness
+from tests.helpers import TEST_IMAGE, git, wait_for
+
+COMPOSE = f"""# a web and a worker, written as a Compose user would
+services:
+  web:
+    image: {TEST_IMAGE}
+    command:
+      - sh
+      - -c
+      - mkdir -p /tmp/www && echo $$GREETING > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www
+    environment:
+      GREETING: ${{GREETING:-unset}}
+      DB_URL: postgres://app:${{DB_PASSWORD:?set it in .env}}@db/app
+    env_file: [web.env]
+    ports: ["8080"]
+    user: "1000:1000"
+    working_dir: /bin
+    read_only: true
+    tmpfs: ["/tmp:mode=1777"]
+    labels:
+      team: web
+    stop_signal: SIGTERM
+    stop_grace_period: 3s
+    deploy:
+      resources:
+        limits: {{cpus: "0.5", memory: 96M}}
+        reservations: {{memory: 64M}}
+    depends_on:
+      worker:
+        condition: service_started
+  worker:
+    image: {TEST_IMAGE}
+    command: sleep 3600
+    volumes: [cache:/cache, /scratch]
+    mem_limit: 64m
+    secrets: [db-password]
+volumes:
+  cache:
+secrets:
+  db-password:
+    external: true
+x-cynchrod:
+  org: team
+"""
+
+
+def served(port: int) -> bytes:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as answer:
+            body: bytes = answer.read()
+            return body
+    except OSError:
+        return b""
+
+
+def rows(harness: Harness) -> dict[str, dict[str, Any]]:
+    return {r["Labels"][runtime.LABEL_SERVICE]: r
+            for r in harness.rt.api.containers(all=True, filters=harness.rt.owner_filter)
+            if r["Labels"][runtime.LABEL_APP] == "shop"}
+
+
+def test_a_compose_app_runs_with_its_env_and_limits_and_one_change_recreates_one_service(
+        repo, harness: Harness, docker_client: docker.DockerClient) -> None:
+    harness.secrets.set("team", "db-password", b"s3cret\n")
+    repo.push({"apps/shop/compose.yaml": COMPOSE, "apps/shop/.env": "GREETING=hello-from-dotenv\nDB_PASSWORD=pw\n",
+               "apps/shop/web.env": "FROM_ENV_FILE=yes\n", "apps/native.yaml": f"name: native\nimage: {TEST_IMAGE}\n"
+               "command: [sleep, '3600']\nmemory: 64\n"})
+    result = harness.sync()
+    assert result.ok, result
+    found = rows(harness)
+    assert set(found) == {"web", "worker"}
+    web = harness.rt.api.inspect_container(found["web"]["Id"])
+    env = dict(e.split("=", 1) for e in web["Config"]["Env"])
+    assert (env["GREETING"], env["DB_URL"], env["FROM_ENV_FILE"]) == ("hello-from-dotenv", "postgres://app:pw@db/app",
+                                                                       "yes")
+    host = web["HostConfig"]
+    assert (host["NanoCpus"], host["Memory"], host["MemoryReservation"]) == (500_000_000, 96 * 2**20, 64 * 2**20)
+    assert (host["ReadonlyRootfs"], host["Tmpfs"]) == (True, {"/tmp": "mode=1777"})
+    conf = web["Config"]
+    assert (conf["User"], conf["WorkingDir"], conf["StopTimeout"]) == ("1000:1000", "/bin", 3)
+    assert web["Config"]["Labels"]["team"] == "web"
+    port = int(found["web"]["Ports"][0]["PublicPort"])
+    wait_for(lambda: served(port) == b"hello-from-dotenv\n", 10, "the web service to serve the .env value")
+    worker = harness.rt.api.inspect_container(found["worker"]["Id"])
+    assert worker["HostConfig"]["Memory"] == 64 * 2**20
+    mounts = {m["Destination"]: m for m in worker["Mounts"]}
+    assert mounts["/cache"]["Type"] == "volume" and mounts["/scratch"]["Type"] == "volume"
+    exec_id = docker_client.api.exec_create(found["worker"]["Id"], ["cat", "/run/secrets/db-password"])["Id"]
+    assert docker_client.api.exec_start(exec_id) == b"s3cret\n"
+    assert (harness.app("native").status, harness.app("shop", "team").status) == ("running", "running")
+
+    # A push that changes the web service alone (through .env) recreates web, not worker.
+    before = {name: row["Id"] for name, row in found.items()}
+    repo.push({"apps/shop/.env": "GREETING=changed\nDB_PASSWORD=pw\n"})
+    result = harness.sync()
+    assert result.ok, result
+    after = {name: row["Id"] for name, row in rows(harness).items()}
+    assert after["worker"] == before["worker"]
+    assert after["web"] != before["web"]
+    # A pass with nothing new parses nothing.
+    cache = next(iter(harness.rec.desired.caches.values()))
+    parses = cache.parses
+    assert harness.sync().ok
+    assert cache.parses == parses
+
+
+def test_a_broken_override_or_env_keeps_the_last_good_app_running(repo, harness: Harness) -> None:
+    harness.secrets.set("team", "db-password", b"s3cret\n")
+    files = {"apps/shop/compose.yaml": COMPOSE, "apps/shop/.env": "DB_PASSWORD=pw\n", "apps/shop/web.env": "A=1\n"}
+    repo.push(files)
+    assert harness.sync().ok
+    before = {name: row["Id"] for name, row in rows(harness).items()}
+    repo.push({"apps/shop/compose.override.yaml": "services:\n  web:\n    privileged: true\n"})
+    result = harness.sync()
+    assert {name: row["Id"] for name, row in rows(harness).items()} == before
+    app = harness.app("shop", "team")
+    assert "apps/shop/compose.override.yaml:3: policy_violation: services.web.privileged" in (app.last_error or "")
+    repo.push({"apps/shop/compose.override.yaml": None, "apps/shop/.env": "NOTHING=here\n"})
+    harness.sync()
+    assert {name: row["Id"] for name, row in rows(harness).items()} == before
+    app = harness.app("shop", "team")
+    assert "apps/shop/compose.yaml:11: interpolation_failed" in (app.last_error or ""), result
+
+
+SITE = f"""services:
+  web:
+    image: {TEST_IMAGE}
+    command: [httpd, -f, -p, "8080", -h, /www]
+    ports: ["8080"]
+    volumes:
+      - ./site:/www
+      - ./motd.txt:/etc/motd.txt
+  other:
+    image: {TEST_IMAGE}
+    command: [sleep, "3600"]
+"""
+
+
+def test_a_bind_mounted_repository_file_is_served_read_only_and_a_change_recreates_its_service(
+        repo, harness: Harness, docker_client: docker.DockerClient) -> None:
+    repo.push({"apps/site/compose.yaml": SITE, "apps/site/site/index.html": "from the repo\n",
+               "apps/site/motd.txt": "motd\n"})
+    assert harness.sync().ok
+    found = {r["Labels"][runtime.LABEL_SERVICE]: r for r in harness.rt.api.containers(
+        all=True, filters=harness.rt.owner_filter) if r["Labels"][runtime.LABEL_APP] == "site"}
+    port = int(found["web"]["Ports"][0]["PublicPort"])
+    wait_for(lambda: served(port) == b"from the repo\n", 10, "the bind-mounted page")
+    write = "{ echo x > /www/new; } 2>/dev/null; echo rc=$?"
+    exec_id = docker_client.api.exec_create(found["web"]["Id"], ["sh", "-c", write])["Id"]
+    assert docker_client.api.exec_start(exec_id) == b"rc=1\n"  # read-only
+    exec_id = docker_client.api.exec_create(found["web"]["Id"], ["cat", "/etc/motd.txt"])["Id"]
+    assert docker_client.api.exec_start(exec_id) == b"motd\n"
+    repo.push({"apps/site/site/index.html": "changed in the repo\n"})
+    assert harness.sync().ok
+    after = {r["Labels"][runtime.LABEL_SERVICE]: r for r in harness.rt.api.containers(
+        all=True, filters=harness.rt.owner_filter) if r["Labels"][runtime.LABEL_APP] == "site"}
+    assert after["other"]["Id"] == found["other"]["Id"] and after["web"]["Id"] != found["web"]["Id"]
+    port = int(after["web"]["Ports"][0]["PublicPort"])
+    wait_for(lambda: served(port) == b"changed in the repo\n", 10, "the changed page")
+
+
+def test_stop_start_and_restart_are_commits_to_the_x_cynchrod_block(repo, harness: Harness) -> None:
+    text = f"# my stack\nservices:\n  web:\n    image: {TEST_IMAGE}   # pinned\n    command: [sleep, '3600']\n"
+    repo.push({"apps/stack/compose.yaml": text})
+    assert harness.sync().ok
+    ctl = control.Control(src=[harness.src], db=harness.db, wake=lambda trigger: None)
+    ctl.stop(harness.app("stack"), actor="test")
+    git("pull", "-q", "--rebase", "origin", "main", cwd=repo.work)
+    stopped = (repo.work / "apps/stack/compose.yaml").read_text()
+    assert stopped.startswith(text) and stopped.endswith("x-cynchrod:\n  state: stopped\n"), stopped
+    assert harness.sync().ok
+    assert harness.app("stack").status == "stopped"
+    ctl.start(harness.app("stack"), actor="test")
+    ctl.restart(harness.app("stack"), actor="test")
+    git("pull", "-q", "--rebase", "origin", "main", cwd=repo.work)
+    block = (repo.work / "apps/stack/compose.yaml").read_text().split("x-cynchrod:\n")[1]
+    assert block.startswith("  state: running\n  restartedAt: ")
+    assert harness.sync().ok
+    assert harness.app("stack").status == "running"

@@ -1,0 +1,222 @@
+"""Compose files as apps (desired/compose): the corpus under tests/data/compose, each directory one
+app written the way real projects write them, with the errors it must give (``expect.txt``:
+``ok``, or one ``file:line: code: message`` per line; ``*`` ends a line that is a prefix)."""
+
+from __future__ import annotations
+
+import fnmatch
+import pathlib
+import time
+
+import pytest
+
+from cynchrod.core import specs
+from cynchrod.desired import compose, manifests
+
+CORPUS = pathlib.Path(__file__).parents[1] / "data" / "compose"
+CASES = sorted(p.name for p in CORPUS.iterdir() if p.is_dir())
+
+
+def files_of(case: str) -> dict[str, bytes]:
+    root = CORPUS / case
+    return {f"apps/{case}/{f.relative_to(root).as_posix()}": f.read_bytes()
+            for f in sorted(root.rglob("*")) if f.is_file() and f.name != "expect.txt"}
+
+
+def parse(case: str, *, org: str | None = None) -> manifests.Result:
+    return compose.parse(f"apps/{case}", files_of(case), org=org)
+
+
+def test_the_corpus_is_big_enough() -> None:
+    assert len(CASES) >= 20
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_corpus(case: str) -> None:
+    expected = (CORPUS / case / "expect.txt").read_text().splitlines()
+    result = parse(case)
+    if expected == ["ok"]:
+        assert result.errors == ()
+        assert result.spec is not None
+        return
+    assert result.spec is None
+    got = [str(e) for e in result.errors]
+    assert len(got) == len(expected), got
+    for line, want in zip(got, expected, strict=True):
+        assert fnmatch.fnmatchcase(line, want.replace("[", "[[]")) if want.endswith("*") else line == want
+
+
+def service(spec: specs.AppSpec | None, name: str) -> specs.ServiceSpec:
+    assert spec is not None
+    return next(s for s in spec.services if s.name == name)
+
+
+def test_web_db_cache_maps_onto_the_spec() -> None:
+    spec = parse("web-db-cache").spec
+    assert spec is not None
+    assert (spec.org, spec.name, spec.domain, spec.path) == ("shop", "shop", "shop.example.com",
+                                                             "apps/web-db-cache/compose.yaml")
+    web = service(spec, "web")
+    assert web.image == "ghcr.io/example/shop:1.4.2"
+    env = dict(web.env)
+    assert env["DATABASE_URL"] == "postgres://shop:s3cret@db:5432/shop"
+    assert env["SECRET_KEY"] == "dev key" and env["WORKERS"] == "4" and env["DEBUG"] == "false"
+    assert (web.port, web.host_port, web.cpu, web.memory, web.memory_reservation) == (8000, 8000, 0.5, 256, 128)
+    assert web.depends_on == ("cache", "db")
+    assert web.depends_on_conditions == (("db", "service_healthy"),)
+    db = service(spec, "db")
+    assert db.healthcheck == specs.Healthcheck(test=("CMD-SHELL", "pg_isready -U shop"), interval=5.0, timeout=3.0,
+                                               retries=10, start_period=10.0)
+    assert db.volumes == (specs.Volume("pgdata", "/var/lib/postgresql/data"),)
+    cache = service(spec, "cache")
+    assert cache.command == ("redis-server", "--save", "", "--appendonly", "no")
+    assert cache.tmpfs == ("/data",)
+    assert (cache.cpu, cache.memory) == (specs.DEFAULT_CPU, specs.DEFAULT_MEMORY_MB)
+
+
+def test_override_is_merged_as_compose_does() -> None:
+    api = service(parse("override").spec, "api")
+    assert api.command == ("serve", "--port", "8080", "--reload")
+    assert dict(api.env) == {"LOG_LEVEL": "debug", "REGION": "eu"}
+    assert (api.port, api.host_port) == (8080, 8080)
+    assert api.ports == (specs.Port(9229, 9229),)
+    assert api.labels == (("team", "backend"), ("tier", "api"))
+
+
+def test_files_list_include_profiles() -> None:
+    app = service(parse("files-list").spec, "app")
+    assert (app.replicas, app.cpu, app.memory) == (3, 2.0, 1024)
+    spec = parse("include").spec
+    assert spec is not None and [s.name for s in spec.services] == ["app", "db"]
+    assert service(spec, "db").volumes == (specs.Volume("dbdata", "/var/lib/postgresql/data"),)
+    spec = parse("profiles").spec
+    assert spec is not None and [s.name for s in spec.services] == ["app", "metrics"]
+
+
+def test_healthcheck_forms_do_not_double_the_prefix() -> None:
+    spec = parse("healthcheck-forms").spec
+    a = service(spec, "a").healthcheck
+    assert a is not None
+    assert a.test == ("CMD", "wget", "-q", "-O-", "http://localhost:8080/health")
+    assert (a.interval, a.timeout, a.start_period) == (90.0, 10.0, 40.0)
+    b = service(spec, "b").healthcheck
+    assert b is not None and b.test == ("CMD-SHELL", "curl -f http://localhost/ || exit 1")
+    assert service(spec, "c").healthcheck is None and service(spec, "d").healthcheck is None
+
+
+def test_long_syntax_and_plain_keys() -> None:
+    web = service(parse("long-syntax").spec, "web")
+    assert (web.port, web.host_port, web.ports) == (80, 8081, (specs.Port(443, 8443),))
+    assert web.volumes == (specs.Volume("html", "/usr/share/nginx/html", True), specs.Volume("", "/var/log/nginx"))
+    assert web.tmpfs == ("/var/cache/nginx",)
+    assert (web.read_only, web.user, web.working_dir, web.hostname) == (True, "101:101", "/usr/share/nginx", "web")
+    assert (web.stop_signal, web.stop_grace_period, web.init) == ("SIGQUIT", 60.0, True)
+    assert web.entrypoint == ("/docker-entrypoint.sh",)
+
+
+def test_dollar_escapes_and_bare_names_from_dotenv() -> None:
+    job = service(parse("dollar-escape").spec, "job")
+    assert job.command == ("sh", "-c", "echo $HOME and hello named")
+    assert dict(job.env) == {"PRICE": "$5", "FROM_DOTENV": "yes"}
+
+
+def test_named_by_directory_and_state() -> None:
+    spec = parse("named-by-directory").spec
+    assert spec is not None and (spec.name, spec.state, spec.org) == ("named-by-directory", "stopped", "default")
+
+
+def test_daemon_environment_is_never_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POSTGRES_PASSWORD", "from-the-daemon")
+    assert parse("required-var-missing").spec is None
+
+
+def test_an_org_pinned_repository_refuses_other_orgs() -> None:
+    result = parse("web-db-cache", org="other")
+    assert [e.code for e in result.errors] == ["org_forbidden"]
+
+
+def test_cache_parses_each_app_once_and_native_manifests_beside() -> None:
+    blobs: dict[str, bytes] = {}
+    listing: list[tuple[str, str]] = []
+    for case in ("web-db-cache", "override", "wordpress"):
+        for path, raw in files_of(case).items():
+            blobs[f"id-{path}"] = raw
+            listing.append((path, f"id-{path}"))
+    blobs["id-native"] = b"name: native\nimage: busybox\n"
+    listing.append(("apps/native.yaml", "id-native"))
+    reads: list[str] = []
+
+    def read(oid: str) -> bytes:
+        reads.append(oid)
+        return blobs[oid]
+
+    cache = manifests.Cache()
+    desired = cache.load(listing, read)
+    assert desired.errors == ()
+    assert sorted(desired.apps) == [("default", "native"), ("default", "override"), ("default", "wordpress"),
+                                    ("shop", "shop")]
+    assert cache.parses == 4
+    reads.clear()
+    cache.load(listing, read)  # a no-op pass
+    assert (cache.parses, reads) == (4, [])
+    blobs["id-2"] = b"POSTGRES_PASSWORD=rotated\nTAG=1.4.2\n"
+    changed = [(p, "id-2" if p == "apps/web-db-cache/.env" else o) for p, o in listing]
+    desired = cache.load(changed, read)
+    assert cache.parses == 5  # that app alone
+    assert "rotated" in dict(service(desired.apps[("shop", "shop")], "web").env)["DATABASE_URL"]
+
+
+def test_absolute_paths_as_cynchrod_validate_gives_them() -> None:
+    files = {f"/abs{p[len('apps'):]}": raw for p, raw in files_of("wordpress").items()}
+    files["/abs/solo.yaml"] = b"name: solo\nimage: busybox\n"
+    desired = manifests.Cache().load([(p, p) for p in files], files.__getitem__)
+    assert desired.errors == () and sorted(desired.apps) == [("default", "solo"), ("default", "wordpress")]
+
+
+def test_external_secrets_are_cynchrods_own() -> None:
+    spec = parse("secrets-external").spec
+    assert service(spec, "db").secrets == ("db-password",)
+    assert service(spec, "app").secrets == ("api-token", "db-password")
+
+
+def test_bind_mounts_of_repository_files_are_copied_by_content(tmp_path: pathlib.Path) -> None:
+    files = files_of("bind-ok")
+    web = service(compose.parse("apps/bind-ok", files, files_dir=tmp_path).spec, "web")
+    conf, site = web.binds
+    assert (conf.target, conf.read_only, site.target, site.read_only) == (
+        "/etc/nginx/conf.d/default.conf", True, "/usr/share/nginx/html", True)
+    assert pathlib.Path(conf.source).read_text() == "server { listen 80; }\n"
+    assert pathlib.Path(conf.source).name == "default.conf"
+    assert sorted(p.relative_to(site.source).as_posix() for p in pathlib.Path(site.source).rglob("*")) == [
+        "a", "a/b.txt", "index.html"]
+    assert oct(pathlib.Path(site.source, "index.html").stat().st_mode & 0o777) == "0o644"
+    # The same content is the same copy (no new container); a change is a new one (only for that mount).
+    again = service(compose.parse("apps/bind-ok", files, files_dir=tmp_path).spec, "web")
+    assert again.binds == web.binds
+    files["apps/bind-ok/site/index.html"] = b"changed\n"
+    changed = service(compose.parse("apps/bind-ok", files, files_dir=tmp_path).spec, "web")
+    assert changed.binds[0] == conf and changed.binds[1].source != site.source
+    assert pathlib.Path(changed.binds[1].source, "index.html").read_text() == "changed\n"
+    assert pathlib.Path(site.source, "index.html").read_text() == "index\n"  # the running copy is untouched
+
+
+def test_configs_are_read_only_files(tmp_path: pathlib.Path) -> None:
+    proxy = service(compose.parse("apps/configs", files_of("configs"), files_dir=tmp_path).spec, "proxy")
+    got = {b.target: pathlib.Path(b.source).read_text() for b in proxy.binds}
+    assert got == {"/etc/caddy/Caddyfile": ':80 {\n  respond "ok"\n}\n', "/banner": "Welcome to example\n",
+                   "/motd": "be nice"}
+    assert all(b.read_only for b in proxy.binds) and (proxy.tty, proxy.stdin_open) == (True, True)
+
+
+def test_anchors_and_merge_keys() -> None:
+    spec = parse("anchors").spec
+    a, b = service(spec, "a"), service(spec, "b")
+    assert dict(a.env) == {"TZ": "Europe/Berlin", "LOG_LEVEL": "info"} and a.memory == 128
+    assert dict(b.env) == {"TZ": "Europe/Berlin", "LOG_LEVEL": "debug"} and b.memory == 128
+
+
+def test_a_billion_laughs_is_refused_fast() -> None:
+    started = time.perf_counter()
+    result = parse("billion-laughs")
+    assert [e.code for e in result.errors] == ["manifest_too_large"]
+    assert time.perf_counter() - started < 2
