@@ -342,22 +342,20 @@ def stream_lines(chunks: Iterable[bytes], *, details: bool = False,
     """The whole lines (``Joiner``'s rules) of a log stream read as ``chunks`` of any sizes (see
     ``_messages``), as they end; pieces are joined per output (stdout, stderr) and head. ``counts``
     (when given) counts each source's messages (``source_of``)."""
-    joiner = Joiner(details=details)
-    piece, opened, top = joiner.piece, joiner._open, LINE_MAX_BYTES
-    chunks = iter(chunks)
     if counts is None:
-        first = next(chunks, b"")
-        if first and first[0] <= 2:
-            yield from _frame_lines(first, chunks, details, joiner)
-            return
-        messages = _raw(first, chunks, details) if first else iter(())
-    else:
-        def counted(messages: Iterator[Message], counts: dict[str, int]) -> Iterator[Message]:
-            for message in messages:
-                counts[message[1].partition(b" ")[2].decode("ascii", "replace")] += 1
-                yield message
+        return _frame_lines(iter(chunks), details)
 
-        messages = counted(_messages(chunks, details), counts)
+    def counted(messages: Iterator[Message], counts: dict[str, int]) -> Iterator[Message]:
+        for message in messages:
+            counts[message[1].partition(b" ")[2].decode("ascii", "replace")] += 1
+            yield message
+
+    return _joined(counted(_messages(iter(chunks), details), counts), Joiner(details=details))
+
+
+def _joined(messages: Iterator[Message], joiner: Joiner) -> Iterator[RawLine]:
+    """The lines of ``messages`` (``Joiner.piece``), as they end, then those the stream ended inside."""
+    piece, opened, top = joiner.piece, joiner._open, LINE_MAX_BYTES
     for key, head, text, ended in messages:
         if ended and not opened and len(text) <= top:
             yield head.decode("ascii", "replace"), text.decode("utf-8", "replace"), False
@@ -368,9 +366,15 @@ def stream_lines(chunks: Iterable[bytes], *, details: bool = False,
     yield from joiner.rest()
 
 
-def _frame_lines(data: bytes, chunks: Iterator[bytes], details: bool, joiner: Joiner) -> Iterator[RawLine]:
-    """``stream_lines`` of a multiplexed stream: ``_frames`` and the joining in one loop (a flood's
-    cost is mostly a message's: a short line alone in its frame takes the first branch)."""
+def _frame_lines(chunks: Iterator[bytes], details: bool) -> Iterator[RawLine]:
+    """``stream_lines`` without counts: for a multiplexed stream, ``_frames`` and the joining in one
+    loop (a flood's cost is mostly a message's: a short line alone in its frame takes the first
+    branch, and one generator stands between the HTTP client and the follower)."""
+    joiner = Joiner(details=details)
+    data = next(chunks, b"")
+    if data and data[0] > 2:  # a TTY's raw stream
+        yield from _joined(_raw(data, chunks, details), joiner)
+        return
     piece, opened, top = joiner.piece, joiner._open, LINE_MAX_BYTES
     rest = b""
     for chunk in itertools.chain((data,), chunks):
@@ -496,9 +500,11 @@ def whole_lines(frames: Iterable[bytes], *, details: bool = False) -> Iterator[R
     """The lines of an engine log stream's messages (see ``Joiner``), as they end; an ``EngineStream``
     is read as it comes (its own ``lines``)."""
     if isinstance(frames, EngineStream):
-        yield from frames.lines()
-        return
-    joiner = Joiner(details=details)
+        return frames.lines()
+    return _fed(frames, Joiner(details=details))
+
+
+def _fed(frames: Iterable[bytes], joiner: Joiner) -> Iterator[RawLine]:
     feed = joiner.feed
     for frame in frames:
         line = feed(frame)
