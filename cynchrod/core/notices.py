@@ -32,7 +32,7 @@ ROLLED_BACK = "rolled_back"
 QUOTA = "quota"
 SECRET_MISSING = "secret_missing"
 BUILD_FAILED = "build_failed"
-#: Defined for the image-update feature (a commit made by cynchrod itself); nothing emits it yet.
+#: An image update committed by cynchrod itself (``shell/updates.py``), told once per bump.
 UPDATE_COMMITTED = "update_committed"
 EVENTS = (FAILED, RECOVERED, ROLLED_BACK, QUOTA, SECRET_MISSING, BUILD_FAILED, UPDATE_COMMITTED)
 
@@ -55,6 +55,8 @@ FAILURE = "failure"
 
 APP = "app"
 DEPLOYMENT = "deployment"
+#: A change of kind ``update``: an image update committed (``error`` holds ``service: old → new``).
+UPDATE = "update"
 _CODE_RE = re.compile(r"^(?:[^:\s]+:\d+: )?([a-z][a-z0-9_]*): ")
 
 
@@ -89,6 +91,8 @@ class Change:
 def app_event(change: Change, last: str | None) -> tuple[str | None, str | None]:
     """(the event to tell, what to remember as told) for an app's change; ``last`` is what was
     remembered (None: nothing is wrong as far as people know). (None, last): say nothing."""
+    if change.kind == UPDATE:
+        return UPDATE_COMMITTED, last  # news, not a state: what people were told stays as it was
     if change.kind != APP:
         return None, last
     if change.new in FAILING or change.new in ROLLED_BACK_STATUSES:
@@ -119,10 +123,11 @@ def forge_state(change: Change) -> str | None:
 
 def event_json(change: Change, event: str, *, url: str | None) -> dict[str, Any]:
     """The event as targets receive it (``NotificationEvent`` in the OpenAPI document)."""
+    told = event not in (RECOVERED, UPDATE_COMMITTED)
     return {"id": f"evt_{change.id}", "event": event, "org": change.org, "app": change.app,
             "app_id": change.app_id, "status": change.new, "previous_status": change.old,
-            "code": change.failure_code if event != RECOVERED else None,
-            "error": change.error if event != RECOVERED else None,
+            "code": change.failure_code if told else None, "error": change.error if told else None,
+            "message": change.error if event == UPDATE_COMMITTED else None,
             "serving": change.serving, "commit": change.commit, "at": change.at, "url": url}
 
 

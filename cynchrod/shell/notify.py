@@ -118,7 +118,7 @@ class Targets:
         messages: list[store.Message] = []
         new_told: dict[str, str | None] = {}
         for change in changes:
-            if change.kind == notices.APP:
+            if change.kind in (notices.APP, notices.UPDATE):
                 last = new_told[change.app_id] if change.app_id in new_told else told.get(change.app_id)
                 event, now_told = notices.app_event(change, last)
                 if now_told != last:

@@ -189,6 +189,22 @@ BEGIN
     VALUES ('deployment', NEW.app_id, NEW.id, OLD.status, NEW.status, NEW.error_code, NEW.error, NEW."commit",
             strftime('%Y-%m-%dT%H:%M:%SZ', 'now'));
 END;
+-- An image update committed by cynchrod (``store.updates``): told as ``update_committed``, once per
+-- bump (a re-check that keeps ``bumped_commit`` says nothing). ``error`` carries the versions.
+CREATE TRIGGER IF NOT EXISTS image_update_committed AFTER UPDATE OF bumped_commit ON image_updates
+WHEN NEW.bumped_commit IS NOT NULL AND OLD.bumped_commit IS NOT NEW.bumped_commit
+BEGIN
+    INSERT INTO status_changes (kind, app_id, old, new, error, "commit", at)
+    SELECT 'update', NEW.app_id, a.status, a.status, NEW.service || ': ' || OLD.image || ' → ' || NEW.bumped_to,
+           NEW.bumped_commit, strftime('%Y-%m-%dT%H:%M:%SZ', 'now') FROM apps a WHERE a.id = NEW.app_id;
+END;
+CREATE TRIGGER IF NOT EXISTS image_update_committed_first AFTER INSERT ON image_updates
+WHEN NEW.bumped_commit IS NOT NULL
+BEGIN
+    INSERT INTO status_changes (kind, app_id, old, new, error, "commit", at)
+    SELECT 'update', NEW.app_id, a.status, a.status, NEW.service || ': ' || NEW.bumped_to,
+           NEW.bumped_commit, strftime('%Y-%m-%dT%H:%M:%SZ', 'now') FROM apps a WHERE a.id = NEW.app_id;
+END;
 -- A deploying row folded into the same failure before it (``finish_deployment(merge=True)``).
 CREATE TRIGGER IF NOT EXISTS deployments_folded AFTER DELETE ON deployments WHEN OLD.status = 'deploying'
 BEGIN

@@ -61,8 +61,12 @@ class Updates(Database):
         values = dataclasses.asdict(state)
         values["failed"] = json.dumps(list(state.failed))
         with self.transaction(apps_changed=False) as db:
-            db.execute(f"INSERT OR REPLACE INTO image_updates (app_id, service, {', '.join(_COLUMNS)})"
-                       f" VALUES (?, ?, {', '.join('?' for _ in _COLUMNS)})",
+            # An upsert, not INSERT OR REPLACE: a replace deletes and inserts, so the row's UPDATE
+            # trigger (a bump told as ``update_committed``, store/db.py) would not see the old row.
+            db.execute(f"INSERT INTO image_updates (app_id, service, {', '.join(_COLUMNS)})"
+                       f" VALUES (?, ?, {', '.join('?' for _ in _COLUMNS)})"
+                       f" ON CONFLICT (app_id, service) DO UPDATE SET"
+                       f" {', '.join(f'{c} = excluded.{c}' for c in _COLUMNS)}",
                        (state.app_id, state.service, *(values[c] for c in _COLUMNS)))
 
     def drop_update_states(self, app_id: str, keep: set[str]) -> None:

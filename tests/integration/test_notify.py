@@ -3,6 +3,7 @@ harness's reconciler), the store's outbox, and real HTTP receivers on 127.0.0.1.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import http.server
@@ -320,5 +321,34 @@ def test_a_message_whose_target_left_the_config_is_dead(tmp_path: pathlib.Path) 
         n.drain()
         [dead] = db.notifications()
         assert (dead.status, dead.last_error) == ("dead", "the target is no longer configured")
+    finally:
+        db.close()
+
+
+def test_an_image_update_committed_is_told_once(tmp_path: pathlib.Path, receiver: Receiver) -> None:
+    """The updates checker records its bump in ``image_updates``; the store turns that into an
+    ``update_committed`` event (a trigger, as for status changes), told once per bump, with the
+    versions in ``message``; a re-check that changes nothing else tells nothing again."""
+    db = store.Store(tmp_path / "cynchrod.db")
+    try:
+        with db.transaction() as raw:
+            raw.execute("INSERT INTO apps (id, org, name, status, created_at, updated_at) VALUES"
+                        " ('app_1', 'shop', 'web', 'running', 'x', 'x')")
+        target = config.NotifyTarget(kind="webhook", url=receiver.url + "/hook")
+        n = notifier(db, settings(notify=(target,)))
+        state = store.UpdateState(app_id="app_1", service="web", image="reg.example/shop/web:1.4.2",
+                                  checked_at="t1", candidate="1.5.0", reason="newer")
+        db.put_update_state(state)  # a check that found a candidate: no event yet
+        bumped = dataclasses.replace(state, image="reg.example/shop/web:1.5.0", reason="committed",
+                                     bumped_to="reg.example/shop/web:1.5.0", bumped_commit="c0ffee" * 6 + "beef",
+                                     bumped_at="t2")
+        db.put_update_state(bumped)
+        db.put_update_state(dataclasses.replace(bumped, checked_at="t3", reason="up_to_date"))  # checked again
+        settle(n, db)
+        assert [json.loads(b)["event"] for _, _, b in receiver.got] == [notices.UPDATE_COMMITTED]
+        event = json.loads(receiver.got[0][2])
+        assert (event["org"], event["app"], event["status"], event["commit"], event["code"]) == (
+            "shop", "web", "running", "c0ffee" * 6 + "beef", None)
+        assert event["message"] == "web: reg.example/shop/web:1.4.2 → reg.example/shop/web:1.5.0"
     finally:
         db.close()
