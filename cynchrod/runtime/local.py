@@ -36,7 +36,7 @@ import pathlib
 import re
 import socket
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import docker
@@ -150,8 +150,7 @@ class _AppLogs(follow.Follower):
     def _open(self, instance: str, since: float) -> Any:
         # Closed from another thread, docker-py's stream shuts the socket down, which ends the
         # read blocked on it (for a quiet app, one that would otherwise wait forever).
-        return self._client.api.logs(instance, stdout=True, stderr=True, stream=True, follow=True,
-                                     timestamps=True, since=since)
+        return _docker.container_logs(self._client.api, instance, follow=True, since=since)
 
     def _streams(self) -> Iterator[follow.Stream]:
         """Every running container of the app (one list call)."""
@@ -185,9 +184,8 @@ class _AppLogs(follow.Follower):
         from its last lines; None when they do not reach back past it or the engine fails."""
         want = given + self.VERIFY_TAIL
         try:
-            frames = self._client.api.logs(instance, stdout=True, stderr=True, stream=True, follow=False,
-                                           timestamps=True, tail=want)
-            keys = [_docker.stamp_key(head) for head, _, _ in _docker.whole_lines(frames)]
+            with _docker.container_logs(self._client.api, instance, tail=want) as frames:
+                keys = [_docker.stamp_key(head) for head, _, _ in _docker.whole_lines(frames)]
         except (requests.RequestException, docker.errors.DockerException, OSError):
             return None
         if len(keys) >= want and keys[0] >= key:
@@ -367,9 +365,8 @@ class LocalRuntime(_docker.Driver):
 
     def last_lines(self, unit: runtime.Unit, n: int) -> list[str]:
         """A unit's last ``n`` log lines (for an error message); [] when the engine cannot say."""
-        def read(k: int) -> Iterator[bytes]:
-            return self.api.logs(unit.instance, stdout=True, stderr=True, stream=True,  # type: ignore[no-any-return]
-                                 follow=False, timestamps=True, tail=k)
+        def read(k: int) -> Iterable[bytes]:
+            return _docker.container_logs(self.api, unit.instance, tail=k)
 
         try:
             return [text for _, text, _ in self._call(lambda: _docker.tail_lines(read, n), "logs")]
@@ -648,9 +645,8 @@ class LocalRuntime(_docker.Driver):
         (``_docker.tail_lines``)."""
         lines: list[runtime.LogLine] = []
         for unit in self.app_units(org, app):
-            def read(k: int, instance: str = unit.instance) -> Iterator[bytes]:
-                return self.api.logs(instance, stdout=True, stderr=True, stream=True,  # type: ignore[no-any-return]
-                                     follow=False, timestamps=True, tail=k)
+            def read(k: int, instance: str = unit.instance) -> Iterable[bytes]:
+                return _docker.container_logs(self.api, instance, tail=k)
 
             try:
                 raw = self._call(lambda: _docker.tail_lines(read, n), "logs")
