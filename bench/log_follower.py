@@ -1,11 +1,15 @@
 """The live log follower's CPU per line (``Runtime.follow`` of the local driver, no API in between).
 
-Run: ``.venv/bin/python bench/log_follower.py [--lines 100000] [--repeats 3]``; prints one JSON row a
-scenario (its ``--out`` file gets them too). A container of this run (labelled as an app's, under an owner
-of its own) prints its lines, then sleeps; once its log holds them all, a follower opened from its first
-line reads them, and the process's CPU time (every thread: the engine stream's reader and the consumer)
-over the lines read is the figure. Scenarios: ``short`` (lines of 80 bytes, one engine message each) and
-``long`` (lines of 100 KiB, which the engine splits into 16 KiB pieces: joined and cut at 32 KiB).
+Run: ``.venv/bin/python bench/log_follower.py [--lines 100000] [--repeats 3] [--reader old --reader new]``;
+prints one JSON row a scenario and reader (its ``--out`` file gets them too). A container of this
+run (labelled as an app's, under an owner of its own) prints its lines, then sleeps; once its log
+holds them all, a follower opened from its first line reads them, and the process's CPU time (every
+thread: the engine stream's reader and the consumer) over the lines read is the figure. Scenarios:
+``short`` (lines of 80 bytes, one engine message each) and ``long`` (lines of 100 KiB, which the
+engine splits into 16 KiB pieces: joined and cut at 32 KiB). Readers (``--reader``, more than one:
+their runs alternate on the same containers): ``new``, the driver's own (``_docker.EngineStream``:
+the engine's frames parsed from 64 KiB reads), and ``old``, docker-py's ``logs(stream=True)`` (one
+engine message an item, two HTTP-client reads each), the one before it.
 CPU time, not wall time: the host is shared, and a process's own CPU is what it costs whatever the load.
 """
 
@@ -52,8 +56,18 @@ def container(scenario: str, n: int) -> str:
     return str(made["Id"])
 
 
-def follow_once(rt: local.LocalRuntime, scenario: str) -> tuple[int, float, float]:
+def _docker_py_open(self: Any, instance: str, since: float) -> Any:
+    """The ``old`` reader: docker-py's own stream of messages (``_docker.whole_lines`` joins them)."""
+    return self._client.api.logs(instance, stdout=True, stderr=True, stream=True, follow=True,
+                                 timestamps=True, since=since)
+
+
+OPENS = {"new": local._AppLogs._open, "old": _docker_py_open}
+
+
+def follow_once(rt: local.LocalRuntime, scenario: str, reader: str) -> tuple[int, float, float]:
     """Lines read up to ``END``, the process's CPU seconds and the wall seconds it took."""
+    local._AppLogs._open = OPENS[reader]  # type: ignore[method-assign]
     cpu0, wall0 = time.process_time(), time.perf_counter()
     follower = rt.follow("default", scenario, since=1.0)
     lines = 0
@@ -73,6 +87,8 @@ def main() -> None:
     parser.add_argument("--long-lines", type=int, default=300, help="lines of 100 KiB of the long scenario")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", choices=sorted(SCRIPTS), action="append")
+    parser.add_argument("--reader", choices=sorted(OPENS), action="append",
+                        help="the engine stream's reader (again: each, runs alternating); new unless told")
     parser.add_argument("--out", type=pathlib.Path)
     args = parser.parse_args()
     base.build_image()
@@ -83,15 +99,20 @@ def main() -> None:
         for scenario in args.only or sorted(SCRIPTS, reverse=True):
             n = args.lines if scenario == "short" else args.long_lines
             container(scenario, n)
-            runs = [follow_once(rt, scenario) for _ in range(args.repeats)]
-            cpu = statistics.median(r[1] for r in runs)
-            wall = statistics.median(r[2] for r in runs)
-            row = {"scenario": f"log follower, {scenario} lines", "lines": runs[0][0],
-                   "cpu_us_per_line": round(cpu / runs[0][0] * 1e6, 2),
-                   "cpu_us_per_line_runs": [round(r[1] / r[0] * 1e6, 2) for r in runs],
-                   "lines_per_s": round(runs[0][0] / wall), "repeats": args.repeats}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+            readers = args.reader or ["new"]
+            every: dict[str, list[tuple[int, float, float]]] = {reader: [] for reader in readers}
+            for _ in range(args.repeats):
+                for reader in readers:
+                    every[reader].append(follow_once(rt, scenario, reader))
+            for reader, runs in every.items():
+                cpu = statistics.median(r[1] for r in runs)
+                wall = statistics.median(r[2] for r in runs)
+                row = {"scenario": f"log follower, {scenario} lines", "reader": reader, "lines": runs[0][0],
+                       "cpu_us_per_line": round(cpu / runs[0][0] * 1e6, 2),
+                       "cpu_us_per_line_runs": [round(r[1] / r[0] * 1e6, 2) for r in runs],
+                       "lines_per_s": round(runs[0][0] / wall), "repeats": args.repeats}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
     finally:
         base.cleanup()
     if args.out:

@@ -38,6 +38,10 @@ from cynchrod.runtime import local
 from cynchrod.shell import builds, reconciler
 from tests.helpers import TEST_IMAGE, TEST_IMAGE_2, TEST_LABEL, Daemon, GitRepo, free_port, wait_for
 
+# A deployment is ``deploying`` until its units have been up for ``min_ready`` (2 s by default): the
+# tests' units are judged after 0.3 s, for the harness, the daemons they start and the CLI alike.
+os.environ.setdefault("CYNCHROD_MIN_READY", "0.3")
+
 #: The end of a daemon's log shown under a failing test.
 DAEMON_LOG_SHOWN = 20_000
 #: Fixtures that reach the Docker engine: a test that uses one (directly or through another) is ``docker``.

@@ -11,6 +11,7 @@ from flask import Blueprint, Response, jsonify, request
 from cynchrod import store
 from cynchrod.api import ApiError, is_ascii_number, parse_body, read_body
 from cynchrod.api.auth import bearer, daemon, visible_app
+from cynchrod.core import health
 from cynchrod.shell import control, liveness
 
 bp = Blueprint("apps", __name__)
@@ -33,6 +34,8 @@ def app_json(app: store.App, *, engine_up: bool | None = None,
         "commit": app.commit, "path": app.path,
         "services": json.loads(app.services_json) if app.services_json else [],
         "serving": serving(app),
+        # Argo CD's words for the status (docs/health.md): progressing, healthy, degraded, unknown.
+        "health": health.app_health(store.shown_status(app.status, engine_up=up)),
         "update_available": app.id in available,
     }
 
@@ -140,7 +143,7 @@ def new_webhook(app_id: str) -> tuple[Response, int]:
 
 @bp.get("/apps/<app_id>/deployments/<int:deployment_id>/log")
 def deployment_log(app_id: str, deployment_id: int) -> Response:
-    """The build output of a deployment (the last ``tail`` lines, bounded)."""
+    """The build output of a deployment and its failed unit's last lines (the last ``tail`` lines, bounded)."""
     app = visible_app(bearer(), app_id)
     found = daemon().store.deployment(deployment_id) if deployment_id <= MAX_ID else None
     if found is None or found.app_id != app.id:
@@ -148,7 +151,10 @@ def deployment_log(app_id: str, deployment_id: int) -> Response:
     raw = request.args.get("tail", "500")
     if not is_ascii_number(raw) or not 1 <= int(raw) <= 5000:
         raise ApiError("invalid_tail", "tail must be an integer from 1 to 5000")
-    return jsonify({"deployment_id": deployment_id, "lines": build_log(deployment_id, int(raw)) or []})
+    # The unit lines kept when the deployment failed its readiness (``shell.gates``): the container may be gone.
+    unit_lines = found.log.splitlines()[-int(raw):] if found.log else []
+    return jsonify({"deployment_id": deployment_id, "lines": build_log(deployment_id, int(raw)) or [],
+                    "unit_lines": unit_lines})
 
 
 def build_log(deployment_id: int, tail: int) -> list[str] | None:

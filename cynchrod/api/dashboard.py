@@ -67,6 +67,7 @@ from cynchrod import edge, store
 from cynchrod.api import error_response
 from cynchrod.api.apps import DEPLOYMENTS_SHOWN, build_log, serving, webhook_json
 from cynchrod.api.auth import daemon, failed, refused_for
+from cynchrod.core import health
 from cynchrod.core.errors import CynchrodError
 from cynchrod.shell import control, liveness
 from cynchrod.shell.front import TICKET_TTL_S
@@ -316,6 +317,7 @@ def _row(app: store.App, last: store.Deployment | None, host: str, *, engine_up:
         "domain": app.domain, "service_domains": app.service_domains, "host_port": app.host_port,
         "url": f"http://{host}:{app.host_port}/" if app.host_port else None,
         "last_error": app.last_error, "serving": serving(app),
+        "health": health.app_health(_status(app, last, engine_up=engine_up)),
         "deployment": None if last is None else {
             "id": last.id, "at": last.started_at, "trigger": last.trigger, "status": last.status,
             "commit": (last.commit or "")[:12]},
@@ -457,7 +459,7 @@ def app_page(app_id: str) -> Any:
     manifest = d.manifest(app)
     built = {dep.id for dep in deployments if build_log(dep.id, 1) is not None}
     status = _status(app, deployments[0] if deployments else None)
-    return _page("app.html", app=app, poll_ms=POLL_MS, status=status,
+    return _page("app.html", app=app, poll_ms=POLL_MS, status=status, app_health=health.app_health(status),
                  serving=serving(app) if status == store.FAILED else None,
                  deployments=deployments, units=units, units_error=error, changes=changes,
                  diff=_diff(changes or []), webhook=webhook_json(app), built=built,

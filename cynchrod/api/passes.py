@@ -14,6 +14,7 @@ from flask import Blueprint, Response, jsonify, request
 from cynchrod import store
 from cynchrod.api import ApiError
 from cynchrod.api.auth import bearer, daemon
+from cynchrod.core import notices
 
 bp = Blueprint("passes", __name__)
 _SHA_RE = re.compile(r"^[0-9a-fA-F]{7,64}$")
@@ -25,7 +26,7 @@ def pass_json(p: store.PassRecord, token: store.Token) -> dict[str, Any]:
     return {"id": p.id, "trigger": p.trigger, "requested_commit": p.requested_commit, "status": p.status,
             "commit": p.commit, "requested_at": p.requested_at, "started_at": p.started_at,
             "finished_at": p.finished_at, "source_error": p.source_error, "apps": apps,
-            "failed": any(a.get("status") in ("failed", "crashed", "unhealthy", "rolled_back") for a in apps)}
+            "failed": any(a.get("status") in notices.FAILING | notices.ROLLED_BACK_STATUSES for a in apps)}
 
 
 @bp.get("/passes/<pass_id>")

@@ -121,6 +121,11 @@ def status_text(app: dict[str, Any]) -> str:
     return str(app["status"])
 
 
+def health_text(app: dict[str, Any]) -> str:
+    """The app's health in Argo CD's words (``progressing``, ``healthy``, ``degraded``), "" from an older API."""
+    return str(app.get("health") or "")
+
+
 def update_text(u: dict[str, Any]) -> str:
     """One service's image update state (``GET /apps/ID``'s ``updates``) on one line."""
     if u.get("update_available"):
@@ -193,6 +198,7 @@ def status(client: Client, ref: str, *, output: str, out: IO[str]) -> int:
         return 0
     app = found["app"]
     fields = [("app", f"{app['org']}/{app['name']}"), ("id", app["id"]), ("status", status_text(app)),
+              ("health", health_text(app)),
               ("image", app.get("image")), ("ports", _ports(app)), ("domain", _domains(app)),
               ("container", (app.get("container_id") or "")[:12]), ("commit", (app.get("commit") or "")[:12]),
               ("path", app.get("path")), ("updated", f"{app.get('updated_at')} ({age(app.get('updated_at'))} ago)"),

@@ -170,6 +170,11 @@ class Code(enum.StrEnum):
     # --- notify: notifications, commit statuses, webhooks that tell the truth ---
     WAIT_TIMEOUT = ("wait_timeout", CLI, False, None, "cynchrod wait saw no outcome of the commit in time")
 
+    # --- health-gated deploys (issue 22) ---
+    CRASHED = ("crashed", PASS, False, None, "a unit of a deployment exited before it was ready (with its exit code)")
+    UNHEALTHY = ("unhealthy", PASS, True, None, "a unit's healthcheck reports unhealthy, or it was not ready within "
+                 "health_timeout")
+
     # --- image updates (issue 23) ---
     INVALID_UPDATE = ("invalid_update", MANIFEST, True, None, "an update: block with no or several strategies, "
                       "a bad semver range or regex, a sort without regex, or an interval outside 5s..24h")

@@ -46,7 +46,9 @@ RUNNING = "running"
 STOPPED = "stopped"
 FAILED = "failed"
 REMOVED = "removed"
-APP_STATUSES = (QUEUED, PENDING, DEPLOYING, RUNNING, STOPPED, FAILED, REMOVED)
+#: An app whose units all ran to completion (``oneshot``), and such a deployment.
+COMPLETED = "completed"
+APP_STATUSES = (QUEUED, PENDING, DEPLOYING, RUNNING, STOPPED, FAILED, REMOVED, COMPLETED)
 #: Shown, never stored: an app that should be running while the engine cannot be seen (a frozen or
 #: unreachable dockerd): what we last saw is no longer known to be true.
 UNKNOWN = "unknown"
@@ -126,6 +128,18 @@ def after_success(memory: Backoff) -> Backoff:
 
 
 @dataclasses.dataclass(frozen=True)
+class Gate:
+    """Where an app's readiness gate stands (``core.health``, judged by the reconciler): its status
+    overrides ``running`` while the units of ``spec_hash`` are in place and nothing is to be done."""
+
+    spec_hash: str
+    status: str = DEPLOYING
+    error: str | None = None
+    #: For a failed gate: ``PREVIOUS`` when the last healthy version was put back (``on_failure: rollback``).
+    serving: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Inputs:
     desired: Mapping[tuple[str, str], specs.AppSpec]
     rows: Mapping[tuple[str, str], Row]
@@ -145,6 +159,8 @@ class Inputs:
     max_apps: Mapping[str, int] = dataclasses.field(default_factory=dict)
     #: For new apps over a cap: how many commits ago their file appeared (older first).
     ages: Mapping[tuple[str, str], int] = dataclasses.field(default_factory=dict)
+    #: Apps whose deployment's readiness is being judged, or was judged failed or completed.
+    gates: Mapping[tuple[str, str], Gate] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,7 +207,9 @@ def running_status(spec: specs.AppSpec, units: Sequence[planning.Unit], row: Row
         return STOPPED
     up = {(u.service, u.replica) for u in units if u.state == planning.RUNNING}
     want = {(s.name, r) for s in spec.services for r in range(s.replicas)}
-    if want <= up:
+    done = {(u.service, u.replica) for u in units if u.state == planning.EXITED and u.exit_code == 0
+            and any(s.oneshot and s.name == u.service for s in spec.services)}
+    if want <= up | done:
         return RUNNING
     return row.status if row is not None else QUEUED
 
@@ -329,7 +347,7 @@ def decide(inputs: Inputs) -> list[Decision]:
     desired, rows = inputs.desired, inputs.rows
     # Apps that may take the in-sync shortcut: no hold, back-off memory, wait or manifest error.
     special = inputs.holds.keys() | refused.keys() | inputs.memory.keys() | inputs.waiting.keys() \
-        | inputs.manifest_errors.keys()
+        | inputs.manifest_errors.keys() | inputs.gates.keys()
     for key in sorted(desired.keys() | rows.keys() | units.keys()):
         spec = desired.get(key)
         mine = units.get(key, [])
@@ -345,7 +363,10 @@ def decide(inputs: Inputs) -> list[Decision]:
         hold = inputs.holds.get(key) or refused.get(key)
         decision = _decide_app(inputs, spec, mine, rows.get(key), inputs.memory.get(key, Backoff()), hold)
         if decision.status == FAILED:
-            decision = dataclasses.replace(decision, serving=_serving(inputs, decision, mine))
+            gate = inputs.gates.get(key)
+            serving = gate.serving if gate is not None and gate.status == FAILED and gate.serving else \
+                _serving(inputs, decision, mine)
+            decision = dataclasses.replace(decision, serving=serving)
         out.append(decision)
     return out
 
@@ -387,6 +408,11 @@ def _decide_app(inputs: Inputs, spec: specs.AppSpec, units: list[planning.Unit],
     if not actions:
         status = running_status(spec, units, row)
         error, note = _noted(row)
+        gate = inputs.gates.get(key)
+        if gate is not None and gate.spec_hash == spec.hash and spec.state != "stopped":
+            status = gate.status
+            if status == FAILED:
+                error, note = gate.error, None
         if manifest_failure is not None:
             status, error, note = FAILED, manifest_text(errors), None
         return Decision(key, spec, status=status, error=error, note=note, failure=manifest_failure,

@@ -35,6 +35,12 @@ RESTARTING = "restarting"
 OOM_KILLED = "oom-killed"
 STATES = (RUNNING, EXITED, CREATED, RESTARTING, OOM_KILLED)
 
+#: ``depends_on`` conditions (Compose's words): a dependent is created or started only once met.
+SERVICE_STARTED = "service_started"
+SERVICE_HEALTHY = "service_healthy"
+SERVICE_COMPLETED = "service_completed_successfully"
+CONDITIONS = (SERVICE_STARTED, SERVICE_HEALTHY, SERVICE_COMPLETED)
+
 
 @dataclasses.dataclass(frozen=True)
 class Unit:
@@ -54,6 +60,9 @@ class Unit:
     #: The host port the unit is reachable on, when it publishes one.
     endpoint: int | None = None
     node: str = ""
+    #: What the engine's healthcheck last said (``starting``, ``healthy``, ``unhealthy``); "" when
+    #: it said nothing (no healthcheck, or not yet).
+    health: str = ""
 
     @property
     def key(self) -> tuple[str, str]:
@@ -131,12 +140,14 @@ def plan_app(spec: specs.AppSpec | None, units: Iterable[Unit], key: tuple[str, 
         actions.extend(Action(REMOVE, org, app, service, why, spec, u, replica) for u in group)
     for svc in spec.services:
         want = spec.service_hash(svc)
+        waits = bool(svc.depends_on_conditions) and spec.state != "stopped" and _waits(spec, svc, by_slot)
         for replica in range(svc.replicas):
             group = by_slot.get((svc.name, replica), [])
             keep = _best(group, want) if group else None
             actions.extend(Action(REMOVE, org, app, svc.name, "duplicate unit", spec, extra, replica)
                            for extra in group if extra is not keep)
-            actions.extend(_plan_unit(spec, svc, replica, keep, want))
+            if not waits:  # else its dependency's condition holds it until a later pass
+                actions.extend(_plan_unit(spec, svc, replica, keep, want))
     rank = start_order(spec)
     return sorted(actions, key=lambda a: (_ORDER[a.kind], rank.get(a.service, -1), a.service, a.replica))
 
@@ -162,10 +173,37 @@ def _plan_unit(spec: specs.AppSpec, service: specs.ServiceSpec, replica: int, u:
         return [Action(RECREATE, org, app, name, "left in created by an interrupted apply", spec, u, replica)]
     if u.state == OOM_KILLED:
         return [Action(START, org, app, name, "killed for exceeding its memory limit", spec, u, replica)]
+    if u.state == EXITED and service.oneshot and u.exit_code == 0:
+        return []  # a oneshot unit that completed stays so
     if u.state == EXITED:
         why = f"exited with code {u.exit_code}" if u.exit_code is not None else "exited"
         return [Action(START, org, app, name, why, spec, u, replica)]
     return []
+
+
+def condition_met(condition: str, units: Iterable[Unit], service: specs.ServiceSpec) -> bool:
+    """A ``depends_on`` condition on ``service``, given its units of the current spec (every replica)."""
+    units = list(units)
+    if len(units) < service.replicas:
+        return False
+    if condition == SERVICE_COMPLETED:
+        return all(u.stopped and u.exit_code == 0 and u.state != OOM_KILLED for u in units)
+    if condition == SERVICE_HEALTHY:
+        return all(u.state == RUNNING and (service.healthcheck is None or u.health == "healthy") for u in units)
+    return True  # service_started: started in order, as before
+
+
+def _waits(spec: specs.AppSpec, service: specs.ServiceSpec, by_slot: Mapping[tuple[str, int], list[Unit]]) -> bool:
+    """``service`` has a ``depends_on`` condition its dependency's units of this spec do not meet yet."""
+    for name, condition in service.depends_on_conditions:
+        dep = next((s for s in spec.services if s.name == name), None)
+        if dep is None:
+            continue
+        want = spec.service_hash(dep)
+        units = [u for r in range(dep.replicas) for u in by_slot.get((name, r), []) if u.spec_hash == want]
+        if not condition_met(condition, units, dep):
+            return True
+    return False
 
 
 def plan(desired: Mapping[tuple[str, str], specs.AppSpec], observed: Iterable[Unit]) -> list[Action]:

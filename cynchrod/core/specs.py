@@ -131,6 +131,13 @@ class ServiceSpec:
     stdin_open: bool = False
     #: Further names of the service on the app's private network (Compose's ``networks.<n>.aliases``).
     aliases: tuple[str, ...] = ()
+    # --- readiness (``core.health``): never part of the hash, they say how a deployment is judged.
+    #: A unit that runs to completion (a migration): exiting 0 is ``completed``, and it is not restarted.
+    oneshot: bool = False
+    #: Seconds a unit without a healthcheck must stay up to be ready (None: the default, ``health``).
+    min_ready: float | None = None
+    #: Seconds a unit has to become ready (None: the default, ``health``).
+    health_timeout: float | None = None
 
     def canonical(self, *, restarted_at: str | None) -> str:
         """Everything that, when changed, needs a new container, as canonical JSON.
@@ -144,6 +151,8 @@ class ServiceSpec:
         for key, default in _HASH_OPTIONAL.items():
             if body[key] == default or (default == () and not body[key]):
                 del body[key]
+        for key in _NOT_HASHED:
+            del body[key]
         body["restarted_at"] = restarted_at
         return json.dumps(body, sort_keys=True, separators=(",", ":"))
 
@@ -159,6 +168,8 @@ _HASH_OPTIONAL: dict[str, Any] = {
                   "read_only", "tmpfs", "labels", "expose", "ports", "cpu_reservation", "memory_reservation",
                   "depends_on_conditions", "binds", "tty", "stdin_open", "aliases")
 }
+#: The readiness keys (``core.health``): how a deployment is judged, never what runs.
+_NOT_HASHED = ("oneshot", "min_ready", "health_timeout")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +196,9 @@ class AppSpec:
     def inline_secrets(self) -> frozenset[str]:
         """The names of ``secret_values`` (the rest of ``secret_names`` are the org's stored secrets)."""
         return frozenset(name for name, _ in self.secret_values)
+    #: What a deployment that fails its readiness leaves: ``keep`` (the failed version, for
+    #: inspection) or ``rollback`` (the last healthy spec put back on the engine).
+    on_failure: str = "keep"
 
     @property
     def key(self) -> tuple[str, str]:
@@ -302,6 +316,9 @@ class AppSpec:
                 tty=bool(s.get("tty", False)),
                 stdin_open=bool(s.get("stdin_open", False)),
                 aliases=tuple(s.get("aliases", ())),
+                oneshot=bool(s.get("oneshot", False)),
+                min_ready=s.get("min_ready"),
+                health_timeout=s.get("health_timeout"),
             )
             for s in data["services"]
         )
@@ -314,4 +331,5 @@ class AppSpec:
             restarted_at=data.get("restarted_at"),
             path=data.get("path", ""),
             source=data.get("source", ""),
+            on_failure=data.get("on_failure", "keep"),
         )

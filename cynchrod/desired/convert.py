@@ -16,8 +16,10 @@ from cynchrod.desired import yamlio
 
 #: ServiceSpec fields a native manifest has no key for, with their defaults (a set one is warned).
 _NOT_NATIVE = ("entrypoint", "user", "working_dir", "hostname", "stop_signal", "stop_grace_period", "read_only",
-               "tmpfs", "labels", "expose", "ports", "cpu_reservation", "memory_reservation",
-               "depends_on_conditions", "binds", "tty", "stdin_open", "aliases")
+               "tmpfs", "labels", "expose", "ports", "cpu_reservation", "memory_reservation", "binds", "tty",
+               "stdin_open", "aliases")
+#: Native keys a compose app has no key for yet (a set one is warned).
+_NOT_COMPOSE = ("min_ready", "health_timeout")
 
 
 def _number(value: float) -> int | float:
@@ -58,6 +60,8 @@ def to_native(spec: specs.AppSpec) -> tuple[str, list[str]]:
         top["domain"] = spec.domain
     if spec.state != "running":
         top["state"] = spec.state
+    if spec.on_failure != "keep":
+        top["on_failure"] = spec.on_failure
     for name in sorted(spec.inline_secrets):
         warnings.append(f"secrets.{name}: its value comes from the repository; set it in the org's store "
                         f"(cynchrod secret set {spec.org}/{name})")
@@ -109,7 +113,9 @@ def _native_service(service: specs.ServiceSpec, warnings: list[str], *, flat: bo
     if service.replicas != 1:
         out["replicas"] = service.replicas
     if service.depends_on and not flat:
-        out["depends_on"] = list(service.depends_on)
+        out["depends_on"] = _depends_on(service)
+    if service.oneshot:
+        out["oneshot"] = True
     if service.update is not None:
         out["update"] = _update(service.update)
     for key in _NOT_NATIVE:
@@ -119,6 +125,14 @@ def _native_service(service: specs.ServiceSpec, warnings: list[str], *, flat: bo
     if service.init is False:
         warnings.append(f"{at}.init: not expressible in a native manifest (left out)")
     return out
+
+
+def _depends_on(service: specs.ServiceSpec) -> Any:
+    """A list, or the map form when a condition is other than ``service_started`` (both formats')."""
+    conditions = dict(service.depends_on_conditions)
+    if not conditions:
+        return list(service.depends_on)
+    return {name: {"condition": conditions.get(name, "service_started")} for name in service.depends_on}
 
 
 # -- native -> compose ---------------------------------------------------------------------------
@@ -166,7 +180,12 @@ def to_compose(spec: specs.AppSpec) -> tuple[str, list[str]]:
             out["secrets"] = list(service.secrets)
             secrets.update({name: {"external": True} for name in service.secrets})
         if service.depends_on:
-            out["depends_on"] = list(service.depends_on)
+            out["depends_on"] = _depends_on(service)
+        if service.oneshot:
+            out["restart"] = "no"
+        for key in _NOT_COMPOSE:
+            if getattr(service, key) is not None:
+                warnings.append(f"{at}.{key}: not expressible in a compose app yet (left out)")
         if service.healthcheck is not None:
             health = service.healthcheck
             out["healthcheck"] = {"test": list(health.test), "interval": _seconds(health.interval),
@@ -193,6 +212,8 @@ def to_compose(spec: specs.AppSpec) -> tuple[str, list[str]]:
         if service.update is not None:
             out["x-cynchrod"] = {"update": _update(service.update)}
         services[service.name] = _escaped(out)
+    if spec.on_failure != "keep":
+        warnings.append(f"on_failure: {spec.on_failure}: not expressible in a compose app yet (left out)")
     top: dict[str, Any] = {"name": spec.name, "services": services}
     if volumes:
         top["volumes"] = volumes

@@ -225,7 +225,7 @@ def _parse(path: str, raw: bytes, *, org: str | None) -> Result:
 
 
 _SERVICE_ONLY_IN_SERVICES = ("image", "build", "command", "port", "hostPort", "volumes", "secrets", "healthcheck",
-                             "update")
+                             "oneshot", "update")
 _VOLUME_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 
 
@@ -436,13 +436,30 @@ def _service(name: str, data: dict[str, Any], app: dict[str, Any]) -> specs.Serv
         memory=int(data.get("memory", app.get("memory", specs.DEFAULT_MEMORY_MB))),
         volumes=tuple(volumes),
         depends_on=tuple(sorted(data.get("depends_on", []))),
+        depends_on_conditions=_conditions(data.get("depends_on")),
         healthcheck=_health(data.get("healthcheck")),
         secrets=tuple(sorted(data.get("secrets", []))),
         replicas=int(data.get("replicas", app.get("replicas", 1))),
         # The app's own domain stays on the app (a single service's keys are the app's).
         domain=data.get("domain") if data is not app else None,
         update=updates.parse_policy(data["update"]) if "update" in data else None,
+        oneshot=bool(data.get("oneshot", False)),
+        min_ready=_seconds(data.get("min_ready", app.get("min_ready"))),
+        health_timeout=_seconds(data.get("health_timeout", app.get("health_timeout"))),
     )
+
+
+def _conditions(depends_on: Any) -> tuple[tuple[str, str], ...]:
+    """The ``depends_on`` entries of the map form with a condition other than ``service_started``."""
+    if not isinstance(depends_on, Mapping):
+        return ()
+    return tuple(sorted((str(name), str((entry or {}).get("condition", "service_started")))
+                        for name, entry in depends_on.items()
+                        if (entry or {}).get("condition", "service_started") != "service_started"))
+
+
+def _seconds(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def _to_spec(path: str, data: dict[str, Any]) -> specs.AppSpec:
@@ -459,6 +476,7 @@ def _to_spec(path: str, data: dict[str, Any]) -> specs.AppSpec:
         state=data.get("state", "running"),
         restarted_at=None if restarted is None else str(restarted),
         path=path,
+        on_failure=str(data.get("on_failure", "keep")),
     )
 
 

@@ -102,6 +102,10 @@ class Deployer:
     def ping(self) -> None:
         self.runtime.ping()
 
+    def readiness(self, unit: runtime.Unit, service: specs.ServiceSpec) -> tuple[str | None, bool]:
+        """The driver's one readiness check (the reconciler's gates probe a unit's port with it)."""
+        return self.runtime.readiness(unit, service)
+
     def close(self) -> None:
         self.runtime.close()
 

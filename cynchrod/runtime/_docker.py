@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import logging
 import pathlib
+import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import docker
 import docker.errors
 import requests
+import urllib3.exceptions
 
 from cynchrod import runtime
 from cynchrod.core.errors import EngineConflict, EngineUnavailable, PermanentError, RuntimeFailure, UnitGone
@@ -181,6 +185,10 @@ LINE_MAX_BYTES, CUT_MARK = runtime.LINE_MAX_BYTES, runtime.CUT_MARK
 #: Lines begun and not ended (the engine's pieces of a long line) that one stream keeps open at most:
 #: one per output (stdout, stderr) of each task; past this the oldest is given as it is.
 MAX_OPEN = 64
+#: The text of each piece but the last of a long line (moby's log copier's buffer, json-file's pieces).
+PIECE_BYTES = 16 * 1024
+#: What one read of a log stream asks the HTTP client for.
+READ_BYTES = 64 * 1024
 
 #: A line read from an engine log stream: its head (``<timestamp>``, and `` <details>`` when asked
 #: for), its text, and whether the text was cut at ``LINE_MAX_BYTES``.
@@ -198,22 +206,23 @@ def _text(data: bytes, cut: bool) -> str:
 
 class Joiner:
     """Whole lines from the messages of an engine log stream (``timestamps``, and ``details`` for
-    services), each message as docker-py's ``logs(stream=True)`` and ``service_logs`` give it: one
-    multiplexed frame, ``<timestamp> [<details> ]<text>``.
+    services): each message ``<timestamp> [<details> ]<text>``, one multiplexed frame (as docker-py's
+    ``logs(stream=True)`` and ``service_logs`` give them; ``EngineStream`` reads them itself).
 
     The engine cuts a line longer than 16 KiB into pieces, each its own message with its own copy
     of the head: every piece but the last lacks the final newline (moby's ``PartialLogMetaData``,
     as json-file stores it), and all of them carry the first piece's timestamp. Pieces are joined
-    by their head, so stdout, stderr and the tasks of a service can interleave; only the first
-    ``LINE_MAX_BYTES`` of a line are kept, the rest is dropped as it comes. A line the stream ends
-    inside (a container's last output with no newline) is given by ``rest``."""
+    by their output (stdout, stderr: when the stream says) and head, so the outputs and the tasks of
+    a service can interleave; only the first ``LINE_MAX_BYTES`` of a line are kept, the rest is
+    dropped as it comes. A line the stream ends inside (a container's last output with no newline)
+    is given by ``rest``."""
 
     __slots__ = ("_details", "_open")
 
     def __init__(self, *, details: bool = False) -> None:
         self._details = details
-        #: Head -> (the text kept so far, cut).
-        self._open: dict[bytes, tuple[bytes, bool]] = {}
+        #: Output and head -> (the head, the text kept so far, cut).
+        self._open: dict[bytes, tuple[bytes, bytes, bool]] = {}
 
     def feed(self, frame: bytes) -> RawLine | None:
         """The line this message ends, or None (a piece kept, or an empty message)."""
@@ -223,10 +232,15 @@ class Joiner:
         if space < 0:
             return None
         ended = frame.endswith(b"\n")
-        head, text = frame[:space], frame[space + 1:len(frame) - 1 if ended else len(frame)]
-        begun = self._open.pop(head, None) if self._open else None
+        head = frame[:space]
+        return self.piece(head, head, frame[space + 1:len(frame) - 1 if ended else len(frame)], ended)
+
+    def piece(self, key: bytes, head: bytes, text: bytes, ended: bool) -> RawLine | None:
+        """The line a message (``head``, ``text`` without its newline, ``ended``: it had one) ends, or
+        None; ``key`` names its line among those open (the head, with the output when known)."""
+        begun = self._open.pop(key, None) if self._open else None
         if begun is not None:
-            kept, cut = begun
+            _, kept, cut = begun
             if not cut:
                 kept += text[:LINE_MAX_BYTES + 1 - len(kept)]
                 cut = len(kept) > LINE_MAX_BYTES
@@ -237,23 +251,260 @@ class Joiner:
                 text = text[:LINE_MAX_BYTES + 1]
         if ended:
             return head.decode("ascii", "replace"), _text(text, cut), cut
-        self._open[head] = (text, cut)
+        self._open[key] = (head, text, cut)
         if len(self._open) > MAX_OPEN:
             oldest = next(iter(self._open))
-            kept, cut = self._open.pop(oldest)
-            return oldest.decode("ascii", "replace"), _text(kept, cut), cut
+            head, kept, cut = self._open.pop(oldest)
+            return head.decode("ascii", "replace"), _text(kept, cut), cut
         return None
 
     def rest(self) -> list[RawLine]:
         """The lines begun and not ended, as they are (the stream ended)."""
-        out = [(head.decode("ascii", "replace"), _text(kept, cut), cut) for head, (kept, cut) in self._open.items()]
+        out = [(head.decode("ascii", "replace"), _text(kept, cut), cut) for head, kept, cut in self._open.values()]
         self._open.clear()
         return out
 
 
-def whole_lines(frames: Iterable[bytes], *, details: bool = False) -> Iterator[RawLine]:
-    """The lines of an engine log stream's messages (see ``Joiner``), as they end."""
+#: One message of a log stream: the key of its line among those open (its output and head), its
+#: head, its text without the newline, and whether it ended (had the newline).
+Message = tuple[bytes, bytes, bytes, bool]
+
+
+def _frames(data: bytes, chunks: Iterator[bytes], details: bool) -> Iterator[Message]:
+    """The messages of a multiplexed stream (``data``, then ``chunks``), cut anywhere."""
+    rest = b""
+    for chunk in itertools.chain((data,), chunks):
+        data = rest + chunk if rest else chunk
+        size, at = len(data), 0
+        while size - at >= 8:
+            stop = at + 8 + int.from_bytes(data[at + 4:at + 8], "big")
+            if stop > size:
+                break
+            output, start, at = data[at:at + 1], at + 8, stop
+            space = data.find(b" ", start, stop)
+            if details and space >= 0:
+                space = data.find(b" ", space + 1, stop)
+            if space < 0:
+                continue
+            head = data[start:space]
+            ended = data[stop - 1] == 10
+            yield output + head, head, data[space + 1:stop - 1 if ended else stop], ended
+        rest = data[at:]
+
+
+#: Bytes of a TTY's stream with no head in them (not the engine's) dropped at once, at most.
+RAW_HEADLESS_BYTES = 4096
+
+
+def _raw(data: bytes, chunks: Iterator[bytes], details: bool) -> Iterator[Message]:
+    """The messages of a TTY's stream: one after the other, each ended by its newline or, a piece
+    of a long line, after ``PIECE_BYTES`` of text; a TTY ends lines with ``\\r\\n``: the ``\\r`` goes."""
+    at = 0
+    while True:
+        space = data.find(b" ", at)
+        if details and space >= 0:
+            space = data.find(b" ", space + 1)
+        start = space + 1
+        newline = data.find(b"\n", start, start + PIECE_BYTES) if space >= 0 else -1
+        if newline >= 0:
+            head = data[at:space]
+            yield head, head, data[start:newline - 1 if newline > start and data[newline - 1] == 13 else newline], True
+            at = newline + 1
+            continue
+        if space >= 0 and len(data) - start >= PIECE_BYTES:
+            head = data[at:space]
+            yield head, head, data[start:start + PIECE_BYTES], False
+            at = start + PIECE_BYTES
+            continue
+        if space < 0 and len(data) - at > RAW_HEADLESS_BYTES:
+            log.debug("log stream: %d bytes with no head dropped", len(data) - at)
+            at = len(data)
+        chunk = next(chunks, None)
+        if chunk is None:
+            if space >= 0:
+                head = data[at:space]
+                yield head, head, data[start:], False
+            return
+        data, at = data[at:] + chunk, 0
+
+
+def _messages(chunks: Iterator[bytes], details: bool) -> Iterator[Message]:
+    """The messages of a log stream read as ``chunks`` (any sizes): multiplexed frames, or a TTY's
+    raw stream, told apart by the first byte (a frame's header starts with 0, 1 or 2, a message
+    with its timestamp's first digit)."""
+    first = next(chunks, b"")
+    if first:
+        yield from (_frames if first[0] <= 2 else _raw)(first, chunks, details)
+
+
+def stream_lines(chunks: Iterable[bytes], *, details: bool = False,
+                 counts: dict[str, int] | None = None) -> Iterator[RawLine]:
+    """The whole lines (``Joiner``'s rules) of a log stream read as ``chunks`` of any sizes (see
+    ``_messages``), as they end; pieces are joined per output (stdout, stderr) and head. ``counts``
+    (when given) counts each source's messages (``source_of``)."""
+    if counts is None:
+        return _frame_lines(iter(chunks), details)
+
+    def counted(messages: Iterator[Message], counts: dict[str, int]) -> Iterator[Message]:
+        for message in messages:
+            counts[message[1].partition(b" ")[2].decode("ascii", "replace")] += 1
+            yield message
+
+    return _joined(counted(_messages(iter(chunks), details), counts), Joiner(details=details))
+
+
+def _joined(messages: Iterator[Message], joiner: Joiner) -> Iterator[RawLine]:
+    """The lines of ``messages`` (``Joiner.piece``), as they end, then those the stream ended inside."""
+    piece, opened, top = joiner.piece, joiner._open, LINE_MAX_BYTES
+    for key, head, text, ended in messages:
+        if ended and not opened and len(text) <= top:
+            yield head.decode("ascii", "replace"), text.decode("utf-8", "replace"), False
+            continue
+        line = piece(key, head, text, ended)
+        if line is not None:
+            yield line
+    yield from joiner.rest()
+
+
+def _frame_lines(chunks: Iterator[bytes], details: bool) -> Iterator[RawLine]:
+    """``stream_lines`` without counts: for a multiplexed stream, ``_frames`` and the joining in one
+    loop (a flood's cost is mostly a message's: a short line alone in its frame takes the first
+    branch, and one generator stands between the HTTP client and the follower)."""
     joiner = Joiner(details=details)
+    data = next(chunks, b"")
+    if data and data[0] > 2:  # a TTY's raw stream
+        yield from _joined(_raw(data, chunks, details), joiner)
+        return
+    piece, opened, top = joiner.piece, joiner._open, LINE_MAX_BYTES
+    rest = b""
+    for chunk in itertools.chain((data,), chunks):
+        data = rest + chunk if rest else chunk
+        size, at = len(data), 0
+        while size - at >= 8:
+            stop = at + 8 + int.from_bytes(data[at + 4:at + 8], "big")
+            if stop > size:
+                break
+            start, at = at + 8, stop
+            space = data.find(b" ", start, stop)
+            if details and space >= 0:
+                space = data.find(b" ", space + 1, stop)
+            if space < 0:
+                continue
+            if data[stop - 1] == 10:
+                if not opened and stop - space - 2 <= top:
+                    yield data[start:space].decode("ascii", "replace"), data[space + 1:stop - 1].decode(
+                        "utf-8", "replace"), False
+                    continue
+                line = piece(data[start - 8:start - 7] + data[start:space], data[start:space],
+                             data[space + 1:stop - 1], True)
+            else:
+                line = piece(data[start - 8:start - 7] + data[start:space], data[start:space],
+                             data[space + 1:stop], False)
+            if line is not None:
+                yield line
+        rest = data[at:]
+    yield from joiner.rest()
+
+
+class EngineStream:
+    """An engine log stream (``GET /containers/{id}/logs``, ``/services/{id}/logs``, with
+    ``timestamps``) read through the client's public HTTP session (``requests``) in reads of up to
+    ``READ_BYTES``, its messages parsed here (``stream_lines``): multiplexed frames (an 8-byte
+    header: the output, three zero bytes, the length big-endian; then the message) or a TTY's raw
+    stream. ``lines`` gives whole lines; iterating gives the messages, as docker-py's streams do.
+    ``close`` (from any thread) ends a read blocked on it."""
+
+    def __init__(self, response: requests.Response, *, details: bool) -> None:
+        self.details = details
+        self._response = response
+        self._done = False
+        connection = getattr(response.raw, "connection", None)
+        #: The stream's socket: its deadline (the client's, for the answer's head) lifted, as docker-py
+        #: does for its streams (a quiet app writes nothing for hours), and shut down by ``close``.
+        self._sock = getattr(connection, "sock", None)
+        if self._sock is not None:
+            self._sock.settimeout(None)
+
+    def close(self) -> None:
+        if not self._done and self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+        self._done = True
+        self._response.close()
+
+    def __enter__(self) -> EngineStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[bytes]:
+        for _, head, text, ended in _messages(self._chunks(), self.details):
+            yield head + b" " + text + (b"\n" if ended else b"")
+
+    def _chunks(self) -> Iterator[bytes]:
+        try:
+            # The HTTP client's own reads (its chunked coding), undecoded (the engine never compresses
+            # a log), its errors as ``requests``' (those ``converted`` knows).
+            yield from self._response.raw.stream(READ_BYTES, decode_content=False)
+        except urllib3.exceptions.HTTPError as exc:
+            raise requests.ConnectionError(f"log stream broken: {exc}") from exc
+        finally:
+            self._done = True  # the connection goes back to the pool: ``close`` leaves its socket be
+            self._response.close()
+
+    def lines(self, counts: dict[str, int] | None = None) -> Iterator[RawLine]:
+        """The stream's whole lines, as they end (``stream_lines``)."""
+        return stream_lines(self._chunks(), details=self.details, counts=counts)
+
+
+def _logs(api: Any, path: str, params: dict[str, Any], *, details: bool) -> EngineStream:
+    """``GET`` an engine log stream through the client's session (its address, API version and
+    deadline); an engine error leaves as docker-py's (``converted`` makes it the project's)."""
+    response = api.get(f"{api.base_url}/v{api.api_version}{path}", params=params, stream=True,
+                       timeout=api.timeout)
+    try:
+        response.raise_for_status()
+    except requests.HTTPError as exc:
+        try:
+            docker.errors.create_api_error_from_http_exception(exc)
+        finally:
+            response.close()
+    return EngineStream(response, details=details)
+
+
+def _log_params(follow: bool, since: float | None, tail: int | None) -> dict[str, Any]:
+    params: dict[str, Any] = {"stdout": 1, "stderr": 1, "timestamps": 1, "follow": int(follow),
+                              "tail": "all" if tail is None else tail}
+    if since is not None and since > 0:
+        params["since"] = since
+    return params
+
+
+def container_logs(api: Any, container: str, *, follow: bool = False, since: float | None = None,
+                   tail: int | None = None) -> EngineStream:
+    """A container's log (stdout and stderr, timestamped), whatever its TTY."""
+    return _logs(api, f"/containers/{quote(container, safe='')}/logs", _log_params(follow, since, tail),
+                 details=False)
+
+
+def service_logs(api: Any, service: str, *, follow: bool = False, since: float | None = None,
+                 tail: int | None = None) -> EngineStream:
+    """A service's log (every task's, stdout and stderr, timestamped, with details)."""
+    params = _log_params(follow, since, tail)
+    params["details"] = 1
+    return _logs(api, f"/services/{quote(service, safe='')}/logs", params, details=True)
+
+
+def whole_lines(frames: Iterable[bytes], *, details: bool = False) -> Iterator[RawLine]:
+    """The lines of an engine log stream's messages (see ``Joiner``), as they end; an ``EngineStream``
+    is read as it comes (its own ``lines``)."""
+    if isinstance(frames, EngineStream):
+        return frames.lines()
+    return _fed(frames, Joiner(details=details))
+
+
+def _fed(frames: Iterable[bytes], joiner: Joiner) -> Iterator[RawLine]:
     feed = joiner.feed
     for frame in frames:
         line = feed(frame)
@@ -290,7 +541,10 @@ def tail_lines(read: Callable[[int], Iterable[bytes]], n: int, *, details: bool 
                 yield frame
 
         kept: dict[str, collections.deque[RawLine]] = {}
-        for line in whole_lines(counted(read(asked), counts), details=details):
+        frames = read(asked)
+        lines_read = (frames.lines(counts) if isinstance(frames, EngineStream)
+                      else whole_lines(counted(frames, counts), details=details))
+        for line in lines_read:
             source = source_of(line[0])
             if source not in kept:
                 kept[source] = collections.deque(maxlen=n + 1)

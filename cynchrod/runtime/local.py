@@ -28,6 +28,7 @@ accepts TCP connections on its container address), removes one
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -35,7 +36,7 @@ import pathlib
 import re
 import socket
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import docker
@@ -43,7 +44,7 @@ import docker.errors
 import requests
 
 from cynchrod import runtime
-from cynchrod.core import planning, specs
+from cynchrod.core import health, planning, specs
 from cynchrod.core.errors import (
     CynchrodError,
     EngineUnavailable,
@@ -60,6 +61,8 @@ PULL_TIMEOUT_S = 300
 #: The other name of a slot, for a container started beside its old one (``start_beside``), and back.
 ALT_SUFFIX = ".b"
 _EXIT_RE = re.compile(r"Exited \((-?\d+)\)")
+#: A listed container's healthcheck status, in its ``Status`` ("Up 3 seconds (healthy)").
+_HEALTH_RE = re.compile(r"\((healthy|unhealthy|health: starting)\)")
 _STATE = {"running": planning.RUNNING, "paused": planning.RUNNING, "restarting": planning.RESTARTING,
           "exited": planning.EXITED, "created": planning.CREATED, "dead": planning.CREATED}
 
@@ -93,7 +96,8 @@ class _EventStream:
         try:
             self._client = rt_client(self._rt, timeout=None)
             self._stream = _docker.converted(lambda: self._client.api.events(
-                filters={"type": "container", "event": ["start", "die", "oom", "destroy", "pause", "unpause"],
+                filters={"type": "container", "event": ["start", "die", "oom", "destroy", "pause", "unpause",
+                                                         "health_status"],
                          "label": runtime.owner_labels(self._rt.owner)}, decode=True), "events")
         except RuntimeFailure:
             self.close()
@@ -146,8 +150,7 @@ class _AppLogs(follow.Follower):
     def _open(self, instance: str, since: float) -> Any:
         # Closed from another thread, docker-py's stream shuts the socket down, which ends the
         # read blocked on it (for a quiet app, one that would otherwise wait forever).
-        return self._client.api.logs(instance, stdout=True, stderr=True, stream=True, follow=True,
-                                     timestamps=True, since=since)
+        return _docker.container_logs(self._client.api, instance, follow=True, since=since)
 
     def _streams(self) -> Iterator[follow.Stream]:
         """Every running container of the app (one list call)."""
@@ -181,9 +184,8 @@ class _AppLogs(follow.Follower):
         from its last lines; None when they do not reach back past it or the engine fails."""
         want = given + self.VERIFY_TAIL
         try:
-            frames = self._client.api.logs(instance, stdout=True, stderr=True, stream=True, follow=False,
-                                           timestamps=True, tail=want)
-            keys = [_docker.stamp_key(head) for head, _, _ in _docker.whole_lines(frames)]
+            with _docker.container_logs(self._client.api, instance, tail=want) as frames:
+                keys = [_docker.stamp_key(head) for head, _, _ in _docker.whole_lines(frames)]
         except (requests.RequestException, docker.errors.DockerException, OSError):
             return None
         if len(keys) >= want and keys[0] >= key:
@@ -255,9 +257,13 @@ class LocalRuntime(_docker.Driver):
             return None  # being removed, or another instance's
         match = _EXIT_RE.search(row.get("Status") or "")
         public = [p.get("PublicPort") for p in row.get("Ports") or [] if p.get("PublicPort")]
-        return runtime.unit_from_labels(labels, instance=row["Id"], state=state,
+        said = _HEALTH_RE.search(row.get("Status") or "") if state == planning.RUNNING else None
+        unit = runtime.unit_from_labels(labels, instance=row["Id"], state=state,
                                         exit_code=int(match.group(1)) if match else None,
                                         endpoint=public[0] if public else None)
+        if said is not None:
+            unit = dataclasses.replace(unit, health=said.group(1).removeprefix("health: "))
+        return unit
 
     def event(self, raw: dict[str, Any]) -> runtime.Event | None:
         """One engine event as ours, or None when it is not about one of our units."""
@@ -270,6 +276,11 @@ class LocalRuntime(_docker.Driver):
             return runtime.Event(runtime.GONE, instance)
         if action == "oom":
             return runtime.Event(runtime.STATE, instance, oom=True)
+        if action.startswith("health_status"):
+            # "health_status: healthy": the readiness gate's fact (``core.health``).
+            said = action.partition(":")[2].strip()
+            unit = runtime.unit_from_labels(attrs, instance=instance, state=planning.RUNNING)
+            return runtime.Event(runtime.STATE, instance, dataclasses.replace(unit, health=said))
         state = planning.EXITED if action == "die" else planning.RUNNING
         code = attrs.get("exitCode")
         unit = runtime.unit_from_labels(attrs, instance=instance, state=state,
@@ -333,10 +344,10 @@ class LocalRuntime(_docker.Driver):
         if not state.get("Running"):
             return f"it exited with code {state.get('ExitCode')}", False
         if service.healthcheck is not None:
-            health = (state.get("Health") or {}).get("Status")
-            if health == "unhealthy":
+            said = (state.get("Health") or {}).get("Status")
+            if said == health.UNHEALTHY_CHECK:
                 return "its healthcheck reports unhealthy", False
-            return None, health == "healthy"
+            return None, said == health.HEALTHY_CHECK
         networks = (info.get("NetworkSettings") or {}).get("Networks") or {}
         addresses = [n.get("IPAddress") for n in networks.values() if n.get("IPAddress")]
         if not addresses:
@@ -354,9 +365,8 @@ class LocalRuntime(_docker.Driver):
 
     def last_lines(self, unit: runtime.Unit, n: int) -> list[str]:
         """A unit's last ``n`` log lines (for an error message); [] when the engine cannot say."""
-        def read(k: int) -> Iterator[bytes]:
-            return self.api.logs(unit.instance, stdout=True, stderr=True, stream=True,  # type: ignore[no-any-return]
-                                 follow=False, timestamps=True, tail=k)
+        def read(k: int) -> Iterable[bytes]:
+            return _docker.container_logs(self.api, unit.instance, tail=k)
 
         try:
             return [text for _, text, _ in self._call(lambda: _docker.tail_lines(read, n), "logs")]
@@ -457,10 +467,10 @@ class LocalRuntime(_docker.Driver):
         )
         networking = (self.api.create_networking_config(
             {network: self.api.create_endpoint_config(aliases=[service.name, *service.aliases])}) if network else None)
-        health = None
+        check = None
         if service.healthcheck is not None:
             h = service.healthcheck
-            health = {"test": list(h.test), "interval": int(h.interval * 1e9), "timeout": int(h.timeout * 1e9),
+            check = {"test": list(h.test), "interval": int(h.interval * 1e9), "timeout": int(h.timeout * 1e9),
                       "retries": h.retries, "start_period": int(h.start_period * 1e9)}
 
         def create() -> dict[str, Any]:
@@ -476,7 +486,7 @@ class LocalRuntime(_docker.Driver):
                 volumes=anonymous or None,
                 host_config=host_config,
                 networking_config=networking,
-                healthcheck=health,
+                healthcheck=check,
                 entrypoint=list(service.entrypoint) if service.entrypoint is not None else None,
                 user=service.user,
                 working_dir=service.working_dir,
@@ -635,9 +645,8 @@ class LocalRuntime(_docker.Driver):
         (``_docker.tail_lines``)."""
         lines: list[runtime.LogLine] = []
         for unit in self.app_units(org, app):
-            def read(k: int, instance: str = unit.instance) -> Iterator[bytes]:
-                return self.api.logs(instance, stdout=True, stderr=True, stream=True,  # type: ignore[no-any-return]
-                                     follow=False, timestamps=True, tail=k)
+            def read(k: int, instance: str = unit.instance) -> Iterable[bytes]:
+                return _docker.container_logs(self.api, instance, tail=k)
 
             try:
                 raw = self._call(lambda: _docker.tail_lines(read, n), "logs")

@@ -67,7 +67,7 @@ import pathlib
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import docker
@@ -386,9 +386,8 @@ class _ServiceLogs(follow.Follower):
                    functools.partial(self._lines_of, name, service_id))
 
     def _open(self, service_id: str, since: float) -> Any:
-        return converted(lambda: self._client.api.service_logs(
-            service_id, stdout=True, stderr=True, follow=True, timestamps=True, details=True, since=since,
-            is_tty=False), "service logs")
+        return converted(lambda: _docker.service_logs(self._client.api, service_id, follow=True, since=since),
+                         "service logs")
 
     def _lines_of(self, name: str, service_id: str, stream: Any) -> Iterator[runtime.LogLine]:
         for key, given in self._given.items():
@@ -412,10 +411,9 @@ class _ServiceLogs(follow.Follower):
         it or the engine fails."""
         want = given + self.VERIFY_TAIL
         try:
-            frames = self._client.api.service_logs(service_id, stdout=True, stderr=True, timestamps=True,
-                                                   details=True, tail=want, is_tty=False)
-            keys = [_docker.stamp_key(head.partition(" ")[0])
-                    for head, _, _ in _docker.whole_lines(frames, details=True) if _docker.source_of(head) == task]
+            with _docker.service_logs(self._client.api, service_id, tail=want) as frames:
+                keys = [_docker.stamp_key(head.partition(" ")[0])
+                        for head, _, _ in _docker.whole_lines(frames, details=True) if _docker.source_of(head) == task]
         except (requests.RequestException, docker.errors.DockerException, OSError):
             return None
         if len(keys) >= want and keys[0] >= key:
@@ -1122,9 +1120,8 @@ class SwarmRuntime(_docker.Driver):
         for svc in self.app_services(org, app):
             name = (svc["Spec"].get("Labels") or {}).get(runtime.LABEL_SERVICE, specs.MAIN_SERVICE)
 
-            def read(k: int, service_id: str = svc["ID"]) -> Iterator[bytes]:
-                return self.api.service_logs(service_id, stdout=True, stderr=True, timestamps=True,  # type: ignore[no-any-return]
-                                             details=True, tail=k, is_tty=False)
+            def read(k: int, service_id: str = svc["ID"]) -> Iterable[bytes]:
+                return _docker.service_logs(self.api, service_id, tail=k)
 
             try:
                 raw = self._call(lambda: _docker.tail_lines(read, n, details=True), "service logs")

@@ -31,6 +31,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import gc
+import json
 import logging
 import threading
 import time
@@ -39,7 +40,7 @@ from typing import TypeVar
 
 from cynchrod import edge as edge_mod
 from cynchrod import runtime, store
-from cynchrod.core import decisions, planning, specs
+from cynchrod.core import decisions, health, planning, specs
 from cynchrod.core.codes import Code
 from cynchrod.core.decisions import TRIGGERS
 from cynchrod.core.errors import CynchrodError, ManifestError, StateUnwritable
@@ -47,12 +48,17 @@ from cynchrod.desired import secrets as secrets_mod
 from cynchrod.desired import source
 from cynchrod.runtime import view
 from cynchrod.shell import builds as builds_mod
-from cynchrod.shell import desired_state, metrics
+from cynchrod.shell import desired_state, gates, metrics
 from cynchrod.shell.scheduling import Wakeup, strongest
 
 log = logging.getLogger("cynchrod.reconciler")  # the name the logs have always shown
 T = TypeVar("T")
 _NO_MEMORY = decisions.Backoff()
+#: ``sync``'s wait between passes while a deployment's readiness is judged.
+SYNC_GATE_WAIT_S = 0.1
+
+#: Actions after which a deployment's units are judged for readiness.
+_STARTS = frozenset({planning.CREATE, planning.RECREATE, planning.START})
 
 __all__ = ["TRIGGERS", "PassResult", "Reconciler"]
 
@@ -111,6 +117,20 @@ class Executed:
         return [a.describe() for a in self.decision.actions]
 
 
+def _merge(result: PassResult, later: PassResult) -> None:
+    """``sync``'s answer: the pass that acted, each app's outcome as the later passes that judged its
+    deployment left it (their actions, a dependent a condition held, added to its own)."""
+    outcomes = {(a.org, a.name): a for a in result.apps}
+    for app in later.apps:
+        mine = outcomes.get((app.org, app.name))
+        if mine is None:
+            result.apps.append(app)
+            continue
+        mine.status, mine.error = app.status, app.error
+        mine.actions.extend(app.actions)
+    result.apps.sort(key=lambda a: (a.org, a.name))
+
+
 def freeze_heap() -> None:
     """Collect garbage, then hide every object alive now from the cyclic collector (``gc.freeze``).
 
@@ -130,7 +150,7 @@ class Reconciler:
                  stats: metrics.Metrics | None = None, secrets: secrets_mod.Secrets | None = None,
                  max_apps: Callable[[str], int] = lambda org: decisions.DEFAULT_MAX_APPS,
                  builds: builds_mod.Builds | None = None, resync_s: float = view.RESYNC_S,
-                 edge: edge_mod.Edge | None = None) -> None:
+                 edge: edge_mod.Edge | None = None, min_ready: float | None = None) -> None:
         #: The repositories followed; the first is where apps created through the API go
         #: unless another one is pinned to the app's org.
         self.sources = [src] if isinstance(src, source.Followed) else list(src)
@@ -150,6 +170,16 @@ class Reconciler:
         self.wakeup = Wakeup()
         self.view = view.View(rt, resync_s=resync_s, on_change=self._on_event)
         self._clock = clock
+        #: Each acted-on app's readiness gate (``gates``): ``deploying`` until its units are ready.
+        # Readiness is timed on the clock given here (real seconds: min_ready, health_timeout), not on
+        # ``_clock``, which a test may freeze to skip a back-off.
+        self.gates = gates.Gates(rt=rt, db=db, clock=clock, min_ready=min_ready, book=self._book,
+                                 wake=lambda delay: self.wakeup.request_at(delay, "self-heal"))
+        self.gates.on_ready = self._healthy
+        self.gates.on_failed = self._roll_back
+        #: Apps whose deployment failed its readiness with ``on_failure: rollback``: the failed
+        #: spec's hash, the last healthy spec put back in its place, and the error (until a new spec).
+        self._rollbacks: dict[tuple[str, str], tuple[str, specs.AppSpec, str]] = {}
         self._memory: dict[tuple[str, str], decisions.Backoff] = {}
         self._fields: dict[tuple[str, str], tuple[specs.AppSpec, tuple[runtime.Unit, ...], dict[str, object]]] = {}
         self._pass_lock = threading.Lock()
@@ -198,7 +228,7 @@ class Reconciler:
         """The view changed: a unit died or vanished wakes a self-heal pass at once, and so does a
         relist or a part read again that changed (a swarm replaced a task: the pass records it)."""
         if event.kind in (runtime.RELIST, runtime.STALE) \
-                or (event.unit is not None and event.unit.state != planning.RUNNING) \
+                or (event.unit is not None and (event.unit.state != planning.RUNNING or event.unit.health)) \
                 or event.kind == runtime.GONE or event.oom:
             self.wakeup.request("self-heal")
 
@@ -249,7 +279,10 @@ class Reconciler:
         rows = self.store.live_apps()
         wanted = self._desired(result, rows)
         inputs = self._observe(wanted, rows, result)
-        plan = self._decide(inputs)
+        # The open readiness gates are judged on what the view shows now, before deciding on it.
+        self.gates.judge(inputs.desired, inputs.units)
+        inputs = self._rolled_back(dataclasses.replace(inputs, gates=self.gates.decided()))
+        plan = [self._rollback_status(d) for d in self._decide(inputs)]
         with contextlib.closing(self._execute(plan, inputs, rows, result)) as executed:
             self._record(plan, executed, rows, result)
 
@@ -259,6 +292,12 @@ class Reconciler:
         while self.builds is not None and self.builds.busy():
             self.builds.wait_idle(build_timeout)
             result = self.run_pass("build")
+        # Then until every deployment it made is judged: with no event thread here (the view relists
+        # on each pass), a short wait between passes stands in for the events (bounded by the
+        # gates' own timeouts).
+        while self.gates.pending() is not None:
+            time.sleep(SYNC_GATE_WAIT_S)
+            _merge(result, self.run_pass("self-heal"))
         return result
 
     def preview(self) -> tuple[PassResult, list[planning.Action]]:
@@ -272,6 +311,7 @@ class Reconciler:
         with self._pass_lock:
             rows = self.store.live_apps()
             inputs = self._observe(self._desired(result, rows, fetched), rows, result)
+            inputs = dataclasses.replace(inputs, gates=self.gates.decided())
             return result, [a for d in self._decide(inputs) for a in d.actions]
 
     def _note_pass(self, result: PassResult) -> None:
@@ -285,6 +325,52 @@ class Reconciler:
         if known and result.problems != self._problems_written:
             self.store.set_problems(result.problems)
             self._problems_written = list(result.problems)
+
+    # -- on_failure: rollback ---------------------------------------------------------
+
+    def _healthy(self, key: tuple[str, str], spec: specs.AppSpec) -> None:
+        """A deployment passed its readiness: its spec is the app's last healthy one (in the store)."""
+        row = self.store.live_app(*key)
+        if row is not None and row.healthy_spec != spec.json_text and key not in self._rollbacks:
+            self._book(lambda: self.store.update_app(row.id, healthy_spec=spec.json_text))
+
+    def _roll_back(self, key: tuple[str, str], gate: gates.Gate) -> None:
+        """A deployment failed its readiness: with ``on_failure: rollback``, the last healthy spec
+        goes back on the engine (not in Git) from this pass on, until the app's spec changes."""
+        if gate.spec.on_failure != health.ROLLBACK:
+            return
+        row = self.store.live_app(*key)
+        if row is None or not row.healthy_spec:
+            log.warning("%s/%s: no healthy version to roll back to; the failed one is kept", *key)
+            return
+        previous = dataclasses.replace(specs.AppSpec.from_json(json.loads(row.healthy_spec)), path=gate.spec.path,
+                                       source=gate.spec.source, on_failure=gate.spec.on_failure)
+        if previous.hash == gate.spec.hash:
+            return
+        log.warning("%s/%s: rolling back to the last healthy version", *key)
+        self._rollbacks[key] = (gate.spec.hash, previous, f"{gate.error}; rolled back to the previous version")
+        self.gates.mark(key, serving=decisions.PREVIOUS)
+
+    def _rolled_back(self, inputs: decisions.Inputs) -> decisions.Inputs:
+        """The last healthy spec in place of a declared one that failed (until the declared one changes)."""
+        if not self._rollbacks:
+            return inputs
+        desired = dict(inputs.desired)
+        for key, (failed, previous, _) in list(self._rollbacks.items()):
+            declared = desired.get(key)
+            if declared is None or declared.hash != failed:
+                del self._rollbacks[key]  # a new commit: it is deployed (and judged) as any other
+                continue
+            desired[key] = previous
+        return dataclasses.replace(inputs, desired=desired)
+
+    def _rollback_status(self, d: decisions.Decision) -> decisions.Decision:
+        """A rolled-back app stays ``failed — previous version running`` until a new commit."""
+        rolled = self._rollbacks.get(d.key)
+        if rolled is None or d.spec is not rolled[1] or d.status not in (decisions.RUNNING, decisions.DEPLOYING):
+            return d
+        return dataclasses.replace(d, status=decisions.FAILED, error=rolled[2], serving=decisions.PREVIOUS,
+                                   trigger="rollback" if d.actions else d.trigger)
 
     # -- the stages ----------------------------------------------------------------
 
@@ -378,7 +464,7 @@ class Reconciler:
             if d.spec is not None:
                 built[d.key] = self.builds.deployment_of(d.spec) if self.builds is not None else None
                 row = self._book(lambda d=d: self._row(d.spec, result))  # type: ignore[misc]
-                if built[d.key] is None and row is not None:
+                if built[d.key] is None and row is not None and self.gates.deployment_of(d.spec) is None:
                     self._book(lambda r=row, d=d: self.store.ensure_queued(  # type: ignore[misc]
                         r.id, commit=result.commit_of(d.spec), trigger=d.trigger))
         return built
@@ -389,9 +475,12 @@ class Reconciler:
         spec = d.spec
         assert spec is not None
         row = self._book(lambda: self._row(spec, result)) or live
-        deployment = None if row is None else self._book(lambda: self.store.start_deployment(
-            row.id, commit=result.commit_of(spec), trigger=d.trigger, spec_hash=spec.hash,
-            build_deployment=build_deployment))
+        # A deployment still being judged continues (a dependent its condition held starts now).
+        deployment = self.gates.deployment_of(spec)
+        if deployment is None and row is not None:
+            deployment = self._book(lambda: self.store.start_deployment(
+                row.id, commit=result.commit_of(spec), trigger=d.trigger, spec_hash=spec.hash,
+                build_deployment=build_deployment))
         note: tuple[Code, str] | None = None
         kind = ""
         try:
@@ -480,6 +569,7 @@ class Reconciler:
             log.info("removed %s/%s: no longer declared by %s", org, name, row.source or "the repository")
             self._book(lambda: self.store.remove_app(row.id, commit=result.commit, trigger=result.trigger))
         self._memory.pop(d.key, None)
+        self.gates.forget(d.key)
         return AppOutcome(org, name, decisions.REMOVED, ran.described)
 
     def _record_failed(self, ran: Executed, failed: CynchrodError, result: PassResult) -> AppOutcome:
@@ -513,23 +603,31 @@ class Reconciler:
         error, noted = d.error, d.note
         if error is None and note is not None:
             error, noted = f"{note[0]}: {note[1]}", note[0]  # running again, but say why it had died
+        status: str | None = d.status
         if row is not None:
-            self._book(lambda: self._record_applied(d, row, ran.deployment, note, result, error, noted))
-        return AppOutcome(org, name, d.status, ran.described, error)
+            status = self._book(lambda: self._record_applied(d, row, ran.deployment, note, result, error, noted))
+        return AppOutcome(org, name, status or d.status, ran.described, error)
 
     def _record_applied(self, d: decisions.Decision, row: store.App, deployment: int | None,
                         note: tuple[Code, str] | None, result: PassResult, error: str | None,
-                        noted: Code | None) -> None:
+                        noted: Code | None) -> str:
         spec = d.spec
         assert spec is not None
-        if deployment is not None:
+        status = d.status
+        if self.gates.enabled and status == decisions.RUNNING and any(a.kind in _STARTS for a in d.actions):
+            # Health-gated: ``deploying`` until its units are ready (``gates``; judged at once).
+            status = self.gates.open(spec, deployment, self.view.app_units(*d.key), note=note)
+            if status == decisions.FAILED:
+                error, noted = self.gates.decided()[d.key].error, None
+        elif deployment is not None:
             self.store.finish_deployment(deployment, status=d.status if d.status != decisions.FAILED
                                          else decisions.RUNNING, error_code=note[0] if note else None,
                                          error=note[1] if note else None)
         if d.failure is not None and row.last_error != d.error:
             self._record_failure(row, d, result)
-        self.store.update_app(row.id, status=d.status, last_error=error, note=noted, deployed_hash=spec.hash,
+        self.store.update_app(row.id, status=status, last_error=error, note=noted, deployed_hash=spec.hash,
                               serving=d.serving, **self._unit_fields(spec, row))
+        return status
 
     def _remember(self, key: tuple[str, str], memory: decisions.Backoff) -> None:
         if memory == _NO_MEMORY:
@@ -574,6 +672,9 @@ class Reconciler:
         fields.update(status=d.status, last_error=error, serving=d.serving, refusal=d.refusal, note=d.note)
         if d.record and d.status in (decisions.RUNNING, decisions.STOPPED):
             fields["deployed_hash"] = d.spec.hash
+        if d.status == decisions.RUNNING and row.healthy_spec is None and d.key not in self._rollbacks:
+            # Running from before health-gated deploys (or their first pass): its last healthy spec, once.
+            fields["healthy_spec"] = d.spec.json_text
         if any(getattr(row, k) != v for k, v in fields.items()):
             self.store.update_app(row.id, **fields)
         return AppOutcome(org, name, d.status, error=error)

@@ -30,7 +30,7 @@ from cynchrod.core.decisions import (
     shown_status,
 )
 from cynchrod.core.errors import AppExists, QuotaFull
-from cynchrod.store.apps import Apps
+from cynchrod.store.apps import LOG_BYTES, LOG_LINES, Apps, bounded_log
 from cynchrod.store.db import SCHEMA, Database, now
 from cynchrod.store.meta import Meta
 from cynchrod.store.outbox import Message, Notification, Outbox
@@ -53,6 +53,8 @@ __all__ = [
     "APP_STATUSES",
     "DEPLOYING",
     "FAILED",
+    "LOG_BYTES",
+    "LOG_LINES",
     "PENDING",
     "QUEUED",
     "REMOVED",
@@ -74,6 +76,7 @@ __all__ = [
     "Token",
     "UpdateState",
     "Updates",
+    "bounded_log",
     "main_service",
     "now",
     "services_json",

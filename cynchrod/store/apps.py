@@ -7,7 +7,9 @@ App rows are soft-deleted to ``removed`` and never erased; a deployment row is o
 from __future__ import annotations
 
 import secrets
+import sqlite3
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from cynchrod.core import decisions, specs
@@ -16,6 +18,18 @@ from cynchrod.core.decisions import DEPLOYING, FAILED, QUEUED, REMOVED
 from cynchrod.core.errors import AppExists, QuotaFull
 from cynchrod.store.db import Database, converted, now
 from cynchrod.store.records import App, Deployment, main_service
+
+#: What a deployment keeps of a failed unit's log: its last lines, and at most this many bytes of them.
+LOG_LINES = 100
+LOG_BYTES = 64 * 1024
+
+
+def bounded_log(lines: Sequence[str]) -> str | None:
+    """The last ``LOG_LINES`` lines, cut to the last ``LOG_BYTES`` bytes (None for none)."""
+    if not lines:
+        return None
+    text = "\n".join(lines[-LOG_LINES:]).encode()[-LOG_BYTES:]
+    return text.decode("utf-8", "ignore")
 
 
 class Apps(Database):
@@ -131,8 +145,7 @@ class Apps(Database):
                                  (build_deployment, app_id, QUEUED, DEPLOYING)).fetchone()
                 if row is not None:
                     db.execute("UPDATE apps SET status = ?, updated_at = ? WHERE id = ?", (DEPLOYING, now(), app_id))
-                    db.execute("UPDATE deployments SET status = ?, spec_hash = ? WHERE id = ?",
-                               (DEPLOYING, spec_hash, build_deployment))
+                    self._transition(db, build_deployment, DEPLOYING, spec_hash=spec_hash)
                     return build_deployment
             queued = db.execute("SELECT id, trigger FROM deployments WHERE app_id = ? AND status = ?"
                                 " ORDER BY id DESC LIMIT 1", (app_id, QUEUED)).fetchone()
@@ -142,8 +155,8 @@ class Apps(Database):
                 db.execute("UPDATE deployments SET status = ?, error_code = ?, finished_at = ?"
                            " WHERE app_id = ? AND status = ? AND id != ?",
                            (FAILED, Code.SUPERSEDED, now(), app_id, QUEUED, queued["id"]))
-                db.execute('UPDATE deployments SET status = ?, spec_hash = ?, "commit" = ?, started_at = ?'
-                           " WHERE id = ?", (DEPLOYING, spec_hash, commit, now(), queued["id"]))
+                self._transition(db, int(queued["id"]), DEPLOYING, spec_hash=spec_hash, commit=commit,
+                                 started_at=now())
                 return int(queued["id"])
             cur = db.execute(
                 'INSERT INTO deployments (app_id, "commit", trigger, status, spec_hash, started_at)'
@@ -155,7 +168,7 @@ class Apps(Database):
         return Deployment(**dict(rows[0])) if rows else None
 
     def finish_deployment(self, deployment_id: int, *, status: str, error_code: str | None = None,
-                          error: str | None = None, merge: bool = False) -> int:
+                          error: str | None = None, merge: bool = False, log: Sequence[str] = ()) -> int:
         """Close a deployment. With ``merge``, a failure that repeats the app's previous
         deployment (same spec and code) is folded into that row (attempts, last seen,
         newest message) instead of adding one: a loop of retries does not grow the history."""
@@ -174,9 +187,15 @@ class Apps(Database):
                     db.execute("UPDATE deployments SET attempts = attempts + 1, last_seen = ?, error = ? WHERE id = ?",
                                (now(), error, prev["id"]))
                     return int(prev["id"])
-            db.execute("UPDATE deployments SET status = ?, error_code = ?, error = ?, finished_at = ? WHERE id = ?",
-                       (status, error_code, error, now(), deployment_id))
+            self._transition(db, deployment_id, status, error_code=error_code, error=error, finished_at=now(),
+                             log=bounded_log(log))
             return deployment_id
+
+    def _transition(self, db: sqlite3.Connection, deployment_id: int, status: str, **fields: Any) -> None:
+        """The one place a deployment's status changes once it has run (deploying, running, completed,
+        crashed, unhealthy, failed): what records or announces a status change hooks in here."""
+        sets = ", ".join(f'"{k}" = ?' for k in ("status", *fields))
+        db.execute(f"UPDATE deployments SET {sets} WHERE id = ?", (status, *fields.values(), deployment_id))
 
     def record_failure(self, app_id: str, *, commit: str | None, trigger: str, spec_hash: str | None,
                        code: str, error: str) -> int:

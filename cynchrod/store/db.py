@@ -45,7 +45,8 @@ CREATE TABLE IF NOT EXISTS apps (
     services_json TEXT,
     serving TEXT,
     refusal TEXT,
-    note TEXT
+    note TEXT,
+    healthy_spec TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS apps_live ON apps(org, name) WHERE status != 'removed';
 CREATE TABLE IF NOT EXISTS deployments (
@@ -60,7 +61,8 @@ CREATE TABLE IF NOT EXISTS deployments (
     started_at TEXT NOT NULL,
     finished_at TEXT,
     attempts INTEGER NOT NULL DEFAULT 1,
-    last_seen TEXT
+    last_seen TEXT,
+    log TEXT
 );
 CREATE INDEX IF NOT EXISTS deployments_app ON deployments(app_id, id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -257,10 +259,14 @@ def migrate(db: sqlite3.Connection) -> None:
         for code in decisions.NOTES:
             db.execute("UPDATE apps SET note = ? WHERE status != ? AND substr(last_error, 1, ?) = ?",
                        (code, FAILED, len(code) + 1, f"{code}:"))
+    if "healthy_spec" not in columns:  # a state dir from before health-gated deploys
+        db.execute("ALTER TABLE apps ADD COLUMN healthy_spec TEXT")
     columns = {r["name"] for r in db.execute("PRAGMA table_info(deployments)")}
     if "attempts" not in columns:  # a state dir from before repeated failures were merged
         db.execute("ALTER TABLE deployments ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1")
         db.execute("ALTER TABLE deployments ADD COLUMN last_seen TEXT")
+    if "log" not in columns:  # a state dir from before failed units' last log lines were kept
+        db.execute("ALTER TABLE deployments ADD COLUMN log TEXT")
     if db.execute("SELECT 1 FROM meta WHERE key = ?", (_DOMAIN_TEXTS,)).fetchone() is None:
         _rewrite_domain_taken_texts(db)
     if "session" not in {r["name"] for r in db.execute("PRAGMA table_info(tickets)")}:

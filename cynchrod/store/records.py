@@ -61,6 +61,9 @@ class App:
     #: Of a running app: the code of the note it keeps until its next deployment (``decisions.NOTES``:
     #: ``oom_killed``, when a healed unit had been killed for its memory).
     note: str | None = None
+    #: The last spec of the app whose deployment passed its readiness (``AppSpec.to_json`` as text):
+    #: what ``on_failure: rollback`` puts back (``shell.gates``).
+    healthy_spec: str | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -147,3 +150,5 @@ class Deployment:
     #: How many times in a row this same failure happened, and when it was last seen.
     attempts: int = 1
     last_seen: str | None = None
+    #: The last log lines of the unit that failed its readiness (bounded: ``LOG_LINES``, ``LOG_BYTES``).
+    log: str | None = None

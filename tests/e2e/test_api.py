@@ -147,7 +147,7 @@ def test_reference_curl_lines(api: Api, docker_client: docker.DockerClient) -> N
     assert sorted(a["name"] for a in listed["apps"]) == ["ticker", "web"]  # org default only
     for app in listed["apps"]:
         assert {"id", "name", "image", "domain", "port", "status", "container_id", "created_at"} <= set(app)
-        assert app["status"] == "running"
+        assert (app["status"], app["health"]) == ("running", "healthy")
     web = next(a for a in listed["apps"] if a["name"] == "web")
     ticker = next(a for a in listed["apps"] if a["name"] == "ticker")
 
@@ -671,3 +671,29 @@ def test_broken_files_that_declare_no_app_are_listed_to_whom_they_concern(api: A
     api.wait_status(web, "running")
     assert api.app(web)["app"]["serving"] is None
     assert requests.get(api.url + "/healthz", timeout=5).json()["problems"] == []
+
+
+def test_a_crashed_deployment_keeps_its_last_lines_after_the_container_is_gone(
+        api: Api, docker_client: docker.DockerClient) -> None:
+    """Health-gated deploys (docs/health.md): a unit that exits before it is ready makes its deployment
+    ``crashed`` with the exit code; its last lines are served from the deployment after the container goes."""
+    api.repo.push({"apps/boom.yaml": f"name: boom\nimage: {TEST_IMAGE}\nmemory: 64\nmin_ready: 5\n"
+                                     "command: [sh, -c, 'echo cannot reach the database; exit 4']\n"})
+    wait_for(lambda: any(a["name"] == "boom" for a in api.call("GET", "/apps").json()["apps"]), 20, "boom's row")
+    app_id = api.app_id("boom")
+
+    def crashed() -> dict[str, Any] | None:
+        return next((d for d in api.app(app_id)["deployments"] if d["status"] == "crashed"), None)
+
+    wait_for(crashed, 30, "a crashed deployment")
+    deployment = crashed()
+    assert deployment is not None and deployment["error_code"] == "crashed"
+    assert deployment["error"] == "service main exited with code 4"
+    for container in owned(docker_client, api.daemon.owner):
+        if container["Labels"].get("io.cynchrod.app") == "boom":
+            docker_client.api.remove_container(container["Id"], force=True)
+    answer = api.call("GET", f"/apps/{app_id}/deployments/{deployment['id']}/log",
+                      check="/apps/{appId}/deployments/{deploymentId}/log")
+    assert answer.status_code == 200 and "cannot reach the database" in answer.json()["unit_lines"]
+    listed = next(a for a in api.call("GET", "/apps", check="/apps").json()["apps"] if a["name"] == "boom")
+    assert listed["health"] in ("degraded", "progressing")  # failed, or healed again meanwhile

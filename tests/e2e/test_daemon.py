@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import pathlib
 import signal
@@ -98,11 +99,16 @@ def test_second_daemon_refuses_the_same_state_dir(repo: GitRepo, daemons, tmp_pa
 def test_sigkill_mid_apply_converges_to_one_container(repo: GitRepo, daemons, owner: str, point: str,
                                                       docker_client: docker.DockerClient,
                                                       tmp_path: pathlib.Path) -> None:
+    def deployed() -> bool:  # and its deployment judged ready (docs/health.md), not left deploying by a stop
+        with contextlib.closing(store.Store(tmp_path / "state" / "cynchrod.db")) as seen:
+            return seen.live_apps()[("default", "a")].status == "running"
+
     repo.push({"apps/a.yaml": manifest("a")})
     if point == "after-remove":
         # A deployed app, then a change: the crash comes in the middle of its recreate.
         first = daemons().start()
         wait_for(lambda: [c["State"] for c in owned(docker_client, owner)] == ["running"], 30, "a to run")
+        wait_for(deployed, 30, "a to be running")
         assert first.stop() == 0
         repo.push({"apps/a.yaml": manifest("a", command="[sleep, '4000']")})
     crashing = daemons(env={"CYNCHROD_CRASHPOINT": point}).start()
@@ -117,6 +123,7 @@ def test_sigkill_mid_apply_converges_to_one_container(repo: GitRepo, daemons, ow
 
     healthy = daemons().start()
     wait_for(lambda: [c["State"] for c in owned(docker_client, owner)] == ["running"], 30, "one running a")
+    wait_for(deployed, 30, "a to be running")
     healthy.stop()
     [row] = owned(docker_client, owner)
     cmd = docker_client.api.inspect_container(row["Id"])["Config"]["Cmd"]

@@ -49,8 +49,8 @@ DUO = f"""name: duo
 memory: 64
 services:
   alpha: {{image: '{TEST_IMAGE}', command: [sh, -c, 'while true; do echo from-alpha; sleep 0.5; done']}}
-  beta: {{image: '{TEST_IMAGE}', command: [sh, -c, 'while true; do echo from-beta; sleep 0.5; done'], port: 8080,
-         domain: beta.duo.localhost}}
+  beta: {{image: '{TEST_IMAGE}', command: [sh, -c, 'httpd -p 8080; while true; do echo from-beta; sleep 0.5; done'],
+         port: 8080, domain: beta.duo.localhost}}
 """
 
 

@@ -53,6 +53,8 @@ def test_change_recreates_only_that_app(repo, harness: Harness, change: dict[str
     extra = change.get("extra", "")
     if "memory" in extra:
         text = f"name: a\nimage: {image}\ncommand: [sleep, '3600']\n{extra}"
+    elif "port" in extra:  # a declared port is served: a deployment is ready once it accepts (docs/health.md)
+        text = f"name: a\nimage: {image}\ncommand: [httpd, -f, -p, '8080']\nmemory: 64\n{extra}"
     else:
         text = manifest("a", image, extra)
     repo.push({"apps/a.yaml": text})

@@ -355,10 +355,11 @@ def test_a_first_deploy_is_routed_once_it_answers(repo: GitRepo, edged: Harness,
     assert edged.sync().ok
     assert caddy.fetch("slow.localhost") == (200, "v1\n")
     # One that never listens is routed after the readiness timeout all the same (it is the only
-    # version there is), and the pass says why in the log.
+    # version there is), and the pass says why in the log; its deployment is unhealthy (docs/health.md).
     repo.push({"apps/slow.yaml": None, "apps/mute.yaml": web("mute", "v1", domain="mute.localhost",
-                                                              command="[sleep, '3600']")})
+                                                              command="[sleep, '3600']") + "health_timeout: 2\n"})
     edged.deployer.ready_timeout = 1.0
-    assert edged.sync().ok
+    assert {a.name: a.status for a in edged.sync().apps}["mute"] == "failed"
+    assert (edged.app("mute").last_error or "").startswith("unhealthy: service main did not accept connections")
     assert edged.containers()["mute"]["State"] == "running"
     assert "default/mute: main is routed though not ready: timed out waiting for port 8080" in caplog.text

@@ -17,6 +17,9 @@ import pytest
 from tests.conftest import Harness
 from tests.helpers import manifest
 
+#: A declared port is served: a deployment is ready once it accepts (docs/health.md).
+SERVED = "[httpd, -f, -p, '8080']"
+
 CASES = [
     ("remove@remove", "recreate"), ("remove@start", "recreate"), ("kill@start", "recreate"),
     ("remove@port", "recreate"), ("remove@start", "start"), ("remove@port", "start"),
@@ -27,15 +30,15 @@ CASES = [
 @pytest.mark.parametrize(("fault", "change"), CASES, ids=[f"{f}-{c}" for f, c in CASES])
 def test_a_fault_at_each_apply_step_is_the_apps_own_retried_error(repo, harness: Harness, monkeypatch,
                                                                   fault: str, change: str) -> None:
-    repo.push({"apps/a.yaml": manifest("a", extra="port: 8080\n"), "apps/b.yaml": manifest("b")})
+    repo.push({"apps/a.yaml": manifest("a", command=SERVED, extra="port: 8080\n"), "apps/b.yaml": manifest("b")})
     assert harness.sync().ok
     b_before = harness.containers()["b"]["Id"]
     if change == "recreate":
-        repo.push({"apps/a.yaml": manifest("a", extra="port: 8080\nenv: {V: '2'}\n")})
+        repo.push({"apps/a.yaml": manifest("a", command=SERVED, extra="port: 8080\nenv: {V: '2'}\n")})
     elif change == "start":
         harness.rt.api.kill(harness.containers()["a"]["Id"])
     else:
-        repo.push({"apps/a.yaml": manifest("a", extra="port: 8080\nstate: stopped\n")})
+        repo.push({"apps/a.yaml": manifest("a", command=SERVED, extra="port: 8080\nstate: stopped\n")})
     monkeypatch.setenv("CYNCHROD_FAULT", fault)
     result = harness.sync()  # never raises: the fault is app a's own error
     outcome = {a.name: a for a in result.apps}
@@ -70,7 +73,7 @@ def test_a_host_port_held_outside_cynchrod_is_port_in_use_every_time_and_leaves_
     holder.listen()
     port = holder.getsockname()[1]
     try:
-        repo.push({"apps/a.yaml": manifest("a", extra=f"port: 8080\nhostPort: {port}\n")})
+        repo.push({"apps/a.yaml": manifest("a", command=SERVED, extra=f"port: 8080\nhostPort: {port}\n")})
         later = time.monotonic()
         for _ in range(3):
             harness.sync()

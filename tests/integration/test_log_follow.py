@@ -7,9 +7,10 @@ import time
 
 import pytest
 
-from cynchrod.runtime import _docker
+from cynchrod import runtime
+from cynchrod.runtime import CUT_MARK, _docker, local
 from tests.conftest import Harness
-from tests.helpers import TEST_IMAGE, breaks
+from tests.helpers import TEST_IMAGE, breaks, wait_for
 
 
 def test_a_rotation_that_sends_the_last_line_again_gives_it_once(repo, harness: Harness,  # type: ignore[no-untyped-def]
@@ -42,3 +43,37 @@ def test_a_rotation_that_sends_the_last_line_again_gives_it_once(repo, harness: 
         closing.join(10)
     assert not closing.is_alive(), "closing a quiet app's follower waited for its next line"
     assert (numbers[:1], numbers[-1:], breaks(numbers)) == ([0], [79], [])
+
+
+def test_a_tty_containers_log_has_no_frame_headers_and_gives_whole_lines(  # type: ignore[no-untyped-def]
+        docker_client, owner: str, images) -> None:
+    """A container made with a TTY (by hand: labelled as an app's unit) logs one raw stream, no
+    multiplexing headers, its lines ending in ``\\r\\n``: the tail, the last lines and the live
+    follower give its lines whole, without the ``\\r``, a 40 KiB line joined from its pieces and cut."""
+    rt = local.LocalRuntime(owner=owner, stop_timeout=1)
+    script = ("echo 'hello 1'; echo 'hello 2'; head -c 40960 /dev/zero | tr '\\0' x; echo; echo after; echo END;"
+              " sleep 3600")
+    labels = {runtime.LABEL_OWNER: owner, runtime.LABEL_INSTANCE: rt.instance, runtime.LABEL_ORG: "default",
+              runtime.LABEL_APP: "tty", runtime.LABEL_SERVICE: "main", runtime.LABEL_REPLICA: "0"}
+    made = docker_client.api.create_container(TEST_IMAGE, ["sh", "-c", script], tty=True, labels=labels)
+    docker_client.api.start(made["Id"])
+    wait_for(lambda: b"END" in docker_client.api.logs(made["Id"], tail=1), 30, "the container's lines")
+    expected = [("hello 1", False), ("hello 2", False), ("x" * 32 * 1024 + CUT_MARK, True), ("after", False),
+                ("END", False)]
+    assert [(line.line, line.truncated) for line in rt.tail("default", "tty", 10)] == expected
+    assert [(line.line, line.truncated) for line in rt.tail("default", "tty", 2)] == expected[-2:]
+    (unit,) = rt.app_units("default", "tty")
+    assert rt.last_lines(unit, 3) == [text for text, _ in expected[-3:]]
+    follower = rt.follow("default", "tty", since=time.time() - 60)
+    timer = threading.Timer(30, follower.close)
+    timer.start()
+    got: list[tuple[str, bool]] = []
+    try:
+        for batch in follower.batches():
+            got += [(line.line, line.truncated) for line in batch]
+            if got and got[-1][0] == "END":
+                break
+    finally:
+        timer.cancel()
+        follower.close()
+    assert got == expected

@@ -35,7 +35,7 @@ services:
     secrets: [db-password]
   web:
     image: {TEST_IMAGE}
-    command: {SLEEP}
+    command: [httpd, -f, -p, '8080']
     port: 8080
     depends_on: [db]
     cpu: 0.5

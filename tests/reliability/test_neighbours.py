@@ -96,8 +96,9 @@ def test_a_newcomer_file_never_takes_over_a_deployed_app(repo, harness: Harness)
 
 def test_a_failure_that_repeats_backs_off_and_is_one_row(repo, harness: Harness) -> None:
     port = free_port()
-    repo.push({"apps/a.yaml": manifest("a", extra=f"port: 8080\nhostPort: {port}\n"),
-               "apps/b.yaml": manifest("b", extra=f"port: 8080\nhostPort: {port}\n")})
+    served = "[httpd, -f, -p, '8080']"  # a declared port is served (a deployment is ready once it accepts)
+    repo.push({"apps/a.yaml": manifest("a", command=served, extra=f"port: 8080\nhostPort: {port}\n"),
+               "apps/b.yaml": manifest("b", command=served, extra=f"port: 8080\nhostPort: {port}\n")})
     harness.sync()
     loser = next(a for a in harness.db.live_apps().values() if a.status == "failed")
     start = time.monotonic()

@@ -285,3 +285,10 @@ def test_a_service_x_cynchrod_that_is_not_a_mapping_is_an_error_not_a_crash() ->
     result = compose.parse("apps/a", {"apps/a/compose.yaml": b"services:\n  web:\n    image: w:1\n"
                                       b"    x-cynchrod: yes please\n"})
     assert [(e.code, e.line) for e in result.errors] == [("invalid_type", 4)], result.errors
+def test_restart_no_is_a_oneshot_and_its_dependent_waits_for_it() -> None:
+    """Health-gated deploys (docs/health.md): a ``restart: "no"`` service runs once, and a dependent with
+    ``service_completed_successfully`` starts after it."""
+    result = parse("restart-no")
+    assert result.errors == () and result.spec is not None
+    assert service(result.spec, "migrate").oneshot and not service(result.spec, "web").oneshot
+    assert service(result.spec, "web").depends_on_conditions == (("migrate", "service_completed_successfully"),)

@@ -18,8 +18,12 @@ services:
     env: {GREETING: hello, PRICE: "$5"}
     cpu: 0.5
     memory: 256
-    depends_on: [db]
+    depends_on: {db: {condition: service_healthy}, migrate: {condition: service_completed_successfully}}
     update: {semver: "^1.4", interval: 30}
+  migrate:
+    image: registry.example.com/shop/web:1.4.2
+    command: [migrate]
+    oneshot: true
   db:
     image: postgres:16-alpine
     volumes: ["pgdata:/var/lib/postgresql/data", "conf:/etc/pg:ro"]
@@ -33,7 +37,7 @@ services:
 """
 
 EXPRESSIBLE = ("image", "command", "env", "port", "host_port", "cpu", "memory", "volumes", "depends_on",
-               "healthcheck", "secrets", "replicas", "update")
+               "healthcheck", "secrets", "replicas", "update", "depends_on_conditions", "oneshot")
 
 
 def same(a: specs.AppSpec, b: specs.AppSpec) -> None:

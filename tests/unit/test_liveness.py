@@ -56,5 +56,5 @@ def test_a_probe_that_crashes_does_not_stop_the_others(tmp_path: pathlib.Path) -
 
 def test_shown_status_is_unknown_only_for_what_should_run() -> None:
     assert [store.shown_status(s, engine_up=False) for s in store.APP_STATUSES] == [
-        "queued", "pending", "unknown", "unknown", "stopped", "failed", "removed"]
+        "queued", "pending", "unknown", "unknown", "stopped", "failed", "removed", "completed"]
     assert [store.shown_status(s, engine_up=True) for s in store.APP_STATUSES] == list(store.APP_STATUSES)

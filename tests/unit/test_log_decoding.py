@@ -3,6 +3,7 @@ at 32 KiB), giving each line once, and encoding lines for the WebSocket."""
 
 from __future__ import annotations
 
+import collections
 import json
 
 from cynchrod.api.logs import PIECE_BYTES, encode_lines
@@ -56,6 +57,58 @@ def test_service_messages_join_by_task_and_details() -> None:
     frames = [*pieces(task1, b"a" * 20000)[:1], *pieces(task2, b"b" * 20000), *pieces(task1, b"a" * 20000)[1:]]
     assert [(head, len(text)) for head, text, _ in _docker.whole_lines(frames, details=True)] == [
         (task2, 20000), (task1, 20000)]
+
+
+def framed(message: bytes, output: int = 1) -> bytes:
+    """One message as the engine's multiplexed stream sends it: an 8-byte header, then the message."""
+    return bytes((output, 0, 0, 0)) + len(message).to_bytes(4, "big") + message
+
+
+def cut_into(data: bytes, size: int) -> list[bytes]:
+    return [data[i:i + size] for i in range(0, len(data), size)]
+
+
+def test_a_multiplexed_stream_read_in_chunks_of_any_size_gives_the_lines_of_its_messages() -> None:
+    """The engine's stream as the HTTP client reads it: frames cut anywhere (a header too)."""
+    messages = [msg(S1, b"short"), *pieces(S2, b"\xe2\x98\x83" * 15000), msg(S2, b""), msg(S1, b"x" * 40000),
+                msg(S2, b"\xff bad utf-8"), msg(S1, b"tail, no newline", ended=False)]
+    stream = b"".join(framed(m) for m in messages) + framed(b"")  # an empty frame: nothing
+    expected = list(_docker.whole_lines(messages))
+    assert [text[:5] for _, text, _ in expected] == ["short", "\u2603" * 5, "", "xxxxx", "\ufffd bad", "tail,"]
+    for size in (1, 3, 8, 9, 4096, 16397, 65536):
+        assert list(_docker.stream_lines(cut_into(stream, size))) == expected, size
+    assert list(_docker.stream_lines([])) == []
+
+
+def test_a_multiplexed_stream_joins_pieces_per_output_and_per_task() -> None:
+    """stdout and stderr (the header's first byte) each with a long line begun under one head: two lines."""
+    out, err = pieces(S1, b"o" * 20000), pieces(S1, b"e" * 20000)
+    stream = framed(out[0], 1) + framed(err[0], 2) + framed(err[1], 2) + framed(out[1], 1)
+    assert [(head, text[:1], len(text)) for head, text, _ in _docker.stream_lines([stream])] == [
+        (S1, "e", 20000), (S1, "o", 20000)]
+    task1, task2 = f"{S1} com.docker.swarm.task.id=t1", f"{S1} com.docker.swarm.task.id=t2"
+    frames = [*pieces(task1, b"a" * 20000)[:1], *pieces(task2, b"b" * 20000), *pieces(task1, b"a" * 20000)[1:]]
+    counts: dict[str, int] = collections.defaultdict(int)
+    lines = list(_docker.stream_lines(cut_into(b"".join(map(framed, frames)), 1000), details=True, counts=counts))
+    assert [(head, len(text)) for head, text, _ in lines] == [(task2, 20000), (task1, 20000)]
+    assert counts == {"com.docker.swarm.task.id=t1": 2, "com.docker.swarm.task.id=t2": 2}
+
+
+def test_a_tty_stream_has_no_headers_its_pieces_are_16_kib_and_its_lines_end_in_cr_lf() -> None:
+    """A TTY's stream: messages one after the other; a piece of a long line is 16 KiB of text
+    (the engine's copier's buffer) with no newline, followed by the next piece's head."""
+    long = b"y" * 40000 + b"\r"
+    parts = [long[i:i + 16384] for i in range(0, len(long), 16384)]
+    stream = (S1.encode() + b" hello\r\n" + b"".join(S2.encode() + b" " + part for part in parts) + b"\n"
+              + S1.encode() + b" \r\n" + S2.encode() + b" exactly\n" + S1.encode() + b" " + b"z" * 16384
+              + S1.encode() + b" \n" + S2.encode() + b" the end, no newline")
+    expected = [(S1, "hello", False), (S2, "y" * 32 * 1024 + _docker.CUT_MARK, True), (S1, "", False),
+                (S2, "exactly", False), (S1, "z" * 16384, False), (S2, "the end, no newline", False)]
+    for size in (1, 30, 31, 4096, 16384, 65536):
+        assert list(_docker.stream_lines(cut_into(stream, size))) == expected, size
+    counts: dict[str, int] = collections.defaultdict(int)
+    assert list(_docker.stream_lines(cut_into(stream, 100), counts=counts)) == expected
+    assert counts == {"": 9}
 
 
 def test_a_tail_drops_a_first_line_that_may_have_begun_before_its_read_and_reads_further() -> None:

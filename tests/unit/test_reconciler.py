@@ -82,7 +82,8 @@ class World:
         self.build_fetches: list[str] = []
         self.builds = builds_mod.Builds(state_dir=tmp / "state", rt=self.rt, allow=lambda org, url: True,
                                         open_repo=lambda build, path: BuildRepo(self.build_fetches, build.repo))
-        self.rec = reconciler.Reconciler(src=self.tree, rt=self.rt, db=self.db, builds=self.builds)
+        self.rec = reconciler.Reconciler(src=self.tree, rt=self.rt, db=self.db, builds=self.builds,
+                                         min_ready=0.0)  # judged ready at once: these tests are about the stages
 
 
 @pytest.fixture
@@ -233,6 +234,11 @@ def test_record_alone_writes_what_execution_did(world: World) -> None:
         row = world.db.ensure_app(d.spec, commit=result.commit)
         rows[name] = (row, world.db.start_deployment(row.id, commit=result.commit, trigger="poll",
                                                      spec_hash=d.spec.hash))
+    ok_spec = by_name["ok"].spec
+    assert ok_spec is not None  # what execution left serving, in the view, for the readiness gate to judge
+    world.rec.view.put([planning.Unit(org="default", app="ok", service=s.name, replica=0, instance="seen",
+                                      state=planning.RUNNING, spec_hash=ok_spec.service_hash(s))
+                        for s in ok_spec.services])
     executed = [
         reconciler.Executed(by_name["ok"], rows["ok"][0], rows["ok"][1]),
         reconciler.Executed(by_name["bad"], rows["bad"][0], rows["bad"][1],

@@ -79,6 +79,8 @@ function updateRow(row, app) {
   if (badge.textContent !== app.status) setBadge(badge, app.status);
   const serving = row.querySelector('[data-field="serving"]');
   if (serving) serving.hidden = !(app.status === "failed" && app.serving === "previous");
+  const health = row.querySelector('[data-field="health"]');
+  if (health && app.health && health.textContent !== app.health) health.textContent = app.health;
   const error = row.querySelector('[data-field="last_error"]');
   if (error.textContent !== (app.last_error || "")) error.textContent = error.title = app.last_error || "";
   const dep = row.querySelector('[data-field="deployment"]');

@@ -574,9 +574,10 @@ def _service(rules: _Rules, name: str, svc: dict[str, Any], enabled: Mapping[str
         if got is not None:
             expose.append(got)
     restart = svc.get("restart")
-    if restart is not None and restart not in ("always", "unless-stopped"):
+    # "no": a oneshot (a migration): exiting 0 is completed and it is not restarted (docs/health.md).
+    if restart is not None and restart not in ("always", "unless-stopped", "no"):
         rules.err(f"services.{name}.restart: {restart!r}: not supported: cynchrod restarts every service that stops "
-                  "(always, unless-stopped)", Code.UNSUPPORTED_KEY, [*at, "restart"])
+                  "(always, unless-stopped), or runs it once (no)", Code.UNSUPPORTED_KEY, [*at, "restart"])
     grace = svc.get("stop_grace_period")
     update = _update(rules, name, svc, app_update) if "image" in svc else None
     if len(rules.errors) > before:
@@ -595,7 +596,7 @@ def _service(rules: _Rules, name: str, svc: dict[str, Any], enabled: Mapping[str
         ports=tuple(ports), cpu_reservation=cpu_res, memory_reservation=mem_res,
         depends_on_conditions=tuple(sorted(conditions.items())), binds=tuple(binds),
         tty=bool(svc.get("tty", False)), stdin_open=bool(svc.get("stdin_open", False)), update=update,
-        aliases=aliases,
+        aliases=aliases, oneshot=restart == "no",
     )
 
 
