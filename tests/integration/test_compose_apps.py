@@ -191,3 +191,20 @@ def test_stop_start_and_restart_are_commits_to_the_x_cynchrod_block(repo, harnes
     assert block.startswith("  state: running\n  restartedAt: ")
     assert harness.sync().ok
     assert harness.app("stack").status == "running"
+
+
+def test_x_cynchrod_readiness_keys_gate_a_compose_app(repo, harness: Harness) -> None:
+    repo.push({"apps/sick/compose.yaml": f"""services:
+  web:
+    image: {TEST_IMAGE}
+    command: [sh, -c, 'echo warming up; sleep 3600']
+    healthcheck: {{test: [CMD, 'false'], interval: 1h, start_period: 1h}}
+x-cynchrod:
+  health_timeout: 2
+  on_failure: keep
+"""})
+    assert [a.status for a in harness.sync().apps] == ["failed"]
+    app = harness.db.live_apps()[("default", "sick")]
+    assert app.last_error is not None and app.last_error.startswith("unhealthy: service web was not healthy within 2s")
+    [deployment] = harness.db.deployments(app.id)
+    assert deployment.status == "unhealthy" and "warming up" in (deployment.log or "")

@@ -9,6 +9,7 @@ code naming the key and the rule: ``policy_violation`` for what the manifest pol
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import posixpath
@@ -51,15 +52,18 @@ KNOWN_RUNTIMES = ("runc", "io.containerd.runc.v2")
 DEPENDS_CONDITIONS = ("service_started", "service_healthy", "service_completed_successfully")
 DEPLOY_KEYS = frozenset({"replicas", "resources"})
 RESOURCE_KEYS = frozenset({"cpus", "memory"})
+#: ``x-cynchrod`` keys of health-gated deploys (docs/health.md): the app's ``on_failure``, and
+#: ``min_ready`` and ``health_timeout`` for each of its services, as a native manifest's top level.
+READINESS_KEYS = frozenset({"min_ready", "health_timeout", "on_failure"})
 HEALTH_KEYS = frozenset({"test", "interval", "timeout", "retries", "start_period", "disable"})
-X_CYNCHROD_KEYS = frozenset({"org", "domain", "state", "restartedAt", "files", "profiles"})
+X_CYNCHROD_KEYS = frozenset({"org", "domain", "state", "restartedAt", "files", "profiles"}) | READINESS_KEYS
 _APP_SCHEMA = validation.load_document("app.schema.json")
 _X_SCHEMA = validation.Schema("x-cynchrod", document={
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "type": "object",
     "additionalProperties": False,
     "properties": {
-        **{k: _APP_SCHEMA["properties"][k] for k in ("org", "domain", "state", "restartedAt")},
+        **{k: _APP_SCHEMA["properties"][k] for k in ("org", "domain", "state", "restartedAt", *sorted(READINESS_KEYS))},
         "files": {"type": "array", "items": {"type": "string"}, "minItems": 1},
         "profiles": {"type": "array", "items": {"type": "string"}},
     },
@@ -241,8 +245,17 @@ def to_result(loader: _Loader, merged: dict[str, Any]) -> manifests.Result:
         return manifests.Result(main, None, tuple(sorted(rules.errors, key=lambda e: (e.path, e.line))), org=org)
     restarted = ext.get("restartedAt")
     return manifests.Result(main, specs.AppSpec(
-        org=org, name=name, services=tuple(s for s in built if s is not None), domain=domain,
-        state=ext.get("state", "running"), restarted_at=None if restarted is None else str(restarted), path=main))
+        org=org, name=name, services=tuple(_readiness(s, ext) for s in built if s is not None), domain=domain,
+        state=ext.get("state", "running"), restarted_at=None if restarted is None else str(restarted), path=main,
+        on_failure=str(ext.get("on_failure", "keep"))))
+
+
+def _readiness(service: specs.ServiceSpec, ext: Mapping[str, Any]) -> specs.ServiceSpec:
+    """``x-cynchrod.min_ready`` and ``health_timeout`` on each service (validated by the schema)."""
+    if "min_ready" not in ext and "health_timeout" not in ext:
+        return service
+    return dataclasses.replace(service, min_ready=manifests._seconds(ext.get("min_ready")),
+                               health_timeout=manifests._seconds(ext.get("health_timeout")))
 
 
 def _top_volumes(rules: _Rules, volumes: Mapping[str, Any]) -> set[str]:
