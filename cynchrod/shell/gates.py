@@ -15,13 +15,19 @@ the runtime's ``readiness``, once a unit has been up for ``min_ready``) and reco
 * still waiting → a wake-up at the time the verdict names (``min_ready`` over, the timeout).
 
 A gate that failed or completed is kept (its status stands over ``running``) until the app's spec
-changes. Gates live in memory: a daemon restarted mid-gate marks the deployment ``interrupted`` at
-start-up (``store.interrupt_unfinished``) and the app shows what its units show.
+changes. Each gate is also written to its app's row (``apps.gate``: spec hash, status, error,
+``serving``, open deployment) whenever it changes, and read back by the first pass of a restarted
+daemon (``judge`` with the rows) for the apps whose declared spec is still the one it judged: a
+failed or completed verdict stands (a rollback is put back in place, not the failed spec deployed
+again), and a deployment that was still being judged is judged again (``store.interrupt_unfinished``
+leaves it ``deploying``), its ``health_timeout`` and ``min_ready`` counted from the restart. A gate
+whose spec changed while the daemon was down is dropped (an open one's deployment ``superseded``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -86,6 +92,9 @@ class Gates:
         self.on_failed: Callable[[tuple[str, str], Gate], None] | None = None
         #: Called with (app key, spec) when a deployment passes it (the last healthy spec).
         self.on_ready: Callable[[tuple[str, str], specs.AppSpec], None] | None = None
+        #: What each app's row holds in ``gate`` (None: nothing), read once from the rows.
+        self._stored: dict[tuple[str, str], str] = {}
+        self._restored = False
 
     # -- reads -------------------------------------------------------------------
 
@@ -120,14 +129,21 @@ class Gates:
             self._gates[spec.key] = dataclasses.replace(gate, started=now)
         else:
             self._gates[spec.key] = Gate(spec, deployment, now, started=now, note=note)
-        return self._judge(spec.key, units)
+        status = self._judge(spec.key, units)
+        self._persist(spec.key)
+        return status
 
     def forget(self, key: tuple[str, str]) -> None:
         self._gates.pop(key, None)
+        self._stored.pop(key, None)  # the row is removed
 
-    def judge(self, desired: Mapping[tuple[str, str], specs.AppSpec], units: Iterable[planning.Unit]) -> None:
+    def judge(self, desired: Mapping[tuple[str, str], specs.AppSpec], units: Iterable[planning.Unit],
+              rows: Mapping[tuple[str, str], store.App] | None = None) -> None:
         """Before a pass decides: every open gate judged from the view's units; a gate whose
-        spec is no longer the desired one is closed (its deployment superseded)."""
+        spec is no longer the desired one is closed (its deployment superseded). The first call
+        with ``rows`` reads back the gates a previous daemon left in them (``restore``)."""
+        if rows is not None and not self._restored:
+            self.restore(desired, rows)
         if not self._gates:
             return
         by_app: dict[tuple[str, str], list[planning.Unit]] = {}
@@ -138,6 +154,7 @@ class Gates:
             spec = desired.get(key)
             if spec is None or spec.hash != gate.spec.hash:
                 del self._gates[key]
+                self._persist(key)
                 if gate.open and gate.deployment is not None:
                     deployment = gate.deployment
                     self._book(lambda d=deployment: self.store.finish_deployment(  # type: ignore[misc]
@@ -146,6 +163,62 @@ class Gates:
                 continue
             if gate.open:
                 self._judge(key, by_app.get(key, []))
+                self._persist(key)
+
+    def restore(self, desired: Mapping[tuple[str, str], specs.AppSpec],
+                rows: Mapping[tuple[str, str], store.App]) -> None:
+        """The gates a previous daemon left in the rows, for the apps whose declared spec is still
+        the one judged; a failed one that had rolled back is handed to ``on_failed`` again (which
+        puts the last healthy spec back in place of the declared one)."""
+        self._restored = True
+        if not self.enabled:
+            return
+        now = self._clock()
+        rolled: list[tuple[tuple[str, str], Gate]] = []
+        for key, row in rows.items():
+            if not row.gate:
+                continue
+            self._stored[key] = row.gate
+            try:
+                data = json.loads(row.gate)
+                spec_hash, status = str(data["hash"]), str(data["status"])
+                deployment = data.get("deployment")
+            except (ValueError, KeyError, TypeError):
+                self._persist(key)  # unreadable: dropped
+                continue
+            spec = desired.get(key)
+            if spec is None or spec.hash != spec_hash or key in self._gates \
+                    or status not in (decisions.DEPLOYING, decisions.FAILED, decisions.COMPLETED):
+                if status == decisions.DEPLOYING and isinstance(deployment, int) and key not in self._gates:
+                    self._book(lambda d=deployment: self.store.finish_deployment(  # type: ignore[misc]
+                        d, status=decisions.FAILED, error_code=Code.SUPERSEDED,
+                        error="a newer spec was deployed before this one was ready"))
+                if key not in self._gates:
+                    self._persist(key)
+                continue
+            gate = Gate(spec, deployment if isinstance(deployment, int) else None, now, started=now, status=status,
+                        error=data.get("error"))
+            self._gates[key] = gate
+            log.info("%s/%s: its readiness gate read back (%s)", *key, status)
+            if status == decisions.FAILED and data.get("serving") == decisions.PREVIOUS:
+                rolled.append((key, gate))
+        for key, gate in rolled:
+            if self.on_failed is not None:
+                self.on_failed(key, gate)
+
+    def _persist(self, key: tuple[str, str]) -> None:
+        """Write the app's gate to its row when it changed (``apps.gate``; None: no gate)."""
+        gate = self._gates.get(key)
+        text = None if gate is None else json.dumps({
+            "hash": gate.spec.hash, "status": gate.status, "error": gate.error, "serving": gate.serving,
+            "deployment": gate.deployment}, sort_keys=True)
+        if text == self._stored.get(key):
+            return
+        if text is None:
+            self._stored.pop(key, None)
+        else:
+            self._stored[key] = text
+        self._book(lambda: self.store.set_gate(*key, text))
 
     # -- judging -------------------------------------------------------------------
 
@@ -198,6 +271,7 @@ class Gates:
         gate = self._gates.get(key)
         if gate is not None:
             self._gates[key] = dataclasses.replace(gate, **changes)  # type: ignore[arg-type]
+            self._persist(key)
 
     def _probe(self, spec: specs.AppSpec, units: list[planning.Unit]) -> dict[str, bool]:
         """Whether each running unit's port accepts a connection now (the runtime's own readiness

@@ -280,7 +280,7 @@ class Reconciler:
         wanted = self._desired(result, rows)
         inputs = self._observe(wanted, rows, result)
         # The open readiness gates are judged on what the view shows now, before deciding on it.
-        self.gates.judge(inputs.desired, inputs.units)
+        self.gates.judge(inputs.desired, inputs.units, rows)
         inputs = self._rolled_back(dataclasses.replace(inputs, gates=self.gates.decided()))
         plan = [self._rollback_status(d) for d in self._decide(inputs)]
         with contextlib.closing(self._execute(plan, inputs, rows, result)) as executed:

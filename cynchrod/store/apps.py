@@ -240,13 +240,21 @@ class Apps(Database):
             args = (org,)
         return {r["app_id"]: Deployment(**dict(r)) for r in self._query(sql, args)}
 
+    def set_gate(self, org: str, name: str, gate: str | None) -> None:
+        """The live app's ``gate`` (``shell.gates``: what its readiness gate judged, for a restart)."""
+        with self.transaction() as db:
+            db.execute("UPDATE apps SET gate = ? WHERE org = ? AND name = ? AND status != 'removed'", (gate, org, name))
+
     def interrupt_unfinished(self) -> int:
-        """At start-up: a deployment left ``deploying`` by a killed daemon is failed."""
+        """At start-up: a deployment left ``deploying`` by a killed daemon is failed, except one
+        whose readiness was being judged (its app's ``gate`` names it): the next pass judges it again."""
         with self.transaction() as db:
             cur = db.execute(
                 "UPDATE deployments SET status = ?, error_code = ?,"
                 " error = 'the daemon stopped during this deployment; it is retried', finished_at = ?"
-                " WHERE status = ?", (FAILED, Code.INTERRUPTED, now(), DEPLOYING))
+                " WHERE status = ? AND id NOT IN (SELECT json_extract(gate, '$.deployment') FROM apps"
+                " WHERE gate IS NOT NULL AND status != 'removed' AND json_extract(gate, '$.deployment') IS NOT NULL)",
+                (FAILED, Code.INTERRUPTED, now(), DEPLOYING))
             return cur.rowcount
 
     # -- quota reservations (POST /apps, across processes) -----------------------

@@ -46,7 +46,8 @@ CREATE TABLE IF NOT EXISTS apps (
     serving TEXT,
     refusal TEXT,
     note TEXT,
-    healthy_spec TEXT
+    healthy_spec TEXT,
+    gate TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS apps_live ON apps(org, name) WHERE status != 'removed';
 CREATE TABLE IF NOT EXISTS deployments (
@@ -261,6 +262,8 @@ def migrate(db: sqlite3.Connection) -> None:
                        (code, FAILED, len(code) + 1, f"{code}:"))
     if "healthy_spec" not in columns:  # a state dir from before health-gated deploys
         db.execute("ALTER TABLE apps ADD COLUMN healthy_spec TEXT")
+    if "gate" not in columns:  # a state dir from before the gates' verdicts outlived a restart
+        db.execute("ALTER TABLE apps ADD COLUMN gate TEXT")
     columns = {r["name"] for r in db.execute("PRAGMA table_info(deployments)")}
     if "attempts" not in columns:  # a state dir from before repeated failures were merged
         db.execute("ALTER TABLE deployments ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1")

@@ -64,6 +64,10 @@ class App:
     #: The last spec of the app whose deployment passed its readiness (``AppSpec.to_json`` as text):
     #: what ``on_failure: rollback`` puts back (``shell.gates``).
     healthy_spec: str | None = None
+    #: Where the app's readiness gate stands, as JSON (``shell.gates.persisted``): the spec hash it
+    #: judges, its status (``deploying``, ``failed``, ``completed``), error, ``serving`` and open
+    #: deployment. Read back after a restart, so a verdict (and a rollback) outlives the daemon.
+    gate: str | None = None
 
     @property
     def key(self) -> tuple[str, str]:

@@ -192,3 +192,25 @@ def test_a_slow_build_holds_up_no_other_app(repo: GitRepo, daemons, owner: str, 
         assert took < 2, took
     assert "slow" not in {c["Labels"][runtime.LABEL_APP] for c in owned(docker_client, owner)}
     assert daemon.stop() == 0
+
+
+def test_a_failed_verdict_outlives_a_daemon_restart(repo: GitRepo, daemons, owner: str, tmp_path: pathlib.Path,
+                                                    docker_client: docker.DockerClient) -> None:
+    repo.push({"apps/bad.yaml": manifest("bad", extra="healthcheck: {test: [CMD, 'false'], interval: 0.2, "
+                                                      "retries: 1}\n")})
+    first = daemons().start()
+    with contextlib.closing(store.Store(tmp_path / "state" / "cynchrod.db")) as db:
+        wait_for(lambda: db.live_apps().get(("default", "bad")) is not None
+                 and db.live_apps()[("default", "bad")].status == "failed", 30, "the app to fail its healthcheck")
+        app = db.live_apps()[("default", "bad")]
+        deployments = db.deployments(app.id, limit=50)
+        assert first.stop() == 0
+
+        second = daemons().start()
+        wait_for(lambda: "pass poll" in second.output(), 30, "the restarted daemon's first pass")
+        # It reads the verdict back: still failed, with the same error, and nothing deployed again.
+        again = db.live_apps()[("default", "bad")]
+        assert (again.status, again.last_error) == ("failed", app.last_error)
+        assert db.deployments(app.id, limit=50) == deployments
+        assert [c["State"] for c in owned(docker_client, owner)] == ["running"]  # kept for inspection
+        assert second.stop() == 0

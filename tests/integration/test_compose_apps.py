@@ -256,3 +256,20 @@ secrets:
     again = docker_client.containers.get(rows(harness)["app"]["Id"])
     assert again.id != first
     assert again.exec_run(["cat", "/run/secrets/db-password"]).output == b"pw-new"
+
+
+def test_x_cynchrod_readiness_keys_gate_a_compose_app(repo, harness: Harness) -> None:
+    repo.push({"apps/sick/compose.yaml": f"""services:
+  web:
+    image: {TEST_IMAGE}
+    command: [sh, -c, 'echo warming up; sleep 3600']
+    healthcheck: {{test: [CMD, 'false'], interval: 1h, start_period: 1h}}
+x-cynchrod:
+  health_timeout: 2
+  on_failure: keep
+"""})
+    assert [a.status for a in harness.sync().apps] == ["failed"]
+    app = harness.db.live_apps()[("default", "sick")]
+    assert app.last_error is not None and app.last_error.startswith("unhealthy: service web was not healthy within 2s")
+    [deployment] = harness.db.deployments(app.id)
+    assert deployment.status == "unhealthy" and "warming up" in (deployment.log or "")

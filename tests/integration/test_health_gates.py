@@ -181,3 +181,79 @@ def test_without_a_healthy_version_a_rollback_keeps_the_failed_one(repo, harness
 def fetch(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as answer:
         return str(answer.read().decode().strip())
+
+
+# -- a daemon restart: what the gates judged is kept in the store -----------------------------------
+
+
+def restarted(repo, harness: Harness, owner: str) -> Harness:  # type: ignore[no-untyped-def]
+    """The same state dir and engine under a new reconciler, as a restarted daemon starts it:
+    the deployments left ``deploying`` are interrupted first (``daemon.wiring``)."""
+    harness.close()
+    again = Harness(repo.url, harness.state, owner)
+    again.db.interrupt_unfinished()
+    return again
+
+
+def test_after_a_restart_a_rolled_back_app_stays_failed_with_the_previous_version_running(
+        repo, harness: Harness, owner: str) -> None:
+    port = free_port()
+    repo.push({"apps/web.yaml": served("v1", port)})
+    harness.sync()
+    failing = "healthcheck: {test: [CMD, 'false'], interval: 0.2, retries: 1}\n"
+    repo.push({"apps/web.yaml": served("v2", port, failing)})
+    harness.sync()
+    assert (harness.app("web").status, fetch(port)) == ("failed", "v1")
+    deployments = len(harness.db.deployments(harness.app("web").id, limit=50))
+
+    again = restarted(repo, harness, owner)
+    try:
+        result = again.sync()
+        # The failed spec is not deployed again: v1 keeps serving, and the app stays failed.
+        assert [a.actions for a in result.apps] == [[]]
+        app = again.app("web")
+        assert (app.status, app.serving) == ("failed", "previous")
+        assert app.last_error is not None and app.last_error.endswith("rolled back to the previous version")
+        assert fetch(port) == "v1"
+        assert len(again.db.deployments(app.id, limit=50)) == deployments
+        # A new commit is deployed and judged as any other.
+        repo.push({"apps/web.yaml": served("v3", port)})
+        again.sync()
+        assert (again.app("web").status, fetch(port)) == ("running", "v3")
+    finally:
+        again.close()
+
+
+def test_after_a_restart_an_app_kept_unhealthy_shows_its_judged_status(repo, harness: Harness, owner: str) -> None:
+    repo.push({"apps/bad.yaml": manifest("bad", extra="healthcheck: {test: [CMD, 'false'], interval: 0.2, "
+                                                      "retries: 1}\n")})
+    harness.sync()
+    error = harness.app("bad").last_error
+    assert harness.app("bad").status == "failed"
+
+    again = restarted(repo, harness, owner)
+    try:
+        assert [a.status for a in again.sync().apps] == ["failed"]
+        app = again.app("bad")
+        assert (app.status, app.last_error) == ("failed", error)
+    finally:
+        again.close()
+
+
+def test_after_a_restart_a_deployment_being_judged_is_judged_again(repo, harness: Harness, owner: str) -> None:
+    repo.push({"apps/slow.yaml": manifest("slow", extra="health_timeout: 3\n"
+                                                        "healthcheck: {test: [CMD, 'false'], interval: 3600, "
+                                                        "start_period: 3600}\n")})
+    assert [a.status for a in harness.rec.run_pass("poll").apps] == ["deploying"]
+    deployment = first_deployment(harness, "slow")
+
+    again = restarted(repo, harness, owner)
+    try:
+        assert again.db.deployment(deployment.id).status == "deploying"  # type: ignore[union-attr]
+        again.sync()
+        app = again.app("slow")
+        assert app.status == "failed" and (app.last_error or "").startswith("unhealthy: service main was not")
+        judged = again.db.deployment(deployment.id)
+        assert judged is not None and judged.status == "unhealthy"
+    finally:
+        again.close()

@@ -292,3 +292,19 @@ def test_restart_no_is_a_oneshot_and_its_dependent_waits_for_it() -> None:
     assert result.errors == () and result.spec is not None
     assert service(result.spec, "migrate").oneshot and not service(result.spec, "web").oneshot
     assert service(result.spec, "web").depends_on_conditions == (("migrate", "service_completed_successfully"),)
+
+
+def test_x_cynchrod_readiness_keys_reach_the_spec_as_a_native_manifest_s_do() -> None:
+    spec = parse("x-cynchrod-health").spec
+    assert spec is not None
+    assert spec.on_failure == "rollback"
+    web, migrate = service(spec, "web"), service(spec, "migrate")
+    assert (web.min_ready, web.health_timeout) == (5.0, 120.0)
+    assert (migrate.min_ready, migrate.health_timeout, migrate.oneshot) == (5.0, 120.0, True)
+    assert web.healthcheck is not None and web.healthcheck.retries == 3
+    # As in a native manifest, they are not part of a unit's hash: changing them remakes nothing.
+    plain = compose.parse("apps/x-cynchrod-health", {
+        "apps/x-cynchrod-health/compose.yaml": (CORPUS / "x-cynchrod-health" / "compose.yaml").read_text()
+        .split("x-cynchrod:")[0].encode()}).spec
+    assert plain is not None and plain.on_failure == "keep" and service(plain, "web").min_ready is None
+    assert plain.hash == spec.hash

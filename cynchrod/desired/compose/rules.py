@@ -9,6 +9,7 @@ code naming the key and the rule: ``policy_violation`` for what the manifest pol
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import posixpath
@@ -55,8 +56,11 @@ KNOWN_RUNTIMES = ("runc", "io.containerd.runc.v2")
 DEPENDS_CONDITIONS = ("service_started", "service_healthy", "service_completed_successfully")
 DEPLOY_KEYS = frozenset({"replicas", "resources"})
 RESOURCE_KEYS = frozenset({"cpus", "memory"})
+#: ``x-cynchrod`` keys of health-gated deploys (docs/health.md): the app's ``on_failure``, and
+#: ``min_ready`` and ``health_timeout`` for each of its services, as a native manifest's top level.
+READINESS_KEYS = frozenset({"min_ready", "health_timeout", "on_failure"})
 HEALTH_KEYS = frozenset({"test", "interval", "timeout", "retries", "start_period", "disable"})
-X_CYNCHROD_KEYS = frozenset({"org", "domain", "state", "restartedAt", "files", "profiles", "update"})
+X_CYNCHROD_KEYS = frozenset({"org", "domain", "state", "restartedAt", "files", "profiles", "update"}) | READINESS_KEYS
 #: cynchrod's keys of one service, under ``services.<name>.x-cynchrod``.
 X_SERVICE_KEYS = frozenset({"update"})
 _APP_SCHEMA = validation.load_document("app.schema.json")
@@ -65,7 +69,7 @@ _X_SCHEMA = validation.Schema("x-cynchrod", document={
     "type": "object",
     "additionalProperties": False,
     "properties": {
-        **{k: _APP_SCHEMA["properties"][k] for k in ("org", "domain", "state", "restartedAt")},
+        **{k: _APP_SCHEMA["properties"][k] for k in ("org", "domain", "state", "restartedAt", *sorted(READINESS_KEYS))},
         "files": {"type": "array", "items": {"type": "string"}, "minItems": 1},
         "profiles": {"type": "array", "items": {"type": "string"}},
         "update": _APP_SCHEMA["$defs"]["update"],
@@ -255,10 +259,11 @@ def to_result(loader: _Loader, merged: dict[str, Any]) -> manifests.Result:
         return manifests.Result(main, None, tuple(sorted(rules.errors, key=lambda e: (e.path, e.line))), org=org)
     restarted = ext.get("restartedAt")
     return manifests.Result(main, specs.AppSpec(
-        org=org, name=name, services=tuple(s for s in built if s is not None), domain=domain,
+        org=org, name=name, services=tuple(_readiness(s, ext) for s in built if s is not None), domain=domain,
         state=ext.get("state", "running"), restarted_at=None if restarted is None else str(restarted), path=main,
         secret_values=tuple(sorted((n, v) for n, v in secret_values.items()
-                                   if any(n in s.secrets for s in built if s is not None)))))
+                                   if any(n in s.secrets for s in built if s is not None))),
+        on_failure=str(ext.get("on_failure", "keep"))))
 
 
 def _x_problems(rules: _Rules, at: list[Any], block: Any, schema: validation.Schema, keys: frozenset[str],
@@ -354,6 +359,14 @@ def _networks(rules: _Rules, declared: Mapping[str, Any], enabled: Mapping[str, 
                     names.append(str(alias))
             found[service] = tuple(sorted({*found.get(service, ()), *names}))
     return found
+
+
+def _readiness(service: specs.ServiceSpec, ext: Mapping[str, Any]) -> specs.ServiceSpec:
+    """``x-cynchrod.min_ready`` and ``health_timeout`` on each service (validated by the schema)."""
+    if "min_ready" not in ext and "health_timeout" not in ext:
+        return service
+    return dataclasses.replace(service, min_ready=manifests._seconds(ext.get("min_ready")),
+                               health_timeout=manifests._seconds(ext.get("health_timeout")))
 
 
 def _top_volumes(rules: _Rules, volumes: Mapping[str, Any]) -> set[str]:
