@@ -100,7 +100,7 @@ def test_the_demo_prints_working_env_lines_and_a_clone_hint_outside(owner: str, 
         client_env = dict(line.split("=", 1) for line in shown.splitlines()
                           if line.startswith(("CYNCHROD_API=", "CYNCHROD_TOKEN=")))
         assert client_env["CYNCHROD_API"] == f"http://{env['CYNCHROD_LISTEN']}"
-        wait_for(lambda: set(_apps(client_env)) == {"clock", "hello"}, 60, "the demo apps through the CLI")
+        wait_for(lambda: set(_apps(client_env)) == {"clock", "guestbook", "hello"}, 60, "the demo apps through the CLI")
         # Pasted into a fresh shell, the export lines are enough for the CLI.
         pasted = subprocess.run(["bash", "-c", "; ".join([*exports, "cynchrod apps"])], capture_output=True,
                                 text=True, env={"PATH": PLAIN_PATH, "HOME": str(tmp_path)})

@@ -120,10 +120,15 @@ def test_the_image_deploys_and_serves(container: Callable[[], tuple[str, str]], 
     wait_for(lambda: answers(f"http://127.0.0.1:{app_port}/"), 60, "the app the container deployed")
     assert requests.get(f"http://127.0.0.1:{app_port}/", timeout=5).text == "hello from a secret"
     assert [c["Labels"]["io.cynchrod.app"] for c in owned(docker_client, owner)] == ["web"]
-    r = requests.get(api + "/apps", headers=auth, timeout=5)
-    assert r.status_code == 200, r.text
-    (app,) = r.json()["apps"]
-    assert (app["name"], app["status"]) == ("web", "running")
+
+    def listed() -> list[dict[str, object]]:
+        r = requests.get(api + "/apps", headers=auth, timeout=5)
+        assert r.status_code == 200, r.text
+        return list(r.json()["apps"])
+
+    # Serving is not yet "running": the deployment is judged after min_ready (health-gated deploys).
+    wait_for(lambda: [(a["name"], a["status"]) for a in listed()] == [("web", "running")], 30, "web to be running")
+    (app,) = listed()
 
     # An imperative call is a commit pushed into the mounted repository, then applied.
     r = requests.post(f"{api}/apps/{app['id']}/stop", headers=auth, timeout=10)

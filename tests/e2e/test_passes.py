@@ -25,9 +25,11 @@ def test_a_delivery_names_its_pass_and_wait_tells_the_outcome(repo: GitRepo, dae
 
     def done() -> dict | None:  # type: ignore[type-arg]
         found = requests.get(daemon.api + body["pass_url"], headers=auth, timeout=5).json()
-        return found if found["status"] == "done" else None
+        return found if found["status"] == "done" and found["settled"] else None
 
-    wait_for(done, 60, "the pass to end")
+    # A pass ends before its deployments are judged (health-gated deploys): the outcome reads the
+    # apps' rows until they settle, so "done and settled" is the final word a CI job waits for.
+    wait_for(done, 60, "the pass to end and its apps to settle")
     outcome = done()
     assert outcome is not None
     assert (outcome["requested_commit"], outcome["commit"], outcome["failed"]) == (good, good, False)

@@ -16,6 +16,9 @@ import requests
 
 from tests.helpers import Daemon, GitRepo, cli, manifest, new_token, wait_for
 
+#: A container that listens on the port it declares (a declared port is part of its readiness).
+SERVE = "[httpd, -f, -p, '8080']"
+
 
 def sign_in(ui: requests.Session, api: str, token: str) -> requests.Response:
     """The dashboard's sign-in form, sent as a browser sends it (with the page's CSRF token)."""
@@ -62,12 +65,12 @@ def test_domain_taken_names_the_holder_only_within_its_org(repo: GitRepo, daemon
                                                          tmp_path: pathlib.Path) -> None:
     state = tmp_path / "state"
     acme, beta = new_token(state, "acme"), new_token(state, "beta")
-    repo.push({"apps/web.yaml": manifest("web", extra="org: acme\ndomain: shop.localhost\nport: 8080\n")})
+    repo.push({"apps/web.yaml": manifest("web", SERVE, extra="org: acme\ndomain: shop.localhost\nport: 8080\n")})
     daemon = daemons(interval=1).start()
     wait_for(lambda: _up(daemon), 30, "the API")
     wait_for(lambda: _status(daemon, acme, "web") == "running", 60, "acme/web to run")
-    repo.push({"apps/shop.yaml": manifest("shop", extra="org: beta\ndomain: SHOP.localhost\nport: 8080\n"),
-               "apps/other.yaml": manifest("other", extra="org: acme\ndomain: shop.localhost\nport: 8080\n")})
+    repo.push({"apps/shop.yaml": manifest("shop", SERVE, extra="org: beta\ndomain: SHOP.localhost\nport: 8080\n"),
+               "apps/other.yaml": manifest("other", SERVE, extra="org: acme\ndomain: shop.localhost\nport: 8080\n")})
 
     shop = _failed(daemon.api, beta, "shop")
     assert shop["last_error"].startswith("domain_taken: domain shop.localhost is taken"), shop["last_error"]
