@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import pathlib
 import signal
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from typing import ClassVar
 
@@ -148,6 +150,18 @@ class Daemon:
             # A session of its own: the crash hook SIGKILLs the daemon's whole process group.
             self.proc = subprocess.Popen([*CLI, *self.args], stdout=out, stderr=subprocess.STDOUT, env=self.env,
                                          start_new_session=True)
+        return self
+
+    def healthy(self) -> bool:
+        """The API answers ``/healthz`` with 200 (False while it is not listening yet)."""
+        try:
+            with urllib.request.urlopen(self.api + "/healthz", timeout=2) as answer:
+                return bool(answer.status == 200)
+        except (OSError, http.client.HTTPException):  # urllib's HTTPError (a 503) is an OSError too
+            return False
+
+    def wait_healthy(self, timeout: float = 30) -> Daemon:
+        wait_for(self.healthy, timeout, "the API")
         return self
 
     def stop(self) -> int:

@@ -27,7 +27,7 @@ from typing import IO, Any
 from cynchrod import __version__, daemon, store
 from cynchrod.cli import client
 from cynchrod.core.errors import CynchrodError, StateLocked
-from cynchrod.desired import compose, config, convert, manifests, secrets, source
+from cynchrod.desired import compose, config, convert, declared, manifests, secrets, source
 from cynchrod.shell import reconciler
 
 log = logging.getLogger("cynchrod")
@@ -252,7 +252,7 @@ def cmd_validate(paths: Sequence[str], out: IO[str]) -> int:
         else:
             files.append((str(p), str(p)))
     # A file that cannot be read is that file's error (``unreadable``), like any other.
-    desired = manifests.Cache().load(files, lambda f: pathlib.Path(f).read_bytes())
+    desired = declared.Cache().load(files, lambda f: pathlib.Path(f).read_bytes())
     for err in desired.errors:
         print(err, file=out)
     print(f"{len(files)} file(s), {len(desired.apps)} valid app(s), {len(desired.errors)} error(s)",

@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from cynchrod import store
 from cynchrod.core import decisions, specs
 from cynchrod.core.errors import CynchrodError, ManifestError, PermanentError, SourceError, StateUnwritable
-from cynchrod.desired import manifests, source
+from cynchrod.desired import declared, source
 from cynchrod.desired import secrets as secrets_mod
 from cynchrod.shell import builds as builds_mod
 
@@ -91,14 +91,14 @@ class DesiredState:
         self.max_apps = max_apps
         # Compose apps' bind-mounted repository files are copied under the state dir (see compose.files).
         files_dir = secrets.state_dir / "files" if secrets is not None else None
-        self.caches = {s.url: manifests.Cache(org=s.org, files_dir=files_dir) for s in self.sources}
+        self.caches = {s.url: declared.Cache(org=s.org, files_dir=files_dir) for s in self.sources}
         #: Log each manifest error of a newly read commit (the daemon); ``plan`` and ``sync``
         #: print them in their own output instead, so each is shown once.
         self.log_manifest_errors = True
         #: A read loaded a new commit of many apps (the reconciler freezes the heap after the pass).
         self.new_commit = False
         #: Per source URL: the last commit loaded and what it declared.
-        self._loaded: dict[str, tuple[str, manifests.Desired]] = {}
+        self._loaded: dict[str, tuple[str, declared.Desired]] = {}
         #: Per source URL and app: the spec the parse cache gave and its copy tagged with the source.
         self._tags: dict[str, dict[Key, tuple[specs.AppSpec, specs.AppSpec]]] = {}
         #: Per source URL: the problems its last read commit gave (kept while it cannot be read).
@@ -109,7 +109,7 @@ class DesiredState:
         """Every source has been read once (before that, the store's list of problems is kept)."""
         return all(s.url in self._problems for s in self.sources)
 
-    def loaded(self, url: str) -> manifests.Desired | None:
+    def loaded(self, url: str) -> declared.Desired | None:
         """What the source last declared (its last loaded commit), if it was loaded."""
         last = self._loaded.get(url)
         return last[1] if last is not None else None
@@ -195,7 +195,7 @@ class DesiredState:
                       commit=commits.get(self.sources[0].url), source_errors=source_errors, errors=errors_text,
                       problems=problems)
 
-    def _load(self, src: source.Followed, commit: str | None, source_errors: list[str]) -> manifests.Desired | None:
+    def _load(self, src: source.Followed, commit: str | None, source_errors: list[str]) -> declared.Desired | None:
         """What ``commit`` of the source declares, parsed once per blob; None when there is no good commit."""
         if commit is None:
             return None

@@ -28,9 +28,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 
-import requests
-
-from tests.helpers import TEST_IMAGE, Daemon, GitRepo, new_token, wait_for
+from tests.helpers import TEST_IMAGE, Daemon, GitRepo, new_token
 
 SCHEMATHESIS = pathlib.Path(sys.executable).parent / "schemathesis"
 
@@ -58,13 +56,7 @@ def test_the_api_is_what_its_document_says(repo: GitRepo, daemons: Callable[...,
     # (test_auth_limit.py tests it), so they keep seeing the 401 they check for.
     daemon = daemons(interval=300, env={"CYNCHROD_AUTH_FAILURES": "1000000"}).start()
 
-    def up() -> bool:
-        try:
-            return requests.get(daemon.api + "/healthz", timeout=2).status_code == 200
-        except requests.RequestException:
-            return False
-
-    wait_for(up, 30, "the API")
+    daemon.wait_healthy()
     # Every check schemathesis has (``--checks all``), in every run; the one exception is above.
     everything_but_create = _st(daemon, token, tmp_path, "--checks", "all", "--exclude-name", "POST /apps")
     create = _st(daemon, token, tmp_path, "--checks", "all", "--exclude-checks", "positive_data_acceptance",

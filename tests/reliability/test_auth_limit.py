@@ -54,13 +54,7 @@ def api(repo: GitRepo, daemons, tmp_path: pathlib.Path) -> tuple[Daemon, str]:  
     repo.push({"apps/web.yaml": manifest("web")})
     daemon: Daemon = daemons(interval=300).start()
 
-    def up() -> bool:
-        try:
-            return requests.get(daemon.api + "/healthz", timeout=2).status_code == 200
-        except requests.RequestException:
-            return False
-
-    wait_for(up, 30, "the API")
+    daemon.wait_healthy()
     return daemon, token
 
 

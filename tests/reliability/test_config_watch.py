@@ -7,8 +7,6 @@ import pathlib
 import time
 from collections.abc import Callable
 
-import requests
-
 from tests.helpers import Daemon, GitRepo, wait_for
 
 
@@ -45,7 +43,7 @@ def test_the_config_watcher_ignores_its_neighbours(repo: GitRepo, daemons: Calla
     daemon = daemons(interval=300, env={"CYNCHROD_WATCH": "off"})
     daemon.args += ["--config", str(config)]
     daemon.start()
-    wait_for(lambda: _up(daemon), 30, "the API")
+    daemon.wait_healthy()
     wait_for(lambda: _inotify_watches(daemon.proc.pid) > 0, 10, "the watcher")  # type: ignore[union-attr]
     # One watch (the folder, not recursive: an editor's save replaces the file); not one per subfolder.
     assert _inotify_watches(daemon.proc.pid) <= 2  # type: ignore[union-attr]
@@ -65,9 +63,3 @@ def test_the_config_watcher_ignores_its_neighbours(repo: GitRepo, daemons: Calla
     wait_for(lambda: "config reloaded" in daemon.output(), 10, "the reload")
     assert daemon.stop() == 0
 
-
-def _up(daemon: Daemon) -> bool:
-    try:
-        return requests.get(daemon.api + "/healthz", timeout=2).status_code == 200
-    except requests.RequestException:
-        return False

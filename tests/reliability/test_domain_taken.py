@@ -67,7 +67,7 @@ def test_domain_taken_names_the_holder_only_within_its_org(repo: GitRepo, daemon
     acme, beta = new_token(state, "acme"), new_token(state, "beta")
     repo.push({"apps/web.yaml": manifest("web", SERVE, extra="org: acme\ndomain: shop.localhost\nport: 8080\n")})
     daemon = daemons(interval=1).start()
-    wait_for(lambda: _up(daemon), 30, "the API")
+    daemon.wait_healthy()
     wait_for(lambda: _status(daemon, acme, "web") == "running", 60, "acme/web to run")
     repo.push({"apps/shop.yaml": manifest("shop", SERVE, extra="org: beta\ndomain: SHOP.localhost\nport: 8080\n"),
                "apps/other.yaml": manifest("other", SERVE, extra="org: acme\ndomain: shop.localhost\nport: 8080\n")})
@@ -87,12 +87,6 @@ def test_domain_taken_names_the_holder_only_within_its_org(repo: GitRepo, daemon
     assert "belongs to app acme/web" in _surfaces(daemon, acme, other)
     assert "Traceback" not in daemon.output()
 
-
-def _up(daemon: Daemon) -> bool:
-    try:
-        return requests.get(daemon.api + "/healthz", timeout=2).status_code == 200
-    except requests.RequestException:
-        return False
 
 
 def _app(daemon: Daemon, token: str, name: str) -> dict:  # type: ignore[type-arg]

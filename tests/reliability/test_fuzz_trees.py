@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from cynchrod import store
 from cynchrod.core.errors import SourceError
-from cynchrod.desired import manifests, source
+from cynchrod.desired import declared, manifests, source
 
 T = pygit2.enums.ObjectType
 SIG = pygit2.Signature("fuzz", "fuzz@localhost")
@@ -114,7 +114,7 @@ def read_all(remote: Remote, commit: str) -> None:
         files, refused = remote.src.files(commit)
     except SourceError:
         return
-    desired = manifests.Cache().load(files, remote.src.read)
+    desired = declared.Cache().load(files, remote.src.read)
     errors = [*desired.errors, *refused]
     for error in errors:
         assert ERROR_LINE.match(str(error)), str(error)
@@ -165,7 +165,7 @@ def test_each_odd_entry_is_its_own_error(tmp_path: pathlib.Path) -> None:
     commit = remote.commit(apps)
     assert remote.src.fetch() == commit
     files, refused = remote.src.files(commit)
-    desired = manifests.Cache().load(files, remote.src.read)
+    desired = declared.Cache().load(files, remote.src.read)
     errors = sorted(str(e) for e in [*desired.errors, *refused])
     assert sorted(k[1] for k in desired.apps) == ["inner", "web"]
     assert errors == sorted([

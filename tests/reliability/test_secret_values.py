@@ -14,7 +14,7 @@ import pathlib
 import pytest
 import requests
 
-from tests.helpers import Daemon, GitRepo, manifest, new_token, wait_for
+from tests.helpers import Daemon, GitRepo, manifest, new_token
 
 
 @pytest.fixture
@@ -23,13 +23,7 @@ def api(repo: GitRepo, daemons, tmp_path: pathlib.Path) -> tuple[str, dict[str, 
     repo.push({"apps/web.yaml": manifest("web")})
     daemon: Daemon = daemons(interval=300).start()
 
-    def up() -> bool:
-        try:
-            return requests.get(daemon.api + "/healthz", timeout=2).status_code == 200
-        except requests.RequestException:
-            return False
-
-    wait_for(up, 30, "the API")
+    daemon.wait_healthy()
     return daemon.api, {"Authorization": f"Bearer {token}"}
 
 

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from cynchrod.core import specs
-from cynchrod.desired import compose, manifests
+from cynchrod.desired import compose, declared, manifests
 
 CORPUS = pathlib.Path(__file__).parents[1] / "data" / "compose"
 CASES = sorted(p.name for p in CORPUS.iterdir() if p.is_dir())
@@ -151,7 +151,7 @@ def test_cache_parses_each_app_once_and_native_manifests_beside() -> None:
         reads.append(oid)
         return blobs[oid]
 
-    cache = manifests.Cache()
+    cache = declared.Cache()
     desired = cache.load(listing, read)
     assert desired.errors == ()
     assert sorted(desired.apps) == [("default", "native"), ("default", "override"), ("default", "wordpress"),
@@ -170,7 +170,7 @@ def test_cache_parses_each_app_once_and_native_manifests_beside() -> None:
 def test_absolute_paths_as_cynchrod_validate_gives_them() -> None:
     files = {f"/abs{p[len('apps'):]}": raw for p, raw in files_of("wordpress").items()}
     files["/abs/solo.yaml"] = b"name: solo\nimage: busybox\n"
-    desired = manifests.Cache().load([(p, p) for p in files], files.__getitem__)
+    desired = declared.Cache().load([(p, p) for p in files], files.__getitem__)
     assert desired.errors == () and sorted(desired.apps) == [("default", "solo"), ("default", "wordpress")]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cynchrod.core import specs
-from cynchrod.desired import manifests
+from cynchrod.desired import declared, manifests
 
 
 def errors(text: str) -> list[str]:
@@ -178,7 +178,7 @@ def test_cache_parses_each_blob_once_and_reports_duplicates() -> None:
         reads.append(oid)
         return blobs[oid]
 
-    cache = manifests.Cache()
+    cache = declared.Cache()
     desired = cache.load([("apps/a.yaml", "1"), ("apps/b.yaml", "2"), ("apps/c.yaml", "3")], read)
     assert sorted(desired.apps) == [("default", "a"), ("default", "b")]
     assert [str(e) for e in desired.errors] == [

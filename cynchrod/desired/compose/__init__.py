@@ -3,7 +3,7 @@
 The second front end of the desired state (the first is ``desired.manifests``): the files of one
 app directory in, the same frozen ``AppSpec`` a native manifest gives (or located errors) out, so
 decisions, runtimes and the API never learn which format an app came from. Called by
-``manifests.Cache``, which groups the files of a compose directory and caches the result by their
+``declared.Cache``, which groups the files of a compose directory and caches the result by their
 blob ids, so a pass over an unchanged directory parses nothing.
 
 The steps, in Compose's order: the directory's ``.env`` gives the variables (never the daemon's
