@@ -41,18 +41,10 @@ class Message:
 
 
 @dataclasses.dataclass(frozen=True)
-class Notification:
-    """A row of the outbox."""
+class Notification(Message):
+    """A row of the outbox: the message and its delivery."""
 
     id: int
-    dedupe: str
-    target: str
-    target_name: str
-    kind: str
-    event: str
-    org: str
-    app: str
-    body: str
     status: str
     attempts: int
     next_at: float

@@ -113,14 +113,18 @@ def test_an_update_is_committed_deployed_and_out_of_range_tags_ignored(rig, repo
     assert f'cynchrod_image_update_checks_total{{registry="{served.host}"}} 3.0' in text
 
 
-def test_a_rollback_is_not_bumped_again_until_the_manifest_changes(rig, repo: GitRepo, reg) -> None:  # type: ignore[no-untyped-def]
-    harness, checker, clock, _ = rig
-    served, _ = reg
-    repo.push({"apps/web.yaml": manifest(f"{served.host}/shop/web:1.4.2")})
+def deployed_then_bumped(repo: GitRepo, harness, checker, host: str) -> None:  # type: ignore[no-untyped-def]
+    """web deployed at 1.4.2, then bumped by the checker to 1.5.0 (the registry's newest in range) and running it."""
+    repo.push({"apps/web.yaml": manifest(f"{host}/shop/web:1.4.2")})
     harness.sync()
     check(checker)
     harness.sync()
     assert running_image(harness).endswith(":1.5.0")
+
+def test_a_rollback_is_not_bumped_again_until_the_manifest_changes(rig, repo: GitRepo, reg) -> None:  # type: ignore[no-untyped-def]
+    harness, checker, clock, _ = rig
+    served, _ = reg
+    deployed_then_bumped(repo, harness, checker, served.host)
     # A person goes back to 1.4.2 in Git.
     head(repo)
     repo.push({"apps/web.yaml": manifest(f"{served.host}/shop/web:1.4.2")}, message="back to 1.4.2")
@@ -262,11 +266,7 @@ def test_basic_auth_with_the_orgs_encrypted_credentials(harness, repo: GitRepo, 
 def test_an_api_rollback_pauses_updates(rig, repo: GitRepo, reg) -> None:  # type: ignore[no-untyped-def]
     harness, checker, clock, _ = rig
     served, _ = reg
-    repo.push({"apps/web.yaml": manifest(f"{served.host}/shop/web:1.4.2")})
-    harness.sync()
-    check(checker)
-    harness.sync()
-    assert running_image(harness).endswith(":1.5.0")
+    deployed_then_bumped(repo, harness, checker, served.host)
     checker.control.rollback(harness.app("web"), actor="alice")
     harness.sync()
     assert running_image(harness).endswith(":1.4.2")
