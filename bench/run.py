@@ -299,6 +299,17 @@ def _bare_noop(label: str, names: set[str]) -> float:
     return time.perf_counter() - t0
 
 
+def noop_passes(rec: Any, passes: int, n: int) -> tuple[list[float], list[float]]:
+    """(wall seconds, CPU seconds) of ``passes`` passes that must find nothing to do over ``n`` apps."""
+    walls, cpus = [], []
+    for _ in range(passes):
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        result = rec.run_pass()
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - cpu0)
+        assert all(not a.actions for a in result.apps) and len(result.apps) == n
+    return walls, cpus
+
 def noop_pass(tmp: pathlib.Path, n: int, passes: int) -> dict[str, Any]:
     work = tmp / f"noop-{n}"
     work.mkdir()
@@ -323,13 +334,7 @@ def noop_pass(tmp: pathlib.Path, n: int, passes: int) -> dict[str, Any]:
     wait(lambda: rec.view._live, 30)
     calls: list[str] = []
     rt.api.hooks["response"].append(lambda resp, *a, **k: calls.append(resp.request.path_url))
-    walls, cpus = [], []
-    for _ in range(passes):
-        cpu0, t0 = time.process_time(), time.perf_counter()
-        result = rec.run_pass()
-        walls.append(time.perf_counter() - t0)
-        cpus.append(time.process_time() - cpu0)
-        assert all(not a.actions for a in result.apps) and len(result.apps) == n
+    walls, cpus = noop_passes(rec, passes, n)
     calls_per_pass = len(calls) / passes
     if calls:
         log(f"no-op N={n}: engine calls made by the passes: {sorted(set(calls))[:5]}")
@@ -1099,13 +1104,7 @@ def compose_apps(tmp: pathlib.Path, n: int, passes: int, changes: int) -> dict[s
         parsed.clear()
         calls: list[str] = []
         rt.api.hooks["response"].append(lambda resp, *a, **k: calls.append(resp.request.path_url))
-        walls, cpus = [], []
-        for _ in range(passes):
-            cpu0, t0 = time.process_time(), time.perf_counter()
-            result = rec.run_pass()
-            walls.append(time.perf_counter() - t0)
-            cpus.append(time.process_time() - cpu0)
-            assert all(not a.actions for a in result.apps) and len(result.apps) == n
+        walls, cpus = noop_passes(rec, passes, n)
         noop_parses, noop_calls = len(parsed) / passes, len(calls) / passes
         change_walls, change_parses = [], []
         for r in range(changes):

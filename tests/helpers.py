@@ -10,10 +10,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import docker
 
@@ -102,6 +103,23 @@ def wait_for(check: Callable[[], object], timeout: float, what: str) -> float:
             return time.monotonic() - start
         time.sleep(0.1)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def numbers_until(follower: Any, last: int, *, within: float = 40) -> list[int]:
+    """The N of each ``line N ...`` a log follower gives, until N is ``last``. The follower is
+    closed after ``within`` seconds, so a stream that stops short ends the test, not CI; the
+    caller closes it otherwise (and may check how that goes)."""
+    timer = threading.Timer(within, follower.close)
+    timer.start()
+    numbers: list[int] = []
+    try:
+        for batch in follower.batches():
+            numbers += [int(line.line.split()[1]) for line in batch if line.line.startswith("line ")]
+            if numbers and numbers[-1] == last:
+                break
+    finally:
+        timer.cancel()
+    return numbers
 
 
 def breaks(numbers: list[int], *, gaps: bool = True) -> list[str]:

@@ -10,7 +10,7 @@ import pytest
 from cynchrod import runtime
 from cynchrod.runtime import CUT_MARK, _docker, local
 from tests.conftest import Harness
-from tests.helpers import TEST_IMAGE, breaks, wait_for
+from tests.helpers import TEST_IMAGE, breaks, numbers_until, wait_for
 
 
 def test_a_rotation_that_sends_the_last_line_again_gives_it_once(repo, harness: Harness,  # type: ignore[no-untyped-def]
@@ -27,16 +27,9 @@ def test_a_rotation_that_sends_the_last_line_again_gives_it_once(repo, harness: 
     repo.push({"apps/writer.yaml": f"name: writer\nimage: {TEST_IMAGE}\ncommand: {writer}\nmemory: 64\n"})
     assert harness.sync().ok
     follower = harness.rt.follow("default", "writer", since=time.time() - 60)  # from its first line
-    timer = threading.Timer(40, follower.close)  # a stream that stops short ends the test, not CI
-    timer.start()
-    numbers: list[int] = []
     try:
-        for batch in follower.batches():
-            numbers += [int(line.line.split()[1]) for line in batch if line.line.startswith("line ")]
-            if numbers and numbers[-1] == 79:
-                break
+        numbers = numbers_until(follower, 79)
     finally:
-        timer.cancel()
         # The writer is quiet now: closing ends the readers blocked on their streams at once.
         closing = threading.Thread(target=follower.close, daemon=True)
         closing.start()

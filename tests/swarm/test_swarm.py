@@ -13,7 +13,7 @@ import docker
 import pytest
 
 from cynchrod.core import planning
-from tests.helpers import wait_for
+from tests.helpers import breaks, numbers_until, wait_for
 from tests.swarm.conftest import Lab, SwarmHarness
 
 pytestmark = [pytest.mark.swarm, pytest.mark.xdist_group("swarm")]  # one lab per machine: one worker
@@ -237,7 +237,6 @@ def test_a_rotation_that_sends_the_last_line_again_gives_it_once(sw: SwarmHarnes
     engine about a possible repeat as it does (``_docker.Given`` with a question): json-file rotating
     every 20 KB under a follower, four times, each line of the task comes once and none is lost."""
     from cynchrod.runtime import _docker
-    from tests.helpers import breaks
 
     monkeypatch.setattr(_docker, "LOG_CONFIG", {"type": "json-file", "config": {"max-size": "20k", "max-file": "3"}})
     writer = ("[sh, -c, 'x=$(printf %1000s | tr \" \" x); i=0;"
@@ -245,16 +244,9 @@ def test_a_rotation_that_sends_the_last_line_again_gives_it_once(sw: SwarmHarnes
     sw.repo.push({"apps/writer.yaml": app(lab, "writer", command=writer)})  # type: ignore[attr-defined]
     assert [a.status for a in sw.sync().apps] == ["running"]
     follower = sw.rt.follow("default", "writer", since=time.time() - 60)
-    timer = threading.Timer(40, follower.close)
-    timer.start()
-    numbers: list[int] = []
     try:
-        for batch in follower.batches():
-            numbers += [int(line.line.split()[1]) for line in batch if line.line.startswith("line ")]
-            if numbers and numbers[-1] == 79:
-                break
+        numbers = numbers_until(follower, 79)
     finally:
-        timer.cancel()
         follower.close()
     assert (numbers[:1], numbers[-1:], breaks(numbers)) == ([0], [79], [])
 
