@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import itertools
 import os
 import pathlib
 import signal
@@ -135,10 +136,38 @@ def breaks(numbers: list[int], *, gaps: bool = True) -> list[str]:
     return out[:20]
 
 
+#: Ports a process hands out for servers it starts: a block of its own per xdist worker (and one for a
+#: run without workers), below the kernel's ephemeral range (``net.ipv4.ip_local_port_range`` starts at
+#: 32768). A port picked by binding port 0 and closing could be taken before the server bound it, by an
+#: outgoing connection or by another worker's pick: under four workers two Caddy instances came up on
+#: each other's admin and listener ports. A port still held (a server of an earlier test) is skipped.
+PORT_BLOCK = 1500
+
+
+def _port_block() -> range:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    index = int(worker[2:]) + 1 if worker.startswith("gw") else 0
+    start = 10000 + index * PORT_BLOCK
+    assert start + PORT_BLOCK <= 32768, f"too many workers for the port blocks: {worker}"
+    return range(start, start + PORT_BLOCK)
+
+
+_ports = itertools.cycle(_port_block())
+_ports_lock = threading.Lock()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port no other test of this run is given, free now on 127.0.0.1."""
+    with _ports_lock:
+        for _ in range(PORT_BLOCK):
+            port = next(_ports)
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError(f"no free port left in {_port_block()}")
 
 
 class Daemon:
