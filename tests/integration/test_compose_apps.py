@@ -273,3 +273,86 @@ x-cynchrod:
     assert app.last_error is not None and app.last_error.startswith("unhealthy: service web was not healthy within 2s")
     [deployment] = harness.db.deployments(app.id)
     assert deployment.status == "unhealthy" and "warming up" in (deployment.log or "")
+
+
+BUILT = """services:
+  web:
+    build:
+      context: ./web
+      target: site
+      args: [GREETING]
+    ports: ["8080"]
+  worker:
+    image: {image}
+    command: sleep 3600
+"""
+DOCKERFILE = f"""FROM {TEST_IMAGE} AS base
+ARG GREETING
+COPY index.html /www/index.html
+RUN echo "$GREETING" > /www/greeting.txt
+FROM base AS site
+CMD ["httpd", "-f", "-p", "8080", "-h", "/www"]
+FROM base AS last
+CMD ["sh", "-c", "echo not the target; sleep 3600"]
+"""
+
+
+def page(port: int, name: str = "") -> bytes:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/{name}", timeout=5) as answer:
+            body: bytes = answer.read()
+            return body
+    except OSError:
+        return b""
+
+
+def test_a_compose_build_is_built_served_rebuilt_on_a_change_and_a_broken_one_keeps_the_last_good(
+        repo, harness: Harness, docker_client: docker.DockerClient) -> None:
+    harness.watch()  # the view follows the engine's events, so a pass with nothing to do calls nothing
+    repo.push({"apps/shop/compose.yaml": BUILT.format(image=TEST_IMAGE), "apps/shop/.env": "GREETING=hi\n",
+               "apps/shop/web/Dockerfile": DOCKERFILE, "apps/shop/web/index.html": "v1\n"})
+    result = harness.sync()
+    assert result.ok, result
+    found = rows(harness)
+    image = found["web"]["Image"]
+    assert image.startswith("cynchrod/default-shop-web:")
+    port = int(found["web"]["Ports"][0]["PublicPort"])
+    wait_for(lambda: page(port) == b"v1\n", 10, "the built image to serve v1")
+    assert page(port, "greeting.txt") == b"hi\n"  # the build arg, from .env
+    labels = docker_client.api.inspect_image(image)["Config"]["Labels"]
+    assert labels[runtime.LABEL_OWNER] == harness.rt.owner and labels[runtime.LABEL_APP] == "shop"
+    app = harness.app("shop")
+    first = harness.db.last_deployment(app.id)
+    assert first is not None and "# built " + image in harness.builds.log_path(first.id).read_text()
+
+    # A commit that leaves the context alone (the other service, the compose file) rebuilds nothing.
+    web_id = found["web"]["Id"]
+    repo.push({"apps/shop/compose.yaml": BUILT.format(image=TEST_IMAGE).replace("sleep 3600", "sleep 3601")})
+    assert harness.sync().ok
+    assert rows(harness)["web"]["Id"] == web_id
+    calls = harness.rt.calls
+    cache = next(iter(harness.rec.desired.caches.values()))
+    parses = cache.parses
+    assert harness.sync().ok
+    assert (cache.parses, harness.rt.calls - calls) == (parses, 0)  # a no-op pass: no parse, no engine call
+
+    # A push changing the context builds a new image and redeploys web alone.
+    worker_id = rows(harness)["worker"]["Id"]
+    repo.push({"apps/shop/web/index.html": "v2\n"})
+    assert harness.sync().ok
+    now = rows(harness)
+    assert now["web"]["Image"] != image and now["worker"]["Id"] == worker_id
+    port = int(now["web"]["Ports"][0]["PublicPort"])
+    wait_for(lambda: page(port) == b"v2\n", 10, "the rebuilt image to serve v2")
+
+    # A broken Dockerfile fails the build: build_failed, and v2 keeps running; no rebuild each pass.
+    running = now["web"]["Id"]
+    repo.push({"apps/shop/web/Dockerfile": DOCKERFILE.replace("COPY index.html", "RUN exit 3\nCOPY index.html")})
+    result = harness.sync()
+    outcome = next(a for a in result.apps if a.name == "shop")
+    assert outcome.status == "failed" and outcome.error is not None and outcome.error.startswith("build_failed")
+    failed = harness.db.last_deployment(app.id)
+    assert failed is not None and failed.error_code == "build_failed"
+    assert rows(harness)["web"]["Id"] == running and page(port) == b"v2\n"
+    harness.sync()
+    assert harness.db.last_deployment(app.id).id == failed.id  # type: ignore[union-attr]

@@ -308,3 +308,41 @@ def test_x_cynchrod_readiness_keys_reach_the_spec_as_a_native_manifest_s_do() ->
         .split("x-cynchrod:")[0].encode()}).spec
     assert plain is not None and plain.on_failure == "keep" and service(plain, "web").min_ready is None
     assert plain.hash == spec.hash
+
+
+def test_build_maps_onto_a_content_tagged_build(tmp_path: pathlib.Path) -> None:
+    """``build:`` is a folder of the app's directory copied by content; the image is tagged by the
+    digest of the context, Dockerfile, target and args, so equal content is the same tag."""
+    files = files_of("build")
+    spec = compose.parse("apps/build", files, files_dir=tmp_path).spec
+    web, worker, tools = service(spec, "web"), service(spec, "worker"), service(spec, "tools")
+    assert web.build is not None and worker.build is not None and tools.build is not None
+    assert web.image.startswith("cynchrod/default-build-web:")
+    assert worker.image.startswith("cynchrod/default-build-worker:")
+    assert web.build.local and web.build.context == worker.build.context  # one copy of one content
+    assert sorted(p.name for p in pathlib.Path(web.build.context).iterdir()) == ["Dockerfile", "Dockerfile.multi",
+                                                                                "index.html"]
+    assert (worker.build.dockerfile, worker.build.target) == ("Dockerfile.multi", "worker")
+    assert worker.build.args == (("CHANNEL", "stable"), ("VERSION", "1.0"))  # a bare name from .env
+    # The compose file and .env are not part of a context: a commit to them rebuilds nothing.
+    assert sorted(p.name for p in pathlib.Path(tools.build.context).rglob("*") if p.is_file()) == [
+        "Dockerfile", "Dockerfile", "Dockerfile.multi", "index.html"]
+    edited = {**files, "apps/build/compose.yaml": files["apps/build/compose.yaml"] + b"x-cynchrod: {state: stopped}\n",
+              "apps/build/.env": b"CHANNEL=stable\nOTHER=1\n"}
+    again = compose.parse("apps/build", edited, files_dir=tmp_path).spec
+    assert again is not None and spec is not None
+    assert [s.image for s in again.services] == [s.image for s in spec.services]
+    # New content in the context is a new tag for the services built from it alone.
+    changed = compose.parse("apps/build", {**files, "apps/build/web/index.html": b"v2\n"}, files_dir=tmp_path).spec
+    assert service(changed, "web").image != web.image and service(changed, "worker").image != worker.image
+    assert service(changed, "tools").image != tools.image  # "." holds web/ too
+    bumped = compose.parse("apps/build", {**files, "apps/build/.env": b"CHANNEL=beta\n"}, files_dir=tmp_path).spec
+    assert service(bumped, "worker").image != worker.image and service(bumped, "web").image == web.image
+
+
+def test_a_build_target_stays_out_of_the_hash_when_unset() -> None:
+    plain = specs.ServiceSpec(name="web", image="x", build=specs.Build(repo="https://example.com/r.git"))
+    assert '"target"' not in plain.canonical(restarted_at=None)
+    staged = dataclasses.replace(plain, build=specs.Build(repo="https://example.com/r.git", target="prod"))
+    assert staged.hash(restarted_at=None) != plain.hash(restarted_at=None)
+    assert specs.AppSpec.from_json(specs.AppSpec("o", "a", (staged,)).to_json()).services[0] == staged
