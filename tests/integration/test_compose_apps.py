@@ -8,6 +8,7 @@ import urllib.request
 from typing import Any
 
 import docker
+import pytest
 
 from cynchrod import runtime
 from cynchrod.shell import control
@@ -356,3 +357,60 @@ def test_a_compose_build_is_built_served_rebuilt_on_a_change_and_a_broken_one_ke
     assert rows(harness)["web"]["Id"] == running and page(port) == b"v2\n"
     harness.sync()
     assert harness.db.last_deployment(app.id).id == failed.id  # type: ignore[union-attr]
+
+
+ROLLED = f"""# the site, as first written
+services:
+  web:
+    image: {TEST_IMAGE}
+    command: [httpd, -f, -p, "8080", -h, /srv]
+    environment:
+      GREETING: ${{GREETING}}
+    ports: ["8080"]
+    volumes:
+      - ./site:/srv     # the pages, from the repository
+"""
+
+
+def test_a_rollback_restores_the_whole_directory_as_a_commit(repo, harness: Harness) -> None:
+    first = repo.push({"apps/site/compose.yaml": ROLLED, "apps/site/.env": "GREETING=one\n",
+                       "apps/site/site/index.html": "v1\n", "apps/native.yaml": f"name: native\nimage: {TEST_IMAGE}\n"
+                       "command: [sleep, '3600']\nmemory: 64\n"})
+    assert harness.sync().ok
+    ctl = control.Control(src=[harness.src], db=harness.db, wake=lambda trigger: None)
+    with pytest.raises(control.Conflict) as refused:
+        ctl.rollback(harness.app("site"), actor="test")
+    assert refused.value.code == "no_previous_deployment"
+    # v2: every kind of file of the directory changes: the compose file, .env, a bound page, a new env file.
+    repo.push({"apps/site/compose.yaml": ROLLED.replace("    ports:", "    env_file: [extra.env]\n    ports:"),
+               "apps/site/.env": "GREETING=two\n", "apps/site/extra.env": "EXTRA=1\n",
+               "apps/site/site/index.html": "v2\n", "apps/site/site/new.html": "new\n",
+               "apps/native.yaml": f"name: native\nimage: {TEST_IMAGE}\ncommand: [sleep, '3601']\nmemory: 64\n"})
+    assert harness.sync().ok
+    port = int(rows_of(harness, "site")["web"]["Ports"][0]["PublicPort"])
+    wait_for(lambda: served(port) == b"v2\n", 10, "v2")
+
+    accepted = ctl.rollback(harness.app("site"), actor="test")
+    assert accepted.commit is not None and accepted.deployment_id is not None
+    git("pull", "-q", "--rebase", "origin", "main", cwd=repo.work)
+    assert git("diff", "--stat", first, "HEAD", "--", "apps/site", cwd=repo.work) == ""  # byte for byte
+    assert "3601" in (repo.work / "apps/native.yaml").read_text()  # nothing outside the directory
+    assert not (repo.work / "apps/site/extra.env").exists() and not (repo.work / "apps/site/site/new.html").exists()
+    assert git("log", "-1", "--format=%an|%s", cwd=repo.work).startswith("cynchrod|rollback to deployment ")
+    assert harness.sync().ok
+    port = int(rows_of(harness, "site")["web"]["Ports"][0]["PublicPort"])
+    wait_for(lambda: served(port) == b"v1\n", 10, "v1 again")
+    env = harness.rt.api.inspect_container(rows_of(harness, "site")["web"]["Id"])["Config"]["Env"]
+    assert "GREETING=one" in env and not any(e.startswith("EXTRA=") for e in env)
+    deployment = harness.db.last_deployment(harness.app("site").id)
+    assert deployment is not None and deployment.trigger == "rollback"
+    # Going back again goes to v2 (the newest good version that differs from the branch).
+    ctl.rollback(harness.app("site"), actor="test")
+    git("pull", "-q", "--rebase", "origin", "main", cwd=repo.work)
+    assert (repo.work / "apps/site/extra.env").read_text() == "EXTRA=1\n"
+
+
+def rows_of(harness: Harness, app: str) -> dict[str, dict[str, Any]]:
+    return {r["Labels"][runtime.LABEL_SERVICE]: r
+            for r in harness.rt.api.containers(all=True, filters=harness.rt.owner_filter)
+            if r["Labels"][runtime.LABEL_APP] == app}
