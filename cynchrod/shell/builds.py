@@ -105,6 +105,9 @@ class Builds:
         self._deployments: dict[str, int] = {}
         self._failed: dict[str, CynchrodError] = {}
         self._queued: set[str] = set()
+        #: The local build contexts (compose ``build:``) of the queued and running builds: copies under
+        #: the state dir that must outlive a new commit while they are built from.
+        self._contexts: dict[str, list[str]] = {}
         #: Images known to exist (no engine call per pass for them).
         self._present: set[str] = set()
         self._queue: queue.Queue[specs.AppSpec | None] = queue.Queue()
@@ -183,6 +186,7 @@ class Builds:
             return None
         with self._state_lock:
             self._queued.add(spec.hash)
+            self._contexts[spec.hash] = [s.build.context for s in spec.services if s.build and s.build.local]
             if self.open_deployment is not None:
                 self._deployments[spec.hash] = self.open_deployment(spec)
             if self._worker is None:
@@ -213,8 +217,14 @@ class Builds:
             finally:
                 with self._state_lock:
                     self._queued.discard(spec.hash)
+                    self._contexts.pop(spec.hash, None)
                     self._state_lock.notify_all()
             self.on_done()
+
+    def contexts(self) -> list[str]:
+        """The copies compose builds queued or running now are built from."""
+        with self._state_lock:
+            return [c for found in self._contexts.values() for c in found]
 
     def busy(self) -> bool:
         with self._state_lock:

@@ -4,6 +4,7 @@ its limits and plain keys apply, and a push changing one service recreates that 
 
 from __future__ import annotations
 
+import pathlib
 import urllib.request
 from typing import Any
 
@@ -414,3 +415,57 @@ def rows_of(harness: Harness, app: str) -> dict[str, dict[str, Any]]:
     return {r["Labels"][runtime.LABEL_SERVICE]: r
             for r in harness.rt.api.containers(all=True, filters=harness.rt.owner_filter)
             if r["Labels"][runtime.LABEL_APP] == app}
+
+
+WRITABLE = f"""services:
+  web:
+    image: {TEST_IMAGE}
+    command: [sh, -c, "echo started >> /data/log && exec httpd -f -p 8080 -h /srv"]
+    environment: {{VERSION: "${{VERSION}}"}}
+    ports: ["8080"]
+    volumes:
+      - ./data:/data:rw
+      - ./site:/srv
+"""
+
+
+def test_a_writable_bind_keeps_what_the_app_wrote_and_unused_copies_are_pruned(repo, harness: Harness) -> None:
+    repo.push({"apps/site/compose.yaml": WRITABLE, "apps/site/.env": "VERSION=1\n",
+               "apps/site/data/seed.txt": "seed\n", "apps/site/site/index.html": "v1\n"})
+    assert harness.sync().ok
+    files = harness.state / "files"
+    data = files / "rw/default/site/data"
+
+    def mounts() -> dict[str, dict[str, Any]]:
+        web = rows_of(harness, "site")["web"]
+        return {m["Destination"]: m for m in harness.rt.api.inspect_container(web["Id"])["Mounts"]}
+
+    first = mounts()
+    assert (first["/data"]["Source"], first["/data"]["RW"], first["/srv"]["RW"]) == (str(data), True, False)
+    wait_for(lambda: (data / "log").exists() and (data / "log").read_text() == "started\n", 10, "the app's write")
+    copies = {p.name for p in files.iterdir() if p.name != "rw"}
+    assert {pathlib.Path(first["/srv"]["Source"]).name} == copies
+
+    # v2: new pages and a new seed in the repository: web is recreated (its read-only copy changed);
+    # the writable copy keeps what the app wrote, and is not reseeded.
+    repo.push({"apps/site/site/index.html": "v2\n", "apps/site/data/seed.txt": "seed v2\n"})
+    assert harness.sync().ok
+    second = mounts()
+    assert second["/srv"]["Source"] != first["/srv"]["Source"] and second["/data"]["Source"] == str(data)
+    wait_for(lambda: (data / "log").read_text() == "started\nstarted\n", 10, "the second start's write")
+    assert (data / "seed.txt").read_text() == "seed\n"
+    port = int(rows_of(harness, "site")["web"]["Ports"][0]["PublicPort"])
+    wait_for(lambda: served(port) == b"v2\n", 10, "v2")
+    # v1's copy is the last healthy version's when v2's pass records (a rollback would put it back)...
+    assert pathlib.Path(first["/srv"]["Source"]).exists()
+    # ... and unused once v3 is read: pruned then, v2's (the last healthy) and v3's kept.
+    repo.push({"apps/site/.env": "VERSION=3\n", "apps/site/site/index.html": "v3\n"})
+    assert harness.sync().ok
+    third = mounts()
+    assert not pathlib.Path(first["/srv"]["Source"]).exists()
+    assert pathlib.Path(second["/srv"]["Source"]).exists() and pathlib.Path(third["/srv"]["Source"]).exists()
+    wait_for(lambda: (data / "log").read_text() == "started\nstarted\nstarted\n", 10, "the third start's write")
+    # A pass with nothing new prunes nothing (nor lists the folder).
+    before = sorted(p.name for p in files.iterdir())
+    assert harness.sync().ok
+    assert sorted(p.name for p in files.iterdir()) == before and not harness.rec.desired.read_new

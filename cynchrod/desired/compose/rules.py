@@ -183,6 +183,9 @@ class _Rules:
         self.loader = loader
         self.merged = merged
         self.errors: list[ManifestError] = []
+        #: The app's org and name (where its writable copies go), once read.
+        self.org = loader.default_org()
+        self.app = ""
 
     def err(self, message: str, code: str, where: list[Any]) -> None:
         path, line = self.loader.locate(where)
@@ -245,6 +248,7 @@ def to_result(loader: _Loader, merged: dict[str, Any]) -> manifests.Result:
         rules.err(f"x-cynchrod.update: the app has {len(enabled)} services: put the block on a service, "
                   "services.<name>.x-cynchrod.update", Code.INVALID_UPDATE, ["x-cynchrod", "update"])
         app_update = None
+    rules.org, rules.app = org, name
     aliases = _networks(rules, merged.get("networks") or {}, enabled)
     built = [_service(rules, n, s or {}, enabled, declared_volumes, declared_secrets, declared_configs,
                       app_update=app_update, aliases=aliases.get(n, ())) for n, s in sorted(enabled.items())]
@@ -844,8 +848,6 @@ def _volumes(rules: _Rules, name: str, svc: dict[str, Any], declared: set[str]
                           "files of the app's directory are allowed", Code.POLICY_VIOLATION, where)
             elif not inside.startswith(directory + "/"):
                 rules.unsupported(where, f"a bind mount names files of the app's directory {directory}/")
-            elif writable:
-                rules.unsupported(where, "files of the repository are mounted read-only (use a named volume to write)")
             elif (why := manifests.mount_target_problem(target)) is not None:
                 rules.err(f"{field}: {target!r}: {why}", Code.INVALID_MOUNT, where)
             else:
@@ -854,6 +856,10 @@ def _volumes(rules: _Rules, name: str, svc: dict[str, Any], declared: set[str]
                 if not members:
                     rules.err(f"{field}: {source!r} is not a file or folder of {directory}/ (files over 1 MiB, "
                               "symlinks and hidden files are not copied)", Code.FILE_NOT_FOUND, where)
+                elif writable:  # the app's own copy, seeded once and kept (compose.files)
+                    binds.append(specs.Bind(files.writable(rules.loader.files_dir, org=rules.org, app=rules.app,
+                                                           directory=directory, inside=inside, members=members),
+                                            target, read_only=False))
                 else:
                     binds.append(specs.Bind(files.materialise(rules.loader.files_dir, inside, members), target))
             continue
