@@ -66,13 +66,23 @@ class Port:
 
 @dataclasses.dataclass(frozen=True)
 class Build:
-    """Where a repo app's image comes from."""
+    """Where a built image comes from: a repo app's source repository (``repo``), or, with ``repo``
+    empty, a compose service's ``build:`` context of the manifests repository, copied by its content
+    under the state dir (``context`` is then the host path of that copy; the image is tagged by the
+    content digest when the compose file is parsed, so the same content is never built twice)."""
 
     repo: str
     ref: str = "main"
     context: str = "."
     dockerfile: str = "Dockerfile"
     args: tuple[tuple[str, str], ...] = ()
+    #: The stage of a multi-stage Dockerfile to build ("": the last). Out of the hash when "".
+    target: str = ""
+
+    @property
+    def local(self) -> bool:
+        """A context of the manifests repository (a compose ``build:``), not a repository of its own."""
+        return not self.repo
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +163,8 @@ class ServiceSpec:
                 del body[key]
         for key in _NOT_HASHED:
             del body[key]
+        if body["build"] is not None and not body["build"]["target"]:
+            del body["build"]["target"]  # added later: out of the hash when unset
         body["restarted_at"] = restarted_at
         return json.dumps(body, sort_keys=True, separators=(",", ":"))
 

@@ -77,6 +77,10 @@ def to_native(spec: specs.AppSpec) -> tuple[str, list[str]]:
 def _native_service(service: specs.ServiceSpec, warnings: list[str], *, flat: bool) -> dict[str, Any]:
     at = f"services.{service.name}"
     out: dict[str, Any] = {"image": service.image}
+    if service.build is not None and service.build.local:
+        warnings.append(f"{at}.build: a build context of the manifests repository is not expressible in a native "
+                        "manifest (its build: names a repository of its own); the image is the tag cynchrod "
+                        "builds from it")
     if service.command is not None:
         out["command"] = list(service.command)
     if service.port is not None:

@@ -140,6 +140,10 @@ class Cache:
         return Desired(apps=apps, errors=tuple(errors), failed_paths=frozenset(failed), failed_orgs=orgs,
                        owners=owners)
 
+    def spec_texts(self) -> list[str]:
+        """The specs of the last load, as JSON (what ``compose.files.prune`` keeps the copies of)."""
+        return [r.spec.json_text for r in self._results.values() if r.spec is not None]
+
     def _compose(self, directory: str, members: list[tuple[str, str]], read: Callable[[str], bytes]
                  ) -> Result | None:
         """Parse one compose directory; None (not cached: may be readable next pass) when a blob cannot be read."""

@@ -93,8 +93,9 @@ class Deployer:
         return self.runtime.image_exists(image)
 
     def build_image(self, context: pathlib.Path, *, dockerfile: str, tag: str, args: dict[str, str],
-                    org: str, app: str, log: Callable[[str], None]) -> None:
-        self.runtime.build_image(context, dockerfile=dockerfile, tag=tag, args=args, org=org, app=app, log=log)
+                    org: str, app: str, log: Callable[[str], None], target: str = "") -> None:
+        self.runtime.build_image(context, dockerfile=dockerfile, tag=tag, args=args, org=org, app=app, log=log,
+                                 target=target)
 
     def prune_images(self, org: str, app: str, *, keep: int) -> list[str]:
         return self.runtime.prune_images(org, app, keep=keep)

@@ -228,8 +228,9 @@ class Runtime(Protocol):
     def image_exists(self, image: str) -> bool: ...
 
     def build_image(self, context: pathlib.Path, *, dockerfile: str, tag: str, args: dict[str, str],
-                    org: str, app: str, log: Callable[[str], None]) -> None:
-        """Build an app's image (labelled as the app's), its output to ``log``; raises ``build_failed``."""
+                    org: str, app: str, log: Callable[[str], None], target: str = "") -> None:
+        """Build an app's image (labelled as the app's), its output to ``log``; raises ``build_failed``.
+        ``target``: the stage of a multi-stage Dockerfile ("": the last)."""
         ...
 
     def prune_images(self, org: str, app: str, *, keep: int) -> list[str]:

@@ -592,11 +592,12 @@ def build_errors(log: Callable[[str], None]) -> Iterator[None]:
 
 
 def run_build(api: Any, *, context: pathlib.Path, dockerfile: str, tag: str, args: dict[str, str],
-              labels: dict[str, str], log: Callable[[str], None]) -> None:
+              labels: dict[str, str], log: Callable[[str], None], target: str = "") -> None:
     """``docker build`` on ``api``, its output streamed to ``log``; an error it reports raises
-    ``build_failed`` (the engine's own errors are the caller's to convert)."""
+    ``build_failed`` (the engine's own errors are the caller's to convert). Never pulls: a ``FROM``
+    image must be on the engine or named with a registry."""
     for chunk in api.build(path=str(context), dockerfile=dockerfile, tag=tag, buildargs=args or None,
-                           labels=labels, rm=True, forcerm=True, decode=True):
+                           labels=labels, rm=True, forcerm=True, decode=True, target=target or None):
         if "stream" in chunk:
             for line in str(chunk["stream"]).splitlines():
                 if line.strip():
@@ -655,8 +656,8 @@ class Driver:
         return images
 
     def _build(self, context: pathlib.Path, *, dockerfile: str, tag: str, args: dict[str, str], org: str,
-               app: str, log: Callable[[str], None]) -> None:
+               app: str, log: Callable[[str], None], target: str = "") -> None:
         """``docker build`` of an app's image with its labels, output to ``log``; raises ``build_failed``."""
         with build_errors(log):
             run_build(self.api, context=context, dockerfile=dockerfile, tag=tag, args=args,
-                      labels=self._app_labels(org, app), log=log)
+                      labels=self._app_labels(org, app), log=log, target=target)

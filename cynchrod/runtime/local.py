@@ -584,9 +584,9 @@ class LocalRuntime(_docker.Driver):
             return False
 
     def build_image(self, context: pathlib.Path, *, dockerfile: str, tag: str, args: dict[str, str],
-                    org: str, app: str, log: Callable[[str], None]) -> None:
+                    org: str, app: str, log: Callable[[str], None], target: str = "") -> None:
         """docker build, its output streamed to ``log``; raises ``build_failed``."""
-        self._build(context, dockerfile=dockerfile, tag=tag, args=args, org=org, app=app, log=log)
+        self._build(context, dockerfile=dockerfile, tag=tag, args=args, org=org, app=app, log=log, target=target)
 
     def prune_images(self, org: str, app: str, *, keep: int) -> list[str]:
         """Remove this app's built images but the newest ``keep`` (and any still in use)."""

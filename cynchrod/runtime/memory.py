@@ -107,7 +107,7 @@ class MemoryRuntime:
         return True
 
     def build_image(self, context: pathlib.Path, *, dockerfile: str, tag: str, args: dict[str, str],
-                    org: str, app: str, log: Callable[[str], None]) -> None:
+                    org: str, app: str, log: Callable[[str], None], target: str = "") -> None:
         pass
 
     def prune_images(self, org: str, app: str, *, keep: int) -> list[str]:

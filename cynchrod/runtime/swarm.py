@@ -929,10 +929,10 @@ class SwarmRuntime(_docker.Driver):
         return self.registry.digest(repo, tag) is not None
 
     def build_image(self, context: pathlib.Path, *, dockerfile: str, tag: str, args: dict[str, str],
-                    org: str, app: str, log: Callable[[str], None]) -> None:
+                    org: str, app: str, log: Callable[[str], None], target: str = "") -> None:
         """Built on the manager, then pushed to the registry (when one is set)."""
         ref = self._registry_ref(tag) if self.registry is not None else tag
-        self._build(context, dockerfile=dockerfile, tag=ref, args=args, org=org, app=app, log=log)
+        self._build(context, dockerfile=dockerfile, tag=ref, args=args, org=org, app=app, log=log, target=target)
         if self.registry is None:
             return
         with _docker.build_errors(log):

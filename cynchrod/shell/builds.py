@@ -17,6 +17,7 @@ pruned, keeping the last few.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -24,7 +25,7 @@ import pathlib
 import queue
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from cynchrod.core import specs
@@ -57,7 +58,7 @@ class Builder(Protocol):
     def image_exists(self, image: str) -> bool: ...
 
     def build_image(self, context: pathlib.Path, *, dockerfile: str, tag: str, args: dict[str, str],
-                    org: str, app: str, log: Callable[[str], None]) -> None: ...
+                    org: str, app: str, log: Callable[[str], None], target: str = "") -> None: ...
 
     def prune_images(self, org: str, app: str, *, keep: int) -> list[str]: ...
 
@@ -104,6 +105,9 @@ class Builds:
         self._deployments: dict[str, int] = {}
         self._failed: dict[str, CynchrodError] = {}
         self._queued: set[str] = set()
+        #: The local build contexts (compose ``build:``) of the queued and running builds: copies under
+        #: the state dir that must outlive a new commit while they are built from.
+        self._contexts: dict[str, list[str]] = {}
         #: Images known to exist (no engine call per pass for them).
         self._present: set[str] = set()
         self._queue: queue.Queue[specs.AppSpec | None] = queue.Queue()
@@ -132,7 +136,7 @@ class Builds:
         """
         services = []
         for service in spec.services:
-            if service.build is None:
+            if service.build is None or service.build.local:  # a compose build is tagged by its content
                 services.append(service)
                 continue
             if not self.allow(spec.org, service.build.repo):
@@ -182,6 +186,7 @@ class Builds:
             return None
         with self._state_lock:
             self._queued.add(spec.hash)
+            self._contexts[spec.hash] = [s.build.context for s in spec.services if s.build and s.build.local]
             if self.open_deployment is not None:
                 self._deployments[spec.hash] = self.open_deployment(spec)
             if self._worker is None:
@@ -212,8 +217,14 @@ class Builds:
             finally:
                 with self._state_lock:
                     self._queued.discard(spec.hash)
+                    self._contexts.pop(spec.hash, None)
                     self._state_lock.notify_all()
             self.on_done()
+
+    def contexts(self) -> list[str]:
+        """The copies compose builds queued or running now are built from."""
+        with self._state_lock:
+            return [c for found in self._contexts.values() for c in found]
 
     def busy(self) -> bool:
         with self._state_lock:
@@ -243,14 +254,13 @@ class Builds:
     def log_path(self, deployment_id: int) -> pathlib.Path:
         return self.logs / f"{deployment_id}.log"
 
-    def _build(self, spec: specs.AppSpec, service: specs.ServiceSpec, deployment_id: int) -> None:
-        assert service.build is not None
-        build = service.build
-        commit = service.image.rsplit(":", 1)[1]
+    @contextlib.contextmanager
+    def _log(self, deployment_id: int) -> Iterator[tuple[Callable[[str], None], collections.deque[str]]]:
+        """A build's log file (``log_path``, capped at ``MAX_LOG_BYTES``), under the one-build lock:
+        the function that writes a line, and the last lines (the error's tail)."""
         self.logs.mkdir(parents=True, exist_ok=True)
         tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
-        with self._lock, open(self.log_path(deployment_id), "a", encoding="utf-8") as out, \
-                tempfile.TemporaryDirectory(prefix="cynchrod-build-") as tmp:
+        with self._lock, open(self.log_path(deployment_id), "a", encoding="utf-8") as out:
             written = 0
 
             def line(text: str) -> None:
@@ -261,6 +271,27 @@ class Builds:
                     out.flush()
                     written += len(text) + 1
 
+            yield line, tail
+
+    def _run(self, spec: specs.AppSpec, service: specs.ServiceSpec, context: pathlib.Path,
+             line: Callable[[str], None], tail: collections.deque[str]) -> None:
+        assert service.build is not None
+        build = service.build
+        try:
+            self.runtime.build_image(context, dockerfile=build.dockerfile, tag=service.image, args=dict(build.args),
+                                     org=spec.org, app=spec.name, log=line, target=build.target)
+        except PermanentError as exc:
+            raise PermanentError(f"build failed: {exc.message}\n" + "\n".join(tail), code="build_failed") from exc
+        line(f"# built {service.image}")
+
+    def _build(self, spec: specs.AppSpec, service: specs.ServiceSpec, deployment_id: int) -> None:
+        assert service.build is not None
+        build = service.build
+        if build.local:
+            self._build_local(spec, service, deployment_id)
+            return
+        commit = service.image.rsplit(":", 1)[1]
+        with self._log(deployment_id) as (line, tail), tempfile.TemporaryDirectory(prefix="cynchrod-build-") as tmp:
             line(f"# build {spec.org}/{spec.name} [{service.name}] from {build.repo} {build.ref} "
                  f"({commit}) as {service.image}")
             src = self._source(build)
@@ -270,13 +301,22 @@ class Builds:
             if not context.is_relative_to(pathlib.Path(tmp)) or not context.is_dir():
                 line(f"context {build.context!r} is not a directory of the source")
                 raise PermanentError(f"build context {build.context!r} not found", code="build_failed")
-            try:
-                self.runtime.build_image(context, dockerfile=build.dockerfile, tag=service.image,
-                                         args=dict(build.args), org=spec.org, app=spec.name, log=line)
-            except PermanentError as exc:
-                raise PermanentError(f"build failed: {exc.message}\n" + "\n".join(tail),
-                                     code="build_failed") from exc
-            line(f"# built {service.image}")
+            self._run(spec, service, context, line, tail)
+
+    def _build_local(self, spec: specs.AppSpec, service: specs.ServiceSpec, deployment_id: int) -> None:
+        """A compose service's ``build:``: its context is the copy of the app's folder under the
+        state dir (named by its content, written when the compose file was parsed)."""
+        assert service.build is not None
+        build = service.build
+        with self._log(deployment_id) as (line, tail):
+            target = f" target {build.target}" if build.target else ""
+            line(f"# build {spec.org}/{spec.name} [{service.name}] from {spec.path} ({build.dockerfile}{target}) "
+                 f"as {service.image}")
+            context = pathlib.Path(build.context)
+            if not context.is_dir():
+                line(f"the copy of the build context {context} is missing")
+                raise PermanentError(f"build context copy {context} not found", code="build_failed")
+            self._run(spec, service, context, line, tail)
 
     def prune(self, spec: specs.AppSpec) -> None:
         if any(s.build for s in spec.services):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import posixpath
 import time
@@ -26,7 +27,7 @@ from cynchrod.core.errors import InvalidManifest as InvalidManifest
 from cynchrod.core.errors import NotFound as NotFound
 from cynchrod.core.errors import QuotaExceeded as QuotaExceeded
 from cynchrod.core.errors import StateUnwritable
-from cynchrod.desired import edits, manifests, source
+from cynchrod.desired import compose, edits, manifests, source
 from cynchrod.shell import builds
 
 log = logging.getLogger("cynchrod.control")
@@ -45,6 +46,20 @@ def _spec_hash(path: str, raw: bytes | None) -> str | None:
     if parsed is None or parsed.spec is None:
         return None
     return dataclasses.replace(parsed.spec, restarted_at=None).hash
+
+
+def _compose_version(src: source.Followed, commit: str, directory: str) -> tuple[str, bool] | None:
+    """A compose app's version at ``commit``: the hash of the spec its folder gives (a restart does not
+    count; the values of secrets the repository gives do) and whether it runs; None when the folder is
+    absent or does not parse. Bound files and build contexts count by their content (not copied here)."""
+    files = src.dir_at(commit, directory) if commit else None
+    if not files:
+        return None
+    spec = compose.parse(directory, files, org=src.org).spec
+    if spec is None:
+        return None
+    secrets = hashlib.sha256(repr(spec.secret_values).encode()).hexdigest()
+    return dataclasses.replace(spec, restarted_at=None).hash + secrets, spec.state == "running"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,26 +185,61 @@ class Control:
         The file is restored byte for byte; the deployment's trigger is ``rollback``.
         """
         src = self._source_of(app)
-        done = [d for d in self.store.deployments(app.id, limit=1000)
-                if d.status in (store.RUNNING, store.STOPPED) and d.commit]
-        if deployment_id is not None:
-            target = next((d for d in done if d.id == deployment_id), None)
-            if target is None:
-                raise NotFound(f"no successful deployment {deployment_id} of app {app.id}")
-        else:
-            now = _spec_hash(app.path, src.file_at(self.blocking(src.fetch), app.path))
-            target = next((d for d in done if d.status == store.RUNNING
-                           and (old := src.file_at(d.commit or "", app.path)) is not None
-                           and _runs(app.path, old) and _spec_hash(app.path, old) != now), None)
-            if target is None:
-                raise Conflict(f"app {app.org}/{app.name} has no earlier successful deployment to go back to",
-                               code="no_previous_deployment")
+        if compose.is_compose_file(app.path):
+            return self._rollback_compose(app, src, actor=actor, deployment_id=deployment_id)
+
+        def version(commit: str) -> tuple[str, bool] | None:
+            raw = src.file_at(commit, app.path) if commit else None
+            found = _spec_hash(app.path, raw)
+            return None if found is None or raw is None else (found, _runs(app.path, raw))
+
+        target = self._target(app, deployment_id, version, now=lambda: version(self.blocking(src.fetch)))
         assert target.commit is not None
         old = src.file_at(target.commit, app.path)
         if old is None:
             raise Conflict(f"{app.path} is not in commit {target.commit[:12]}", code="not_in_repo")
         return self._edit(app, f"rollback to deployment {target.id} ({target.commit[:12]})", actor,
                           lambda current: old, trigger="rollback")
+
+    def _rollback_compose(self, app: store.App, src: source.Followed, *, actor: str,
+                          deployment_id: int | None) -> Accepted:
+        """A compose app is its folder (compose files, ``.env``, env files, bound files, build contexts):
+        the folder is committed as it was at the chosen deployment, every file byte for byte (files
+        added since are removed), chosen as ``rollback`` chooses a manifest, the versions compared as
+        the specs the whole folder gives."""
+        if app.status == store.REMOVED:
+            raise Conflict(f"app {app.org}/{app.name} is removed", code="app_removed")
+        directory = posixpath.dirname(app.path)
+        target = self._target(app, deployment_id, lambda commit: _compose_version(src, commit, directory),
+                              now=lambda: _compose_version(src, self.blocking(src.fetch), directory))
+        assert target.commit is not None
+        message = f"rollback to deployment {target.id} ({target.commit[:12]}) {app.org}/{app.name} (by {actor})"
+        commit = self.blocking(lambda: src.restore_directory(directory, target.commit or "", message))
+        return self._accepted(app, f"rollback to deployment {target.id} ({target.commit[:12]})", commit,
+                              trigger="rollback")
+
+    def _target(self, app: store.App, deployment_id: int | None,
+                version: Callable[[str], tuple[str, bool] | None],
+                now: Callable[[], tuple[str, bool] | None]) -> store.Deployment:
+        """The deployment a rollback goes back to: ``deployment_id`` (any successful one), else the
+        newest that ended ``running`` with a running version (``version(commit)``: its identity and
+        whether it runs) other than the branch's now."""
+        done = [d for d in self.store.deployments(app.id, limit=1000)
+                if d.status in (store.RUNNING, store.STOPPED) and d.commit]
+        if deployment_id is not None:
+            found = next((d for d in done if d.id == deployment_id), None)
+            if found is None:
+                raise NotFound(f"no successful deployment {deployment_id} of app {app.id}")
+            return found
+        current = now()
+        for d in done:
+            if d.status != store.RUNNING:
+                continue
+            then = version(d.commit or "")
+            if then is not None and then[1] and then[0] != (current[0] if current else None):
+                return d
+        raise Conflict(f"app {app.org}/{app.name} has no earlier successful deployment to go back to",
+                       code="no_previous_deployment")
 
     def create(self, data: dict[str, Any], *, token: store.Token, body: bytes | None = None) -> Accepted:
         """Commit a new manifest for ``data`` (a manifest as a mapping).

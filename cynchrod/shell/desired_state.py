@@ -21,13 +21,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from cynchrod import store
 from cynchrod.core import decisions, specs
 from cynchrod.core.errors import CynchrodError, ManifestError, PermanentError, SourceError, StateUnwritable
 from cynchrod.desired import declared, source
 from cynchrod.desired import secrets as secrets_mod
+from cynchrod.desired.compose import files as compose_files
 from cynchrod.shell import builds as builds_mod
 
 log = logging.getLogger("cynchrod.reconciler")  # the name the logs have always shown
@@ -91,6 +92,9 @@ class DesiredState:
         self.max_apps = max_apps
         # Compose apps' bind-mounted repository files are copied under the state dir (see compose.files).
         files_dir = secrets.state_dir / "files" if secrets is not None else None
+        self.files_dir = files_dir
+        #: A new commit was read since the last ``prune_files`` (the copies some app used may be unused now).
+        self.read_new = False
         self.caches = {s.url: declared.Cache(org=s.org, files_dir=files_dir) for s in self.sources}
         #: Log each manifest error of a newly read commit (the daemon); ``plan`` and ``sync``
         #: print them in their own output instead, so each is shown once.
@@ -219,6 +223,7 @@ class DesiredState:
         for error in desired.errors if self.log_manifest_errors else ():
             log.warning("manifest %s", error)
         self._loaded[src.url] = (commit, desired)
+        self.read_new = True
         self.new_commit = self.new_commit or len(desired.apps) >= FREEZE_APPS
         log.debug("read and parsed %d manifests of %s: %.1f ms", len(files), commit[:12],
                   (time.perf_counter() - started) * 1000)
@@ -279,6 +284,24 @@ class DesiredState:
             except CynchrodError as exc:
                 held[key] = exc
         return held, waiting
+
+    def prune_files(self, rows: Callable[[], Iterable[store.App]]) -> list[str]:
+        """After a pass that read a new commit: remove the copies of repository files (bind mounts,
+        configs, build contexts: ``compose.files``) that neither the commits last read, nor a build under
+        way, nor any app's recorded or last healthy spec (``rows()``, read after the pass recorded its
+        deployments: what runs, what a rollback puts back) refers to, a bounded number at a time.
+        Nothing to do (no store read, no file listed, no engine call) otherwise."""
+        if not self.read_new or self.files_dir is None:
+            return []
+        self.read_new = False
+        texts = [t for cache in self.caches.values() for t in cache.spec_texts()]
+        texts.extend(t for row in rows() for t in (row.spec_json, row.healthy_spec) if t)
+        if self.builds is not None:
+            texts.extend(self.builds.contexts())
+        removed = compose_files.prune(self.files_dir, texts)
+        if removed:
+            log.info("removed %d unused copies of repository files from %s", len(removed), self.files_dir)
+        return removed
 
     def _ages(self, desired: Mapping[Key, specs.AppSpec], rows: Mapping[Key, store.App], caps: Mapping[str, int],
               commits: Mapping[str, str]) -> dict[Key, int]:

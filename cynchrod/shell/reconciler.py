@@ -285,6 +285,7 @@ class Reconciler:
         plan = [self._rollback_status(d) for d in self._decide(inputs)]
         with contextlib.closing(self._execute(plan, inputs, rows, result)) as executed:
             self._record(plan, executed, rows, result)
+        self.desired.prune_files(lambda: self.store.live_apps().values())
 
     def sync(self, trigger: str = "poll", *, build_timeout: float = 1800) -> PassResult:
         """One pass, and one more after each round of builds it queued (``cynchrod sync``)."""

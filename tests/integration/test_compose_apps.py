@@ -4,10 +4,12 @@ its limits and plain keys apply, and a push changing one service recreates that 
 
 from __future__ import annotations
 
+import pathlib
 import urllib.request
 from typing import Any
 
 import docker
+import pytest
 
 from cynchrod import runtime
 from cynchrod.shell import control
@@ -273,3 +275,197 @@ x-cynchrod:
     assert app.last_error is not None and app.last_error.startswith("unhealthy: service web was not healthy within 2s")
     [deployment] = harness.db.deployments(app.id)
     assert deployment.status == "unhealthy" and "warming up" in (deployment.log or "")
+
+
+BUILT = """services:
+  web:
+    build:
+      context: ./web
+      target: site
+      args: [GREETING]
+    ports: ["8080"]
+  worker:
+    image: {image}
+    command: sleep 3600
+"""
+DOCKERFILE = f"""FROM {TEST_IMAGE} AS base
+ARG GREETING
+COPY index.html /www/index.html
+RUN echo "$GREETING" > /www/greeting.txt
+FROM base AS site
+CMD ["httpd", "-f", "-p", "8080", "-h", "/www"]
+FROM base AS last
+CMD ["sh", "-c", "echo not the target; sleep 3600"]
+"""
+
+
+def page(port: int, name: str = "") -> bytes:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/{name}", timeout=5) as answer:
+            body: bytes = answer.read()
+            return body
+    except OSError:
+        return b""
+
+
+def test_a_compose_build_is_built_served_rebuilt_on_a_change_and_a_broken_one_keeps_the_last_good(
+        repo, harness: Harness, docker_client: docker.DockerClient) -> None:
+    harness.watch()  # the view follows the engine's events, so a pass with nothing to do calls nothing
+    repo.push({"apps/shop/compose.yaml": BUILT.format(image=TEST_IMAGE), "apps/shop/.env": "GREETING=hi\n",
+               "apps/shop/web/Dockerfile": DOCKERFILE, "apps/shop/web/index.html": "v1\n"})
+    result = harness.sync()
+    assert result.ok, result
+    found = rows(harness)
+    image = found["web"]["Image"]
+    assert image.startswith("cynchrod/default-shop-web:")
+    port = int(found["web"]["Ports"][0]["PublicPort"])
+    wait_for(lambda: page(port) == b"v1\n", 10, "the built image to serve v1")
+    assert page(port, "greeting.txt") == b"hi\n"  # the build arg, from .env
+    labels = docker_client.api.inspect_image(image)["Config"]["Labels"]
+    assert labels[runtime.LABEL_OWNER] == harness.rt.owner and labels[runtime.LABEL_APP] == "shop"
+    app = harness.app("shop")
+    first = harness.db.last_deployment(app.id)
+    assert first is not None and "# built " + image in harness.builds.log_path(first.id).read_text()
+
+    # A commit that leaves the context alone (the other service, the compose file) rebuilds nothing.
+    web_id = found["web"]["Id"]
+    repo.push({"apps/shop/compose.yaml": BUILT.format(image=TEST_IMAGE).replace("sleep 3600", "sleep 3601")})
+    assert harness.sync().ok
+    assert rows(harness)["web"]["Id"] == web_id
+    calls = harness.rt.calls
+    cache = next(iter(harness.rec.desired.caches.values()))
+    parses = cache.parses
+    assert harness.sync().ok
+    assert (cache.parses, harness.rt.calls - calls) == (parses, 0)  # a no-op pass: no parse, no engine call
+
+    # A push changing the context builds a new image and redeploys web alone.
+    worker_id = rows(harness)["worker"]["Id"]
+    repo.push({"apps/shop/web/index.html": "v2\n"})
+    assert harness.sync().ok
+    now = rows(harness)
+    assert now["web"]["Image"] != image and now["worker"]["Id"] == worker_id
+    port = int(now["web"]["Ports"][0]["PublicPort"])
+    wait_for(lambda: page(port) == b"v2\n", 10, "the rebuilt image to serve v2")
+
+    # A broken Dockerfile fails the build: build_failed, and v2 keeps running; no rebuild each pass.
+    running = now["web"]["Id"]
+    repo.push({"apps/shop/web/Dockerfile": DOCKERFILE.replace("COPY index.html", "RUN exit 3\nCOPY index.html")})
+    result = harness.sync()
+    outcome = next(a for a in result.apps if a.name == "shop")
+    assert outcome.status == "failed" and outcome.error is not None and outcome.error.startswith("build_failed")
+    failed = harness.db.last_deployment(app.id)
+    assert failed is not None and failed.error_code == "build_failed"
+    assert rows(harness)["web"]["Id"] == running and page(port) == b"v2\n"
+    harness.sync()
+    assert harness.db.last_deployment(app.id).id == failed.id  # type: ignore[union-attr]
+
+
+ROLLED = f"""# the site, as first written
+services:
+  web:
+    image: {TEST_IMAGE}
+    command: [httpd, -f, -p, "8080", -h, /srv]
+    environment:
+      GREETING: ${{GREETING}}
+    ports: ["8080"]
+    volumes:
+      - ./site:/srv     # the pages, from the repository
+"""
+
+
+def test_a_rollback_restores_the_whole_directory_as_a_commit(repo, harness: Harness) -> None:
+    first = repo.push({"apps/site/compose.yaml": ROLLED, "apps/site/.env": "GREETING=one\n",
+                       "apps/site/site/index.html": "v1\n", "apps/native.yaml": f"name: native\nimage: {TEST_IMAGE}\n"
+                       "command: [sleep, '3600']\nmemory: 64\n"})
+    assert harness.sync().ok
+    ctl = control.Control(src=[harness.src], db=harness.db, wake=lambda trigger: None)
+    with pytest.raises(control.Conflict) as refused:
+        ctl.rollback(harness.app("site"), actor="test")
+    assert refused.value.code == "no_previous_deployment"
+    # v2: every kind of file of the directory changes: the compose file, .env, a bound page, a new env file.
+    repo.push({"apps/site/compose.yaml": ROLLED.replace("    ports:", "    env_file: [extra.env]\n    ports:"),
+               "apps/site/.env": "GREETING=two\n", "apps/site/extra.env": "EXTRA=1\n",
+               "apps/site/site/index.html": "v2\n", "apps/site/site/new.html": "new\n",
+               "apps/native.yaml": f"name: native\nimage: {TEST_IMAGE}\ncommand: [sleep, '3601']\nmemory: 64\n"})
+    assert harness.sync().ok
+    port = int(rows_of(harness, "site")["web"]["Ports"][0]["PublicPort"])
+    wait_for(lambda: served(port) == b"v2\n", 10, "v2")
+
+    accepted = ctl.rollback(harness.app("site"), actor="test")
+    assert accepted.commit is not None and accepted.deployment_id is not None
+    git("pull", "-q", "--rebase", "origin", "main", cwd=repo.work)
+    assert git("diff", "--stat", first, "HEAD", "--", "apps/site", cwd=repo.work) == ""  # byte for byte
+    assert "3601" in (repo.work / "apps/native.yaml").read_text()  # nothing outside the directory
+    assert not (repo.work / "apps/site/extra.env").exists() and not (repo.work / "apps/site/site/new.html").exists()
+    assert git("log", "-1", "--format=%an|%s", cwd=repo.work).startswith("cynchrod|rollback to deployment ")
+    assert harness.sync().ok
+    port = int(rows_of(harness, "site")["web"]["Ports"][0]["PublicPort"])
+    wait_for(lambda: served(port) == b"v1\n", 10, "v1 again")
+    env = harness.rt.api.inspect_container(rows_of(harness, "site")["web"]["Id"])["Config"]["Env"]
+    assert "GREETING=one" in env and not any(e.startswith("EXTRA=") for e in env)
+    deployment = harness.db.last_deployment(harness.app("site").id)
+    assert deployment is not None and deployment.trigger == "rollback"
+    # Going back again goes to v2 (the newest good version that differs from the branch).
+    ctl.rollback(harness.app("site"), actor="test")
+    git("pull", "-q", "--rebase", "origin", "main", cwd=repo.work)
+    assert (repo.work / "apps/site/extra.env").read_text() == "EXTRA=1\n"
+
+
+def rows_of(harness: Harness, app: str) -> dict[str, dict[str, Any]]:
+    return {r["Labels"][runtime.LABEL_SERVICE]: r
+            for r in harness.rt.api.containers(all=True, filters=harness.rt.owner_filter)
+            if r["Labels"][runtime.LABEL_APP] == app}
+
+
+WRITABLE = f"""services:
+  web:
+    image: {TEST_IMAGE}
+    command: [sh, -c, "echo started >> /data/log && exec httpd -f -p 8080 -h /srv"]
+    environment: {{VERSION: "${{VERSION}}"}}
+    ports: ["8080"]
+    volumes:
+      - ./data:/data:rw
+      - ./site:/srv
+"""
+
+
+def test_a_writable_bind_keeps_what_the_app_wrote_and_unused_copies_are_pruned(repo, harness: Harness) -> None:
+    repo.push({"apps/site/compose.yaml": WRITABLE, "apps/site/.env": "VERSION=1\n",
+               "apps/site/data/seed.txt": "seed\n", "apps/site/site/index.html": "v1\n"})
+    assert harness.sync().ok
+    files = harness.state / "files"
+    data = files / "rw/default/site/data"
+
+    def mounts() -> dict[str, dict[str, Any]]:
+        web = rows_of(harness, "site")["web"]
+        return {m["Destination"]: m for m in harness.rt.api.inspect_container(web["Id"])["Mounts"]}
+
+    first = mounts()
+    assert (first["/data"]["Source"], first["/data"]["RW"], first["/srv"]["RW"]) == (str(data), True, False)
+    wait_for(lambda: (data / "log").exists() and (data / "log").read_text() == "started\n", 10, "the app's write")
+    copies = {p.name for p in files.iterdir() if p.name != "rw"}
+    assert {pathlib.Path(first["/srv"]["Source"]).name} == copies
+
+    # v2: new pages and a new seed in the repository: web is recreated (its read-only copy changed);
+    # the writable copy keeps what the app wrote, and is not reseeded.
+    repo.push({"apps/site/site/index.html": "v2\n", "apps/site/data/seed.txt": "seed v2\n"})
+    assert harness.sync().ok
+    second = mounts()
+    assert second["/srv"]["Source"] != first["/srv"]["Source"] and second["/data"]["Source"] == str(data)
+    wait_for(lambda: (data / "log").read_text() == "started\nstarted\n", 10, "the second start's write")
+    assert (data / "seed.txt").read_text() == "seed\n"
+    port = int(rows_of(harness, "site")["web"]["Ports"][0]["PublicPort"])
+    wait_for(lambda: served(port) == b"v2\n", 10, "v2")
+    # v1's copy is the last healthy version's when v2's pass records (a rollback would put it back)...
+    assert pathlib.Path(first["/srv"]["Source"]).exists()
+    # ... and unused once v3 is read: pruned then, v2's (the last healthy) and v3's kept.
+    repo.push({"apps/site/.env": "VERSION=3\n", "apps/site/site/index.html": "v3\n"})
+    assert harness.sync().ok
+    third = mounts()
+    assert not pathlib.Path(first["/srv"]["Source"]).exists()
+    assert pathlib.Path(second["/srv"]["Source"]).exists() and pathlib.Path(third["/srv"]["Source"]).exists()
+    wait_for(lambda: (data / "log").read_text() == "started\nstarted\nstarted\n", 10, "the third start's write")
+    # A pass with nothing new prunes nothing (nor lists the folder).
+    before = sorted(p.name for p in files.iterdir())
+    assert harness.sync().ok
+    assert sorted(p.name for p in files.iterdir()) == before and not harness.rec.desired.read_new

@@ -308,3 +308,82 @@ def test_x_cynchrod_readiness_keys_reach_the_spec_as_a_native_manifest_s_do() ->
         .split("x-cynchrod:")[0].encode()}).spec
     assert plain is not None and plain.on_failure == "keep" and service(plain, "web").min_ready is None
     assert plain.hash == spec.hash
+
+
+def test_build_maps_onto_a_content_tagged_build(tmp_path: pathlib.Path) -> None:
+    """``build:`` is a folder of the app's directory copied by content; the image is tagged by the
+    digest of the context, Dockerfile, target and args, so equal content is the same tag."""
+    files = files_of("build")
+    spec = compose.parse("apps/build", files, files_dir=tmp_path).spec
+    web, worker, tools = service(spec, "web"), service(spec, "worker"), service(spec, "tools")
+    assert web.build is not None and worker.build is not None and tools.build is not None
+    assert web.image.startswith("cynchrod/default-build-web:")
+    assert worker.image.startswith("cynchrod/default-build-worker:")
+    assert web.build.local and web.build.context == worker.build.context  # one copy of one content
+    assert sorted(p.name for p in pathlib.Path(web.build.context).iterdir()) == ["Dockerfile", "Dockerfile.multi",
+                                                                                "index.html"]
+    assert (worker.build.dockerfile, worker.build.target) == ("Dockerfile.multi", "worker")
+    assert worker.build.args == (("CHANNEL", "stable"), ("VERSION", "1.0"))  # a bare name from .env
+    # The compose file and .env are not part of a context: a commit to them rebuilds nothing.
+    assert sorted(p.name for p in pathlib.Path(tools.build.context).rglob("*") if p.is_file()) == [
+        "Dockerfile", "Dockerfile", "Dockerfile.multi", "index.html"]
+    edited = {**files, "apps/build/compose.yaml": files["apps/build/compose.yaml"] + b"x-cynchrod: {state: stopped}\n",
+              "apps/build/.env": b"CHANNEL=stable\nOTHER=1\n"}
+    again = compose.parse("apps/build", edited, files_dir=tmp_path).spec
+    assert again is not None and spec is not None
+    assert [s.image for s in again.services] == [s.image for s in spec.services]
+    # New content in the context is a new tag for the services built from it alone.
+    changed = compose.parse("apps/build", {**files, "apps/build/web/index.html": b"v2\n"}, files_dir=tmp_path).spec
+    assert service(changed, "web").image != web.image and service(changed, "worker").image != worker.image
+    assert service(changed, "tools").image != tools.image  # "." holds web/ too
+    bumped = compose.parse("apps/build", {**files, "apps/build/.env": b"CHANNEL=beta\n"}, files_dir=tmp_path).spec
+    assert service(bumped, "worker").image != worker.image and service(bumped, "web").image == web.image
+
+
+def test_a_build_target_stays_out_of_the_hash_when_unset() -> None:
+    plain = specs.ServiceSpec(name="web", image="x", build=specs.Build(repo="https://example.com/r.git"))
+    assert '"target"' not in plain.canonical(restarted_at=None)
+    staged = dataclasses.replace(plain, build=specs.Build(repo="https://example.com/r.git", target="prod"))
+    assert staged.hash(restarted_at=None) != plain.hash(restarted_at=None)
+    assert specs.AppSpec.from_json(specs.AppSpec("o", "a", (staged,)).to_json()).services[0] == staged
+
+
+def test_a_writable_bind_is_the_apps_own_copy_seeded_once_and_kept(tmp_path: pathlib.Path) -> None:
+    text = (b"services:\n  web:\n    image: x\n    volumes:\n      - ./data:/data:rw\n      - type: bind\n"
+            b"        source: ./conf/app.ini\n        target: /etc/app.ini\n        read_only: false\n"
+            b"      - ./data:/ro\n")
+    files = {"apps/rw/compose.yaml": text, "apps/rw/data/seed.txt": b"seed\n", "apps/rw/conf/app.ini": b"a=1\n"}
+    spec = compose.parse("apps/rw", files, files_dir=tmp_path).spec
+    data, ini, ro = service(spec, "web").binds
+    assert (data.source, data.read_only) == (str(tmp_path / "rw/default/rw/data"), False)
+    assert (ini.source, ini.read_only) == (str(tmp_path / "rw/default/rw/conf/app.ini"), False)
+    assert ro.read_only and ro.source != data.source  # the same folder mounted read-only is the content's copy
+    assert (pathlib.Path(data.source) / "seed.txt").read_bytes() == b"seed\n"
+    assert pathlib.Path(ini.source).read_bytes() == b"a=1\n"
+    # What the app writes stays: a new commit changing the seed neither reseeds nor recreates.
+    (pathlib.Path(data.source) / "seed.txt").write_bytes(b"written by the app\n")
+    (pathlib.Path(data.source) / "more.txt").write_bytes(b"more\n")
+    again = compose.parse("apps/rw", {**files, "apps/rw/data/seed.txt": b"seed v2\n"}, files_dir=tmp_path).spec
+    assert again is not None and spec is not None
+    assert service(again, "web").binds[0] == data
+    assert spec.service_hash(spec.services[0]) != "" and \
+        again.service_hash(again.services[0]) != spec.service_hash(spec.services[0])  # the ro copy changed
+    assert (pathlib.Path(data.source) / "seed.txt").read_bytes() == b"written by the app\n"
+    assert (pathlib.Path(data.source) / "more.txt").exists()
+
+
+def test_prune_removes_unused_copies_only_a_batch_at_a_time(tmp_path: pathlib.Path) -> None:
+    from cynchrod.desired.compose import files as copies
+
+    made = [copies.materialise(tmp_path, "apps/a/x", {"apps/a/x": f"v{n}\n".encode()}) for n in range(5)]
+    rw = copies.writable(tmp_path, org="o", app="a", directory="apps/a", inside="apps/a/d",
+                         members={"apps/a/d/f": b"1"})
+    (tmp_path / "unrelated").mkdir()
+    kept = specs.AppSpec("o", "a", (specs.ServiceSpec("web", "x", binds=(specs.Bind(made[0], "/x"),)),)).json_text
+    removed = copies.prune(tmp_path, [kept, f'"context": "{made[1].rsplit("/", 1)[0]}"'], limit=2)
+    assert len(removed) == 2
+    assert copies.prune(tmp_path, [kept, made[1]], limit=2) != []
+    assert copies.prune(tmp_path, [kept, made[1]]) == []
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted([pathlib.Path(made[0]).parent.name, pathlib.Path(made[1]).parent.name, "rw", "unrelated"])
+    assert pathlib.Path(rw).exists()

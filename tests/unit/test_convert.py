@@ -81,3 +81,14 @@ def test_a_one_service_compose_app_becomes_a_flat_manifest() -> None:
     assert spec is not None
     manifest, warnings = convert.to_native(spec)
     assert (manifest, warnings) == ("name: blog\nimage: blog:1\nport: 8080\n", [])
+
+
+def test_a_compose_build_is_warned_towards_a_native_manifest() -> None:
+    spec = compose.parse("apps/blog", {"apps/blog/compose.yaml": b"services:\n  web:\n    build: .\n",
+                                       "apps/blog/Dockerfile": b"FROM scratch\n"}).spec
+    assert spec is not None
+    manifest, warnings = convert.to_native(spec)
+    assert manifest.startswith("name: blog\nimage: cynchrod/default-blog-web:")
+    assert warnings == ["services.web.build: a build context of the manifests repository is not expressible in a "
+                        "native manifest (its build: names a repository of its own); the image is the tag cynchrod "
+                        "builds from it"]

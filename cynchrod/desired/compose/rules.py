@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import logging
 import posixpath
 import re
@@ -34,7 +36,7 @@ SERVICE_KEYS = frozenset({
     "image", "command", "entrypoint", "environment", "env_file", "ports", "expose", "volumes", "tmpfs", "restart",
     "depends_on", "healthcheck", "labels", "user", "working_dir", "hostname", "stop_signal", "stop_grace_period",
     "init", "read_only", "deploy", "container_name", "profiles", "cpus", "mem_limit", "mem_reservation", "secrets",
-    "configs", "tty", "stdin_open", "networks",
+    "configs", "tty", "stdin_open", "networks", "build",
 })
 #: A top-level network's keys cynchrod takes (its one private network is a bridge it makes).
 NETWORK_KEYS = frozenset({"driver"})
@@ -181,6 +183,9 @@ class _Rules:
         self.loader = loader
         self.merged = merged
         self.errors: list[ManifestError] = []
+        #: The app's org and name (where its writable copies go), once read.
+        self.org = loader.default_org()
+        self.app = ""
 
     def err(self, message: str, code: str, where: list[Any]) -> None:
         path, line = self.loader.locate(where)
@@ -243,6 +248,7 @@ def to_result(loader: _Loader, merged: dict[str, Any]) -> manifests.Result:
         rules.err(f"x-cynchrod.update: the app has {len(enabled)} services: put the block on a service, "
                   "services.<name>.x-cynchrod.update", Code.INVALID_UPDATE, ["x-cynchrod", "update"])
         app_update = None
+    rules.org, rules.app = org, name
     aliases = _networks(rules, merged.get("networks") or {}, enabled)
     built = [_service(rules, n, s or {}, enabled, declared_volumes, declared_secrets, declared_configs,
                       app_update=app_update, aliases=aliases.get(n, ())) for n, s in sorted(enabled.items())]
@@ -258,6 +264,7 @@ def to_result(loader: _Loader, merged: dict[str, Any]) -> manifests.Result:
     if rules.errors:
         return manifests.Result(main, None, tuple(sorted(rules.errors, key=lambda e: (e.path, e.line))), org=org)
     restarted = ext.get("restartedAt")
+    built = [_tagged(s, org, name) for s in built]
     return manifests.Result(main, specs.AppSpec(
         org=org, name=name, services=tuple(_readiness(s, ext) for s in built if s is not None), domain=domain,
         state=ext.get("state", "running"), restarted_at=None if restarted is None else str(restarted), path=main,
@@ -536,12 +543,14 @@ def _service(rules: _Rules, name: str, svc: dict[str, Any], enabled: Mapping[str
             if str(value) not in KNOWN_RUNTIMES:
                 rules.err(f"services.{name}.runtime: {value!r} is not allowed: only runc runs here",
                           Code.POLICY_VIOLATION, where)
-        elif key == "build":
-            rules.unsupported(where, "build images from a native manifest's build: for now")
         else:
             rules.unsupported(where)
-    if "image" not in svc:
-        rules.err(f"services.{name}: image is required", Code.MISSING_KEY, at)
+    build = _build(rules, name, svc["build"]) if "build" in svc else None
+    if "image" not in svc and "build" not in svc:
+        rules.err(f"services.{name}: image or build is required", Code.MISSING_KEY, at)
+    if "image" in svc and "build" in svc:
+        log.warning("%s: services.%s.image is not used with build: cynchrod tags the image it builds "
+                    "cynchrod/<org>-<app>-<service>:<digest>", rules.loader.main, name)
     if "container_name" in svc:
         log.warning("%s: services.%s.container_name is ignored: cynchrod names containers", rules.loader.main, name)
     env: dict[str, str] = {}
@@ -592,11 +601,17 @@ def _service(rules: _Rules, name: str, svc: dict[str, Any], enabled: Mapping[str
         rules.err(f"services.{name}.restart: {restart!r}: not supported: cynchrod restarts every service that stops "
                   "(always, unless-stopped), or runs it once (no)", Code.UNSUPPORTED_KEY, [*at, "restart"])
     grace = svc.get("stop_grace_period")
-    update = _update(rules, name, svc, app_update) if "image" in svc else None
+    update = _update(rules, name, svc, app_update) if "image" in svc and "build" not in svc else None
+    if "build" in svc and ((svc.get("x-cynchrod") or {}).get("update") is not None or app_update is not None):
+        where_update = [*at, "x-cynchrod", "update"] if (svc.get("x-cynchrod") or {}).get("update") is not None \
+            else ["x-cynchrod", "update"]
+        rules.err(f"{_field(where_update)}: services.{name} is built from its build: context, so there is no "
+                  "image to follow (a push to the context rebuilds it)", Code.INVALID_UPDATE, where_update)
     if len(rules.errors) > before:
         return None
     return specs.ServiceSpec(
-        name=name, image=str(svc["image"]), command=_command(svc.get("command")), env=tuple(sorted(env.items())),
+        name=name, image=BUILT_IMAGE if build is not None else str(svc["image"]), build=build,
+        command=_command(svc.get("command")), env=tuple(sorted(env.items())),
         port=port, host_port=host_port, cpu=cpu, memory=memory, volumes=tuple(mounts),
         depends_on=tuple(sorted(depends)), healthcheck=health, replicas=replicas,
         secrets=tuple(sorted(set(used_secrets))),
@@ -611,6 +626,95 @@ def _service(rules: _Rules, name: str, svc: dict[str, Any], enabled: Mapping[str
         tty=bool(svc.get("tty", False)), stdin_open=bool(svc.get("stdin_open", False)), update=update,
         aliases=aliases, oneshot=restart == "no",
     )
+
+
+#: The image of a built service until ``_tagged`` names it (once the app's org and name are known).
+BUILT_IMAGE = "<built>"
+#: ``build:`` keys cynchrod takes; the others are ``unsupported_key`` (or ``policy_violation``, below).
+BUILD_KEYS = frozenset({"context", "dockerfile", "target", "args"})
+#: ``build:`` keys that would give the build more than the runtime gives a container.
+BUILD_POLICY = {
+    "privileged": "a build never runs privileged",
+    "entitlements": "a build gets no extra entitlements",
+    "ssh": "the host's SSH agent and keys are never passed to a build",
+}
+_REMOTE_CONTEXT = re.compile(r"^(?:[a-z][a-z0-9+.-]*://|git@|github\.com/)", re.I)
+
+
+def _build(rules: _Rules, name: str, value: Any) -> specs.Build | None:
+    """``build:`` (a context path, or ``{context, dockerfile, target, args}``): a folder of the app's
+    directory, copied by its content under the state dir like a bind-mounted folder (see
+    ``compose.files``). The copy's path, the Dockerfile, the target and the args make the image's tag
+    (``_tagged``), so the same content is built once and a change of any of them is a new image."""
+    at = ["services", name, "build"]
+    body: dict[str, Any] = {"context": value} if isinstance(value, str) else dict(value or {})
+    failed = False
+    for key, given in body.items():
+        if key in BUILD_KEYS or str(key).startswith("x-"):
+            continue
+        if key in BUILD_POLICY:
+            if given:
+                rules.err(f"services.{name}.build.{key}: is not allowed: {BUILD_POLICY[key]}", Code.POLICY_VIOLATION,
+                          [*at, key])
+                failed = True
+        elif key == "network" and str(given) == "host":
+            rules.err(f"services.{name}.build.network: host is not allowed: builds never share the host's "
+                      "network", Code.POLICY_VIOLATION, [*at, key])
+            failed = True
+        else:
+            rules.unsupported([*at, key], "a build takes context, dockerfile, target and args")
+            failed = True
+    directory = rules.loader.directory
+    context = str(body.get("context") or ".")
+    where = [*at, "context"] if isinstance(value, dict) and "context" in value else at
+    if _REMOTE_CONTEXT.match(context):
+        rules.unsupported(where, f"{context!r}: a build context is a folder of the app's directory (a remote "
+                          "context is not fetched)")
+        return None
+    inside = posixpath.normpath(posixpath.join(directory, context))
+    if context.startswith(("/", "~")) or not (inside == directory or inside.startswith(directory + "/")):
+        rules.err(f"services.{name}.build.context: {context!r} is outside the app's directory {directory}/; a "
+                  "build context is a folder of it", Code.POLICY_VIOLATION, where)
+        return None
+    # The compose files themselves (and ``.env``) are left out: a commit of the API's stop, start or
+    # restart, or a change to another service, edits them and must not rebuild the image.
+    declaration = {f.path for f in rules.loader.loaded} | {f"{directory}/.env"}
+    members = {p: data for p, data in rules.loader.files.items()
+               if p.startswith(inside + "/") and p not in declaration}
+    dockerfile = str(body.get("dockerfile") or "Dockerfile")
+    at_file = [*at, "dockerfile"] if "dockerfile" in body else where
+    named = posixpath.normpath(posixpath.join(inside, dockerfile))
+    if dockerfile.startswith(("/", "~")) or not named.startswith(inside + "/"):
+        rules.err(f"services.{name}.build.dockerfile: {dockerfile!r} is outside the build context {context!r}",
+                  Code.POLICY_VIOLATION, at_file)
+        return None
+    if named not in members:
+        rules.err(f"services.{name}.build: {posixpath.relpath(named, directory)!r} is not a file of {directory}/ "
+                  "(files over 1 MiB, symlinks and hidden files are not copied)", Code.FILE_NOT_FOUND, at_file)
+        return None
+    args: dict[str, str] = {}
+    for key, given in _pairs(body.get("args")).items():
+        if given is None:  # Compose takes a bare name from the environment: here the .env
+            if key in rules.loader.env:
+                args[key] = rules.loader.env[key]
+            continue
+        args[key] = _text(given)
+    if failed:
+        return None
+    copy = files.materialise(rules.loader.files_dir, inside, members)
+    return specs.Build(repo="", ref="", context=copy, dockerfile=posixpath.relpath(named, inside),
+                       args=tuple(sorted(args.items())), target=str(body.get("target") or ""))
+
+
+def _tagged(service: specs.ServiceSpec | None, org: str, app: str) -> specs.ServiceSpec | None:
+    """A built service's image: ``cynchrod/<org>-<app>-<service>:<digest>``, the digest of its
+    context's content, Dockerfile, target and args (what a build depends on)."""
+    if service is None or service.build is None:
+        return service
+    build = service.build
+    digest = hashlib.sha256(json.dumps([build.context, build.dockerfile, build.target, list(build.args)])
+                            .encode()).hexdigest()[:12]
+    return dataclasses.replace(service, image=f"cynchrod/{org}-{app}-{service.name}:{digest}")
 
 
 def _port_number(value: Any) -> int:
@@ -744,8 +848,6 @@ def _volumes(rules: _Rules, name: str, svc: dict[str, Any], declared: set[str]
                           "files of the app's directory are allowed", Code.POLICY_VIOLATION, where)
             elif not inside.startswith(directory + "/"):
                 rules.unsupported(where, f"a bind mount names files of the app's directory {directory}/")
-            elif writable:
-                rules.unsupported(where, "files of the repository are mounted read-only (use a named volume to write)")
             elif (why := manifests.mount_target_problem(target)) is not None:
                 rules.err(f"{field}: {target!r}: {why}", Code.INVALID_MOUNT, where)
             else:
@@ -754,6 +856,10 @@ def _volumes(rules: _Rules, name: str, svc: dict[str, Any], declared: set[str]
                 if not members:
                     rules.err(f"{field}: {source!r} is not a file or folder of {directory}/ (files over 1 MiB, "
                               "symlinks and hidden files are not copied)", Code.FILE_NOT_FOUND, where)
+                elif writable:  # the app's own copy, seeded once and kept (compose.files)
+                    binds.append(specs.Bind(files.writable(rules.loader.files_dir, org=rules.org, app=rules.app,
+                                                           directory=directory, inside=inside, members=members),
+                                            target, read_only=False))
                 else:
                     binds.append(specs.Bind(files.materialise(rules.loader.files_dir, inside, members), target))
             continue

@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 
 import pygit2
 
-from cynchrod.core.errors import ManifestError, StateUnwritable, unwritable
+from cynchrod.core.errors import Conflict, ManifestError, StateUnwritable, unwritable
 
 APPS_DIR = "apps"
 #: Committed into an emptied apps/ so that deleting the last app is applied.
@@ -99,3 +99,13 @@ class Followed(abc.ABC):
 
     @abc.abstractmethod
     def commit_edit(self, path: str, edit: Callable[[bytes | None], bytes | None], message: str) -> str | None: ...
+
+    def dir_at(self, commit: str, directory: str) -> dict[str, bytes] | None:
+        """The files of a compose app's folder at a past commit (None: unknown here, as for a work tree)."""
+        return None
+
+    def restore_directory(self, directory: str, commit: str, message: str) -> str | None:
+        """Commit a folder as it was at ``commit`` (a compose app's rollback); a work tree has no
+        commits to go back to."""
+        raise Conflict(f"{directory}/ cannot be rolled back here: the repository is a work tree read from disk",
+                       code="not_in_repo")

@@ -439,10 +439,39 @@ class Source(Followed):
         the edit is re-applied on the new tip and pushed again (bounded, with
         jitter); a push is never forced.
         """
+        return self._commit_and_push(
+            lambda repo, tip: push.commit_on(repo, tip, path, edit, message, apps_prefix=self.apps_prefix))
+
+    def restore_directory(self, directory: str, commit: str, message: str) -> str | None:
+        """Commit the folder ``directory`` as it was at ``commit`` (a compose app's rollback: its
+        compose files, ``.env``, env files and bound files, byte for byte) and push it, as
+        ``commit_edit`` does; None when it already is."""
+        return self._commit_and_push(lambda repo, tip: push.restore_on(repo, tip, directory, commit, message))
+
+    def dir_at(self, commit: str, directory: str) -> dict[str, bytes] | None:
+        """The files of a compose app's folder at a fetched commit, as a pass lists and reads them
+        (``files``); None when the commit has no such folder."""
+        with self._lock:
+            repo = self._open()
+            try:
+                node = repo[repo[commit].peel(pygit2.Tree)[directory].id]
+            except (KeyError, ValueError, pygit2.GitError):
+                return None
+            if not isinstance(node, pygit2.Tree):
+                return None
+            found: list[tuple[str, str]] = []
+            depth = directory.count("/") - self.apps_prefix.count("/")
+            try:
+                self._walk(repo, node, directory, found, [], depth, compose_dir=True)
+                return {path: bytes(repo[oid].read_raw()) for path, oid in found}
+            except (_Damaged, KeyError, ValueError, pygit2.GitError):
+                return None
+
+    def _commit_and_push(self, make: Callable[[pygit2.Repository, str], str | None]) -> str | None:
         for attempt in range(PUSH_ATTEMPTS):
             with self._mirror_locked():
                 tip = self.fetch()
-                outcome = push.commit_on(self._net(), tip, path, edit, message, apps_prefix=self.apps_prefix)
+                outcome = make(self._net(), tip)
                 if outcome is None:
                     return None
                 try:

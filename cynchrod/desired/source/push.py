@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import pygit2
 
-from cynchrod.core.errors import PermanentError, PushRejected, SourceError
+from cynchrod.core.errors import Conflict, PermanentError, PushRejected, SourceError
 from cynchrod.desired.config import local_repo_path
 from cynchrod.desired.source.followed import AUTHOR_EMAIL, AUTHOR_NAME, KEEP_FILE, credential, unwritable_mirror
 
@@ -70,6 +70,33 @@ def commit_on(repo: pygit2.Repository, tip: str, path: str, edit: Callable[[byte
         raise PermanentError(f"Git cannot write {path!r} ({exc}); rename the file in the repository",
                              code="path_unwritable") from exc
     if tree == commit.tree.id:
+        return None
+    author = pygit2.Signature(AUTHOR_NAME, AUTHOR_EMAIL)
+    try:
+        return str(repo.create_commit(None, author, author, message, tree, [commit.id]))
+    except (pygit2.GitError, OSError) as exc:
+        raise (unwritable_mirror(repo, exc) or exc) from exc
+
+
+def restore_on(repo: pygit2.Repository, tip: str, directory: str, old: str, message: str) -> str | None:
+    """A commit on ``tip`` whose folder ``directory`` is as it was at commit ``old`` (every file of it,
+    byte for byte, with its mode: a compose app's rollback), or None when it already is. Raises
+    ``Conflict`` (``not_in_repo``) when ``old`` has no such folder."""
+    commit = repo[tip].peel(pygit2.Commit)
+    try:
+        then = repo[old].peel(pygit2.Commit).tree[directory]
+    except KeyError:
+        then = None
+    if then is None or then.filemode != pygit2.enums.FileMode.TREE:
+        raise Conflict(f"{directory}/ is not a folder of commit {old[:12]}", code="not_in_repo")
+    try:
+        tree = _replace_path(repo, commit.tree, directory.split("/"), then.id, pygit2.enums.FileMode.TREE)
+    except (pygit2.GitError, OSError, ValueError) as exc:
+        full = unwritable_mirror(repo, exc)
+        if full is not None:
+            raise full from exc
+        raise PermanentError(f"Git cannot write {directory!r} ({exc})", code="path_unwritable") from exc
+    if tree is None or tree == commit.tree.id:
         return None
     author = pygit2.Signature(AUTHOR_NAME, AUTHOR_EMAIL)
     try:
@@ -205,8 +232,9 @@ def _copy_objects(src: pygit2.Repository, dst: pygit2.Repository, root: pygit2.O
 
 
 def _replace_path(repo: pygit2.Repository, tree: pygit2.Tree | None, parts: list[str],
-                  blob: pygit2.Oid | None) -> pygit2.Oid | None:
-    """``tree`` with the file at ``parts`` set to ``blob`` (None removes it); None when the tree ends up empty."""
+                  blob: pygit2.Oid | None, mode: int = pygit2.enums.FileMode.BLOB) -> pygit2.Oid | None:
+    """``tree`` with the entry at ``parts`` set to ``blob`` (a file, or with ``mode`` TREE a folder;
+    None removes it); None when the tree ends up empty."""
     builder = repo.TreeBuilder(tree) if tree is not None else repo.TreeBuilder()
     name, rest = parts[0], parts[1:]
     if not name:
@@ -216,7 +244,7 @@ def _replace_path(repo: pygit2.Repository, tree: pygit2.Tree | None, parts: list
             if builder.get(name) is not None:
                 builder.remove(name)
         else:
-            builder.insert(name, blob, pygit2.enums.FileMode.BLOB)
+            builder.insert(name, blob, mode)
     else:
         sub = None
         if tree is not None and name in tree:
@@ -224,7 +252,7 @@ def _replace_path(repo: pygit2.Repository, tree: pygit2.Tree | None, parts: list
             if not isinstance(found, pygit2.Tree):
                 raise ValueError(f"{name} is a file, not a directory")
             sub = found
-        child = _replace_path(repo, sub, rest, blob)
+        child = _replace_path(repo, sub, rest, blob, mode)
         if child is None:
             if builder.get(name) is not None:
                 builder.remove(name)
