@@ -100,8 +100,9 @@ def _task(tid: str, *, slot: int = 1, desired: str = "running", state: str = "ru
 
 
 def _service(condition: str = "any") -> dict[str, Any]:
-    return {"ID": "s1", "Version": {"Index": 5}, "Spec": {"Labels": {}, "Mode": {"Replicated": {"Replicas": 1}}, "TaskTemplate": {
-        "RestartPolicy": {"Condition": condition}}}}
+    return {"ID": "s1", "Version": {"Index": 5}, "Spec": {
+        "Labels": {}, "Mode": {"Replicated": {"Replicas": 1}},
+        "TaskTemplate": {"RestartPolicy": {"Condition": condition}}}}
 
 
 def _runtime() -> swarm.SwarmRuntime:
