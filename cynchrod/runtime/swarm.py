@@ -28,12 +28,21 @@ The mapping:
   version is named with a digest of its value (keyed, it tells nothing of the
   value); a rotation creates the new one, updates the service, removes the old.
 * Rolling updates are ``stop-first`` when a host port is published (it cannot be
-  bound twice), ``start-first`` otherwise, with ``failure_action: rollback`` and a
-  monitor window. ``apply`` then watches the service's tasks a short while and
-  turns what the swarm would retry forever into errors: a task no node can take is
-  ``unschedulable`` (the scheduler's reason in ``last_error``), a missing image or
-  a failed pull is ``image_not_found`` / ``image_pull_failed`` (the new service is
-  removed, an update rolled back), a rolled-back update is ``update_failed``.
+  bound twice), ``start-first`` otherwise; the monitor window is ``min_ready`` and
+  ``failure_action`` follows ``on_failure`` (``rollback``, else ``continue``).
+  ``apply`` then watches the service's tasks until each task of the new spec has
+  started or ended, and turns what the swarm would retry forever into errors: a
+  task no node can take is ``unschedulable`` (the scheduler's reason in
+  ``last_error``), a missing image or a failed pull is ``image_not_found`` /
+  ``image_pull_failed`` (the new service is removed, an update rolled back), an
+  update the swarm rolled back with no task of the new spec to judge is
+  ``update_failed``.
+* Health gate (``shell.gates``): a task's healthcheck is its state (``task_health``:
+  ``starting`` until healthy, stopped as "unhealthy container"); a ``oneshot``
+  never restarts and its completed task stays its slot's unit (``current_tasks``);
+  the tasks of a service this daemon changed that ended on their own since are
+  kept from the reads the event feed makes anyway (``ended``): the swarm replaces
+  them in their slot, so the slot's unit alone would not say the deployment failed.
 * Drift: the service label ``io.cynchrod.applied`` is a digest of the spec we sent;
   a listing compares it with the service's spec now (defaults the engine adds left
   out), so a ``docker service update`` by hand shows as a changed unit and is put

@@ -14,6 +14,10 @@ the runtime's ``readiness``, once a unit has been up for ``min_ready``) and reco
   healthy spec (``on_failure: rollback``, see ``rollbacks``);
 * still waiting → a wake-up at the time the verdict names (``min_ready`` over, the timeout).
 
+On Swarm the same verdicts come from task states: the driver's ``ended`` gives the tasks of the
+deployment that ended on their own (the swarm restarts a failed task in its slot itself), judged with
+the units (``health.judge(ended=)``); ports are not probed there (``_probe``).
+
 A gate that failed or completed is kept (its status stands over ``running``) until the app's spec
 changes. Each gate is also written to its app's row (``apps.gate``: spec hash, status, error,
 ``serving``, open deployment) whenever it changes, and read back by the first pass of a restarted
