@@ -654,8 +654,19 @@ def push_to_running(tmp: pathlib.Path, pushes: int) -> dict[str, Any]:
     repo.push({"apps/web.yaml": WEB.format(name="web", port=port, rev=0)})
     daemon = Serve(repo, work / "state", owner)
     wait(lambda: http_ok(port), 30)
+    from cynchrod import store  # the daemon's own store, read beside it (WAL): its deployments' verdicts
+    db = store.Store(work / "state" / "cynchrod.db")
+
+    def newest() -> store.Deployment | None:
+        app = db.live_apps().get(("default", "web"))
+        found = db.deployments(app.id, limit=1) if app is not None else []
+        return found[0] if found else None
+
+    wait(lambda: (d := newest()) is not None and d.status == "running", 30)
     cyn = []
+    healthy = []
     for r in range(1, pushes + 1):
+        before = newest()
         after = repo.push({"apps/web.yaml": WEB.format(name="web", port=port, rev=r)})
         body = json.dumps({"ref": "refs/heads/main", "after": after}).encode()
         sig = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
@@ -667,6 +678,12 @@ def push_to_running(tmp: pathlib.Path, pushes: int) -> dict[str, Any]:
         wait(lambda: (rows := owner_rows(owner)) and rows[0]["Id"] != old and rows[0]["State"] == "running"
              and http_ok(port), 30)
         cyn.append(time.perf_counter() - t0)
+        # Push to healthy, same push: until its deployment's health gate says running (min_ready, 2 s
+        # by default, counted from the start; the port probed).
+        wait(lambda b=before: (d := newest()) is not None and b is not None and d.id > b.id  # type: ignore[misc]
+             and d.status == "running", 60)
+        healthy.append(time.perf_counter() - t0)
+    db.close()
     daemon.stop()
     remove_owner(owner)
     bare = []
@@ -682,7 +699,9 @@ def push_to_running(tmp: pathlib.Path, pushes: int) -> dict[str, Any]:
         client.api.remove_container(cid, force=True)
     row = {"scenario": f"push to running ({pushes} pushes)", "cynchrod_p50_s": median(cyn),
            "cynchrod_p95_s": pct(cyn, 95), "bare_create_start_p50_s": median(bare), "bare_p95_s": pct(bare, 95),
-           "overhead_p50_s": median(cyn) - median(bare)}
+           "overhead_p50_s": median(cyn) - median(bare), "cynchrod_push_to_healthy_p50_s": median(healthy),
+           "cynchrod_push_to_healthy_p95_s": pct(healthy, 95),
+           "ratio_healthy_over_running_p50": median(healthy) / median(cyn)}
     log(str(row))
     return row
 

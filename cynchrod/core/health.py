@@ -98,9 +98,17 @@ def unit_verdict(unit: planning.Unit | None, service: specs.ServiceSpec, policy:
     deadline = since + policy.timeout
     if unit is None or unit.state in (planning.CREATED, planning.RESTARTING):
         if now >= deadline:
+            if unit is not None and unit.health == STARTING and service.healthcheck is not None:
+                # Swarm: a task waiting for its healthcheck is still starting.
+                return Verdict(UNHEALTHY, f"service {name} was not healthy within {policy.timeout:g}s", name)
             return Verdict(UNHEALTHY, f"service {name} did not start within {policy.timeout:g}s", name)
         return Verdict(WAITING, "starting", name, check_at=deadline)
     if unit.stopped:
+        if unit.health == UNHEALTHY_CHECK:
+            # Swarm stops a task whose healthcheck failed (and starts another in its slot).
+            return Verdict(UNHEALTHY, f"service {name}: its healthcheck reports unhealthy "
+                                      f"(the task was stopped with code {unit.exit_code})", name,
+                           exit_code=unit.exit_code)
         if unit.exit_code == 0 and service.oneshot and unit.state != planning.OOM_KILLED:
             return Verdict(COMPLETED, f"service {name} completed", name, exit_code=0)
         if unit.state == planning.OOM_KILLED:
@@ -153,14 +161,16 @@ def app_verdict(verdicts: Iterable[Verdict]) -> Verdict:
 
 def judge(spec: specs.AppSpec, units: Sequence[planning.Unit], *, since: float, now: float,
           min_ready: float = MIN_READY_S, ports: Mapping[str, bool] | None = None,
-          up_since: float | None = None) -> Verdict:
+          up_since: float | None = None, ended: Sequence[planning.Unit] = ()) -> Verdict:
     """A deployment of ``spec`` gated since ``since``: its units of this spec, every replica.
 
     ``ports`` holds probe answers by unit instance. Units of another spec (an old version
-    still being replaced) do not count."""
+    still being replaced) do not count. ``ended``: units of the deployment that ended since it
+    began, whose slot the engine has already given to a replacement (Swarm restarts a failed
+    task itself): each decides its slot over the replacement."""
     ports = ports or {}
     mine: dict[tuple[str, int], planning.Unit] = {}
-    for u in units:
+    for u in [*units, *ended]:
         service = next((s for s in spec.services if s.name == u.service), None)
         if service is not None and u.spec_hash == spec.service_hash(service):
             mine[(u.service, u.replica)] = u

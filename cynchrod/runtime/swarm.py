@@ -28,12 +28,21 @@ The mapping:
   version is named with a digest of its value (keyed, it tells nothing of the
   value); a rotation creates the new one, updates the service, removes the old.
 * Rolling updates are ``stop-first`` when a host port is published (it cannot be
-  bound twice), ``start-first`` otherwise, with ``failure_action: rollback`` and a
-  monitor window. ``apply`` then watches the service's tasks a short while and
-  turns what the swarm would retry forever into errors: a task no node can take is
-  ``unschedulable`` (the scheduler's reason in ``last_error``), a missing image or
-  a failed pull is ``image_not_found`` / ``image_pull_failed`` (the new service is
-  removed, an update rolled back), a rolled-back update is ``update_failed``.
+  bound twice), ``start-first`` otherwise; the monitor window is ``min_ready`` and
+  ``failure_action`` follows ``on_failure`` (``rollback``, else ``continue``).
+  ``apply`` then watches the service's tasks until each task of the new spec has
+  started or ended, and turns what the swarm would retry forever into errors: a
+  task no node can take is ``unschedulable`` (the scheduler's reason in
+  ``last_error``), a missing image or a failed pull is ``image_not_found`` /
+  ``image_pull_failed`` (the new service is removed, an update rolled back), an
+  update the swarm rolled back with no task of the new spec to judge is
+  ``update_failed``.
+* Health gate (``shell.gates``): a task's healthcheck is its state (``task_health``:
+  ``starting`` until healthy, stopped as "unhealthy container"); a ``oneshot``
+  never restarts and its completed task stays its slot's unit (``current_tasks``);
+  the tasks of a service this daemon changed that ended on their own since are
+  kept from the reads the event feed makes anyway (``ended``): the swarm replaces
+  them in their slot, so the slot's unit alone would not say the deployment failed.
 * Drift: the service label ``io.cynchrod.applied`` is a digest of the spec we sent;
   a listing compares it with the service's spec now (defaults the engine adds left
   out), so a ``docker service update`` by hand shows as a changed unit and is put
@@ -266,6 +275,59 @@ def service_key(svc: dict[str, Any]) -> tuple[str, str, str]:
             labels.get(runtime.LABEL_SERVICE, specs.MAIN_SERVICE))
 
 
+#: Task states a task reaches on its own (not stopped by an update or a scale-down): what the
+#: health gate judges of a task Swarm has already replaced (``SwarmRuntime.ended``).
+_ENDED_ITSELF = {"failed", "complete"}
+#: Swarm's ``Err`` of a task it stopped because its healthcheck failed.
+_UNHEALTHY_ERR = "unhealthy container"
+
+
+def never_restarted(svc: dict[str, Any]) -> bool:
+    """A service whose tasks run once (restart condition ``none``: a ``oneshot``)."""
+    policy = (svc["Spec"].get("TaskTemplate") or {}).get("RestartPolicy") or {}
+    return policy.get("Condition") == "none"
+
+
+def current_tasks(services: dict[str, dict[str, Any]],
+                  tasks: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
+    """Each slot's current task, by (service id, slot): the newest one meant to run; for a service
+    whose tasks run once, the newest one at all when none is (it ran to its end, and it stays the
+    slot's unit: a completed oneshot is not missing)."""
+    current: dict[tuple[str, int], dict[str, Any]] = {}
+    done: dict[tuple[str, int], dict[str, Any]] = {}
+    for task in tasks:
+        service_id = task.get("ServiceID", "")
+        if service_id not in services:
+            continue
+        pool = current if task.get("DesiredState") in ("running", "ready") else done
+        if pool is done and not never_restarted(services[service_id]):
+            continue
+        key = (service_id, int(task.get("Slot") or 0))
+        held = pool.get(key)
+        if held is None or task["Version"]["Index"] > held["Version"]["Index"]:
+            pool[key] = task
+    for key, task in done.items():
+        current.setdefault(key, task)
+    return current
+
+
+def task_health(task: dict[str, Any]) -> str:
+    """What a task's healthcheck said, in the words of ``Unit.health``: Swarm holds a task in
+    ``starting`` until it is healthy, and stops it (``failed``, "unhealthy container") when not."""
+    check = ((task.get("Spec") or {}).get("ContainerSpec") or {}).get("Healthcheck") or {}
+    if not check.get("Test") or check["Test"][0] == "NONE":
+        return ""
+    status = task.get("Status") or {}
+    state = status.get("State", "")
+    if state == "running":
+        return "healthy"
+    if state == "starting":
+        return "starting"
+    if _UNHEALTHY_ERR in str(status.get("Err") or ""):
+        return "unhealthy"
+    return ""
+
+
 class _Events:
     """The manager's events as ``STALE`` parts for the view to read again (``Stale``), and a poll
     of the tasks alone in between (a task dies on a worker without an event)."""
@@ -461,6 +523,11 @@ class SwarmRuntime(_docker.Driver):
         self._drift: dict[tuple[str, int], bool] = {}
         #: Task id -> replica, for log lines.
         self._slots: dict[str, int] = {}
+        #: Per service id this daemon changed: the raft index the service had just before (its
+        #: tasks updated after it are that deployment's), and those of them that ended on their own
+        #: as the last read found them (``ended``: the health gate's facts).
+        self._deployed: dict[str, int] = {}
+        self._ended: dict[str, tuple[runtime.Unit, ...]] = {}
 
     def close(self) -> None:
         self._client.close()
@@ -578,15 +645,8 @@ class SwarmRuntime(_docker.Driver):
                api: Any = None) -> tuple[list[runtime.Unit], set[str]]:
         """The units of the services ``mine`` (each slot's current task), and the ids of those
         not settled (a task not running, or not as many tasks as replicas wanted)."""
-        by_slot: dict[tuple[str, int], dict[str, Any]] = {}
-        for task in tasks:
-            service_id = task.get("ServiceID", "")
-            if service_id not in mine or task.get("DesiredState") not in ("running", "ready"):
-                continue
-            key = (service_id, int(task.get("Slot") or 0))
-            held = by_slot.get(key)
-            if held is None or task["Version"]["Index"] > held["Version"]["Index"]:
-                by_slot[key] = task
+        by_slot = current_tasks(mine, tasks)
+        self._note_ended(mine, tasks, api)
         units = []
         unsettled: set[str] = set()
         counts: dict[str, int] = {}
@@ -594,7 +654,7 @@ class SwarmRuntime(_docker.Driver):
             unit = self._unit(mine[service_id], task, slot, api)
             units.append(unit)
             counts[service_id] = counts.get(service_id, 0) + 1
-            if unit.state != planning.RUNNING:
+            if unit.state != planning.RUNNING and not (unit.stopped and never_restarted(mine[service_id])):
                 unsettled.add(service_id)
         for service_id, svc in mine.items():
             want = ((svc["Spec"].get("Mode") or {}).get("Replicated") or {}).get("Replicas", 0)
@@ -622,7 +682,7 @@ class SwarmRuntime(_docker.Driver):
         node = self._node(task.get("NodeID", ""), api)
         unit = runtime.unit_from_labels(labels, instance=task["ID"], state=state, exit_code=exit_code,
                                         endpoint=ports[0] if ports else None, node=node)
-        return dataclasses.replace(unit, replica=max(slot - 1, 0))
+        return dataclasses.replace(unit, replica=max(slot - 1, 0), health=task_health(task))
 
     def _drifted(self, svc: dict[str, Any]) -> bool:
         """The service's spec is no longer the one we applied (computed once per service version)."""
@@ -647,13 +707,8 @@ class SwarmRuntime(_docker.Driver):
     def _service_units(self, svc: dict[str, Any]) -> tuple[list[runtime.Unit], list[dict[str, Any]]]:
         """The current units of one service, and its current tasks (one tasks list)."""
         tasks = self._call(lambda: self.api.tasks(filters={"service": svc["ID"]}), "list tasks")
-        current: dict[int, dict[str, Any]] = {}
-        for task in tasks:
-            if task.get("DesiredState") not in ("running", "ready"):
-                continue
-            slot = int(task.get("Slot") or 0)
-            if slot not in current or task["Version"]["Index"] > current[slot]["Version"]["Index"]:
-                current[slot] = task
+        self._note_ended({svc["ID"]: svc}, tasks)
+        current = {slot: task for (_, slot), task in current_tasks({svc["ID"]: svc}, tasks).items()}
         return ([self._unit(svc, t, slot) for slot, t in sorted(current.items())],
                 [current[s] for s in sorted(current)])
 
@@ -708,10 +763,11 @@ class SwarmRuntime(_docker.Driver):
         mode = ServiceMode("replicated", replicas=replicas)
         created = False
         if existing is None:
-            self._call(lambda: self.api.create_service(
+            made = self._call(lambda: self.api.create_service(
                 body["TaskTemplate"], name=name, labels=body["Labels"], mode=mode, update_config=body["UpdateConfig"],
                 endpoint_spec=body["EndpointSpec"]), f"create service {name}")
             created = True
+            self._deploying(str(made["ID"]), 0)
         else:
             current = existing["Spec"]
             now_replicas = ((current.get("Mode") or {}).get("Replicated") or {}).get("Replicas")
@@ -726,6 +782,7 @@ class SwarmRuntime(_docker.Driver):
             if not in_sync or force:
                 if force:
                     body["TaskTemplate"]["ForceUpdate"] = force
+                self._deploying(existing["ID"], int(existing["Version"]["Index"]))
                 self._update(name, existing, body, mode)
         if replicas == 0:
             return []
@@ -789,7 +846,7 @@ class SwarmRuntime(_docker.Driver):
         template = TaskTemplate(
             container, resources=Resources(cpu_limit=cpu, mem_limit=memory, cpu_reservation=cpu_reserved,
                                            mem_reservation=mem_reserved),
-            restart_policy=RestartPolicy("any", delay=5 * _NS), networks=networks or None,
+            restart_policy=_restart_policy(service), networks=networks or None,
             log_driver=DriverConfig(_docker.LOG_CONFIG["type"], _docker.LOG_CONFIG["config"]))
         ports: list[dict[str, Any]] = []
         if service.port:
@@ -802,8 +859,7 @@ class SwarmRuntime(_docker.Driver):
             if extra.published:
                 more["PublishedPort"] = extra.published
             ports.append(more)
-        update = UpdateConfig(parallelism=1, failure_action="rollback", monitor=UPDATE_MONITOR_S * _NS,
-                              order="stop-first" if service.host_port else "start-first")
+        update = _update_config(spec, service)
         body = {"Name": name, "Labels": dict(labels), "TaskTemplate": template, "UpdateConfig": update,
                 "EndpointSpec": EndpointSpec(mode="dnsrr", ports=ports or None)}
         # Round-tripped through JSON: the docker.types values are dicts, compared as the engine returns them.
@@ -1045,8 +1101,15 @@ class SwarmRuntime(_docker.Driver):
             if svc is None:
                 raise UnitGone(f"{where} was removed while it was being applied")
             units, tasks = self._service_units(svc)
+            # Tasks of this spec that started, or ended on their own since the change: the health
+            # gate judges them from here (``ended``), as it judges units on one host.
+            started = {u.replica for u in units if u.spec_hash == want
+                       and (u.state == planning.RUNNING or u.stopped or u.health == "starting")}
+            started |= {u.replica for u in self._ended.get(svc["ID"], ()) if u.spec_hash == want}
             update = (svc.get("UpdateStatus") or {})
             if update.get("State") in ("rollback_started", "rollback_completed", "rollback_paused", "paused"):
+                if started:  # ``failure_action: rollback`` after a task of it failed: the gate says why
+                    return units
                 why = update.get("Message") or "update failed"
                 raise PermanentError(f"{where}: {why}; the previous version was put back", code="update_failed")
             for task, unit in zip(tasks, units, strict=True):
@@ -1060,8 +1123,7 @@ class SwarmRuntime(_docker.Driver):
                     self._undo(name, svc, created)
                     node = f" on node {unit.node}" if unit.node else ""
                     raise PermanentError(f"{where}{node}: {err}", code=code)
-            fresh = [u for u in units if u.spec_hash == want and u.state == planning.RUNNING]
-            if len(fresh) >= replicas and len(units) == replicas:
+            if len(started) >= replicas and len(units) == replicas:
                 return units
             if time.monotonic() > deadline:
                 log.info("%s: not all %d replicas run after %.0fs; left to the swarm", where, replicas,
@@ -1082,6 +1144,42 @@ class SwarmRuntime(_docker.Driver):
                 svc["ID"], svc["Version"]["Index"], task_template=previous["TaskTemplate"], name=name,
                 labels=previous.get("Labels"), mode=previous.get("Mode"), update_config=previous.get("UpdateConfig"),
                 endpoint_spec=previous.get("EndpointSpec")), f"roll back {name}")
+
+    # -- the health gate's facts ---------------------------------------------------
+
+    def _deploying(self, service_id: str, index: int) -> None:
+        """This daemon changes a service now (its raft index ``index`` before): what ended before is not judged."""
+        with self._lock:
+            self._deployed[service_id] = index
+            self._ended.pop(service_id, None)
+
+    def _note_ended(self, services: dict[str, dict[str, Any]], tasks: list[dict[str, Any]], api: Any = None) -> None:
+        """From a read of tasks: those of a service this daemon changed that ended on their own
+        since (failed, or ran to completion), which Swarm may already have replaced in their slot."""
+        with self._lock:
+            since = {sid: self._deployed[sid] for sid in services if sid in self._deployed}
+        if not since:
+            return
+        found: dict[str, list[runtime.Unit]] = {sid: [] for sid in since}
+        for task in tasks:
+            sid = task.get("ServiceID", "")
+            if sid not in since or task["Version"]["Index"] <= since[sid] \
+                    or (task.get("Status") or {}).get("State") not in _ENDED_ITSELF:
+                continue
+            found[sid].append(self._unit(services[sid], task, int(task.get("Slot") or 0), api))
+        with self._lock:
+            for sid, units in found.items():
+                if self._deployed.get(sid) == since[sid]:  # not changed again meanwhile
+                    self._ended[sid] = tuple(units)
+
+    def ended(self, org: str, app: str) -> list[runtime.Unit]:
+        """The app's tasks that ended on their own since this daemon last changed their service,
+        as the last read of tasks found them (no engine call): Swarm starts a failed task's
+        replacement itself, so the view's unit of that slot (the replacement) does not say that
+        the deployment crashed or turned unhealthy. The health gate judges them with the units
+        (``gates``, ``health.judge(ended=)``). Kept in memory: a restarted daemon judges from the units."""
+        with self._lock:
+            return [u for units in self._ended.values() for u in units if u.key == (org, app)]
 
     # -- logs ---------------------------------------------------------------
 
@@ -1133,6 +1231,22 @@ class SwarmRuntime(_docker.Driver):
 
     def follow(self, org: str, app: str, *, since: float, ended: threading.Event | None = None) -> _ServiceLogs:
         return _ServiceLogs(self, org, app, since, ended)
+
+
+def _restart_policy(service: specs.ServiceSpec) -> RestartPolicy:
+    """A ``oneshot`` runs once (exit 0 is ``completed``); every other task is restarted by the swarm."""
+    return RestartPolicy("none") if service.oneshot else RestartPolicy("any", delay=5 * _NS)
+
+
+def _update_config(spec: specs.AppSpec, service: specs.ServiceSpec) -> UpdateConfig:
+    """A rolling update: one task at a time, each watched by the swarm for ``min_ready`` seconds
+    (``monitor``; 2 s by default, as before the key); ``on_failure: rollback`` lets the swarm put
+    the previous spec back itself the moment a task of the new one fails (``failure_action``), and
+    ``keep`` lets the update go on so that the failed version is left for inspection, as on one host.
+    Neither is in a unit's spec hash: a service applied before is not changed for them."""
+    monitor = service.min_ready if service.min_ready is not None else UPDATE_MONITOR_S
+    return UpdateConfig(parallelism=1, failure_action="rollback" if spec.on_failure == "rollback" else "continue",
+                        monitor=int(monitor * _NS), order="stop-first" if service.host_port else "start-first")
 
 
 def _tmpfs_mount(entry: str) -> Mount:

@@ -14,6 +14,10 @@ the runtime's ``readiness``, once a unit has been up for ``min_ready``) and reco
   healthy spec (``on_failure: rollback``, see ``rollbacks``);
 * still waiting → a wake-up at the time the verdict names (``min_ready`` over, the timeout).
 
+On Swarm the same verdicts come from task states: the driver's ``ended`` gives the tasks of the
+deployment that ended on their own (the swarm restarts a failed task in its slot itself), judged with
+the units (``health.judge(ended=)``); ports are not probed there (``_probe``).
+
 A gate that failed or completed is kept (its status stands over ``running``) until the app's spec
 changes. Each gate is also written to its app's row (``apps.gate``: spec hash, status, error,
 ``serving``, open deployment) whenever it changes, and read back by the first pass of a restarted
@@ -84,9 +88,10 @@ class Gates:
         self.min_ready = default_min_ready() if min_ready is None else min_ready
         #: Deployments are gated on a runtime that can say whether a unit's port accepts (the
         #: one-host driver's ``readiness``, which the edge's zero-downtime path uses too) and whose
-        #: events carry healthcheck statuses; on others (Swarm, for now; the in-memory engine) a
-        #: deployment is ``running`` once applied, as before.
-        self.enabled = callable(getattr(rt, "readiness", None))
+        #: events carry healthcheck statuses, and on one that says which of an app's units ended
+        #: since it deployed them (Swarm's ``ended``: the swarm replaces a failed task itself);
+        #: on others (the in-memory engine) a deployment is ``running`` once applied, as before.
+        self.enabled = callable(getattr(rt, "readiness", None)) or callable(getattr(rt, "ended", None))
         self._gates: dict[tuple[str, str], Gate] = {}
         #: Called with (app key, failed gate) when a deployment fails its gate (the rollback hook).
         self.on_failed: Callable[[tuple[str, str], Gate], None] | None = None
@@ -225,11 +230,12 @@ class Gates:
     def _judge(self, key: tuple[str, str], units: list[planning.Unit]) -> str:
         gate = self._gates[key]
         now = self._clock()
+        ended = self._ended(gate.spec)
         verdict = health.judge(gate.spec, units, since=gate.since, now=now, min_ready=self.min_ready,
-                               up_since=gate.started)
+                               up_since=gate.started, ended=ended)
         if verdict.probe:
             verdict = health.judge(gate.spec, units, since=gate.since, now=now, min_ready=self.min_ready,
-                                   up_since=gate.started, ports=self._probe(gate.spec, units))
+                                   up_since=gate.started, ports=self._probe(gate.spec, units), ended=ended)
         if verdict.state == health.WAITING:
             if verdict.check_at is not None:
                 self._wake(max(verdict.check_at - now, 0.0))
@@ -273,17 +279,26 @@ class Gates:
             self._gates[key] = dataclasses.replace(gate, **changes)  # type: ignore[arg-type]
             self._persist(key)
 
+    def _ended(self, spec: specs.AppSpec) -> list[planning.Unit]:
+        """The units of the app that ended since they were deployed, on a runtime that restarts
+        them itself (Swarm's ``ended``: read from what its event feed last read, no engine call)."""
+        ended = getattr(self.runtime, "ended", None)
+        return list(ended(spec.org, spec.name)) if ended is not None else []
+
     def _probe(self, spec: specs.AppSpec, units: list[planning.Unit]) -> dict[str, bool]:
         """Whether each running unit's port accepts a connection now (the runtime's own readiness
-        check, as the edge's zero-downtime path uses it; a runtime without one: accepted)."""
+        check, as the edge's zero-downtime path uses it). A runtime without one (Swarm: a task's
+        port is published on its node, which the manager's daemon may not reach) accepts it: the
+        unit has stayed up ``min_ready``, which the swarm's own update monitor watches too."""
         readiness = getattr(self.runtime, "readiness", None)
         ports: dict[str, bool] = {}
-        if readiness is None:
-            return ports
         for u in units:
             service = next((s for s in spec.services if s.name == u.service), None)
             if service is None or service.port is None or service.healthcheck is not None \
                     or u.state != planning.RUNNING:
+                continue
+            if readiness is None:
+                ports[u.instance] = True
                 continue
             try:
                 ports[u.instance] = bool(readiness(u, service)[1])

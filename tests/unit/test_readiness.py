@@ -171,3 +171,22 @@ def test_the_planner_holds_a_dependent_until_its_condition_and_leaves_a_complete
     assert [(a.kind, a.service) for a in planning.plan_app(spec, [done], spec.key)] == [(planning.CREATE, "web")]
     failed = dataclasses.replace(done, exit_code=1)
     assert [(a.kind, a.service) for a in planning.plan_app(spec, [failed], spec.key)] == [(planning.START, "migrate")]
+
+
+def test_swarm_facts_a_task_killed_as_unhealthy_and_one_that_ended_since_the_deploy() -> None:
+    """Swarm kills a task whose healthcheck fails (it reads stopped, its health ``unhealthy``) and
+    starts another in its slot: the ended task of the spec decides its slot over the replacement."""
+    killed = verdict(unit(CHECKED, state=planning.EXITED, code=143, health_=health.UNHEALTHY_CHECK), CHECKED,
+                     now=101.0)
+    assert (killed.state, killed.exit_code) == (health.UNHEALTHY, 143)
+    assert "healthcheck reports unhealthy" in killed.reason
+    slow = verdict(unit(CHECKED, state=planning.RESTARTING, health_=health.STARTING), CHECKED, now=160.0)
+    assert slow.state == health.UNHEALTHY and "not healthy within 60s" in slow.reason
+    app = AppSpec(org="o", name="a", services=(PLAIN,))
+    replacement = unit(state=planning.RESTARTING)
+    crashed = unit(state=planning.EXITED, code=3)
+    assert health.judge(app, [replacement], since=100.0, now=101.0).state == health.WAITING
+    got = health.judge(app, [replacement], since=100.0, now=101.0, ended=[crashed])
+    assert (got.state, got.exit_code) == (health.CRASHED, 3)
+    other = dataclasses.replace(crashed, spec_hash="another")  # a task of another spec does not count
+    assert health.judge(app, [replacement], since=100.0, now=101.0, ended=[other]).state == health.WAITING

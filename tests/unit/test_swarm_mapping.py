@@ -62,3 +62,87 @@ def test_compose_keys_reach_the_swarm_body_and_leave_a_plain_body_alone() -> Non
     assert full["TaskTemplate"]["Resources"]["Reservations"]["MemoryBytes"] == 64 * 2**20
     assert full["EndpointSpec"]["Ports"][1] == {"Protocol": "udp", "TargetPort": 53, "PublishMode": "host",
                                                 "PublishedPort": 5353}
+
+
+def test_min_ready_and_on_failure_reach_the_update_config_and_a_oneshot_runs_once() -> None:
+    """``update_config.monitor`` is ``min_ready`` (2 s by default, as before the key), ``failure_action``
+    follows ``on_failure`` (rollback: the swarm's own; keep: the update goes on), a oneshot's restart
+    condition is ``none``; a plain service's task template is what it was."""
+    plain = _body(specs.ServiceSpec(name="main", image="x", port=80))
+    assert plain["UpdateConfig"] == {"Parallelism": 1, "FailureAction": "continue", "Monitor": 2 * 10**9,
+                                     "Order": "start-first"}
+    assert plain["TaskTemplate"]["RestartPolicy"] == {"Condition": "any", "Delay": 5 * 10**9, "MaxAttempts": 0,
+                                                      "Window": 0}
+    rt = object.__new__(swarm.SwarmRuntime)
+    rt.owner, rt.instance, rt.stop_timeout = "o", "", 10
+    service = specs.ServiceSpec(name="main", image="x", min_ready=7.5, oneshot=True)
+    spec = specs.AppSpec(org="default", name="a", services=(service,), on_failure="rollback")
+    body = rt._body(spec, service, "r/x:1", "o_default_a_main")
+    assert (body["UpdateConfig"]["FailureAction"], body["UpdateConfig"]["Monitor"]) == ("rollback", 7_500_000_000)
+    assert body["TaskTemplate"]["RestartPolicy"]["Condition"] == "none"
+    # Not in the unit's spec hash: a service applied before them is not redeployed for them.
+    assert spec.service_hash(service) == specs.AppSpec(
+        org="default", name="a", services=(specs.ServiceSpec(name="main", image="x", oneshot=True),)).service_hash(
+        specs.ServiceSpec(name="main", image="x", oneshot=True))
+
+
+def _task(tid: str, *, slot: int = 1, desired: str = "running", state: str = "running", index: int = 10,
+          code: int | None = None, err: str = "", check: bool = False, service: str = "s1") -> dict[str, Any]:
+    container: dict[str, Any] = {"Labels": {"io.cynchrod.org": "default", "io.cynchrod.app": "a",
+                                            "io.cynchrod.service": "main", "io.cynchrod.spec-hash": "h1"}}
+    if check:
+        container["Healthcheck"] = {"Test": ["CMD", "false"]}
+    status: dict[str, Any] = {"State": state, "Err": err or None}
+    if code is not None:
+        status["ContainerStatus"] = {"ExitCode": code}
+    return {"ID": tid, "ServiceID": service, "Slot": slot, "DesiredState": desired, "Status": status,
+            "Version": {"Index": index}, "Spec": {"ContainerSpec": container}, "NodeID": "n1"}
+
+
+def _service(condition: str = "any") -> dict[str, Any]:
+    return {"ID": "s1", "Version": {"Index": 5}, "Spec": {
+        "Labels": {}, "Mode": {"Replicated": {"Replicas": 1}},
+        "TaskTemplate": {"RestartPolicy": {"Condition": condition}}}}
+
+
+def _runtime() -> swarm.SwarmRuntime:
+    import threading
+    rt = object.__new__(swarm.SwarmRuntime)
+    rt.owner, rt.instance = "o", ""
+    rt._lock, rt._nodes, rt._drift = threading.Lock(), {"n1": "node1"}, {}
+    rt._deployed, rt._ended = {}, {}
+    return rt
+
+
+def test_task_states_as_the_health_gate_reads_them() -> None:
+    """Swarm holds a health-checked task in ``starting`` until healthy and kills it when unhealthy;
+    a oneshot's task that ran to its end stays its slot's unit; a failed task Swarm replaced is one of
+    ``ended`` (the health gate's facts) when it ended after this daemon changed its service."""
+    assert swarm.task_health(_task("t", state="starting", check=True)) == "starting"
+    assert swarm.task_health(_task("t", check=True)) == "healthy"
+    assert swarm.task_health(_task("t", state="failed", err="task: non-zero exit (143): dockerexec: unhealthy "
+                                   "container", check=True)) == "unhealthy"
+    assert swarm.task_health(_task("t")) == ""
+    done = _task("t1", desired="shutdown", state="complete", code=0)
+    assert swarm.current_tasks({"s1": _service("none")}, [done]) == {("s1", 1): done}
+    assert swarm.current_tasks({"s1": _service("any")}, [done]) == {}
+
+    rt = _runtime()
+    svc = _service()
+    old = _task("t0", desired="shutdown", state="failed", code=1, index=4)  # before this daemon's change
+    failed = _task("t1", desired="shutdown", state="failed", code=143, index=12, check=True,
+                   err="task: non-zero exit (143): dockerexec: unhealthy container")
+    replacement = _task("t2", desired="ready", state="ready", index=13, check=True)
+    units, unsettled = rt._units({"s1": svc}, [old, failed, replacement])
+    assert [(u.instance, u.state) for u in units] == [("t2", "restarting")] and unsettled == {"s1"}
+    assert rt.ended("default", "a") == []  # a service this daemon did not change: nothing judged
+    rt._deploying("s1", 5)
+    rt._units({"s1": svc}, [old, failed, replacement])
+    ended = rt.ended("default", "a")
+    assert [(u.instance, u.state, u.exit_code, u.health) for u in ended] == [("t1", "exited", 143, "unhealthy")]
+    assert rt.ended("default", "other") == []
+    rt._deploying("s1", 13)  # changed again: what ended before is not this deployment's
+    assert rt.ended("default", "a") == []
+    # A completed oneshot is settled: the event feed does not keep polling for it.
+    _, unsettled = rt._units({"s1": _service("none")}, [done])
+    assert unsettled == set()
