@@ -520,8 +520,12 @@ class SwarmRuntime(_docker.Driver):
         began = self._began()
         owner = {"label": runtime.owner_labels(self.owner)}
         if stale.everything:
+            # A service created or changed in the same window (its create and a node's update
+            # coalesce when its first task is placed) is read too: its tasks are not ours without it.
+            services = (self._watch_call(lambda: api.services(filters=owner), "list services")
+                        if stale.specs else None)
             tasks = self._watch_call(lambda: api.tasks(filters=owner), "list tasks")
-            return self._listed(began, tasks, None, api=api)
+            return self._listed(began, tasks, None, services=services, api=api)
         named = stale.specs | stale.tasks
         services = None
         if stale.specs:
