@@ -83,6 +83,7 @@ import docker
 import docker.errors
 import requests
 from docker.types import (
+    ConfigReference,
     ContainerSpec,
     DriverConfig,
     EndpointSpec,
@@ -117,6 +118,9 @@ LABEL_APPLIED = "io.cynchrod.applied"
 LABEL_SECRET = "io.cynchrod.secret"
 #: How long ``apply`` watches a service's tasks after changing it.
 APPLY_WAIT_S = 60.0
+#: Repository files bound into one service as Docker configs: at most this many, each this big.
+MAX_CONFIG_FILES = 256
+MAX_CONFIG_BYTES = 1000 * 1024
 #: Swarm's own monitor window after each task of a rolling update.
 UPDATE_MONITOR_S = 2
 #: Between engine events: list again this often, and this often while a task is not running.
@@ -587,8 +591,12 @@ class SwarmRuntime(_docker.Driver):
         began = self._began()
         owner = {"label": runtime.owner_labels(self.owner)}
         if stale.everything:
+            # A service created or changed in the same window (its create and a node's update
+            # coalesce when its first task is placed) is read too: its tasks are not ours without it.
+            services = (self._watch_call(lambda: api.services(filters=owner), "list services")
+                        if stale.specs else None)
             tasks = self._watch_call(lambda: api.tasks(filters=owner), "list tasks")
-            return self._listed(began, tasks, None, api=api)
+            return self._listed(began, tasks, None, services=services, api=api)
         named = stale.specs | stale.tasks
         services = None
         if stale.specs:
@@ -788,6 +796,7 @@ class SwarmRuntime(_docker.Driver):
             return []
         units = self._monitor(name, spec, service, replicas, created=created)
         self._prune_secrets(spec, service, body)
+        self._prune_configs(spec, service, body)
         return units
 
     def _update(self, name: str, existing: dict[str, Any], body: dict[str, Any], mode: ServiceMode) -> None:
@@ -819,10 +828,8 @@ class SwarmRuntime(_docker.Driver):
             h = service.healthcheck
             health = Healthcheck(test=list(h.test), interval=int(h.interval * _NS), timeout=int(h.timeout * _NS),
                                  retries=h.retries, start_period=int(h.start_period * _NS))
-        if service.binds:
-            # The copies are on this host only; a task on another node would not find them.
-            raise PermanentError(f"{spec.org}/{spec.name} [{service.name}]: bind mounts of repository files run on "
-                                 "the docker runtime only", code=Code.UNSUPPORTED_KEY)
+        # The copies are on this host only: each bound file is a Docker config, on every node.
+        configs = self._ensure_configs(spec, service) if service.binds else None
         mounts = [Mount(v.path, self._volume_name(spec, v.name), type="volume", read_only=v.read_only,
                         labels=self._app_labels(spec.org, spec.name)) if v.name
                   else Mount(v.path, None, type="volume") for v in service.volumes]
@@ -839,7 +846,7 @@ class SwarmRuntime(_docker.Driver):
             secrets=self._ensure_secrets(spec, service) or None, healthcheck=health,
             init=True if service.init is None else service.init, hostname=service.hostname, user=service.user,
             workdir=service.working_dir, stop_signal=service.stop_signal, read_only=service.read_only or None,
-            tty=service.tty or None, open_stdin=service.stdin_open or None)
+            tty=service.tty or None, open_stdin=service.stdin_open or None, configs=configs)
         cpu, memory = int(service.cpu * _NS), service.memory * 1024 * 1024
         cpu_reserved = cpu if service.cpu_reservation is None else int(service.cpu_reservation * _NS)
         mem_reserved = memory if service.memory_reservation is None else service.memory_reservation * 1024 * 1024
@@ -882,6 +889,62 @@ class SwarmRuntime(_docker.Driver):
             name, driver="overlay", attachable=True, check_duplicate=True,
             labels=self._app_labels(spec.org, spec.name)), f"create network {name}")
         return str(made["Id"])
+
+    # -- repository files as configs ------------------------------------------------
+
+    def _ensure_configs(self, spec: specs.AppSpec, service: specs.ServiceSpec) -> list[ConfigReference]:
+        """Each file of the service's bind mounts (a file, or each file of a folder) as a Docker
+        config named by its content (immutable; a new content is a new config), mounted read-only
+        at its target."""
+        wanted: list[tuple[str, bytes]] = []
+        for bind in service.binds:
+            source = pathlib.Path(bind.source)
+            try:
+                if source.is_dir():
+                    wanted.extend((f"{bind.target.rstrip('/')}/{p.relative_to(source).as_posix()}", p.read_bytes())
+                                  for p in sorted(source.rglob("*")) if p.is_file())
+                else:
+                    wanted.append((bind.target, source.read_bytes()))
+            except OSError as exc:
+                raise TemporaryError(f"{spec.org}/{spec.name} [{service.name}]: {bind.source}: {exc.strerror}",
+                                     code=Code.RUNTIME_ERROR) from exc
+        if len(wanted) > MAX_CONFIG_FILES:
+            raise PermanentError(f"{spec.org}/{spec.name} [{service.name}]: {len(wanted)} bound files, over the "
+                                 f"{MAX_CONFIG_FILES} a service may have on swarm", code=Code.OUT_OF_RANGE)
+        have = {c["Spec"]["Name"]: c["ID"] for c in self._call(
+            lambda: self.api.configs(filters=self._app_filter(spec.org, spec.name)), "list configs")}
+        refs = []
+        for target, data in wanted:
+            if not 0 < len(data) <= MAX_CONFIG_BYTES:
+                raise PermanentError(f"{spec.org}/{spec.name} [{service.name}]: {target}: {len(data)} bytes; a "
+                                     f"config on swarm holds 1 to {MAX_CONFIG_BYTES}", code=Code.OUT_OF_RANGE)
+            digest = hashlib.sha256(f"{spec.org}/{spec.name}/{service.name}/{target}\0".encode() + data).hexdigest()
+            name = f"{self.owner}_{digest[:24]}"[:64]
+            config_id = have.get(name)
+            if config_id is None:
+                labels = {**self._app_labels(spec.org, spec.name), runtime.LABEL_SERVICE: service.name}
+                try:
+                    config_id = self._call(lambda n=name, d=data, lb=labels: self.api.create_config(  # type: ignore[misc]
+                        n, d, labels=lb), "create config")["ID"]
+                except _docker.Conflict:
+                    found = self._call(lambda n=name: self.api.configs(filters={"name": n}),  # type: ignore[misc]
+                                       "list configs")
+                    config_id = next(c["ID"] for c in found if c["Spec"]["Name"] == name)
+            refs.append(ConfigReference(config_id, name, filename=target, uid="0", gid="0", mode=0o444))
+        return refs
+
+    def _prune_configs(self, spec: specs.AppSpec, service: specs.ServiceSpec, body: dict[str, Any]) -> None:
+        """This service's configs no task uses any more (in use: left for a later apply)."""
+        used = {c["ConfigName"] for c in body["TaskTemplate"]["ContainerSpec"].get("Configs") or []}
+        filters = {"label": [*runtime.app_labels(self.owner, spec.org, spec.name),
+                             f"{runtime.LABEL_SERVICE}={service.name}"]}
+        try:
+            for config in self._call(lambda: self.api.configs(filters=filters), "list configs"):
+                if config["Spec"]["Name"] not in used:
+                    with contextlib.suppress(RuntimeFailure):
+                        self._call(lambda c=config: self.api.remove_config(c["ID"]), "remove config")  # type: ignore[misc]
+        except RuntimeFailure as exc:
+            log.debug("configs of %s/%s not pruned: %s", spec.org, spec.name, exc)
 
     # -- secrets --------------------------------------------------------------
 
@@ -1060,6 +1123,13 @@ class SwarmRuntime(_docker.Driver):
 
     def _remove_released(self, org: str, app: str) -> list[str]:
         busy = [f"image {i['Id'][7:19]}" for i in self._app_images(org, app) if not self._drop_image(i)]
+        for config in self._call(lambda: self.api.configs(filters=self._app_filter(org, app)), "list configs"):
+            try:
+                self._call(lambda c=config: self.api.remove_config(c["ID"]), "remove config")  # type: ignore[misc]
+            except UnitGone:
+                pass
+            except RuntimeFailure:
+                busy.append(f"config {config['Spec']['Name']}")
         for secret in self._call(lambda: self.api.secrets(filters=self._app_filter(org, app)), "list secrets"):
             try:
                 self._call(lambda s=secret: self.api.remove_secret(s["ID"]), "remove secret")  # type: ignore[misc]
@@ -1261,3 +1331,4 @@ def _tmpfs_mount(entry: str) -> Mount:
         elif key == "mode":
             mode = int(value, 8)
     return Mount(target, None, type="tmpfs", tmpfs_size=size, tmpfs_mode=mode)
+

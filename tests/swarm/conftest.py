@@ -71,12 +71,17 @@ def remove_owned(lab: Lab, owner: str) -> None:
     try:
         for s in client.api.services(filters=mine):
             client.api.remove_service(s["ID"])
-        # Secrets, networks and images are released once the tasks are gone.
+        # Secrets, configs, networks and images are released once the tasks are gone.
         for _ in range(100):
             left = 0
             for s in client.api.secrets(filters=mine):
                 try:
                     client.api.remove_secret(s["ID"])
+                except docker.errors.APIError:
+                    left += 1
+            for c in client.api.configs(filters=mine):
+                try:
+                    client.api.remove_config(c["ID"])
                 except docker.errors.APIError:
                     left += 1
             for n in client.api.networks(filters=mine):
