@@ -318,9 +318,9 @@ def noop_pass(tmp: pathlib.Path, n: int, passes: int) -> dict[str, Any]:
     repo.push(stopped_apps(n))
     rec, rt = harness(repo, work / "state", owner)
     rec.run_pass()
-    from cynchrod.desired import manifests
+    from cynchrod.desired import declared
 
-    desired = manifests.Cache().load(*_files(rec))
+    desired = declared.Cache().load(*_files(rec))
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda spec: rt.api.create_container(
             IMAGE, command=["sleep", "3600"], name=rt.container_name(spec.org, spec.name, "main"),
@@ -1105,9 +1105,9 @@ def compose_apps(tmp: pathlib.Path, n: int, passes: int, changes: int) -> dict[s
         assert len(first.apps) == n and len(parsed) == n, (len(first.apps), len(parsed))
         # Their containers, created and never started (as the no-op rows make them): the pass has
         # 600 units to compare with, and no 600 processes run.
-        from cynchrod.desired import manifests
+        from cynchrod.desired import declared
 
-        desired = manifests.Cache().load(*_files(rec))
+        desired = declared.Cache().load(*_files(rec))
         units = [(spec, svc) for spec in desired.apps.values() for svc in spec.services]
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda u: rt.api.create_container(
@@ -1179,10 +1179,10 @@ def memory_curve(tmp: pathlib.Path, sizes: list[int]) -> list[dict[str, Any]]:
         db.close()
         OWNERS.add(owner)
         rt = local.LocalRuntime(owner=owner, instance=instance)
-        from cynchrod.desired import manifests
+        from cynchrod.desired import declared
 
         files = [(f"apps/app{i:04d}.yaml", str(i)) for i in range(n)]
-        desired = manifests.Cache().load(files, lambda oid: manifest(f"app{int(oid):04d}",
+        desired = declared.Cache().load(files, lambda oid: manifest(f"app{int(oid):04d}",
                                                                     extra="state: stopped\n").encode())
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda spec: rt.api.create_container(
