@@ -38,8 +38,11 @@ def test_node_stopped_tasks_rescheduled_status_recovers(lab: Lab, swarm_owner: s
                     and {u["node"] for u in units} <= nodes)
 
         wait_for(lambda: running_on(set(lab.nodes)), 30, "api to run, 3 replicas")
-        assert {u["node"] for u in services()[0]["units"]} == set(lab.nodes)
-        last = sorted(lab.nodes)[-1]
+        # Where the three tasks go is the scheduler's choice (spread, weighed by what the previous test's
+        # services still hold on a node while they go): stop a node that runs one of them.
+        used = {u["node"] for u in services()[0]["units"]}
+        assert used <= set(lab.nodes), used
+        last = sorted(used)[-1]
         number = last[len(last.rstrip("0123456789")):]
         subprocess.run([str(LAB), "stop-node", number], check=True, timeout=60)
         try:
