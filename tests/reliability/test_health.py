@@ -66,7 +66,8 @@ def test_a_frozen_engine_shows_on_healthz_metrics_and_statuses(repo: GitRepo, da
         token = new_token(tmp_path / "state", "default")
         wait_for(lambda: running(docker_client, owner), 30, "a to run")
         wait_for(lambda: health(daemon.api) == (200, []), 15, "healthy")
-        assert status(daemon.api, token) == "running"
+        # The container runs before its deployment is judged ready (min_ready later): wait for the verdict.
+        wait_for(lambda: status(daemon.api, token) == "running", 15, "a to be judged running")
 
         proxy.freeze()
         [unit] = owned(docker_client, owner)

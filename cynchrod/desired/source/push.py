@@ -71,11 +71,7 @@ def commit_on(repo: pygit2.Repository, tip: str, path: str, edit: Callable[[byte
                              code="path_unwritable") from exc
     if tree == commit.tree.id:
         return None
-    author = pygit2.Signature(AUTHOR_NAME, AUTHOR_EMAIL)
-    try:
-        return str(repo.create_commit(None, author, author, message, tree, [commit.id]))
-    except (pygit2.GitError, OSError) as exc:
-        raise (unwritable_mirror(repo, exc) or exc) from exc
+    return _commit(repo, commit, tree, message)
 
 
 def restore_on(repo: pygit2.Repository, tip: str, directory: str, old: str, message: str) -> str | None:
@@ -98,9 +94,14 @@ def restore_on(repo: pygit2.Repository, tip: str, directory: str, old: str, mess
         raise PermanentError(f"Git cannot write {directory!r} ({exc})", code="path_unwritable") from exc
     if tree is None or tree == commit.tree.id:
         return None
+    return _commit(repo, commit, tree, message)
+
+
+def _commit(repo: pygit2.Repository, parent: pygit2.Commit, tree: pygit2.Oid, message: str) -> str:
+    """A commit of ``tree`` on ``parent`` by cynchrod (not on any branch yet: ``push_to`` moves one)."""
     author = pygit2.Signature(AUTHOR_NAME, AUTHOR_EMAIL)
     try:
-        return str(repo.create_commit(None, author, author, message, tree, [commit.id]))
+        return str(repo.create_commit(None, author, author, message, tree, [parent.id]))
     except (pygit2.GitError, OSError) as exc:
         raise (unwritable_mirror(repo, exc) or exc) from exc
 
