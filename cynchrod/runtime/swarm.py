@@ -1178,7 +1178,9 @@ class SwarmRuntime(_docker.Driver):
             started |= {u.replica for u in self._ended.get(svc["ID"], ()) if u.spec_hash == want}
             update = (svc.get("UpdateStatus") or {})
             if update.get("State") in ("rollback_started", "rollback_completed", "rollback_paused", "paused"):
-                if started:  # ``failure_action: rollback`` after a task of it failed: the gate says why
+                if started or self._ran(svc["ID"], want):
+                    # ``failure_action: rollback`` after a task of it failed: the gate says why. The task's
+                    # end may not be read yet (Swarm rolls back as it stops it): it ran, so it is judged.
                     return units
                 why = update.get("Message") or "update failed"
                 raise PermanentError(f"{where}: {why}; the previous version was put back", code="update_failed")
@@ -1201,6 +1203,12 @@ class SwarmRuntime(_docker.Driver):
                 return units
             polls += 1
             time.sleep(0.1 if polls < 10 else 0.3)
+
+    def _ran(self, service_id: str, want: str) -> bool:
+        """A task of the spec ``want`` got a container (it started), whatever its state now."""
+        tasks = self._call(lambda: self.api.tasks(filters={"service": service_id}), "list tasks")
+        return any(((t.get("Spec") or {}).get("ContainerSpec") or {}).get("Labels", {}).get(runtime.LABEL_HASH) == want
+                   and ((t.get("Status") or {}).get("ContainerStatus") or {}).get("ContainerID") for t in tasks)
 
     def _undo(self, name: str, svc: dict[str, Any], created: bool) -> None:
         """A service whose image cannot run: a new one is removed, an update rolled back."""
