@@ -60,19 +60,20 @@ x-cynchrod:
 """
 
 
-def served(port: int) -> bytes:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as answer:
-            body: bytes = answer.read()
-            return body
-    except OSError:
-        return b""
-
-
 def rows(harness: Harness) -> dict[str, dict[str, Any]]:
     return {r["Labels"][runtime.LABEL_SERVICE]: r
             for r in harness.rt.api.containers(all=True, filters=harness.rt.owner_filter)
             if r["Labels"][runtime.LABEL_APP] == "shop"}
+
+
+def page(port: int, name: str = "") -> bytes:
+    """What the service published on ``port`` serves at ``/name`` (empty while it does not answer)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/{name}", timeout=5) as answer:
+            body: bytes = answer.read()
+            return body
+    except OSError:
+        return b""
 
 
 def test_a_compose_app_runs_with_its_env_and_limits_and_one_change_recreates_one_service(
@@ -96,7 +97,7 @@ def test_a_compose_app_runs_with_its_env_and_limits_and_one_change_recreates_one
     assert (conf["User"], conf["WorkingDir"], conf["StopTimeout"]) == ("1000:1000", "/bin", 3)
     assert web["Config"]["Labels"]["team"] == "web"
     port = int(found["web"]["Ports"][0]["PublicPort"])
-    wait_for(lambda: served(port) == b"hello-from-dotenv\n", 10, "the web service to serve the .env value")
+    wait_for(lambda: page(port) == b"hello-from-dotenv\n", 10, "the web service to serve the .env value")
     worker = harness.rt.api.inspect_container(found["worker"]["Id"])
     assert worker["HostConfig"]["Memory"] == 64 * 2**20
     mounts = {m["Destination"]: m for m in worker["Mounts"]}
@@ -160,7 +161,7 @@ def test_a_bind_mounted_repository_file_is_served_read_only_and_a_change_recreat
     found = {r["Labels"][runtime.LABEL_SERVICE]: r for r in harness.rt.api.containers(
         all=True, filters=harness.rt.owner_filter) if r["Labels"][runtime.LABEL_APP] == "site"}
     port = int(found["web"]["Ports"][0]["PublicPort"])
-    wait_for(lambda: served(port) == b"from the repo\n", 10, "the bind-mounted page")
+    wait_for(lambda: page(port) == b"from the repo\n", 10, "the bind-mounted page")
     write = "{ echo x > /www/new; } 2>/dev/null; echo rc=$?"
     exec_id = docker_client.api.exec_create(found["web"]["Id"], ["sh", "-c", write])["Id"]
     assert docker_client.api.exec_start(exec_id) == b"rc=1\n"  # read-only
@@ -172,7 +173,7 @@ def test_a_bind_mounted_repository_file_is_served_read_only_and_a_change_recreat
         all=True, filters=harness.rt.owner_filter) if r["Labels"][runtime.LABEL_APP] == "site"}
     assert after["other"]["Id"] == found["other"]["Id"] and after["web"]["Id"] != found["web"]["Id"]
     port = int(after["web"]["Ports"][0]["PublicPort"])
-    wait_for(lambda: served(port) == b"changed in the repo\n", 10, "the changed page")
+    wait_for(lambda: page(port) == b"changed in the repo\n", 10, "the changed page")
 
 
 def test_stop_start_and_restart_are_commits_to_the_x_cynchrod_block(repo, harness: Harness) -> None:
@@ -299,14 +300,6 @@ CMD ["sh", "-c", "echo not the target; sleep 3600"]
 """
 
 
-def page(port: int, name: str = "") -> bytes:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/{name}", timeout=5) as answer:
-            body: bytes = answer.read()
-            return body
-    except OSError:
-        return b""
-
 
 def test_a_compose_build_is_built_served_rebuilt_on_a_change_and_a_broken_one_keeps_the_last_good(
         repo, harness: Harness, docker_client: docker.DockerClient) -> None:
@@ -389,7 +382,7 @@ def test_a_rollback_restores_the_whole_directory_as_a_commit(repo, harness: Harn
                "apps/native.yaml": f"name: native\nimage: {TEST_IMAGE}\ncommand: [sleep, '3601']\nmemory: 64\n"})
     assert harness.sync().ok
     port = int(rows_of(harness, "site")["web"]["Ports"][0]["PublicPort"])
-    wait_for(lambda: served(port) == b"v2\n", 10, "v2")
+    wait_for(lambda: page(port) == b"v2\n", 10, "v2")
 
     accepted = ctl.rollback(harness.app("site"), actor="test")
     assert accepted.commit is not None and accepted.deployment_id is not None
@@ -400,7 +393,7 @@ def test_a_rollback_restores_the_whole_directory_as_a_commit(repo, harness: Harn
     assert git("log", "-1", "--format=%an|%s", cwd=repo.work).startswith("cynchrod|rollback to deployment ")
     assert harness.sync().ok
     port = int(rows_of(harness, "site")["web"]["Ports"][0]["PublicPort"])
-    wait_for(lambda: served(port) == b"v1\n", 10, "v1 again")
+    wait_for(lambda: page(port) == b"v1\n", 10, "v1 again")
     env = harness.rt.api.inspect_container(rows_of(harness, "site")["web"]["Id"])["Config"]["Env"]
     assert "GREETING=one" in env and not any(e.startswith("EXTRA=") for e in env)
     deployment = harness.db.last_deployment(harness.app("site").id)
@@ -455,7 +448,7 @@ def test_a_writable_bind_keeps_what_the_app_wrote_and_unused_copies_are_pruned(r
     wait_for(lambda: (data / "log").read_text() == "started\nstarted\n", 10, "the second start's write")
     assert (data / "seed.txt").read_text() == "seed\n"
     port = int(rows_of(harness, "site")["web"]["Ports"][0]["PublicPort"])
-    wait_for(lambda: served(port) == b"v2\n", 10, "v2")
+    wait_for(lambda: page(port) == b"v2\n", 10, "v2")
     # v1's copy is the last healthy version's when v2's pass records (a rollback would put it back)...
     assert pathlib.Path(first["/srv"]["Source"]).exists()
     # ... and unused once v3 is read: pruned then, v2's (the last healthy) and v3's kept.
