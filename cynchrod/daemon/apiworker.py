@@ -42,6 +42,9 @@ SLACK = 1
 HOLD_S = 0.02
 #: How often a holding worker looks again.
 RECHECK_S = 0.002
+#: How often a worker looks whether it was told to stop (gunicorn's loop looks every second,
+#: which was most of a daemon's stop: 1.4 s of 1.6 s).
+ALIVE_CHECK_S = 0.05
 _SLOT = struct.Struct("q")
 
 
@@ -220,7 +223,7 @@ class Worker(GeventWorker):  # type: ignore[misc]
             servers.append(server)
         while self.alive:
             self.notify()
-            gevent.sleep(1.0)
+            gevent.sleep(ALIVE_CHECK_S)
         if self.share is not None and self.slot is not None:
             self.share.set(self.slot, -1)  # no longer accepting: the others stop leaving connections to it
         for server in servers:
@@ -230,7 +233,7 @@ class Worker(GeventWorker):  # type: ignore[misc]
             if all(server.pool.free_count() == server.pool.size for server in servers):
                 return
             self.notify()
-            gevent.sleep(1.0)
+            gevent.sleep(ALIVE_CHECK_S)
         self.log.warning("Worker graceful timeout (pid:%s)", self.pid)
         for server in servers:
             server.stop(timeout=1)

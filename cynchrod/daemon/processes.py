@@ -85,16 +85,30 @@ def serve(cfg: config.Settings, rebuild: Callable[[], config.Settings] | None = 
         _signal(api_pid, signal.SIGTERM)
     d.stop()
     server.close()
-    if api_pid:
-        deadline = time.monotonic() + 15
-        while os.waitpid(api_pid, os.WNOHANG)[0] == 0:
-            if time.monotonic() > deadline:
-                log.warning("the API process did not stop in time; killing it")
-                _signal(api_pid, signal.SIGKILL)
-                os.waitpid(api_pid, 0)
-                break
-            time.sleep(0.1)
+    if api_pid and not _exited(api_pid, API_STOP_S):
+        log.warning("the API process did not stop in time; killing it")
+        _signal(api_pid, signal.SIGKILL)
+        os.waitpid(api_pid, 0)
     return code
+
+
+#: How long the API process has to stop (its workers finish what they serve) before it is killed.
+API_STOP_S = 15
+
+
+def _exited(pid: int, timeout: float) -> bool:
+    """Reap the child ``pid`` once it exits, within ``timeout`` s (woken by its exit, not polled)."""
+    fd = os.pidfd_open(pid)
+    try:
+        deadline = time.monotonic() + timeout
+        while os.waitpid(pid, os.WNOHANG)[0] == 0:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            select.select([fd], [], [], left)
+        return True
+    finally:
+        os.close(fd)
 
 
 class StopSignals:
