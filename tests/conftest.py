@@ -10,6 +10,7 @@ on one worker each (``xdist_group``)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import fcntl
 import http.client
@@ -165,8 +166,10 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 def remove_owned(client: docker.DockerClient, owner: str) -> None:
     """Every container, network, volume and image carrying this owner label."""
     mine = {"label": [f"{runtime.LABEL_OWNER}={owner}"]}
-    for c in client.api.containers(all=True, filters=mine):
-        client.api.remove_container(c["Id"], force=True, v=True)
+    # At once (a test of 50 apps spent 21 s removing them one by one); the engine takes them in parallel.
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda c: client.api.remove_container(c["Id"], force=True, v=True),
+                      client.api.containers(all=True, filters=mine)))
     for n in client.api.networks(filters=mine):
         client.api.remove_network(n["Id"])
     for v in client.api.volumes(filters=mine).get("Volumes") or []:
