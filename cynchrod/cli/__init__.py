@@ -22,13 +22,20 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from cynchrod import __version__, daemon, store
+from cynchrod import __version__
 from cynchrod.cli import client
 from cynchrod.core.errors import CynchrodError, StateLocked
-from cynchrod.desired import compose, config, convert, declared, manifests, secrets, source
-from cynchrod.shell import reconciler
+
+if TYPE_CHECKING:
+    from cynchrod import daemon
+    from cynchrod.desired import config
+    from cynchrod.shell import reconciler
+
+#: ``config.RUNTIMES``, here so that the parser (every command's, a client's too) imports no
+#: daemon module: a client command starts in a tenth of the time (tests/unit/test_cli_imports.py).
+RUNTIMES = ("docker", "swarm")
 
 log = logging.getLogger("cynchrod")
 
@@ -80,7 +87,7 @@ def _settings_flags(p: argparse.ArgumentParser, *names: str) -> None:
                        {"type": float, "metavar": "SECONDS"}),
         "listen": ("API address (default 127.0.0.1:8080)", {"metavar": "HOST:PORT"}),
         "runtime": ("docker: one engine; swarm: a swarm manager (DOCKER_HOST) (default docker)",
-                    {"choices": config.RUNTIMES}),
+                    {"choices": RUNTIMES}),
         "workers": ("API worker processes beside the reconciler process (default 0: one per core)",
                     {"type": int, "metavar": "N"}),
         "auth-failures": ("wrong credentials a client address may send before it backs off with 429 (default 10)",
@@ -183,6 +190,7 @@ def parser() -> argparse.ArgumentParser:
 
 def settings(args: argparse.Namespace) -> config.Settings:
     """Merge flags, CYNCHROD_* variables, the config file and defaults."""
+    from cynchrod.desired import config
     file_path = args.config or _env("config")
     values: dict[str, Any] = config.load_file(pathlib.Path(file_path)) if file_path else {}
     if file_path:
@@ -240,6 +248,7 @@ def print_result(result: reconciler.PassResult, out: IO[str]) -> None:
 
 
 def cmd_validate(paths: Sequence[str], out: IO[str]) -> int:
+    from cynchrod.desired import declared, manifests, source
     files: list[tuple[str, str]] = []
     for raw in paths:
         p = pathlib.Path(raw)
@@ -263,6 +272,7 @@ def cmd_validate(paths: Sequence[str], out: IO[str]) -> int:
 def cmd_convert(path: str, out: IO[str]) -> int:
     """``cynchrod convert FILE``: a compose file (with its directory: ``.env``, overrides, included
     files) as a native manifest, or a native manifest as a compose file; offline."""
+    from cynchrod.desired import compose, convert, manifests
     p = pathlib.Path(path)
     if not p.is_file():
         print(f"{p}:0: not_found: No such file or directory", file=sys.stderr)
@@ -339,6 +349,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
             return cmd_token(args, out)
         if args.command == "secret":
             return cmd_secret(args, out)
+        from cynchrod import daemon  # the daemon's modules: not for the commands above (RUNTIMES)
+
         cfg = settings(args)
         if args.command != "serve" or not (cfg.state / "cynchrod.db").exists():
             # A daemon that has run keeps serving its last good state through an outage of
@@ -409,6 +421,7 @@ def cmd_plan(cfg: config.Settings, out: IO[str]) -> int:
 
     Each manifest error is printed once (on stdout, before the actions); any error, like a
     source error, makes the exit status 1: a file that cannot be applied is never "nothing to do"."""
+    from cynchrod import daemon
     with tempfile.TemporaryDirectory(prefix="cynchrod-plan-") as scratch:
         if not cfg.state.exists():
             cfg = dataclasses.replace(cfg, state=pathlib.Path(scratch))
@@ -482,6 +495,7 @@ def cmd_client(args: argparse.Namespace, out: IO[str]) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace, cfg: config.Settings, out: IO[str]) -> int:
+    from cynchrod import daemon
     # A scratch copy of the mirrors: the daemon holding the state lock fetches into its own.
     with tempfile.TemporaryDirectory(prefix="cynchrod-rollback-") as scratch:
         return _rollback(args, daemon.Daemon.build(cfg, mirrors=pathlib.Path(scratch)), out)
@@ -506,6 +520,8 @@ def _state_arg(args: argparse.Namespace) -> pathlib.Path:
 
 
 def cmd_secret(args: argparse.Namespace, out: IO[str]) -> int:
+    from cynchrod import store
+    from cynchrod.desired import secrets
     state = _state_arg(args)
     if args.secret_command in ("set", "delete"):
         org, slash, name = args.ref.partition("/")
@@ -539,6 +555,8 @@ def cmd_secret(args: argparse.Namespace, out: IO[str]) -> int:
 
 
 def cmd_token(args: argparse.Namespace, out: IO[str]) -> int:
+    from cynchrod import store
+    from cynchrod.desired import config
     state = _state_arg(args)
     if args.token_command == "create":
         if not config.ORG_RE.match(args.org):
