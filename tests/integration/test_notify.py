@@ -256,8 +256,10 @@ def test_a_slow_receiver_does_not_slow_a_pass(harness: Harness, repo: GitRepo) -
         started = time.perf_counter()
         second = harness.sync()
         took = time.perf_counter() - started
-        assert took < 2.5, f"a pass took {took:.2f}s while a delivery hung"
-        assert first.duration_s < 2.5
+        # Well under the 10 s the hung delivery holds its connection: the pass did not wait for it
+        # (not a tighter bound: a loaded CI machine stretches a pass that recreates a container).
+        assert took < 7, f"a pass took {took:.2f}s while a delivery hung"
+        assert first.duration_s < 7
         assert {a.name: a.status for a in second.apps}["a"] == "running"
         wait_for(lambda: len(slow.got) == 2, 15, "both deliveries")
     finally:
