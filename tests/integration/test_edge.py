@@ -7,8 +7,10 @@ import pathlib
 import socket
 import ssl
 import threading
+import time
 import urllib.error
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import docker
 import pytest
@@ -36,10 +38,23 @@ def web(name: str, version: str, *, domain: str = "", org: str = "", host_port: 
     return text
 
 
+class TimedEdge(edge.Edge):
+    """The edge, noting when each route switch returned: Caddy answers the admin API's change
+    once it has stopped the old config, so no connection made after that reaches the old route."""
+
+    def __init__(self, admin: str, **kwargs: Any) -> None:
+        super().__init__(admin, **kwargs)
+        self.switched: list[float] = []
+
+    def switch(self, domains: Iterable[str], old: int | None, new: int, *, org: str, app: str) -> None:
+        super().switch(domains, old, new, org=org, app=app)
+        self.switched.append(time.monotonic())
+
+
 @pytest.fixture
 def edged(harness: Harness, caddy: Caddy) -> Iterator[Harness]:
-    """The harness with an edge: the runtime recreates start-first, the passes sync routes."""
-    front = edge.Edge(caddy.admin, listen=f"127.0.0.1:{caddy.port}", tls_listen=f"127.0.0.1:{caddy.tls_port}",
+    """The harness with an edge (a ``TimedEdge``): the runtime recreates start-first, the passes sync routes."""
+    front = TimedEdge(caddy.admin, listen=f"127.0.0.1:{caddy.port}", tls_listen=f"127.0.0.1:{caddy.tls_port}",
                       owner=harness.rt.owner)
     # The default drain: it covers Caddy handing connections from its old config to the new one.
     harness.deployer = deploy.Deployer(harness.rt, front, ready_timeout=10.0, drain=2.0)
@@ -67,15 +82,20 @@ class Client:
         require_migrating_listeners()
         self.caddy, self.host = caddy, host
         self.results: list[tuple[int, str]] = []
+        #: When each request of ``results`` was sent (``time.monotonic``).
+        self.sent: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            sent = time.monotonic()
             try:
-                self.results.append(self.caddy.fetch(self.host, timeout=5))
+                result = self.caddy.fetch(self.host, timeout=5)
             except (OSError, http_errors()) as exc:
-                self.results.append((0, f"{type(exc).__name__}: {exc}"))
+                result = (0, f"{type(exc).__name__}: {exc}")
+            self.sent.append(sent)
+            self.results.append(result)
 
     def __enter__(self) -> Client:
         self._thread.start()
@@ -98,12 +118,31 @@ class Client:
 
     @property
     def versions(self) -> list[str]:
-        """The versions answered, in order, each once."""
+        """The versions answered, in the order each first answered.
+
+        Not the order of every answer: while Caddy applies a switch, its old config still
+        accepts connections beside the new one for a moment (tens of ms; docs/edge.md), so
+        an old version may answer once more after the new one first did. ``stale`` bounds that.
+        """
         seen: list[str] = []
         for status, body in self.results:
-            if status == 200 and (not seen or seen[-1] != body.strip()):
+            if status == 200 and body.strip() not in seen:
                 seen.append(body.strip())
         return seen
+
+    def stale(self, switched: Sequence[float]) -> list[tuple[float, str]]:
+        """Answers by a version the route had already left: the n-th version of ``versions``
+        answering a request sent after the n-th route switch during this client's run returned
+        (``TimedEdge.switched``). Empty when every switch took hold once Caddy applied it."""
+        ours = [t for t in switched if self.sent and t > self.sent[0]]
+        index = {version: n for n, version in enumerate(self.versions)}
+        return [(sent, body.strip()) for sent, (status, body) in zip(self.sent, self.results, strict=True)
+                if status == 200 and index[body.strip()] < len(ours) and sent > ours[index[body.strip()]]]
+
+
+def switched(h: Harness) -> list[float]:
+    assert isinstance(h.rec.edge, TimedEdge)
+    return h.rec.edge.switched
 
 
 def http_errors() -> type[Exception]:
@@ -134,6 +173,7 @@ def test_five_redeploys_through_the_edge_drop_nothing_and_stop_first_does(
     zero = redeploys(repo, edged, caddy, "zd", "zd.localhost", 5)
     assert zero.failed == [], zero.failed[:5]
     assert zero.versions == ["v1", "v2", "v3", "v4", "v5", "v6"]
+    assert zero.stale(switched(edged)) == []
     names = [row["Names"][0] for row in edged.rt.api.containers(filters=edged.rt.owner_filter)
              if row["Labels"][runtime.LABEL_APP] == "zd"]
     assert len(names) == 1  # one serving version, the old ones gone
@@ -307,6 +347,7 @@ def test_service_domains_route_each_service_and_a_redeploy_of_one_drops_nothing(
         assert result.ok, result
     assert api_client.failed == [] and web_client.failed == [], (api_client.failed[:5], web_client.failed[:5])
     assert api_client.versions == ["api-v1", "api-v2"] and web_client.versions == ["web-v1"]
+    assert api_client.stale(switched(edged)) == []
     assert len(api_client.results) > 50, len(api_client.results)
     after = {r["Labels"][runtime.LABEL_SERVICE]: r["Id"] for r in
              edged.rt.api.containers(filters=edged.rt.owner_filter)}
