@@ -6,6 +6,10 @@ writers: a full relist (at start-up, after every event-stream reconnect, and whe
 and the results of the reconciler's own actions (``put`` / ``drop``). A pass with
 nothing to do therefore costs no engine call, and a death updates the view
 itself before it wakes the pass, so the pass never sees a stale ``running``.
+An action's result is what the action read while it ran (``acting``): a death or
+a removal the events told in the meantime is newer, and ``put`` keeps it (a
+container that exits as it starts stays dead in the view, and its event's wake-up
+finds it so).
 
 Both drivers feed it. The one-host engine's events carry the unit (``STATE``,
 ``GONE``). Swarm's name a service or a node but not what became of its tasks, so
@@ -21,11 +25,12 @@ view is not *live* and every snapshot relists: one list call, as before.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 from cynchrod import runtime
 from cynchrod.core import planning
@@ -56,6 +61,10 @@ class View:
         #: keeps what events said about an instance after the list call started.
         self._seq = 0
         self._touched: dict[str, int] = {}
+        #: While actions are open (``acting``): the sequence each began at, and the last
+        #: sequence at which an event or a read changed each instance since the oldest began.
+        self._open: list[int] = []
+        self._heard: dict[str, int] = {}
         self._index: dict[tuple[str, str], list[runtime.Unit]] = {}
         self._index_seq = (-1, -1)
         #: Why the engine could not be watched, while it cannot (for /healthz).
@@ -122,6 +131,7 @@ class View:
                 self._seq += 1
                 for instance in {i for i in held.keys() | fresh.keys() if held.get(i) != fresh.get(i)}:
                     self._touched[instance] = self._seq
+                    self._hear(instance)
             if scope is None:
                 self._units = fresh
                 self._oom &= fresh.keys()
@@ -133,13 +143,43 @@ class View:
             self._touched = {i: seq for i, seq in self._touched.items() if seq > started}
             return changed
 
-    def put(self, units: Iterable[runtime.Unit]) -> None:
-        """What an action left serving."""
+    @contextlib.contextmanager
+    def acting(self) -> Iterator[int]:
+        """Brackets one action on the engine; yields the sequence it began at, for ``put``."""
+        with self._lock:
+            since = self._seq
+            self._open.append(since)
+        try:
+            yield since
+        finally:
+            with self._lock:
+                self._open.remove(since)
+                if not self._open:
+                    self._heard.clear()
+
+    def _hear(self, instance: str) -> None:
+        """An event or a read changed ``instance`` (under the lock): newer than any open action's reading."""
+        if self._open:
+            self._heard[instance] = self._seq
+
+    def put(self, units: Iterable[runtime.Unit], *, since: int) -> None:
+        """What an action left serving, as the action read it after sequence ``since`` (``acting``).
+
+        An instance an event or a read changed after ``since`` keeps what they said (a
+        container that died before its start's result is put stays dead; one removed meanwhile
+        stays gone); the action's reading only fills in what an event does not carry (the
+        host port, the node)."""
         with self._lock:
             self._seq += 1
             for u in units:
+                if self._heard.get(u.instance, -1) > since:
+                    newer = self._units.get(u.instance)
+                    if newer is None:
+                        continue
+                    u = dataclasses.replace(newer, endpoint=newer.endpoint or u.endpoint, node=newer.node or u.node)
+                else:
+                    self._oom.discard(u.instance)
                 self._units[u.instance] = u
-                self._oom.discard(u.instance)
                 self._touched[u.instance] = self._seq
 
     def drop(self, instances: Iterable[str]) -> None:
@@ -166,6 +206,7 @@ class View:
         with self._lock:
             self._seq += 1
             self._touched[event.instance] = self._seq
+            self._hear(event.instance)
             old = self._units.get(event.instance)
             if event.kind == runtime.GONE:
                 self._units.pop(event.instance, None)

@@ -492,12 +492,13 @@ class Reconciler:
             for action in d.actions:
                 kind = action.kind
                 log.info("%s", action.describe())
-                served = self.runtime.apply(action)
-                if action.unit is not None and action.kind in (planning.REMOVE, planning.RECREATE):
-                    self.view.drop([action.unit.instance])
-                if action.kind == planning.STOP and action.unit is not None:
-                    self.view.put([dataclasses.replace(action.unit, state=planning.EXITED)])
-                self.view.put(served)
+                with self.view.acting() as since:
+                    served = self.runtime.apply(action)
+                    if action.unit is not None and action.kind in (planning.REMOVE, planning.RECREATE):
+                        self.view.drop([action.unit.instance])
+                    if action.kind == planning.STOP and action.unit is not None:
+                        self.view.put([dataclasses.replace(action.unit, state=planning.EXITED)], since=since)
+                    self.view.put(served, since=since)
                 self.stats.actions.labels(action.kind, "ok").inc()
         except CynchrodError as exc:
             self.stats.actions.labels(kind, "failed").inc()

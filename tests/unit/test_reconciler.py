@@ -236,9 +236,10 @@ def test_record_alone_writes_what_execution_did(world: World) -> None:
                                                      spec_hash=d.spec.hash))
     ok_spec = by_name["ok"].spec
     assert ok_spec is not None  # what execution left serving, in the view, for the readiness gate to judge
-    world.rec.view.put([planning.Unit(org="default", app="ok", service=s.name, replica=0, instance="seen",
-                                      state=planning.RUNNING, spec_hash=ok_spec.service_hash(s))
-                        for s in ok_spec.services])
+    with world.rec.view.acting() as since:
+        world.rec.view.put([planning.Unit(org="default", app="ok", service=s.name, replica=0, instance="seen",
+                                          state=planning.RUNNING, spec_hash=ok_spec.service_hash(s))
+                            for s in ok_spec.services], since=since)
     executed = [
         reconciler.Executed(by_name["ok"], rows["ok"][0], rows["ok"][1]),
         reconciler.Executed(by_name["bad"], rows["bad"][0], rows["bad"][1],

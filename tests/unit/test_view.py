@@ -99,13 +99,59 @@ def test_a_part_read_keeps_what_an_action_put_while_it_read() -> None:
     # The read began, then the pass's action replaced t1 by t2 (put, drop), then the read ended
     # with what it saw before: t1 running, no t2.
     def action() -> None:
-        v.drop(["t1"])
-        v.put([unit("a", "t2")])
+        with v.acting() as since:
+            v.drop(["t1"])
+            v.put([unit("a", "t2")], since=since)
     v.apply_event(stale([unit("a", "t1")], ("d", "a", "main"), during=action))
     assert held(v) == {"t2": planning.RUNNING}
     # A read that begins after the action says what it says.
     v.apply_event(stale([unit("a", "t2", planning.EXITED)], ("d", "a", "main")))
     assert held(v) == {"t2": planning.EXITED}
+
+
+def died(instance: str, app: str = "a") -> runtime.Event:
+    return runtime.Event(runtime.STATE, instance, unit(app, instance, planning.EXITED))
+
+
+def test_an_actions_result_does_not_undo_a_death_told_while_it_ran() -> None:
+    """A container that exits as it starts: its die event is applied before the action's result
+    (read as it started: running) is put. The view keeps it dead, with the host port the action
+    read (an event carries none), and says so to the pass its event wakes (CI: a crash loop held
+    as running, never healed, when the event came first)."""
+    v, _, _ = make_view([])
+    with v.acting() as since:
+        v.apply_event(died("a1"))
+        v.put([dataclasses.replace(unit("a", "a1"), endpoint=32768)], since=since)
+    [a1] = v.snapshot()
+    assert (a1.state, a1.endpoint) == (planning.EXITED, 32768)
+    # Without an event in between, the action's reading is what the view holds.
+    with v.acting() as since:
+        v.put([dataclasses.replace(unit("a", "a2"), endpoint=32769)], since=since)
+    assert held(v) == {"a1": planning.EXITED, "a2": planning.RUNNING}
+
+
+def test_an_actions_result_does_not_bring_back_a_removed_unit_nor_undo_a_relist() -> None:
+    v, rt, _ = make_view([])
+    with v.acting() as since:
+        v.apply_event(runtime.Event(runtime.GONE, "a1"))
+        v.put([unit("a", "a1")], since=since)
+    assert held(v) == {}
+    # The death was told, then a relist began after it and found nothing new (it forgets marks
+    # older than itself): the action's older reading still does not undo the death.
+    with v.acting() as since:
+        v.apply_event(died("a2"))
+        rt.units = [unit("a", "a2", planning.EXITED)]
+        v.relist()
+        v.put([unit("a", "a2")], since=since)
+    assert held(v) == {"a2": planning.EXITED}
+    # Two actions at once: one's result does not hide what the other needs, and once both end
+    # the marks are dropped (bounded by the events told while actions ran).
+    with v.acting() as first, v.acting() as second:
+        v.apply_event(died("b1", "b"))
+        v.put([unit("b", "b2")], since=second)
+        v.put([unit("b", "b1")], since=first)
+    assert held(v) == {"a2": planning.EXITED, "b1": planning.EXITED, "b2": planning.RUNNING}
+    assert v._heard == {} and v._open == []
 
 
 def test_a_relist_that_began_before_a_part_was_read_does_not_undo_it() -> None:
