@@ -345,8 +345,26 @@ class Caddy:
                                          headers={"Content-Type": "application/json"})
         urllib.request.urlopen(request, timeout=5).close()
 
-    def fetch(self, host: str, *, port: int | None = None, timeout: float = 5) -> tuple[int, str]:
-        """One request through the edge on a fresh connection: (status, body)."""
+    def listeners(self, port: int | None = None) -> int:
+        """How many sockets listen on the port now (``/proc/net/tcp``)."""
+        local = f"0100007F:{port or self.port:04X}"
+        with open("/proc/net/tcp") as table:
+            return sum(1 for line in list(table)[1:] if line.split()[1] == local and line.split()[3] == "0A")
+
+    def settle(self, port: int | None = None) -> None:
+        """Until the last config change is handed over: Caddy 2.6 answers a change through its
+        admin API once its old servers' shutdowns have *begun* (caddyhttp's ``App.Stop``), so for a
+        moment the old config's listener still takes connections beside the new one. Once one
+        listener is left (or none: Caddy is down), every new connection meets the new config."""
+        wait_for(lambda: self.listeners(port) <= 1, 10, "Caddy to close its old config's listener")
+
+    def fetch(self, host: str, *, port: int | None = None, timeout: float = 5,
+              settled: bool = True) -> tuple[int, str]:
+        """One request through the edge on a fresh connection: (status, body). ``settled``: the
+        config last changed serves it (``settle``); a client that measures what users see
+        during changes (test_edge's ``Client``) sends without waiting."""
+        if settled:
+            self.settle(port)
         conn = http.client.HTTPConnection("127.0.0.1", port or self.port, timeout=timeout)
         try:
             conn.request("GET", "/", headers={"Host": host})

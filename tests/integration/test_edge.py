@@ -7,9 +7,8 @@ import pathlib
 import socket
 import ssl
 import threading
-import time
 import urllib.error
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import docker
@@ -38,23 +37,33 @@ def web(name: str, version: str, *, domain: str = "", org: str = "", host_port: 
     return text
 
 
-class TimedEdge(edge.Edge):
-    """The edge, noting when each route switch returned: Caddy answers the admin API's change
-    once it has stopped the old config, so no connection made after that reaches the old route."""
+class RecordingEdge(edge.Edge):
+    """The edge, keeping each routing it wrote to Caddy: the upstream ports of every domain.
+    What cynchrod tells Caddy, in order; when a change takes hold is Caddy's (``Caddy.settle``)."""
 
     def __init__(self, admin: str, **kwargs: Any) -> None:
         super().__init__(admin, **kwargs)
-        self.switched: list[float] = []
+        self.written: list[dict[str, tuple[int, ...]]] = []
 
-    def switch(self, domains: Iterable[str], old: int | None, new: int, *, org: str, app: str) -> None:
-        super().switch(domains, old, new, org=org, app=app)
-        self.switched.append(time.monotonic())
+    def _assert(self) -> bool:
+        wrote = super()._assert()
+        if wrote:
+            self.written.append({domain: r.upstreams for domain, r in (self._routes or {}).items()})
+        return wrote
+
+    def routed(self, domain: str, since: int = 0) -> list[tuple[int, ...]]:
+        """The upstreams of ``domain`` in force at write ``since`` and written after it, each change once."""
+        seen: list[tuple[int, ...]] = []
+        for routes in self.written[max(since - 1, 0):]:
+            if domain in routes and (not seen or seen[-1] != routes[domain]):
+                seen.append(routes[domain])
+        return seen
 
 
 @pytest.fixture
 def edged(harness: Harness, caddy: Caddy) -> Iterator[Harness]:
-    """The harness with an edge (a ``TimedEdge``): the runtime recreates start-first, the passes sync routes."""
-    front = TimedEdge(caddy.admin, listen=f"127.0.0.1:{caddy.port}", tls_listen=f"127.0.0.1:{caddy.tls_port}",
+    """The harness with an edge (a ``RecordingEdge``): the runtime recreates start-first, the passes sync routes."""
+    front = RecordingEdge(caddy.admin, listen=f"127.0.0.1:{caddy.port}", tls_listen=f"127.0.0.1:{caddy.tls_port}",
                       owner=harness.rt.owner)
     # The default drain: it covers Caddy handing connections from its old config to the new one.
     harness.deployer = deploy.Deployer(harness.rt, front, ready_timeout=10.0, drain=2.0)
@@ -82,20 +91,15 @@ class Client:
         require_migrating_listeners()
         self.caddy, self.host = caddy, host
         self.results: list[tuple[int, str]] = []
-        #: When each request of ``results`` was sent (``time.monotonic``).
-        self.sent: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            sent = time.monotonic()
             try:
-                result = self.caddy.fetch(self.host, timeout=5)
+                self.results.append(self.caddy.fetch(self.host, timeout=5, settled=False))
             except (OSError, http_errors()) as exc:
-                result = (0, f"{type(exc).__name__}: {exc}")
-            self.sent.append(sent)
-            self.results.append(result)
+                self.results.append((0, f"{type(exc).__name__}: {exc}"))
 
     def __enter__(self) -> Client:
         self._thread.start()
@@ -120,9 +124,10 @@ class Client:
     def versions(self) -> list[str]:
         """The versions answered, in the order each first answered.
 
-        Not the order of every answer: while Caddy applies a switch, its old config still
-        accepts connections beside the new one for a moment (tens of ms; docs/edge.md), so
-        an old version may answer once more after the new one first did. ``stale`` bounds that.
+        Not the order of every answer: Caddy answers a config change once its old servers'
+        shutdowns have begun, and for a moment the old config still takes connections beside
+        the new one (docs/edge.md), so an old version may answer once more after the new one
+        first did. What cynchrod told Caddy is checked in order by ``RecordingEdge.routed``.
         """
         seen: list[str] = []
         for status, body in self.results:
@@ -130,19 +135,10 @@ class Client:
                 seen.append(body.strip())
         return seen
 
-    def stale(self, switched: Sequence[float]) -> list[tuple[float, str]]:
-        """Answers by a version the route had already left: the n-th version of ``versions``
-        answering a request sent after the n-th route switch during this client's run returned
-        (``TimedEdge.switched``). Empty when every switch took hold once Caddy applied it."""
-        ours = [t for t in switched if self.sent and t > self.sent[0]]
-        index = {version: n for n, version in enumerate(self.versions)}
-        return [(sent, body.strip()) for sent, (status, body) in zip(self.sent, self.results, strict=True)
-                if status == 200 and index[body.strip()] < len(ours) and sent > ours[index[body.strip()]]]
 
-
-def switched(h: Harness) -> list[float]:
-    assert isinstance(h.rec.edge, TimedEdge)
-    return h.rec.edge.switched
+def recorder(h: Harness) -> RecordingEdge:
+    assert isinstance(h.rec.edge, RecordingEdge)
+    return h.rec.edge
 
 
 def http_errors() -> type[Exception]:
@@ -170,10 +166,13 @@ def test_five_redeploys_through_the_edge_drop_nothing_and_stop_first_does(
     assert caddy.fetch("zd.localhost") == (200, "v1\n")
     assert caddy.fetch("sf.localhost") == (200, "v1\n")
 
+    since = len(recorder(edged).written)
     zero = redeploys(repo, edged, caddy, "zd", "zd.localhost", 5)
     assert zero.failed == [], zero.failed[:5]
     assert zero.versions == ["v1", "v2", "v3", "v4", "v5", "v6"]
-    assert zero.stale(switched(edged)) == []
+    # Each redeploy moved the route once, to a port of its own, never back.
+    routed = recorder(edged).routed("zd.localhost", since)
+    assert len(routed) == 6 and len(set(routed)) == 6 and all(len(ports) == 1 for ports in routed), routed
     names = [row["Names"][0] for row in edged.rt.api.containers(filters=edged.rt.owner_filter)
              if row["Labels"][runtime.LABEL_APP] == "zd"]
     assert len(names) == 1  # one serving version, the old ones gone
@@ -341,13 +340,17 @@ def test_service_domains_route_each_service_and_a_redeploy_of_one_drops_nothing(
               edged.rt.api.containers(filters=edged.rt.owner_filter)}
 
     # Only api changes: it is swapped start-first under a client; web and db are left alone.
+    since = len(recorder(edged).written)
     with Client(caddy, "api.localhost") as api_client, Client(caddy, "web.localhost") as web_client:
         repo.push({"apps/two.yaml": shop("web-v1", api_version="api-v2")})
         result = edged.sync()
         assert result.ok, result
     assert api_client.failed == [] and web_client.failed == [], (api_client.failed[:5], web_client.failed[:5])
     assert api_client.versions == ["api-v1", "api-v2"] and web_client.versions == ["web-v1"]
-    assert api_client.stale(switched(edged)) == []
+    # cynchrod moved api's route once, from its one port to another, and web's not at all.
+    api_from, api_to = recorder(edged).routed("api.localhost", since)
+    [web_at] = recorder(edged).routed("web.localhost", since)
+    assert len(api_from) == len(api_to) == len(web_at) == 1 and api_from != api_to, recorder(edged).written
     assert len(api_client.results) > 50, len(api_client.results)
     after = {r["Labels"][runtime.LABEL_SERVICE]: r["Id"] for r in
              edged.rt.api.containers(filters=edged.rt.owner_filter)}
