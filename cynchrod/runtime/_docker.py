@@ -105,8 +105,8 @@ class Given:
     A rotation's repeat need not step back: when the new file held only lines stamped with the
     last timestamp given (one line, in a flood), they come again with that same timestamp,
     like the rest of a read the engine sent in two parts. Such a line whose text was given
-    with that timestamp is asked about (``verify``: how many lines the log holds with it, from
-    its last lines); when no more than were given, it and the rest of the repeat are dropped.
+    with that timestamp is asked about (``verify``: how many lines the log holds with it,
+    ``logged_at``); when no more than were given, it and the rest of the repeat are dropped.
     Without ``verify``, or past its budget (``VERIFY_BURST`` asks, then one a ``VERIFY_EVERY_S``:
     an app printing the same line twice in one write may cost the engine that many reads), such
     a line is given: a repeat may pass, a line is never lost."""
@@ -494,6 +494,35 @@ def service_logs(api: Any, service: str, *, follow: bool = False, since: float |
     params = _log_params(follow, since, tail)
     params["details"] = 1
     return _logs(api, f"/services/{quote(service, safe='')}/logs", params, details=True)
+
+
+def logged_at(read: Callable[..., Any], key: str, given: int, *, tail: int,
+              stamp: Callable[[str], str | None], details: bool = False) -> int | None:
+    """How many lines a log holds stamped ``key`` (a ``stamp_key``): ``Given``'s ``verify``, for
+    both drivers. ``read(tail=...)`` / ``read(since=...)`` opens the log; ``stamp(head)`` is a line's
+    ``stamp_key``, or None for a line of another source (a service's other tasks).
+
+    From the log's last ``given + tail`` lines, or, when they do not reach back past ``key`` (the
+    app wrote on while the follower was behind), from a read that begins just before it (the engine
+    skips what is older) and stops once the lines are ``Given.WINDOW_S`` past it (stdout and stderr
+    are stamped apart). None when the engine fails."""
+    want = given + tail
+    try:
+        with read(tail=want) as frames:
+            keys = [k for head, _, _ in whole_lines(frames, details=details) if (k := stamp(head)) is not None]
+        if len(keys) < want or keys[0] < key:
+            return keys.count(key)
+        seconds = stamp_seconds(key)
+        past, count = key_at(seconds + Given.WINDOW_S), 0
+        with read(since=seconds - 0.001) as frames:
+            for head, _, _ in whole_lines(frames, details=details):
+                found = stamp(head)
+                if found is not None and found > past:
+                    break
+                count += found == key
+        return count
+    except (requests.RequestException, docker.errors.DockerException, OSError):
+        return None
 
 
 def whole_lines(frames: Iterable[bytes], *, details: bool = False) -> Iterator[RawLine]:

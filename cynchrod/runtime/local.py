@@ -180,17 +180,9 @@ class _AppLogs(follow.Follower):
         return _docker.followed(stream, line_of=line_of)
 
     def _logged_at(self, instance: str, key: str, given: int) -> int | None:
-        """How many lines the container's log holds stamped ``key`` (a ``_docker.stamp_key``), read
-        from its last lines; None when they do not reach back past it or the engine fails."""
-        want = given + self.VERIFY_TAIL
-        try:
-            with _docker.container_logs(self._client.api, instance, tail=want) as frames:
-                keys = [_docker.stamp_key(head) for head, _, _ in _docker.whole_lines(frames)]
-        except (requests.RequestException, docker.errors.DockerException, OSError):
-            return None
-        if len(keys) >= want and keys[0] >= key:
-            return None  # the lines since then are more than were read
-        return keys.count(key)
+        """How many lines the container's log holds stamped ``key`` (``_docker.logged_at``)."""
+        return _docker.logged_at(functools.partial(_docker.container_logs, self._client.api, instance), key, given,
+                                 tail=self.VERIFY_TAIL, stamp=_docker.stamp_key)
 
 
 class LocalRuntime(_docker.Driver):

@@ -472,19 +472,13 @@ class _ServiceLogs(follow.Follower):
 
 
     def _logged_at(self, service_id: str, task: str, key: str, given: int) -> int | None:
-        """How many lines a task's log holds stamped ``key`` (a ``_docker.stamp_key``), read from the
-        service's last lines (the engine's tail is each task's); None when they do not reach back past
-        it or the engine fails."""
-        want = given + self.VERIFY_TAIL
-        try:
-            with _docker.service_logs(self._client.api, service_id, tail=want) as frames:
-                keys = [_docker.stamp_key(head.partition(" ")[0])
-                        for head, _, _ in _docker.whole_lines(frames, details=True) if _docker.source_of(head) == task]
-        except (requests.RequestException, docker.errors.DockerException, OSError):
-            return None
-        if len(keys) >= want and keys[0] >= key:
-            return None  # the lines since then are more than were read
-        return keys.count(key)
+        """How many lines a task's log holds stamped ``key`` (``_docker.logged_at``), read from the
+        service's log (the engine's tail is each task's), its other tasks' lines left out."""
+        def stamp(head: str) -> str | None:
+            return _docker.stamp_key(head.partition(" ")[0]) if _docker.source_of(head) == task else None
+
+        return _docker.logged_at(functools.partial(_docker.service_logs, self._client.api, service_id), key, given,
+                                 tail=self.VERIFY_TAIL, stamp=stamp, details=True)
 
 
 class SwarmRuntime(_docker.Driver):

@@ -70,3 +70,31 @@ def test_a_tty_containers_log_has_no_frame_headers_and_gives_whole_lines(  # typ
         timer.cancel()
         follower.close()
     assert got == expected
+
+
+def test_the_repeat_check_counts_a_timestamp_the_last_lines_no_longer_reach(  # type: ignore[no-untyped-def]
+        repo, harness: Harness) -> None:
+    """The rotation check (``Given``'s ``verify``) asks how many lines the log holds with a
+    timestamp. A follower behind a writer that went on (CI: a 16,000-line flood, the follower
+    at line 9,253) asks about a line older than the log's last ``VERIFY_TAIL`` lines: the log
+    is read from just before that timestamp instead of answering 'unknown' (which let a repeat
+    through), and the read stops soon after it."""
+    writer = "[sh, -c, 'i=0; while [ $i -lt 5000 ]; do echo \"line $i\"; i=$((i+1)); done; sleep 3600']"
+    repo.push({"apps/writer.yaml": f"name: writer\nimage: {TEST_IMAGE}\ncommand: {writer}\nmemory: 64\n"})
+    assert harness.sync().ok
+    (unit,) = harness.rt.app_units("default", "writer")
+    api = harness.rt.api
+    wait_for(lambda: b"line 4999" in api.logs(unit.instance, tail=1), 30, "the writer's 5000 lines")
+    with _docker.container_logs(api, unit.instance) as frames:
+        keys = [_docker.stamp_key(head) for head, _, _ in _docker.whole_lines(frames)]
+    assert len(keys) == 5000
+    early = keys[10]
+    assert keys.index(early) < 5000 - local._AppLogs.VERIFY_TAIL - 1  # beyond what the tail reads
+    follower = harness.rt.follow("default", "writer", since=time.time())
+    assert isinstance(follower, local._AppLogs)
+    try:
+        assert follower._logged_at(unit.instance, early, 1) == keys.count(early)
+        last = keys[-1]
+        assert follower._logged_at(unit.instance, last, 1) == keys.count(last)  # the tail's answer, as before
+    finally:
+        follower.close()
