@@ -282,6 +282,8 @@ def service_key(svc: dict[str, Any]) -> tuple[str, str, str]:
 #: Task states a task reaches on its own (not stopped by an update or a scale-down): what the
 #: health gate judges of a task Swarm has already replaced (``SwarmRuntime.ended``).
 _ENDED_ITSELF = {"failed", "complete"}
+#: Ended tasks of one service kept for the health gate since this daemon last changed it (the newest).
+ENDED_KEPT = 64
 #: Swarm's ``Err`` of a task it stopped because its healthcheck failed.
 _UNHEALTHY_ERR = "unhealthy container"
 
@@ -1232,17 +1234,24 @@ class SwarmRuntime(_docker.Driver):
             since = {sid: self._deployed[sid] for sid in services if sid in self._deployed}
         if not since:
             return
-        found: dict[str, list[runtime.Unit]] = {sid: [] for sid in since}
+        found: dict[str, list[tuple[int, runtime.Unit]]] = {sid: [] for sid in since}
         for task in tasks:
             sid = task.get("ServiceID", "")
             if sid not in since or task["Version"]["Index"] <= since[sid] \
                     or (task.get("Status") or {}).get("State") not in _ENDED_ITSELF:
                 continue
-            found[sid].append(self._unit(services[sid], task, int(task.get("Slot") or 0), api))
+            found[sid].append((task["Version"]["Index"],
+                               self._unit(services[sid], task, int(task.get("Slot") or 0), api)))
         with self._lock:
-            for sid, units in found.items():
-                if self._deployed.get(sid) == since[sid]:  # not changed again meanwhile
-                    self._ended[sid] = tuple(units)
+            for sid, ended in found.items():
+                if self._deployed.get(sid) != since[sid] or not ended:  # changed again meanwhile, or nothing new
+                    continue
+                # Added to, never replaced: an ended task stays ended, and reads run on two threads
+                # (the event feed's, the apply's), so a read that began while it still ran may come
+                # second. The newest ENDED_KEPT are kept (a crash loop's).
+                had = {u.instance: u for u in self._ended.get(sid, ())}
+                had.update((u.instance, u) for _, u in sorted(ended, key=lambda e: e[0]) if u.instance not in had)
+                self._ended[sid] = tuple(had.values())[-ENDED_KEPT:]
 
     def ended(self, org: str, app: str) -> list[runtime.Unit]:
         """The app's tasks that ended on their own since this daemon last changed their service,

@@ -146,3 +146,24 @@ def test_task_states_as_the_health_gate_reads_them() -> None:
     # A completed oneshot is settled: the event feed does not keep polling for it.
     _, unsettled = rt._units({"s1": _service("none")}, [done])
     assert unsettled == set()
+
+
+def test_a_read_from_before_a_task_ended_does_not_forget_that_it_ended() -> None:
+    """Tasks are read on two threads (the event feed's rereads, the apply's polls): a read that began
+    while the task still ran may be noted after one that saw it fail. A task that ended stays ended,
+    so the older read adds nothing and takes nothing away (CI, lab: a crash-looping service's
+    failed task was forgotten, and its replacement, up for min_ready, was judged ready)."""
+    rt = _runtime()
+    svc = _service()
+    rt._deploying("s1", 5)
+    running = _task("t1", index=8)
+    failed = _task("t1", desired="shutdown", state="failed", code=3, index=12)
+    replacement = _task("t2", index=13)
+    rt._units({"s1": svc}, [failed, replacement])  # the newer read, noted first
+    rt._units({"s1": svc}, [running])  # the older read, noted after it
+    assert [(u.instance, u.exit_code) for u in rt.ended("default", "a")] == [("t1", 3)]
+    # A crash loop's ended tasks are bounded: the newest are kept.
+    rt._units({"s1": svc}, [_task(f"x{i}", desired="shutdown", state="failed", code=3, index=20 + i)
+                            for i in range(200)])
+    kept = rt.ended("default", "a")
+    assert len(kept) == swarm.ENDED_KEPT and kept[-1].instance == "x199"
