@@ -1255,10 +1255,11 @@ class SwarmRuntime(_docker.Driver):
 
     def ended(self, org: str, app: str) -> list[runtime.Unit]:
         """The app's tasks that ended on their own since this daemon last changed their service,
-        as the last read of tasks found them (no engine call): Swarm starts a failed task's
-        replacement itself, so the view's unit of that slot (the replacement) does not say that
-        the deployment crashed or turned unhealthy. The health gate judges them with the units
-        (``gates``, ``health.judge(ended=)``). Kept in memory: a restarted daemon judges from the units."""
+        as the reads of tasks found them (no engine call; a service's newest ``ENDED_KEPT``): Swarm
+        starts a failed task's replacement itself, so the view's unit of that slot (the replacement)
+        does not say that the deployment crashed or turned unhealthy. The health gate judges them with
+        the units (``gates``, ``health.judge(ended=)``). Kept in memory: a restarted daemon judges
+        from the units."""
         with self._lock:
             return [u for units in self._ended.values() for u in units if u.key == (org, app)]
 
