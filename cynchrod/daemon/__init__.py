@@ -20,7 +20,7 @@ stops the API and then the reconciler between passes.
 
 The package: ``wiring`` (``Daemon``, the composition root), ``watchers`` (watchfiles:
 working trees, local repositories' refs, the config file), ``processes`` (``serve``: the
-fork of the API and its supervision, ``StopSignals``), ``apiserver`` and ``apiworker``
+fork of the API and its supervision), ``signals`` (``StopSignals``), ``apiserver`` and ``apiworker``
 (the API process and its gevent worker).
 
 This ``__init__`` imports none of them until a name is asked for (``daemon.serve``,
@@ -35,7 +35,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from cynchrod.daemon.processes import StopSignals, serve
+    from cynchrod.daemon.processes import serve
+    from cynchrod.daemon.signals import StopSignals
     from cynchrod.daemon.watchers import REF_QUIET_MS, local_git_dir
     from cynchrod.daemon.wiring import Daemon
 
@@ -49,7 +50,7 @@ HEADER_TIMEOUT_S = 5
 #: Seconds a client has to send a request's body.
 BODY_TIMEOUT_S = 30
 
-_WHERE = {"Daemon": "wiring", "serve": "processes", "StopSignals": "processes", "REF_QUIET_MS": "watchers",
+_WHERE = {"Daemon": "wiring", "serve": "processes", "StopSignals": "signals", "REF_QUIET_MS": "watchers",
           "local_git_dir": "watchers"}
 
 
