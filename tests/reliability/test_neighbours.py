@@ -99,11 +99,14 @@ def test_a_failure_that_repeats_backs_off_and_is_one_row(repo, harness: Harness)
     served = "[httpd, -f, -p, '8080']"  # a declared port is served (a deployment is ready once it accepts)
     repo.push({"apps/a.yaml": manifest("a", command=served, extra=f"port: 8080\nhostPort: {port}\n"),
                "apps/b.yaml": manifest("b", command=served, extra=f"port: 8080\nhostPort: {port}\n")})
-    harness.sync()
-    loser = next(a for a in harness.db.live_apps().values() if a.status == "failed")
+    # The back-off's clock is frozen from the first pass on: a failure is timed at ``start`` however
+    # long that pass and this test take (CI: a second went by before the test read the clock, and
+    # the first retry came one step early).
     start = time.monotonic()
     now = start
     harness.rec._clock = lambda: now
+    harness.sync()
+    loser = next(a for a in harness.db.live_apps().values() if a.status == "failed")
     attempts = []
     for step in range(60):  # one minute of passes, a pass a second
         now = start + step
