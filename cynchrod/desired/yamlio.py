@@ -67,6 +67,10 @@ def _decode(raw: bytes | str) -> str:
         raise YamlError(f"not UTF-8 ({exc.reason})") from exc
 
 
+def _too_deep(line: int) -> YamlError:
+    return YamlError(f"nested more than {MAX_DEPTH} levels deep", code="yaml_too_deep", line=line)
+
+
 class _Scanner(RoundTripScanner):
     """ruamel's round-trip scanner, refusing a flow collection (``[``, ``{``) nested past
     ``MAX_DEPTH`` as it reads the bracket. The scanner looks up to 1,024 characters ahead
@@ -77,8 +81,7 @@ class _Scanner(RoundTripScanner):
 
     def fetch_flow_collection_start(self, TokenClass: Any, to_push: str) -> None:
         if self.flow_level >= MAX_DEPTH:
-            raise YamlError(f"nested more than {MAX_DEPTH} levels deep", code="yaml_too_deep",
-                            line=self.reader.get_mark().line + 1)
+            raise _too_deep(self.reader.get_mark().line + 1)
         super().fetch_flow_collection_start(TokenClass, to_push)
 
 
@@ -98,8 +101,7 @@ def _check_events(text: str, *, aliases: bool = False) -> None:
             if isinstance(event, CollectionStartEvent):
                 depth += 1
                 if depth > MAX_DEPTH:
-                    raise YamlError(f"nested more than {MAX_DEPTH} levels deep", code="yaml_too_deep",
-                                    line=_line(event))
+                    raise _too_deep(_line(event))
             elif isinstance(event, CollectionEndEvent):
                 depth -= 1
     except YamlError:
@@ -168,7 +170,7 @@ def plain(node: Any, _depth: int = 0, _line: int = 1, _left: list[int] | None = 
     if isinstance(node, (CommentedMap, CommentedSeq)) and node.lc.line is not None:
         _line = node.lc.line + 1
     if _depth > MAX_DEPTH:
-        raise YamlError(f"nested more than {MAX_DEPTH} levels deep", code="yaml_too_deep", line=_line)
+        raise _too_deep(_line)
     if isinstance(node, str):
         return _text(node, _line)
     if node is None or isinstance(node, (bool, int, float)):
